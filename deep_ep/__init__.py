@@ -1,0 +1,23 @@
+"""deep_ep: expert-parallel communication for Mixture-of-Experts models.
+
+The DeepEP v1 Python API (``Buffer``, ``Config``, ``EventOverlap``,
+``topk_idx_t``) on torch.distributed, with a CPU path (gloo), autograd
+wrappers (:mod:`deep_ep.ops`) and the seed's :class:`SparseCollective`.
+See API.md for the contract.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import layout, ops, reference
+from .buffer import Buffer, DispatchHandle
+from .config import Config, EventOverlap, topk_idx_t
+from .errors import (BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTimeoutError, DeepEPTypeError,
+                     RankMismatchError, RemoteInputError)
+from .sparse import SparseCollective
+
+__all__ = [
+    "Buffer", "Config", "EventOverlap", "topk_idx_t", "SparseCollective", "DispatchHandle", "ops", "layout",
+    "reference", "DeepEPError", "DeepEPInputError", "DeepEPTypeError", "DeepEPTimeoutError", "RankMismatchError",
+    "RemoteInputError", "BufferDestroyedError", "__version__",
+]

@@ -1,0 +1,736 @@
+"""``Buffer``: the DeepEP-compatible front door (API.md section 2).
+
+It validates every call, computes the layout (:mod:`deep_ep.layout`), agrees
+on metadata with the other ranks (so that ranks that disagree, or a rank
+whose input is bad, make every rank raise instead of hang), builds the
+handle, and hands the rows to a transport (:mod:`deep_ep.transport`).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import layout
+from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOverlap, env_bool, env_float,
+                     env_int, topk_idx_t)
+from .errors import (BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError, RankMismatchError,
+                     RemoteInputError)
+from .transport import Plan, Transport, Waiter, select_backend, transport_class
+
+log = logging.getLogger("deep_ep")
+
+XType = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+# ---- metadata header exchanged by every collective call (int64 slots) ----
+_MAGIC = 0xDEE9
+_H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_WORST = range(12)
+_HEADER = 16
+_OP_DISPATCH, _OP_CACHED, _OP_COMBINE = 1, 2, 3
+_OP_NAMES = {_OP_DISPATCH: "dispatch", _OP_CACHED: "cached dispatch", _OP_COMBINE: "combine"}
+_ERR_NAMES = {1: "invalid x", 2: "invalid topk_idx", 3: "invalid topk_weights", 4: "invalid handle",
+              5: "invalid layout arguments", 6: "invalid bias", 7: "invalid argument"}
+_DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4}
+_FP8 = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
+for _i, _d in enumerate(_FP8):
+    _DTYPE_CODES[_d] = 10 + _i
+_FLOAT_X = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_COMPRESSION_LEVELS = (16, 8, 4, "auto")
+
+_buffer_counter: Dict[str, itertools.count] = {}
+
+
+class _Problem(Exception):
+    """A local input problem, carried through the metadata exchange before it is raised."""
+
+    def __init__(self, code: int, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.code = code
+        self.exc = exc
+
+
+class DispatchHandle(NamedTuple):
+    """The handle ``dispatch`` returns; element 0 is ``rank_prefix_matrix`` (API.md 2.2).
+
+    Pass it to ``combine`` and to a cached ``dispatch``. The other fields are
+    deep_ep's: the token-to-rank mask, the number of real received rows, the
+    padded row count of ``num_worst_tokens`` calls, the transport's plan and
+    the id of the Buffer that made it.
+    """
+
+    rank_prefix_matrix: torch.Tensor
+    is_token_in_rank: torch.Tensor
+    num_recv_tokens: int
+    num_worst_tokens: int
+    plan: Plan
+    owner: int
+
+
+class _Call:
+    """Stream discipline of one call (DeepEP's): work on the comm stream, then event or wait."""
+
+    def __init__(self, buf: "Buffer", previous_event: Optional[EventOverlap], async_finish: bool,
+                 allocate_on_comm_stream: bool) -> None:
+        if allocate_on_comm_stream and not (previous_event is not None and async_finish):
+            raise DeepEPInputError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise DeepEPTypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
+        self.buf = buf
+        self.cuda = buf.device.type == "cuda"
+        self.previous_event = previous_event
+        self.async_finish = async_finish
+        self.on_comm = allocate_on_comm_stream
+        self.compute = None
+        self._ctx = None
+
+    def __enter__(self) -> "_Call":
+        if self.cuda:
+            self.compute = torch.cuda.current_stream(self.buf.device)
+            comm = self.buf._comm_stream
+            if self.previous_event is not None and self.previous_event.event is not None:
+                comm.wait_event(self.previous_event.event)
+            else:
+                comm.wait_stream(self.compute)
+            self._ctx = torch.cuda.stream(comm)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(exc_type, exc, tb)
+            self._ctx = None
+
+    def alloc(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Allocate an output on the compute stream, or on the comm stream if asked."""
+        if self.cuda and not self.on_comm:
+            with torch.cuda.stream(self.compute):
+                return torch.empty(shape, dtype=dtype, device=self.buf.device)
+        return torch.empty(shape, dtype=dtype, device=self.buf.device)
+
+    def finish(self, keep: Sequence[Any]) -> EventOverlap:
+        """Close the call: an event (async) or make the compute stream wait for the comm stream."""
+        self.__exit__(None, None, None)
+        if not self.cuda:
+            return EventOverlap(None)
+        comm = self.buf._comm_stream
+        if self.async_finish:
+            ev = torch.cuda.Event()
+            ev.record(comm)
+            return EventOverlap(ev, [t for t in keep if t is not None])
+        self.compute.wait_stream(comm)
+        return EventOverlap(None)
+
+
+class Buffer:
+    """The expert-parallel communication buffer (DeepEP v1 API; API.md section 2).
+
+    Arguments (DeepEP's, positional order kept): ``group`` a
+    ``torch.distributed`` process group (NCCL on GPUs, gloo on CPU; ``None``
+    means the default group); ``num_nvl_bytes`` / ``num_rdma_bytes`` upper
+    bounds of staging memory; ``low_latency_mode`` and the remaining DeepEP
+    arguments are accepted for compatibility. Keyword-only (deep_ep's):
+    ``backend`` ('auto', 'collective', 'nvlink', 'hierarchical'),
+    ``ep_buffer_size`` (pipelining chunk, bytes; env ``DEEP_EP_BUFFER_SIZE``,
+    default 4 MiB), ``compression_level`` (16, 8, 4, 'auto'; env
+    ``DEEP_EP_COMPRESSION_LEVEL``), ``topology_aware`` (env
+    ``DEEP_EP_TOPOLOGY_AWARE``), ``timeout_s`` (bound of every host wait,
+    env ``DEEP_EP_TIMEOUT_S``, default 100 s).
+
+    Constructing a Buffer is collective: every rank of the group must do it,
+    in the same order as their other Buffers.
+    """
+
+    #: SMs (persistent programs) the intranode kernels use; see :meth:`set_num_sms`.
+    num_sms: int = 20
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
+                 comm: Any = None, *, backend: str = "auto", ep_buffer_size: Optional[int] = None,
+                 compression_level: Union[int, str, None] = 16, topology_aware: Optional[bool] = None,
+                 timeout_s: Optional[float] = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise DeepEPError("deep_ep.Buffer needs torch.distributed initialised "
+                              "(torch.distributed.init_process_group(...), e.g. under torchrun)")
+        if group is None:
+            group = dist.group.WORLD
+        for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if not isinstance(v, int) or v < 0:
+                raise DeepEPInputError(f"{name} must be a non-negative int, got {v!r}")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+        self.num_ranks = self.group_size
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = bool(low_latency_mode)
+        self.num_qps_per_rank = num_qps_per_rank
+        self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
+        self.allow_mnnvl = allow_mnnvl
+        self.use_fabric = use_fabric
+        self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = enable_shrink
+
+        # deep_ep's knobs, with their environment fallbacks.
+        self.ep_buffer_size = int(ep_buffer_size) if ep_buffer_size is not None else \
+            env_int("DEEP_EP_BUFFER_SIZE", DEFAULT_EP_BUFFER_SIZE)
+        if self.ep_buffer_size <= 0:
+            raise DeepEPInputError(f"ep_buffer_size must be positive, got {self.ep_buffer_size}")
+        level = compression_level
+        env_level = os.environ.get("DEEP_EP_COMPRESSION_LEVEL")
+        if env_level and compression_level == 16:
+            level = env_level
+        if isinstance(level, str) and level.strip().lower() != "auto":
+            try:
+                level = int(level)
+            except ValueError:
+                pass
+        if isinstance(level, str):
+            level = "auto"
+        if level is None:
+            level = 16
+        if level not in _COMPRESSION_LEVELS:
+            raise DeepEPInputError(f"compression_level must be one of 16, 8, 4, 'auto'; got {compression_level!r}")
+        if level != 16:
+            raise NotImplementedError(f"compression_level={level!r} arrives with issue 4 (low-bit wire compression); "
+                                      f"only 16 (no compression) is available now")
+        self.compression_level = level
+        self.topology_aware = env_bool("DEEP_EP_TOPOLOGY_AWARE", True) if topology_aware is None else bool(topology_aware)
+        self.timeout_s = float(timeout_s) if timeout_s is not None else env_float("DEEP_EP_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+        if self.timeout_s <= 0:
+            raise DeepEPInputError(f"timeout_s must be positive, got {self.timeout_s}")
+
+        pg_backend = str(dist.get_backend(group)).lower()
+        if "nccl" in pg_backend:
+            if not torch.cuda.is_available():
+                raise DeepEPError("an NCCL group needs CUDA")
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        if backend == "auto":
+            backend, self.backend_reason = select_backend(group)
+        else:
+            self.backend_reason = "chosen by the caller"
+        cls = transport_class(backend)
+        self.backend = backend
+        self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+
+        gname = getattr(group, "group_name", None) or str(id(group))
+        counter = _buffer_counter.setdefault(gname, itertools.count())
+        self._uid = next(counter)
+        self._waiter = Waiter(group, f"deep_ep/{gname}/buffer{self._uid}", self.timeout_s)
+        self._transport: Transport = cls(group, self.device, self.timeout_s, self._waiter)
+        self._check_every_call = self.device.type != "cuda" or env_bool("DEEP_EP_CHECK", False)
+        self._local_buffers: Dict[bool, torch.Tensor] = {}
+        self._destroyed = False
+        log.debug("deep_ep.Buffer rank %d/%d backend=%s (%s) device=%s", self.rank, self.num_ranks, self.backend,
+                  self.backend_reason, self.device)
+
+    # ------------------------------------------------------------------ class-level
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the number of SMs the intranode kernels use (must be even and positive)."""
+        if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2 != 0:
+            raise DeepEPInputError(f"the SM count must be a positive even int, got {new_num_sms!r}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True where the FP8 paths are available (fp8 dtypes exist in this torch)."""
+        return bool(_FP8)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """A recommended dispatch :class:`Config` for ``num_ranks`` ranks (DeepEP's table)."""
+        table = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
+                 24: (8, 288, 32, 128), 32: (32, 288, 32, 128), 48: (32, 288, 32, 128), 64: (32, 288, 32, 128),
+                 96: (20, 480, 32, 128), 128: (20, 560, 32, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128)}
+        return Config(Buffer.num_sms, *Buffer._pick(table, num_ranks))
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """A recommended combine :class:`Config` for ``num_ranks`` ranks (DeepEP's table)."""
+        table = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
+                 24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128), 64: (1, 288, 8, 128),
+                 96: (1, 480, 8, 128), 128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128)}
+        return Config(Buffer.num_sms, *Buffer._pick(table, num_ranks))
+
+    @staticmethod
+    def _pick(table: Dict[int, Tuple[int, ...]], num_ranks: int) -> Tuple[int, ...]:
+        if not isinstance(num_ranks, int) or num_ranks <= 0:
+            raise DeepEPInputError(f"num_ranks must be a positive int, got {num_ranks!r}")
+        if num_ranks in table:
+            return table[num_ranks]
+        # Any other size: the entry of the nearest tabulated size above (or the largest).
+        above = [k for k in sorted(table) if k >= num_ranks]
+        return table[above[0] if above else max(table)]
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Staging bytes the low-latency mode needs (arrives with issue 5)."""
+        raise NotImplementedError("the low-latency mode arrives with issue 5")
+
+    # ------------------------------------------------------------------ instance utilities
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise BufferDestroyedError("this deep_ep.Buffer was destroyed")
+        if self._waiter.broken:
+            raise BufferDestroyedError(f"this deep_ep.Buffer is unusable: an earlier call {self._waiter.broken}")
+
+    def capture(self) -> EventOverlap:
+        """An :class:`EventOverlap` recorded on the current stream (no event on CPU)."""
+        if self.device.type != "cuda":
+            return EventOverlap(None)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return EventOverlap(ev)
+
+    def get_comm_stream(self) -> Optional[torch.cuda.Stream]:
+        """The stream communication runs on (``None`` on CPU)."""
+        return self._comm_stream
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """A view of this rank's staging memory (``num_nvl_bytes``, or ``num_rdma_bytes``) as ``dtype``.
+
+        The collective transport stages nothing, so this memory is a plain
+        local allocation made on first use; it is yours to read and write.
+        """
+        self._check_alive()
+        nbytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        if use_rdma_buffer not in self._local_buffers:
+            self._local_buffers[use_rdma_buffer] = torch.zeros((nbytes,), dtype=torch.uint8, device=self.device)
+        raw = self._local_buffers[use_rdma_buffer]
+        elem = torch.empty((), dtype=dtype).element_size()
+        if offset < 0 or offset * elem > nbytes:
+            raise DeepEPInputError(f"offset {offset} is outside the {nbytes}-byte buffer")
+        usable = (nbytes - offset * elem) // elem
+        t = raw[offset * elem: offset * elem + usable * elem].view(dtype)
+        if size is None:
+            return t
+        size = torch.Size(size)
+        if size.numel() > t.numel():
+            raise DeepEPInputError(f"requested {size.numel()} elements of {dtype}, the buffer holds {t.numel()} "
+                                   f"after offset {offset}")
+        return t[:size.numel()].view(size)
+
+    def destroy(self) -> None:
+        """Release the Buffer's resources; it cannot be used afterwards. Idempotent."""
+        if self._destroyed:
+            return
+        self._transport.destroy()
+        self._local_buffers.clear()
+        self._destroyed = True
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            if not getattr(self, "explicitly_destroy", True) and not getattr(self, "_destroyed", True):
+                self._destroyed = True
+        except Exception:
+            pass
+
+    def _call(self, previous_event, async_finish, allocate_on_comm_stream) -> _Call:
+        return _Call(self, previous_event, async_finish, allocate_on_comm_stream)
+
+    # ------------------------------------------------------------------ validation helpers
+    def _parse_x(self, x: Any, what: str = "x") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Validate ``x`` (tensor or fp8 pair); returns contiguous ``(values, scales or None)``."""
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise _Problem(1, DeepEPTypeError(f"{what} as a tuple must be (fp8 values, float32 scales), "
+                                                  f"got {len(x)} elements"))
+            v, s = x
+            if not isinstance(v, torch.Tensor) or not isinstance(s, torch.Tensor):
+                raise _Problem(1, DeepEPTypeError(f"{what} must be (Tensor, Tensor)"))
+            if v.dtype not in _FP8:
+                raise _Problem(1, DeepEPTypeError(f"{what}[0] must be float8_e4m3fn for the fp8 pair, got {v.dtype}"))
+            if s.dtype != torch.float32:
+                raise _Problem(1, DeepEPTypeError(f"{what}[1] (scales) must be float32, got {s.dtype}"))
+            if v.dim() != 2:
+                raise _Problem(1, DeepEPInputError(f"{what}[0] must be 2-D [num_tokens, hidden], got {tuple(v.shape)}"))
+            H = v.size(1)
+            if H % 128 != 0:
+                raise _Problem(1, DeepEPInputError(
+                    f"fp8 {what} needs hidden divisible by 128 (one scale per 128 columns), got hidden={H}"))
+            if tuple(s.shape) != (v.size(0), H // 128):
+                raise _Problem(1, DeepEPInputError(
+                    f"{what}[1] (scales) must be [num_tokens, hidden // 128] = [{v.size(0)}, {H // 128}], "
+                    f"got {tuple(s.shape)}"))
+            self._check_device(v, what)
+            self._check_device(s, what + " scales")
+            return v.contiguous(), s.contiguous()
+        if not isinstance(x, torch.Tensor):
+            raise _Problem(1, DeepEPTypeError(f"{what} must be a tensor or an (fp8, scales) pair, got {type(x).__name__}"))
+        if x.dtype in _FP8:
+            raise _Problem(1, DeepEPTypeError(f"fp8 {what} must come with its scales: pass (values, scales)"))
+        if x.dtype not in _FLOAT_X:
+            raise _Problem(1, DeepEPTypeError(f"{what} must be bfloat16 (or float16/float32/float64), got {x.dtype}"))
+        if x.dim() != 2:
+            raise _Problem(1, DeepEPInputError(f"{what} must be 2-D [num_tokens, hidden], got shape {tuple(x.shape)}"))
+        if x.size(1) == 0:
+            raise _Problem(1, DeepEPInputError(f"{what} has hidden size 0"))
+        self._check_device(x, what)
+        return x.contiguous(), None
+
+    def _check_device(self, t: torch.Tensor, what: str) -> None:
+        if t.device.type != self.device.type or (t.is_cuda and t.device.index != self.device.index):
+            raise _Problem(1, DeepEPInputError(f"{what} is on {t.device}, this Buffer's group works on {self.device}"))
+
+    def _check_topk(self, topk_idx: torch.Tensor, num_experts: int, T: int) -> None:
+        """Validate ``topk_idx``; values are checked on the host on CPU, asynchronously on CUDA."""
+        on_cpu = topk_idx.device.type == "cpu" if isinstance(topk_idx, torch.Tensor) else True
+        msg = layout.topk_problem(topk_idx, num_experts, num_tokens=T, check_values=on_cpu)
+        if msg is not None:
+            raise _Problem(2, DeepEPTypeError(msg) if "dtype" in msg or "torch.Tensor" in msg else DeepEPInputError(msg))
+        self._check_device(topk_idx, "topk_idx")
+        if not on_cpu and topk_idx.numel():
+            ok = ((topk_idx >= -1) & (topk_idx < num_experts)).all()
+            torch._assert_async(ok, f"deep_ep: topk_idx holds an expert id outside [-1, {num_experts})")
+
+    def _check_weights(self, topk_weights: Optional[torch.Tensor], shape: Tuple[int, int], what: str) -> Optional[torch.Tensor]:
+        if topk_weights is None:
+            return None
+        if not isinstance(topk_weights, torch.Tensor):
+            raise _Problem(3, DeepEPTypeError(f"{what} must be a tensor"))
+        if topk_weights.dtype != torch.float32:
+            raise _Problem(3, DeepEPTypeError(f"{what} must be float32, got {topk_weights.dtype}"))
+        if tuple(topk_weights.shape) != tuple(shape):
+            raise _Problem(3, DeepEPInputError(f"{what} must have shape {list(shape)}, got {list(topk_weights.shape)}"))
+        self._check_device(topk_weights, what)
+        return topk_weights.contiguous()
+
+    # ------------------------------------------------------------------ metadata agreement
+    def _header(self, op: int, err: int = 0, T: int = -1, H: int = -1, dtype: Any = None, K: int = -1, E: int = -1,
+                scales: int = -1, has_w: int = 0, worst: int = 0) -> List[int]:
+        h = [0] * _HEADER
+        h[_H_MAGIC], h[_H_OP], h[_H_SEQ], h[_H_ERR] = _MAGIC, op, self._waiter.seq, err
+        h[_H_T], h[_H_HIDDEN], h[_H_DTYPE] = T, H, _DTYPE_CODES.get(dtype, 99) if dtype is not None else -1
+        h[_H_K], h[_H_E], h[_H_SCALES], h[_H_W], h[_H_WORST] = K, E, scales, has_w, worst
+        return h
+
+    def _agree(self, header: List[int], payload: Optional[torch.Tensor], problem: Optional[_Problem],
+               fields: Sequence[Tuple[int, str]]) -> torch.Tensor:
+        """Exchange headers (+ a payload of int64 of the same length everywhere); raise consistently on every rank."""
+        vec = torch.tensor(header, dtype=torch.int64, device="cpu")
+        if payload is not None:
+            vec = torch.cat([vec.to(self.device), payload.to(device=self.device, dtype=torch.int64).reshape(-1)])
+        gathered = self._transport.all_gather_ints(vec, f"{_OP_NAMES.get(header[_H_OP], '?')} metadata")
+        hdr = gathered[:, :_HEADER]
+        errs = {r: int(hdr[r, _H_ERR]) for r in range(self.num_ranks) if int(hdr[r, _H_ERR]) != 0}
+        if errs:
+            if problem is not None:
+                raise problem.exc
+            desc = "; ".join(f"rank {r}: {_ERR_NAMES.get(c, 'invalid input')}" for r, c in sorted(errs.items()))
+            raise RemoteInputError(f"deep_ep {_OP_NAMES.get(header[_H_OP], '')}: another rank rejected its input "
+                                   f"({desc}); see that rank's error. Nothing was sent.")
+        if problem is not None:  # pragma: no cover - err slot always set with a problem
+            raise problem.exc
+        bad = [r for r in range(self.num_ranks) if int(hdr[r, _H_MAGIC]) != _MAGIC]
+        if bad:
+            raise RankMismatchError(f"ranks {bad} sent garbage metadata: they are running a different collective")
+        for slot, name in ((_H_OP, "operation"), (_H_SEQ, "call sequence number")) + tuple(fields):
+            vals = [int(hdr[r, slot]) for r in range(self.num_ranks)]
+            if len(set(vals)) > 1:
+                if slot == _H_OP:
+                    vals_s = [_OP_NAMES.get(v, str(v)) for v in vals]
+                else:
+                    vals_s = [str(v) for v in vals]
+                groups: Dict[str, List[int]] = {}
+                for r, v in enumerate(vals_s):
+                    groups.setdefault(v, []).append(r)
+                majority = max(groups.values(), key=len)
+                odd = [r for r in range(self.num_ranks) if r not in majority]
+                detail = ", ".join(f"rank {r}: {vals_s[r]}" for r in range(self.num_ranks))
+                raise RankMismatchError(
+                    f"deep_ep: ranks disagree on {name} in {_OP_NAMES.get(header[_H_OP], 'a call')} "
+                    f"(disagreeing rank(s): {odd}; {detail}). Every rank must call with the same "
+                    f"{name}. Nothing was sent.")
+        return gathered
+
+    # ------------------------------------------------------------------ layout
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False
+                            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """Tokens per rank / node / expert and the token-to-rank mask (API.md 2.1). Local, no communication."""
+        self._check_alive()
+        layout.num_local_experts(num_experts, self.num_ranks)
+        try:
+            self._check_topk(topk_idx, num_experts, topk_idx.size(0) if isinstance(topk_idx, torch.Tensor) else -1)
+        except _Problem as p:
+            raise p.exc from None
+        call = self._call(previous_event, async_finish, allocate_on_comm_stream)
+        with call:
+            per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(topk_idx, num_experts, self.num_ranks)
+            outs = [per_rank, per_expert, in_rank]
+            if call.cuda and not call.on_comm:
+                for t in outs:
+                    t.record_stream(call.compute)
+        event = call.finish([topk_idx] + outs)
+        return per_rank, per_node, per_expert, in_rank, event
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, x: XType, handle: Optional[DispatchHandle] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None, num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Send each token to every rank that hosts one of its experts (API.md 2.2).
+
+        Returns ``(recv_x, recv_topk_idx, recv_topk_weights,
+        num_recv_tokens_per_expert_list, handle, event)``; with ``handle``
+        (cached dispatch) ``(recv_x, None, None, None, None, event)``.
+        Received rows are grouped by source rank, then source token order.
+        """
+        self._check_alive()
+        if config is not None and not isinstance(config, Config):
+            raise DeepEPTypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
+        if not isinstance(expert_alignment, int) or expert_alignment < 1:
+            raise DeepEPInputError(f"expert_alignment must be an int >= 1, got {expert_alignment!r}")
+        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+            raise DeepEPInputError(f"num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
+        call = self._call(previous_event, async_finish, allocate_on_comm_stream)
+        if handle is not None:
+            return self._cached_dispatch(call, x, handle, num_tokens_per_rank, is_token_in_rank,
+                                         num_tokens_per_expert, topk_idx, topk_weights)
+        problem: Optional[_Problem] = None
+        xv = scales = None
+        T = H = K = E = -1
+        try:
+            xv, scales = self._parse_x(x)
+            T, H = xv.size(0), xv.size(1)
+            if topk_idx is None and topk_weights is not None:
+                raise _Problem(3, DeepEPInputError("topk_weights given without topk_idx"))
+            if topk_idx is None and is_token_in_rank is None:
+                raise _Problem(5, DeepEPInputError("dispatch needs topk_idx (with num_tokens_per_expert) or "
+                                                   "is_token_in_rank, or a handle for a cached dispatch"))
+            if topk_idx is not None:
+                if num_tokens_per_expert is None:
+                    raise _Problem(5, DeepEPInputError(
+                        "dispatch with topk_idx needs num_tokens_per_expert (from get_dispatch_layout), "
+                        "which also tells the number of experts"))
+                if not isinstance(num_tokens_per_expert, torch.Tensor) or num_tokens_per_expert.dim() != 1:
+                    raise _Problem(5, DeepEPInputError("num_tokens_per_expert must be a 1-D tensor [num_experts]"))
+                E = num_tokens_per_expert.numel()
+                if E == 0 or E % self.num_ranks != 0:
+                    raise _Problem(5, DeepEPInputError(
+                        f"num_experts={E} (length of num_tokens_per_expert) is not a positive multiple of the "
+                        f"number of ranks {self.num_ranks}"))
+                self._check_topk(topk_idx, E, T)
+                K = topk_idx.size(1)
+                topk_weights = self._check_weights(topk_weights, (T, K), "topk_weights")
+            if is_token_in_rank is not None:
+                if (not isinstance(is_token_in_rank, torch.Tensor) or is_token_in_rank.dtype != torch.bool
+                        or tuple(is_token_in_rank.shape) != (T, self.num_ranks)):
+                    raise _Problem(5, DeepEPInputError(
+                        f"is_token_in_rank must be a bool tensor [{T}, {self.num_ranks}], got "
+                        f"{getattr(is_token_in_rank, 'dtype', type(is_token_in_rank).__name__)} "
+                        f"{list(getattr(is_token_in_rank, 'shape', []))}"))
+                self._check_device(is_token_in_rank, "is_token_in_rank")
+            if num_tokens_per_rank is not None and (not isinstance(num_tokens_per_rank, torch.Tensor)
+                                                    or num_tokens_per_rank.numel() != self.num_ranks):
+                raise _Problem(5, DeepEPInputError(f"num_tokens_per_rank must be a tensor [{self.num_ranks}]"))
+        except _Problem as p:
+            problem = p
+        self._waiter.seq += 1
+
+        with call:
+            if problem is None:
+                if is_token_in_rank is None:
+                    _, _, per_expert, is_token_in_rank = layout.dispatch_layout(topk_idx, E, self.num_ranks)
+                else:
+                    per_expert = num_tokens_per_expert
+                    is_token_in_rank = is_token_in_rank.contiguous()
+                counts = is_token_in_rank.sum(dim=0, dtype=torch.int64)
+            else:
+                counts = torch.zeros((self.num_ranks,), dtype=torch.int64, device=self.device)
+                per_expert = None
+            header = self._header(_OP_DISPATCH, problem.code if problem else 0, T, H,
+                                  xv.dtype if xv is not None else None, K, E,
+                                  scales.size(1) if scales is not None else -1,
+                                  int(topk_weights is not None), num_worst_tokens)
+            gathered = self._agree(header, counts, problem,
+                                   ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
+                                    (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
+                                    (_H_W, "passing topk_weights")))
+            C = gathered[:, _HEADER:_HEADER + self.num_ranks]             # C[s][d]: rows s sends to d
+            recv_totals = C.sum(dim=0).tolist()
+            for d in range(self.num_ranks):
+                w = int(gathered[d, _H_WORST])
+                if w > 0 and recv_totals[d] > w:
+                    raise DeepEPInputError(
+                        f"deep_ep dispatch: rank {d} receives {recv_totals[d]} tokens but its num_worst_tokens is "
+                        f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent.")
+            expert_list: Optional[List[int]] = None
+            L = E // self.num_ranks if E > 0 else 0
+            if topk_idx is not None and num_worst_tokens == 0:
+                pe = self._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
+                mine = pe[:, self.rank * L:(self.rank + 1) * L].sum(dim=0).tolist()
+                expert_list = layout.aligned_expert_counts(mine, expert_alignment)
+            n_recv = int(recv_totals[self.rank])
+            plan = Plan(rank=self.rank, num_ranks=self.num_ranks, num_tokens=T, is_token_in_rank=is_token_in_rank,
+                        rank_prefix_matrix=layout.rank_prefix_matrix(C).to(self.device),
+                        send_counts=[int(c) for c in C[self.rank].tolist()],
+                        recv_counts=[int(c) for c in C[:, self.rank].tolist()],
+                        num_recv_tokens=n_recv, num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv)
+            rows = [xv]
+            if scales is not None:
+                rows.append(scales)
+            if topk_idx is not None:
+                rows.append(topk_idx.contiguous())
+                if topk_weights is not None:
+                    rows.append(topk_weights)
+            recv = self._transport.dispatch(plan, rows, call.alloc)
+            recv_x: XType = recv[0]
+            i = 1
+            if scales is not None:
+                recv_x = (recv[0], recv[1])
+                i = 2
+            recv_idx = recv_w = None
+            if topk_idx is not None:
+                recv_idx, recv_w = layout.localize_topk(recv[i], recv[i + 1] if topk_weights is not None else None,
+                                                        self.rank, L)
+                if plan.num_out_rows > n_recv:
+                    recv_idx[n_recv:] = -1
+                    if recv_w is not None:
+                        recv_w[n_recv:] = 0
+            handle_out = DispatchHandle(plan.rank_prefix_matrix, is_token_in_rank, n_recv, num_worst_tokens, plan,
+                                        self._uid)
+        event = call.finish([xv, scales, topk_idx, topk_weights, is_token_in_rank] + list(recv))
+        if expert_list is None:
+            expert_list = []
+        return recv_x, recv_idx, recv_w, expert_list, handle_out, event
+
+    def _check_handle(self, handle: Any) -> DispatchHandle:
+        if not isinstance(handle, DispatchHandle):
+            raise _Problem(4, DeepEPTypeError(f"handle must be the handle returned by this Buffer's dispatch, "
+                                              f"got {type(handle).__name__}"))
+        if handle.owner != self._uid or handle.plan.num_ranks != self.num_ranks:
+            raise _Problem(4, DeepEPInputError("handle was made by another Buffer"))
+        return handle
+
+    def _cached_dispatch(self, call: _Call, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                         topk_idx, topk_weights):
+        problem = None
+        xv = scales = None
+        H = -1
+        try:
+            if any(a is not None for a in (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                                           topk_weights)):
+                raise _Problem(5, DeepEPInputError("a cached dispatch (handle given) takes no layout, topk_idx or "
+                                                   "topk_weights arguments: the handle carries the layout"))
+            handle = self._check_handle(handle)
+            xv, scales = self._parse_x(x)
+            H = xv.size(1)
+            if xv.size(0) != handle.plan.num_tokens:
+                raise _Problem(1, DeepEPInputError(f"x has {xv.size(0)} tokens but the handle was made for "
+                                                   f"{handle.plan.num_tokens}"))
+        except _Problem as p:
+            problem = p
+        self._waiter.seq += 1
+        with call:
+            if self._check_every_call:
+                header = self._header(_OP_CACHED, problem.code if problem else 0, H=H,
+                                      dtype=xv.dtype if xv is not None else None,
+                                      scales=scales.size(1) if scales is not None else -1)
+                self._agree(header, None, problem, ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"),
+                                                    (_H_SCALES, "fp8 scale columns")))
+            elif problem is not None:
+                raise problem.exc
+            rows = [xv] if scales is None else [xv, scales]
+            recv = self._transport.dispatch(handle.plan, rows, call.alloc)
+        event = call.finish([xv, scales] + list(recv))
+        recv_x = recv[0] if scales is None else (recv[0], recv[1])
+        return recv_x, None, None, None, None, event
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[torch.Tensor, Tuple[torch.Tensor, ...], None] = None, config: Optional[Config] = None,
+                previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False):
+        """Send received rows back and reduce them per token (API.md 2.3).
+
+        Returns ``(combined_x, combined_topk_weights, event)``: for each
+        original token, the float32 sum in rank order of the rows every rank
+        returned for it, plus ``bias`` (0, 1 or 2 tensors ``[T, H]``), cast to
+        ``x.dtype``. No routing weights are applied.
+        """
+        self._check_alive()
+        if config is not None and not isinstance(config, Config):
+            raise DeepEPTypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
+        call = self._call(previous_event, async_finish, allocate_on_comm_stream)
+        problem = None
+        xv = None
+        H = -1
+        biases: List[torch.Tensor] = []
+        try:
+            handle = self._check_handle(handle)
+            plan = handle.plan
+            if not isinstance(x, torch.Tensor):
+                raise _Problem(1, DeepEPTypeError(f"combine x must be a tensor, got {type(x).__name__}"))
+            if x.dtype not in _FLOAT_X:
+                raise _Problem(1, DeepEPTypeError(f"combine x must be bfloat16 (or float16/32/64), got {x.dtype}"))
+            if x.dim() != 2 or x.size(0) not in (plan.num_recv_tokens, plan.num_out_rows):
+                raise _Problem(1, DeepEPInputError(
+                    f"combine x must be [num_recv_tokens={plan.num_recv_tokens}"
+                    f"{f' or num_worst_tokens={plan.num_out_rows}' if plan.num_out_rows != plan.num_recv_tokens else ''}"
+                    f", hidden], got {list(x.shape)}"))
+            self._check_device(x, "x")
+            xv = x.contiguous()
+            H = xv.size(1)
+            if topk_weights is not None:
+                k = topk_weights.size(1) if isinstance(topk_weights, torch.Tensor) and topk_weights.dim() == 2 else -1
+                topk_weights = self._check_weights(topk_weights, (xv.size(0), k), "topk_weights")
+            if bias is not None:
+                biases = list(bias) if isinstance(bias, (tuple, list)) else [bias]
+                if len(biases) > 2:
+                    raise _Problem(6, DeepEPInputError(f"bias takes at most 2 tensors, got {len(biases)}"))
+                for b in biases:
+                    if not isinstance(b, torch.Tensor) or tuple(b.shape) != (plan.num_tokens, H):
+                        raise _Problem(6, DeepEPInputError(
+                            f"each bias must be a tensor [{plan.num_tokens}, {H}], got "
+                            f"{list(getattr(b, 'shape', [])) or type(b).__name__}"))
+                    if b.dtype not in _FLOAT_X:
+                        raise _Problem(6, DeepEPTypeError(f"bias must be floating point, got {b.dtype}"))
+                    self._check_device(b, "bias")
+        except _Problem as p:
+            problem = p
+        self._waiter.seq += 1
+        with call:
+            if self._check_every_call:
+                header = self._header(_OP_COMBINE, problem.code if problem else 0, H=H,
+                                      dtype=xv.dtype if xv is not None else None,
+                                      has_w=int(topk_weights is not None))
+                self._agree(header, None, problem, ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"),
+                                                    (_H_W, "passing topk_weights")))
+            elif problem is not None:
+                raise problem.exc
+            out, out_w = self._transport.combine(handle.plan, xv, topk_weights, biases, call.alloc)
+        event = call.finish([xv, topk_weights, out, out_w] + biases)
+        return out, out_w, event
+
+    # ------------------------------------------------------------------ low-latency mode (issue 5)
+    def low_latency_dispatch(self, *args, **kwargs):
+        """Low-latency dispatch (API.md 2.4); arrives with issue 5."""
+        raise NotImplementedError("low_latency_dispatch arrives with issue 5 (low-latency mode)")
+
+    def low_latency_combine(self, *args, **kwargs):
+        """Low-latency combine (API.md 2.4); arrives with issue 5."""
+        raise NotImplementedError("low_latency_combine arrives with issue 5 (low-latency mode)")
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """Zero-copy combine buffer (API.md 2.4); arrives with issue 5."""
+        raise NotImplementedError("get_next_low_latency_combine_buffer arrives with issue 5 (low-latency mode)")
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Reset low-latency buffers (API.md 2.4); arrives with issue 5."""
+        raise NotImplementedError("clean_low_latency_buffer arrives with issue 5 (low-latency mode)")

@@ -1,0 +1,151 @@
+"""Tuning knobs (:class:`Config`), events (:class:`EventOverlap`) and environment settings."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Optional
+
+import torch
+
+#: dtype of ``topk_idx`` tensors everywhere in the API.
+topk_idx_t = torch.int64
+
+#: Default bound of every wait, in seconds (``DEEP_EP_TIMEOUT_S`` overrides).
+DEFAULT_TIMEOUT_S = 100.0
+#: Default pipelining chunk of long transfers, in bytes (``DEEP_EP_BUFFER_SIZE`` overrides).
+DEFAULT_EP_BUFFER_SIZE = 4 * 1024 * 1024
+
+_MAX_TOPK = 128
+_MAX_SCALES = 128
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+class Config:
+    """Kernel tuning knobs, DeepEP-compatible.
+
+    ``num_sms`` bounds the number of streaming multiprocessors (persistent
+    programs) the intranode kernels use; the chunk sizes bound how many tokens
+    one program moves per step through the staging buffers. The collective
+    transport accepts and ignores them.
+    """
+
+    def __init__(self, num_sms: int = 20, num_max_nvl_chunked_send_tokens: int = 6,
+                 num_max_nvl_chunked_recv_tokens: int = 256, num_max_rdma_chunked_send_tokens: int = 6,
+                 num_max_rdma_chunked_recv_tokens: int = 256) -> None:
+        for name, value in (("num_sms", num_sms),
+                            ("num_max_nvl_chunked_send_tokens", num_max_nvl_chunked_send_tokens),
+                            ("num_max_nvl_chunked_recv_tokens", num_max_nvl_chunked_recv_tokens),
+                            ("num_max_rdma_chunked_send_tokens", num_max_rdma_chunked_send_tokens),
+                            ("num_max_rdma_chunked_recv_tokens", num_max_rdma_chunked_recv_tokens)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Config.{name} must be a positive int, got {value!r}")
+        self.num_sms = num_sms
+        self.num_max_nvl_chunked_send_tokens = num_max_nvl_chunked_send_tokens
+        self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
+        self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
+        self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of intranode staging memory this config needs for rows of ``hidden_bytes``.
+
+        Counts, per channel (two SMs) and peer, ``num_max_nvl_chunked_recv_tokens``
+        rows with room for top-k ids, weights and fp8 scales, plus counters;
+        rounded up to 128 bytes.
+        """
+        num_nvl_ranks = min(num_ranks, 8)
+        num_rdma_ranks = max(num_ranks // 8, 1)
+        channels = max(self.num_sms // 2, 1)
+        per_token = hidden_bytes + _MAX_TOPK * (8 + 4) + _MAX_SCALES * 4 + 16
+        nbytes = channels * num_nvl_ranks * (2 * num_rdma_ranks + 3) * 4
+        nbytes += channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens * per_token
+        return _align(nbytes, 128)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of internode staging memory this config needs (0 on one node of <= 8 ranks)."""
+        if num_ranks <= 8:
+            return 0
+        num_rdma_ranks = num_ranks // 8
+        channels = max(self.num_sms // 2, 1)
+        per_token = hidden_bytes + _MAX_TOPK * (8 + 4) + _MAX_SCALES * 4 + 16
+        nbytes = channels * num_rdma_ranks * (num_rdma_ranks * 8 + 2) * 2 * 4
+        nbytes += channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens * per_token * 2
+        return _align(nbytes, 128)
+
+    def __repr__(self) -> str:
+        return (f"Config(num_sms={self.num_sms}, num_max_nvl_chunked_send_tokens={self.num_max_nvl_chunked_send_tokens}, "
+                f"num_max_nvl_chunked_recv_tokens={self.num_max_nvl_chunked_recv_tokens}, "
+                f"num_max_rdma_chunked_send_tokens={self.num_max_rdma_chunked_send_tokens}, "
+                f"num_max_rdma_chunked_recv_tokens={self.num_max_rdma_chunked_recv_tokens})")
+
+
+class EventOverlap:
+    """A CUDA event plus the tensors that must stay alive until it completes.
+
+    Returned by every asynchronous call. ``current_stream_wait()`` makes the
+    current stream wait for the event (no host synchronisation); used as a
+    context manager, the wait happens on exit. On CPU the event is ``None``
+    and waiting is a no-op (the work already finished).
+    """
+
+    def __init__(self, event: Optional[Any] = None, extra_tensors: Optional[Iterable[Any]] = None) -> None:
+        self.event = event
+        self.extra_tensors = tuple(extra_tensors) if extra_tensors is not None else None
+
+    def current_stream_wait(self) -> None:
+        """Make the current CUDA stream wait for this event (no-op without an event)."""
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def __enter__(self) -> "EventOverlap":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.event is not None:
+            self.current_stream_wait()
+
+    def __repr__(self) -> str:
+        return f"EventOverlap(event={self.event!r})"
+
+
+def env_float(name: str, default: float) -> float:
+    """Read a float setting from the environment, with a clear error on junk."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+def env_int(name: str, default: int) -> int:
+    """Read an int setting from the environment (accepts suffixes K/M/G for sizes)."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    text = raw.strip().upper()
+    mult = 1
+    for suffix, m in (("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("KB", 1 << 10), ("MB", 1 << 20),
+                      ("GB", 1 << 30), ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if text.endswith(suffix):
+            text, mult = text[: -len(suffix)], m
+            break
+    try:
+        return int(float(text) * mult)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a size") from None
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """Read a boolean setting (1/0, true/false, yes/no, on/off) from the environment."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not a boolean")

@@ -1,0 +1,161 @@
+"""Layout math of dispatch/combine, in plain torch (CPU and CUDA, no host sync unless stated).
+
+This module is the one place where routing (``topk_idx``) is turned into
+counts, masks, prefix matrices and slots. Transports and kernels consume its
+outputs; kernels that compute the same things on the GPU are tested against
+these functions.
+
+Conventions (API.md): ``T`` tokens on this rank, ``K`` top-k, ``E`` experts,
+``R`` ranks, ``L = E // R`` experts per rank; expert ``e`` lives on rank
+``e // L``; ``-1`` in ``topk_idx`` means "no expert".
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .config import topk_idx_t
+from .errors import DeepEPInputError, DeepEPTypeError
+
+__all__ = [
+    "check_topk_idx", "topk_problem", "dispatch_layout", "rank_prefix_matrix", "token_slots",
+    "send_order", "localize_topk", "aligned_expert_counts", "num_local_experts",
+]
+
+
+def num_local_experts(num_experts: int, num_ranks: int) -> int:
+    """``E // R``, with a clear error when ``num_experts`` is not a positive multiple of ``num_ranks``."""
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        raise DeepEPInputError(f"num_experts must be a positive int, got {num_experts!r}")
+    if num_experts % num_ranks != 0:
+        raise DeepEPInputError(
+            f"num_experts={num_experts} is not divisible by the number of ranks {num_ranks}; "
+            f"every rank must hold the same number of experts")
+    return num_experts // num_ranks
+
+
+def topk_problem(topk_idx: torch.Tensor, num_experts: int, *, num_tokens: Optional[int] = None,
+                 check_values: bool = True) -> Optional[str]:
+    """Return a message describing what is wrong with ``topk_idx``, or ``None`` if it is valid.
+
+    Checks type, dtype (``topk_idx_t``), rank 2, the number of rows (when
+    ``num_tokens`` is given) and, if ``check_values``, that every entry lies in
+    ``[-1, num_experts)`` (this reads two numbers back to the host).
+    """
+    if not isinstance(topk_idx, torch.Tensor):
+        return f"topk_idx must be a torch.Tensor, got {type(topk_idx).__name__}"
+    if topk_idx.dtype != topk_idx_t:
+        return f"topk_idx must have dtype {topk_idx_t} (deep_ep.topk_idx_t), got {topk_idx.dtype}"
+    if topk_idx.dim() != 2:
+        return f"topk_idx must be 2-D [num_tokens, num_topk], got shape {tuple(topk_idx.shape)}"
+    if num_tokens is not None and topk_idx.size(0) != num_tokens:
+        return f"topk_idx has {topk_idx.size(0)} rows but x has {num_tokens} tokens"
+    if topk_idx.size(1) == 0 and topk_idx.size(0) > 0:
+        return "topk_idx has zero columns (num_topk must be >= 1)"
+    if check_values and topk_idx.numel() > 0:
+        lo, hi = torch.aminmax(topk_idx)
+        lo, hi = int(lo), int(hi)
+        if lo < -1 or hi >= num_experts:
+            bad = lo if lo < -1 else hi
+            return (f"topk_idx holds expert id {bad}, outside [-1, {num_experts}) "
+                    f"(num_experts={num_experts}; -1 means no expert)")
+    return None
+
+
+def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, *, num_tokens: Optional[int] = None,
+                   check_values: bool = True) -> None:
+    """Raise :class:`DeepEPInputError` / :class:`DeepEPTypeError` if ``topk_idx`` is invalid (see :func:`topk_problem`)."""
+    msg = topk_problem(topk_idx, num_experts, num_tokens=num_tokens, check_values=check_values)
+    if msg is not None:
+        if "dtype" in msg or "must be a torch.Tensor" in msg:
+            raise DeepEPTypeError(msg)
+        raise DeepEPInputError(msg)
+
+
+def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
+                    ranks_per_node: Optional[int] = None
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``get_dispatch_layout`` semantics (API.md 2.1) in plain torch.
+
+    Returns ``(num_tokens_per_rank int32 [R], num_tokens_per_node int32 [nodes] or None,
+    num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])``. A token is
+    counted once per rank (and once per node) however many of its experts live
+    there; ``num_tokens_per_expert`` counts (token, k) pairs, as DeepEP does.
+    Entries ``-1`` are ignored. Values are assumed valid (see :func:`check_topk_idx`).
+    No host synchronisation.
+    """
+    device = topk_idx.device
+    num_tokens = topk_idx.size(0)
+    L = num_local_experts(num_experts, num_ranks)
+    valid = topk_idx >= 0
+    # Invalid entries go to a dummy column / bin that is dropped.
+    rank_of = torch.where(valid, torch.div(topk_idx, L, rounding_mode="floor"),
+                          torch.full_like(topk_idx, num_ranks))
+    in_rank = torch.zeros((num_tokens, num_ranks + 1), dtype=torch.bool, device=device)
+    in_rank.scatter_(1, rank_of, True)
+    is_token_in_rank = in_rank[:, :num_ranks].contiguous()
+    num_tokens_per_rank = is_token_in_rank.sum(dim=0, dtype=torch.int32)
+    expert_bin = torch.where(valid, topk_idx, torch.full_like(topk_idx, num_experts)).reshape(-1)
+    per_expert = torch.zeros((num_experts + 1,), dtype=torch.int64, device=device)
+    per_expert.scatter_add_(0, expert_bin, torch.ones_like(expert_bin))
+    num_tokens_per_expert = per_expert[:num_experts].to(torch.int32)
+    num_tokens_per_node = None
+    if ranks_per_node is not None and ranks_per_node < num_ranks:
+        if num_ranks % ranks_per_node != 0:
+            raise DeepEPInputError(f"ranks_per_node={ranks_per_node} does not divide num_ranks={num_ranks}")
+        nodes = num_ranks // ranks_per_node
+        in_node = is_token_in_rank.view(num_tokens, nodes, ranks_per_node).any(dim=2)
+        num_tokens_per_node = in_node.sum(dim=0, dtype=torch.int32)
+    return num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank
+
+
+def rank_prefix_matrix(counts: torch.Tensor) -> torch.Tensor:
+    """``[i][j]`` = tokens that ranks ``0..i`` send to rank ``j``, from ``counts[i][j]`` (int32 [R, R])."""
+    return torch.cumsum(counts.to(torch.int64), dim=0).to(torch.int32)
+
+
+def token_slots(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """Per-destination slot of every token: int32 ``[T, R]``, ``-1`` where the token does not go.
+
+    The slot of token ``t`` at rank ``j`` is the number of tokens before ``t``
+    that also go to ``j``; the row it lands in at ``j`` is
+    ``rank_prefix_matrix[src - 1][j] + slot`` (0 for ``src == 0``).
+    No host synchronisation.
+    """
+    m = is_token_in_rank.to(torch.int32)
+    slots = torch.cumsum(m, dim=0, dtype=torch.int32) - m
+    return torch.where(is_token_in_rank, slots, torch.full_like(slots, -1))
+
+
+def send_order(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """Token index of each sent row, destination-major then token order: int64 ``[sum of counts]``.
+
+    Rows for rank 0 come first, then rank 1, ...; within a destination, in
+    ascending token order (the order the receiver stores them). Synchronises
+    with the host on CUDA (the length is data dependent).
+    """
+    return torch.nonzero(is_token_in_rank.t(), as_tuple=False)[:, 1].contiguous()
+
+
+def localize_topk(topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], rank: int,
+                  num_local: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rewrite global expert ids to this rank's local ids (``0..L-1``), others to ``-1``.
+
+    Weights of entries that become ``-1`` are set to 0. Returns new tensors.
+    """
+    lo = rank * num_local
+    local = topk_idx - lo
+    mine = (topk_idx >= lo) & (topk_idx < lo + num_local)
+    local = torch.where(mine, local, torch.full_like(local, -1))
+    weights = None
+    if topk_weights is not None:
+        weights = torch.where(mine, topk_weights, torch.zeros_like(topk_weights))
+    return local, weights
+
+
+def aligned_expert_counts(counts: List[int], alignment: int) -> List[int]:
+    """Round each count up to a multiple of ``alignment`` (>= 1)."""
+    if alignment <= 1:
+        return [int(c) for c in counts]
+    return [(int(c) + alignment - 1) // alignment * alignment for c in counts]

@@ -1,0 +1,78 @@
+"""Transports: how rows move between ranks (one interface, several implementations).
+
+:func:`select_backend` holds the rule ``Buffer(backend='auto')`` follows;
+``deep-ep info`` prints the same decision with its reasons.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .base import Plan, Transport, Waiter
+from .collective import CollectiveTransport
+
+__all__ = ["Plan", "Transport", "Waiter", "CollectiveTransport", "BACKENDS", "backend_support",
+           "select_backend", "transport_class"]
+
+#: every backend name ``Buffer(backend=...)`` accepts, with the issue that adds it where not yet built
+BACKENDS: Dict[str, Optional[str]] = {
+    "collective": None,
+    "nvlink": "issue 3 (symmetric-memory NVLink transport)",
+    "hierarchical": "issue 9 (topology-aware multi-node transport)",
+}
+
+
+def transport_class(name: str) -> type:
+    """The :class:`Transport` subclass of a backend name; ``NotImplementedError`` for one not built yet."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(repr(b) for b in BACKENDS)}")
+    if name == "collective":
+        return CollectiveTransport
+    raise NotImplementedError(f"backend={name!r} is not implemented yet: it arrives with {BACKENDS[name]}; "
+                              f"use backend='collective' (works everywhere) or 'auto'")
+
+
+def backend_support(group: Optional[dist.ProcessGroup] = None) -> List[Tuple[str, bool, str]]:
+    """For each backend: ``(name, usable here, reason)``.
+
+    With ``group`` the answer is for that process group; without one it is
+    for this machine (all local GPUs).
+    """
+    out: List[Tuple[str, bool, str]] = []
+    if group is not None:
+        be = str(dist.get_backend(group)).lower()
+        ok = be in ("gloo", "nccl", "mpi") or "nccl" in be or "gloo" in be
+        out.append(("collective", ok, f"torch.distributed all_to_all_single on the {be} group"))
+    else:
+        out.append(("collective", True, "torch.distributed all_to_all_single (NCCL on GPUs, gloo on CPU)"))
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    reasons = []
+    if n < 2:
+        reasons.append(f"needs >= 2 local GPUs (found {n})")
+    else:
+        peer = all(torch.cuda.can_device_access_peer(i, j) for i in range(n) for j in range(n) if i != j)
+        if not peer:
+            reasons.append("not every pair of local GPUs has peer access")
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    if importlib.util.find_spec("torch.distributed._symmetric_memory") is None:
+        reasons.append("torch symmetric memory is unavailable")
+    if BACKENDS["nvlink"] is not None:
+        reasons.append(f"not implemented yet ({BACKENDS['nvlink']})")
+    out.append(("nvlink", not reasons, "; ".join(reasons) or "all ranks on one host with peer access"))
+    out.append(("hierarchical", False, f"not implemented yet ({BACKENDS['hierarchical']})"))
+    return out
+
+
+def select_backend(group: Optional[dist.ProcessGroup] = None) -> Tuple[str, str]:
+    """The backend ``'auto'`` picks, and why: the fastest one the group supports."""
+    support = {name: (ok, why) for name, ok, why in backend_support(group)}
+    if group is not None and support["nvlink"][0]:
+        be = str(dist.get_backend(group)).lower()
+        if "nccl" in be:
+            return "nvlink", "every rank is on one host with peer access"
+    ok, why = support["nvlink"]
+    return "collective", f"nvlink not usable ({why})" if not ok else "group is not an NCCL group"

@@ -1,0 +1,192 @@
+"""The transport interface: how rows move between the ranks of a group.
+
+:class:`deep_ep.Buffer` validates inputs, computes the layout
+(:mod:`deep_ep.layout`), agrees on metadata with the other ranks and keeps
+the handle; a transport only moves bytes. A new transport implements the four
+methods of :class:`Transport` and must pass the conformance suite
+(``tests/test_conformance.py``) against :mod:`deep_ep.reference`.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DeepEPTimeoutError
+
+log = logging.getLogger("deep_ep")
+
+#: ``alloc(shape, dtype) -> Tensor``: allocates an output on the stream the caller asked for.
+Alloc = Callable[[Tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+@dataclass
+class Plan:
+    """Everything a transport needs to know about one dispatch layout (kept in the handle).
+
+    Host-side lists are ``None`` when the call must not synchronise with the
+    host (a transport that needs them then computes what it needs on the device).
+    """
+
+    rank: int
+    num_ranks: int
+    num_tokens: int
+    is_token_in_rank: torch.Tensor            # bool [T, R]
+    rank_prefix_matrix: torch.Tensor          # int32 [R, R], on the data device
+    send_counts: Optional[List[int]]          # rows this rank sends to each rank
+    recv_counts: Optional[List[int]]          # rows this rank receives from each rank
+    num_recv_tokens: int                      # rows received (-1 if unknown on the host)
+    num_out_rows: int                         # rows of every received tensor (num_worst_tokens or num_recv_tokens)
+    extra: Dict[str, Any] = field(default_factory=dict)   # transport-private state (e.g. send order)
+
+
+class Transport(abc.ABC):
+    """Moves rows between the ranks of one process group.
+
+    Methods run with the Buffer's communication stream current (on CUDA) and
+    allocate outputs with the ``alloc`` they are given, so the caller's
+    ``allocate_on_comm_stream`` choice is honoured.
+    """
+
+    #: short name, as accepted by ``Buffer(backend=...)``
+    name: str = "base"
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float,
+                 waiter: "Waiter") -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.device = device
+        self.timeout_s = timeout_s
+        self.waiter = waiter
+
+    @abc.abstractmethod
+    def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
+        """All-gather a small int64 vector (same length on every rank); returns ``[R, n]`` on the CPU.
+
+        Blocks the host, bounded by the timeout (names missing ranks on expiry).
+        """
+
+    @abc.abstractmethod
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+        """Send row ``t`` of every tensor in ``rows`` (each ``[T, ...]``, contiguous) to each rank ``j``
+        with ``plan.is_token_in_rank[t, j]``.
+
+        Returns one tensor per input, ``[plan.num_out_rows, ...]``, rows grouped by
+        source rank ascending then source token ascending; padding rows (beyond
+        ``plan.num_recv_tokens``) are zero.
+        """
+
+    @abc.abstractmethod
+    def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
+                biases: Sequence[torch.Tensor], alloc: Alloc) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Reverse of :meth:`dispatch` with a reduction.
+
+        ``x`` ``[num_out_rows or num_recv_tokens, H]`` is laid out as the received rows.
+        Returns ``[T, H]`` in ``x.dtype``: for each token, the float32 sum over
+        ranks in ascending order of its returned rows, plus each bias in order;
+        and ``weights`` (``[N, K]`` float32) summed the same way, or ``None``.
+        """
+
+    def destroy(self) -> None:  # pragma: no cover - default no-op
+        """Release transport resources."""
+
+
+def reduce_by_source(T: int, chunks: Sequence[Tuple[torch.Tensor, torch.Tensor]], biases: Sequence[torch.Tensor],
+                     out_dtype: torch.dtype, width: int, device: torch.device, alloc: Alloc) -> torch.Tensor:
+    """Deterministic float32 reduction shared by torch-path transports.
+
+    ``chunks`` is, in rank order, ``(token_idx, rows)`` of what each rank sent
+    back: within one chunk the token indices are unique, so each indexed add
+    touches distinct rows and the result does not depend on scheduling.
+    """
+    acc = torch.zeros((T, width), dtype=torch.float32, device=device)
+    for idx, rows in chunks:
+        if idx.numel():
+            acc.index_put_((idx,), rows.float(), accumulate=True)
+    for b in biases:
+        acc.add_(b.float())
+    if out_dtype == torch.float32:
+        return acc
+    out = alloc((T, width), out_dtype)
+    out.copy_(acc)
+    return out
+
+
+class Waiter:
+    """Bounded waits with a diagnosis that names the ranks that did not arrive.
+
+    Nothing is written on the fast path. When a wait expires, this rank
+    publishes "gave up at call #n, stage s" in the group's store, gives the
+    others a short grace to do the same, and raises
+    :class:`~deep_ep.errors.DeepEPTimeoutError` naming the ranks that never
+    reported: they did not reach this call. Afterwards the owner is broken.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, key_prefix: str, timeout_s: float) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.global_ranks = [dist.get_global_rank(group, r) if group is not dist.group.WORLD else r
+                             for r in range(self.num_ranks)]
+        self.prefix = key_prefix
+        self.timeout_s = timeout_s
+        self.seq = 0
+        self.broken: Optional[str] = None
+
+    def _store(self):
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+            return _get_default_store()
+        except Exception:  # pragma: no cover - store not reachable
+            return None
+
+    def wait(self, work: Any, stage: str) -> None:
+        """Wait for a ``torch.distributed`` work object, at most ``timeout_s`` seconds."""
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        sleep = 0.0
+        while not work.is_completed():
+            now = time.monotonic()
+            if now > deadline:
+                self.fail(stage, now - start)
+            if sleep:
+                time.sleep(sleep)
+            sleep = min(max(sleep * 2, 2e-5), 2e-3)
+        work.wait()
+
+    def fail(self, stage: str, waited: float) -> None:
+        """Publish this rank's timeout, diagnose who is missing and raise."""
+        msg_stage = f"call #{self.seq} ({stage})"
+        store = self._store()
+        arrived: Dict[int, str] = {self.rank: msg_stage}
+        if store is not None:
+            try:
+                store.set(f"{self.prefix}/timeout/{self.rank}", msg_stage)
+                grace_end = time.monotonic() + min(2.0, max(self.timeout_s, 0.2))
+                while time.monotonic() < grace_end and len(arrived) < self.num_ranks:
+                    for r in range(self.num_ranks):
+                        if r not in arrived:
+                            key = f"{self.prefix}/timeout/{r}"
+                            if store.check([key]):
+                                arrived[r] = store.get(key).decode()
+                    time.sleep(0.02)
+            except Exception as e:  # pragma: no cover - diagnosis is best effort
+                log.debug("deep_ep timeout diagnosis failed: %s", e)
+        missing = [r for r in range(self.num_ranks) if r not in arrived]
+        self.broken = f"timed out in {msg_stage}"
+        if missing:
+            who = ", ".join(str(r) for r in missing)
+            detail = (f"rank(s) {who} of the group (global rank(s) "
+                      f"{', '.join(str(self.global_ranks[r]) for r in missing)}) did not arrive")
+        else:
+            detail = "every rank reported waiting: " + "; ".join(
+                f"rank {r} gave up at {arrived[r]}" for r in sorted(arrived))
+        raise DeepEPTimeoutError(
+            f"deep_ep: rank {self.rank} waited {waited:.1f}s (timeout_s={self.timeout_s:g}) in {msg_stage}; "
+            f"{detail}. The Buffer is unusable now; the process group may be too.")

@@ -1,0 +1,131 @@
+"""The ``collective`` transport: ``torch.distributed.all_to_all_single`` with split sizes.
+
+Works on any process group whose backend implements all-to-all: NCCL on
+GPUs (any topology, several nodes included) and gloo on CPU. Each dispatch
+sends the token rows in one all-to-all straight into the output tensor
+(row order = source rank, then token, which is exactly all-to-all order) and
+the small per-row extras (top-k ids, weights, fp8 scales) packed as bytes in
+a second one. Combine sends the rows back and reduces them with
+:func:`~deep_ep.transport.base.reduce_by_source`.
+
+The split sizes must be known on the host, so every non-cached dispatch
+synchronises with the host once, also with ``num_worst_tokens``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .. import layout
+from .base import Alloc, Plan, Transport, reduce_by_source
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """View ``[N, ...]`` contiguous as ``uint8 [N, row_bytes]``."""
+    width = 1
+    for d in t.shape[1:]:
+        width *= d
+    t2 = t.reshape(t.size(0), width)
+    if t2.dtype == torch.bool:
+        t2 = t2.view(torch.uint8)
+    return t2.view(torch.uint8) if t2.dtype != torch.uint8 else t2
+
+
+def _nonzero_send_order(plan: Plan) -> torch.Tensor:
+    """Token index of every sent row (destination-major), cached in the plan."""
+    idx = plan.extra.get("send_token_idx")
+    if idx is None:
+        mask_t = plan.is_token_in_rank.t()
+        total = sum(plan.send_counts)
+        if mask_t.is_cuda and hasattr(torch, "nonzero_static"):
+            idx = torch.nonzero_static(mask_t, size=total)[:, 1].contiguous()
+        else:
+            idx = layout.send_order(plan.is_token_in_rank)
+        plan.extra["send_token_idx"] = idx
+    return idx
+
+
+class CollectiveTransport(Transport):
+    """All-to-all over ``torch.distributed`` (NCCL or gloo). See the module docstring."""
+
+    name = "collective"
+
+    def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
+        values = values.to(device=self.device, dtype=torch.int64).contiguous()
+        out = torch.empty((self.num_ranks * values.numel(),), dtype=torch.int64, device=self.device)
+        work = dist.all_gather_into_tensor(out, values, group=self.group, async_op=True)
+        self.waiter.wait(work, stage)
+        return out.view(self.num_ranks, values.numel()).cpu()
+
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: List[int], in_splits: List[int],
+             stage: str) -> None:
+        if self.num_ranks == 1:
+            out.copy_(inp)
+            return
+        if out.is_cuda:
+            # Ordered on the current (comm) stream; no host wait.
+            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+        else:
+            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+            self.waiter.wait(work, stage)
+
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+        idx = _nonzero_send_order(plan)
+        n_recv = plan.num_recv_tokens
+        outs: List[torch.Tensor] = []
+        for t in rows:
+            o = alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype)
+            if plan.num_out_rows > n_recv:
+                o[n_recv:].zero_()
+            outs.append(o)
+        if not rows:
+            return outs
+        # The token rows themselves: one all-to-all straight into the output.
+        main = rows[0]
+        send_main = main.index_select(0, idx) if idx.numel() != main.size(0) or plan.num_ranks > 1 else main
+        self._a2a(_as_bytes(outs[0][:n_recv]), _as_bytes(send_main), plan.recv_counts, plan.send_counts,
+                  "dispatch rows")
+        if len(rows) > 1:
+            # The small extras, packed as bytes into one more all-to-all.
+            widths = [_as_bytes(t).size(1) for t in rows[1:]]
+            total = sum(widths)
+            send_aux = torch.empty((idx.numel(), total), dtype=torch.uint8, device=main.device)
+            col = 0
+            for t, w in zip(rows[1:], widths):
+                if idx.numel():
+                    send_aux[:, col:col + w] = _as_bytes(t.index_select(0, idx))
+                col += w
+            recv_aux = torch.empty((n_recv, total), dtype=torch.uint8, device=main.device)
+            self._a2a(recv_aux, send_aux, plan.recv_counts, plan.send_counts, "dispatch extras")
+            col = 0
+            for o, w in zip(outs[1:], widths):
+                _as_bytes(o[:n_recv]).copy_(recv_aux[:, col:col + w])
+                col += w
+        return outs
+
+    def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
+                biases: Sequence[torch.Tensor], alloc: Alloc) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        idx = _nonzero_send_order(plan)
+        n_recv = plan.num_recv_tokens
+        S = idx.numel()
+        back = torch.empty((S, x.size(1)), dtype=x.dtype, device=x.device)
+        self._a2a(_as_bytes(back), _as_bytes(x[:n_recv].contiguous()), plan.send_counts, plan.recv_counts,
+                  "combine rows")
+        back_w = None
+        if weights is not None:
+            back_w = torch.empty((S, weights.size(1)), dtype=torch.float32, device=x.device)
+            self._a2a(back_w, weights[:n_recv].float().contiguous(), plan.send_counts, plan.recv_counts,
+                      "combine weights")
+        offsets = [0]
+        for c in plan.send_counts:
+            offsets.append(offsets[-1] + c)
+        chunks = [(idx[offsets[j]:offsets[j + 1]], back[offsets[j]:offsets[j + 1]]) for j in range(plan.num_ranks)]
+        out = reduce_by_source(plan.num_tokens, chunks, biases, x.dtype, x.size(1), x.device, alloc)
+        out_w = None
+        if back_w is not None:
+            chunks_w = [(idx[offsets[j]:offsets[j + 1]], back_w[offsets[j]:offsets[j + 1]])
+                        for j in range(plan.num_ranks)]
+            out_w = reduce_by_source(plan.num_tokens, chunks_w, (), torch.float32, back_w.size(1), x.device, alloc)
+        return out, out_w

@@ -1,0 +1,198 @@
+"""Conformance suite: every transport against the single-process oracle (deep_ep.reference).
+
+A new transport joins by adding its name to ``BACKENDS`` (CPU, gloo) or
+``GPU_BACKENDS`` (2 GPUs, NCCL). Each scenario draws fresh random inputs
+(seeded per test) and checks every output of dispatch, cached dispatch and
+combine on every rank.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import deep_ep
+from deep_ep import reference as ref
+
+from tests._cases import assert_same, device, get_buffer, make_case, to
+
+BACKENDS = ["collective"]
+GPU_BACKENDS = ["collective"]
+
+SCENARIOS = {
+    "basic": dict(),
+    "align4": dict(expert_alignment=4),
+    "no_weights": dict(weights=False),
+    "no_topk": dict(no_topk=True),
+    "fp8": dict(hidden=256, fp8=True),
+    "fp8_colmajor_scales": dict(hidden=384, fp8=True, colmajor=True),
+    "worst": dict(worst=True),
+    "async": dict(async_finish=True),
+    "previous_event": dict(previous_event=True, async_finish=True, allocate_on_comm_stream=True),
+    "bias1": dict(nbias=1),
+    "bias2": dict(nbias=2),
+    "one_expert": dict(pattern="one_expert", topk=2),
+    "all_neg": dict(pattern="all_neg"),
+    "empty_rank": dict(pattern="empty_rank"),
+    "repeat": dict(pattern="repeat", topk=4),
+    "all_ranks": dict(pattern="all_ranks"),
+    "odd_hidden_7": dict(hidden=7),
+    "odd_hidden_130": dict(hidden=130),
+    "nan": dict(nan=True),
+    "fp32": dict(dtype=torch.float32),
+    "empty_tokens": dict(tokens="zero0"),
+    "rank_valued": dict(rank_valued=True),
+    "topk1": dict(topk=1),
+    "topk9_16experts": dict(topk=9, num_experts=16),
+}
+
+
+def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
+    """Dispatch + cached dispatch + combine on every rank, each output checked against the oracle."""
+    dev = device()
+    tokens = sc.get("tokens")
+    if tokens == "zero0":
+        tokens = [0] + [5 + 3 * r for r in range(1, R)]
+    num_experts = sc.get("num_experts", 4 * R if R > 2 else 8)
+    case = make_case(seed, R, num_experts=num_experts, hidden=sc.get("hidden", 64), topk=sc.get("topk", 3),
+                     tokens=tokens, pattern=sc.get("pattern", "random"), dtype=sc.get("dtype", torch.bfloat16),
+                     fp8=sc.get("fp8", False), rank_valued=sc.get("rank_valued", False))
+    if sc.get("nan"):
+        for x in case.xs:
+            if x.size(0):
+                x[0, 0] = float("nan")
+                x[-1, -1] = float("inf")
+    E = case.num_experts
+    buf = get_buffer(backend)
+    use_topk = not sc.get("no_topk")
+    use_w = sc.get("weights", True) and use_topk
+    xs = case.fp8 if case.fp8 is not None else case.xs
+    in_rank_all = [ref.expert_rank_mask(t, E, R) for t in case.topk_idx]
+    worst = sum(case.tokens) if sc.get("worst") else 0
+    align = sc.get("expert_alignment", 1)
+    exp = ref.dispatch(xs, case.topk_idx if use_topk else None, E,
+                       case.topk_weights if use_w else None,
+                       is_token_in_rank=None if use_topk else in_rank_all,
+                       expert_alignment=align, num_worst_tokens=worst)
+    e = exp[rank]
+    x = to(xs[rank], dev)
+    if sc.get("colmajor"):
+        v, s = x
+        x = (v, s.t().contiguous().t())
+        assert not x[1].is_contiguous()
+    idx = case.topk_idx[rank].to(dev)
+    w = case.topk_weights[rank].to(dev) if use_w else None
+    async_finish = sc.get("async_finish", False)
+    prev = buf.capture() if sc.get("previous_event") else None
+
+    per_rank, per_node, per_expert, in_rank, ev = buf.get_dispatch_layout(idx, E)
+    assert per_node is None
+    assert_same(in_rank, in_rank_all[rank], "is_token_in_rank")
+    assert_same(per_rank, in_rank_all[rank].sum(0).to(torch.int32), "num_tokens_per_rank")
+    exp_pe = torch.zeros(E, dtype=torch.int32)
+    for v in case.topk_idx[rank].flatten().tolist():
+        if v >= 0:
+            exp_pe[v] += 1
+    assert_same(per_expert, exp_pe, "num_tokens_per_expert")
+
+    kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, expert_alignment=align,
+                  num_worst_tokens=worst, previous_event=prev, async_finish=async_finish,
+                  allocate_on_comm_stream=sc.get("allocate_on_comm_stream", False))
+    if use_topk:
+        kwargs.update(num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
+    recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(x, **kwargs)
+    assert isinstance(event, deep_ep.EventOverlap)
+    if async_finish:
+        event.current_stream_wait()
+    assert_same(recv_x, e.recv_x, "recv_x")
+    assert_same(handle[0], e.rank_prefix_matrix, "rank_prefix_matrix")
+    assert handle[0].dtype == torch.int32
+    if use_topk:
+        assert_same(recv_idx, e.recv_topk_idx, "recv_topk_idx")
+        if use_w:
+            assert_same(recv_w, e.recv_topk_weights, "recv_topk_weights")
+        else:
+            assert recv_w is None
+        assert counts == e.num_recv_tokens_per_expert_list, (counts, e.num_recv_tokens_per_expert_list)
+    else:
+        assert recv_idx is None and recv_w is None and counts == []
+
+    # Cached dispatch: same layout, x only.
+    cx, c1, c2, c3, c4, cev = buf.dispatch(x, handle=handle, async_finish=async_finish)
+    assert (c1, c2, c3, c4) == (None, None, None, None)
+    if async_finish:
+        cev.current_stream_wait()
+    assert_same(cx, e.recv_x, "cached recv_x")
+
+    # Combine: each rank returns a function of what it received (rank-dependent), plus biases.
+    if isinstance(e.recv_x, tuple):
+        ys = [d.recv_x[0].float().view(d.recv_x[0].size(0), -1, 128).mul(d.recv_x[1].unsqueeze(2))
+              .view(d.recv_x[0].size(0), -1).to(torch.bfloat16) for d in exp]
+    else:
+        ys = [(d.recv_x.float() * (1.0 + 0.5 * r)).to(d.recv_x.dtype) for r, d in enumerate(exp)]
+    nbias = sc.get("nbias", 0)
+    g = torch.Generator().manual_seed(seed + 1)
+    biases = [[torch.randn((case.tokens[s], ys[0].size(1)), generator=g).to(ys[0].dtype) for _ in range(nbias)]
+              for s in range(R)]
+    ws = [d.recv_topk_weights for d in exp] if use_w else None
+    exp_c = ref.combine(ys, exp, case.tokens, ws, biases)
+    bias_arg = None
+    if nbias == 1:
+        bias_arg = biases[rank][0].to(dev)
+    elif nbias == 2:
+        bias_arg = tuple(b.to(dev) for b in biases[rank])
+    prev2 = buf.capture() if sc.get("previous_event") else None
+    out, out_w, cev2 = buf.combine(ys[rank].to(dev), handle, topk_weights=recv_w if use_w else None, bias=bias_arg,
+                                   previous_event=prev2, async_finish=async_finish,
+                                   allocate_on_comm_stream=sc.get("allocate_on_comm_stream", False))
+    if async_finish:
+        cev2.current_stream_wait()
+    assert_same(out, exp_c[rank][0], "combined_x")
+    if use_w:
+        assert_same(out_w, exp_c[rank][1], "combined_topk_weights")
+        # Summing each token's weights over ranks gives back the original weights (-1 entries: 0).
+        orig = torch.where(case.topk_idx[rank] >= 0, case.topk_weights[rank], torch.zeros(()))
+        assert_same(out_w, orig, "combined weights == original weights", atol=1e-6, rtol=1e-6)
+    else:
+        assert out_w is None
+    return {"recv": e.num_recv_tokens}
+
+
+def run_reuse_shapes(rank: int, R: int, backend: str, seed: int) -> None:
+    """One Buffer, several calls with different shapes and dtypes in a row."""
+    for i, (hidden, topk, dtype) in enumerate([(32, 2, torch.bfloat16), (130, 4, torch.float32),
+                                               (8, 1, torch.bfloat16), (256, 3, torch.float16)]):
+        run_scenario(rank, R, backend, seed + 17 * i, dict(hidden=hidden, topk=topk, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_conformance_cpu(rank_pool, backend, world, name):
+    seed = zlib.crc32(f"{name}/{world}".encode())
+    rank_pool(world).run(run_scenario, backend, seed, SCENARIOS[name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reuse_shapes_cpu(rank_pool, backend):
+    rank_pool(2).run(run_reuse_shapes, backend, 1234)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_rank(rank_pool, backend):
+    rank_pool(1).run(run_scenario, backend, 7, dict(num_experts=4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_conformance_gpu(rank_pool, backend, name):
+    seed = zlib.crc32(f"{name}/gpu".encode())
+    rank_pool(2, backend="nccl").run(run_scenario, backend, seed, SCENARIOS[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_reuse_shapes_gpu(rank_pool, backend):
+    rank_pool(2, backend="nccl").run(run_reuse_shapes, backend, 99)

@@ -382,14 +382,16 @@ class Buffer:
         if t.device.type != self.device.type or (t.is_cuda and t.device.index != self.device.index):
             raise _Problem(1, DeepEPInputError(f"{what} is on {t.device}, this Buffer's group works on {self.device}"))
 
-    def _check_topk(self, topk_idx: torch.Tensor, num_experts: int, T: int) -> None:
-        """Validate ``topk_idx``; values are checked on the host on CPU, asynchronously on CUDA."""
+    def _check_topk(self, topk_idx: torch.Tensor, num_experts: int, T: int, host_values: bool = True,
+                    device_assert: bool = True) -> None:
+        """Validate ``topk_idx``. Values are checked on the host on CPU or when ``host_values``;
+        otherwise (CUDA calls that must not synchronise) by an asynchronous device assert."""
         on_cpu = topk_idx.device.type == "cpu" if isinstance(topk_idx, torch.Tensor) else True
-        msg = layout.topk_problem(topk_idx, num_experts, num_tokens=T, check_values=on_cpu)
+        msg = layout.topk_problem(topk_idx, num_experts, num_tokens=T, check_values=on_cpu or host_values)
         if msg is not None:
             raise _Problem(2, DeepEPTypeError(msg) if "dtype" in msg or "torch.Tensor" in msg else DeepEPInputError(msg))
         self._check_device(topk_idx, "topk_idx")
-        if not on_cpu and topk_idx.numel():
+        if not (on_cpu or host_values) and device_assert and topk_idx.numel():
             ok = ((topk_idx >= -1) & (topk_idx < num_experts)).all()
             torch._assert_async(ok, f"deep_ep: topk_idx holds an expert id outside [-1, {num_experts})")
 
@@ -462,7 +464,9 @@ class Buffer:
         self._check_alive()
         layout.num_local_experts(num_experts, self.num_ranks)
         try:
-            self._check_topk(topk_idx, num_experts, topk_idx.size(0) if isinstance(topk_idx, torch.Tensor) else -1)
+            # On CUDA ids outside the range are dropped by the layout and rejected by dispatch.
+            self._check_topk(topk_idx, num_experts, topk_idx.size(0) if isinstance(topk_idx, torch.Tensor) else -1,
+                             host_values=False, device_assert=False)
         except _Problem as p:
             raise p.exc from None
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
@@ -525,7 +529,7 @@ class Buffer:
                     raise _Problem(5, DeepEPInputError(
                         f"num_experts={E} (length of num_tokens_per_expert) is not a positive multiple of the "
                         f"number of ranks {self.num_ranks}"))
-                self._check_topk(topk_idx, E, T)
+                self._check_topk(topk_idx, E, T, host_values=num_worst_tokens == 0)
                 K = topk_idx.size(1)
                 topk_weights = self._check_weights(topk_weights, (T, K), "topk_weights")
             if is_token_in_rank is not None:

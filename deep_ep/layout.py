@@ -82,13 +82,14 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])``. A token is
     counted once per rank (and once per node) however many of its experts live
     there; ``num_tokens_per_expert`` counts (token, k) pairs, as DeepEP does.
-    Entries ``-1`` are ignored. Values are assumed valid (see :func:`check_topk_idx`).
-    No host synchronisation.
+    Entries ``-1`` are ignored, and so is any id outside ``[0, num_experts)``
+    (validate with :func:`check_topk_idx`; this function never indexes out
+    of bounds). No host synchronisation.
     """
     device = topk_idx.device
     num_tokens = topk_idx.size(0)
     L = num_local_experts(num_experts, num_ranks)
-    valid = topk_idx >= 0
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
     # Invalid entries go to a dummy column / bin that is dropped.
     rank_of = torch.where(valid, torch.div(topk_idx, L, rounding_mode="floor"),
                           torch.full_like(topk_idx, num_ranks))

@@ -47,6 +47,10 @@ def _nonzero_send_order(plan: Plan) -> torch.Tensor:
     return idx
 
 
+# torch >= 2.12 renamed all_gather_into_tensor to all_gather_single.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class CollectiveTransport(Transport):
     """All-to-all over ``torch.distributed`` (NCCL or gloo). See the module docstring."""
 
@@ -55,7 +59,7 @@ class CollectiveTransport(Transport):
     def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
         values = values.to(device=self.device, dtype=torch.int64).contiguous()
         out = torch.empty((self.num_ranks * values.numel(),), dtype=torch.int64, device=self.device)
-        work = dist.all_gather_into_tensor(out, values, group=self.group, async_op=True)
+        work = _all_gather(out, values, group=self.group, async_op=True)
         self.waiter.wait(work, stage)
         return out.view(self.num_ranks, values.numel()).cpu()
 

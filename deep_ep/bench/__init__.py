@@ -1,0 +1,70 @@
+"""``deep-ep bench``: the BENCH.md normal-mode benchmark of dispatch and combine.
+
+Spawns its own ranks on this host (every GPU over NCCL, or 2 CPU ranks over
+gloo), times each deep_ep backend (cached dispatch, dispatch from scratch,
+combine) and the baselines (``nccl-raw``/``gloo-raw``: one all_to_all_single of
+the rows that must move; ``peer-copy``: the same remote bytes copied into the
+peers' symmetric memory, GPU only), prints a table and writes the BENCH.md
+result file.
+
+Programmatic use::
+
+    from deep_ep.bench import BenchConfig, run
+    result = run(BenchConfig(device="cpu", world_size=2, tokens=(32,), hidden=256, topk=2,
+                             experts=8, wires=("bf16",), backends=None, num_sms=None,
+                             iters=3, warmup=1))
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+from deep_ep.bench.options import (BenchConfig, BenchOptionError, add_arguments,
+                                   config_from_args)
+from deep_ep.bench.report import build_result, format_table, write_json
+
+__all__ = ["BenchConfig", "BenchOptionError", "add_arguments", "config_from_args", "run",
+           "run_from_args", "main"]
+
+
+def run(cfg: BenchConfig, command: str = "deep-ep bench") -> dict:
+    """Run the benchmark described by ``cfg``; returns the BENCH.md result object."""
+    with tempfile.TemporaryDirectory(prefix="deep_ep_bench_") as tmp:
+        path = os.path.join(tmp, "raw.pkl")
+        from deep_ep.bench.worker import spawn
+
+        spawn(cfg, path)
+        with open(path, "rb") as f:
+            raw = pickle.load(f)
+    return build_result(cfg, raw, command)
+
+
+def run_from_args(args: argparse.Namespace, command: str) -> int:
+    """Run from parsed ``deep-ep bench`` options: print the table, write ``--json``; exit status."""
+    try:
+        cfg = config_from_args(args)
+    except BenchOptionError as exc:
+        print(f"deep-ep bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"deep-ep bench: {cfg.world_size} {cfg.device} ranks ({cfg.dist_backend}), "
+          f"tokens {','.join(map(str, cfg.tokens))}, hidden {cfg.hidden}, top-{cfg.topk} of "
+          f"{cfg.experts} experts, wire {'+'.join(cfg.wires)}, {cfg.iters} iters", file=sys.stderr)
+    result = run(cfg, command)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "deep-ep bench") -> int:
+    """Parse ``deep-ep bench`` options from ``argv`` and run; returns the exit status."""
+    import shlex
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv), command=" ".join([prog, shlex.join(argv)]).strip())

@@ -1,0 +1,265 @@
+"""The cases of one rank: deep_ep backends and the BENCH.md baselines.
+
+Every case records, per rank, its per-run times and the bytes its figures are
+computed from; :mod:`deep_ep.bench.report` reduces the ranks. A case that
+cannot run (a backend not implemented, a wire format not supported, symmetric
+memory unavailable) is agreed on by every rank, then skipped with its reason:
+no rank is left waiting in a collective the others never enter.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from deep_ep.bench.workload import Workload, row_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def plan(cfg, backends: list) -> list:
+    """The ``(tokens, backend, op, wire, timing)`` cases a run times, in order (for the progress bar)."""
+    out = []
+    for tokens in cfg.tokens:
+        for b in backends:
+            for wire in cfg.wires:
+                out += [(tokens, b, "dispatch", wire, "cached"), (tokens, b, "dispatch", wire, "fresh")]
+            out.append((tokens, b, "combine", "bf16", "cached"))
+        if cfg.baselines:
+            for name in [cfg.raw_name] + (["peer-copy"] if cfg.device == "cuda" else []):
+                out += [(tokens, name, "dispatch", wire, "cached") for wire in cfg.wires]
+                out.append((tokens, name, "combine", "bf16", "cached"))
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class RankRunner:
+    """Runs the cases of one rank and collects ``records`` and ``skipped``."""
+
+    def __init__(self, cfg, rank: int, group, ctrl, device: torch.device, timer, progress):
+        """``group`` carries the data (NCCL or gloo); ``ctrl`` is a gloo group for agreement."""
+        self.cfg, self.rank, self.group, self.ctrl = cfg, rank, group, ctrl
+        self.device, self.timer, self.progress = device, timer, progress
+        self.records: list = []
+        self.skipped: list = []
+        self.buffers: dict = {}
+        self._symm = None          # (handle, slot_bytes) once peer-copy is set up
+        self._symm_error: Optional[str] = None
+
+    # -- agreement ---------------------------------------------------------------------------
+    def agree(self, error: Optional[str]) -> Optional[str]:
+        """All-gather each rank's error (None if fine); the first one, naming its rank, or None."""
+        errors = [None] * self.cfg.world_size
+        dist.all_gather_object(errors, error, group=self.ctrl)
+        for r, e in enumerate(errors):
+            if e is not None:
+                return f"rank {r}: {e}"
+        return None
+
+    def try_agreed(self, fn: Callable[[], object]):
+        """Run ``fn`` on every rank; ``(result, None)`` if it worked everywhere, else ``(None, reason)``."""
+        try:
+            result, err = fn(), None
+        except Exception as exc:  # recorded as the case's skip reason
+            result, err = None, _one_line(exc)
+            logger.debug("case setup failed on rank %d", self.rank, exc_info=True)
+        reason = self.agree(err)
+        return (None, reason) if reason else (result, None)
+
+    def skip(self, cases: list, reason: str) -> None:
+        """Record ``cases`` (tuples of :func:`plan`) as skipped and advance the progress bar."""
+        for tokens, backend, op, wire, timing in cases:
+            self.skipped.append(dict(backend=backend, op=op, wire=wire, tokens=tokens,
+                                     timing=timing, reason=reason))
+        self.progress(len(cases))
+
+    def record(self, case: tuple, times: list, rows: int, remote_rows: Optional[int],
+               link_rows: int, rb: int, **extra) -> None:
+        """Store one measured case of this rank and advance the progress bar."""
+        tokens, backend, op, wire, timing = case
+        self.records.append(dict(
+            backend=backend, op=op, wire=wire, tokens=tokens, timing=timing, times_us=times,
+            bytes_logical=None if rows is None else rows * rb, bytes_link=link_rows * rb,
+            recv_rows=rows, remote_rows=remote_rows, **extra))
+        self.progress(1)
+
+    def time(self, fn: Callable[[], object]) -> list:
+        """Per-run microseconds of ``fn`` with the configured timer."""
+        return self.timer(fn, self.cfg.iters, self.cfg.warmup)
+
+    # -- deep_ep backends -------------------------------------------------------------------
+    def _nvl_bytes(self, deep_ep) -> int:
+        """``num_nvl_bytes`` as DeepEP users size it (max of the dispatch/combine config hints)."""
+        R, hidden_bytes = self.cfg.world_size, 2 * self.cfg.hidden
+        try:
+            return max(c.get_nvl_buffer_size_hint(hidden_bytes, R)
+                       for c in (deep_ep.Buffer.get_dispatch_config(R),
+                                 deep_ep.Buffer.get_combine_config(R)))
+        except Exception as exc:
+            logger.debug("no nvl size hint (%s); using 1e9 bytes", exc)
+            return int(1e9)
+
+    def open_backend(self, name: str, unsupported: Optional[str]):
+        """Create (once) the ``Buffer`` of backend ``name`` on every rank; ``(buffer, skip reason)``."""
+        if name in self.buffers:
+            return self.buffers[name]
+        if unsupported:  # deep_ep's own rule rejects it for this group (same answer on every rank)
+            self.buffers[name] = (None, unsupported)
+            return self.buffers[name]
+
+        def make():
+            import deep_ep
+            if self.cfg.num_sms is not None:
+                deep_ep.Buffer.set_num_sms(self.cfg.num_sms)
+            return deep_ep.Buffer(self.group, self._nvl_bytes(deep_ep), 0, backend=name)
+
+        self.buffers[name] = self.try_agreed(make)
+        return self.buffers[name]
+
+    def _rows(self, recv_x, handle) -> tuple:
+        """``(rows received, rows received from other ranks)`` of a dispatch result."""
+        x = recv_x[0] if isinstance(recv_x, tuple) else recv_x
+        prefix = handle[0].cpu()
+        r = self.rank
+        own = int(prefix[r, r]) - (int(prefix[r - 1, r]) if r > 0 else 0)
+        return x.shape[0], x.shape[0] - own
+
+    def run_backend(self, name: str, wl: Workload, unsupported: Optional[str]) -> None:
+        """Time cached dispatch, fresh dispatch (layout + dispatch) and combine of one backend."""
+        cfg = self.cfg
+        cases = [c for c in plan(cfg, [name]) if c[0] == wl.tokens and c[1] == name]
+        buf, reason = self.open_backend(name, unsupported)
+        if reason:
+            self.skip(cases, reason)
+            return
+        import deep_ep
+        num_sms = getattr(deep_ep.Buffer, "num_sms", None)
+        expected = sum(wl.recv_counts)
+        bf16_out = None
+        for wire in cfg.wires:
+            x = wl.dispatch_input(wire)
+
+            def fresh(x=x):
+                ntpr, ntpr_rdma, ntpe, in_rank, _ = buf.get_dispatch_layout(wl.topk_idx, cfg.experts)
+                return buf.dispatch(x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntpr_rdma,
+                                    is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
+                                    topk_idx=wl.topk_idx, topk_weights=wl.topk_weights)
+
+            out, reason = self.try_agreed(fresh)
+            wire_cases = [c for c in cases if c[2] == "dispatch" and c[3] == wire]
+            if reason:
+                self.skip(wire_cases, reason)
+                continue
+            recv_x, handle = out[0], out[4]
+            rows, remote = self._rows(recv_x, handle)
+            if rows != expected:
+                logger.warning("%s %s dispatch on rank %d received %d rows, expected %d",
+                               name, wire, self.rank, rows, expected)
+            rb = row_bytes(wire, cfg.hidden)
+            extra = dict(num_sms=num_sms, expected_rows=expected)
+            cached_case, fresh_case = wire_cases
+            times = self.time(lambda: buf.dispatch(x, handle=handle))
+            self.record(cached_case, times, rows, remote, remote, rb, **extra)
+            times = self.time(fresh)
+            self.record(fresh_case, times, rows, remote, remote, rb, **extra)
+            if wire == "bf16":
+                bf16_out = (recv_x, handle, rows, remote)
+            del out
+        combine_case = cases[-1]
+        if bf16_out is None:
+            self.skip([combine_case], "no bf16 dispatch to combine" if "bf16" in cfg.wires
+                      else "combine is timed with the bf16 dispatch (add --dtype both)")
+            return
+        recv_x, handle, rows, remote = bf16_out
+        _, reason = self.try_agreed(lambda: buf.combine(recv_x, handle))
+        if reason:
+            self.skip([combine_case], reason)
+            return
+        times = self.time(lambda: buf.combine(recv_x, handle))
+        self.record(combine_case, times, rows, remote, remote, row_bytes("bf16", cfg.hidden),
+                    num_sms=num_sms, expected_rows=expected)
+
+    # -- baselines ---------------------------------------------------------------------------
+    def run_raw(self, wl: Workload) -> None:
+        """``nccl-raw`` / ``gloo-raw``: one all_to_all_single of exactly the rows that move."""
+        cfg, name = self.cfg, self.cfg.raw_name
+        recv_rows, remote = sum(wl.recv_counts), wl.remote_recv_rows(self.rank)
+        jobs = [((wl.tokens, name, "dispatch", w, "cached"), w, wl.send_counts, wl.recv_counts)
+                for w in cfg.wires]
+        jobs.append(((wl.tokens, name, "combine", "bf16", "cached"), "bf16",
+                     wl.recv_counts, wl.send_counts))
+        for case, wire, send, recv in jobs:
+            rb = row_bytes(wire, cfg.hidden)
+            inp = torch.empty(sum(send) * rb, dtype=torch.uint8, device=self.device)
+            out = torch.empty(sum(recv) * rb, dtype=torch.uint8, device=self.device)
+            in_split, out_split = [c * rb for c in send], [c * rb for c in recv]
+
+            def fn(inp=inp, out=out, in_split=in_split, out_split=out_split):
+                dist.all_to_all_single(out, inp, out_split, in_split, group=self.group)
+
+            _, reason = self.try_agreed(fn)
+            if reason:
+                self.skip([case], reason)
+                continue
+            self.record(case, self.time(fn), recv_rows, remote, remote, rb, num_sms=None)
+
+    def _peer_setup(self, slot_bytes: int):
+        """Symmetric-memory buffer of ``R * slot_bytes`` bytes on every rank, rendezvoused."""
+        import torch.distributed._symmetric_memory as symm_mem
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:
+            enable(self.group.group_name)
+        t = symm_mem.empty(self.cfg.world_size * slot_bytes, dtype=torch.uint8, device=self.device)
+        return t, symm_mem.rendezvous(t, self.group)
+
+    def run_peer_copy(self, wl: Workload) -> None:
+        """``peer-copy``: copy the same remote bytes into each peer's symmetric buffer (GPU only)."""
+        cfg, name = self.cfg, "peer-copy"
+        cases = [(wl.tokens, name, "dispatch", w, "cached") for w in cfg.wires]
+        cases.append((wl.tokens, name, "combine", "bf16", "cached"))
+        if self._symm is None and self._symm_error is None:
+            slot = max(cfg.tokens) * row_bytes("bf16", cfg.hidden)
+            res, self._symm_error = self.try_agreed(lambda: self._peer_setup(slot))
+            if res is not None:
+                self._symm = (res[0], res[1], slot)
+        if self._symm_error:
+            self.skip(cases, f"symmetric memory: {self._symm_error}")
+            return
+        _, hdl, slot = self._symm
+        r = self.rank
+        for case in cases:
+            wire = case[3]
+            rb = row_bytes(wire, cfg.hidden)
+            counts = wl.send_counts if case[2] == "dispatch" else wl.recv_counts
+            peers = [j for j in range(cfg.world_size) if j != r and counts[j] > 0]
+            src = torch.empty(max(1, sum(counts[j] for j in peers) * rb), dtype=torch.uint8,
+                              device=self.device)
+
+            def views():
+                pairs, off = [], 0
+                for j in peers:
+                    n = counts[j] * rb
+                    dst = hdl.get_buffer(j, (n,), torch.uint8, r * slot)
+                    pairs.append((dst, src[off:off + n]))
+                    off += n
+                return pairs
+
+            pairs, reason = self.try_agreed(views)
+            if reason:
+                self.skip([case], f"symmetric memory: {reason}")
+                continue
+
+            def fn(pairs=pairs):
+                for dst, s in pairs:
+                    dst.copy_(s, non_blocking=True)
+
+            times = self.time(fn)
+            hdl.barrier()
+            pushed = sum(counts[j] for j in peers)
+            self.record(case, times, None, None, pushed, rb, num_sms=None)

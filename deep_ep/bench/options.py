@@ -1,0 +1,146 @@
+"""Options of ``deep-ep bench``: the argument parser and the resolved :class:`BenchConfig`.
+
+Defaults follow BENCH.md on GPU (the ``normal`` workload: 4096 tokens per rank,
+hidden 7168, top-8 of 256 experts, bf16 and fp8 dispatch) and shrink on CPU so
+that two gloo ranks finish in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Optional
+
+import torch
+
+#: The BENCH.md ``sweep`` workload: tokens per rank.
+SWEEP_TOKENS = (128, 512, 1024, 2048, 4096, 8192)
+#: Workload defaults per device kind.
+GPU_DEFAULTS = dict(tokens=4096, hidden=7168, topk=8, experts=256, iters=30, warmup=5)
+CPU_DEFAULTS = dict(tokens=256, hidden=1024, topk=4, experts=32, iters=10, warmup=2)
+#: Wire formats of dispatched activations this benchmark knows.
+WIRES = ("bf16", "fp8")
+#: Modes: only ``normal`` exists so far.
+MODES = ("normal",)
+SKEWS = ("uniform", "zipf1.0", "zipf1.2")
+
+
+class BenchOptionError(ValueError):
+    """An option of ``deep-ep bench`` is invalid; the message says which and why."""
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """A fully resolved benchmark run (picklable: it is sent to every spawned rank)."""
+
+    device: str                      # 'cuda' or 'cpu'
+    world_size: int
+    tokens: tuple                    # tokens per rank, one case each
+    hidden: int
+    topk: int
+    experts: int
+    wires: tuple                     # subset of WIRES
+    backends: Optional[tuple]        # None: every known backend the machine supports
+    num_sms: Optional[int]
+    iters: int
+    warmup: int
+    routing: str = "uniform"         # one of SKEWS
+    workload: str = "normal"         # 'normal' or 'sweep' (BENCH.md names)
+    baselines: bool = True
+    flush_bytes: int = 256 << 20     # L2 flush scratch on GPU
+    seed: int = 0
+    timeout_s: float = 300.0
+    progress: bool = True
+
+    @property
+    def dist_backend(self) -> str:
+        """The torch.distributed backend the ranks use."""
+        return "nccl" if self.device == "cuda" else "gloo"
+
+    @property
+    def raw_name(self) -> str:
+        """Name of the one-all_to_all baseline: ``nccl-raw`` or ``gloo-raw``."""
+        return f"{self.dist_backend}-raw"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``deep-ep bench`` options to ``p`` (shared by the CLI and benchmarks/)."""
+    g = p.add_argument_group("workload (defaults: BENCH.md 'normal' on GPU, a small one on CPU)")
+    g.add_argument("--mode", default="normal", help="benchmark mode; only 'normal' exists so far")
+    g.add_argument("--tokens", type=int, help="tokens per rank (GPU 4096, CPU 256)")
+    g.add_argument("--hidden", type=int, help="hidden size (GPU 7168, CPU 1024)")
+    g.add_argument("--topk", type=int, help="experts per token (GPU 8, CPU 4)")
+    g.add_argument("--experts", type=int, help="global experts (GPU 256, CPU 32)")
+    g.add_argument("--skew", default="uniform", choices=SKEWS,
+                   help="routing: top-k of uniform random scores, or Zipf over experts")
+    g.add_argument("--sweep", action="store_true",
+                   help=f"BENCH.md token sweep {','.join(map(str, SWEEP_TOKENS))} (bf16 unless --dtype)")
+    g.add_argument("--dtype", choices=("bf16", "fp8", "both"),
+                   help="dispatch wire format (GPU: both, CPU: bf16)")
+    g.add_argument("--seed", type=int, default=0, help="routing/data seed (rank r uses seed+r)")
+    g = p.add_argument_group("ranks and backends")
+    g.add_argument("--world-size", type=int, help="ranks to spawn (GPU: all local GPUs, CPU: 2)")
+    g.add_argument("--device", choices=("cuda", "cpu"), help="force CPU/gloo or CUDA/NCCL ranks")
+    g.add_argument("--backend", action="append",
+                   help="deep_ep backend(s) to time, repeatable or comma list (default: all known; "
+                        "those that cannot run are listed as skipped)")
+    g.add_argument("--no-baselines", action="store_true", help="skip the raw and peer-copy baselines")
+    g.add_argument("--num-sms", type=int, help="Buffer.set_num_sms(N) before creating buffers")
+    g = p.add_argument_group("timing and output")
+    g.add_argument("--iters", type=int, help="timed runs per case, median reported (GPU 30, CPU 10)")
+    g.add_argument("--warmup", type=int, help="untimed runs per case first (GPU 5, CPU 2)")
+    g.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds any collective may wait before the run fails")
+    g.add_argument("--json", metavar="FILE",
+                   help="write the BENCH.md result file; a directory gets <date>-<card>-<workload>.json")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _split(values) -> list:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Resolve parsed options against this machine; raise :class:`BenchOptionError` if invalid."""
+    if args.mode not in MODES:
+        raise BenchOptionError(f"--mode {args.mode!r} is not implemented yet; only {', '.join(MODES)} "
+                               "(low-latency mode comes with its own issue)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchOptionError("--device cuda but CUDA is not available")
+    d = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    world = args.world_size if args.world_size is not None else (gpus if device == "cuda" else 2)
+    if world < 1:
+        raise BenchOptionError(f"--world-size must be >= 1, got {world}")
+    if device == "cuda" and world > gpus:
+        raise BenchOptionError(f"--world-size {world} but only {gpus} GPUs are visible")
+
+    tokens = SWEEP_TOKENS if args.sweep else (args.tokens if args.tokens is not None else d["tokens"],)
+    hidden = args.hidden if args.hidden is not None else d["hidden"]
+    topk = args.topk if args.topk is not None else d["topk"]
+    experts = args.experts if args.experts is not None else d["experts"]
+    if args.dtype:
+        wires = WIRES if args.dtype == "both" else (args.dtype,)
+    else:
+        wires = ("bf16",) if (device == "cpu" or args.sweep) else WIRES
+    iters = args.iters if args.iters is not None else d["iters"]
+    warmup = args.warmup if args.warmup is not None else d["warmup"]
+
+    if min(tokens) < 1 or hidden < 1 or topk < 1 or experts < 1 or iters < 1 or warmup < 0:
+        raise BenchOptionError("--tokens, --hidden, --topk, --experts, --iters must be >= 1 "
+                               "and --warmup >= 0")
+    if experts % world:
+        raise BenchOptionError(f"--experts {experts} is not a multiple of --world-size {world}")
+    if topk > experts:
+        raise BenchOptionError(f"--topk {topk} > --experts {experts}")
+    if "fp8" in wires and hidden % 128:
+        raise BenchOptionError(f"fp8 needs --hidden a multiple of 128, got {hidden}")
+    if args.num_sms is not None and (args.num_sms < 2 or args.num_sms % 2):
+        raise BenchOptionError(f"--num-sms must be even and >= 2, got {args.num_sms}")
+    backends = tuple(dict.fromkeys(_split(args.backend))) if args.backend else None
+    return BenchConfig(
+        device=device, world_size=world, tokens=tuple(tokens), hidden=hidden, topk=topk,
+        experts=experts, wires=tuple(wires), backends=backends, num_sms=args.num_sms,
+        iters=iters, warmup=warmup, routing=args.skew,
+        workload="sweep" if args.sweep else "normal", baselines=not args.no_baselines,
+        seed=args.seed, timeout_s=args.timeout, progress=not args.no_progress)

@@ -664,7 +664,7 @@ class Buffer:
         """Send received rows back and reduce them per token (API.md 2.3).
 
         Returns ``(combined_x, combined_topk_weights, event)``: for each
-        original token, the float32 sum in rank order of the rows every rank
+        original token, the float32 sum (float64 for float64 x) in rank order of the rows every rank
         returned for it, plus ``bias`` (0, 1 or 2 tensors ``[T, H]``), cast to
         ``x.dtype``. No routing weights are applied.
         """

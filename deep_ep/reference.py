@@ -138,7 +138,7 @@ def combine(ys: Sequence[torch.Tensor], dispatched: Sequence[RefDispatch], num_t
     rows are ignored). For every token of source rank ``s``: the float32 sum,
     over destination ranks in ascending order, of the rows returned for it,
     then plus each bias (``biases[s]``: 0, 1 or 2 tensors ``[T_s, H]``) in
-    order, cast back to the dtype of ``ys``. ``topk_weights[d]`` (``[N_d, K]``)
+    order, cast back to the dtype of ``ys`` (float64 rows are summed in float64). ``topk_weights[d]`` (``[N_d, K]``)
     are summed the same way (float32, no bias).
     """
     R = len(ys)
@@ -147,7 +147,8 @@ def combine(ys: Sequence[torch.Tensor], dispatched: Sequence[RefDispatch], num_t
         T = int(num_tokens[s])
         H = ys[0].size(1)
         device = ys[s].device
-        acc = torch.zeros((T, H), dtype=torch.float32, device=device)
+        acc_dtype = torch.float64 if ys[s].dtype == torch.float64 else torch.float32
+        acc = torch.zeros((T, H), dtype=acc_dtype, device=device)
         accw = None
         if topk_weights is not None:
             accw = torch.zeros((T, topk_weights[0].size(1)), dtype=torch.float32, device=device)
@@ -155,11 +156,11 @@ def combine(ys: Sequence[torch.Tensor], dispatched: Sequence[RefDispatch], num_t
             n = dispatched[d].num_recv_tokens
             rows = torch.nonzero(dispatched[d].recv_src_rank[:n] == s).flatten()
             tok = dispatched[d].recv_src_token[rows].to(device)
-            acc = acc.index_add(0, tok, ys[d][rows.to(ys[d].device)].to(device).float())
+            acc = acc.index_add(0, tok, ys[d][rows.to(ys[d].device)].to(device).to(acc_dtype))
             if accw is not None:
                 accw = accw.index_add(0, tok, topk_weights[d][rows.to(topk_weights[d].device)].to(device).float())
         if biases is not None:
             for b in biases[s]:
-                acc = acc + b.to(device).float()
+                acc = acc + b.to(device).to(acc_dtype)
         out.append((acc.to(ys[s].dtype), accw))
     return out

@@ -97,21 +97,27 @@ class Transport(abc.ABC):
         """Release transport resources."""
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Combine sums in float32 (float64 for float64 rows, so they lose nothing)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def reduce_by_source(T: int, chunks: Sequence[Tuple[torch.Tensor, torch.Tensor]], biases: Sequence[torch.Tensor],
                      out_dtype: torch.dtype, width: int, device: torch.device, alloc: Alloc) -> torch.Tensor:
-    """Deterministic float32 reduction shared by torch-path transports.
+    """Deterministic float32 (float64 for float64) reduction shared by torch-path transports.
 
     ``chunks`` is, in rank order, ``(token_idx, rows)`` of what each rank sent
     back: within one chunk the token indices are unique, so each indexed add
     touches distinct rows and the result does not depend on scheduling.
     """
-    acc = torch.zeros((T, width), dtype=torch.float32, device=device)
+    acc_dtype = accumulation_dtype(out_dtype)
+    acc = torch.zeros((T, width), dtype=acc_dtype, device=device)
     for idx, rows in chunks:
         if idx.numel():
-            acc.index_put_((idx,), rows.float(), accumulate=True)
+            acc.index_put_((idx,), rows.to(acc_dtype), accumulate=True)
     for b in biases:
-        acc.add_(b.float())
-    if out_dtype == torch.float32:
+        acc.add_(b.to(acc_dtype))
+    if out_dtype == acc_dtype:
         return acc
     out = alloc((T, width), out_dtype)
     out.copy_(acc)

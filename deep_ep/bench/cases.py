@@ -9,6 +9,7 @@ no rank is left waiting in a collective the others never enter.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -35,6 +36,7 @@ def plan(cfg, backends: list) -> list:
 
 
 def _one_line(exc: BaseException) -> str:
+    """First line of ``TypeName: message`` of an exception (a skip reason)."""
     text = f"{type(exc).__name__}: {exc}".strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -140,6 +142,7 @@ class RankRunner:
             return
         import deep_ep
         num_sms = getattr(deep_ep.Buffer, "num_sms", None)
+        transport = getattr(buf, "backend", name)  # what 'auto' resolved to
         expected = sum(wl.recv_counts)
         bf16_out = None
         for wire in cfg.wires:
@@ -162,7 +165,7 @@ class RankRunner:
                 logger.warning("%s %s dispatch on rank %d received %d rows, expected %d",
                                name, wire, self.rank, rows, expected)
             rb = row_bytes(wire, cfg.hidden)
-            extra = dict(num_sms=num_sms, expected_rows=expected)
+            extra = dict(num_sms=num_sms, expected_rows=expected, transport=transport)
             cached_case, fresh_case = wire_cases
             times = self.time(lambda: buf.dispatch(x, handle=handle))
             self.record(cached_case, times, rows, remote, remote, rb, **extra)
@@ -183,7 +186,7 @@ class RankRunner:
             return
         times = self.time(lambda: buf.combine(recv_x, handle))
         self.record(combine_case, times, rows, remote, remote, row_bytes("bf16", cfg.hidden),
-                    num_sms=num_sms, expected_rows=expected)
+                    num_sms=num_sms, expected_rows=expected, transport=transport)
 
     # -- baselines ---------------------------------------------------------------------------
     def run_raw(self, wl: Workload) -> None:
@@ -213,8 +216,10 @@ class RankRunner:
         """Symmetric-memory buffer of ``R * slot_bytes`` bytes on every rank, rendezvoused."""
         import torch.distributed._symmetric_memory as symm_mem
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:
-            enable(self.group.group_name)
+        if enable is not None:  # needed by older torch; deprecated (a no-op) since
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                enable(self.group.group_name)
         t = symm_mem.empty(self.cfg.world_size * slot_bytes, dtype=torch.uint8, device=self.device)
         return t, symm_mem.rendezvous(t, self.group)
 

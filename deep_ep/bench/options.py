@@ -96,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _split(values) -> list:
+    """Flatten repeated, comma-separated option values."""
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
@@ -138,6 +139,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.num_sms is not None and (args.num_sms < 2 or args.num_sms % 2):
         raise BenchOptionError(f"--num-sms must be even and >= 2, got {args.num_sms}")
     backends = tuple(dict.fromkeys(_split(args.backend))) if args.backend else None
+    if backends:
+        from deep_ep.transport import BACKENDS
+        unknown = [b for b in backends if b != "auto" and b not in BACKENDS]
+        if unknown:
+            raise BenchOptionError(f"unknown --backend {', '.join(unknown)}; deep_ep knows auto, "
+                                   f"{', '.join(BACKENDS)}")
     return BenchConfig(
         device=device, world_size=world, tokens=tuple(tokens), hidden=hidden, topk=topk,
         experts=experts, wires=tuple(wires), backends=backends, num_sms=args.num_sms,

@@ -26,12 +26,14 @@ RATIO = "baseline time_us / row time_us for the same op, wire and tokens (>1: fa
 
 
 def _gbps(nbytes: Optional[float], time_us: float) -> Optional[float]:
+    """GB/s of ``nbytes`` moved in ``time_us`` (None where the row has no such bytes)."""
     if nbytes is None:
         return None
     return nbytes / (time_us * 1e3) if time_us > 0 else 0.0
 
 
 def _mean(values) -> Optional[float]:
+    """Mean of the values that are not None; None if there are none."""
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
@@ -55,6 +57,7 @@ def reduce_rows(cfg, per_rank: list) -> list:
             timing=timing, routing=cfg.routing, iters=cfg.iters,
             time_us_per_rank=medians, bytes_logical=bytes_logical, bytes_link=bytes_link,
             recv_rows=_mean(r["recv_rows"] for r in recs),
+            **({"transport": recs[0]["transport"]} if "transport" in recs[0] else {}),
             rows_match=all(r.get("expected_rows") in (None, r["recv_rows"]) for r in recs)))
     baselines = {cfg.raw_name, "peer-copy"}
     base = {(r["tokens"], r["op"], r["wire"], r["backend"]): r for r in rows if r["backend"] in baselines}
@@ -98,6 +101,7 @@ def build_result(cfg, raw: dict, command: str) -> dict:
 
 
 def _fmt(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``-`` for None / non-finite."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return format(value, spec)
@@ -111,7 +115,9 @@ def format_table(result: dict) -> str:
     head += [f"vs {b}" for b in baselines]
     lines = []
     for r in result["rows"]:
-        cells = [r["backend"], r["op"], r["timing"], r["wire"], str(r["tokens"]),
+        name = r["backend"] if r.get("transport", r["backend"]) == r["backend"] else \
+            f"{r['backend']} ({r['transport']})"
+        cells = [name, r["op"], r["timing"], r["wire"], str(r["tokens"]),
                  _fmt(r["time_us"], ".1f"), _fmt(r["gbps_logical"], ".2f"), _fmt(r["gbps_link"], ".2f")]
         cells += [_fmt(r.get("ratio_vs", {}).get(b), ".2f") for b in baselines]
         lines.append(cells)

@@ -27,10 +27,10 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     width = 1
     for d in t.shape[1:]:
         width *= d
-    t2 = t.reshape(t.size(0), width)
-    if t2.dtype == torch.bool:
-        t2 = t2.view(torch.uint8)
-    return t2.view(torch.uint8) if t2.dtype != torch.uint8 else t2
+    flat = t.reshape(-1)                      # stride 1 even where size-1 dims had odd strides
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return flat.view(t.size(0), width * t.element_size())
 
 
 def _nonzero_send_order(plan: Plan) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""The public surface: names, signatures and defaults exactly as API.md (DeepEP v1 compatible)."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import deep_ep
+from deep_ep.errors import BufferDestroyedError, DeepEPInputError
+
+from tests._cases import device, get_buffer
+
+
+def _params(fn):
+    return [(p.name, p.default if p.default is not inspect.Parameter.empty else "<req>", p.kind.name)
+            for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+
+def test_module_names():
+    for name in ("Buffer", "Config", "EventOverlap", "topk_idx_t", "SparseCollective"):
+        assert hasattr(deep_ep, name), name
+    assert deep_ep.topk_idx_t is torch.int64
+    from deep_ep.integrations import patch_moe_model  # noqa: F401
+    assert callable(deep_ep.ops.dispatch) and callable(deep_ep.ops.combine)
+
+
+def test_buffer_signature():
+    names = [p[0] for p in _params(deep_ep.Buffer.__init__)]
+    assert names == ["group", "num_nvl_bytes", "num_rdma_bytes", "low_latency_mode", "num_qps_per_rank",
+                     "allow_nvlink_for_low_latency_mode", "allow_mnnvl", "use_fabric", "explicitly_destroy",
+                     "enable_shrink", "comm", "backend", "ep_buffer_size", "compression_level", "topology_aware",
+                     "timeout_s"]
+    p = {n: (d, k) for n, d, k in _params(deep_ep.Buffer.__init__)}
+    assert p["num_nvl_bytes"][0] == 0 and p["num_qps_per_rank"][0] == 24 and p["low_latency_mode"][0] is False
+    assert p["backend"] == ("auto", "KEYWORD_ONLY") and p["compression_level"][0] == 16
+    assert p["topology_aware"][1] == "KEYWORD_ONLY" and p["timeout_s"][1] == "KEYWORD_ONLY"
+
+
+def test_method_signatures():
+    B = deep_ep.Buffer
+    assert [p[0] for p in _params(B.get_dispatch_layout)] == [
+        "topk_idx", "num_experts", "previous_event", "async_finish", "allocate_on_comm_stream"]
+    assert [p[0] for p in _params(B.dispatch)] == [
+        "x", "handle", "num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank", "num_tokens_per_expert",
+        "topk_idx", "topk_weights", "expert_alignment", "num_worst_tokens", "config", "previous_event", "async_finish",
+        "allocate_on_comm_stream"]
+    assert [p[0] for p in _params(B.combine)] == [
+        "x", "handle", "topk_weights", "bias", "config", "previous_event", "async_finish", "allocate_on_comm_stream"]
+    assert [p[0] for p in _params(B.get_local_buffer_tensor)] == ["dtype", "size", "offset", "use_rdma_buffer"]
+
+
+def test_config_and_class_methods():
+    c = deep_ep.Config()
+    assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
+            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (20, 6, 256, 6, 256)
+    a = c.get_nvl_buffer_size_hint(7168 * 2, 8)
+    assert a > 0 and a % 128 == 0 and c.get_nvl_buffer_size_hint(7168 * 2, 8) > c.get_nvl_buffer_size_hint(1024, 8)
+    assert c.get_rdma_buffer_size_hint(7168 * 2, 8) == 0 and c.get_rdma_buffer_size_hint(7168 * 2, 16) > 0
+    with pytest.raises(ValueError):
+        deep_ep.Config(num_sms=0)
+    old = deep_ep.Buffer.num_sms
+    try:
+        deep_ep.Buffer.set_num_sms(24)
+        assert deep_ep.Buffer.num_sms == 24
+        assert deep_ep.Buffer.get_dispatch_config(2).num_sms == 24
+        assert deep_ep.Buffer.get_combine_config(8).num_sms == 24
+        assert deep_ep.Buffer.get_dispatch_config(6).num_max_nvl_chunked_send_tokens > 0
+    finally:
+        deep_ep.Buffer.set_num_sms(old)
+    assert deep_ep.Buffer.is_sm90_compiled() in (True, False)
+
+
+def test_event_overlap_cpu():
+    ev = deep_ep.EventOverlap(None, extra_tensors=[torch.zeros(1)])
+    ev.current_stream_wait()
+    with ev as e:
+        assert e is ev
+    assert len(ev.extra_tensors) == 1
+
+
+def rank_buffer_utilities(rank, R):
+    dev = device()
+    buf = deep_ep.Buffer(None, num_nvl_bytes=1024, explicitly_destroy=True)
+    assert buf.rank == rank and buf.group_size == R and buf.backend == "collective"
+    t = buf.get_local_buffer_tensor(torch.float32)
+    assert t.numel() == 256 and t.device.type == dev.type
+    v = buf.get_local_buffer_tensor(torch.bfloat16, torch.Size([4, 8]), offset=16)
+    assert v.shape == (4, 8)
+    with pytest.raises(DeepEPInputError):
+        buf.get_local_buffer_tensor(torch.float32, torch.Size([300]))
+    ev = buf.capture()
+    assert isinstance(ev, deep_ep.EventOverlap)
+    assert (buf.get_comm_stream() is None) == (dev.type == "cpu")
+    buf.destroy()
+    buf.destroy()
+    with pytest.raises(BufferDestroyedError):
+        buf.dispatch(torch.zeros((1, 8), dtype=torch.bfloat16, device=dev))
+    with pytest.raises(NotImplementedError, match="issue 5"):
+        get_buffer().low_latency_dispatch(None, None, 1, 1)
+
+
+def rank_env_knobs(rank, R):
+    import os
+    os.environ["DEEP_EP_BUFFER_SIZE"] = "8M"
+    os.environ["DEEP_EP_TIMEOUT_S"] = "12.5"
+    os.environ["DEEP_EP_TOPOLOGY_AWARE"] = "0"
+    try:
+        buf = deep_ep.Buffer(None)
+        assert buf.ep_buffer_size == 8 << 20 and buf.timeout_s == 12.5 and buf.topology_aware is False
+        buf2 = deep_ep.Buffer(None, ep_buffer_size=1 << 20, timeout_s=3, topology_aware=True)
+        assert buf2.ep_buffer_size == 1 << 20 and buf2.timeout_s == 3 and buf2.topology_aware is True
+        os.environ["DEEP_EP_COMPRESSION_LEVEL"] = "8"
+        with pytest.raises(NotImplementedError, match="issue 4"):
+            deep_ep.Buffer(None)
+    finally:
+        for k in ("DEEP_EP_BUFFER_SIZE", "DEEP_EP_TIMEOUT_S", "DEEP_EP_TOPOLOGY_AWARE", "DEEP_EP_COMPRESSION_LEVEL"):
+            os.environ.pop(k, None)
+
+
+def test_buffer_utilities(rank_pool):
+    rank_pool(2).run(rank_buffer_utilities)
+
+
+def test_env_knobs(rank_pool):
+    rank_pool(2).run(rank_env_knobs)
+
+
+def test_buffer_needs_distributed():
+    import torch.distributed as dist
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a default group exists in this process")
+    with pytest.raises(deep_ep.DeepEPError, match="init_process_group"):
+        deep_ep.Buffer(None)
+
+
+@pytest.mark.gpu
+def test_buffer_utilities_gpu(rank_pool):
+    rank_pool(2, backend="nccl").run(rank_buffer_utilities)

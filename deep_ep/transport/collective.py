@@ -39,9 +39,13 @@ def _nonzero_send_order(plan: Plan) -> torch.Tensor:
     if idx is None:
         mask_t = plan.is_token_in_rank.t()
         total = sum(plan.send_counts)
+        idx = None
         if mask_t.is_cuda and hasattr(torch, "nonzero_static"):
-            idx = torch.nonzero_static(mask_t, size=total)[:, 1].contiguous()
-        else:
+            try:  # no host sync: the length is known from the counts
+                idx = torch.nonzero_static(mask_t, size=total)[:, 1].contiguous()
+            except (NotImplementedError, RuntimeError):
+                idx = None
+        if idx is None:
             idx = layout.send_order(plan.is_token_in_rank)
         plan.extra["send_token_idx"] = idx
     return idx

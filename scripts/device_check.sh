@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything one GPU-machine call needs: versions, GPU tests, and the benchmark, results under $OUT.
+# Run from the repository root on a machine with >= 2 GPUs:  bash scripts/device_check.sh [pytest -k expr]
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+OUT=${OUT:-/tmp/deep_ep_out}; mkdir -p "$OUT"
+STAMP=$(date +%Y-%m-%d)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; } > "$OUT/gpus.txt" 2>&1
+head -3 "$OUT/gpus.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+python3 -m deep_ep info > "$OUT/info.txt" 2>&1; tail -15 "$OUT/info.txt"
+K=${1:-}
+timeout 420 python3 -m pytest -q -m gpu tests -p no:cacheprovider ${K:+-k "$K"} > "$OUT/gpu_tests.txt" 2>&1
+echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.txt"
+if [ -z "${SKIP_BENCH:-}" ]; then
+  timeout 420 python3 -m deep_ep bench --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1
+  echo "bench rc=$?"; tail -30 "$OUT/bench.txt"
+fi

@@ -1,0 +1,96 @@
+"""Shared pytest configuration for the deep_ep test suite.
+
+Provides the session-scoped ``rank_pool`` fixture (see ``tests/_pool.py``),
+the ``gpu`` and ``slow`` markers, and a default per-test timeout when the
+optional pytest-timeout plugin is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:  # workers unpickle test functions as ``tests.<module>``
+    sys.path.insert(0, _REPO_ROOT)
+
+from tests._pool import RankPool, close_pools, prestart_forkserver  # noqa: E402
+
+#: Per-test timeout (seconds) applied when pytest-timeout is installed and no
+#: timeout was configured on the command line, in an ini file or via
+#: ``PYTEST_TIMEOUT``.
+DEFAULT_TEST_TIMEOUT = 300
+
+
+def _cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Register markers; set a default per-test timeout if pytest-timeout is present."""
+    config.addinivalue_line("markers", "gpu: needs CUDA with at least 2 GPUs (auto-skipped otherwise)")
+    config.addinivalue_line("markers", "slow: slow test")
+    if config.pluginmanager.hasplugin("timeout"):
+        try:
+            configured = config.getoption("timeout", default=None) is not None or bool(config.getini("timeout"))
+        except (ValueError, KeyError):
+            configured = True
+        if not configured and "PYTEST_TIMEOUT" not in os.environ:
+            config.option.timeout = DEFAULT_TEST_TIMEOUT
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``gpu``-marked tests unless >= 2 CUDA devices; pre-start the forkserver.
+
+    If any selected test uses ``rank_pool``, the multiprocessing forkserver
+    (which imports torch once for all workers) is started now so that its
+    ~2 s import overlaps with the rest of the session instead of delaying the
+    first multi-rank test.
+    """
+    if not config.option.collectonly and any(
+        "rank_pool" in getattr(item, "fixturenames", ()) for item in items
+    ):
+        try:
+            prestart_forkserver()
+        except Exception:  # pragma: no cover - the pool reports real problems later
+            pass
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    count = _cuda_device_count()
+    if count >= 2:
+        return
+    skip = pytest.mark.skip(reason=f"needs >= 2 CUDA GPUs (found {count})")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """Factory ``get(world_size, backend='gloo') -> RankPool``.
+
+    Pools are created lazily, cached per ``(world_size, backend)`` for the
+    whole session and closed at session end.  ``backend='nccl'`` skips the
+    test when fewer than ``world_size`` CUDA devices are visible.
+    """
+    pools: dict = {}
+
+    def get(world_size: int, backend: str = "gloo") -> RankPool:
+        key = (world_size, backend)
+        pool = pools.get(key)
+        if pool is None:
+            if "nccl" in backend and _cuda_device_count() < world_size:
+                pytest.skip(f"nccl pool of {world_size} ranks needs {world_size} CUDA GPUs")
+            pool = pools[key] = RankPool(world_size, backend=backend)
+        return pool
+
+    yield get
+    close_pools(pools.values())

@@ -137,7 +137,7 @@ def format_table(result: dict) -> str:
     if skipped:
         out.append("skipped:")
         for (backend, reason), what in skipped.items():
-            out.append(f"  {backend} ({len(what)} cases): {reason}")
+            out.append(f"  {backend} ({len(what)} case{'' if len(what) == 1 else 's'}): {reason}")
     if not all(r["rows_match"] for r in result["rows"]):
         bad = sorted({r["backend"] for r in result["rows"] if not r["rows_match"]})
         out.append(f"warning: received row counts differ from the routing's for: {', '.join(bad)}")

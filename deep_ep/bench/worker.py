@@ -49,11 +49,8 @@ def backends_to_run(cfg, group) -> tuple:
     skipped with that rule's reason. Backends named on the command line are
     always tried; what they raise becomes the reason.
     """
-    try:
-        from deep_ep import transport
-    except Exception as exc:  # the core does not import: only the baselines run
-        names = list(cfg.backends or ("collective",))
-        return names, {n: f"import deep_ep failed: {exc}" for n in names}
+    from deep_ep import transport
+
     if cfg.backends:
         return list(cfg.backends), {}
     support = {name: (ok, why) for name, ok, why in transport.backend_support(group)}

@@ -50,6 +50,8 @@ def backend_support(group: Optional[dist.ProcessGroup] = None) -> List[Tuple[str
         out.append(("collective", True, "torch.distributed all_to_all_single (NCCL on GPUs, gloo on CPU)"))
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     reasons = []
+    if group is not None and "nccl" not in str(dist.get_backend(group)).lower():
+        reasons.append("the group is not an NCCL group")
     if n < 2:
         reasons.append(f"needs >= 2 local GPUs (found {n})")
     else:
@@ -68,11 +70,12 @@ def backend_support(group: Optional[dist.ProcessGroup] = None) -> List[Tuple[str
 
 
 def select_backend(group: Optional[dist.ProcessGroup] = None) -> Tuple[str, str]:
-    """The backend ``'auto'`` picks, and why: the fastest one the group supports."""
+    """The backend ``'auto'`` picks, and why: the fastest one the group supports.
+
+    Without ``group`` the answer is for an NCCL group of all local GPUs.
+    """
     support = {name: (ok, why) for name, ok, why in backend_support(group)}
-    if group is not None and support["nvlink"][0]:
-        be = str(dist.get_backend(group)).lower()
-        if "nccl" in be:
-            return "nvlink", "every rank is on one host with peer access"
     ok, why = support["nvlink"]
-    return "collective", f"nvlink not usable ({why})" if not ok else "group is not an NCCL group"
+    if ok:
+        return "nvlink", "every rank is on one host with peer access"
+    return "collective", f"nvlink not usable: {why}"

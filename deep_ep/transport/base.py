@@ -112,9 +112,15 @@ def reduce_by_source(T: int, chunks: Sequence[Tuple[torch.Tensor, torch.Tensor]]
     """
     acc_dtype = accumulation_dtype(out_dtype)
     acc = torch.zeros((T, width), dtype=acc_dtype, device=device)
+    # index_add_ adds each row once per chunk (indices are unique there), so even its
+    # atomics give a deterministic result; under torch's deterministic mode, use the sort path.
+    strict = torch.are_deterministic_algorithms_enabled() and acc.is_cuda
     for idx, rows in chunks:
         if idx.numel():
-            acc.index_put_((idx,), rows.to(acc_dtype), accumulate=True)
+            if strict:
+                acc.index_put_((idx,), rows.to(acc_dtype), accumulate=True)
+            else:
+                acc.index_add_(0, idx, rows.to(acc_dtype))
     for b in biases:
         acc.add_(b.to(acc_dtype))
     if out_dtype == acc_dtype:
@@ -156,14 +162,12 @@ class Waiter:
         """Wait for a ``torch.distributed`` work object, at most ``timeout_s`` seconds."""
         start = time.monotonic()
         deadline = start + self.timeout_s
-        sleep = 0.0
+        spin_until = start + 2e-3          # spin (yielding) first: metadata waits are usually microseconds
         while not work.is_completed():
             now = time.monotonic()
             if now > deadline:
                 self.fail(stage, now - start)
-            if sleep:
-                time.sleep(sleep)
-            sleep = min(max(sleep * 2, 2e-5), 2e-3)
+            time.sleep(0 if now < spin_until else 5e-5)
         work.wait()
 
     def fail(self, stage: str, waited: float) -> None:

@@ -33,6 +33,17 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return flat.view(t.size(0), width * t.element_size())
 
 
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` as ``uint8 [len(idx), row_bytes]``, copying in the widest words the row size allows."""
+    b = _as_bytes(t)
+    width = b.size(1)
+    for word in (torch.int64, torch.int32, torch.int16):
+        size = torch.empty((), dtype=word).element_size()
+        if width % size == 0 and b.size(0) > 0:
+            return b.view(word).index_select(0, idx).view(torch.uint8)
+    return b.index_select(0, idx)
+
+
 def _nonzero_send_order(plan: Plan) -> torch.Tensor:
     """Token index of every sent row (destination-major), cached in the plan."""
     idx = plan.extra.get("send_token_idx")
@@ -92,9 +103,8 @@ class CollectiveTransport(Transport):
             return outs
         # The token rows themselves: one all-to-all straight into the output.
         main = rows[0]
-        send_main = main.index_select(0, idx) if idx.numel() != main.size(0) or plan.num_ranks > 1 else main
-        self._a2a(_as_bytes(outs[0][:n_recv]), _as_bytes(send_main), plan.recv_counts, plan.send_counts,
-                  "dispatch rows")
+        send_main = _gather_rows(main, idx) if idx.numel() != main.size(0) or plan.num_ranks > 1 else _as_bytes(main)
+        self._a2a(_as_bytes(outs[0][:n_recv]), send_main, plan.recv_counts, plan.send_counts, "dispatch rows")
         if len(rows) > 1:
             # The small extras, packed as bytes into one more all-to-all.
             widths = [_as_bytes(t).size(1) for t in rows[1:]]
@@ -103,7 +113,7 @@ class CollectiveTransport(Transport):
             col = 0
             for t, w in zip(rows[1:], widths):
                 if idx.numel():
-                    send_aux[:, col:col + w] = _as_bytes(t.index_select(0, idx))
+                    send_aux[:, col:col + w] = _gather_rows(t, idx)
                 col += w
             recv_aux = torch.empty((n_recv, total), dtype=torch.uint8, device=main.device)
             self._a2a(recv_aux, send_aux, plan.recv_counts, plan.send_counts, "dispatch extras")

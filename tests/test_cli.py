@@ -1,0 +1,145 @@
+"""Tests of the ``deep-ep`` command line and of the benchmark's result format.
+
+The CLI runs in subprocesses (as a user runs it); the benchmark's pure parts
+(options, workload, reduction) are checked in-process. Everything runs on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deep_ep import cli
+from deep_ep.bench import options, report, workload
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_KEYS = {"backend", "op", "wire", "tokens", "hidden", "topk", "experts", "num_sms", "time_us",
+            "gbps_logical", "gbps_link", "graph"}
+TOP_KEYS = {"workload", "card", "num_ranks", "date", "torch", "triton", "command", "rows"}
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "deep_ep", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    options.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_info_text_and_json():
+    out = _run("info")
+    assert out.returncode == 0, out.stderr
+    assert "deep_ep backends" in out.stdout and "auto ->" in out.stdout
+    out = _run("info", "--json")
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["versions"]["torch"] == torch.__version__
+    assert rep["versions"]["deep_ep"]
+    assert rep["machine"]["device_count"] == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert rep["backends"]["collective"]["supported"] is True
+    assert rep["auto"]["backend"] in rep["backends"]
+    for b in rep["backends"].values():
+        assert isinstance(b["reason"], str) and b["reason"]
+
+
+def test_bench_cpu_writes_bench_md_json(tmp_path):
+    path = tmp_path / "res.json"
+    out = _run("bench", "--device", "cpu", "--world-size", "2", "--tokens", "32", "--hidden", "256",
+               "--experts", "8", "--topk", "2", "--iters", "3", "--warmup", "1", "--no-progress",
+               "--json", str(path))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(path.read_text())
+    assert TOP_KEYS <= set(res)
+    assert res["workload"] == "normal" and res["card"] == "cpu" and res["num_ranks"] == 2
+    assert res["command"].endswith("--json " + str(path)) and "bench" in res["command"]
+    assert res["reduce"] and res["ratio"]
+    cases = set()
+    for row in res["rows"]:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert math.isfinite(row["time_us"]) and row["time_us"] > 0
+        assert (row["tokens"], row["hidden"], row["topk"], row["experts"]) == (32, 256, 2, 8)
+        assert row["graph"] is False and row["timing"] in ("cached", "fresh")
+        assert row["gbps_logical"] > 0 and row["gbps_link"] >= 0 and row["rows_match"]
+        cases.add((row["backend"], row["op"], row["timing"]))
+    assert {("collective", "dispatch", "cached"), ("collective", "dispatch", "fresh"),
+            ("collective", "combine", "cached"), ("gloo-raw", "dispatch", "cached"),
+            ("gloo-raw", "combine", "cached")} <= cases
+    coll = [r for r in res["rows"] if r["backend"] == "collective"]
+    assert all(r["ratio_vs"]["gloo-raw"] > 0 for r in coll)
+    # Backends that cannot run here are listed with a reason, not silently dropped.
+    tried = {r["backend"] for r in res["rows"]} | {s["backend"] for s in res["skipped"]}
+    assert set(res["backends"]) <= tried
+    assert all(s["reason"] for s in res["skipped"])
+    assert "collective" in out.stdout and "gloo-raw" in out.stdout  # the printed table
+
+
+def test_demo_and_bad_mode_exit_2(capsys):
+    assert cli.main(["demo"]) == 2
+    assert "not implemented yet (issue 7)" in capsys.readouterr().err
+    assert cli.main(["bench", "--mode", "low-latency"]) == 2
+    assert "only normal" in capsys.readouterr().err
+
+
+def test_bench_normal_wrapper_help(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_normal.py", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(os.path.join(REPO, "benchmarks", "bench_normal.py"), run_name="__main__")
+    assert exc.value.code == 0
+    assert "--tokens" in capsys.readouterr().out
+
+
+def test_options_defaults_and_errors():
+    cfg = options.config_from_args(_bench_args("--device", "cpu"))
+    assert (cfg.world_size, cfg.tokens, cfg.hidden, cfg.topk, cfg.experts) == (2, (256,), 1024, 4, 32)
+    assert cfg.wires == ("bf16",) and cfg.raw_name == "gloo-raw" and cfg.backends is None
+    cfg = options.config_from_args(_bench_args("--device", "cpu", "--sweep", "--backend", "collective,nvlink",
+                                               "--backend", "collective", "--dtype", "both"))
+    assert cfg.tokens == options.SWEEP_TOKENS and cfg.workload == "sweep"
+    assert cfg.backends == ("collective", "nvlink") and cfg.wires == ("bf16", "fp8")
+    for bad in (["--experts", "7"], ["--topk", "64"], ["--dtype", "fp8", "--hidden", "100"],
+                ["--num-sms", "3"], ["--mode", "low-latency"]):
+        with pytest.raises(options.BenchOptionError):
+            options.config_from_args(_bench_args("--device", "cpu", *bad))
+
+
+@pytest.mark.parametrize("routing", ["uniform", "zipf1.2"])
+def test_routing_distinct_experts_and_counts(routing):
+    idx, w = workload.make_routing(64, 16, 4, routing, seed=1, rank=0)
+    assert idx.dtype == torch.int64 and idx.shape == (64, 4) and w.shape == (64, 4)
+    assert all(len(set(r)) == 4 for r in idx.tolist())
+    assert torch.allclose(w.sum(1), torch.ones(64))
+    counts = workload.send_counts_of(idx, 16, 4).tolist()
+    expect = [sum(any(e // 4 == r for e in row) for row in idx.tolist()) for r in range(4)]
+    assert counts == expect
+    assert workload.row_bytes("bf16", 7168) == 14336
+    assert workload.row_bytes("fp8", 7168) == 7168 + 4 * 56
+
+
+def test_reduce_rows_max_over_ranks_and_ratios():
+    cfg = options.config_from_args(_bench_args("--device", "cpu", "--tokens", "8", "--hidden", "128"))
+
+    def rec(backend, times, rows, remote):
+        return dict(backend=backend, op="dispatch", wire="bf16", tokens=8, timing="cached", times_us=times,
+                    bytes_logical=rows * 256, bytes_link=remote * 256, recv_rows=rows, remote_rows=remote,
+                    num_sms=None, expected_rows=rows)
+
+    per_rank = [[rec("collective", [10, 20, 30], 10, 5), rec("gloo-raw", [5, 5, 5], 10, 5)],
+                [rec("collective", [40, 40, 40], 12, 6), rec("gloo-raw", [8, 8, 8], 12, 6)]]
+    rows = {r["backend"]: r for r in report.reduce_rows(cfg, per_rank)}
+    c = rows["collective"]
+    assert c["time_us"] == 40 and c["time_us_per_rank"] == [20, 40]
+    assert c["gbps_logical"] == pytest.approx(11 * 256 / 40e3)
+    assert c["gbps_link"] == pytest.approx(5.5 * 256 / 40e3)
+    assert c["ratio_vs"] == {"gloo-raw": pytest.approx(8 / 40)}
+    assert "ratio_vs" not in rows["gloo-raw"]

@@ -307,7 +307,7 @@ class Buffer:
         if use_rdma_buffer not in self._local_buffers:
             self._local_buffers[use_rdma_buffer] = torch.zeros((nbytes,), dtype=torch.uint8, device=self.device)
         raw = self._local_buffers[use_rdma_buffer]
-        elem = torch.empty((), dtype=dtype).element_size()
+        elem = torch.empty((), dtype=dtype, device="cpu").element_size()
         if offset < 0 or offset * elem > nbytes:
             raise DeepEPInputError(f"offset {offset} is outside the {nbytes}-byte buffer")
         usable = (nbytes - offset * elem) // elem

@@ -25,7 +25,7 @@ class _Dispatch(torch.autograd.Function):
         ctx.buffer, ctx.handle = buffer, handle
         ctx.has_w = topk_weights is not None
         ctx.x_dtype = x.dtype
-        ctx.save_for_backward(recv_idx if recv_idx is not None else torch.empty(0))
+        ctx.save_for_backward(recv_idx if recv_idx is not None else torch.empty(0, device="cpu"))
         if recv_idx is not None:
             ctx.mark_non_differentiable(recv_idx)
         return recv_x, recv_idx, recv_w, counts, handle

@@ -43,9 +43,9 @@ def expert_rank_mask(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -
     cols = []
     for r in range(num_ranks):
         on_r = (topk_idx >= r * L) & (topk_idx < (r + 1) * L)
-        cols.append(on_r.any(dim=1) if topk_idx.size(1) > 0 else torch.zeros(topk_idx.size(0), dtype=torch.bool))
+        cols.append(on_r.any(dim=1) if topk_idx.size(1) > 0 else torch.zeros(topk_idx.size(0), dtype=torch.bool, device="cpu"))
     if not cols:
-        return torch.zeros((topk_idx.size(0), 0), dtype=torch.bool)
+        return torch.zeros((topk_idx.size(0), 0), dtype=torch.bool, device="cpu")
     return torch.stack(cols, dim=1)
 
 
@@ -71,7 +71,7 @@ def dispatch(xs: Sequence[XType], topk_idx: Optional[Sequence[torch.Tensor]], nu
             masks.append(expert_rank_mask(topk_idx[r].cpu(), num_experts, R))
         else:
             masks.append(is_token_in_rank[r].cpu().bool())
-    counts = torch.tensor([[int(masks[s][:, d].sum()) for d in range(R)] for s in range(R)], dtype=torch.int64)
+    counts = torch.tensor([[int(masks[s][:, d].sum()) for d in range(R)] for s in range(R)], dtype=torch.int64, device="cpu")
     prefix = torch.cumsum(counts, dim=0).to(torch.int32)
     out = []
     for d in range(R):
@@ -91,7 +91,7 @@ def dispatch(xs: Sequence[XType], topk_idx: Optional[Sequence[torch.Tensor]], nu
                 if topk_weights is not None:
                     w = topk_weights[s][sel.to(topk_weights[s].device)]
                     parts_w.append(torch.where(mine, w, torch.zeros_like(w)))
-            src_rank.append(torch.full((sel.numel(),), s, dtype=torch.int64))
+            src_rank.append(torch.full((sel.numel(),), s, dtype=torch.int64, device="cpu"))
             src_tok.append(sel.to(torch.int64))
         recv_x = torch.cat(parts_x, dim=0)
         recv_s = torch.cat(parts_s, dim=0) if parts_s else None
@@ -122,8 +122,8 @@ def dispatch(xs: Sequence[XType], topk_idx: Optional[Sequence[torch.Tensor]], nu
             recv_x=(recv_x, recv_s) if recv_s is not None else recv_x,
             recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
             num_recv_tokens_per_expert_list=per_expert, rank_prefix_matrix=prefix.clone(),
-            recv_src_rank=torch.cat(src_rank) if src_rank else torch.zeros(0, dtype=torch.int64),
-            recv_src_token=torch.cat(src_tok) if src_tok else torch.zeros(0, dtype=torch.int64),
+            recv_src_rank=torch.cat(src_rank) if src_rank else torch.zeros(0, dtype=torch.int64, device="cpu"),
+            recv_src_token=torch.cat(src_tok) if src_tok else torch.zeros(0, dtype=torch.int64, device="cpu"),
             num_recv_tokens=n))
     return out
 

@@ -64,46 +64,46 @@ def make_case(seed: int, num_ranks: int, *, num_experts: int = 8, hidden: int = 
     repeats allowed), ``all_ranks`` (each token to experts on every rank).
     ``rank_valued``: x rows hold the source rank (DeepEP's own test style).
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
     if tokens is None:
-        tokens = [int(torch.randint(0, 24, (1,), generator=g)) for _ in range(num_ranks)]
+        tokens = [int(torch.randint(0, 24, (1,), generator=g, device="cpu")) for _ in range(num_ranks)]
     L = num_experts // num_ranks
     xs, idx, ws = [], [], []
     for r in range(num_ranks):
         T = tokens[r]
         if rank_valued:
-            x = torch.full((T, hidden), float(r), dtype=torch.float32) + \
-                torch.arange(T, dtype=torch.float32).unsqueeze(1) / 1024.0
+            x = torch.full((T, hidden), float(r), dtype=torch.float32, device="cpu") + \
+                torch.arange(T, dtype=torch.float32, device="cpu").unsqueeze(1) / 1024.0
         else:
-            x = torch.randn((T, hidden), generator=g, dtype=torch.float32)
+            x = torch.randn((T, hidden), generator=g, dtype=torch.float32, device="cpu")
         xs.append(x.to(dtype))
         k = min(topk, num_experts)
         if pattern == "one_expert":
-            ti = torch.full((T, topk), -1, dtype=torch.int64)
+            ti = torch.full((T, topk), -1, dtype=torch.int64, device="cpu")
             if topk:
                 ti[:, 0] = 0
         elif pattern == "all_neg":
-            ti = torch.full((T, topk), -1, dtype=torch.int64)
+            ti = torch.full((T, topk), -1, dtype=torch.int64, device="cpu")
         elif pattern == "repeat":
-            ti = torch.randint(-1, num_experts, (T, topk), generator=g, dtype=torch.int64)
+            ti = torch.randint(-1, num_experts, (T, topk), generator=g, dtype=torch.int64, device="cpu")
         elif pattern == "empty_rank":
             lo = min(L, num_experts - 1)
-            scores = torch.rand((T, num_experts), generator=g)
+            scores = torch.rand((T, num_experts), generator=g, device="cpu")
             scores[:, :L] = -1.0
-            ti = scores.topk(min(k, num_experts - lo), dim=1).indices if T else torch.zeros((0, min(k, num_experts - lo)), dtype=torch.int64)
+            ti = scores.topk(min(k, num_experts - lo), dim=1).indices if T else torch.zeros((0, min(k, num_experts - lo)), dtype=torch.int64, device="cpu")
             if ti.size(1) < topk:
-                ti = torch.cat([ti, torch.full((T, topk - ti.size(1)), -1, dtype=torch.int64)], dim=1)
+                ti = torch.cat([ti, torch.full((T, topk - ti.size(1)), -1, dtype=torch.int64, device="cpu")], dim=1)
         elif pattern == "all_ranks":
-            ti = torch.stack([torch.full((T,), j * L, dtype=torch.int64) for j in range(num_ranks)], dim=1)
+            ti = torch.stack([torch.full((T,), j * L, dtype=torch.int64, device="cpu") for j in range(num_ranks)], dim=1)
         else:
-            scores = torch.rand((T, num_experts), generator=g)
-            ti = scores.topk(k, dim=1).indices if T else torch.zeros((0, k), dtype=torch.int64)
+            scores = torch.rand((T, num_experts), generator=g, device="cpu")
+            ti = scores.topk(k, dim=1).indices if T else torch.zeros((0, k), dtype=torch.int64, device="cpu")
             if k < topk:
-                ti = torch.cat([ti, torch.full((T, topk - k), -1, dtype=torch.int64)], dim=1)
+                ti = torch.cat([ti, torch.full((T, topk - k), -1, dtype=torch.int64, device="cpu")], dim=1)
             if neg_frac > 0 and T:
-                ti[torch.rand((T, topk), generator=g) < neg_frac] = -1
+                ti[torch.rand((T, topk), generator=g, device="cpu") < neg_frac] = -1
         idx.append(ti.contiguous())
-        ws.append(torch.rand((ti.size(0), ti.size(1)), generator=g, dtype=torch.float32))
+        ws.append(torch.rand((ti.size(0), ti.size(1)), generator=g, dtype=torch.float32, device="cpu"))
     case = Case(num_ranks, num_experts, hidden, topk, list(tokens), xs, idx, ws)
     if fp8:
         case.fp8 = []

@@ -90,7 +90,7 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     assert per_node is None
     assert_same(in_rank, in_rank_all[rank], "is_token_in_rank")
     assert_same(per_rank, in_rank_all[rank].sum(0).to(torch.int32), "num_tokens_per_rank")
-    exp_pe = torch.zeros(E, dtype=torch.int32)
+    exp_pe = torch.zeros(E, dtype=torch.int32, device="cpu")
     for v in case.topk_idx[rank].flatten().tolist():
         if v >= 0:
             exp_pe[v] += 1
@@ -132,8 +132,8 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     else:
         ys = [(d.recv_x.float() * (1.0 + 0.5 * r)).to(d.recv_x.dtype) for r, d in enumerate(exp)]
     nbias = sc.get("nbias", 0)
-    g = torch.Generator().manual_seed(seed + 1)
-    biases = [[torch.randn((case.tokens[s], ys[0].size(1)), generator=g).to(ys[0].dtype) for _ in range(nbias)]
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    biases = [[torch.randn((case.tokens[s], ys[0].size(1)), generator=g, device="cpu").to(ys[0].dtype) for _ in range(nbias)]
               for s in range(R)]
     ws = [d.recv_topk_weights for d in exp] if use_w else None
     exp_c = ref.combine(ys, exp, case.tokens, ws, biases)
@@ -152,7 +152,7 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     if use_w:
         assert_same(out_w, exp_c[rank][1], "combined_topk_weights")
         # Summing each token's weights over ranks gives back the original weights (-1 entries: 0).
-        orig = torch.where(case.topk_idx[rank] >= 0, case.topk_weights[rank], torch.zeros(()))
+        orig = torch.where(case.topk_idx[rank] >= 0, case.topk_weights[rank], torch.zeros((), device="cpu"))
         assert_same(out_w, orig, "combined weights == original weights", atol=1e-6, rtol=1e-6)
     else:
         assert out_w is None

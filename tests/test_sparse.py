@@ -34,7 +34,7 @@ def rank_sparse(rank, R, seed, k, infer_experts):
     assert_same(recv, exp[rank].recv_x, "all_to_all rows")
     assert_same(op.recv_expert_idx, exp[rank].recv_topk_idx, "recv_expert_idx")
     back = op.reverse(recv * 3.0)
-    n_ranks = masks[rank].sum(dim=1, keepdim=True).to(torch.float64)
+    n_ranks = masks[rank].sum(dim=1, keepdim=True).to(device=dev, dtype=torch.float64)
     assert_same(back, xs[rank].to(dev) * 3.0 * n_ranks, "reverse(all_to_all(x))", atol=1e-12, rtol=1e-12)
     back.sum().backward()
     assert_same(x.grad, (3.0 * n_ranks).expand_as(xs[rank]).contiguous(), "grad", atol=1e-12, rtol=1e-12)

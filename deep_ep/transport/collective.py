@@ -38,7 +38,7 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     b = _as_bytes(t)
     width = b.size(1)
     for word in (torch.int64, torch.int32, torch.int16):
-        size = torch.empty((), dtype=word).element_size()
+        size = torch.empty((), dtype=word, device="cpu").element_size()
         if width % size == 0 and b.size(0) > 0:
             return b.view(word).index_select(0, idx).view(torch.uint8)
     return b.index_select(0, idx)

@@ -382,16 +382,17 @@ class Buffer:
         if t.device.type != self.device.type or (t.is_cuda and t.device.index != self.device.index):
             raise _Problem(1, DeepEPInputError(f"{what} is on {t.device}, this Buffer's group works on {self.device}"))
 
-    def _check_topk(self, topk_idx: torch.Tensor, num_experts: int, T: int, host_values: bool = True,
-                    device_assert: bool = True) -> None:
-        """Validate ``topk_idx``. Values are checked on the host on CPU or when ``host_values``;
-        otherwise (CUDA calls that must not synchronise) by an asynchronous device assert."""
+    def _check_topk(self, topk_idx: torch.Tensor, num_experts: int, T: int, values: str = "host") -> None:
+        """Validate ``topk_idx``: type, dtype, shape, device and, by ``values``, the id range:
+        ``'host'`` (read back now), ``'async'`` (a device assert on CUDA, no sync) or ``'none'``
+        (the caller checks it another way, e.g. with the metadata exchange)."""
         on_cpu = topk_idx.device.type == "cpu" if isinstance(topk_idx, torch.Tensor) else True
-        msg = layout.topk_problem(topk_idx, num_experts, num_tokens=T, check_values=on_cpu or host_values)
+        msg = layout.topk_problem(topk_idx, num_experts, num_tokens=T,
+                                  check_values=values == "host" or (values == "async" and on_cpu))
         if msg is not None:
             raise _Problem(2, DeepEPTypeError(msg) if "dtype" in msg or "torch.Tensor" in msg else DeepEPInputError(msg))
         self._check_device(topk_idx, "topk_idx")
-        if not (on_cpu or host_values) and device_assert and topk_idx.numel():
+        if values == "async" and not on_cpu and topk_idx.numel():
             ok = ((topk_idx >= -1) & (topk_idx < num_experts)).all()
             torch._assert_async(ok, f"deep_ep: topk_idx holds an expert id outside [-1, {num_experts})")
 
@@ -464,9 +465,10 @@ class Buffer:
         self._check_alive()
         layout.num_local_experts(num_experts, self.num_ranks)
         try:
-            # On CUDA ids outside the range are dropped by the layout and rejected by dispatch.
+            # On CUDA ids outside the range are dropped by the layout (no sync) and rejected by dispatch.
+            on_cpu = not (isinstance(topk_idx, torch.Tensor) and topk_idx.is_cuda)
             self._check_topk(topk_idx, num_experts, topk_idx.size(0) if isinstance(topk_idx, torch.Tensor) else -1,
-                             host_values=False, device_assert=False)
+                             values="host" if on_cpu else "none")
         except _Problem as p:
             raise p.exc from None
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
@@ -529,7 +531,9 @@ class Buffer:
                     raise _Problem(5, DeepEPInputError(
                         f"num_experts={E} (length of num_tokens_per_expert) is not a positive multiple of the "
                         f"number of ranks {self.num_ranks}"))
-                self._check_topk(topk_idx, E, T, host_values=num_worst_tokens == 0)
+                # The id range travels with the metadata (no host sync of its own); a num_worst_tokens
+                # call must not read it on the host, so a device assert guards it there as well.
+                self._check_topk(topk_idx, E, T, values="async" if num_worst_tokens > 0 else "none")
                 K = topk_idx.size(1)
                 topk_weights = self._check_weights(topk_weights, (T, K), "topk_weights")
             if is_token_in_rank is not None:
@@ -558,6 +562,11 @@ class Buffer:
             else:
                 counts = torch.zeros((self.num_ranks,), dtype=torch.int64, device=self.device)
                 per_expert = None
+            id_range = torch.full((2,), -1, dtype=torch.int64, device=self.device)
+            if problem is None and topk_idx is not None and topk_idx.numel():
+                lo, hi = torch.aminmax(topk_idx)
+                id_range = torch.stack([lo, hi])
+            counts = torch.cat([counts, id_range])
             header = self._header(_OP_DISPATCH, problem.code if problem else 0, T, H,
                                   xv.dtype if xv is not None else None, K, E,
                                   scales.size(1) if scales is not None else -1,
@@ -567,6 +576,8 @@ class Buffer:
                                     (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
                                     (_H_W, "passing topk_weights")))
             C = gathered[:, _HEADER:_HEADER + self.num_ranks]             # C[s][d]: rows s sends to d
+            if E > 0:
+                self._check_id_ranges(gathered[:, _HEADER + self.num_ranks:], E)
             recv_totals = C.sum(dim=0).tolist()
             for d in range(self.num_ranks):
                 w = int(gathered[d, _H_WORST])
@@ -613,6 +624,20 @@ class Buffer:
         if expert_list is None:
             expert_list = []
         return recv_x, recv_idx, recv_w, expert_list, handle_out, event
+
+    def _check_id_ranges(self, ranges: torch.Tensor, num_experts: int) -> None:
+        """Every rank's (min, max) expert id, exchanged with the metadata: raise consistently if any is out of range."""
+        bad = {r: (int(ranges[r, 0]), int(ranges[r, 1])) for r in range(self.num_ranks)
+               if int(ranges[r, 0]) < -1 or int(ranges[r, 1]) >= num_experts}
+        if not bad:
+            return
+        if self.rank in bad:
+            lo, hi = bad[self.rank]
+            raise DeepEPInputError(f"topk_idx holds expert id {lo if lo < -1 else hi}, outside [-1, {num_experts}) "
+                                   f"(num_experts={num_experts}; -1 means no expert). Nothing was sent.")
+        desc = "; ".join(f"rank {r}: invalid topk_idx" for r in sorted(bad))
+        raise RemoteInputError(f"deep_ep dispatch: another rank rejected its input ({desc}); see that rank's "
+                               f"error. Nothing was sent.")
 
     def _check_handle(self, handle: Any) -> DispatchHandle:
         if not isinstance(handle, DispatchHandle):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .. import layout
 from ..errors import DeepEPTimeoutError
 
 log = logging.getLogger("deep_ep")
@@ -102,30 +103,42 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reduce_by_source(T: int, chunks: Sequence[Tuple[torch.Tensor, torch.Tensor]], biases: Sequence[torch.Tensor],
-                     out_dtype: torch.dtype, width: int, device: torch.device, alloc: Alloc) -> torch.Tensor:
-    """Deterministic float32 (float64 for float64) reduction shared by torch-path transports.
+def return_positions(plan: Plan, device: torch.device) -> torch.Tensor:
+    """int64 ``[T, R]``: the row of each (token, rank) pair in the destination-major buffer of
+    returned rows (``S`` = a zero row where the token did not go to that rank). Cached in the plan."""
+    pos = plan.extra.get("return_positions")
+    if pos is None:
+        slots = layout.token_slots(plan.is_token_in_rank).to(torch.int64)
+        offsets = [0]
+        for c in plan.send_counts[:-1]:
+            offsets.append(offsets[-1] + c)
+        base = torch.tensor(offsets, dtype=torch.int64, device="cpu").to(device)
+        total = sum(plan.send_counts)
+        pos = torch.where(slots >= 0, slots + base, torch.full_like(slots, total))
+        plan.extra["return_positions"] = pos
+    return pos
 
-    ``chunks`` is, in rank order, ``(token_idx, rows)`` of what each rank sent
-    back: within one chunk the token indices are unique, so each indexed add
-    touches distinct rows and the result does not depend on scheduling.
+
+def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Tensor], out_dtype: torch.dtype,
+                alloc: Alloc) -> torch.Tensor:
+    """Deterministic per-token reduction shared by torch-path transports.
+
+    ``back`` holds the returned rows destination-major with one extra zero row
+    last; ``pos`` is :func:`return_positions`. Sums in float32 (float64 for
+    float64 rows) in ascending rank order, adds each bias, casts to ``out_dtype``.
+    Gathers instead of atomics, so the result does not depend on scheduling.
     """
     acc_dtype = accumulation_dtype(out_dtype)
-    acc = torch.zeros((T, width), dtype=acc_dtype, device=device)
-    # index_add_ adds each row once per chunk (indices are unique there), so even its
-    # atomics give a deterministic result; under torch's deterministic mode, use the sort path.
-    strict = torch.are_deterministic_algorithms_enabled() and acc.is_cuda
-    for idx, rows in chunks:
-        if idx.numel():
-            if strict:
-                acc.index_put_((idx,), rows.to(acc_dtype), accumulate=True)
-            else:
-                acc.index_add_(0, idx, rows.to(acc_dtype))
+    T, R = pos.shape
+    acc = back.index_select(0, pos[:, 0]).to(acc_dtype) if R else \
+        torch.zeros((T, back.size(1)), dtype=acc_dtype, device=back.device)
+    for j in range(1, R):
+        acc.add_(back.index_select(0, pos[:, j]))
     for b in biases:
-        acc.add_(b.to(acc_dtype))
+        acc.add_(b)
     if out_dtype == acc_dtype:
         return acc
-    out = alloc((T, width), out_dtype)
+    out = alloc((T, back.size(1)), out_dtype)
     out.copy_(acc)
     return out
 

@@ -6,7 +6,7 @@ sends the token rows in one all-to-all straight into the output tensor
 (row order = source rank, then token, which is exactly all-to-all order) and
 the small per-row extras (top-k ids, weights, fp8 scales) packed as bytes in
 a second one. Combine sends the rows back and reduces them with
-:func:`~deep_ep.transport.base.reduce_by_source`.
+:func:`~deep_ep.transport.base.reduce_rows`.
 
 The split sizes must be known on the host, so every non-cached dispatch
 synchronises with the host once, also with ``num_worst_tokens``.
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .. import layout
-from .base import Alloc, Plan, Transport, reduce_by_source
+from .base import Alloc, Plan, Transport, reduce_rows, return_positions
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -125,25 +125,20 @@ class CollectiveTransport(Transport):
 
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
                 biases: Sequence[torch.Tensor], alloc: Alloc) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        idx = _nonzero_send_order(plan)
         n_recv = plan.num_recv_tokens
-        S = idx.numel()
-        back = torch.empty((S, x.size(1)), dtype=x.dtype, device=x.device)
-        self._a2a(_as_bytes(back), _as_bytes(x[:n_recv].contiguous()), plan.send_counts, plan.recv_counts,
+        S = sum(plan.send_counts)
+        pos = return_positions(plan, x.device)
+        # One extra zero row last: where a token did not go.
+        back = torch.empty((S + 1, x.size(1)), dtype=x.dtype, device=x.device)
+        back[S].zero_()
+        self._a2a(_as_bytes(back[:S]), _as_bytes(x[:n_recv].contiguous()), plan.send_counts, plan.recv_counts,
                   "combine rows")
-        back_w = None
-        if weights is not None:
-            back_w = torch.empty((S, weights.size(1)), dtype=torch.float32, device=x.device)
-            self._a2a(back_w, weights[:n_recv].float().contiguous(), plan.send_counts, plan.recv_counts,
-                      "combine weights")
-        offsets = [0]
-        for c in plan.send_counts:
-            offsets.append(offsets[-1] + c)
-        chunks = [(idx[offsets[j]:offsets[j + 1]], back[offsets[j]:offsets[j + 1]]) for j in range(plan.num_ranks)]
-        out = reduce_by_source(plan.num_tokens, chunks, biases, x.dtype, x.size(1), x.device, alloc)
+        out = reduce_rows(back, pos, biases, x.dtype, alloc)
         out_w = None
-        if back_w is not None:
-            chunks_w = [(idx[offsets[j]:offsets[j + 1]], back_w[offsets[j]:offsets[j + 1]])
-                        for j in range(plan.num_ranks)]
-            out_w = reduce_by_source(plan.num_tokens, chunks_w, (), torch.float32, back_w.size(1), x.device, alloc)
+        if weights is not None:
+            back_w = torch.empty((S + 1, weights.size(1)), dtype=torch.float32, device=x.device)
+            back_w[S].zero_()
+            self._a2a(back_w[:S], weights[:n_recv].float().contiguous(), plan.send_counts, plan.recv_counts,
+                      "combine weights")
+            out_w = reduce_rows(back_w, pos, (), torch.float32, alloc)
         return out, out_w

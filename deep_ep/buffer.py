@@ -224,7 +224,8 @@ class Buffer:
         counter = _buffer_counter.setdefault(gname, itertools.count())
         self._uid = next(counter)
         self._waiter = Waiter(group, f"deep_ep/{gname}/buffer{self._uid}", self.timeout_s)
-        self._transport: Transport = cls(group, self.device, self.timeout_s, self._waiter)
+        self._transport: Transport = cls(group, self.device, self.timeout_s, self._waiter,
+                                         dict(num_nvl_bytes=num_nvl_bytes, ep_buffer_size=self.ep_buffer_size))
         self._check_every_call = self.device.type != "cuda" or env_bool("DEEP_EP_CHECK", False)
         self._local_buffers: Dict[bool, torch.Tensor] = {}
         self._destroyed = False
@@ -596,7 +597,8 @@ class Buffer:
                         rank_prefix_matrix=layout.rank_prefix_matrix(C).to(self.device),
                         send_counts=[int(c) for c in C[self.rank].tolist()],
                         recv_counts=[int(c) for c in C[:, self.rank].tolist()],
-                        num_recv_tokens=n_recv, num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv)
+                        num_recv_tokens=n_recv, num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv,
+                        counts=C.clone())
             rows = [xv]
             if scales is not None:
                 rows.append(scales)

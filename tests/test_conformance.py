@@ -18,7 +18,7 @@ from deep_ep import reference as ref
 from tests._cases import assert_same, device, get_buffer, make_case, to
 
 BACKENDS = ["collective"]
-GPU_BACKENDS = ["collective"]
+GPU_BACKENDS = ["collective", "nvlink"]
 
 SCENARIOS = {
     "basic": dict(),
@@ -45,6 +45,10 @@ SCENARIOS = {
     "rank_valued": dict(rank_valued=True),
     "topk1": dict(topk=1),
     "topk9_16experts": dict(topk=9, num_experts=16),
+    "hidden2560": dict(hidden=2560, tokens=[40, 33, 21, 9]),
+    "hidden7168_fp8": dict(hidden=7168, fp8=True, tokens=[30, 17, 5, 12]),
+    # A staging buffer several times smaller than the call (chunked through it on nvlink).
+    "small_staging": dict(tokens=[64, 50, 37, 80], staging_data_bytes=3072),
 }
 
 
@@ -54,6 +58,8 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     tokens = sc.get("tokens")
     if tokens == "zero0":
         tokens = [0] + [5 + 3 * r for r in range(1, R)]
+    elif tokens is not None:
+        tokens = list(tokens)[:R]
     num_experts = sc.get("num_experts", 4 * R if R > 2 else 8)
     case = make_case(seed, R, num_experts=num_experts, hidden=sc.get("hidden", 64), topk=sc.get("topk", 3),
                      tokens=tokens, pattern=sc.get("pattern", "random"), dtype=sc.get("dtype", torch.bfloat16),
@@ -64,7 +70,10 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
                 x[0, 0] = float("nan")
                 x[-1, -1] = float("inf")
     E = case.num_experts
-    buf = get_buffer(backend)
+    kw = {}
+    if sc.get("staging_data_bytes"):   # metadata area (2 x R x 4096 int64) + a small data area
+        kw["num_nvl_bytes"] = 2 * R * 4096 * 8 + sc["staging_data_bytes"]
+    buf = get_buffer(backend, **kw)
     use_topk = not sc.get("no_topk")
     use_w = sc.get("weights", True) and use_topk
     xs = case.fp8 if case.fp8 is not None else case.xs

@@ -310,3 +310,12 @@ def test_default_dtype_device_gpu(rank_pool):
 @pytest.mark.gpu
 def test_local_errors_gpu(rank_pool):
     rank_pool(2, backend="nccl").run(rank_local_errors)
+
+
+def rank_nvlink_needs_cuda(rank, R):
+    with pytest.raises(deep_ep.DeepEPError, match="NCCL group on CUDA"):
+        deep_ep.Buffer(dist.group.WORLD, backend="nvlink")
+
+
+def test_nvlink_needs_cuda(rank_pool):
+    rank_pool(2).run(rank_nvlink_needs_cuda)

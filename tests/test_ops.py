@@ -15,7 +15,7 @@ def _expert(recv_x, recv_w, r):
     return recv_x * (1.0 + r) + recv_x * recv_w.sum(dim=1, keepdim=True)
 
 
-def rank_autograd(rank, R, seed, worst, nbias, use_out_w):
+def rank_autograd(rank, R, seed, worst, nbias, use_out_w, backend="collective"):
     dev = device()
     dtype = torch.float64
     case = make_case(seed, R, hidden=16, topk=3, dtype=dtype, num_experts=2 * R)
@@ -38,7 +38,7 @@ def rank_autograd(rank, R, seed, worst, nbias, use_out_w):
     loss.backward()
 
     # deep_ep on this rank.
-    buf = get_buffer()
+    buf = get_buffer(backend)
     x = case.xs[rank].to(dev).requires_grad_()
     w = case.topk_weights[rank].to(dev).requires_grad_()
     b = [t.to(dev).requires_grad_() for t in B[rank]]
@@ -65,5 +65,6 @@ def test_autograd_matches_reference(rank_pool, world, worst, nbias, use_out_w):
 
 
 @pytest.mark.gpu
-def test_autograd_gpu(rank_pool):
-    rank_pool(2, backend="nccl").run(rank_autograd, 3, False, 1, True)
+@pytest.mark.parametrize("backend", ["collective", "nvlink"])
+def test_autograd_gpu(rank_pool, backend):
+    rank_pool(2, backend="nccl").run(rank_autograd, 3, False, 1, True, backend)

@@ -20,7 +20,7 @@ __all__ = ["Plan", "Transport", "Waiter", "CollectiveTransport", "BACKENDS", "ba
 #: every backend name ``Buffer(backend=...)`` accepts, with the issue that adds it where not yet built
 BACKENDS: Dict[str, Optional[str]] = {
     "collective": None,
-    "nvlink": "issue 3 (symmetric-memory NVLink transport)",
+    "nvlink": None,
     "hierarchical": "issue 9 (topology-aware multi-node transport)",
 }
 
@@ -31,8 +31,19 @@ def transport_class(name: str) -> type:
         raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(repr(b) for b in BACKENDS)}")
     if name == "collective":
         return CollectiveTransport
+    if name == "nvlink":
+        from .nvlink import NVLinkTransport   # imports symmetric memory lazily
+        return NVLinkTransport
     raise NotImplementedError(f"backend={name!r} is not implemented yet: it arrives with {BACKENDS[name]}; "
                               f"use backend='collective' (works everywhere) or 'auto'")
+
+
+def _one_host(group: dist.ProcessGroup) -> bool:
+    """Whether every rank of ``group`` runs on this host (collective: exchanges hostnames)."""
+    import socket
+    names: List[Optional[str]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, socket.gethostname(), group=group)
+    return len(set(names)) == 1
 
 
 def backend_support(group: Optional[dist.ProcessGroup] = None) -> List[Tuple[str, bool, str]]:
@@ -58,8 +69,8 @@ def backend_support(group: Optional[dist.ProcessGroup] = None) -> List[Tuple[str
         peer = all(torch.cuda.can_device_access_peer(i, j) for i in range(n) for j in range(n) if i != j)
         if not peer:
             reasons.append("not every pair of local GPUs has peer access")
-    if importlib.util.find_spec("triton") is None:
-        reasons.append("triton is not installed")
+    if group is not None and "nccl" in str(dist.get_backend(group)).lower() and not _one_host(group):
+        reasons.append("the group spans more than one host")
     if importlib.util.find_spec("torch.distributed._symmetric_memory") is None:
         reasons.append("torch symmetric memory is unavailable")
     if BACKENDS["nvlink"] is not None:

@@ -43,6 +43,7 @@ class Plan:
     recv_counts: Optional[List[int]]          # rows this rank receives from each rank
     num_recv_tokens: int                      # rows received (-1 if unknown on the host)
     num_out_rows: int                         # rows of every received tensor (num_worst_tokens or num_recv_tokens)
+    counts: Optional[torch.Tensor] = None     # int64 [R, R] on the CPU: rows rank s sends to rank d
     extra: Dict[str, Any] = field(default_factory=dict)   # transport-private state (e.g. send order)
 
 
@@ -58,13 +59,14 @@ class Transport(abc.ABC):
     name: str = "base"
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float,
-                 waiter: "Waiter") -> None:
+                 waiter: "Waiter", options: Optional[Dict[str, Any]] = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = device
         self.timeout_s = timeout_s
         self.waiter = waiter
+        self.options = dict(options or {})
 
     @abc.abstractmethod
     def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
@@ -96,6 +98,46 @@ class Transport(abc.ABC):
 
     def destroy(self) -> None:  # pragma: no cover - default no-op
         """Release transport resources."""
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """View ``[N, ...]`` contiguous as ``uint8 [N, row_bytes]``."""
+    width = 1
+    for d in t.shape[1:]:
+        width *= d
+    flat = t.reshape(-1)                      # stride 1 even where size-1 dims had odd strides
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return flat.view(t.size(0), width * t.element_size())
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` as ``uint8 [len(idx), row_bytes]``, copying in the widest words the row size allows."""
+    b = as_bytes(t)
+    width = b.size(1)
+    for word in (torch.int64, torch.int32, torch.int16):
+        size = torch.empty((), dtype=word, device="cpu").element_size()
+        if width % size == 0 and b.size(0) > 0:
+            return b.view(word).index_select(0, idx).view(torch.uint8)
+    return b.index_select(0, idx)
+
+
+def send_token_order(plan: Plan) -> torch.Tensor:
+    """Token index of every sent row (destination-major), cached in the plan."""
+    idx = plan.extra.get("send_token_idx")
+    if idx is None:
+        mask_t = plan.is_token_in_rank.t()
+        total = sum(plan.send_counts)
+        idx = None
+        if mask_t.is_cuda and hasattr(torch, "nonzero_static"):
+            try:  # no host sync: the length is known from the counts
+                idx = torch.nonzero_static(mask_t, size=total)[:, 1].contiguous()
+            except (NotImplementedError, RuntimeError):
+                idx = None
+        if idx is None:
+            idx = layout.send_order(plan.is_token_in_rank)
+        plan.extra["send_token_idx"] = idx
+    return idx
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -18,48 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .. import layout
-from .base import Alloc, Plan, Transport, reduce_rows, return_positions
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """View ``[N, ...]`` contiguous as ``uint8 [N, row_bytes]``."""
-    width = 1
-    for d in t.shape[1:]:
-        width *= d
-    flat = t.reshape(-1)                      # stride 1 even where size-1 dims had odd strides
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
-    return flat.view(t.size(0), width * t.element_size())
-
-
-def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t[idx]`` as ``uint8 [len(idx), row_bytes]``, copying in the widest words the row size allows."""
-    b = _as_bytes(t)
-    width = b.size(1)
-    for word in (torch.int64, torch.int32, torch.int16):
-        size = torch.empty((), dtype=word, device="cpu").element_size()
-        if width % size == 0 and b.size(0) > 0:
-            return b.view(word).index_select(0, idx).view(torch.uint8)
-    return b.index_select(0, idx)
-
-
-def _nonzero_send_order(plan: Plan) -> torch.Tensor:
-    """Token index of every sent row (destination-major), cached in the plan."""
-    idx = plan.extra.get("send_token_idx")
-    if idx is None:
-        mask_t = plan.is_token_in_rank.t()
-        total = sum(plan.send_counts)
-        idx = None
-        if mask_t.is_cuda and hasattr(torch, "nonzero_static"):
-            try:  # no host sync: the length is known from the counts
-                idx = torch.nonzero_static(mask_t, size=total)[:, 1].contiguous()
-            except (NotImplementedError, RuntimeError):
-                idx = None
-        if idx is None:
-            idx = layout.send_order(plan.is_token_in_rank)
-        plan.extra["send_token_idx"] = idx
-    return idx
+from .base import Alloc, Plan, Transport, as_bytes, gather_rows, reduce_rows, return_positions, send_token_order
 
 
 # torch >= 2.12 renamed all_gather_into_tensor to all_gather_single.
@@ -91,7 +50,7 @@ class CollectiveTransport(Transport):
             self.waiter.wait(work, stage)
 
     def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
-        idx = _nonzero_send_order(plan)
+        idx = send_token_order(plan)
         n_recv = plan.num_recv_tokens
         outs: List[torch.Tensor] = []
         for t in rows:
@@ -103,23 +62,23 @@ class CollectiveTransport(Transport):
             return outs
         # The token rows themselves: one all-to-all straight into the output.
         main = rows[0]
-        send_main = _gather_rows(main, idx) if idx.numel() != main.size(0) or plan.num_ranks > 1 else _as_bytes(main)
-        self._a2a(_as_bytes(outs[0][:n_recv]), send_main, plan.recv_counts, plan.send_counts, "dispatch rows")
+        send_main = gather_rows(main, idx) if idx.numel() != main.size(0) or plan.num_ranks > 1 else as_bytes(main)
+        self._a2a(as_bytes(outs[0][:n_recv]), send_main, plan.recv_counts, plan.send_counts, "dispatch rows")
         if len(rows) > 1:
             # The small extras, packed as bytes into one more all-to-all.
-            widths = [_as_bytes(t).size(1) for t in rows[1:]]
+            widths = [as_bytes(t).size(1) for t in rows[1:]]
             total = sum(widths)
             send_aux = torch.empty((idx.numel(), total), dtype=torch.uint8, device=main.device)
             col = 0
             for t, w in zip(rows[1:], widths):
                 if idx.numel():
-                    send_aux[:, col:col + w] = _gather_rows(t, idx)
+                    send_aux[:, col:col + w] = gather_rows(t, idx)
                 col += w
             recv_aux = torch.empty((n_recv, total), dtype=torch.uint8, device=main.device)
             self._a2a(recv_aux, send_aux, plan.recv_counts, plan.send_counts, "dispatch extras")
             col = 0
             for o, w in zip(outs[1:], widths):
-                _as_bytes(o[:n_recv]).copy_(recv_aux[:, col:col + w])
+                as_bytes(o[:n_recv]).copy_(recv_aux[:, col:col + w])
                 col += w
         return outs
 
@@ -131,7 +90,7 @@ class CollectiveTransport(Transport):
         # One extra zero row last: where a token did not go.
         back = torch.empty((S + 1, x.size(1)), dtype=x.dtype, device=x.device)
         back[S].zero_()
-        self._a2a(_as_bytes(back[:S]), _as_bytes(x[:n_recv].contiguous()), plan.send_counts, plan.recv_counts,
+        self._a2a(as_bytes(back[:S]), as_bytes(x[:n_recv].contiguous()), plan.send_counts, plan.recv_counts,
                   "combine rows")
         out = reduce_rows(back, pos, biases, x.dtype, alloc)
         out_w = None

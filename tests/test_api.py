@@ -81,8 +81,12 @@ def test_event_overlap_cpu():
 
 def rank_buffer_utilities(rank, R):
     dev = device()
-    buf = deep_ep.Buffer(None, num_nvl_bytes=1024, explicitly_destroy=True)
+    buf = deep_ep.Buffer(None, num_nvl_bytes=1024, explicitly_destroy=True, backend="collective")
     assert buf.rank == rank and buf.group_size == R and buf.backend == "collective"
+    if dev.type == "cuda":
+        with pytest.raises(DeepEPInputError, match="num_nvl_bytes"):
+            deep_ep.Buffer(None, num_nvl_bytes=1024, backend="nvlink")
+        assert deep_ep.Buffer(None).backend == "nvlink"      # 'auto' on one host with peer access
     t = buf.get_local_buffer_tensor(torch.float32)
     assert t.numel() == 256 and t.device.type == dev.type
     v = buf.get_local_buffer_tensor(torch.bfloat16, torch.Size([4, 8]), offset=16)

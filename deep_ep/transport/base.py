@@ -172,6 +172,12 @@ def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Te
     """
     acc_dtype = accumulation_dtype(out_dtype)
     T, R = pos.shape
+    if R and back.is_cuda:
+        from .. import kernels
+        if kernels.available(back):
+            from ..kernels import reduce as kreduce
+            if kreduce.supports(back, biases, out_dtype):
+                return kreduce.reduce_rows(back, pos, biases, alloc((T, back.size(1)), out_dtype))
     acc = back.index_select(0, pos[:, 0]).to(acc_dtype) if R else \
         torch.zeros((T, back.size(1)), dtype=acc_dtype, device=back.device)
     for j in range(1, R):

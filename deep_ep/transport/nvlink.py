@@ -93,10 +93,13 @@ class NVLinkTransport(Transport):
         name = getattr(group, "group_name", None)
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
         if enable is not None and name is not None:
-            try:
-                enable(name)
-            except Exception:  # pragma: no cover - newer torch needs no enabling
-                pass
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")    # deprecated (and unneeded) in newer torch
+                try:
+                    enable(name)
+                except Exception:  # pragma: no cover
+                    pass
         self.buf = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=device)
         try:
             self.hdl = symm_mem.rendezvous(self.buf, group)
@@ -108,6 +111,7 @@ class NVLinkTransport(Transport):
         self.meta_seq = 0
         self._barrier_ms = int(timeout_s * 1000) + 10_000   # the host gives up first, with a better message
         self._pinned: Optional[torch.Tensor] = None
+        self._side = torch.cuda.Stream(device=device)
 
     # ---------------------------------------------------------------- helpers
     def _barrier(self) -> None:
@@ -191,12 +195,16 @@ class NVLinkTransport(Transport):
         for c in plan.send_counts:
             send_off.append(send_off[-1] + c)
         rounds = max((max(totals) + cap - 1) // cap, 1) if max(totals) > 0 else 0
-        # Rows from myself go straight into the output, once.
+        # Rows from myself go straight into the output, once, on a side stream that overlaps
+        # the NVLink stores below (local HBM traffic vs link traffic).
         c_me = plan.send_counts[me]
+        cur = torch.cuda.current_stream(self.device)
         if c_me:
-            tok = idx[send_off[me]:send_off[me] + c_me]
-            for sw, ow in zip(src_words, out_words):
-                torch.index_select(sw, 0, tok, out=ow[my_first[me]:my_first[me] + c_me])
+            self._side.wait_stream(cur)
+            with torch.cuda.stream(self._side):
+                tok = idx[send_off[me]:send_off[me] + c_me]
+                for sw, ow in zip(src_words, out_words):
+                    torch.index_select(sw, 0, tok, out=ow[my_first[me]:my_first[me] + c_me])
         for r in range(rounds):
             lo, hi = r * cap, (r + 1) * cap
             self._barrier()                                     # receivers are done with the last round
@@ -220,6 +228,8 @@ class NVLinkTransport(Transport):
                 for a, b in ((lo, min(lo + n, mine_a)), (max(lo, mine_b), lo + n)):
                     if a < b:
                         ow[a:b].copy_(local[a - lo:b - lo])
+        if c_me:
+            cur.wait_stream(self._side)
         return outs
 
     # ---------------------------------------------------------------- combine

@@ -1,0 +1,30 @@
+"""Triton kernels, each behind the torch path it speeds up (imported only where CUDA and Triton exist).
+
+:func:`available` says whether kernels can be used; ``DEEP_EP_DISABLE_TRITON=1``
+forces the torch paths (kernels are tested against them).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:  # pragma: no cover - broken install
+        return False
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel may run on tensor ``t`` (CUDA, Triton importable, not disabled)."""
+    if not t.is_cuda or os.environ.get("DEEP_EP_DISABLE_TRITON", "") not in ("", "0"):
+        return False
+    return _triton_importable()

@@ -567,7 +567,13 @@ class Buffer:
             if problem is None and topk_idx is not None and topk_idx.numel():
                 lo, hi = torch.aminmax(topk_idx)
                 id_range = torch.stack([lo, hi])
-            counts = torch.cat([counts, id_range])
+            payload = [counts, id_range]
+            # Transports whose exchange has fixed-size slots carry the expert counts in the same
+            # exchange (ranks that disagree on num_experts cannot hang it); others need a second one.
+            merged = getattr(self._transport, "fixed_slot_exchange", False)
+            if merged and per_expert is not None and topk_idx is not None:
+                payload.append(per_expert.to(torch.int64))
+            counts = torch.cat(payload)
             header = self._header(_OP_DISPATCH, problem.code if problem else 0, T, H,
                                   xv.dtype if xv is not None else None, K, E,
                                   scales.size(1) if scales is not None else -1,
@@ -588,10 +594,17 @@ class Buffer:
                         f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent.")
             expert_list: Optional[List[int]] = None
             L = E // self.num_ranks if E > 0 else 0
-            if topk_idx is not None and num_worst_tokens == 0:
-                pe = self._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
-                mine = pe[:, self.rank * L:(self.rank + 1) * L].sum(dim=0).tolist()
-                expert_list = layout.aligned_expert_counts(mine, expert_alignment)
+            # Expert counts are needed when any rank makes a synchronised call (num_worst_tokens may
+            # differ between ranks; the decision must be the same everywhere).
+            if topk_idx is not None and any(int(gathered[r, _H_WORST]) == 0 for r in range(self.num_ranks)):
+                if merged:
+                    first = _HEADER + self.num_ranks + 2
+                    pe = gathered[:, first:first + E]
+                else:
+                    pe = self._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
+                if num_worst_tokens == 0:
+                    mine = pe[:, self.rank * L:(self.rank + 1) * L].sum(dim=0).tolist()
+                    expert_list = layout.aligned_expert_counts(mine, expert_alignment)
             n_recv = int(recv_totals[self.rank])
             plan = Plan(rank=self.rank, num_ranks=self.num_ranks, num_tokens=T, is_token_in_rank=is_token_in_rank,
                         rank_prefix_matrix=layout.rank_prefix_matrix(C).to(self.device),

@@ -28,6 +28,7 @@ SCENARIOS = {
     "fp8": dict(hidden=256, fp8=True),
     "fp8_colmajor_scales": dict(hidden=384, fp8=True, colmajor=True),
     "worst": dict(worst=True),
+    "worst_on_rank0_only": dict(worst="rank0"),
     "async": dict(async_finish=True),
     "previous_event": dict(previous_event=True, async_finish=True, allocate_on_comm_stream=True),
     "bias1": dict(nbias=1),
@@ -79,6 +80,8 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     xs = case.fp8 if case.fp8 is not None else case.xs
     in_rank_all = [ref.expert_rank_mask(t, E, R) for t in case.topk_idx]
     worst = sum(case.tokens) if sc.get("worst") else 0
+    if sc.get("worst") == "rank0" and rank != 0:   # ranks may choose differently
+        worst = 0
     align = sc.get("expert_alignment", 1)
     exp = ref.dispatch(xs, case.topk_idx if use_topk else None, E,
                        case.topk_weights if use_w else None,

@@ -77,6 +77,8 @@ class NVLinkTransport(Transport):
     """Intranode transport over torch symmetric memory (see the module docstring)."""
 
     name = "nvlink"
+    #: all_gather_ints writes into fixed-size slots: vectors of different lengths cannot hang it
+    fixed_slot_exchange = True
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float, waiter: Waiter,
                  options: Optional[Dict[str, Any]] = None) -> None:

@@ -506,6 +506,7 @@ class Buffer:
         if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
             raise DeepEPInputError(f"num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
+        self._transport.num_sms = config.num_sms if config is not None else Buffer.num_sms
         if handle is not None:
             return self._cached_dispatch(call, x, handle, num_tokens_per_rank, is_token_in_rank,
                                          num_tokens_per_expert, topk_idx, topk_weights)

@@ -57,6 +57,8 @@ class Transport(abc.ABC):
 
     #: short name, as accepted by ``Buffer(backend=...)``
     name: str = "base"
+    #: programs (SMs) a kernel of this transport may use; set by the Buffer per call from ``Config``
+    num_sms: int = 20
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float,
                  waiter: "Waiter", options: Optional[Dict[str, Any]] = None) -> None:

@@ -15,19 +15,25 @@ import triton.language as tl
 
 @triton.jit
 def _store_rows_kernel(src_ptr, slots_ptr, slot_stride, dst_ptr, T, W, base, lo, hi,
-                       NPROG: tl.constexpr, BLOCK: tl.constexpr):
+                       NPROG: tl.constexpr, TOK: tl.constexpr, BLOCK: tl.constexpr):
+    # TOK tokens per step, each row in BLOCK-word pieces: many independent 16-byte loads and
+    # stores in flight per program, which is what keeps NVLink busy with few SMs.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    for t in range(pid, T, NPROG):
-        slot = tl.load(slots_ptr + t * slot_stride)
+    toks = tl.arange(0, TOK)
+    for t0 in range(pid * TOK, T, NPROG * TOK):
+        ts = t0 + toks
+        inside = ts < T
+        slot = tl.load(slots_ptr + ts.to(tl.int64) * slot_stride, mask=inside, other=-1)
         row = base + slot
-        if (slot >= 0) & (row >= lo) & (row < hi):
-            src = src_ptr + t.to(tl.int64) * W
-            dst = dst_ptr + (row - lo).to(tl.int64) * W
-            for c in range(0, W, BLOCK):
-                m = (c + cols) < W
-                v = tl.load(src + c + cols, mask=m)
-                tl.store(dst + c + cols, v, mask=m)
+        ok = inside & (slot >= 0) & (row >= lo) & (row < hi)
+        src_rows = src_ptr + ts.to(tl.int64)[:, None] * W
+        dst_rows = dst_ptr + (row - lo).to(tl.int64)[:, None] * W
+        for c in range(0, W, BLOCK):
+            offs = c + cols
+            m = ok[:, None] & (offs < W)[None, :]
+            v = tl.load(src_rows + offs[None, :], mask=m)
+            tl.store(dst_rows + offs[None, :], v, mask=m)
 
 
 def store_rows(src: torch.Tensor, slots: torch.Tensor, base: int, lo: int, hi: int, dst: torch.Tensor,
@@ -39,6 +45,7 @@ def store_rows(src: torch.Tensor, slots: torch.Tensor, base: int, lo: int, hi: i
         return
     elem = src.element_size()
     block = max(16 // elem, min(triton.next_power_of_2(W), 4096 // elem))
-    nprog = max(1, min(int(num_programs), T))
+    tok = 4 if W * elem >= 1024 else 16
+    nprog = max(1, min(int(num_programs), triton.cdiv(T, tok)))
     _store_rows_kernel[(nprog,)](src, slots, slots.stride(0), dst, T, W, base, lo, hi,
-                                 NPROG=nprog, BLOCK=block, num_warps=8)
+                                 NPROG=nprog, TOK=tok, BLOCK=block, num_warps=8)

@@ -46,6 +46,7 @@ def rank_nvlink_kernel_vs_torch(rank, R, staging_data_bytes):
     idx = case.topk_idx[rank].to(dev)
     w = case.topk_weights[rank].to(dev)
     outs = []
+    os.environ["DEEP_EP_NVLINK_KERNEL"] = "1"
     for disable in ("1", ""):
         os.environ["DEEP_EP_DISABLE_TRITON"] = disable
         try:
@@ -54,6 +55,7 @@ def rank_nvlink_kernel_vs_torch(rank, R, staging_data_bytes):
                                      num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)[:4])
         finally:
             os.environ.pop("DEEP_EP_DISABLE_TRITON", None)
+    os.environ.pop("DEEP_EP_NVLINK_KERNEL", None)
     (a, ai, aw, al), (b, bi, bw, bl) = outs
     assert torch.equal(a, b) and torch.equal(ai, bi) and torch.equal(aw, bw) and al == bl
     e = ref.dispatch(case.xs, case.topk_idx, 16, case.topk_weights)[rank]

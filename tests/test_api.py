@@ -86,7 +86,8 @@ def rank_buffer_utilities(rank, R):
     if dev.type == "cuda":
         with pytest.raises(DeepEPInputError, match="num_nvl_bytes"):
             deep_ep.Buffer(None, num_nvl_bytes=1024, backend="nvlink")
-        assert deep_ep.Buffer(None).backend == "nvlink"      # 'auto' on one host with peer access
+        from deep_ep.transport import select_backend
+        assert deep_ep.Buffer(None).backend == select_backend(dist.group.WORLD)[0]
     t = buf.get_local_buffer_tensor(torch.float32)
     assert t.numel() == 256 and t.device.type == dev.type
     v = buf.get_local_buffer_tensor(torch.bfloat16, torch.Size([4, 8]), offset=16)

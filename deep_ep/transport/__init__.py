@@ -25,6 +25,11 @@ BACKENDS: Dict[str, Optional[str]] = {
 }
 
 
+#: whether 'auto' picks nvlink where it is usable. Off while the torch path of the nvlink
+#: transport is not faster than collective (benchmarks/results/2026-11-28-nvidia-h200-normal-*.json).
+NVLINK_PREFERRED = False
+
+
 def transport_class(name: str) -> type:
     """The :class:`Transport` subclass of a backend name; ``NotImplementedError`` for one not built yet."""
     if name not in BACKENDS:
@@ -87,6 +92,9 @@ def select_backend(group: Optional[dist.ProcessGroup] = None) -> Tuple[str, str]
     """
     support = {name: (ok, why) for name, ok, why in backend_support(group)}
     ok, why = support["nvlink"]
-    if ok:
+    if ok and NVLINK_PREFERRED:
         return "nvlink", "every rank is on one host with peer access"
+    if ok:
+        return "collective", ("nvlink is usable but not yet faster than collective (2 x H200, normal workload); "
+                              "pass backend='nvlink' to use it")
     return "collective", f"nvlink not usable: {why}"

@@ -10,47 +10,29 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from . import layout
+from . import layout, validate
 from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOverlap, env_bool, env_float,
-                     env_int, topk_idx_t)
-from .errors import (BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError, RankMismatchError,
-                     RemoteInputError)
+                     env_int)
+from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
+from .agreement import (_H_E, _H_DTYPE, _H_HIDDEN, _H_K, _H_SCALES, _H_W, _H_WORST, _HEADER, _OP_CACHED,
+                        _OP_COMBINE, _OP_DISPATCH, Problem, agree, check_id_ranges, make_header)
+from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, select_backend, transport_class
 
 log = logging.getLogger("deep_ep")
 
 XType = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
-# ---- metadata header exchanged by every collective call (int64 slots) ----
-_MAGIC = 0xDEE9
-_H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_WORST = range(12)
-_HEADER = 16
-_OP_DISPATCH, _OP_CACHED, _OP_COMBINE = 1, 2, 3
-_OP_NAMES = {_OP_DISPATCH: "dispatch", _OP_CACHED: "cached dispatch", _OP_COMBINE: "combine"}
-_ERR_NAMES = {1: "invalid x", 2: "invalid topk_idx", 3: "invalid topk_weights", 4: "invalid handle",
-              5: "invalid layout arguments", 6: "invalid bias", 7: "invalid argument"}
-_DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4}
-_FP8 = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
-for _i, _d in enumerate(_FP8):
-    _DTYPE_CODES[_d] = 10 + _i
-_FLOAT_X = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_FP8 = validate.FP8_DTYPES
+_FLOAT_X = validate.FLOAT_DTYPES
 _COMPRESSION_LEVELS = (16, 8, 4, "auto")
 
 _buffer_counter: Dict[str, itertools.count] = {}
-
-
-class _Problem(Exception):
-    """A local input problem, carried through the metadata exchange before it is raised."""
-
-    def __init__(self, code: int, exc: Exception) -> None:
-        super().__init__(str(exc))
-        self.code = code
-        self.exc = exc
 
 
 class DispatchHandle(NamedTuple):
@@ -68,61 +50,6 @@ class DispatchHandle(NamedTuple):
     num_worst_tokens: int
     plan: Plan
     owner: int
-
-
-class _Call:
-    """Stream discipline of one call (DeepEP's): work on the comm stream, then event or wait."""
-
-    def __init__(self, buf: "Buffer", previous_event: Optional[EventOverlap], async_finish: bool,
-                 allocate_on_comm_stream: bool) -> None:
-        if allocate_on_comm_stream and not (previous_event is not None and async_finish):
-            raise DeepEPInputError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
-        if previous_event is not None and not isinstance(previous_event, EventOverlap):
-            raise DeepEPTypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
-        self.buf = buf
-        self.cuda = buf.device.type == "cuda"
-        self.previous_event = previous_event
-        self.async_finish = async_finish
-        self.on_comm = allocate_on_comm_stream
-        self.compute = None
-        self._ctx = None
-
-    def __enter__(self) -> "_Call":
-        if self.cuda:
-            self.compute = torch.cuda.current_stream(self.buf.device)
-            comm = self.buf._comm_stream
-            if self.previous_event is not None and self.previous_event.event is not None:
-                comm.wait_event(self.previous_event.event)
-            else:
-                comm.wait_stream(self.compute)
-            self._ctx = torch.cuda.stream(comm)
-            self._ctx.__enter__()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(exc_type, exc, tb)
-            self._ctx = None
-
-    def alloc(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Allocate an output on the compute stream, or on the comm stream if asked."""
-        if self.cuda and not self.on_comm:
-            with torch.cuda.stream(self.compute):
-                return torch.empty(shape, dtype=dtype, device=self.buf.device)
-        return torch.empty(shape, dtype=dtype, device=self.buf.device)
-
-    def finish(self, keep: Sequence[Any]) -> EventOverlap:
-        """Close the call: an event (async) or make the compute stream wait for the comm stream."""
-        self.__exit__(None, None, None)
-        if not self.cuda:
-            return EventOverlap(None)
-        comm = self.buf._comm_stream
-        if self.async_finish:
-            ev = torch.cuda.Event()
-            ev.record(comm)
-            return EventOverlap(ev, [t for t in keep if t is not None])
-        self.compute.wait_stream(comm)
-        return EventOverlap(None)
 
 
 class Buffer:
@@ -336,126 +263,22 @@ class Buffer:
         except Exception:
             pass
 
-    def _call(self, previous_event, async_finish, allocate_on_comm_stream) -> _Call:
-        return _Call(self, previous_event, async_finish, allocate_on_comm_stream)
+    def _call(self, previous_event, async_finish, allocate_on_comm_stream) -> StreamCall:
+        return StreamCall(self.device, self._comm_stream, previous_event, async_finish, allocate_on_comm_stream)
 
     # ------------------------------------------------------------------ validation helpers
     def _parse_x(self, x: Any, what: str = "x") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Validate ``x`` (tensor or fp8 pair); returns contiguous ``(values, scales or None)``."""
-        if isinstance(x, (tuple, list)):
-            if len(x) != 2:
-                raise _Problem(1, DeepEPTypeError(f"{what} as a tuple must be (fp8 values, float32 scales), "
-                                                  f"got {len(x)} elements"))
-            v, s = x
-            if not isinstance(v, torch.Tensor) or not isinstance(s, torch.Tensor):
-                raise _Problem(1, DeepEPTypeError(f"{what} must be (Tensor, Tensor)"))
-            if v.dtype not in _FP8:
-                raise _Problem(1, DeepEPTypeError(f"{what}[0] must be float8_e4m3fn for the fp8 pair, got {v.dtype}"))
-            if s.dtype != torch.float32:
-                raise _Problem(1, DeepEPTypeError(f"{what}[1] (scales) must be float32, got {s.dtype}"))
-            if v.dim() != 2:
-                raise _Problem(1, DeepEPInputError(f"{what}[0] must be 2-D [num_tokens, hidden], got {tuple(v.shape)}"))
-            H = v.size(1)
-            if H % 128 != 0:
-                raise _Problem(1, DeepEPInputError(
-                    f"fp8 {what} needs hidden divisible by 128 (one scale per 128 columns), got hidden={H}"))
-            if tuple(s.shape) != (v.size(0), H // 128):
-                raise _Problem(1, DeepEPInputError(
-                    f"{what}[1] (scales) must be [num_tokens, hidden // 128] = [{v.size(0)}, {H // 128}], "
-                    f"got {tuple(s.shape)}"))
-            self._check_device(v, what)
-            self._check_device(s, what + " scales")
-            return v.contiguous(), s.contiguous()
-        if not isinstance(x, torch.Tensor):
-            raise _Problem(1, DeepEPTypeError(f"{what} must be a tensor or an (fp8, scales) pair, got {type(x).__name__}"))
-        if x.dtype in _FP8:
-            raise _Problem(1, DeepEPTypeError(f"fp8 {what} must come with its scales: pass (values, scales)"))
-        if x.dtype not in _FLOAT_X:
-            raise _Problem(1, DeepEPTypeError(f"{what} must be bfloat16 (or float16/float32/float64), got {x.dtype}"))
-        if x.dim() != 2:
-            raise _Problem(1, DeepEPInputError(f"{what} must be 2-D [num_tokens, hidden], got shape {tuple(x.shape)}"))
-        if x.size(1) == 0:
-            raise _Problem(1, DeepEPInputError(f"{what} has hidden size 0"))
-        self._check_device(x, what)
-        return x.contiguous(), None
+        return validate.parse_x(x, self.device, what)
 
     def _check_device(self, t: torch.Tensor, what: str) -> None:
-        if t.device.type != self.device.type or (t.is_cuda and t.device.index != self.device.index):
-            raise _Problem(1, DeepEPInputError(f"{what} is on {t.device}, this Buffer's group works on {self.device}"))
+        validate.check_device(t, self.device, what)
 
     def _check_topk(self, topk_idx: torch.Tensor, num_experts: int, T: int, values: str = "host") -> None:
-        """Validate ``topk_idx``: type, dtype, shape, device and, by ``values``, the id range:
-        ``'host'`` (read back now), ``'async'`` (a device assert on CUDA, no sync) or ``'none'``
-        (the caller checks it another way, e.g. with the metadata exchange)."""
-        on_cpu = topk_idx.device.type == "cpu" if isinstance(topk_idx, torch.Tensor) else True
-        msg = layout.topk_problem(topk_idx, num_experts, num_tokens=T,
-                                  check_values=values == "host" or (values == "async" and on_cpu))
-        if msg is not None:
-            raise _Problem(2, DeepEPTypeError(msg) if "dtype" in msg or "torch.Tensor" in msg else DeepEPInputError(msg))
-        self._check_device(topk_idx, "topk_idx")
-        if values == "async" and not on_cpu and topk_idx.numel():
-            ok = ((topk_idx >= -1) & (topk_idx < num_experts)).all()
-            torch._assert_async(ok, f"deep_ep: topk_idx holds an expert id outside [-1, {num_experts})")
+        validate.check_topk(topk_idx, num_experts, T, self.device, values)
 
-    def _check_weights(self, topk_weights: Optional[torch.Tensor], shape: Tuple[int, int], what: str) -> Optional[torch.Tensor]:
-        if topk_weights is None:
-            return None
-        if not isinstance(topk_weights, torch.Tensor):
-            raise _Problem(3, DeepEPTypeError(f"{what} must be a tensor"))
-        if topk_weights.dtype != torch.float32:
-            raise _Problem(3, DeepEPTypeError(f"{what} must be float32, got {topk_weights.dtype}"))
-        if tuple(topk_weights.shape) != tuple(shape):
-            raise _Problem(3, DeepEPInputError(f"{what} must have shape {list(shape)}, got {list(topk_weights.shape)}"))
-        self._check_device(topk_weights, what)
-        return topk_weights.contiguous()
-
-    # ------------------------------------------------------------------ metadata agreement
-    def _header(self, op: int, err: int = 0, T: int = -1, H: int = -1, dtype: Any = None, K: int = -1, E: int = -1,
-                scales: int = -1, has_w: int = 0, worst: int = 0) -> List[int]:
-        h = [0] * _HEADER
-        h[_H_MAGIC], h[_H_OP], h[_H_SEQ], h[_H_ERR] = _MAGIC, op, self._waiter.seq, err
-        h[_H_T], h[_H_HIDDEN], h[_H_DTYPE] = T, H, _DTYPE_CODES.get(dtype, 99) if dtype is not None else -1
-        h[_H_K], h[_H_E], h[_H_SCALES], h[_H_W], h[_H_WORST] = K, E, scales, has_w, worst
-        return h
-
-    def _agree(self, header: List[int], payload: Optional[torch.Tensor], problem: Optional[_Problem],
-               fields: Sequence[Tuple[int, str]]) -> torch.Tensor:
-        """Exchange headers (+ a payload of int64 of the same length everywhere); raise consistently on every rank."""
-        vec = torch.tensor(header, dtype=torch.int64, device="cpu")
-        if payload is not None:
-            vec = torch.cat([vec.to(self.device), payload.to(device=self.device, dtype=torch.int64).reshape(-1)])
-        gathered = self._transport.all_gather_ints(vec, f"{_OP_NAMES.get(header[_H_OP], '?')} metadata")
-        hdr = gathered[:, :_HEADER]
-        errs = {r: int(hdr[r, _H_ERR]) for r in range(self.num_ranks) if int(hdr[r, _H_ERR]) != 0}
-        if errs:
-            if problem is not None:
-                raise problem.exc
-            desc = "; ".join(f"rank {r}: {_ERR_NAMES.get(c, 'invalid input')}" for r, c in sorted(errs.items()))
-            raise RemoteInputError(f"deep_ep {_OP_NAMES.get(header[_H_OP], '')}: another rank rejected its input "
-                                   f"({desc}); see that rank's error. Nothing was sent.")
-        if problem is not None:  # pragma: no cover - err slot always set with a problem
-            raise problem.exc
-        bad = [r for r in range(self.num_ranks) if int(hdr[r, _H_MAGIC]) != _MAGIC]
-        if bad:
-            raise RankMismatchError(f"ranks {bad} sent garbage metadata: they are running a different collective")
-        for slot, name in ((_H_OP, "operation"), (_H_SEQ, "call sequence number")) + tuple(fields):
-            vals = [int(hdr[r, slot]) for r in range(self.num_ranks)]
-            if len(set(vals)) > 1:
-                if slot == _H_OP:
-                    vals_s = [_OP_NAMES.get(v, str(v)) for v in vals]
-                else:
-                    vals_s = [str(v) for v in vals]
-                groups: Dict[str, List[int]] = {}
-                for r, v in enumerate(vals_s):
-                    groups.setdefault(v, []).append(r)
-                majority = max(groups.values(), key=len)
-                odd = [r for r in range(self.num_ranks) if r not in majority]
-                detail = ", ".join(f"rank {r}: {vals_s[r]}" for r in range(self.num_ranks))
-                raise RankMismatchError(
-                    f"deep_ep: ranks disagree on {name} in {_OP_NAMES.get(header[_H_OP], 'a call')} "
-                    f"(disagreeing rank(s): {odd}; {detail}). Every rank must call with the same "
-                    f"{name}. Nothing was sent.")
-        return gathered
+    def _check_weights(self, topk_weights: Optional[torch.Tensor], shape: Tuple[int, int],
+                       what: str) -> Optional[torch.Tensor]:
+        return validate.check_weights(topk_weights, shape, what, self.device)
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
@@ -470,7 +293,7 @@ class Buffer:
             on_cpu = not (isinstance(topk_idx, torch.Tensor) and topk_idx.is_cuda)
             self._check_topk(topk_idx, num_experts, topk_idx.size(0) if isinstance(topk_idx, torch.Tensor) else -1,
                              values="host" if on_cpu else "none")
-        except _Problem as p:
+        except Problem as p:
             raise p.exc from None
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
         with call:
@@ -510,27 +333,27 @@ class Buffer:
         if handle is not None:
             return self._cached_dispatch(call, x, handle, num_tokens_per_rank, is_token_in_rank,
                                          num_tokens_per_expert, topk_idx, topk_weights)
-        problem: Optional[_Problem] = None
+        problem: Optional[Problem] = None
         xv = scales = None
         T = H = K = E = -1
         try:
             xv, scales = self._parse_x(x)
             T, H = xv.size(0), xv.size(1)
             if topk_idx is None and topk_weights is not None:
-                raise _Problem(3, DeepEPInputError("topk_weights given without topk_idx"))
+                raise Problem(3, DeepEPInputError("topk_weights given without topk_idx"))
             if topk_idx is None and is_token_in_rank is None:
-                raise _Problem(5, DeepEPInputError("dispatch needs topk_idx (with num_tokens_per_expert) or "
+                raise Problem(5, DeepEPInputError("dispatch needs topk_idx (with num_tokens_per_expert) or "
                                                    "is_token_in_rank, or a handle for a cached dispatch"))
             if topk_idx is not None:
                 if num_tokens_per_expert is None:
-                    raise _Problem(5, DeepEPInputError(
+                    raise Problem(5, DeepEPInputError(
                         "dispatch with topk_idx needs num_tokens_per_expert (from get_dispatch_layout), "
                         "which also tells the number of experts"))
                 if not isinstance(num_tokens_per_expert, torch.Tensor) or num_tokens_per_expert.dim() != 1:
-                    raise _Problem(5, DeepEPInputError("num_tokens_per_expert must be a 1-D tensor [num_experts]"))
+                    raise Problem(5, DeepEPInputError("num_tokens_per_expert must be a 1-D tensor [num_experts]"))
                 E = num_tokens_per_expert.numel()
                 if E == 0 or E % self.num_ranks != 0:
-                    raise _Problem(5, DeepEPInputError(
+                    raise Problem(5, DeepEPInputError(
                         f"num_experts={E} (length of num_tokens_per_expert) is not a positive multiple of the "
                         f"number of ranks {self.num_ranks}"))
                 # The id range travels with the metadata (no host sync of its own); a num_worst_tokens
@@ -541,15 +364,15 @@ class Buffer:
             if is_token_in_rank is not None:
                 if (not isinstance(is_token_in_rank, torch.Tensor) or is_token_in_rank.dtype != torch.bool
                         or tuple(is_token_in_rank.shape) != (T, self.num_ranks)):
-                    raise _Problem(5, DeepEPInputError(
+                    raise Problem(5, DeepEPInputError(
                         f"is_token_in_rank must be a bool tensor [{T}, {self.num_ranks}], got "
                         f"{getattr(is_token_in_rank, 'dtype', type(is_token_in_rank).__name__)} "
                         f"{list(getattr(is_token_in_rank, 'shape', []))}"))
                 self._check_device(is_token_in_rank, "is_token_in_rank")
             if num_tokens_per_rank is not None and (not isinstance(num_tokens_per_rank, torch.Tensor)
                                                     or num_tokens_per_rank.numel() != self.num_ranks):
-                raise _Problem(5, DeepEPInputError(f"num_tokens_per_rank must be a tensor [{self.num_ranks}]"))
-        except _Problem as p:
+                raise Problem(5, DeepEPInputError(f"num_tokens_per_rank must be a tensor [{self.num_ranks}]"))
+        except Problem as p:
             problem = p
         self._waiter.seq += 1
 
@@ -575,17 +398,17 @@ class Buffer:
             if merged and per_expert is not None and topk_idx is not None:
                 payload.append(per_expert.to(torch.int64))
             counts = torch.cat(payload)
-            header = self._header(_OP_DISPATCH, problem.code if problem else 0, T, H,
+            header = make_header(_OP_DISPATCH, self._waiter.seq, problem.code if problem else 0, T, H,
                                   xv.dtype if xv is not None else None, K, E,
                                   scales.size(1) if scales is not None else -1,
                                   int(topk_weights is not None), num_worst_tokens)
-            gathered = self._agree(header, counts, problem,
+            gathered = agree(self._transport, self.device, header, counts, problem,
                                    ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
                                     (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
                                     (_H_W, "passing topk_weights")))
             C = gathered[:, _HEADER:_HEADER + self.num_ranks]             # C[s][d]: rows s sends to d
             if E > 0:
-                self._check_id_ranges(gathered[:, _HEADER + self.num_ranks:], E)
+                check_id_ranges(gathered[:, _HEADER + self.num_ranks:], E, self.rank)
             recv_totals = C.sum(dim=0).tolist()
             for d in range(self.num_ranks):
                 w = int(gathered[d, _H_WORST])
@@ -641,29 +464,15 @@ class Buffer:
             expert_list = []
         return recv_x, recv_idx, recv_w, expert_list, handle_out, event
 
-    def _check_id_ranges(self, ranges: torch.Tensor, num_experts: int) -> None:
-        """Every rank's (min, max) expert id, exchanged with the metadata: raise consistently if any is out of range."""
-        bad = {r: (int(ranges[r, 0]), int(ranges[r, 1])) for r in range(self.num_ranks)
-               if int(ranges[r, 0]) < -1 or int(ranges[r, 1]) >= num_experts}
-        if not bad:
-            return
-        if self.rank in bad:
-            lo, hi = bad[self.rank]
-            raise DeepEPInputError(f"topk_idx holds expert id {lo if lo < -1 else hi}, outside [-1, {num_experts}) "
-                                   f"(num_experts={num_experts}; -1 means no expert). Nothing was sent.")
-        desc = "; ".join(f"rank {r}: invalid topk_idx" for r in sorted(bad))
-        raise RemoteInputError(f"deep_ep dispatch: another rank rejected its input ({desc}); see that rank's "
-                               f"error. Nothing was sent.")
-
     def _check_handle(self, handle: Any) -> DispatchHandle:
         if not isinstance(handle, DispatchHandle):
-            raise _Problem(4, DeepEPTypeError(f"handle must be the handle returned by this Buffer's dispatch, "
+            raise Problem(4, DeepEPTypeError(f"handle must be the handle returned by this Buffer's dispatch, "
                                               f"got {type(handle).__name__}"))
         if handle.owner != self._uid or handle.plan.num_ranks != self.num_ranks:
-            raise _Problem(4, DeepEPInputError("handle was made by another Buffer"))
+            raise Problem(4, DeepEPInputError("handle was made by another Buffer"))
         return handle
 
-    def _cached_dispatch(self, call: _Call, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+    def _cached_dispatch(self, call: StreamCall, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                          topk_idx, topk_weights):
         problem = None
         xv = scales = None
@@ -671,23 +480,23 @@ class Buffer:
         try:
             if any(a is not None for a in (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
                                            topk_weights)):
-                raise _Problem(5, DeepEPInputError("a cached dispatch (handle given) takes no layout, topk_idx or "
+                raise Problem(5, DeepEPInputError("a cached dispatch (handle given) takes no layout, topk_idx or "
                                                    "topk_weights arguments: the handle carries the layout"))
             handle = self._check_handle(handle)
             xv, scales = self._parse_x(x)
             H = xv.size(1)
             if xv.size(0) != handle.plan.num_tokens:
-                raise _Problem(1, DeepEPInputError(f"x has {xv.size(0)} tokens but the handle was made for "
+                raise Problem(1, DeepEPInputError(f"x has {xv.size(0)} tokens but the handle was made for "
                                                    f"{handle.plan.num_tokens}"))
-        except _Problem as p:
+        except Problem as p:
             problem = p
         self._waiter.seq += 1
         with call:
             if self._check_every_call:
-                header = self._header(_OP_CACHED, problem.code if problem else 0, H=H,
+                header = make_header(_OP_CACHED, self._waiter.seq, problem.code if problem else 0, H=H,
                                       dtype=xv.dtype if xv is not None else None,
                                       scales=scales.size(1) if scales is not None else -1)
-                self._agree(header, None, problem, ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"),
+                agree(self._transport, self.device, header, None, problem, ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"),
                                                     (_H_SCALES, "fp8 scale columns")))
             elif problem is not None:
                 raise problem.exc
@@ -721,11 +530,11 @@ class Buffer:
             handle = self._check_handle(handle)
             plan = handle.plan
             if not isinstance(x, torch.Tensor):
-                raise _Problem(1, DeepEPTypeError(f"combine x must be a tensor, got {type(x).__name__}"))
+                raise Problem(1, DeepEPTypeError(f"combine x must be a tensor, got {type(x).__name__}"))
             if x.dtype not in _FLOAT_X:
-                raise _Problem(1, DeepEPTypeError(f"combine x must be bfloat16 (or float16/32/64), got {x.dtype}"))
+                raise Problem(1, DeepEPTypeError(f"combine x must be bfloat16 (or float16/32/64), got {x.dtype}"))
             if x.dim() != 2 or x.size(0) not in (plan.num_recv_tokens, plan.num_out_rows):
-                raise _Problem(1, DeepEPInputError(
+                raise Problem(1, DeepEPInputError(
                     f"combine x must be [num_recv_tokens={plan.num_recv_tokens}"
                     f"{f' or num_worst_tokens={plan.num_out_rows}' if plan.num_out_rows != plan.num_recv_tokens else ''}"
                     f", hidden], got {list(x.shape)}"))
@@ -738,24 +547,24 @@ class Buffer:
             if bias is not None:
                 biases = list(bias) if isinstance(bias, (tuple, list)) else [bias]
                 if len(biases) > 2:
-                    raise _Problem(6, DeepEPInputError(f"bias takes at most 2 tensors, got {len(biases)}"))
+                    raise Problem(6, DeepEPInputError(f"bias takes at most 2 tensors, got {len(biases)}"))
                 for b in biases:
                     if not isinstance(b, torch.Tensor) or tuple(b.shape) != (plan.num_tokens, H):
-                        raise _Problem(6, DeepEPInputError(
+                        raise Problem(6, DeepEPInputError(
                             f"each bias must be a tensor [{plan.num_tokens}, {H}], got "
                             f"{list(getattr(b, 'shape', [])) or type(b).__name__}"))
                     if b.dtype not in _FLOAT_X:
-                        raise _Problem(6, DeepEPTypeError(f"bias must be floating point, got {b.dtype}"))
+                        raise Problem(6, DeepEPTypeError(f"bias must be floating point, got {b.dtype}"))
                     self._check_device(b, "bias")
-        except _Problem as p:
+        except Problem as p:
             problem = p
         self._waiter.seq += 1
         with call:
             if self._check_every_call:
-                header = self._header(_OP_COMBINE, problem.code if problem else 0, H=H,
+                header = make_header(_OP_COMBINE, self._waiter.seq, problem.code if problem else 0, H=H,
                                       dtype=xv.dtype if xv is not None else None,
                                       has_w=int(topk_weights is not None))
-                self._agree(header, None, problem, ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"),
+                agree(self._transport, self.device, header, None, problem, ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"),
                                                     (_H_W, "passing topk_weights")))
             elif problem is not None:
                 raise problem.exc

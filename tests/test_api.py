@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import deep_ep
 from deep_ep.errors import BufferDestroyedError, DeepEPInputError

@@ -7,7 +7,7 @@ torch path, so the results are bitwise equal; one pass instead of ~2R.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import triton

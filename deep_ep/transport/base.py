@@ -102,6 +102,17 @@ class Transport(abc.ABC):
         """Release transport resources."""
 
 
+def alloc_outputs(plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    """One received tensor per row tensor, ``[plan.num_out_rows, ...]``, padding rows zeroed."""
+    outs = []
+    for t in rows:
+        o = alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype)
+        if plan.num_out_rows > plan.num_recv_tokens:
+            o[plan.num_recv_tokens:].zero_()
+        outs.append(o)
+    return outs
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """View ``[N, ...]`` contiguous as ``uint8 [N, row_bytes]``."""
     width = 1

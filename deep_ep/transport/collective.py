@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .base import Alloc, Plan, Transport, as_bytes, gather_rows, reduce_rows, return_positions, send_token_order
+from .base import (Alloc, Plan, Transport, alloc_outputs, as_bytes, gather_rows, reduce_rows, return_positions,
+                   send_token_order)
 
 
 # torch >= 2.12 renamed all_gather_into_tensor to all_gather_single.
@@ -52,12 +53,7 @@ class CollectiveTransport(Transport):
     def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
         idx = send_token_order(plan)
         n_recv = plan.num_recv_tokens
-        outs: List[torch.Tensor] = []
-        for t in rows:
-            o = alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype)
-            if plan.num_out_rows > n_recv:
-                o[n_recv:].zero_()
-            outs.append(o)
+        outs = alloc_outputs(plan, rows, alloc)
         if not rows:
             return outs
         # The token rows themselves: one all-to-all straight into the output.

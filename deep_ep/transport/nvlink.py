@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 from .. import kernels, layout
 from ..errors import DeepEPError, DeepEPInputError
-from .base import (Alloc, Plan, Transport, Waiter, as_bytes, reduce_rows, return_positions, send_token_order)
+from .base import (Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows, return_positions,
+                   send_token_order)
 
 log = logging.getLogger("deep_ep")
 
@@ -177,13 +178,7 @@ class NVLinkTransport(Transport):
         counts = plan.counts
         if counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
-        n_recv = plan.num_recv_tokens
-        outs: List[torch.Tensor] = []
-        for t in rows:
-            o = alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype)
-            if plan.num_out_rows > n_recv:
-                o[n_recv:].zero_()
-            outs.append(o)
+        outs = alloc_outputs(plan, rows, alloc)
         if not rows:
             return outs
         src_words = [_words(t) for t in rows]

@@ -1,0 +1,104 @@
+"""Metadata agreement: the small exchange every collective call of a Buffer starts with.
+
+Each rank sends a fixed-size header (operation, call number, shapes, dtype,
+its own input-validation verdict) plus a payload of ints; every rank then
+reaches the same verdict from the same gathered data, so that ranks which
+disagree, or a rank whose input is bad, make *every* rank raise a clear
+error instead of leaving the others waiting in a collective.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import DeepEPInputError, RankMismatchError, RemoteInputError
+
+__all__ = ["Problem", "HEADER", "make_header", "agree", "check_id_ranges"]
+
+_MAGIC = 0xDEE9
+_H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_WORST = range(12)
+_HEADER = 16
+_OP_DISPATCH, _OP_CACHED, _OP_COMBINE = 1, 2, 3
+_OP_NAMES = {_OP_DISPATCH: "dispatch", _OP_CACHED: "cached dispatch", _OP_COMBINE: "combine"}
+_ERR_NAMES = {1: "invalid x", 2: "invalid topk_idx", 3: "invalid topk_weights", 4: "invalid handle",
+              5: "invalid layout arguments", 6: "invalid bias", 7: "invalid argument"}
+DTYPE_CODES: Dict[Any, int] = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4}
+for _i, _d in enumerate((getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))):
+    if _d is not None:
+        DTYPE_CODES[_d] = 10 + _i
+HEADER = _HEADER
+
+
+class Problem(Exception):
+    """A local input problem, carried through the metadata exchange before it is raised."""
+
+    def __init__(self, code: int, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.code = code
+        self.exc = exc
+
+
+def make_header(op: int, seq: int, err: int = 0, T: int = -1, H: int = -1, dtype: Any = None, K: int = -1,
+                E: int = -1, scales: int = -1, has_w: int = 0, worst: int = 0) -> List[int]:
+    """The fixed-size header of one call: operation, call number, verdict on the local input, shapes."""
+    h = [0] * _HEADER
+    h[_H_MAGIC], h[_H_OP], h[_H_SEQ], h[_H_ERR] = _MAGIC, op, seq, err
+    h[_H_T], h[_H_HIDDEN], h[_H_DTYPE] = T, H, DTYPE_CODES.get(dtype, 99) if dtype is not None else -1
+    h[_H_K], h[_H_E], h[_H_SCALES], h[_H_W], h[_H_WORST] = K, E, scales, has_w, worst
+    return h
+
+
+def agree(transport: Any, device: torch.device, header: List[int], payload: Optional[torch.Tensor],
+          problem: Optional[Problem], fields: Sequence[Tuple[int, str]]) -> torch.Tensor:
+    """Exchange headers (+ a payload of int64 of the same length everywhere); raise consistently on every rank."""
+    vec = torch.tensor(header, dtype=torch.int64, device="cpu")
+    if payload is not None:
+        vec = torch.cat([vec.to(device), payload.to(device=device, dtype=torch.int64).reshape(-1)])
+    gathered = transport.all_gather_ints(vec, f"{_OP_NAMES.get(header[_H_OP], '?')} metadata")
+    hdr = gathered[:, :_HEADER]
+    errs = {r: int(hdr[r, _H_ERR]) for r in range(transport.num_ranks) if int(hdr[r, _H_ERR]) != 0}
+    if errs:
+        if problem is not None:
+            raise problem.exc
+        desc = "; ".join(f"rank {r}: {_ERR_NAMES.get(c, 'invalid input')}" for r, c in sorted(errs.items()))
+        raise RemoteInputError(f"deep_ep {_OP_NAMES.get(header[_H_OP], '')}: another rank rejected its input "
+                               f"({desc}); see that rank's error. Nothing was sent.")
+    if problem is not None:  # pragma: no cover - err slot always set with a problem
+        raise problem.exc
+    bad = [r for r in range(transport.num_ranks) if int(hdr[r, _H_MAGIC]) != _MAGIC]
+    if bad:
+        raise RankMismatchError(f"ranks {bad} sent garbage metadata: they are running a different collective")
+    for slot, name in ((_H_OP, "operation"), (_H_SEQ, "call sequence number")) + tuple(fields):
+        vals = [int(hdr[r, slot]) for r in range(transport.num_ranks)]
+        if len(set(vals)) > 1:
+            if slot == _H_OP:
+                vals_s = [_OP_NAMES.get(v, str(v)) for v in vals]
+            else:
+                vals_s = [str(v) for v in vals]
+            groups: Dict[str, List[int]] = {}
+            for r, v in enumerate(vals_s):
+                groups.setdefault(v, []).append(r)
+            majority = max(groups.values(), key=len)
+            odd = [r for r in range(transport.num_ranks) if r not in majority]
+            detail = ", ".join(f"rank {r}: {vals_s[r]}" for r in range(transport.num_ranks))
+            raise RankMismatchError(
+                f"deep_ep: ranks disagree on {name} in {_OP_NAMES.get(header[_H_OP], 'a call')} "
+                f"(disagreeing rank(s): {odd}; {detail}). Every rank must call with the same "
+                f"{name}. Nothing was sent.")
+    return gathered
+
+
+def check_id_ranges(ranges: torch.Tensor, num_experts: int, rank: int) -> None:
+    """Every rank's (min, max) expert id, exchanged with the metadata: raise consistently if any is out of range."""
+    bad = {r: (int(ranges[r, 0]), int(ranges[r, 1])) for r in range(ranges.size(0))
+           if int(ranges[r, 0]) < -1 or int(ranges[r, 1]) >= num_experts}
+    if not bad:
+        return
+    if rank in bad:
+        lo, hi = bad[rank]
+        raise DeepEPInputError(f"topk_idx holds expert id {lo if lo < -1 else hi}, outside [-1, {num_experts}) "
+                               f"(num_experts={num_experts}; -1 means no expert). Nothing was sent.")
+    desc = "; ".join(f"rank {r}: invalid topk_idx" for r in sorted(bad))
+    raise RemoteInputError(f"deep_ep dispatch: another rank rejected its input ({desc}); see that rank's "
+                           f"error. Nothing was sent.")

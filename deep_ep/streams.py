@@ -1,0 +1,67 @@
+"""DeepEP's stream discipline for one call: work on the Buffer's comm stream, then an event or a wait."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+
+from .config import EventOverlap
+from .errors import DeepEPInputError, DeepEPTypeError
+
+__all__ = ["StreamCall"]
+
+
+class StreamCall:
+    """Stream discipline of one call (DeepEP's): work on the comm stream, then event or wait."""
+
+    def __init__(self, device: torch.device, comm_stream: Optional[torch.cuda.Stream],
+                 previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool) -> None:
+        if allocate_on_comm_stream and not (previous_event is not None and async_finish):
+            raise DeepEPInputError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise DeepEPTypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
+        self.device = device
+        self.comm = comm_stream
+        self.cuda = device.type == "cuda"
+        self.previous_event = previous_event
+        self.async_finish = async_finish
+        self.on_comm = allocate_on_comm_stream
+        self.compute = None
+        self._ctx = None
+
+    def __enter__(self) -> "StreamCall":
+        if self.cuda:
+            self.compute = torch.cuda.current_stream(self.device)
+            comm = self.comm
+            if self.previous_event is not None and self.previous_event.event is not None:
+                comm.wait_event(self.previous_event.event)
+            else:
+                comm.wait_stream(self.compute)
+            self._ctx = torch.cuda.stream(comm)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(exc_type, exc, tb)
+            self._ctx = None
+
+    def alloc(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Allocate an output on the compute stream, or on the comm stream if asked."""
+        if self.cuda and not self.on_comm:
+            with torch.cuda.stream(self.compute):
+                return torch.empty(shape, dtype=dtype, device=self.device)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def finish(self, keep: Sequence[Any]) -> EventOverlap:
+        """Close the call: an event (async) or make the compute stream wait for the comm stream."""
+        self.__exit__(None, None, None)
+        if not self.cuda:
+            return EventOverlap(None)
+        comm = self.comm
+        if self.async_finish:
+            ev = torch.cuda.Event()
+            ev.record(comm)
+            return EventOverlap(ev, [t for t in keep if t is not None])
+        self.compute.wait_stream(comm)
+        return EventOverlap(None)

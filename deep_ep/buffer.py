@@ -225,7 +225,8 @@ class Buffer:
 
     def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
                                 use_rdma_buffer: bool = False) -> torch.Tensor:
-        """A view of this rank's staging memory (``num_nvl_bytes``, or ``num_rdma_bytes``) as ``dtype``.
+        """A view of this rank's staging memory (``num_nvl_bytes``, or ``num_rdma_bytes``) as ``dtype``,
+        starting ``offset`` bytes in (bytes, as DeepEP counts it).
 
         The collective transport stages nothing, so this memory is a plain
         local allocation made on first use; it is yours to read and write.
@@ -236,10 +237,11 @@ class Buffer:
             self._local_buffers[use_rdma_buffer] = torch.zeros((nbytes,), dtype=torch.uint8, device=self.device)
         raw = self._local_buffers[use_rdma_buffer]
         elem = torch.empty((), dtype=dtype, device="cpu").element_size()
-        if offset < 0 or offset * elem > nbytes:
-            raise DeepEPInputError(f"offset {offset} is outside the {nbytes}-byte buffer")
-        usable = (nbytes - offset * elem) // elem
-        t = raw[offset * elem: offset * elem + usable * elem].view(dtype)
+        if offset < 0 or offset > nbytes or offset % elem != 0:
+            raise DeepEPInputError(f"offset {offset} (bytes, as DeepEP) must lie in the {nbytes}-byte buffer "
+                                   f"and be a multiple of {elem} for {dtype}")
+        usable = (nbytes - offset) // elem
+        t = raw[offset: offset + usable * elem].view(dtype)
         if size is None:
             return t
         size = torch.Size(size)
@@ -322,14 +324,12 @@ class Buffer:
         Received rows are grouped by source rank, then source token order.
         """
         self._check_alive()
-        if config is not None and not isinstance(config, Config):
-            raise DeepEPTypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
-        if not isinstance(expert_alignment, int) or expert_alignment < 1:
-            raise DeepEPInputError(f"expert_alignment must be an int >= 1, got {expert_alignment!r}")
-        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
-            raise DeepEPInputError(f"num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
-        self._transport.num_sms = config.num_sms if config is not None else Buffer.num_sms
+        self._transport.num_sms = config.num_sms if isinstance(config, Config) else Buffer.num_sms
+        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+            worst_arg, num_worst_tokens = num_worst_tokens, 0
+        else:
+            worst_arg = num_worst_tokens
         if handle is not None:
             return self._cached_dispatch(call, x, handle, num_tokens_per_rank, is_token_in_rank,
                                          num_tokens_per_expert, topk_idx, topk_weights)
@@ -337,6 +337,13 @@ class Buffer:
         xv = scales = None
         T = H = K = E = -1
         try:
+            # Argument problems travel through the metadata exchange too, so no rank is left waiting.
+            if config is not None and not isinstance(config, Config):
+                raise Problem(7, DeepEPTypeError(f"config must be a deep_ep.Config, got {type(config).__name__}"))
+            if not isinstance(expert_alignment, int) or expert_alignment < 1:
+                raise Problem(7, DeepEPInputError(f"expert_alignment must be an int >= 1, got {expert_alignment!r}"))
+            if worst_arg is not num_worst_tokens:
+                raise Problem(7, DeepEPInputError(f"num_worst_tokens must be an int >= 0, got {worst_arg!r}"))
             xv, scales = self._parse_x(x)
             T, H = xv.size(0), xv.size(1)
             if topk_idx is None and topk_weights is not None:

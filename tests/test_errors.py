@@ -319,3 +319,21 @@ def rank_nvlink_needs_cuda(rank, R):
 
 def test_nvlink_needs_cuda(rank_pool):
     rank_pool(2).run(rank_nvlink_needs_cuda)
+
+
+def rank_bad_argument_one_rank(rank, R):
+    """A bad scalar argument on one rank only: it raises, the others get RemoteInputError (no hang, no desync)."""
+    dev = device()
+    buf = get_buffer()
+    idx = torch.randint(0, 8, (6, 2), device=dev)
+    x = torch.randn((6, 32), device=dev).to(torch.bfloat16)
+    lay = _layout(buf, idx, 8)
+    if rank == 1:
+        _expect(DeepEPInputError, lambda: buf.dispatch(x, expert_alignment=0, **lay), "expert_alignment")
+    else:
+        _expect(RemoteInputError, lambda: buf.dispatch(x, **lay), "rank 1")
+    run_scenario(rank, R, "collective", 8, {})
+
+
+def test_bad_argument_on_one_rank(rank_pool):
+    rank_pool(2).run(rank_bad_argument_one_rank, timeout=60)

@@ -1,0 +1,24 @@
+"""Dynamic expert load balancing (API.md section 8, ours).
+
+* :class:`LoadMonitor` -- per-step per-expert counts (all-reduced over the EP
+  group when given one), a history window, :meth:`~LoadMonitor.forecast` of
+  the coming load and :meth:`~LoadMonitor.imbalance` figures;
+* :func:`rebalance_experts` -- replica counts and placement with DeepSeek
+  EPLB's shapes ``(phy2log, log2phy, logcnt)``, hierarchical when groups
+  divide nodes, optionally relabelled to move few weights;
+* :class:`ReplicaRouter` -- sends every (token, expert) pair to one replica of
+  its expert; with the step's global counts all ranks derive the same
+  per-replica quotas that even out the per-GPU load of this step (work
+  stealing) without further communication.
+
+:mod:`deep_ep.balance.simulate` holds the drifting-popularity trace and the
+policy simulation used by ``benchmarks/bench_balance.py``.
+"""
+from __future__ import annotations
+
+from .monitor import LoadMonitor
+from .planner import gpu_loads, moved_experts, rebalance_experts, replica_counts
+from .router import ReplicaRouter
+
+__all__ = ["LoadMonitor", "rebalance_experts", "ReplicaRouter", "replica_counts", "moved_experts",
+           "gpu_loads"]

@@ -1,0 +1,725 @@
+"""Expert placement: how many replicas each expert gets and which GPU holds each one.
+
+The planner turns a per-expert load estimate ``weight [layers, E]`` into a
+physical layout of ``num_replicas`` expert slots, ``num_replicas // num_gpus``
+slots per GPU, in the same three tensors as DeepSeek's EPLB so the two are
+interchangeable (API.md section 8):
+
+* ``phy2log [layers, P]``: the logical expert held by physical slot ``p``;
+  slot ``p`` lives on GPU ``p // (P // num_gpus)``;
+* ``log2phy [layers, E, max_replicas]``: the slots of each expert, ascending,
+  padded with ``-1``;
+* ``logcnt [layers, E]``: the number of replicas of each expert.
+
+Method, per layer (host side, numpy; a few milliseconds for 256 experts on 64
+GPUs):
+
+1. Replica counts. Every expert gets one slot; each spare slot goes to the
+   expert with the largest load per replica (EPLB's rule), computed in one
+   partial sort: the greedy takes the ``P - E`` largest of ``w_e / j``,
+   ``j >= 1``. With ``headroom = h`` the rule runs on ``w_e + h * mean GPU
+   load``: an allowance any expert may gain before the next re-plan (drift, a
+   burst). It moves spare slots from the hottest experts' many replicas to
+   second replicas of the next experts, whose load the router can then shift
+   (``h = 0`` is EPLB's rule exactly).
+2. Packing, replicated experts first. Their replicas, heaviest first, go to
+   the lightest GPU that does not hold the expert yet, preferring a GPU not
+   yet linked to the expert's other replicas (linked = connected through
+   shared replicated experts) and at most ``ceil(F / G)`` of them per GPU.
+   Every GPU thus holds load that the load-aware split of
+   :class:`~deep_ep.balance.ReplicaRouter` can move, and the replicas chain
+   the GPUs together so load can flow from any busy GPU to idle ones.
+3. Single-replica experts then fill the remaining slots, heaviest first onto
+   the lightest GPU, and swaps of them refine the per-GPU sums (rounds of
+   swaps between the i-th heaviest and i-th lightest GPU, then swaps out of
+   the heaviest GPU) until the maximum is within 0.2% of the lower bound
+   ``max(mean, heaviest replica)``; small problems may also swap replicas.
+4. Hierarchy. When ``num_groups % num_nodes == 0`` the expert groups are
+   first packed onto nodes (equal group count per node, balanced load), and
+   steps 1-3 run inside each node on that node's GPUs, so the experts of one
+   group stay on one node (EPLB's hierarchical policy). Otherwise the whole
+   cluster is treated as one node.
+5. Re-plans that move little. Given the previous ``phy2log``, the planner
+   first adapts it: replicas of experts that keep their count stay where they
+   are, surplus replicas leave the busiest GPUs, new replicas take the freed
+   slots (step 2's rule), and swaps lower the busiest GPU until it is within
+   ``1 + move_slack`` of the lower bound. It keeps that plan when its maximum
+   is within ``1 + move_slack`` of a fresh plan's; otherwise the fresh plan's
+   GPUs are matched to the old ones by overlap. Experts that stay on a GPU
+   keep their slot. :func:`moved_experts` counts the weight copies.
+
+Everything is deterministic: the same inputs give the same plan on every rank.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import DeepEPInputError
+
+__all__ = ["rebalance_experts", "replica_counts", "moved_experts", "gpu_loads"]
+
+log = logging.getLogger("deep_ep.balance")
+
+_EPS = 1e-9
+
+
+def replica_counts(load, num_slots: int) -> np.ndarray:
+    """Replicas per expert: one each, then every spare slot to the largest load per replica.
+
+    ``load``: float ``[E]`` (array-like); ``num_slots >= E``. Returns int64 ``[E]``
+    summing to ``num_slots``. Ties go to the lower expert id (deterministic).
+    """
+    w = np.asarray(load, dtype=np.float64).reshape(-1)
+    n = w.shape[0]
+    spare = int(num_slots) - n
+    if spare < 0:
+        raise DeepEPInputError(f"num_slots={num_slots} is smaller than the number of experts {n}")
+    cnt = np.ones(n, dtype=np.int64)
+    if spare == 0:
+        return cnt
+    # Adding a replica to an expert that has j of them is worth w_e / j (its current load per
+    # replica); those values fall with j, so the sequential greedy takes the `spare` largest of
+    # {w_e / j : j = 1 .. spare}, ties to the lower expert id.
+    w = np.maximum(w, 0.0)
+    js = np.arange(1, spare + 1, dtype=np.float64)
+    vals = (w[:, None] / js[None, :]).ravel()              # [E * spare], row-major (e, j)
+    e_idx = np.repeat(np.arange(n), spare)
+    if spare < vals.size:
+        thr = np.partition(vals, vals.size - spare)[vals.size - spare]   # spare-th largest value
+        above = np.nonzero(vals > thr)[0]
+        tied = np.nonzero(vals == thr)[0][:spare - above.size]          # (e, j) order: lower e first
+        order = np.concatenate((above, tied))
+    else:
+        order = np.arange(vals.size)
+    np.add.at(cnt, e_idx[order], 1)
+    return cnt
+
+
+def _pack(item_w: np.ndarray, item_key: np.ndarray, num_packs: int, per_pack: int,
+          num_keys: int, refine: bool = True, max_swaps: Optional[int] = None) -> np.ndarray:
+    """Pack items into ``num_packs`` packs of exactly ``per_pack`` items, balancing the pack sums.
+
+    Items with the same ``item_key`` avoid sharing a pack while any other pack
+    with room exists. Returns the pack of every item (int64 ``[n]``).
+    """
+    n = item_w.shape[0]
+    assert n == num_packs * per_pack
+    pack = np.full(n, -1, dtype=np.int64)
+    if num_packs == 1:
+        pack[:] = 0
+        return pack
+    # Greedy (LPT with equal cardinality): heaviest item first onto the lightest pack with room
+    # that does not hold the same key yet. A heap of (load, pack) keeps this O(n log m).
+    heap = [(0.0, g) for g in range(num_packs)]
+    fill = [0] * num_packs
+    keys_in = [set() for _ in range(num_packs)]
+    order = np.lexsort((np.arange(n), -item_w)).tolist()   # heaviest first, ties by index
+    wl = item_w.tolist()
+    kl = item_key.tolist()
+    for it in order:
+        k = kl[it]
+        skipped = []
+        while heap:
+            load, g = heapq.heappop(heap)
+            if k in keys_in[g]:
+                skipped.append((load, g))
+                continue
+            break
+        else:                                   # every pack with room already holds this key
+            load, g = skipped.pop(0)
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        pack[it] = g
+        fill[g] += 1
+        keys_in[g].add(k)
+        if fill[g] < per_pack:
+            heapq.heappush(heap, (load + wl[it], g))
+    loads = np.zeros(num_packs, dtype=np.float64)
+    np.add.at(loads, pack, item_w)
+    has = np.zeros((num_packs, num_keys), dtype=np.int64)
+    np.add.at(has, (pack, item_key), 1)
+    if refine:
+        _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack)
+        _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps)
+    return pack
+
+
+def _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack, rounds: int = 8,
+                  movable=None) -> None:
+    """Rounds of simultaneous swaps between the i-th heaviest and the i-th lightest pack (in place).
+
+    Each pair takes its best single swap (the rule of :func:`_refine`); the
+    pairs are disjoint, so one vectorised round improves many packs at once.
+    """
+    if num_packs < 2:
+        return
+    k = num_packs // 2
+    members = np.argsort(pack, kind="stable").reshape(num_packs, per_pack)
+    tol = 1e-9 * max(float(loads.max()), _EPS)
+    replicated = np.bincount(item_key, minlength=has.shape[1]) > 1
+    rows = np.arange(k)
+    for _ in range(rounds):
+        order = np.argsort(loads, kind="stable")
+        heavy, light = order[::-1][:k], order[:k]
+        a_items, b_items = members[heavy], members[light]                 # [k, s]
+        wa, wb = item_w[a_items], item_w[b_items]
+        delta = wa[:, :, None] - wb[:, None, :]                            # [k, s, s]
+        gap = (loads[heavy] - loads[light])[:, None, None]
+        score = np.minimum(delta, gap - delta)
+        ka, kb = item_key[a_items], item_key[b_items]
+        if replicated.any():
+            bad_b = (has[heavy[:, None], kb] > 0) & replicated[kb]          # b's key already on heavy
+            bad_a = (has[light[:, None], ka] > 0) & replicated[ka]          # a's key already on light
+            score = np.where(bad_a[:, :, None] | bad_b[:, None, :], -np.inf, score)
+        if movable is not None:
+            score = np.where(movable[a_items][:, :, None] & movable[b_items][:, None, :], score, -np.inf)
+        flat = score.reshape(k, -1).argmax(1)
+        best = score.reshape(k, -1)[rows, flat]
+        go = best > tol
+        if not go.any():
+            break
+        ia, ib = np.divmod(flat[go], per_pack)
+        sel = rows[go]
+        h, l = heavy[sel], light[sel]
+        i, j = a_items[sel, ia], b_items[sel, ib]
+        d = item_w[i] - item_w[j]
+        loads[h] -= d
+        loads[l] += d
+        ki, kj = item_key[i], item_key[j]          # packs are distinct within a round: plain indexing
+        has[h, ki] -= 1
+        has[h, kj] += 1
+        has[l, kj] -= 1
+        has[l, ki] += 1
+        pack[i], pack[j] = l, h
+        members[h, ia], members[l, ib] = j, i
+
+
+def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=None, movable=None,
+            stop_at: float = -np.inf) -> None:
+    """Swap local search on the heaviest pack (in place): stop when no swap lowers it.
+
+    Swapping item ``i`` of the heaviest pack ``h`` with item ``j`` of pack ``g``
+    moves ``d = w_i - w_j`` from ``h`` to ``g``; both packs end below ``L_h``
+    iff ``0 < d < L_h - L_g``, and the larger of the two is smallest when
+    ``min(d, L_h - L_g - d)`` is largest, which is the swap taken.
+    """
+    n = item_w.shape[0]
+    if max_swaps is None:
+        max_swaps = 4 * n
+    members = np.argsort(pack, kind="stable").reshape(num_packs, per_pack)   # items of each pack
+    pos = np.empty(n, dtype=np.int64)
+    pos[members.ravel()] = np.arange(n)
+    tol = 1e-9 * max(float(loads.max()), _EPS)
+    replicated = np.bincount(item_key, minlength=has.shape[1])[item_key] > 1    # [n]
+    has_t = has.T.copy()                                                         # [keys, packs]
+    any_rep = bool(replicated.any())
+    near = min(num_packs - 1, 8)
+    full = near == num_packs - 1
+    for _ in range(max_swaps):
+        h = int(np.argmax(loads))
+        if loads[h] <= stop_at:
+            break
+        mine = members[h]                                    # [s]
+        if movable is not None:
+            mine = mine[movable[mine]]
+            if mine.size == 0:
+                break
+        # First look at the lightest few packs only (cheap); fall back to all packs.
+        for wide in ((False, True) if not full else (True,)):
+            if wide:
+                cand = np.arange(n)
+            else:
+                light = np.argpartition(loads, near)[:near]
+                cand = members[light].ravel()
+            if movable is not None:
+                cand = cand[movable[cand]]
+                if cand.size == 0:
+                    continue
+            cpack = pack[cand]
+            gap = loads[h] - loads[cpack]                    # [c], 0 on h itself
+            delta = item_w[mine][:, None] - item_w[cand][None, :]     # [s, c]
+            score = np.minimum(delta, gap[None, :] - delta)
+            if any_rep:
+                # j's key must not be on h; i's key must not be on j's pack (replicated keys only)
+                ckey = item_key[cand]
+                score[:, has[h, ckey] > 0] = -np.inf
+                rep_rows = np.nonzero(replicated[mine])[0]
+                if rep_rows.size:
+                    clash = has_t[item_key[mine[rep_rows]]][:, cpack] > 0   # [r, c]
+                    sub = score[rep_rows]
+                    sub[clash] = -np.inf
+                    score[rep_rows] = sub
+            flat = int(np.argmax(score))
+            if score.flat[flat] > tol:
+                break
+        else:
+            break
+        a, jc = divmod(flat, cand.shape[0])
+        j = int(cand[jc])
+        i = int(mine[a])
+        g = int(pack[j])
+        d = float(delta[a, jc])
+        ki, kj = item_key[i], item_key[j]
+        loads[h] -= d
+        loads[g] += d
+        has[h, ki] -= 1
+        has[h, kj] += 1
+        has[g, kj] -= 1
+        has[g, ki] += 1
+        has_t[ki, h] -= 1
+        has_t[kj, h] += 1
+        has_t[kj, g] -= 1
+        has_t[ki, g] += 1
+        pack[i], pack[j] = g, h
+        pi, pj = pos[i], pos[j]
+        members.flat[pi], members.flat[pj] = j, i
+        pos[i], pos[j] = pj, pi
+
+
+def _greedy_fill(item_w, item_key, order, cap, loads, keys_in, pack, bridge=None) -> None:
+    """Place ``order``'s items in turn on the lightest pack with room (``cap``) that does not hold
+    the key yet (in place; ``loads`` / ``keys_in`` / ``cap`` updated).
+
+    With ``bridge`` (int64 ``[packs]`` component labels, updated in place), a
+    pack outside the components that already hold the item's key is preferred
+    over a lighter one inside them, and placing the item joins the components:
+    replicas of one expert then link separate groups of GPUs, so the router
+    can move load between them.
+    """
+    num_packs = len(cap)
+    wl = item_w.tolist()
+    kl = item_key.tolist()
+    if bridge is None:
+        heap = [(float(loads[g]), g) for g in range(num_packs) if cap[g] > 0]
+        heapq.heapify(heap)
+        for it in order:
+            k = kl[it]
+            skipped = []
+            while heap:
+                load, g = heapq.heappop(heap)
+                if k in keys_in[g]:
+                    skipped.append((load, g))
+                    continue
+                break
+            else:
+                load, g = skipped.pop(0)
+            for entry in skipped:
+                heapq.heappush(heap, entry)
+            pack[it] = g
+            cap[g] -= 1
+            keys_in[g].add(k)
+            loads[g] = load + wl[it]
+            if cap[g] > 0:
+                heapq.heappush(heap, (loads[g], g))
+        return
+    comp = [int(x) for x in bridge]                    # component label of every pack
+    members = {}
+    for g, c in enumerate(comp):
+        members.setdefault(c, []).append(g)
+    hosts_of: dict = {}
+    for g in range(num_packs):
+        for k in keys_in[g]:
+            hosts_of.setdefault(k, []).append(g)
+    heap = [(float(loads[g]), g) for g in range(num_packs) if cap[g] > 0]
+    heapq.heapify(heap)
+    for it in order:
+        k = kl[it]
+        hosts = hosts_of.get(k, [])
+        linked = {comp[h] for h in hosts}
+        popped = []
+        choice = None
+        while heap:
+            entry = heapq.heappop(heap)
+            popped.append(entry)
+            if entry[1] not in hosts and comp[entry[1]] not in linked:
+                choice = entry
+                break
+        if choice is None:                              # lightest pack not holding the key, else lightest
+            choice = next((e for e in popped if e[1] not in hosts), popped[0] if popped else None)
+        if choice is None:
+            raise RuntimeError("no pack has room")     # cannot happen: items == free slots
+        for entry in popped:
+            if entry is not choice:
+                heapq.heappush(heap, entry)
+        load, g = choice
+        if hosts and comp[hosts[0]] != comp[g]:         # join the two components
+            a, b = comp[hosts[0]], comp[g]
+            for x in members.pop(b):
+                comp[x] = a
+                members[a].append(x)
+        pack[it] = g
+        cap[g] -= 1
+        keys_in[g].add(k)
+        hosts_of.setdefault(k, []).append(g)
+        loads[g] = load + wl[it]
+        if cap[g] > 0:
+            heapq.heappush(heap, (loads[g], g))
+    bridge[:] = comp
+
+
+_PHASE1 = True
+_GOOD_ENOUGH = 2e-3     # refinement stops within this fraction of the lower bound of the maximum
+
+
+def _replica_weight(w: np.ndarray, num_gpus: int, headroom: float) -> np.ndarray:
+    """Loads used to hand out spare slots: the load plus ``headroom`` x the mean per-GPU load."""
+    return w + headroom * float(w.sum()) / num_gpus if headroom else w
+
+
+def _plan_flat(w: np.ndarray, num_slots: int, num_gpus: int, headroom: float = 0.0) -> np.ndarray:
+    """Replicate and pack one node: local expert of every slot, GPU-major (int64 ``[num_slots]``).
+
+    Replicated experts (the flexible load the router can shift) are spread
+    first, so every GPU gets its share of them; single-replica experts are then
+    packed onto the remaining slots to even out the total, and swaps among
+    them refine it.
+    """
+    n = w.shape[0]
+    per_gpu = num_slots // num_gpus
+    cnt = replica_counts(_replica_weight(w, num_gpus, headroom), num_slots)
+    item_key = np.repeat(np.arange(n, dtype=np.int64), cnt)
+    item_w = (w / cnt)[item_key]
+    if num_gpus == 1:
+        pack = np.zeros(item_key.shape[0], dtype=np.int64)
+    else:
+        flex = cnt[item_key] > 1
+        pack = np.full(item_key.shape[0], -1, dtype=np.int64)
+        loads = np.zeros(num_gpus)
+        keys_in = [set() for _ in range(num_gpus)]
+        fi = np.nonzero(flex)[0]
+        cap = [min(-(-fi.size // num_gpus), per_gpu)] * num_gpus
+        _greedy_fill(item_w, item_key, fi[np.lexsort((fi, item_key[fi], -item_w[fi]))].tolist(), cap, loads,
+                     keys_in, pack, bridge=np.arange(num_gpus))
+        cap = [per_gpu - len(k) for k in keys_in]
+        ri = np.nonzero(~flex)[0]
+        _greedy_fill(item_w, item_key, ri[np.lexsort((ri, -item_w[ri]))].tolist(), cap, loads, keys_in, pack)
+        loads = np.zeros(num_gpus)
+        np.add.at(loads, pack, item_w)
+        has = np.zeros((num_gpus, n), dtype=np.int64)
+        np.add.at(has, (pack, item_key), 1)
+        movable = ~flex
+        # no plan beats max(mean load, heaviest replica); stop refining within 0.2% of it
+        good_enough = max(float(item_w.sum()) / num_gpus, float(item_w.max())) * (1 + _GOOD_ENOUGH)
+        if loads.max() > good_enough and _PHASE1:
+            _pair_balance(item_w, item_key, pack, loads, has, num_gpus, per_gpu, movable=movable)
+            _refine(item_w, item_key, pack, loads, has, num_gpus, per_gpu, movable=movable, stop_at=good_enough)
+        if loads.max() > good_enough:       # hard or small problems: let the replicated experts move too
+            _pair_balance(item_w, item_key, pack, loads, has, num_gpus, per_gpu)
+            _refine(item_w, item_key, pack, loads, has, num_gpus, per_gpu, stop_at=good_enough)
+    # GPU-major slot order; inside a GPU, heavier replicas first (ties by expert id).
+    order = np.lexsort((item_key, -item_w, pack))
+    return item_key[order]
+
+
+def _plan_incremental(w: np.ndarray, prev: np.ndarray, num_gpus: int, target: float,
+                      headroom: float = 0.0) -> np.ndarray:
+    """Adapt the previous placement ``prev`` (local expert per slot) to ``w`` moving few replicas.
+
+    Keeps every replica whose expert keeps its count (surplus replicas leave
+    the busiest GPUs first), puts the new replicas on the lightest GPUs with a
+    freed slot, then swaps replicas out of the heaviest GPU until its load is
+    at most ``target``.
+    """
+    n = w.shape[0]
+    num_slots = prev.shape[0]
+    per_gpu = num_slots // num_gpus
+    cnt = replica_counts(_replica_weight(w, num_gpus, headroom), num_slots)
+    old_cnt = np.bincount(prev, minlength=n)
+    slot_gpu = np.arange(num_slots) // per_gpu
+    share = w / cnt
+    loads = np.zeros(num_gpus)
+    np.add.at(loads, slot_gpu, share[prev])
+    keep = np.ones(num_slots, dtype=bool)
+    for e in np.nonzero(old_cnt > cnt)[0].tolist():          # drop surplus replicas, busiest GPU first
+        slots = np.nonzero(prev == e)[0]
+        drop = slots[np.argsort(-loads[slot_gpu[slots]], kind="stable")[:old_cnt[e] - cnt[e]]]
+        keep[drop] = False
+        np.subtract.at(loads, slot_gpu[drop], share[e])
+    need = np.maximum(cnt - np.minimum(old_cnt, cnt), 0)
+    new_key = np.repeat(np.arange(n, dtype=np.int64), need)
+    item_key = np.concatenate((prev[keep], new_key))
+    item_w = share[item_key]
+    pack = np.concatenate((slot_gpu[keep], np.full(new_key.shape[0], -1, dtype=np.int64)))
+    keys_in = [set() for _ in range(num_gpus)]
+    for e, g in zip(prev[keep].tolist(), slot_gpu[keep].tolist()):
+        keys_in[g].add(e)
+    cap = np.bincount(slot_gpu[~keep], minlength=num_gpus).tolist()
+    loads_l = loads.tolist()
+    idx_new = np.arange(keep.sum(), item_key.shape[0])
+    # components of GPUs linked by the kept replicas of replicated experts
+    bridge = np.arange(num_gpus)
+    flex_keep = np.nonzero(cnt[prev[keep]] > 1)[0]
+    first_g: dict = {}
+    for e, g in zip(prev[keep][flex_keep].tolist(), slot_gpu[keep][flex_keep].tolist()):
+        if e in first_g:
+            a, b = bridge[first_g[e]], bridge[g]
+            if a != b:
+                bridge[bridge == b] = a
+        else:
+            first_g[e] = g
+    _greedy_fill(item_w, item_key, idx_new[np.lexsort((idx_new, item_key[idx_new], -item_w[idx_new]))].tolist(),
+                 cap, loads_l, keys_in, pack, bridge=bridge)
+    loads = np.zeros(num_gpus)
+    np.add.at(loads, pack, item_w)
+    has = np.zeros((num_gpus, n), dtype=np.int64)
+    np.add.at(has, (pack, item_key), 1)
+    _refine(item_w, item_key, pack, loads, has, num_gpus, per_gpu, stop_at=target)
+    out = np.empty(num_slots, dtype=np.int64)
+    order = np.lexsort((item_key, -item_w, pack))
+    for g in range(num_gpus):
+        mine = item_key[order[g * per_gpu:(g + 1) * per_gpu]]
+        out[g * per_gpu:(g + 1) * per_gpu] = _align_slots(mine, prev[g * per_gpu:(g + 1) * per_gpu])
+    return out
+
+
+def _max_load(w: np.ndarray, slots: np.ndarray, num_gpus: int) -> float:
+    cnt = np.bincount(slots, minlength=w.shape[0])
+    return float((w[slots] / cnt[slots]).reshape(num_gpus, -1).sum(1).max())
+
+
+def _match_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int,
+                    num_experts: int) -> np.ndarray:
+    """Relabel GPUs (within nodes) and order slots so that ``new`` moves as few weights from ``old``."""
+    per_gpu = new.shape[0] // num_gpus
+    gpn = num_gpus // num_nodes
+    new_g = new.reshape(num_gpus, per_gpu)
+    old_g = old.reshape(num_gpus, per_gpu)
+    cn = np.zeros((num_gpus, num_experts), dtype=np.int64)
+    co = np.zeros((num_gpus, num_experts), dtype=np.int64)
+    rows = np.repeat(np.arange(num_gpus), per_gpu)
+    np.add.at(cn, (rows, new_g.ravel()), 1)
+    np.add.at(co, (rows, old_g.ravel()), 1)
+    out = np.empty_like(new_g)
+    for node in range(num_nodes):
+        sl = slice(node * gpn, (node + 1) * gpn)
+        overlap = np.minimum(cn[sl, None, :], co[None, sl, :]).sum(-1)     # [new, old]
+        assign = _max_assignment(overlap)                                  # new gpu -> old gpu (local)
+        for a in range(gpn):
+            src = new_g[node * gpn + a]
+            b = node * gpn + int(assign[a])
+            out[b] = _align_slots(src, old_g[b])
+    return out.reshape(-1)
+
+
+def _max_assignment(overlap: np.ndarray) -> np.ndarray:
+    """Permutation ``new -> old`` with a large total overlap: greedy by largest overlap (ties by index)."""
+    n = overlap.shape[0]
+    out = np.full(n, -1, dtype=np.int64)
+    used_r = np.zeros(n, dtype=bool)
+    used_c = np.zeros(n, dtype=bool)
+    for flat in np.lexsort((np.arange(n * n), -overlap.ravel())).tolist():
+        a, b = divmod(flat, n)
+        if not used_r[a] and not used_c[b]:
+            out[a] = b
+            used_r[a] = used_c[b] = True
+    return out
+
+
+def _align_slots(new_slots: np.ndarray, old_slots: np.ndarray) -> np.ndarray:
+    """Order ``new_slots`` so that experts also present in ``old_slots`` keep their position."""
+    s = new_slots.shape[0]
+    out = np.full(s, -1, dtype=np.int64)
+    remaining = list(new_slots.tolist())
+    for j in range(s):
+        e = int(old_slots[j])
+        if e in remaining:
+            out[j] = e
+            remaining.remove(e)
+    free = [j for j in range(s) if out[j] < 0]
+    for j, e in zip(free, remaining):
+        out[j] = e
+    return out
+
+
+def _plan_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
+                prev: Optional[np.ndarray] = None, move_slack: float = 0.0, headroom: float = 0.0) -> np.ndarray:
+    """One layer's ``phy2log``. With ``prev``: reuse the previous placement where the planned
+    maximum stays within ``1 + move_slack`` of a fresh plan's, else relabel the fresh plan."""
+    num_experts = w.shape[0]
+    slots_per_node = num_replicas // num_nodes
+    gpus_per_node = num_gpus // num_nodes
+    group_size = num_experts // num_groups
+    # groups -> nodes
+    if num_nodes == 1:
+        node_of_group = np.zeros(num_groups, dtype=np.int64)
+    else:
+        group_w = w.reshape(num_groups, group_size).sum(1)
+        node_of_group = _pack(group_w, np.arange(num_groups), num_nodes, num_groups // num_nodes, num_groups)
+        if prev is not None:
+            # keep the previous group -> node map if it is (nearly) as good and consistent
+            prev_node = np.arange(num_replicas) // slots_per_node
+            first = np.full(num_experts, -1, dtype=np.int64)
+            first[prev[::-1]] = prev_node[::-1]
+            old_map = first[np.arange(num_groups) * group_size]
+            consistent = (first.reshape(num_groups, group_size) == old_map[:, None]).all() and \
+                (np.bincount(old_map, minlength=num_nodes) == num_groups // num_nodes).all()
+            if consistent:
+                new_max = np.bincount(node_of_group, weights=group_w, minlength=num_nodes).max()
+                old_max = np.bincount(old_map, weights=group_w, minlength=num_nodes).max()
+                if old_max <= new_max * (1 + move_slack) + _EPS:
+                    node_of_group = old_map
+    out = np.empty(num_replicas, dtype=np.int64)
+    for node in range(num_nodes):
+        groups = np.nonzero(node_of_group == node)[0]
+        experts = (groups[:, None] * group_size + np.arange(group_size)[None, :]).ravel()
+        sl = slice(node * slots_per_node, (node + 1) * slots_per_node)
+        wn = w[experts]
+        local = None
+        if prev is not None:
+            lookup = np.full(num_experts, -1, dtype=np.int64)
+            lookup[experts] = np.arange(experts.shape[0])
+            prev_local = lookup[prev[sl]]
+            if (prev_local >= 0).all():
+                # target: a lower bound of any plan's maximum (mean load, heaviest replica) + slack
+                cnt = replica_counts(_replica_weight(wn, gpus_per_node, headroom), slots_per_node)
+                bound = max(wn.sum() / gpus_per_node, float((wn / cnt).max()) if wn.size else 0.0)
+                target = bound * (1 + move_slack)
+                inc = _plan_incremental(wn, prev_local, gpus_per_node, target, headroom)
+                inc_max = _max_load(wn, inc, gpus_per_node)
+                if inc_max <= target + _EPS * max(target, 1.0):
+                    local = inc
+                else:               # compare with a fresh plan before paying for its moves
+                    fresh = _plan_flat(wn, slots_per_node, gpus_per_node, headroom)
+                    fresh_max = _max_load(wn, fresh, gpus_per_node)
+                    if inc_max <= fresh_max * (1 + move_slack) + _EPS * max(fresh_max, 1.0):
+                        local = inc
+                    else:
+                        local = _match_previous(fresh, prev_local, gpus_per_node, 1, experts.shape[0])
+            else:
+                old = np.where(prev_local >= 0, prev_local, experts.shape[0])
+                fresh = _plan_flat(wn, slots_per_node, gpus_per_node, headroom)
+                local = _match_previous(fresh, old, gpus_per_node, 1, experts.shape[0] + 1)
+        if local is None:
+            local = _plan_flat(wn, slots_per_node, gpus_per_node, headroom)
+        out[sl] = experts[local]
+    return out
+
+
+def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
+                      num_gpus: int, *, prev_phy2log: Optional[torch.Tensor] = None,
+                      move_slack: float = 0.05, headroom: float = 0.0
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replicate and place experts so that the per-GPU load of ``weight`` is even.
+
+    Args:
+        weight: float ``[layers, E]`` (or ``[E]``), the expected load of every
+            logical expert (e.g. :meth:`LoadMonitor.forecast`).
+        num_replicas: physical slots ``P``, a multiple of ``num_gpus``, ``>= E``.
+        num_groups: expert groups (``E % num_groups == 0``); with
+            ``num_groups % num_nodes == 0`` the plan is hierarchical and a
+            group's experts stay on one node.
+        num_nodes: nodes (``num_gpus % num_nodes == 0``).
+        num_gpus: GPUs; slot ``p`` lives on GPU ``p // (P // num_gpus)``.
+        prev_phy2log: optional previous ``phy2log`` of the same shape: the new
+            plan adapts it and moves few expert weights (module docstring).
+        move_slack: with ``prev_phy2log``, how much higher (relative) the
+            planned maximum per-GPU load may be than a fresh plan's to keep
+            the previous placement's experts in place.
+        headroom: load allowance, in units of the mean per-GPU load, added to
+            every expert when spare slots are handed out (0 = EPLB's rule;
+            about 0.5 pays off with the load-aware split of
+            :class:`~deep_ep.balance.ReplicaRouter` under drift and bursts).
+
+    Returns:
+        ``(phy2log int64 [layers, P], log2phy int64 [layers, E, max_replicas]
+        padded with -1, logcnt int64 [layers, E])`` on ``weight``'s device, the
+        shapes of DeepSeek's EPLB.
+    """
+    if not isinstance(weight, torch.Tensor):
+        weight = torch.as_tensor(weight, dtype=torch.float64)
+    if weight.dim() == 1:
+        weight = weight.unsqueeze(0)
+    if weight.dim() != 2:
+        raise DeepEPInputError(f"weight must be [layers, num_experts], got shape {tuple(weight.shape)}")
+    num_layers, num_experts = weight.shape
+    for name, v in (("num_replicas", num_replicas), ("num_groups", num_groups),
+                    ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
+        if not isinstance(v, int) or v <= 0:
+            raise DeepEPInputError(f"{name} must be a positive int, got {v!r}")
+    if num_replicas % num_gpus:
+        raise DeepEPInputError(f"num_replicas={num_replicas} must be a multiple of num_gpus={num_gpus}")
+    if num_replicas < num_experts:
+        raise DeepEPInputError(f"num_replicas={num_replicas} < num_experts={num_experts}: every expert "
+                               f"needs a slot")
+    if num_gpus % num_nodes:
+        raise DeepEPInputError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
+    if num_experts % num_groups:
+        raise DeepEPInputError(f"num_experts={num_experts} must be a multiple of num_groups={num_groups}")
+    if not (headroom >= 0 and move_slack >= 0):
+        raise DeepEPInputError(f"headroom and move_slack must be >= 0, got {headroom!r}, {move_slack!r}")
+    hierarchical = num_groups % num_nodes == 0
+    if not hierarchical:
+        num_groups, num_nodes = 1, 1
+    w_all = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if not np.isfinite(w_all).all() or (w_all < 0).any():
+        raise DeepEPInputError("weight must be finite and non-negative")
+    prev = None
+    if prev_phy2log is not None:
+        prev = torch.as_tensor(prev_phy2log).detach().to(device="cpu", dtype=torch.int64).numpy()
+        prev = prev.reshape(-1, prev.shape[-1])
+        if prev.shape != (num_layers, num_replicas):
+            log.warning("prev_phy2log has shape %s, expected %s; ignored", prev.shape,
+                        (num_layers, num_replicas))
+            prev = None
+    phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
+    for layer in range(num_layers):
+        phy2log[layer] = _plan_layer(w_all[layer], num_replicas, num_groups, num_nodes, num_gpus,
+                                     None if prev is None else prev[layer], move_slack, headroom)
+    logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
+    for layer in range(num_layers):
+        logcnt[layer] = np.bincount(phy2log[layer], minlength=num_experts)
+    max_rep = int(logcnt.max())
+    log2phy = np.full((num_layers, num_experts, max_rep), -1, dtype=np.int64)
+    for layer in range(num_layers):
+        order = np.argsort(phy2log[layer], kind="stable")                  # slots grouped by expert
+        experts = phy2log[layer][order]
+        first = np.concatenate(([0], np.cumsum(logcnt[layer])[:-1]))
+        rank = np.arange(num_replicas) - first[experts]
+        log2phy[layer, experts, rank] = order
+    dev = weight.device
+    return (torch.as_tensor(phy2log, dtype=torch.int64).to(dev),
+            torch.as_tensor(log2phy, dtype=torch.int64).to(dev),
+            torch.as_tensor(logcnt, dtype=torch.int64).to(dev))
+
+
+def moved_experts(prev_phy2log, phy2log, num_gpus: int) -> int:
+    """Expert weights a re-plan must copy: per GPU, the new replicas it did not hold before.
+
+    Both maps ``[layers, P]`` or ``[P]``; a replica that stays on its GPU (in
+    any slot) costs nothing. Summed over layers and GPUs.
+    """
+    a = torch.as_tensor(prev_phy2log).detach().to("cpu", torch.int64).numpy()
+    b = torch.as_tensor(phy2log).detach().to("cpu", torch.int64).numpy()
+    a = a.reshape(-1, a.shape[-1])
+    b = b.reshape(-1, b.shape[-1])
+    num_experts = int(max(a.max(), b.max())) + 1
+    per_gpu = b.shape[1] // num_gpus
+    rows = np.repeat(np.arange(num_gpus), per_gpu)
+    total = 0
+    for la, lb in zip(a, b):
+        ca = np.zeros((num_gpus, num_experts), dtype=np.int64)
+        cb = np.zeros((num_gpus, num_experts), dtype=np.int64)
+        np.add.at(ca, (rows, la), 1)
+        np.add.at(cb, (rows, lb), 1)
+        total += int(np.maximum(cb - ca, 0).sum())
+    return total
+
+
+def gpu_loads(weight, phy2log, num_gpus: int) -> torch.Tensor:
+    """Per-GPU load when every expert's load is split evenly among its replicas.
+
+    ``weight [layers, E]`` (or ``[E]``), ``phy2log [layers, P]`` (or ``[P]``);
+    returns float64 ``[layers, num_gpus]``.
+    """
+    w = torch.as_tensor(weight).detach().to("cpu", torch.float64)
+    p = torch.as_tensor(phy2log).detach().to("cpu", torch.int64)
+    w = w.reshape(-1, w.shape[-1])
+    p = p.reshape(-1, p.shape[-1])
+    cnt = torch.zeros_like(w).scatter_add_(1, p, torch.ones(p.shape, dtype=torch.float64))
+    per_slot = (w / cnt.clamp(min=1)).gather(1, p)
+    return per_slot.view(p.shape[0], num_gpus, -1).sum(-1)

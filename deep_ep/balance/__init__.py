@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from .monitor import LoadMonitor
 from .planner import gpu_loads, moved_experts, rebalance_experts, replica_counts
+from .migrate import MigrationPlan, migrate_experts, placement_moves, plan_migration
 from .router import ReplicaRouter
 
 __all__ = ["LoadMonitor", "rebalance_experts", "ReplicaRouter", "replica_counts", "moved_experts",
-           "gpu_loads"]
+           "gpu_loads", "migrate_experts", "placement_moves", "plan_migration", "MigrationPlan"]

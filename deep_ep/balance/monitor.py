@@ -27,8 +27,9 @@ A Kalman filter per expert on the raw counts, run over the history window:
 Against a window mean this removes the lag (half a window on a trend, and
 the dilution of a step change such as a burst) while still smoothing the
 sampling noise of cold experts. On the drifting trace of
-:mod:`deep_ep.balance.simulate` its error on the next re-plan interval's
-mean load is about a quarter lower than the window mean's.
+:mod:`deep_ep.balance.simulate` (8192 tokens per step) its L1 error on the
+next 50 steps' mean load is 0.128 against the 50-step window mean's 0.166;
+with 16x fewer tokens per step (noisier counts) 0.147 against 0.169.
 """
 from __future__ import annotations
 

@@ -30,10 +30,11 @@ GPUs):
    :class:`~deep_ep.balance.ReplicaRouter` can move, and the replicas chain
    the GPUs together so load can flow from any busy GPU to idle ones.
 3. Single-replica experts then fill the remaining slots, heaviest first onto
-   the lightest GPU, and swaps of them refine the per-GPU sums (rounds of
-   swaps between the i-th heaviest and i-th lightest GPU, then swaps out of
-   the heaviest GPU) until the maximum is within 0.2% of the lower bound
-   ``max(mean, heaviest replica)``; small problems may also swap replicas.
+   the lightest GPU, and swaps refine the per-GPU sums (rounds of swaps
+   between the i-th heaviest and i-th lightest GPU, then swaps out of the
+   heaviest GPU, never two replicas of one expert on a GPU) until the maximum
+   is within 0.2% of the lower bound ``max(mean, heaviest replica)`` or no
+   swap lowers it.
 4. Hierarchy. When ``num_groups % num_nodes == 0`` the expert groups are
    first packed onto nodes (equal group count per node, balanced load), and
    steps 1-3 run inside each node on that node's GPUs, so the experts of one
@@ -149,8 +150,7 @@ def _pack(item_w: np.ndarray, item_key: np.ndarray, num_packs: int, per_pack: in
     return pack
 
 
-def _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack, rounds: int = 8,
-                  movable=None) -> None:
+def _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack, rounds: int = 8) -> None:
     """Rounds of simultaneous swaps between the i-th heaviest and the i-th lightest pack (in place).
 
     Each pair takes its best single swap (the rule of :func:`_refine`); the
@@ -176,8 +176,6 @@ def _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack, round
             bad_b = (has[heavy[:, None], kb] > 0) & replicated[kb]          # b's key already on heavy
             bad_a = (has[light[:, None], ka] > 0) & replicated[ka]          # a's key already on light
             score = np.where(bad_a[:, :, None] | bad_b[:, None, :], -np.inf, score)
-        if movable is not None:
-            score = np.where(movable[a_items][:, :, None] & movable[b_items][:, None, :], score, -np.inf)
         flat = score.reshape(k, -1).argmax(1)
         best = score.reshape(k, -1)[rows, flat]
         go = best > tol
@@ -199,7 +197,7 @@ def _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack, round
         members[h, ia], members[l, ib] = j, i
 
 
-def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=None, movable=None,
+def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=None,
             stop_at: float = -np.inf) -> None:
     """Swap local search on the heaviest pack (in place): stop when no swap lowers it.
 
@@ -225,10 +223,6 @@ def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=N
         if loads[h] <= stop_at:
             break
         mine = members[h]                                    # [s]
-        if movable is not None:
-            mine = mine[movable[mine]]
-            if mine.size == 0:
-                break
         # First look at the lightest few packs only (cheap); fall back to all packs.
         for wide in ((False, True) if not full else (True,)):
             if wide:
@@ -236,10 +230,6 @@ def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=N
             else:
                 light = np.argpartition(loads, near)[:near]
                 cand = members[light].ravel()
-            if movable is not None:
-                cand = cand[movable[cand]]
-                if cand.size == 0:
-                    continue
             cpack = pack[cand]
             gap = loads[h] - loads[cpack]                    # [c], 0 on h itself
             delta = item_w[mine][:, None] - item_w[cand][None, :]     # [s, c]
@@ -362,7 +352,6 @@ def _greedy_fill(item_w, item_key, order, cap, loads, keys_in, pack, bridge=None
     bridge[:] = comp
 
 
-_PHASE1 = True
 _GOOD_ENOUGH = 2e-3     # refinement stops within this fraction of the lower bound of the maximum
 
 
@@ -374,10 +363,10 @@ def _replica_weight(w: np.ndarray, num_gpus: int, headroom: float) -> np.ndarray
 def _plan_flat(w: np.ndarray, num_slots: int, num_gpus: int, headroom: float = 0.0) -> np.ndarray:
     """Replicate and pack one node: local expert of every slot, GPU-major (int64 ``[num_slots]``).
 
-    Replicated experts (the flexible load the router can shift) are spread
-    first, so every GPU gets its share of them; single-replica experts are then
-    packed onto the remaining slots to even out the total, and swaps among
-    them refine it.
+    Replicated experts (the load the router can shift) are spread first, so
+    every GPU gets its share of them and their replicas link the GPUs;
+    single-replica experts then fill the remaining slots, and swaps refine the
+    per-GPU sums (module docstring, steps 1-3).
     """
     n = w.shape[0]
     per_gpu = num_slots // num_gpus
@@ -402,13 +391,9 @@ def _plan_flat(w: np.ndarray, num_slots: int, num_gpus: int, headroom: float = 0
         np.add.at(loads, pack, item_w)
         has = np.zeros((num_gpus, n), dtype=np.int64)
         np.add.at(has, (pack, item_key), 1)
-        movable = ~flex
         # no plan beats max(mean load, heaviest replica); stop refining within 0.2% of it
         good_enough = max(float(item_w.sum()) / num_gpus, float(item_w.max())) * (1 + _GOOD_ENOUGH)
-        if loads.max() > good_enough and _PHASE1:
-            _pair_balance(item_w, item_key, pack, loads, has, num_gpus, per_gpu, movable=movable)
-            _refine(item_w, item_key, pack, loads, has, num_gpus, per_gpu, movable=movable, stop_at=good_enough)
-        if loads.max() > good_enough:       # hard or small problems: let the replicated experts move too
+        if loads.max() > good_enough:
             _pair_balance(item_w, item_key, pack, loads, has, num_gpus, per_gpu)
             _refine(item_w, item_key, pack, loads, has, num_gpus, per_gpu, stop_at=good_enough)
     # GPU-major slot order; inside a GPU, heavier replicas first (ties by expert id).

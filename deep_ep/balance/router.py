@@ -25,12 +25,16 @@ coordinate descent: the replicated experts are coloured at construction so
 that experts of one colour never share a GPU; one sweep visits the colours
 in turn and, for all experts of the colour at once, re-splits each expert's
 count by integer water-filling against the load its GPUs carry from
-everything else. Each step can only lower ``sum load**2``. All arithmetic is
-int64 (exact and order-independent on CPU and GPU), so equal inputs give
-bit-identical quotas on every rank. At most ``sweeps`` sweeps run (default
-8; on GPU all of them, without host synchronisation; on CPU the loop stops at
-a fixed point, which changes nothing). There is no Python loop over tokens or
-experts, only over ``sweeps x colours`` (a handful each).
+everything else (a re-split that would move at most one pair per replica is
+skipped: it only reshuffles rounding remainders). No step raises
+``sum load**2``. All arithmetic is int64 (exact and order-independent), so
+equal inputs give bit-identical quotas on every rank; CPU tensors take a numpy
+implementation of the same integer algorithm (faster for these small arrays;
+tested equal to the torch one, which serves GPU tensors). At most ``sweeps``
+sweeps run (default 8; on GPU all of them, without host synchronisation; on
+CPU the loop stops at a fixed point, which changes nothing). There is no
+Python loop over tokens or experts, only over ``sweeps x colours`` (a handful
+each).
 
 Filling the quotas across ranks
 -------------------------------
@@ -42,7 +46,7 @@ to the replica whose cumulative quota range ``[Q_<j, Q_<=j)`` contains it.
 * ``[R, E]``, the per-rank counts of every rank (one ``all_gather`` of E ints,
   :meth:`ReplicaRouter.exchange_counts`): every rank knows its offset, the
   ranks fill each replica's quota exactly (``rank`` says which row is ours;
-  default ``torch.distributed.get_rank()``).
+  default: this process's rank in ``group``).
 * ``[E]``, the all-reduced totals: each rank splits its own pairs in
   proportion to the quotas (largest remainder, rotated by rank); per-replica
   totals then match the quotas up to about one pair per rank.
@@ -93,6 +97,27 @@ def waterfill(counts: torch.Tensor, base: torch.Tensor, valid: torch.Tensor) -> 
     out = torch.zeros_like(share_sorted)
     out.scatter_(1, perm, share_sorted)
     return torch.where(valid, out, torch.zeros_like(out))
+
+
+def _waterfill_np(counts: np.ndarray, base: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """:func:`waterfill` in numpy (same integer algorithm, same result)."""
+    n, m = base.shape
+    b = np.where(valid, base, _BIG)
+    perm = np.argsort(b, axis=1, kind="stable")
+    flat = (perm + (np.arange(n, dtype=np.int64) * m)[:, None]).ravel()
+    bs = b.ravel()[flat].reshape(n, m)
+    csum = np.cumsum(bs, axis=1)
+    need = np.arange(1, m + 1, dtype=np.int64) * bs - csum
+    c = counts[:, None]
+    kk = np.maximum((need <= c).sum(1), 1)
+    tot = counts + csum[np.arange(n), kk - 1]
+    h0 = tot // kk
+    rem = tot - h0 * kk
+    col = np.arange(m, dtype=np.int64)
+    share_sorted = np.where(col < kk[:, None], h0[:, None] - bs + (col < rem[:, None]), 0)
+    out = np.empty(n * m, dtype=np.int64)
+    out[flat] = share_sorted.ravel()
+    return np.where(valid, out.reshape(n, m), 0)
 
 
 class ReplicaRouter:
@@ -186,7 +211,6 @@ class ReplicaRouter:
         mu = int(units_per_expert.max()) if E else 1
         nr = rep_experts.shape[0]
         rep_gpu = np.full((nr, max(mu, 1)), G, dtype=np.int64)
-        rep_unit = np.full((nr, max(mu, 1)), -1, dtype=np.int64)
         row_of = np.full(E, -1, dtype=np.int64)
         row_of[rep_experts] = np.arange(nr)
         if nr:
@@ -195,9 +219,20 @@ class ReplicaRouter:
             first = np.concatenate(([0], np.cumsum(np.bincount(r, minlength=nr))[:-1]))
             col = np.arange(sel.shape[0]) - first[r]
             rep_gpu[r, col] = unit_gpu[sel]
-            rep_unit[r, col] = sel
         self._rep_gpu = rep_gpu
-        self._rep_unit = rep_unit
+        # where each unit's quota comes from in concat(counts [E], q [nr * mu]): a single-unit
+        # expert's unit takes the expert's whole count, a replicated expert's unit its water-filled share
+        unit_src = unit_expert.astype(np.int64).copy()
+        if nr:
+            unit_src[sel] = E + r * rep_gpu.shape[1] + col
+        self._unit_src = unit_src
+        # position of every slot inside its unit (slot order); the first ones take the remainder
+        order = np.argsort(self._slot_unit, kind="stable")
+        ufirst = np.concatenate(([0], np.cumsum(self._unit_slots)[:-1]))
+        pos = np.empty_like(self._slot_unit)
+        pos[order] = np.arange(order.shape[0]) - ufirst[self._slot_unit[order]]
+        self._slot_pos = pos
+        self._numpy_on_cpu = True
         # greedy colouring: experts of one colour share no GPU
         colours: List[List[int]] = []
         used: List[set] = []
@@ -230,7 +265,8 @@ class ReplicaRouter:
                 "rep_mask": torch.as_tensor(self._host_replicas >= 0, dtype=torch.bool, device=dev),
                 "slot_unit": torch.as_tensor(self._slot_unit, **i64),
                 "unit_slots": torch.as_tensor(self._unit_slots, **i64),
-                "rep_unit": torch.as_tensor(self._rep_unit, **i64),
+                "unit_src": torch.as_tensor(self._unit_src, **i64),
+                "slot_pos": torch.as_tensor(self._slot_pos, **i64),
                 "phy2log": torch.as_tensor(self.phy2log.numpy(), **i64),
                 "slot_gpu": torch.as_tensor(self.slot_gpu.numpy(), **i64),
             }
@@ -244,7 +280,8 @@ class ReplicaRouter:
         ``global_counts``: int ``[E]`` (or ``[R, E]``, summed over ranks). The
         quotas of an expert's slots sum to its count; the per-GPU sums are as
         even as the placement allows. Deterministic: equal counts give
-        bit-identical quotas on every rank and device (int64 arithmetic).
+        bit-identical quotas on every rank and device (int64 arithmetic; the
+        CPU path runs the same integer algorithm in numpy, the GPU path in torch).
         """
         c = torch.as_tensor(global_counts)
         if c.dim() == 2:
@@ -252,6 +289,49 @@ class ReplicaRouter:
         c = c.to(torch.int64)
         if c.shape != (self.num_experts,):
             raise DeepEPInputError(f"global_counts must have {self.num_experts} experts, got {tuple(c.shape)}")
+        n_sweeps = self.sweeps if sweeps is None else int(sweeps)
+        if c.device.type == "cpu" and self._numpy_on_cpu:
+            return torch.from_numpy(self._quotas_numpy(c.numpy(), n_sweeps))
+        return self._quotas_torch(c, n_sweeps)
+
+    def _quotas_numpy(self, c: np.ndarray, n_sweeps: int) -> np.ndarray:
+        G = self.num_gpus
+        load = np.zeros(G + 1, dtype=np.int64)
+        np.add.at(load, self._rigid_gpu, c)                          # single-unit experts
+        rep_gpu = self._rep_gpu
+        valid = rep_gpu < G
+        nr, mu = rep_gpu.shape
+        q = np.zeros((nr, mu), dtype=np.int64)
+        if nr:
+            crep = c[self._rep_experts]
+            nunits = valid.sum(1)
+            base = crep // nunits
+            extra = crep - base * nunits
+            col = np.arange(mu)[None, :]
+            q = np.where(valid, base[:, None] + (col < extra[:, None]), 0).astype(np.int64)
+            np.add.at(load, rep_gpu.ravel(), q.ravel())
+            for _ in range(n_sweeps):
+                moved = False
+                for rows in self._colours:
+                    g = rep_gpu[rows]
+                    old = q[rows]
+                    others = load[g] - old
+                    new = _waterfill_np(crep[rows], others, valid[rows])
+                    d = new - old
+                    d[np.abs(d).max(1) <= 1] = 0                # +-1 moves only shuffle remainders: skip
+                    new = old + d
+                    load[g.ravel()] += d.ravel()        # GPUs of one colour are distinct (pad: delta 0)
+                    q[rows] = new
+                    moved = moved or bool(d.any())
+                if not moved:                           # a fixed point: further sweeps change nothing
+                    break
+        uq = np.concatenate((c, q.ravel()))[self._unit_src]
+        per = uq // self._unit_slots
+        rem = uq - per * self._unit_slots
+        su = self._slot_unit
+        return per[su] + (self._slot_pos < rem[su])
+
+    def _quotas_torch(self, c: torch.Tensor, n_sweeps: int) -> torch.Tensor:
         t = self._tables(c.device)
         G = self.num_gpus
         dev = c.device
@@ -259,6 +339,7 @@ class ReplicaRouter:
         load.scatter_add_(0, t["rigid_gpu"], c)                      # single-unit experts
         rep_gpu, valid = t["rep_gpu"], t["rep_valid"]
         nr, mu = rep_gpu.shape
+        q = torch.zeros(nr, mu, dtype=torch.int64, device=dev)
         if nr:
             crep = c.index_select(0, t["rep_experts"])               # [nr]
             nunits = valid.sum(1)
@@ -268,7 +349,6 @@ class ReplicaRouter:
             q = torch.where(valid, base.view(-1, 1) + (col < extra.view(-1, 1)).to(torch.int64),
                             torch.zeros(1, dtype=torch.int64, device=dev))
             load.scatter_add_(0, rep_gpu.reshape(-1), q.reshape(-1))
-            n_sweeps = self.sweeps if sweeps is None else int(sweeps)
             on_cpu = dev.type == "cpu"
             for _ in range(n_sweeps):
                 moved = False
@@ -278,45 +358,21 @@ class ReplicaRouter:
                     old = q.index_select(0, rows)
                     others = load.index_select(0, g.reshape(-1)).view(g.shape) - old
                     new = waterfill(crep.index_select(0, rows), others, v)
-                    load.scatter_add_(0, g.reshape(-1), (new - old).reshape(-1))
+                    d = new - old
+                    d = torch.where(d.abs().amax(1, keepdim=True) <= 1, torch.zeros_like(d), d)
+                    new = old + d
+                    load.scatter_add_(0, g.reshape(-1), d.reshape(-1))
                     q.index_copy_(0, rows, new)
                     if on_cpu and not moved:
                         moved = not torch.equal(new, old)
                 if on_cpu and not moved:      # a fixed point: further sweeps change nothing
                     break
-        # unit quotas -> slot quotas
-        units = int(t["unit_slots"].shape[0])
-        uq = torch.zeros(units, dtype=torch.int64, device=dev)
-        # single-unit experts: their unit gets the full count
-        slot_unit = t["slot_unit"]
-        phy2log = t["phy2log"]
-        single = t["rigid_gpu"] < G
-        unit_of_slot_expert_count = c.index_select(0, phy2log)
-        is_single_slot = single.index_select(0, phy2log)
-        uq.scatter_(0, slot_unit, torch.where(is_single_slot, unit_of_slot_expert_count,
-                                              torch.zeros_like(unit_of_slot_expert_count)))
-        if nr:
-            ru = t["rep_unit"]
-            m = ru >= 0
-            uq.scatter_(0, ru[m], q[m])
-        # split each unit's quota evenly over its slots (lower slot first gets the remainder)
+        uq = torch.cat((c, q.reshape(-1))).index_select(0, t["unit_src"])
         nslots = t["unit_slots"]
         per = torch.div(uq, nslots, rounding_mode="floor")
         rem = uq - per * nslots
-        # position of each slot inside its unit
-        pos = self._slot_pos_in_unit(dev)
-        return per.index_select(0, slot_unit) + (pos < rem.index_select(0, slot_unit)).to(torch.int64)
-
-    def _slot_pos_in_unit(self, dev: torch.device) -> torch.Tensor:
-        t = self._tables(dev)
-        if "slot_pos" not in t:
-            su = self._slot_unit
-            order = np.argsort(su, kind="stable")
-            first = np.concatenate(([0], np.cumsum(self._unit_slots)[:-1]))
-            pos = np.empty_like(su)
-            pos[order] = np.arange(su.shape[0]) - first[su[order]]
-            t["slot_pos"] = torch.as_tensor(pos, dtype=torch.int64, device=dev)
-        return t["slot_pos"]
+        su = t["slot_unit"]
+        return per.index_select(0, su) + (t["slot_pos"] < rem.index_select(0, su)).to(torch.int64)
 
     def even_quotas(self, counts: torch.Tensor) -> torch.Tensor:
         """Per-slot quotas (int64 ``[P]``) of the plan's even split of ``counts [E]``."""
@@ -349,7 +405,7 @@ class ReplicaRouter:
 
     # ------------------------------------------------------------------ routing
     def route(self, topk_idx: torch.Tensor, global_counts: Optional[torch.Tensor] = None, *,
-              rank: Optional[int] = None) -> torch.Tensor:
+              rank: Optional[int] = None, group=None) -> torch.Tensor:
         """Physical slot of every (token, expert) pair: int64 ``[T, K]``, ``-1`` kept.
 
         Args:
@@ -360,9 +416,11 @@ class ReplicaRouter:
                 each rank splits its pairs in proportion, totals match up to
                 about one pair per rank); or ``[R, E]`` every rank's counts
                 (load-aware quotas filled exactly by the ranks together).
-            rank: this rank's row of an ``[R, E]`` ``global_counts`` (default
-                ``torch.distributed.get_rank()``, else 0); with ``[E]`` it
-                rotates the rounding remainders.
+            rank: this rank's row of an ``[R, E]`` ``global_counts`` (default:
+                the rank in ``group`` when torch.distributed is initialised,
+                else 0); with ``[E]`` it rotates the rounding remainders.
+            group: the process group whose ranks the rows of ``global_counts``
+                follow (as in :meth:`exchange_counts`; default: the world).
         """
         if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2:
             raise DeepEPInputError("topk_idx must be a 2-D tensor [num_tokens, num_topk]")
@@ -385,16 +443,15 @@ class ReplicaRouter:
             table = self._even_table(n_local, mask)
         else:
             gc = torch.as_tensor(global_counts).to(device=dev, dtype=torch.int64)
+            if rank is None:
+                rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
             if gc.dim() == 2 and gc.shape[1] == E:
-                if rank is None:
-                    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
                 if not 0 <= rank < gc.shape[0]:
                     raise DeepEPInputError(f"rank {rank} outside global_counts rows [0, {gc.shape[0]})")
                 offset[:E] = gc[:rank].sum(0)
                 table = self._slot_table(self.quotas(gc.sum(0)), t)
             elif gc.dim() == 1 and gc.shape[0] == E:
-                table = self._proportional(self._slot_table(self.quotas(gc), t), gc, n_local, mask,
-                                           0 if rank is None else int(rank))
+                table = self._proportional(self._slot_table(self.quotas(gc), t), gc, n_local, mask, int(rank))
             else:
                 raise DeepEPInputError(f"global_counts must be [{E}] or [R, {E}], got {tuple(gc.shape)}")
         # position of every pair among this rank's pairs of its expert (token order), plus the
@@ -454,8 +511,12 @@ class ReplicaRouter:
     def exchange_counts(self, topk_idx: torch.Tensor, group=None) -> torch.Tensor:
         """All-gather this rank's per-expert counts: int64 ``[R, E]`` (the ``global_counts`` of
         :meth:`route` that lets ranks fill the quotas exactly). Collective over ``group``."""
-        flat = topk_idx.reshape(-1)
-        local = torch.bincount(flat[flat >= 0].to(torch.int64), minlength=self.num_experts)
+        flat = topk_idx.reshape(-1).to(torch.int64)
+        E = self.num_experts
+        e = torch.where(flat >= 0, flat, torch.full_like(flat, E))        # no host sync (no masking)
+        local = torch.zeros(E + 1, dtype=torch.int64, device=flat.device)
+        local.scatter_add_(0, e, torch.ones_like(e))
+        local = local[:E].contiguous()
         world = dist.get_world_size(group)
         out = torch.empty(world, self.num_experts, dtype=torch.int64, device=local.device)
         dist.all_gather(list(out.unbind(0)), local, group=group)

@@ -25,9 +25,11 @@ All policies start from the static contiguous placement and (except
   (:func:`eplb_reference`, an independent re-implementation of the published
   algorithm) fed with the window mean; each expert's pairs split evenly
   among its replicas.
-* ``deep_ep``: :meth:`LoadMonitor.forecast` -> :func:`rebalance_experts`
-  (relabelled against the previous plan) -> :class:`ReplicaRouter` quotas
-  from each step's global counts.
+* ``deep_ep``: :meth:`LoadMonitor.forecast` (horizon = the re-plan interval)
+  -> :func:`rebalance_experts` (``headroom=0.5``, adapting the previous
+  placement, ``move_slack=0.05``) -> :class:`ReplicaRouter` quotas from each
+  step's global counts (what ``route`` realises exactly with ``[R, E]``
+  counts; the tests check that).
 * ablations: ``eplb+steal`` (EPLB plan, load-aware split), ``deep_ep-even``
   (deep_ep plan, even split), ``deep_ep-mean`` (window mean instead of the
   forecast, deep_ep planner and split).
@@ -40,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,6 +56,7 @@ __all__ = ["TraceConfig", "Trace", "make_trace", "sample_topk", "eplb_reference"
 
 log = logging.getLogger("deep_ep.balance")
 
+#: Policy names accepted by :func:`simulate` (module docstring).
 POLICIES = ("static", "eplb", "deep_ep", "eplb+steal", "deep_ep-even", "deep_ep-mean")
 
 

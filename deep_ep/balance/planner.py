@@ -69,6 +69,25 @@ log = logging.getLogger("deep_ep.balance")
 _EPS = 1e-9
 
 
+def _pop_lightest_without(heap: list, keys_in: list, key: int) -> tuple:
+    """Pop the lightest pack (``(load, pack)``) that does not hold ``key`` yet; if every pack
+    with room holds it, the lightest of them. Packs passed over go back on the heap."""
+    skipped = []
+    found = None
+    while heap:
+        entry = heapq.heappop(heap)
+        if key in keys_in[entry[1]]:
+            skipped.append(entry)
+            continue
+        found = entry
+        break
+    if found is None:
+        found = skipped.pop(0)
+    for entry in skipped:
+        heapq.heappush(heap, entry)
+    return found
+
+
 def replica_counts(load, num_slots: int) -> np.ndarray:
     """Replicas per expert: one each, then every spare slot to the largest load per replica.
 
@@ -124,17 +143,7 @@ def _pack(item_w: np.ndarray, item_key: np.ndarray, num_packs: int, per_pack: in
     kl = item_key.tolist()
     for it in order:
         k = kl[it]
-        skipped = []
-        while heap:
-            load, g = heapq.heappop(heap)
-            if k in keys_in[g]:
-                skipped.append((load, g))
-                continue
-            break
-        else:                                   # every pack with room already holds this key
-            load, g = skipped.pop(0)
-        for entry in skipped:
-            heapq.heappush(heap, entry)
+        load, g = _pop_lightest_without(heap, keys_in, k)
         pack[it] = g
         fill[g] += 1
         keys_in[g].add(k)
@@ -289,17 +298,7 @@ def _greedy_fill(item_w, item_key, order, cap, loads, keys_in, pack, bridge=None
         heapq.heapify(heap)
         for it in order:
             k = kl[it]
-            skipped = []
-            while heap:
-                load, g = heapq.heappop(heap)
-                if k in keys_in[g]:
-                    skipped.append((load, g))
-                    continue
-                break
-            else:
-                load, g = skipped.pop(0)
-            for entry in skipped:
-                heapq.heappush(heap, entry)
+            load, g = _pop_lightest_without(heap, keys_in, k)
             pack[it] = g
             cap[g] -= 1
             keys_in[g].add(k)

@@ -9,17 +9,24 @@
 * :class:`ReplicaRouter` -- sends every (token, expert) pair to one replica of
   its expert; with the step's global counts all ranks derive the same
   per-replica quotas that even out the per-GPU load of this step (work
-  stealing) without further communication.
+  stealing) without further communication;
+* :func:`migrate_experts` -- moves expert weights (and optimizer state) to a
+  new placement, bit-exactly (plan: :func:`plan_migration`).
 
-:mod:`deep_ep.balance.simulate` holds the drifting-popularity trace and the
-policy simulation used by ``benchmarks/bench_balance.py``.
+Modules: ``monitor``, ``planner`` (with its packing core in ``packing``),
+``placement`` (``phy2log`` helpers), ``router``, ``migration_plan`` and
+``migrate``. :mod:`deep_ep.balance.simulate` holds the drifting-popularity
+trace and the policy simulation used by ``benchmarks/bench_balance.py``.
 """
 from __future__ import annotations
 
 from .monitor import LoadMonitor
-from .planner import gpu_loads, moved_experts, rebalance_experts, replica_counts
-from .migrate import MigrationPlan, migrate_experts, placement_moves, plan_migration
+from .placement import contiguous_phy2log, gpu_loads, moved_experts
+from .planner import rebalance_experts, replica_counts
+from .migration_plan import MigrationPlan, placement_moves, plan_migration
+from .migrate import migrate_experts
 from .router import ReplicaRouter
 
 __all__ = ["LoadMonitor", "rebalance_experts", "ReplicaRouter", "replica_counts", "moved_experts",
-           "gpu_loads", "migrate_experts", "placement_moves", "plan_migration", "MigrationPlan"]
+           "gpu_loads", "contiguous_phy2log", "migrate_experts", "placement_moves", "plan_migration",
+           "MigrationPlan"]

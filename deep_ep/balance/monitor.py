@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DeepEPInputError
+from .placement import gpu_loads
 
 __all__ = ["LoadMonitor", "forecast_counts", "per_gpu_loads", "imbalance_figures"]
 
@@ -229,9 +230,7 @@ def per_gpu_loads(counts: torch.Tensor, num_gpus: int, phy2log=None, logcnt=None
         router = ReplicaRouter(p2l, torch.as_tensor(cnt).reshape(-1), num_gpus)
         rows = [router.gpu_load(router.quotas(ci.round().to(torch.int64))) for ci in c]
         return torch.stack(rows).to(torch.float64)
-    cnt = torch.bincount(p2l, minlength=num_experts).to(torch.float64).clamp(min=1)
-    per_slot = (c / cnt).index_select(1, p2l)
-    return per_slot.view(steps, num_gpus, -1).sum(-1)
+    return gpu_loads(c, p2l, num_gpus)
 
 
 def imbalance_figures(loads: torch.Tensor) -> Dict[str, float]:

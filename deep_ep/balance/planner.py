@@ -53,7 +53,6 @@ Everything is deterministic: the same inputs give the same plan on every rank.
 """
 from __future__ import annotations
 
-import heapq
 import logging
 from typing import Optional, Tuple
 
@@ -61,31 +60,12 @@ import numpy as np
 import torch
 
 from ..errors import DeepEPInputError
+from .packing import _EPS, _greedy_fill, _pack, _pair_balance, _refine, _tally
+from .placement import gpu_expert_counts, gpu_loads, host_int64, moved_experts, replica_table
 
 __all__ = ["rebalance_experts", "replica_counts", "moved_experts", "gpu_loads"]
 
 log = logging.getLogger("deep_ep.balance")
-
-_EPS = 1e-9
-
-
-def _pop_lightest_without(heap: list, keys_in: list, key: int) -> tuple:
-    """Pop the lightest pack (``(load, pack)``) that does not hold ``key`` yet; if every pack
-    with room holds it, the lightest of them. Packs passed over go back on the heap."""
-    skipped = []
-    found = None
-    while heap:
-        entry = heapq.heappop(heap)
-        if key in keys_in[entry[1]]:
-            skipped.append(entry)
-            continue
-        found = entry
-        break
-    if found is None:
-        found = skipped.pop(0)
-    for entry in skipped:
-        heapq.heappush(heap, entry)
-    return found
 
 
 def replica_counts(load, num_slots: int) -> np.ndarray:
@@ -119,236 +99,6 @@ def replica_counts(load, num_slots: int) -> np.ndarray:
     np.add.at(cnt, e_idx[order], 1)
     return cnt
 
-
-def _pack(item_w: np.ndarray, item_key: np.ndarray, num_packs: int, per_pack: int,
-          num_keys: int, refine: bool = True, max_swaps: Optional[int] = None) -> np.ndarray:
-    """Pack items into ``num_packs`` packs of exactly ``per_pack`` items, balancing the pack sums.
-
-    Items with the same ``item_key`` avoid sharing a pack while any other pack
-    with room exists. Returns the pack of every item (int64 ``[n]``).
-    """
-    n = item_w.shape[0]
-    assert n == num_packs * per_pack
-    pack = np.full(n, -1, dtype=np.int64)
-    if num_packs == 1:
-        pack[:] = 0
-        return pack
-    # Greedy (LPT with equal cardinality): heaviest item first onto the lightest pack with room
-    # that does not hold the same key yet. A heap of (load, pack) keeps this O(n log m).
-    heap = [(0.0, g) for g in range(num_packs)]
-    fill = [0] * num_packs
-    keys_in = [set() for _ in range(num_packs)]
-    order = np.lexsort((np.arange(n), -item_w)).tolist()   # heaviest first, ties by index
-    wl = item_w.tolist()
-    kl = item_key.tolist()
-    for it in order:
-        k = kl[it]
-        load, g = _pop_lightest_without(heap, keys_in, k)
-        pack[it] = g
-        fill[g] += 1
-        keys_in[g].add(k)
-        if fill[g] < per_pack:
-            heapq.heappush(heap, (load + wl[it], g))
-    loads = np.zeros(num_packs, dtype=np.float64)
-    np.add.at(loads, pack, item_w)
-    has = np.zeros((num_packs, num_keys), dtype=np.int64)
-    np.add.at(has, (pack, item_key), 1)
-    if refine:
-        _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack)
-        _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps)
-    return pack
-
-
-def _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack, rounds: int = 8) -> None:
-    """Rounds of simultaneous swaps between the i-th heaviest and the i-th lightest pack (in place).
-
-    Each pair takes its best single swap (the rule of :func:`_refine`); the
-    pairs are disjoint, so one vectorised round improves many packs at once.
-    """
-    if num_packs < 2:
-        return
-    k = num_packs // 2
-    members = np.argsort(pack, kind="stable").reshape(num_packs, per_pack)
-    tol = 1e-9 * max(float(loads.max()), _EPS)
-    replicated = np.bincount(item_key, minlength=has.shape[1]) > 1
-    rows = np.arange(k)
-    for _ in range(rounds):
-        order = np.argsort(loads, kind="stable")
-        heavy, light = order[::-1][:k], order[:k]
-        a_items, b_items = members[heavy], members[light]                 # [k, s]
-        wa, wb = item_w[a_items], item_w[b_items]
-        delta = wa[:, :, None] - wb[:, None, :]                            # [k, s, s]
-        gap = (loads[heavy] - loads[light])[:, None, None]
-        score = np.minimum(delta, gap - delta)
-        ka, kb = item_key[a_items], item_key[b_items]
-        if replicated.any():
-            bad_b = (has[heavy[:, None], kb] > 0) & replicated[kb]          # b's key already on heavy
-            bad_a = (has[light[:, None], ka] > 0) & replicated[ka]          # a's key already on light
-            score = np.where(bad_a[:, :, None] | bad_b[:, None, :], -np.inf, score)
-        flat = score.reshape(k, -1).argmax(1)
-        best = score.reshape(k, -1)[rows, flat]
-        go = best > tol
-        if not go.any():
-            break
-        ia, ib = np.divmod(flat[go], per_pack)
-        sel = rows[go]
-        h, l = heavy[sel], light[sel]
-        i, j = a_items[sel, ia], b_items[sel, ib]
-        d = item_w[i] - item_w[j]
-        loads[h] -= d
-        loads[l] += d
-        ki, kj = item_key[i], item_key[j]          # packs are distinct within a round: plain indexing
-        has[h, ki] -= 1
-        has[h, kj] += 1
-        has[l, kj] -= 1
-        has[l, ki] += 1
-        pack[i], pack[j] = l, h
-        members[h, ia], members[l, ib] = j, i
-
-
-def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=None,
-            stop_at: float = -np.inf) -> None:
-    """Swap local search on the heaviest pack (in place): stop when no swap lowers it.
-
-    Swapping item ``i`` of the heaviest pack ``h`` with item ``j`` of pack ``g``
-    moves ``d = w_i - w_j`` from ``h`` to ``g``; both packs end below ``L_h``
-    iff ``0 < d < L_h - L_g``, and the larger of the two is smallest when
-    ``min(d, L_h - L_g - d)`` is largest, which is the swap taken.
-    """
-    n = item_w.shape[0]
-    if max_swaps is None:
-        max_swaps = 4 * n
-    members = np.argsort(pack, kind="stable").reshape(num_packs, per_pack)   # items of each pack
-    pos = np.empty(n, dtype=np.int64)
-    pos[members.ravel()] = np.arange(n)
-    tol = 1e-9 * max(float(loads.max()), _EPS)
-    replicated = np.bincount(item_key, minlength=has.shape[1])[item_key] > 1    # [n]
-    has_t = has.T.copy()                                                         # [keys, packs]
-    any_rep = bool(replicated.any())
-    near = min(num_packs - 1, 8)
-    full = near == num_packs - 1
-    for _ in range(max_swaps):
-        h = int(np.argmax(loads))
-        if loads[h] <= stop_at:
-            break
-        mine = members[h]                                    # [s]
-        # First look at the lightest few packs only (cheap); fall back to all packs.
-        for wide in ((False, True) if not full else (True,)):
-            if wide:
-                cand = np.arange(n)
-            else:
-                light = np.argpartition(loads, near)[:near]
-                cand = members[light].ravel()
-            cpack = pack[cand]
-            gap = loads[h] - loads[cpack]                    # [c], 0 on h itself
-            delta = item_w[mine][:, None] - item_w[cand][None, :]     # [s, c]
-            score = np.minimum(delta, gap[None, :] - delta)
-            if any_rep:
-                # j's key must not be on h; i's key must not be on j's pack (replicated keys only)
-                ckey = item_key[cand]
-                score[:, has[h, ckey] > 0] = -np.inf
-                rep_rows = np.nonzero(replicated[mine])[0]
-                if rep_rows.size:
-                    clash = has_t[item_key[mine[rep_rows]]][:, cpack] > 0   # [r, c]
-                    sub = score[rep_rows]
-                    sub[clash] = -np.inf
-                    score[rep_rows] = sub
-            flat = int(np.argmax(score))
-            if score.flat[flat] > tol:
-                break
-        else:
-            break
-        a, jc = divmod(flat, cand.shape[0])
-        j = int(cand[jc])
-        i = int(mine[a])
-        g = int(pack[j])
-        d = float(delta[a, jc])
-        ki, kj = item_key[i], item_key[j]
-        loads[h] -= d
-        loads[g] += d
-        has[h, ki] -= 1
-        has[h, kj] += 1
-        has[g, kj] -= 1
-        has[g, ki] += 1
-        has_t[ki, h] -= 1
-        has_t[kj, h] += 1
-        has_t[kj, g] -= 1
-        has_t[ki, g] += 1
-        pack[i], pack[j] = g, h
-        pi, pj = pos[i], pos[j]
-        members.flat[pi], members.flat[pj] = j, i
-        pos[i], pos[j] = pj, pi
-
-
-def _greedy_fill(item_w, item_key, order, cap, loads, keys_in, pack, bridge=None) -> None:
-    """Place ``order``'s items in turn on the lightest pack with room (``cap``) that does not hold
-    the key yet (in place; ``loads`` / ``keys_in`` / ``cap`` updated).
-
-    With ``bridge`` (int64 ``[packs]`` component labels, updated in place), a
-    pack outside the components that already hold the item's key is preferred
-    over a lighter one inside them, and placing the item joins the components:
-    replicas of one expert then link separate groups of GPUs, so the router
-    can move load between them.
-    """
-    num_packs = len(cap)
-    wl = item_w.tolist()
-    kl = item_key.tolist()
-    if bridge is None:
-        heap = [(float(loads[g]), g) for g in range(num_packs) if cap[g] > 0]
-        heapq.heapify(heap)
-        for it in order:
-            k = kl[it]
-            load, g = _pop_lightest_without(heap, keys_in, k)
-            pack[it] = g
-            cap[g] -= 1
-            keys_in[g].add(k)
-            loads[g] = load + wl[it]
-            if cap[g] > 0:
-                heapq.heappush(heap, (loads[g], g))
-        return
-    comp = [int(x) for x in bridge]                    # component label of every pack
-    members = {}
-    for g, c in enumerate(comp):
-        members.setdefault(c, []).append(g)
-    hosts_of: dict = {}
-    for g in range(num_packs):
-        for k in keys_in[g]:
-            hosts_of.setdefault(k, []).append(g)
-    heap = [(float(loads[g]), g) for g in range(num_packs) if cap[g] > 0]
-    heapq.heapify(heap)
-    for it in order:
-        k = kl[it]
-        hosts = hosts_of.get(k, [])
-        linked = {comp[h] for h in hosts}
-        popped = []
-        choice = None
-        while heap:
-            entry = heapq.heappop(heap)
-            popped.append(entry)
-            if entry[1] not in hosts and comp[entry[1]] not in linked:
-                choice = entry
-                break
-        if choice is None:                              # lightest pack not holding the key, else lightest
-            choice = next((e for e in popped if e[1] not in hosts), popped[0] if popped else None)
-        if choice is None:
-            raise RuntimeError("no pack has room")     # cannot happen: items == free slots
-        for entry in popped:
-            if entry is not choice:
-                heapq.heappush(heap, entry)
-        load, g = choice
-        if hosts and comp[hosts[0]] != comp[g]:         # join the two components
-            a, b = comp[hosts[0]], comp[g]
-            for x in members.pop(b):
-                comp[x] = a
-                members[a].append(x)
-        pack[it] = g
-        cap[g] -= 1
-        keys_in[g].add(k)
-        hosts_of.setdefault(k, []).append(g)
-        loads[g] = load + wl[it]
-        if cap[g] > 0:
-            heapq.heappush(heap, (loads[g], g))
-    bridge[:] = comp
 
 
 _GOOD_ENOUGH = 2e-3     # refinement stops within this fraction of the lower bound of the maximum
@@ -386,10 +136,7 @@ def _plan_flat(w: np.ndarray, num_slots: int, num_gpus: int, headroom: float = 0
         cap = [per_gpu - len(k) for k in keys_in]
         ri = np.nonzero(~flex)[0]
         _greedy_fill(item_w, item_key, ri[np.lexsort((ri, -item_w[ri]))].tolist(), cap, loads, keys_in, pack)
-        loads = np.zeros(num_gpus)
-        np.add.at(loads, pack, item_w)
-        has = np.zeros((num_gpus, n), dtype=np.int64)
-        np.add.at(has, (pack, item_key), 1)
+        loads, has = _tally(item_w, item_key, pack, num_gpus, n)
         # no plan beats max(mean load, heaviest replica); stop refining within 0.2% of it
         good_enough = max(float(item_w.sum()) / num_gpus, float(item_w.max())) * (1 + _GOOD_ENOUGH)
         if loads.max() > good_enough:
@@ -448,10 +195,7 @@ def _plan_incremental(w: np.ndarray, prev: np.ndarray, num_gpus: int, target: fl
             first_g[e] = g
     _greedy_fill(item_w, item_key, idx_new[np.lexsort((idx_new, item_key[idx_new], -item_w[idx_new]))].tolist(),
                  cap, loads_l, keys_in, pack, bridge=bridge)
-    loads = np.zeros(num_gpus)
-    np.add.at(loads, pack, item_w)
-    has = np.zeros((num_gpus, n), dtype=np.int64)
-    np.add.at(has, (pack, item_key), 1)
+    loads, has = _tally(item_w, item_key, pack, num_gpus, n)
     _refine(item_w, item_key, pack, loads, has, num_gpus, per_gpu, stop_at=target)
     out = np.empty(num_slots, dtype=np.int64)
     order = np.lexsort((item_key, -item_w, pack))
@@ -473,11 +217,8 @@ def _match_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: 
     gpn = num_gpus // num_nodes
     new_g = new.reshape(num_gpus, per_gpu)
     old_g = old.reshape(num_gpus, per_gpu)
-    cn = np.zeros((num_gpus, num_experts), dtype=np.int64)
-    co = np.zeros((num_gpus, num_experts), dtype=np.int64)
-    rows = np.repeat(np.arange(num_gpus), per_gpu)
-    np.add.at(cn, (rows, new_g.ravel()), 1)
-    np.add.at(co, (rows, old_g.ravel()), 1)
+    cn = gpu_expert_counts(new, num_gpus, num_experts)
+    co = gpu_expert_counts(old, num_gpus, num_experts)
     out = np.empty_like(new_g)
     for node in range(num_nodes):
         sl = slice(node * gpn, (node + 1) * gpn)
@@ -644,7 +385,7 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
         raise DeepEPInputError("weight must be finite and non-negative")
     prev = None
     if prev_phy2log is not None:
-        prev = torch.as_tensor(prev_phy2log).detach().to(device="cpu", dtype=torch.int64).numpy()
+        prev = host_int64(prev_phy2log)
         prev = prev.reshape(-1, prev.shape[-1])
         if prev.shape != (num_layers, num_replicas):
             log.warning("prev_phy2log has shape %s, expected %s; ignored", prev.shape,
@@ -654,56 +395,10 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     for layer in range(num_layers):
         phy2log[layer] = _plan_layer(w_all[layer], num_replicas, num_groups, num_nodes, num_gpus,
                                      None if prev is None else prev[layer], move_slack, headroom)
-    logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
-    for layer in range(num_layers):
-        logcnt[layer] = np.bincount(phy2log[layer], minlength=num_experts)
+    logcnt = np.stack([np.bincount(row, minlength=num_experts) for row in phy2log])
     max_rep = int(logcnt.max())
-    log2phy = np.full((num_layers, num_experts, max_rep), -1, dtype=np.int64)
-    for layer in range(num_layers):
-        order = np.argsort(phy2log[layer], kind="stable")                  # slots grouped by expert
-        experts = phy2log[layer][order]
-        first = np.concatenate(([0], np.cumsum(logcnt[layer])[:-1]))
-        rank = np.arange(num_replicas) - first[experts]
-        log2phy[layer, experts, rank] = order
+    log2phy = np.stack([replica_table(row, cnt, max_rep) for row, cnt in zip(phy2log, logcnt)])
     dev = weight.device
     return (torch.as_tensor(phy2log, dtype=torch.int64).to(dev),
             torch.as_tensor(log2phy, dtype=torch.int64).to(dev),
             torch.as_tensor(logcnt, dtype=torch.int64).to(dev))
-
-
-def moved_experts(prev_phy2log, phy2log, num_gpus: int) -> int:
-    """Expert weights a re-plan must copy: per GPU, the new replicas it did not hold before.
-
-    Both maps ``[layers, P]`` or ``[P]``; a replica that stays on its GPU (in
-    any slot) costs nothing. Summed over layers and GPUs.
-    """
-    a = torch.as_tensor(prev_phy2log).detach().to("cpu", torch.int64).numpy()
-    b = torch.as_tensor(phy2log).detach().to("cpu", torch.int64).numpy()
-    a = a.reshape(-1, a.shape[-1])
-    b = b.reshape(-1, b.shape[-1])
-    num_experts = int(max(a.max(), b.max())) + 1
-    per_gpu = b.shape[1] // num_gpus
-    rows = np.repeat(np.arange(num_gpus), per_gpu)
-    total = 0
-    for la, lb in zip(a, b):
-        ca = np.zeros((num_gpus, num_experts), dtype=np.int64)
-        cb = np.zeros((num_gpus, num_experts), dtype=np.int64)
-        np.add.at(ca, (rows, la), 1)
-        np.add.at(cb, (rows, lb), 1)
-        total += int(np.maximum(cb - ca, 0).sum())
-    return total
-
-
-def gpu_loads(weight, phy2log, num_gpus: int) -> torch.Tensor:
-    """Per-GPU load when every expert's load is split evenly among its replicas.
-
-    ``weight [layers, E]`` (or ``[E]``), ``phy2log [layers, P]`` (or ``[P]``);
-    returns float64 ``[layers, num_gpus]``.
-    """
-    w = torch.as_tensor(weight).detach().to("cpu", torch.float64)
-    p = torch.as_tensor(phy2log).detach().to("cpu", torch.int64)
-    w = w.reshape(-1, w.shape[-1])
-    p = p.reshape(-1, p.shape[-1])
-    cnt = torch.zeros_like(w).scatter_add_(1, p, torch.ones(p.shape, dtype=torch.float64))
-    per_slot = (w / cnt.clamp(min=1)).gather(1, p)
-    return per_slot.view(p.shape[0], num_gpus, -1).sum(-1)

@@ -61,8 +61,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DeepEPInputError
+from .placement import host_int64, replica_table
 
-__all__ = ["ReplicaRouter", "waterfill"]
+__all__ = ["ReplicaRouter", "waterfill", "local_counts"]
 
 log = logging.getLogger("deep_ep.balance")
 
@@ -120,6 +121,21 @@ def _waterfill_np(counts: np.ndarray, base: np.ndarray, valid: np.ndarray) -> np
     return np.where(valid, out.reshape(n, m), 0)
 
 
+def _pair_counts(flat: torch.Tensor, num_experts: int):
+    """``(e, n)``: the expert of every pair of ``flat`` int64 ``[N]`` with ``-1`` mapped to a dummy expert
+    ``num_experts``, and int64 ``[num_experts + 1]`` pairs per expert (the dummy last). No host sync."""
+    e = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))
+    n = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    n.scatter_add_(0, e, torch.ones_like(e))
+    return e, n
+
+
+def local_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 ``[num_experts]`` (token, expert) pairs per expert of ``topk_idx`` (``-1`` ignored), on its
+    device, without host synchronisation (ids must lie in ``[-1, num_experts)``)."""
+    return _pair_counts(topk_idx.reshape(-1).to(torch.int64), num_experts)[1][:num_experts].contiguous()
+
+
 class ReplicaRouter:
     """Maps logical ``topk_idx`` to physical replica slots of a placement.
 
@@ -155,7 +171,7 @@ class ReplicaRouter:
         if p2l.dim() != 1 or cnt.dim() != 1:
             raise DeepEPInputError("phy2log must be [P] or [layers, P] and logcnt [E] or [layers, E]")
         self.device = p2l.device
-        host = p2l.detach().to("cpu", torch.int64).numpy()
+        host = host_int64(p2l)
         num_experts = int(cnt.numel())
         num_slots = int(host.shape[0])
         if not isinstance(num_gpus, int) or num_gpus <= 0 or num_slots % num_gpus:
@@ -164,7 +180,7 @@ class ReplicaRouter:
         if host.size and (host.min() < 0 or host.max() >= num_experts):
             raise DeepEPInputError("phy2log holds expert ids outside [0, num_experts)")
         counts = np.bincount(host, minlength=num_experts)
-        if not np.array_equal(counts, cnt.detach().to("cpu", torch.int64).numpy()):
+        if not np.array_equal(counts, host_int64(cnt)):
             raise DeepEPInputError("logcnt does not match phy2log")
         if (counts == 0).any():
             raise DeepEPInputError(f"experts without a replica: {np.nonzero(counts == 0)[0][:8].tolist()}")
@@ -174,12 +190,7 @@ class ReplicaRouter:
         self.slots_per_gpu = num_slots // num_gpus
         self.sweeps = int(sweeps)
         slot_gpu = np.arange(num_slots) // self.slots_per_gpu
-        max_rep = int(counts.max())
-        order = np.argsort(host, kind="stable")                       # slots grouped by expert, ascending
-        first = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        rank_in = np.arange(num_slots) - first[host[order]]
-        replicas = np.full((num_experts, max_rep), -1, dtype=np.int64)
-        replicas[host[order], rank_in] = order
+        replicas = replica_table(host, counts)
         self._host_replicas = replicas
         self._build_units(host, slot_gpu, counts)
         self._cache: Dict[torch.device, Dict[str, object]] = {}
@@ -433,9 +444,7 @@ class ReplicaRouter:
             if int(lo) < -1 or int(hi) >= E:
                 raise DeepEPInputError(f"topk_idx values must lie in [-1, {E}), got [{int(lo)}, {int(hi)}]")
         # pairs without an expert go to a dummy expert E whose only "replica" is slot -1
-        e = torch.where(flat >= 0, flat, torch.full_like(flat, E))
-        n_all = torch.zeros(E + 1, dtype=torch.int64, device=dev)
-        n_all.scatter_add_(0, e, torch.ones_like(e))
+        e, n_all = _pair_counts(flat, E)
         n_local = n_all[:E]
         reps, mask = t["replicas"], t["rep_mask"]
         offset = torch.zeros(E + 1, dtype=torch.int64, device=dev)
@@ -511,12 +520,7 @@ class ReplicaRouter:
     def exchange_counts(self, topk_idx: torch.Tensor, group=None) -> torch.Tensor:
         """All-gather this rank's per-expert counts: int64 ``[R, E]`` (the ``global_counts`` of
         :meth:`route` that lets ranks fill the quotas exactly). Collective over ``group``."""
-        flat = topk_idx.reshape(-1).to(torch.int64)
-        E = self.num_experts
-        e = torch.where(flat >= 0, flat, torch.full_like(flat, E))        # no host sync (no masking)
-        local = torch.zeros(E + 1, dtype=torch.int64, device=flat.device)
-        local.scatter_add_(0, e, torch.ones_like(e))
-        local = local[:E].contiguous()
+        local = local_counts(topk_idx, self.num_experts)
         world = dist.get_world_size(group)
         out = torch.empty(world, self.num_experts, dtype=torch.int64, device=local.device)
         dist.all_gather(list(out.unbind(0)), local, group=group)

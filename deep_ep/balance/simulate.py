@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from .monitor import LoadMonitor, imbalance_figures
-from .planner import moved_experts, rebalance_experts
+from .placement import contiguous_phy2log, gpu_loads, moved_experts
+from .planner import rebalance_experts
 from .router import ReplicaRouter
 
 __all__ = ["TraceConfig", "Trace", "make_trace", "sample_topk", "eplb_reference", "simulate",
@@ -218,26 +219,7 @@ def eplb_reference(weight, num_replicas: int, num_groups: int, num_nodes: int, n
     return torch.as_tensor(out, dtype=torch.int64)
 
 
-def contiguous_phy2log(num_experts: int, num_gpus: int, spare_per_gpu: int) -> torch.Tensor:
-    """Static contiguous placement in slot form: GPU ``g`` holds experts ``g*L .. g*L+L-1``; its spare
-    slots hold extra copies of its own first experts (they get no load under the static policy)."""
-    per = num_experts // num_gpus
-    rows = []
-    for g in range(num_gpus):
-        own = list(range(g * per, (g + 1) * per))
-        rows.extend(own + [own[i % per] for i in range(spare_per_gpu)])
-    return torch.as_tensor(rows, dtype=torch.int64)
-
-
 # ---------------------------------------------------------------------- simulation
-def _even_loads(c: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Per-GPU loads ``[S, G]`` of counts ``[S, E]`` split evenly over replicas."""
-    E = c.shape[1]
-    cnt = torch.bincount(phy2log, minlength=E).to(torch.float64)
-    per_slot = (c.to(torch.float64) / cnt.clamp(min=1)).index_select(1, phy2log)
-    return per_slot.view(c.shape[0], num_gpus, -1).sum(-1)
-
-
 def simulate(counts: torch.Tensor, num_gpus: int, spare_per_gpu: int, policy: str, *,
              replan_every: int = 50, window: int = 50, horizon: Optional[int] = None,
              headroom: float = 0.5, move_slack: float = 0.05,
@@ -257,7 +239,7 @@ def simulate(counts: torch.Tensor, num_gpus: int, spare_per_gpu: int, policy: st
     first = window
     static = contiguous_phy2log(E, num_gpus, 0)
     if policy == "static":
-        loads = _even_loads(counts[first:], static, num_gpus)
+        loads = gpu_loads(counts[first:], static, num_gpus)
         out = imbalance_figures(loads)
         out.update(loads=loads, moved_per_replan=0.0, plan_ms=0.0, replans=0)
         return out
@@ -285,7 +267,7 @@ def simulate(counts: torch.Tensor, num_gpus: int, spare_per_gpu: int, policy: st
         prev = phy2log
         block = counts[t:end]
         if policy in ("eplb", "deep_ep-even"):
-            segments.append(_even_loads(block, phy2log, num_gpus))
+            segments.append(gpu_loads(block, phy2log, num_gpus))
         else:
             router = ReplicaRouter(phy2log, torch.bincount(phy2log, minlength=E), num_gpus)
             segments.append(torch.stack([router.gpu_load(router.quotas(ci)) for ci in block]).to(torch.float64))

@@ -1,14 +1,11 @@
-"""Drop-in integrations (API.md section 7)."""
+"""Drop-in integrations (API.md section 7).
+
+``patch_moe_model`` shards the experts of a Hugging Face MoE model over an
+expert-parallel group (:mod:`deep_ep.integrations.hf`). Importing this
+package does not import transformers.
+"""
 from __future__ import annotations
 
-from typing import Any, Optional
+from .hf import EPInfo, UnsupportedMoEError, expert_parameters, patch_moe_model
 
-__all__ = ["patch_moe_model"]
-
-
-def patch_moe_model(model: Any, num_gpus: Optional[int] = None, use_deep_ep: bool = True, **kwargs: Any) -> Any:
-    """Shard a Hugging Face MoE model's experts over an expert-parallel group (API.md 7).
-
-    Not available yet: it arrives with issue 6. Raises ``NotImplementedError``.
-    """
-    raise NotImplementedError("patch_moe_model arrives with issue 6 (Hugging Face integration)")
+__all__ = ["patch_moe_model", "UnsupportedMoEError", "EPInfo", "expert_parameters"]

@@ -1,0 +1,191 @@
+"""patch_moe_model (API.md 7) on tiny random Hugging Face MoE models of every supported family.
+
+Every rank builds the same model from the same seed, keeps an unpatched copy
+as the reference, patches the other and feeds it its own batch. Checked
+against the reference: logits, the gradient of every parameter (for the
+experts, this rank's slice of the sum over all ranks' batches, since experts
+see every rank's tokens), greedy generation, and that the expert parameters
+per rank are 1/R of the total.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+transformers = pytest.importorskip("transformers")
+
+from deep_ep.integrations import UnsupportedMoEError, expert_parameters, patch_moe_model  # noqa: E402
+from deep_ep.integrations.hf_configs import FAMILIES, moe_config  # noqa: E402
+
+from tests._cases import device  # noqa: E402
+
+
+def _model(family, impl=None, dtype=torch.float32, seed=0, **cfg):
+    from transformers import AutoModelForCausalLM
+
+    # A larger init than the default 0.02 so that the experts move the logits noticeably.
+    config = moe_config(family, initializer_range=0.2, **cfg)
+    torch.manual_seed(seed)
+    kwargs = dict(attn_implementation="eager")
+    if impl is not None:
+        kwargs["experts_implementation"] = impl
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.to(device=device(), dtype=dtype)
+
+
+def _batch(rank, vocab=128, shape=(2, 6)):
+    g = torch.Generator().manual_seed(1000 + rank)
+    return torch.randint(3, vocab, shape, generator=g).to(device())
+
+
+def _grads(model):
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def _close(a, b, what, atol, rtol):
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+        return
+    a, b = a.float(), b.float()       # bf16: the error relative to the tensor's scale
+    scale = b.abs().max().clamp_min(1e-6)
+    err = (a - b).abs().max() / scale
+    assert err <= rtol, f"{what}: max error {err:.3g} of the scale {scale:.3g} exceeds {rtol}"
+
+
+def rank_family(rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtype=torch.float32,
+                backend="auto", check_generate=True):
+    fp32 = dtype == torch.float32
+    atol, rtol = (1e-5, 1e-5) if fp32 else (3e-2, 3e-2)
+    ref = _model(family, impl, dtype)
+    model = copy.deepcopy(ref)
+    E_total = sum(p.numel() for _, p in expert_parameters(ref))
+    n_total = sum(p.numel() for p in ref.parameters())
+    assert E_total > 0
+
+    patch_moe_model(model, num_gpus=num_gpus, use_deep_ep=use_deep_ep, backend=backend)
+    info = model.deep_ep_info
+    R = info.size
+    assert R == (num_gpus or world) and info.rank == dist.get_rank() % R
+    assert len(info.blocks) >= 1 and set(info.families) == {FAMILIES[family]}
+    with pytest.raises(UnsupportedMoEError, match="already patched"):
+        patch_moe_model(model, num_gpus=num_gpus, use_deep_ep=use_deep_ep)
+
+    # Expert memory per rank is 1/R of the total; everything else is unchanged.
+    E_mine = sum(p.numel() for _, p in expert_parameters(model))
+    assert E_mine * R == E_total, (E_mine, R, E_total)
+    assert sum(p.numel() for p in model.parameters()) == n_total - E_total + E_mine
+
+    # Reference gradients: non-expert parameters see this rank's loss only; experts see every rank's tokens.
+    batches = [_batch(s) for s in range(world)]
+    ids = batches[rank]
+    ref_logits = ref(ids).logits
+    ref_loss = ref(ids, labels=ids).loss
+    ref_loss.backward()
+    g_local = _grads(ref)
+    for s in range(world):
+        if s // R == rank // R and s != rank:      # ranks of this EP group send tokens to these experts
+            ref(batches[s], labels=batches[s]).loss.backward()
+    g_all = _grads(ref)
+
+    logits = model(ids).logits
+    _close(logits, ref_logits, f"{family} logits", atol, rtol)
+    loss = model(ids, labels=ids).loss
+    _close(loss, ref_loss, f"{family} loss", atol, rtol)
+    loss.backward()
+    expert_names = {n for n, _ in expert_parameters(model)}
+    r = info.rank
+    mine = _grads(model)
+    assert set(mine) == set(g_local)
+    checked_router = False
+    for name, g in mine.items():
+        if name in expert_names:
+            L = g.size(0)
+            want = g_all[name][r * L:(r + 1) * L]
+        else:
+            want = g_local[name]
+            checked_router |= (".gate." in name or ".router." in name) and want.abs().sum() > 0
+        _close(g, want, f"{family} grad of {name}", atol=atol * 10, rtol=rtol * 10)
+    assert checked_router, "no router gradient was compared"
+
+    if check_generate:
+        mask = torch.ones_like(ids)
+        kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            out = model.generate(ids, **kw)
+            if fp32:
+                assert torch.equal(out, ref.generate(ids, **kw)), f"{family}: greedy generation differs"
+            else:
+                # bf16: near-ties may flip; each token chosen must be (nearly) the reference's best at that step.
+                scores = ref(out).logits[:, ids.size(1) - 1:-1].float()
+                chosen = scores.gather(-1, out[:, ids.size(1):, None]).squeeze(-1)
+                gap = scores.max(-1).values - chosen
+                assert gap.max() <= 0.05 * scores.abs().max(), f"{family}: generated tokens far from greedy"
+    return E_mine
+
+
+@pytest.mark.parametrize("use_deep_ep", [True, False], ids=["deep_ep", "all_to_all"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_unpatched(rank_pool, family, use_deep_ep):
+    rank_pool(2).run(rank_family, family, use_deep_ep)
+
+
+@pytest.mark.parametrize("family,impl", [("mixtral", "eager"), ("gpt_oss", "eager"), ("qwen3_moe", "batched_mm"),
+                                         ("gpt_oss", "batched_mm")])
+def test_experts_implementations(rank_pool, family, impl):
+    rank_pool(2).run(rank_family, family, True, impl, None, torch.float32, "auto", False)
+
+
+def test_ep_groups_smaller_than_world(rank_pool):
+    # num_gpus=1: two groups of one rank, each holding every expert (replicated).
+    rank_pool(2).run(rank_family, "qwen2_moe", True, None, 1, torch.float32, "auto", False)
+
+
+def rank_bad_arguments(rank, world):
+    model = _model("mixtral")
+    with pytest.raises(ValueError, match="num_gpus"):
+        patch_moe_model(model, num_gpus=3)
+    with pytest.raises(ValueError, match="num_gpus"):
+        patch_moe_model(model, num_gpus=4, group=dist.group.WORLD)
+    odd = _model("olmoe", experts=3)
+    with pytest.raises(ValueError, match="3 experts"):
+        patch_moe_model(odd)
+
+
+def test_bad_arguments(rank_pool):
+    rank_pool(2).run(rank_bad_arguments)
+
+
+def test_unsupported_models():
+    from transformers import AutoModelForCausalLM
+
+    llama4 = AutoModelForCausalLM.from_config(moe_config("llama4"))
+    with pytest.raises(UnsupportedMoEError, match="Llama4TextMoe"):
+        patch_moe_model(llama4)
+    with pytest.raises(UnsupportedMoEError, match="Linear"):
+        patch_moe_model(torch.nn.Linear(4, 4))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+    with pytest.raises(UnsupportedMoEError, match="Block.*ModuleList"):
+        patch_moe_model(Block())
+    with pytest.raises(NotImplementedError, match="issue 4"):
+        patch_moe_model(AutoModelForCausalLM.from_config(moe_config("mixtral")), compression_level=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["collective", "nvlink"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_gpu_bf16(rank_pool, family, backend):
+    rank_pool(2, backend="nccl").run(rank_family, family, True, None, None, torch.bfloat16, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_family_gpu_bf16_all_to_all(rank_pool, family):
+    rank_pool(2, backend="nccl").run(rank_family, family, False, None, None, torch.bfloat16)

@@ -175,13 +175,17 @@ def return_positions(plan: Plan, device: torch.device) -> torch.Tensor:
 
 
 def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Tensor], out_dtype: torch.dtype,
-                alloc: Alloc) -> torch.Tensor:
-    """Deterministic per-token reduction shared by torch-path transports.
+                alloc: Alloc, local: Optional[torch.Tensor] = None, local_col: int = -1) -> torch.Tensor:
+    """Deterministic per-token reduction shared by the transports.
 
-    ``back`` holds the returned rows destination-major with one extra zero row
-    last; ``pos`` is :func:`return_positions`. Sums in float32 (float64 for
-    float64 rows) in ascending rank order, adds each bias, casts to ``out_dtype``.
-    Gathers instead of atomics, so the result does not depend on scheduling.
+    ``pos`` int64 ``[T, R]`` says where the row of (token, rank ``j``) is:
+    a row of ``back`` (the returned rows), or of ``local`` for column
+    ``local_col`` (a rank's own rows, read where they are); ``-1`` (or a row
+    of zeros) where the token did not go to ``j``. Sums in float32 (float64
+    for float64 rows) in ascending rank order, adds each bias, casts to
+    ``out_dtype``. Gathers instead of atomics, so the result does not depend
+    on scheduling; the Triton kernel (:mod:`deep_ep.kernels.reduce`) does
+    the same operations in the same order.
     """
     acc_dtype = accumulation_dtype(out_dtype)
     T, R = pos.shape
@@ -190,11 +194,21 @@ def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Te
         if kernels.available(back):
             from ..kernels import reduce as kreduce
             if kreduce.supports(back, biases, out_dtype):
-                return kreduce.reduce_rows(back, pos, biases, alloc((T, back.size(1)), out_dtype))
-    acc = back.index_select(0, pos[:, 0]).to(acc_dtype) if R else \
-        torch.zeros((T, back.size(1)), dtype=acc_dtype, device=back.device)
-    for j in range(1, R):
-        acc.add_(back.index_select(0, pos[:, j]))
+                return kreduce.reduce_rows(back, pos, biases, alloc((T, back.size(1)), out_dtype),
+                                           local=local, local_col=local_col)
+    acc = torch.zeros((T, back.size(1)), dtype=acc_dtype, device=back.device) if not R else None
+    for j in range(R):
+        src = local if j == local_col and local is not None else back
+        p = pos[:, j]
+        if src.size(0) == 0:
+            rows = torch.zeros((T, back.size(1)), dtype=src.dtype, device=back.device)
+        else:
+            rows = src.index_select(0, p.clamp(min=0))
+            rows = rows.masked_fill((p < 0).unsqueeze(1), 0)
+        if acc is None:
+            acc = rows.to(acc_dtype)
+        else:
+            acc.add_(rows)
     for b in biases:
         acc.add_(b)
     if out_dtype == acc_dtype:

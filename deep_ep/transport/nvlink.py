@@ -1,42 +1,45 @@
-"""The ``nvlink`` transport: torch symmetric memory, rows stored straight into peer GPUs.
+"""The ``nvlink`` transport: torch symmetric memory, rows moved over NVLink with no NCCL call.
 
 Every rank allocates one symmetric staging buffer (``num_nvl_bytes``, or
-256 MiB by default) and rendezvouses once. Nothing goes through NCCL on the
-hot path:
+256 MiB by default) and rendezvouses once. The buffer holds a metadata area
+and two data halves. Work is a sequence of *phases*; each phase writes into
+one half, passes one device barrier, then reads that half, and consecutive
+phases alternate halves. A rank writes into a half only after the barrier of
+the phase in between, which every rank reaches only after its reads of the
+half's previous use: no second barrier is needed for flow control.
 
 - **metadata** (:meth:`NVLinkTransport.all_gather_ints`): each rank stores its
   small int vector into slot ``rank`` of every peer's metadata area (two
   areas used alternately), then a device barrier; the host reads its own area.
-- **dispatch**: the staging buffer holds one region per row tensor (token
-  rows, then the small extras). Each rank gathers the rows it sends to rank
-  ``j`` straight into ``j``'s region at their final row
-  (``rank_prefix_matrix[src - 1][j] + slot``), with 16-byte vector stores
-  over NVLink; rows for itself go straight into the output. After a barrier
-  each rank copies its received rows out. When the rows do not fit, the call
-  runs in rounds of as many rows as fit (every rank computes the same rounds
-  from the counts matrix), with barriers as flow control.
-- **combine**: each rank stores the rows it returns to source ``s`` into
-  ``s``'s staging, contiguously at the offset of its block in ``s``'s
-  destination-major send order; after a barrier each rank reduces locally in
-  a fixed rank order (:func:`~deep_ep.transport.base.reduce_rows`).
+- **dispatch** (pull): each rank gathers the rows it sends to other ranks,
+  destination-major, into its own half (one local ``index_select`` per row
+  tensor); its rows for itself go straight into the output. After the
+  barrier each rank copies its block out of every peer's half into the
+  output (contiguous NVLink reads; faster than gathered remote stores plus
+  a copy-out, measured on 2 x H200 by ``scripts/nvlink_pipeline_probe.py``).
+- **combine** (push): each rank copies the rows it returns to source ``s``
+  (a contiguous block of its received rows) into ``s``'s half at the offset
+  of its block in ``s``'s send order; after the barrier each rank reduces in
+  a fixed rank order, reading remote rows from its half and its own rows
+  straight from the input (:func:`~deep_ep.transport.base.reduce_rows`).
+- **rounds**: when the rows do not fit a half, the call runs in rounds of as
+  many rows as fit (every rank computes the same rounds from the counts).
 
-This is the torch path of the intranode transport; Triton kernels that fuse
-it (one persistent launch bounded by ``Config.num_sms``) plug in behind it
-and are tested against it.
+Everything that depends only on the layout (windows, offsets, index slices,
+reduction positions) is computed once per handle and kept in the plan, so a
+cached dispatch or a combine only launches copies.
 """
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .. import kernels, layout
+from .. import layout
 from ..errors import DeepEPError, DeepEPInputError
-from .base import (Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows, return_positions,
-                   send_token_order)
+from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows, send_token_order
 
 log = logging.getLogger("deep_ep")
 
@@ -76,6 +79,24 @@ class _EventWork:
         self.event.synchronize()
 
 
+def _windows(counts: List[List[int]], R: int, cap: int) -> Tuple[List[List[int]], int]:
+    """Offsets of each rank's non-self rows, destination-major, and the number of rounds.
+
+    ``off[s][d]`` is where the rows ``s`` sends to ``d != s`` start in ``s``'s
+    sequence of non-self rows; a round covers ``cap`` rows of every sequence.
+    """
+    off, longest = [], 0
+    for s in range(R):
+        row, acc = [], 0
+        for d in range(R):
+            row.append(acc)
+            if d != s:
+                acc += counts[s][d]
+        off.append(row)
+        longest = max(longest, acc)
+    return off, (longest + cap - 1) // cap if longest else 0
+
+
 class NVLinkTransport(Transport):
     """Intranode transport over torch symmetric memory (see the module docstring)."""
 
@@ -91,9 +112,9 @@ class NVLinkTransport(Transport):
         import torch.distributed._symmetric_memory as symm_mem
         nbytes = int(self.options.get("num_nvl_bytes") or 0) or DEFAULT_STAGING_BYTES
         self.meta_bytes = 2 * self.num_ranks * _META_SLOT * 8
-        if nbytes <= self.meta_bytes + _ALIGN:
+        if nbytes <= self.meta_bytes + 2 * _ALIGN:
             raise DeepEPInputError(f"num_nvl_bytes={nbytes} is too small for the nvlink transport "
-                                   f"(needs more than {self.meta_bytes + _ALIGN} bytes)")
+                                   f"(needs more than {self.meta_bytes + 2 * _ALIGN} bytes)")
         self.nbytes = _align(nbytes)
         name = getattr(group, "group_name", None)
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
@@ -110,46 +131,53 @@ class NVLinkTransport(Transport):
             self.hdl = symm_mem.rendezvous(self.buf, group)
         except TypeError:  # pragma: no cover - older torch takes the group name
             self.hdl = symm_mem.rendezvous(self.buf, name)
-        self.peers = [self.hdl.get_buffer(p, (self.nbytes,), torch.uint8, 0) for p in range(self.num_ranks)]
-        self.data_offset = self.meta_bytes
-        self.data_bytes = self.nbytes - self.data_offset
-        self.meta_seq = 0
+        self._use_staging([self.hdl.get_buffer(p, (self.nbytes,), torch.uint8, 0) for p in range(self.num_ranks)])
         self._barrier_ms = int(timeout_s * 1000) + 10_000   # the host gives up first, with a better message
         self._pinned: Optional[torch.Tensor] = None
+
+    def _use_staging(self, peers: List[torch.Tensor]) -> None:
+        """Take ``peers[p]``, rank ``p``'s staging as this rank sees it, and split off the two data halves."""
+        self.peers = peers
+        self.half_bytes = (self.nbytes - self.meta_bytes) // 2 // _ALIGN * _ALIGN
+        self.halves = [self.meta_bytes, self.meta_bytes + self.half_bytes]
+        self.phase = 0
+        self.meta_seq = 0
 
     # ---------------------------------------------------------------- helpers
     def _barrier(self) -> None:
         self.hdl.barrier(channel=0, timeout_ms=self._barrier_ms)
+
+    def _next_half(self) -> int:
+        start = self.halves[self.phase % 2]
+        self.phase += 1
+        return start
 
     def _meta(self, peer: int, parity: int) -> torch.Tensor:
         start = parity * self.num_ranks * _META_SLOT * 8
         return self.peers[peer][start:start + self.num_ranks * _META_SLOT * 8].view(torch.int64).view(
             self.num_ranks, _META_SLOT)
 
-    def _region(self, peer: int, offset: int, rows: int, width: int) -> torch.Tensor:
-        """``[rows, width]`` bytes of ``peer``'s data area starting at ``offset``."""
-        start = self.data_offset + offset
-        return self.peers[peer][start:start + rows * width].view(rows, width)
+    def _region(self, peer: int, start: int, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """``rows`` rows of ``width`` bytes of ``peer``'s staging at byte ``start``, as ``dtype`` words."""
+        return self.peers[peer][start:start + rows * width].view(rows, width).view(dtype)
 
     def _layout(self, widths: Sequence[int]) -> Tuple[int, List[int]]:
-        """Rows per round and each tensor's region offset for rows of byte ``widths``."""
+        """Rows per round and each tensor's region offset in a half, for rows of byte ``widths``."""
         per_row = sum(widths)
-        cap = (self.data_bytes - _ALIGN * len(widths)) // max(per_row, 1)
+        cap = (self.half_bytes - _ALIGN * len(widths)) // max(per_row, 1)
         if cap < 1:
             raise DeepEPInputError(
-                f"the nvlink staging buffer ({self.nbytes} bytes) cannot hold one row of {per_row} bytes; "
-                f"pass num_nvl_bytes >= {self.meta_bytes + _ALIGN * (len(widths) + 1) + per_row}")
-        offsets, off = [], 0
-        for w in widths:
-            offsets.append(off)
-            off = _align(off + cap * w)
-        while off > self.data_bytes:       # alignment padding pushed past the end: one row fewer
-            cap -= 1
+                f"the nvlink staging buffer ({self.nbytes} bytes, two halves of {self.half_bytes}) cannot hold "
+                f"one row of {per_row} bytes; pass num_nvl_bytes >= "
+                f"{self.meta_bytes + 2 * (_ALIGN * (len(widths) + 1) + per_row)}")
+        while True:
             offsets, off = [], 0
             for w in widths:
                 offsets.append(off)
                 off = _align(off + cap * w)
-        return cap, offsets
+            if off <= self.half_bytes:
+                return cap, offsets
+            cap -= 1                       # alignment padding pushed past the end: one row fewer
 
     # ---------------------------------------------------------------- metadata
     def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
@@ -173,123 +201,132 @@ class NVLinkTransport(Transport):
         return host.clone()
 
     # ---------------------------------------------------------------- dispatch
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    def _dispatch_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Dict[str, Any]:
+        """What a dispatch of ``plan`` with rows of byte ``widths`` does, computed once per plan."""
+        key = ("nvlink_dispatch", widths)
+        sched = plan.extra.get(key)
+        if sched is not None:
+            return sched
         R, me = self.num_ranks, self.rank
-        counts = plan.counts
-        if counts is None:
+        C = plan.counts.tolist()
+        cap, offsets = self._layout(widths)
+        off, rounds = _windows(C, R, cap)
+        idx = send_token_order(plan)
+        starts = [0]
+        for c in plan.send_counts:
+            starts.append(starts[-1] + c)
+        recv_first = [sum(C[s2][me] for s2 in range(s)) for s in range(R)]   # my rows from s start here
+        c_me = C[me][me]
+        local = (idx[starts[me]:starts[me] + c_me], recv_first[me], c_me) if c_me else None
+        nonself = torch.cat([idx[starts[d]:starts[d + 1]] for d in range(R) if d != me]) if R > 1 else idx[:0]
+        steps = []
+        for r in range(rounds):
+            lo, hi = r * cap, (r + 1) * cap
+            n_pack = max(min(nonself.numel(), hi) - lo, 0)
+            pulls = []
+            for s in range(R):
+                if s == me or not C[s][me]:
+                    continue
+                a, b = max(off[s][me], lo), min(off[s][me] + C[s][me], hi)
+                if a < b:
+                    pulls.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
+            steps.append((nonself[lo:lo + n_pack] if n_pack else None, pulls))
+        sched = dict(cap=cap, offsets=offsets, local=local, steps=steps)
+        plan.extra[key] = sched
+        return sched
+
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+        if plan.counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
         outs = alloc_outputs(plan, rows, alloc)
         if not rows:
             return outs
-        src_words = [_words(t) for t in rows]
-        out_words = [_words(o) for o in outs]
-        widths = [as_bytes(t).size(1) for t in rows]
-        cap, offsets = self._layout(widths)
-        idx = send_token_order(plan)
-        totals = counts.sum(dim=0).tolist()                     # rows each rank receives
-        prefix = torch.cumsum(counts, dim=0)                    # [s][d]: rows ranks 0..s send to d
-        my_first = [int(prefix[me - 1, d]) if me > 0 else 0 for d in range(R)]   # my first row at d
-        send_off = [0]
-        for c in plan.send_counts:
-            send_off.append(send_off[-1] + c)
-        rounds = max((max(totals) + cap - 1) // cap, 1) if max(totals) > 0 else 0
-        # Rows from myself go straight into the output, once. (Running this on a side stream
-        # beside the NVLink stores was measured slower on 2 x H200: 446 us vs 309 us.)
-        c_me = plan.send_counts[me]
-        if c_me:
-            tok = idx[send_off[me]:send_off[me] + c_me]
-            for sw, ow in zip(src_words, out_words):
-                torch.index_select(sw, 0, tok, out=ow[my_first[me]:my_first[me] + c_me])
-        # The Triton store kernel is opt-in (DEEP_EP_NVLINK_KERNEL=1) until it beats index_select:
-        # on 2 x H200 at the normal workload it took 680 us (24 programs) against 309 us.
-        use_kernel = kernels.available(rows[0]) and os.environ.get("DEEP_EP_NVLINK_KERNEL", "") not in ("", "0")
-        slots = layout.token_slots(plan.is_token_in_rank) if use_kernel else None
-        for r in range(rounds):
-            lo, hi = r * cap, (r + 1) * cap
-            self._barrier()                                     # receivers are done with the last round
-            for d in range(R):
-                if d == me:
-                    continue
-                a, b = max(my_first[d], lo), min(my_first[d] + plan.send_counts[d], hi)
-                if a >= b:
-                    continue
-                if use_kernel:
-                    # One persistent launch per tensor, Config.num_sms programs: every token with a
-                    # slot at d whose row falls in this round's window is stored into d's staging.
-                    from ..kernels import dispatch as kdispatch
-                    for sw, w, off in zip(src_words, widths, offsets):
-                        kdispatch.store_rows(sw, slots[:, d], my_first[d], lo, hi,
-                                             self._region(d, off, cap, w).view(sw.dtype), self.num_sms)
-                    continue
-                tok = idx[send_off[d] + a - my_first[d]:send_off[d] + b - my_first[d]]
-                for sw, w, off in zip(src_words, widths, offsets):
-                    dst = self._region(d, off, cap, w)[a - lo:b - lo].view(sw.dtype)
-                    torch.index_select(sw, 0, tok, out=dst)
-            self._barrier()                                     # every sender's rows have landed
-            n = min(totals[me], hi) - lo
-            if n <= 0:
-                continue
-            mine_a, mine_b = my_first[me], my_first[me] + c_me  # rows already written locally
-            for ow, w, off in zip(out_words, widths, offsets):
-                local = self._region(me, off, cap, w)[:n].view(ow.dtype)
-                for a, b in ((lo, min(lo + n, mine_a)), (max(lo, mine_b), lo + n)):
-                    if a < b:
-                        ow[a:b].copy_(local[a - lo:b - lo])
+        src = [_words(t) for t in rows]
+        dst = [_words(o) for o in outs]
+        widths = tuple(as_bytes(t).size(1) for t in rows)
+        sched = self._dispatch_schedule(plan, widths)
+        offsets, me = sched["offsets"], self.rank
+        if sched["local"] is not None:                           # my rows for myself: straight to the output
+            tok, first, n = sched["local"]
+            for sw, ow in zip(src, dst):
+                torch.index_select(sw, 0, tok, out=ow[first:first + n])
+        for tok, pulls in sched["steps"]:
+            half = self._next_half()
+            if tok is not None:                                  # pack what I send into my own half
+                for sw, w, o in zip(src, widths, offsets):
+                    torch.index_select(sw, 0, tok, out=self._region(me, half + o, tok.numel(), w, sw.dtype))
+            self._barrier()                                      # every rank's half is packed
+            for s, a, n, first in pulls:                         # read my block out of each peer's half
+                for ow, w, o in zip(dst, widths, offsets):
+                    ow[first:first + n].copy_(self._region(s, half + o + a * w, n, w, ow.dtype))
         return outs
 
     # ---------------------------------------------------------------- combine
+    def _combine_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Dict[str, Any]:
+        """What a combine of ``plan`` with rows of byte ``widths`` does, computed once per plan."""
+        key = ("nvlink_combine", widths)
+        sched = plan.extra.get(key)
+        if sched is not None:
+            return sched
+        R, me = self.num_ranks, self.rank
+        C = plan.counts.tolist()
+        cap, offsets = self._layout(widths)
+        off, rounds = _windows(C, R, cap)
+        recv_first = [sum(C[s2][me] for s2 in range(s)) for s in range(R)]
+        n_back = off[me][R - 1] + (C[me][R - 1] if R - 1 != me else 0)    # non-self rows that come back to me
+        steps = []
+        for r in range(rounds):
+            lo, hi = r * cap, (r + 1) * cap
+            pushes = []
+            for s in range(R):                                   # my rows from s go back into s's half
+                if s == me or not C[s][me]:
+                    continue
+                a, b = max(off[s][me], lo), min(off[s][me] + C[s][me], hi)
+                if a < b:
+                    pushes.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
+            steps.append((pushes, max(min(n_back, hi) - lo, 0)))
+        # Where each (token, rank) row is found: rank me's in the input x, the others' in the rows that
+        # came back (my non-self send order), -1 where the token did not go.
+        slots = layout.token_slots(plan.is_token_in_rank).to(torch.int64)
+        base = [recv_first[me] if j == me else off[me][j] for j in range(R)]
+        base_t = torch.tensor(base, dtype=torch.int64).to(slots.device)
+        pos = torch.where(slots >= 0, slots + base_t, torch.full_like(slots, -1)).contiguous()
+        sched = dict(cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos)
+        plan.extra[key] = sched
+        return sched
+
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
                 biases: Sequence[torch.Tensor], alloc: Alloc) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        R, me = self.num_ranks, self.rank
-        counts = plan.counts
+        me = self.rank
         n_recv = plan.num_recv_tokens
-        S = sum(plan.send_counts)
-        pos = return_positions(plan, x.device)
         srcs = [x[:n_recv].contiguous()]
         if weights is not None:
             srcs.append(weights[:n_recv].float().contiguous())
-        src_words = [_words(t) for t in srcs]
-        widths = [as_bytes(t).size(1) for t in srcs]
-        cap, offsets = self._layout(widths)
-        back_rows = counts.sum(dim=1).tolist()                   # rows each source gets back
-        prefix = torch.cumsum(counts, dim=0)
-        recv_first = [int(prefix[s - 1, me]) if s > 0 else 0 for s in range(R)]   # my rows from s start here
-        # Where my block starts in each source's destination-major order.
-        back_first = [int(counts[s, :me].sum()) for s in range(R)]
-        rounds = max((max(back_rows) + cap - 1) // cap, 1) if max(back_rows) > 0 else 0
-        if rounds <= 1 and S + 1 <= cap:
-            backs = None                                          # reduce straight from staging
-        else:
-            backs = [torch.empty((S + 1, t.size(1)), dtype=t.dtype, device=x.device) for t in srcs]
-        for r in range(rounds):
-            lo, hi = r * cap, (r + 1) * cap
+        src = [_words(t) for t in srcs]
+        widths = tuple(as_bytes(t).size(1) for t in srcs)
+        sched = self._combine_schedule(plan, widths)
+        offsets, n_back, steps = sched["offsets"], sched["n_back"], sched["steps"]
+        backs: Optional[List[torch.Tensor]] = None
+        if len(steps) > 1:                                       # rows outlive a round: collect them
+            backs = [torch.empty((n_back, t.size(1)), dtype=t.dtype, device=x.device) for t in srcs]
+        half = self.halves[0]
+        for r, (pushes, n_in) in enumerate(steps):
+            half = self._next_half()
+            for s, a, n, first in pushes:
+                for sw, w, o in zip(src, widths, offsets):
+                    self._region(s, half + o + a * w, n, w, sw.dtype).copy_(sw[first:first + n])
             self._barrier()
-            for s in range(R):
-                cnt = int(counts[s, me])
-                a, b = max(back_first[s], lo), min(back_first[s] + cnt, hi)
-                if a >= b:
-                    continue
-                first = recv_first[s] + a - back_first[s]
-                for sw, w, off in zip(src_words, widths, offsets):
-                    dst = self._region(s, off, cap, w)[a - lo:b - lo].view(sw.dtype)
-                    dst.copy_(sw[first:first + b - a])
-            self._barrier()
-            if backs is not None:
-                n = min(S, hi) - lo
-                for bk, t, w, off in zip(backs, srcs, widths, offsets):
-                    if n > 0:
-                        as_bytes(bk[lo:lo + n]).copy_(self._region(me, off, cap, w)[:n])
-        if backs is None:
-            backs = []
-            for t, w, off in zip(srcs, widths, offsets):
-                view = self._region(me, off, cap, w)[:S + 1].view(t.dtype).view(S + 1, t.size(1))
-                view[S].zero_()
-                backs.append(view)
-        else:
-            for bk in backs:
-                bk[S].zero_()
-        out = reduce_rows(backs[0], pos, biases, x.dtype, alloc)
-        out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc) if weights is not None else None
+            if backs is not None and n_in:
+                for bk, w, o in zip(backs, widths, offsets):
+                    lo = r * sched["cap"]
+                    as_bytes(bk[lo:lo + n_in]).copy_(self._region(me, half + o, n_in, w, torch.uint8))
+        if backs is None:                                        # one round (or none): reduce from the half
+            backs = [self._region(me, half + o, n_back, w, torch.uint8).view(t.dtype).view(n_back, t.size(1))
+                     for t, w, o in zip(srcs, widths, offsets)]
+        pos = sched["pos"]
+        out = reduce_rows(backs[0], pos, biases, x.dtype, alloc, local=srcs[0], local_col=me)
+        out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) \
+            if weights is not None else None
         return out, out_w
 
     def destroy(self) -> None:

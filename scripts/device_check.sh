@@ -11,9 +11,19 @@ head -3 "$OUT/gpus.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 python3 -m deep_ep info > "$OUT/info.txt" 2>&1; tail -15 "$OUT/info.txt"
 K=${1:-}
-timeout 420 python3 -m pytest -q -m gpu tests -p no:cacheprovider ${K:+-k "$K"} > "$OUT/gpu_tests.txt" 2>&1
-echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.txt"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu tests -p no:cacheprovider ${K:+-k "$K"} > "$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.txt"
+fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  timeout 420 python3 -m deep_ep bench --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1
+  timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep bench --no-progress --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1
   echo "bench rc=$?"; tail -30 "$OUT/bench.txt"
 fi
+# More bench runs, one per ';'-separated argument list: SWEEPS="--sweep --backend nvlink;--num-sms 16"
+i=0
+IFS=';' read -ra RUNS <<< "${SWEEPS:-}"
+for args in "${RUNS[@]}"; do
+  i=$((i + 1))
+  timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep bench --no-progress --json "$OUT/bench$i.json" $args > "$OUT/bench$i.txt" 2>&1
+  echo "bench $i ($args) rc=$?"; tail -22 "$OUT/bench$i.txt"
+done

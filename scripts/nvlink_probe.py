@@ -34,7 +34,6 @@ def worker(rank, world):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     import torch.distributed._symmetric_memory as symm_mem
-    from deep_ep.kernels import dispatch as kd
     T, H = 4096, 7168
     nbytes = 512 << 20
     buf = symm_mem.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -48,16 +47,12 @@ def worker(rank, world):
     region = pbuf[: T * W * 8].view(torch.int64).view(T, W)
     local = buf[: T * W * 8].view(torch.int64).view(T, W)
     out = torch.empty_like(xw)
-    slots = torch.arange(T, device="cuda", dtype=torch.int32)
     gb = T * H * 2 / 1e9
     rows = []
     rows.append(("index_select -> peer", timed(lambda: torch.index_select(xw, 0, idx, out=region))))
     rows.append(("copy_ contiguous -> peer", timed(lambda: region.copy_(xw))))
     rows.append(("index_select local", timed(lambda: torch.index_select(xw, 0, idx, out=out))))
     rows.append(("copy_ local (copy-out)", timed(lambda: out.copy_(local))))
-    for n in (16, 24, 32, 64, 132):
-        rows.append((f"triton store -> peer, {n} programs",
-                     timed(lambda n=n: kd.store_rows(xw, slots, 0, 0, T, region, n))))
     rows.append(("symm barrier", timed(lambda: hdl.barrier(channel=0))))
     if rank == 0:
         print(f"{'piece':40s} {'us':>8s} {'GB/s':>8s}")

@@ -189,3 +189,42 @@ def test_family_gpu_bf16(rank_pool, family, backend):
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_family_gpu_bf16_all_to_all(rank_pool, family):
     rank_pool(2, backend="nccl").run(rank_family, family, False, None, None, torch.bfloat16)
+
+
+def _local(t):
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.detach().clone()
+
+
+def rank_transformers_ep(rank, world, path):
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from transformers.utils import logging as hf_logging
+
+    from deep_ep.integrations.hf_ep import register_ep_implementation
+
+    hf_logging.disable_progress_bar()
+    register_ep_implementation()
+    ids = _batch(rank)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    want_loss = ref(ids, labels=ids).loss
+    results = {}
+    for impl in ("all_to_all", "deep_ep"):
+        cfg = DistributedConfig(fsdp_size=world, ep_size=world, ep_implementation=impl)
+        model = AutoModelForCausalLM.from_pretrained(path, distributed_config=cfg, dtype=torch.float32)
+        loss = model(ids, labels=ids).loss
+        _close(loss, want_loss, f"{impl} loss", 1e-5, 1e-5)
+        loss.backward()
+        results[impl] = {n: _local(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    assert results["deep_ep"].keys() == results["all_to_all"].keys() and results["deep_ep"]
+    for name, g in results["deep_ep"].items():
+        _close(g, results["all_to_all"][name], f"grad of {name}", 1e-5, 1e-5)
+
+
+def test_transformers_ep_registry(rank_pool, tmp_path):
+    """ep_implementation='deep_ep' in transformers' own expert parallelism equals its 'all_to_all'."""
+    pytest.importorskip("transformers.distributed.expert_parallel")
+    pytest.importorskip("accelerate")
+    _model("qwen3_moe", experts=4).save_pretrained(tmp_path)
+    rank_pool(2).run(rank_transformers_ep, str(tmp_path))

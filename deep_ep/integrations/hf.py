@@ -42,7 +42,8 @@ from ..errors import DeepEPError
 
 log = logging.getLogger("deep_ep")
 
-__all__ = ["patch_moe_model", "UnsupportedMoEError", "EPInfo", "SUPPORTED_FAMILIES", "expert_parameters"]
+__all__ = ["patch_moe_model", "UnsupportedMoEError", "EPInfo", "SUPPORTED_FAMILIES", "expert_parameters",
+           "deep_ep_experts"]
 
 #: MoE block classes known to work, by family (tested on CPU against the unpatched model).
 #: Any other block whose ``experts`` module follows the transformers experts interface works the same way.
@@ -201,7 +202,7 @@ class _EPState:
     path: str
 
 
-def _run_local_experts(experts: nn.Module, forward, x: torch.Tensor, local_idx: torch.Tensor,
+def _run_local_experts(forward, x: torch.Tensor, local_idx: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
     """The module's own forward on received rows: ``local_idx`` ``[N, K]`` (``-1`` = not here), weights ``[N, K]``.
 
@@ -241,17 +242,27 @@ class _AllToAll(torch.autograd.Function):
         return g, None, None, None
 
 
-def _forward_deep_ep(self, state: _EPState, forward, hidden_states, top_k_index, top_k_weights):
+def deep_ep_experts(buffer: Buffer, num_experts: int, forward, hidden_states: torch.Tensor,
+                    top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Expert-parallel MoE step over ``buffer``: dispatch, this rank's experts, combine; differentiable.
+
+    ``hidden_states`` ``[T, H]`` and ``top_k_index`` / ``top_k_weights``
+    ``[T, K]`` (global expert ids of ``num_experts``) are this rank's tokens;
+    ``forward(x [N, H], local_idx [N, 1], weights [N, 1]) -> [N, H]`` runs
+    this rank's experts (ids ``0..L-1``) and applies the weights, as a
+    transformers experts module does. Returns ``[T, H]``: for each token, the
+    sum over its experts of weight x expert output, whichever rank holds them.
+    """
     w_dtype = top_k_weights.dtype
     recv_x, recv_idx, recv_w, _, handle = ops.dispatch(
-        state.buffer, hidden_states, top_k_index.to(torch.int64), top_k_weights.to(torch.float32),
-        num_experts=state.num_experts)
-    y = _run_local_experts(self, forward, recv_x, recv_idx, recv_w.to(w_dtype))
-    out, _ = ops.combine(state.buffer, y, handle)
+        buffer, hidden_states, top_k_index.to(torch.int64), top_k_weights.to(torch.float32),
+        num_experts=num_experts)
+    y = _run_local_experts(forward, recv_x, recv_idx, recv_w.to(w_dtype))
+    out, _ = ops.combine(buffer, y, handle)
     return out.to(hidden_states.dtype)
 
 
-def _forward_all_to_all(self, state: _EPState, forward, hidden_states, top_k_index, top_k_weights):
+def _forward_all_to_all(state: _EPState, forward, hidden_states, top_k_index, top_k_weights):
     T, K = top_k_index.shape
     R, L = state.size, state.num_local
     dev = hidden_states.device
@@ -288,8 +299,8 @@ def _ep_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=Non
     if hidden_states.dim() != 2:
         hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
     if state.buffer is not None:
-        return _forward_deep_ep(self, state, forward, hidden_states, top_k_index, top_k_weights)
-    return _forward_all_to_all(self, state, forward, hidden_states, top_k_index, top_k_weights)
+        return deep_ep_experts(state.buffer, state.num_experts, forward, hidden_states, top_k_index, top_k_weights)
+    return _forward_all_to_all(state, forward, hidden_states, top_k_index, top_k_weights)
 
 
 _patched_classes: Dict[type, type] = {}

@@ -11,11 +11,14 @@
   per-replica quotas that even out the per-GPU load of this step (work
   stealing) without further communication;
 * :func:`migrate_experts` -- moves expert weights (and optimizer state) to a
-  new placement, bit-exactly (plan: :func:`plan_migration`).
+  new placement, bit-exactly (plan: :func:`plan_migration`);
+* :class:`BalancedDispatch` -- the wiring into :class:`deep_ep.Buffer`:
+  logical -> physical ids before dispatch (one all-reduce of the step's
+  counts), counts into the monitor, re-plan and migrate every N steps.
 
 Modules: ``monitor``, ``planner`` (with its packing core in ``packing``),
-``placement`` (``phy2log`` helpers), ``router``, ``migration_plan`` and
-``migrate``. :mod:`deep_ep.balance.simulate` holds the drifting-popularity
+``placement`` (``phy2log`` helpers), ``router``, ``migration_plan``,
+``migrate`` and ``balanced``. :mod:`deep_ep.balance.simulate` holds the drifting-popularity
 trace and the policy simulation used by ``benchmarks/bench_balance.py``.
 """
 from __future__ import annotations
@@ -26,7 +29,8 @@ from .planner import rebalance_experts, replica_counts
 from .migration_plan import MigrationPlan, placement_moves, plan_migration
 from .migrate import migrate_experts
 from .router import ReplicaRouter
+from .balanced import BalancedDispatch
 
 __all__ = ["LoadMonitor", "rebalance_experts", "ReplicaRouter", "replica_counts", "moved_experts",
            "gpu_loads", "contiguous_phy2log", "migrate_experts", "placement_moves", "plan_migration",
-           "MigrationPlan"]
+           "MigrationPlan", "BalancedDispatch"]

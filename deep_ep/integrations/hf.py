@@ -113,12 +113,16 @@ def _follows_experts_interface(experts: nn.Module) -> Optional[str]:
 
 def _expert_tensors(experts: nn.Module, num_experts: int) -> List[Tuple[str, bool]]:
     """Names of the experts module's own parameters / buffers whose first dimension is the expert index."""
+    def first_dim(t: torch.Tensor) -> int:
+        # A DTensor (transformers' own expert parallelism) counts its local shard.
+        return t.to_local().size(0) if hasattr(t, "to_local") else t.size(0)
+
     out = []
     for name, p in experts._parameters.items():
-        if p is not None and p.dim() >= 1 and p.size(0) == num_experts:
+        if p is not None and p.dim() >= 1 and first_dim(p) == num_experts:
             out.append((name, True))
     for name, b in experts._buffers.items():
-        if b is not None and b.dim() >= 1 and b.size(0) == num_experts:
+        if b is not None and b.dim() >= 1 and first_dim(b) == num_experts:
             out.append((name, False))
     return out
 

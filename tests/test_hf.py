@@ -107,7 +107,7 @@ def rank_family(rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtyp
         else:
             want = g_local[name]
             checked_router |= (".gate." in name or ".router." in name) and want.abs().sum() > 0
-        _close(g, want, f"{family} grad of {name}", atol=atol * 10, rtol=rtol * 10)
+        _close(g, want, f"{family} grad of {name}", atol=1e-4 if fp32 else 0.1, rtol=1e-4 if fp32 else 0.1)
     assert checked_router, "no router gradient was compared"
 
     if check_generate:
@@ -141,6 +141,11 @@ def test_experts_implementations(rank_pool, family, impl):
 def test_ep_groups_smaller_than_world(rank_pool):
     # num_gpus=1: two groups of one rank, each holding every expert (replicated).
     rank_pool(2).run(rank_family, "qwen2_moe", True, None, 1, torch.float32, "auto", False)
+
+
+def test_ep_groups_of_two_in_four_ranks(rank_pool):
+    # World of 4, EP groups {0, 1} and {2, 3}: each group holds every expert once.
+    rank_pool(4).run(rank_family, "deepseek_v3", True, None, 2, torch.float32, "auto", False)
 
 
 def rank_bad_arguments(rank, world):
@@ -192,7 +197,7 @@ def test_family_gpu_bf16_all_to_all(rank_pool, family):
 
 
 def _local(t):
-    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    t = t.to_local() if hasattr(t, "to_local") else t      # both runs shard alike: compare this rank's shard
     return t.detach().clone()
 
 

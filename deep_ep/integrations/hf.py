@@ -97,7 +97,7 @@ def _follows_experts_interface(experts: nn.Module) -> Optional[str]:
     E = getattr(experts, "num_experts", None)
     if not isinstance(E, int) or E <= 0:
         return "it has no integer num_experts"
-    if not hasattr(experts, "has_gate") or not hasattr(experts, "is_transposed"):
+    if not hasattr(experts, "is_transposed"):
         return "its class is not declared with transformers' @use_experts_implementation"
     try:
         params = list(inspect.signature(type(experts).forward).parameters.values())[1:]

@@ -148,6 +148,38 @@ def test_ep_groups_of_two_in_four_ranks(rank_pool):
     rank_pool(4).run(rank_family, "deepseek_v3", True, None, 2, torch.float32, "auto", False)
 
 
+def rank_idle_rank(rank, world, use_deep_ep, train):
+    """Rank 1's experts are never chosen: it receives no tokens, yet backward must run its collectives."""
+    ref = _model("gpt_oss")
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            layer.mlp.router.bias[2:] = -1e4               # experts 2, 3 (rank 1's) never win
+    model = copy.deepcopy(ref)
+    patch_moe_model(model, use_deep_ep=use_deep_ep)
+    for m in (ref, model):
+        for name, p in m.named_parameters():
+            p.requires_grad_(train == "all" or ".experts." in name)
+    batches = [_batch(s) for s in range(world)]
+    ids = batches[rank]
+    for s in range(world):
+        ref(batches[s], labels=batches[s]).loss.backward()
+    loss = model(ids, labels=ids).loss
+    _close(loss, ref(ids, labels=ids).loss, "loss", 1e-5, 1e-5)
+    loss.backward()
+    for name, p in expert_parameters(model):
+        L = p.size(0)
+        want = dict(ref.named_parameters())[name].grad[rank * L:(rank + 1) * L]
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        _close(got, want, f"grad of {name}", 1e-4, 1e-4)
+        assert (rank == 1) == (want.abs().sum() == 0)
+
+
+@pytest.mark.parametrize("train", ["all", "experts_only"])
+@pytest.mark.parametrize("use_deep_ep", [True, False], ids=["deep_ep", "all_to_all"])
+def test_rank_without_tokens(rank_pool, use_deep_ep, train):
+    rank_pool(2).run(rank_idle_rank, use_deep_ep, train, timeout=60)
+
+
 def rank_bad_arguments(rank, world):
     model = _model("mixtral")
     with pytest.raises(ValueError, match="num_gpus"):

@@ -206,6 +206,25 @@ class _EPState:
     path: str
 
 
+def _empty_result(x: torch.Tensor, weights: Optional[torch.Tensor], forward) -> torch.Tensor:
+    """A zero result for no received rows that is still connected to everything the others' results depend on.
+
+    Backward runs collectives (the combine's cached dispatch, the dispatch's
+    combine); they must run on every rank or none, so this rank's result has
+    to require grad whenever another rank's does: it depends on ``x``, the
+    weights and the experts' parameters (scalar terms, no elements are touched).
+    """
+    y = x * 0
+    extra = [weights] if weights is not None else []
+    module = getattr(forward, "__self__", None)
+    if isinstance(module, nn.Module):
+        extra += [p for p in module.parameters(recurse=False) if p.requires_grad and p.numel()]
+    for t in extra:
+        if t.requires_grad and t.numel():
+            y = y + t.reshape(-1)[:1].sum().to(y.dtype) * 0
+    return y
+
+
 def _run_local_experts(forward, x: torch.Tensor, local_idx: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
     """The module's own forward on received rows: ``local_idx`` ``[N, K]`` (``-1`` = not here), weights ``[N, K]``.
@@ -217,8 +236,7 @@ def _run_local_experts(forward, x: torch.Tensor, local_idx: torch.Tensor,
     """
     rows, slots = (local_idx >= 0).nonzero(as_tuple=True)
     if rows.numel() == 0:
-        # Nothing for these experts; keep the result connected to x so backward runs its collectives here too.
-        return x * 0
+        return _empty_result(x, weights, forward)
     pair_x = x.index_select(0, rows)
     pair_idx = local_idx[rows, slots].unsqueeze(1)
     pair_w = weights[rows, slots].unsqueeze(1)
@@ -285,11 +303,11 @@ def _forward_all_to_all(state: _EPState, forward, hidden_states, top_k_index, to
     if recv_x.size(0):
         y = forward(recv_x, recv_idx, ones)
     else:
-        y = recv_x * 0
+        y = _empty_result(recv_x, None, forward)
     back = _AllToAll.apply(y, send_splits, recv_splits, state.group)
     pairs = torch.empty_like(back)
     pairs = pairs.index_copy(0, order, back)                # back to (token, k) order
-    out = (pairs.view(T, K, -1).float() * top_k_weights.unsqueeze(-1).float()).sum(dim=1)
+    out = (pairs.view(T, K, back.size(-1)).float() * top_k_weights.unsqueeze(-1).float()).sum(dim=1)
     return out.to(hidden_states.dtype)
 
 

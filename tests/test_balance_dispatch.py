@@ -259,3 +259,37 @@ def test_balanced_layer_gpu(rank_pool):
     pool.run(rank_layer_output, 5)
     pool.run(rank_training, 6)
     pool.run(rank_errors)
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+def rank_layer_benchmark(rank, R, json_path):
+    """``run`` of ``benchmarks/bench_balance_layer.py --small`` on the pool's gloo group (what torchrun runs)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "bench_balance_layer.py")
+    spec = importlib.util.spec_from_file_location("bench_balance_layer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.run(mod.parse_args(["--small", "--json", json_path]))["speedup"]
+
+
+def test_layer_benchmark_small(rank_pool, tmp_path):
+    """The layer benchmark's small CPU run writes its result file (``torchrun --nproc-per-node 2
+    benchmarks/bench_balance_layer.py --small --json PATH`` runs the same ``run`` after its own init)."""
+    import json
+
+    out = tmp_path / "layer.json"
+    speedups = rank_pool(2).run(rank_layer_benchmark, str(out))
+    assert speedups[0] == speedups[1]
+    data = json.loads(out.read_text())
+    assert data["workload"] == "balance-layer" and data["card"] == "cpu" and data["num_ranks"] == 2
+    kinds = {(r["backend"], r["impl"]) for r in data["rows"]}
+    assert kinds == {(b, i) for b in ("static", "deep_ep-balanced") for i in ("grouped", "padded")}
+    assert all(r["time_us"] > 0 and r["samples"] == 5 for r in data["rows"])
+    assert data["outputs_max_rel_diff"] < 1e-4, "both policies compute the same layer"
+    bal = [r for r in data["rows"] if r["backend"] == "deep_ep-balanced"]
+    static = [r for r in data["rows"] if r["backend"] == "static"]
+    assert bal[0]["pairs_max_over_mean"] < static[0]["pairs_max_over_mean"], "balancing evens the pairs per rank"

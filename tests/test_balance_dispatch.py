@@ -73,7 +73,7 @@ def oracle(xs, idx, ws, W_table, E):
 
 # ------------------------------------------------------------------------------------------------ forward
 
-def rank_layer_output(rank, R, seed):
+def rank_layer_output(rank, R, seed, host_quotas=True):
     dev = device()
     buf = get_buffer()
     E = 2 * R
@@ -82,7 +82,7 @@ def rank_layer_output(rank, R, seed):
     # a planned placement with one spare slot per rank: the hot experts get replicas on other ranks
     popularity = torch.exp(zipf_logpop(torch.Generator().manual_seed(1234), E)).view(1, -1)
     p2l = rebalance_experts(popularity, E + R, 1, 1, R)[0][0]
-    bd = BalancedDispatch(buf, E, phy2log=p2l)
+    bd = BalancedDispatch(buf, E, phy2log=p2l, host_quotas=host_quotas)
     assert bd.num_slots == E + R and bd.slots_per_rank == (E + R) // R
     assert (torch.bincount(p2l, minlength=E) > 1).any(), "the test wants replicas"
     W = W_table[bd.local_experts].to(dev)
@@ -208,6 +208,23 @@ def test_training_across_replans_matches_unbalanced(rank_pool, R):
     assert all(o == out[0] for o in out)
 
 
+def test_route_with_precomputed_quotas():
+    """``route(..., quotas=router.quotas(counts))`` (what BalancedDispatch does with host quotas) routes alike."""
+    g = torch.Generator().manual_seed(3)
+    E, R = 16, 4
+    p2l, _, cnt = rebalance_experts(torch.exp(zipf_logpop(g, E)).view(1, -1) * 100, E + R, 1, 1, R)
+    router = ReplicaRouter(p2l, cnt, R)
+    ti = torch.multinomial(torch.exp(zipf_logpop(g, E)), 2 * 50, replacement=True, generator=g).view(50, 2)
+    gc = torch.bincount(ti.reshape(-1), minlength=E) * R
+    for rank in range(R):
+        want = router.route(ti, gc, rank=rank)
+        assert torch.equal(router.route(ti, gc, rank=rank, quotas=router.quotas(gc)), want)
+    per_rank = torch.stack([gc // R] * R)
+    assert torch.equal(router.route(ti, per_rank, rank=1, quotas=router.quotas(gc)), router.route(ti, per_rank, rank=1))
+    with pytest.raises(DeepEPInputError, match="quotas"):
+        router.route(ti, gc, rank=0, quotas=torch.zeros(3, dtype=torch.int64))
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 def rank_errors(rank, R):
@@ -257,6 +274,7 @@ def test_balanced_dispatch_errors(rank_pool, R):
 def test_balanced_layer_gpu(rank_pool):
     pool = rank_pool(2, backend="nccl")
     pool.run(rank_layer_output, 5)
+    pool.run(rank_layer_output, 5, False)         # quotas solved on the GPU
     pool.run(rank_training, 6)
     pool.run(rank_errors)
 

@@ -81,8 +81,8 @@ class BalancedDispatch:
         num_experts: logical experts ``E`` (the ids of ``topk_idx``).
         num_slots: physical slots ``P`` (a multiple of ``R``, ``>= E``);
             ``P - E`` spare slots hold replicas. Default: ``len(phy2log)`` if
-            given, else ``E`` (no replicas until a re-plan cannot help much:
-            give spare slots).
+            given, else ``E`` (no spare slots: re-plans can then only move
+            whole experts between ranks, no replicas).
         phy2log: the initial placement, int ``[P]`` (slot ``p`` on rank
             ``p // (P // R)``); default: experts contiguous (``E / R`` per
             rank, spare slots holding second copies of the rank's own
@@ -97,6 +97,12 @@ class BalancedDispatch:
             :mod:`deep_ep.ops` whenever grad mode is on; ``False``: never;
             ``None`` (default): when grad mode is on and an input requires
             grad.
+        host_quotas: on CUDA, copy the step's ``E`` global counts to the host
+            and solve the quotas there (numpy, tens of microseconds; one
+            host synchronisation, which ``Buffer.dispatch`` makes anyway);
+            ``False``: solve on the GPU without synchronising (a few small
+            kernels per colour and sweep of
+            :meth:`~deep_ep.balance.ReplicaRouter.quotas`).
 
     Attributes: ``buffer``, ``group``, ``num_experts``, ``num_slots``,
     ``num_ranks``, ``rank``, ``slots_per_rank``, ``monitor``, ``router``,
@@ -107,7 +113,7 @@ class BalancedDispatch:
 
     def __init__(self, buffer, num_experts: int, *, num_slots: Optional[int] = None, phy2log=None,
                  window: int = 100, load_aware: bool = True, headroom: float = 0.5,
-                 move_slack: float = 0.05, differentiable: Optional[bool] = None) -> None:
+                 move_slack: float = 0.05, differentiable: Optional[bool] = None, host_quotas: bool = True) -> None:
         self.buffer = buffer
         self.group = buffer.group
         self.num_ranks = int(buffer.num_ranks)
@@ -137,6 +143,7 @@ class BalancedDispatch:
         self.headroom = float(headroom)
         self.move_slack = float(move_slack)
         self.differentiable = differentiable
+        self.host_quotas = bool(host_quotas)
         self._set_placement(p2l)             # validates (every expert needs a slot)
         self.monitor = LoadMonitor(num_experts, window=window)
         self.steps = 0
@@ -171,9 +178,10 @@ class BalancedDispatch:
         ``topk_idx``'s device: the per-expert counts and, on CPU, a count of
         invalid ids, so a bad input raises on every rank instead of hanging the
         others). Records the global counts in :attr:`monitor` and advances
-        :attr:`steps`. No host synchronisation on CUDA (invalid ids there
-        become the invalid slot ``P``, which ``Buffer.dispatch`` rejects on
-        every rank).
+        :attr:`steps`. On CUDA the only host synchronisation is the copy of
+        the counts for ``host_quotas`` (none with ``host_quotas=False``);
+        invalid ids there become the invalid slot ``P``, which
+        ``Buffer.dispatch`` rejects on every rank.
         """
         if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.dtype.is_floating_point:
             raise DeepEPInputError("topk_idx must be an integer tensor [num_tokens, num_topk]")
@@ -198,7 +206,10 @@ class BalancedDispatch:
         global_counts = vec[:E]
         self.monitor.update(global_counts)
         self.steps += 1
-        phys = self.router.route(safe, global_counts if self.load_aware else None, rank=self.rank)
+        quotas = None
+        if self.load_aware and self.host_quotas and global_counts.device.type != "cpu":
+            quotas = self.router.quotas(global_counts.cpu())     # one copy of E ints; numpy solve
+        phys = self.router.route(safe, global_counts if self.load_aware else None, rank=self.rank, quotas=quotas)
         if topk_idx.device.type != "cpu":
             phys = torch.where(bad.view(topk_idx.shape), torch.full_like(phys, self.num_slots), phys)
         return phys
@@ -312,12 +323,13 @@ class BalancedDispatch:
         tensor, as :func:`~deep_ep.balance.migrate_experts`); they are
         migrated in place (``.data`` replaced, gradients moved), with the
         state of ``optimizer`` when given. Returns ``True`` when the
-        placement changed (weights moved), ``False`` otherwise (including
-        when it is not time yet; ``force=True`` re-plans now).
+        placement changed (weights moved), ``False`` otherwise (also when
+        it is not time yet or nothing was recorded; ``force=True`` re-plans
+        now).
         """
         if not isinstance(every, int) or every < 1:
             raise DeepEPInputError(f"every must be a positive int, got {every!r}")
-        if not force and (self.steps - self._last_plan_step < every or len(self.monitor) == 0):
+        if len(self.monitor) == 0 or (not force and self.steps - self._last_plan_step < every):
             return False
         self._last_plan_step = self.steps
         new = self.plan(horizon=every)

@@ -416,7 +416,7 @@ class ReplicaRouter:
 
     # ------------------------------------------------------------------ routing
     def route(self, topk_idx: torch.Tensor, global_counts: Optional[torch.Tensor] = None, *,
-              rank: Optional[int] = None, group=None) -> torch.Tensor:
+              rank: Optional[int] = None, group=None, quotas: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Physical slot of every (token, expert) pair: int64 ``[T, K]``, ``-1`` kept.
 
         Args:
@@ -432,6 +432,9 @@ class ReplicaRouter:
                 else 0); with ``[E]`` it rotates the rounding remainders.
             group: the process group whose ranks the rows of ``global_counts``
                 follow (as in :meth:`exchange_counts`; default: the world).
+            quotas: optional ``quotas(global_counts)`` (int64 ``[P]``, any
+                device) computed beforehand, e.g. on the host from counts
+                copied there; skips the quota solve here.
         """
         if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2:
             raise DeepEPInputError("topk_idx must be a 2-D tensor [num_tokens, num_topk]")
@@ -458,9 +461,10 @@ class ReplicaRouter:
                 if not 0 <= rank < gc.shape[0]:
                     raise DeepEPInputError(f"rank {rank} outside global_counts rows [0, {gc.shape[0]})")
                 offset[:E] = gc[:rank].sum(0)
-                table = self._slot_table(self.quotas(gc.sum(0)), t)
+                table = self._slot_table(self._given_or_solved(quotas, gc.sum(0), dev), t)
             elif gc.dim() == 1 and gc.shape[0] == E:
-                table = self._proportional(self._slot_table(self.quotas(gc), t), gc, n_local, mask, int(rank))
+                table = self._proportional(self._slot_table(self._given_or_solved(quotas, gc, dev), t), gc, n_local,
+                                           mask, int(rank))
             else:
                 raise DeepEPInputError(f"global_counts must be [{E}] or [R, {E}], got {tuple(gc.shape)}")
         # position of every pair among this rank's pairs of its expert (token order), plus the
@@ -489,6 +493,14 @@ class ReplicaRouter:
         out = torch.empty_like(flat)
         out.scatter_(0, order, slot)
         return out.view(topk_idx.shape)
+
+    def _given_or_solved(self, quotas: Optional[torch.Tensor], counts: torch.Tensor, dev) -> torch.Tensor:
+        if quotas is None:
+            return self.quotas(counts)
+        q = torch.as_tensor(quotas).to(device=dev, dtype=torch.int64)
+        if q.shape != (self.num_slots,):
+            raise DeepEPInputError(f"quotas must be [{self.num_slots}], got {tuple(q.shape)}")
+        return q
 
     @staticmethod
     def _slot_table(q: torch.Tensor, t: Dict[str, object]) -> torch.Tensor:

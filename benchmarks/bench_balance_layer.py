@@ -78,6 +78,7 @@ def parse_args(argv=None):
     ap.add_argument("--small", action="store_true", help="tiny shapes for a CPU/gloo check: " +
                     ", ".join(f"{k}={v}" for k, v in SMALL.items()))
     ap.add_argument("--json", default=None, help="write the result file here (rank 0)")
+    ap.add_argument("--quiet", action="store_true", help="print nothing (the result file and return value only)")
     args = ap.parse_args(argv)
     if args.small:
         for k, v in SMALL.items():
@@ -301,7 +302,7 @@ def run(args, argv=None) -> dict:
         st = next(r for r in rows if r["impl"] == impl and r["backend"] == "static")
         ba = next(r for r in rows if r["impl"] == impl and r["backend"] == "deep_ep-balanced")
         speedup[impl] = st["time_us"] / ba["time_us"]
-    if rank == 0:
+    if rank == 0 and not args.quiet:
         print(f"{R} ranks, {card}, transport {buf.backend}: {T} tokens/rank, hidden {Hd}, ffn {args.ffn}, "
               f"top-{K} of {E} experts, Zipf {args.zipf}; balanced: {bd.num_slots} slots, "
               f"{bd.last_moves} expert copies moved at the plan ({plan_ms:.0f} ms incl. {args.plan_steps} routes)")
@@ -333,7 +334,8 @@ def run(args, argv=None) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-        print(f"wrote {args.json}")
+        if not args.quiet:
+            print(f"wrote {args.json}")
     return out
 
 

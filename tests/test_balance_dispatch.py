@@ -291,7 +291,7 @@ def rank_layer_benchmark(rank, R, json_path):
     spec = importlib.util.spec_from_file_location("bench_balance_layer", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.run(mod.parse_args(["--small", "--json", json_path]))["speedup"]
+    return mod.run(mod.parse_args(["--small", "--quiet", "--json", json_path]))["speedup"]
 
 
 def test_layer_benchmark_small(rank_pool, tmp_path):

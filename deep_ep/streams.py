@@ -37,17 +37,23 @@ class StreamCall:
                 comm.wait_event(self.previous_event.event)
             else:
                 comm.wait_stream(self.compute)
-            self._ctx = torch.cuda.stream(comm)
-            self._ctx.__enter__()
+            torch.cuda.set_stream(comm)      # (cheaper than the torch.cuda.stream context manager)
+            self._ctx = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(exc_type, exc, tb)
+        if self._ctx:
+            torch.cuda.set_stream(self.compute)
             self._ctx = None
 
     def alloc(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Allocate an output on the compute stream, or on the comm stream if asked."""
+        if self.cuda and not self.on_comm and self._ctx:
+            torch.cuda.set_stream(self.compute)
+            try:
+                return torch.empty(shape, dtype=dtype, device=self.device)
+            finally:
+                torch.cuda.set_stream(self.comm)
         if self.cuda and not self.on_comm:
             with torch.cuda.stream(self.compute):
                 return torch.empty(shape, dtype=dtype, device=self.device)

@@ -4,6 +4,7 @@ barrier for the device barrier. The GPU run of the same transport is in test_con
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -13,6 +14,15 @@ from deep_ep import reference as ref
 from deep_ep.transport.base import Plan
 from deep_ep.transport.nvlink import _META_SLOT, NVLinkTransport, _windows
 from tests._cases import assert_same, make_case
+
+
+def _slow_reader(barrier):
+    """Rank 0 leaves every barrier late, so its reads overlap the others' next writes if a phase lacked
+    the protection it needs (the race shows as wrong rows instead of depending on luck)."""
+    def wait():
+        barrier.wait()
+        time.sleep(0.004)
+    return wait
 
 
 def _fake_transports(R: int, data_bytes: int):
@@ -27,7 +37,7 @@ def _fake_transports(R: int, data_bytes: int):
         t.rank, t.num_ranks, t.device, t.options, t.num_sms = r, R, torch.device("cpu"), {}, 20
         t.meta_bytes, t.nbytes = meta, nbytes
         t._use_staging(staging)
-        t._barrier = barrier.wait
+        t._barrier = _slow_reader(barrier) if r == 0 else barrier.wait
         ts.append(t)
     return ts
 
@@ -68,35 +78,67 @@ def test_windows_offsets_and_rounds():
     assert _windows([[4, 0], [0, 7]], 2, cap=2) == ([[0, 0], [0, 0]], 0)
 
 
-@pytest.mark.parametrize("R,data_bytes,seed", [(2, 1 << 20, 1), (3, 1 << 20, 2), (4, 3000, 3), (2, 2600, 4),
-                                               (3, 5000, 5)])
-def test_nvlink_schedule_matches_oracle(R, data_bytes, seed):
-    """Dispatch then combine twice on one set of buffers (halves alternate), in rounds when small."""
+def _data_bytes(mode, case, masks):
+    """Staging data bytes that make the call use halves in one round, the whole area, or rounds."""
+    R, K, H = case.num_ranks, case.topk, case.hidden
+    per_row = 4 * H + 8 * K + 4 * K                      # fp32 x, int64 ids, fp32 weights
+    longest = max(int(m.sum()) - int(m[:, r].sum()) for r, m in enumerate(masks))
+    need = 3 * 256 + longest * per_row                   # one round of the longest sequence, aligned regions
+    rounds = 2 * (3 * 256 + 2 * per_row) + 512            # two rows a half, about five in the whole area
+    assert longest > 6, "the case must be long enough to need rounds"
+    # "mixed": dispatch rows (with ids) need the whole area, combine rows (without) fit a half.
+    need_c = 2 * 256 + longest * (4 * H + 4 * K)
+    mixed = 2 * (need_c + (need - need_c) // 2) + 256
+    return {"half": 2 * need + 4096, "full": need + need // 2, "rounds": rounds, "mixed": mixed}[mode]
+
+
+@pytest.mark.parametrize("R,mode,seed", [(2, "half", 1), (3, "half", 2), (4, "rounds", 3), (2, "rounds", 4),
+                                         (3, "full", 5), (2, "full", 6), (2, "mixed", 7), (3, "mixed", 8)])
+def test_nvlink_schedule_matches_oracle(R, mode, seed):
+    """Dispatch then combine twice on one set of buffers (halves alternate), whole area or rounds when small."""
     case = make_case(seed, R, hidden=48 + seed, topk=3, num_experts=4 * R, dtype=torch.float32,
-                     tokens=[17, 0, 23, 9][:R] if R > 2 else None)
+                     tokens=[17, 0, 23, 9][:R] if R > 2 else [19, 14])
     E = case.num_experts
     masks = [ref.expert_rank_mask(t, E, R) for t in case.topk_idx]
     plans = [_plan(r, masks) for r in range(R)]
-    ts = _fake_transports(R, data_bytes)
+    ts = _fake_transports(R, _data_bytes(mode, case, masks))
     exp = ref.dispatch(case.xs, case.topk_idx, E, case.topk_weights)
     alloc = lambda shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
+    bias = [[torch.randn(case.tokens[r], case.hidden) for r in range(R)] for _ in range(2)]
+
+    def rank_ops(r):
+        """Two rounds of: dispatch (x, ids, weights), dispatch of x alone, combine; all in one thread so
+        that a fast rank runs ahead into the next operation while a slow one still reads."""
+        t, out = ts[r], []
+        for rep in range(2):
+            recv = t.dispatch(plans[r], [case.xs[r], case.topk_idx[r], case.topk_weights[r]], alloc)
+            again = t.dispatch(plans[r], [case.xs[r] * (3 + rep)], alloc)
+            got = t.combine(plans[r], recv[0] * (r + 2), recv[2], [bias[rep][r]], alloc)
+            out.append((recv, again, got))
+        return out
+
+    results = _run_threads(rank_ops, R)
     for rep in range(2):
-        recv = _run_threads(lambda r: ts[r].dispatch(plans[r], [case.xs[r], case.topk_idx[r], case.topk_weights[r]],
-                                                     alloc), R)
         for r in range(R):
-            assert_same(recv[r][0], exp[r].recv_x, f"recv_x rank {r} rep {rep}")
-            got_idx, got_w = layout.localize_topk(recv[r][1], recv[r][2], r, E // R)
+            recv, again, _ = results[r][rep]
+            assert_same(recv[0], exp[r].recv_x, f"recv_x rank {r} rep {rep}")
+            got_idx, got_w = layout.localize_topk(recv[1], recv[2], r, E // R)
             assert_same(got_idx, exp[r].recv_topk_idx, f"recv_topk_idx rank {r}")
             assert_same(got_w, exp[r].recv_topk_weights, f"recv_topk_weights rank {r}")
-        ys = [recv[r][0] * (r + 2) for r in range(R)]
-        ws = [recv[r][2] for r in range(R)]
-        bias = [torch.randn(case.tokens[r], case.hidden) for r in range(R)]
-        got = _run_threads(lambda r: ts[r].combine(plans[r], ys[r], ws[r], [bias[r]], alloc), R)
-        want = ref.combine(ys, exp, case.tokens, topk_weights=ws, biases=[[b] for b in bias])
+            assert_same(again[0], exp[r].recv_x * (3 + rep), f"recv_x (x only) rank {r} rep {rep}")
+        ys = [results[r][rep][0][0] * (r + 2) for r in range(R)]
+        ws = [results[r][rep][0][2] for r in range(R)]
+        want = ref.combine(ys, exp, case.tokens, topk_weights=ws, biases=[[b] for b in bias[rep]])
         for r in range(R):
-            assert_same(got[r][0], want[r][0], f"combined x rank {r} rep {rep}")
-            assert_same(got[r][1], want[r][1], f"combined weights rank {r} rep {rep}")
-    assert ts[0].phase > 0
+            got = results[r][rep][2]
+            assert_same(got[0], want[r][0], f"combined x rank {r} rep {rep}")
+            assert_same(got[1], want[r][1], f"combined weights rank {r} rep {rep}")
+    scheds = {k: v for k, v in plans[0].extra.items() if isinstance(k, tuple) and k[0].startswith("nvlink")}
+    assert len(scheds) == 3
+    for (kind, widths), sc in scheds.items():
+        big = kind == "nvlink_dispatch" and len(widths) == 3
+        assert sc["full"] == (mode == "full" or (mode == "mixed" and big)), (kind, widths)
+        assert (len(sc["steps"]) > 1) == (mode == "rounds")
 
 
 def test_nvlink_schedule_too_small_names_size():

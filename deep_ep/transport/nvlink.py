@@ -62,6 +62,11 @@ def _word(width: int) -> torch.dtype:
 
 def _words(t: torch.Tensor) -> torch.Tensor:
     """Rows of ``t`` as the widest integer words their byte width allows (``[N, w]``)."""
+    if t.dim() == 2 and t.is_contiguous() and t.size(1) > 0:
+        try:
+            return t.view(_word(t.size(1) * t.element_size()))   # one view for the common [N, H] case
+        except RuntimeError:
+            pass                                                  # storage offset not word aligned
     b = as_bytes(t)
     return b.view(_word(b.size(1)))
 
@@ -141,13 +146,25 @@ class NVLinkTransport(Transport):
         self.half_bytes = (self.nbytes - self.meta_bytes) // 2 // _ALIGN * _ALIGN
         self.halves = [self.meta_bytes, self.meta_bytes + self.half_bytes]
         self.phase = 0
+        self._fence = False
         self.meta_seq = 0
 
     # ---------------------------------------------------------------- helpers
     def _barrier(self) -> None:
         self.hdl.barrier(channel=0, timeout_ms=self._barrier_ms)
 
-    def _next_half(self) -> int:
+    def _begin_phase(self, full: bool) -> int:
+        """Start a phase; returns the byte offset of the data area it writes.
+
+        A half phase takes the halves in turn. A full phase (one round of a call
+        that fits the whole data area but not a half) first passes a barrier, so
+        nobody still reads either half, and makes the next phase do the same.
+        """
+        if full or self._fence:
+            self._barrier()
+        self._fence = full
+        if full:
+            return self.halves[0]
         start = self.halves[self.phase % 2]
         self.phase += 1
         return start
@@ -161,10 +178,12 @@ class NVLinkTransport(Transport):
         """``rows`` rows of ``width`` bytes of ``peer``'s staging at byte ``start``, as ``dtype`` words."""
         return self.peers[peer][start:start + rows * width].view(rows, width).view(dtype)
 
-    def _layout(self, widths: Sequence[int]) -> Tuple[int, List[int]]:
-        """Rows per round and each tensor's region offset in a half, for rows of byte ``widths``."""
+    def _layout(self, widths: Sequence[int], area: int = 0) -> Tuple[int, List[int]]:
+        """Rows per round and each tensor's region offset, for rows of byte ``widths`` in ``area`` bytes
+        (a half by default)."""
+        area = area or self.half_bytes
         per_row = sum(widths)
-        cap = (self.half_bytes - _ALIGN * len(widths)) // max(per_row, 1)
+        cap = (area - _ALIGN * len(widths)) // max(per_row, 1)
         if cap < 1:
             raise DeepEPInputError(
                 f"the nvlink staging buffer ({self.nbytes} bytes, two halves of {self.half_bytes}) cannot hold "
@@ -175,9 +194,28 @@ class NVLinkTransport(Transport):
             for w in widths:
                 offsets.append(off)
                 off = _align(off + cap * w)
-            if off <= self.half_bytes:
+            if off <= area:
                 return cap, offsets
             cap -= 1                       # alignment padding pushed past the end: one row fewer
+
+    def _rounds(self, C: List[List[int]], widths: Sequence[int]):
+        """``(full, cap, offsets, off, rounds)``: halves in turn, or the whole data area for a call that
+        fits it in one round but not a half."""
+        cap, offsets = self._layout(widths)
+        off, rounds = _windows(C, self.num_ranks, cap)
+        if rounds > 1:
+            cap_f, offsets_f = self._layout(widths, 2 * self.half_bytes)
+            off_f, rounds_f = _windows(C, self.num_ranks, cap_f)
+            if rounds_f == 1:
+                return True, cap_f, offsets_f, off_f, 1
+        return False, cap, offsets, off, rounds
+
+    def _views(self, sched: Dict[str, Any], start: int, make) -> Any:
+        """Views of the staging for a phase at ``start``, made once per schedule and start."""
+        views = sched["views"].get(start)
+        if views is None:
+            views = sched["views"][start] = make(start)
+        return views
 
     # ---------------------------------------------------------------- metadata
     def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
@@ -209,8 +247,7 @@ class NVLinkTransport(Transport):
             return sched
         R, me = self.num_ranks, self.rank
         C = plan.counts.tolist()
-        cap, offsets = self._layout(widths)
-        off, rounds = _windows(C, R, cap)
+        full, cap, offsets, off, rounds = self._rounds(C, widths)
         idx = send_token_order(plan)
         starts = [0]
         for c in plan.send_counts:
@@ -231,7 +268,7 @@ class NVLinkTransport(Transport):
                 if a < b:
                     pulls.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
             steps.append((nonself[lo:lo + n_pack] if n_pack else None, pulls))
-        sched = dict(cap=cap, offsets=offsets, local=local, steps=steps)
+        sched = dict(full=full, cap=cap, offsets=offsets, local=local, steps=steps, views={})
         plan.extra[key] = sched
         return sched
 
@@ -243,22 +280,34 @@ class NVLinkTransport(Transport):
             return outs
         src = [_words(t) for t in rows]
         dst = [_words(o) for o in outs]
-        widths = tuple(as_bytes(t).size(1) for t in rows)
+        widths = tuple(t.size(1) * t.element_size() for t in src)
         sched = self._dispatch_schedule(plan, widths)
-        offsets, me = sched["offsets"], self.rank
+        offsets, me, steps = sched["offsets"], self.rank, sched["steps"]
         if sched["local"] is not None:                           # my rows for myself: straight to the output
             tok, first, n = sched["local"]
             for sw, ow in zip(src, dst):
                 torch.index_select(sw, 0, tok, out=ow[first:first + n])
-        for tok, pulls in sched["steps"]:
-            half = self._next_half()
-            if tok is not None:                                  # pack what I send into my own half
-                for sw, w, o in zip(src, widths, offsets):
-                    torch.index_select(sw, 0, tok, out=self._region(me, half + o, tok.numel(), w, sw.dtype))
-            self._barrier()                                      # every rank's half is packed
-            for s, a, n, first in pulls:                         # read my block out of each peer's half
-                for ow, w, o in zip(dst, widths, offsets):
-                    ow[first:first + n].copy_(self._region(s, half + o + a * w, n, w, ow.dtype))
+
+        def make(start):                                         # [step] -> (pack views, pull views)
+            out = []
+            for tok, pulls in steps:
+                packs = [self._region(me, start + o, tok.numel(), w, sw.dtype)
+                         for sw, w, o in zip(src, widths, offsets)] if tok is not None else None
+                reads = [[self._region(s, start + o + a * w, n, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
+                         for s, a, n, _ in pulls]
+                out.append((packs, reads))
+            return out
+
+        for r, (tok, pulls) in enumerate(steps):
+            start = self._begin_phase(sched["full"])
+            packs, reads = self._views(sched, start, make)[r]
+            if tok is not None:                                  # pack what I send into my own staging
+                for sw, pv in zip(src, packs):
+                    torch.index_select(sw, 0, tok, out=pv)
+            self._barrier()                                      # every rank's rows are packed
+            for (s, a, n, first), rv in zip(pulls, reads):       # read my block out of each peer's staging
+                for ow, v in zip(dst, rv):
+                    ow[first:first + n].copy_(v)
         return outs
 
     # ---------------------------------------------------------------- combine
@@ -270,15 +319,14 @@ class NVLinkTransport(Transport):
             return sched
         R, me = self.num_ranks, self.rank
         C = plan.counts.tolist()
-        cap, offsets = self._layout(widths)
-        off, rounds = _windows(C, R, cap)
+        full, cap, offsets, off, rounds = self._rounds(C, widths)
         recv_first = [sum(C[s2][me] for s2 in range(s)) for s in range(R)]
         n_back = off[me][R - 1] + (C[me][R - 1] if R - 1 != me else 0)    # non-self rows that come back to me
         steps = []
         for r in range(rounds):
             lo, hi = r * cap, (r + 1) * cap
             pushes = []
-            for s in range(R):                                   # my rows from s go back into s's half
+            for s in range(R):                                   # my rows from s go back into s's staging
                 if s == me or not C[s][me]:
                     continue
                 a, b = max(off[s][me], lo), min(off[s][me] + C[s][me], hi)
@@ -291,7 +339,7 @@ class NVLinkTransport(Transport):
         base = [recv_first[me] if j == me else off[me][j] for j in range(R)]
         base_t = torch.tensor(base, dtype=torch.int64).to(slots.device)
         pos = torch.where(slots >= 0, slots + base_t, torch.full_like(slots, -1)).contiguous()
-        sched = dict(cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos)
+        sched = dict(full=full, cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos, views={})
         plan.extra[key] = sched
         return sched
 
@@ -299,30 +347,44 @@ class NVLinkTransport(Transport):
                 biases: Sequence[torch.Tensor], alloc: Alloc) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         me = self.rank
         n_recv = plan.num_recv_tokens
-        srcs = [x[:n_recv].contiguous()]
+        srcs = [x[:n_recv]]
         if weights is not None:
             srcs.append(weights[:n_recv].float().contiguous())
         src = [_words(t) for t in srcs]
-        widths = tuple(as_bytes(t).size(1) for t in srcs)
+        widths = tuple(t.size(1) * t.element_size() for t in src)
         sched = self._combine_schedule(plan, widths)
         offsets, n_back, steps = sched["offsets"], sched["n_back"], sched["steps"]
+
+        def make(start):                       # [step] -> (push views, my area per tensor as raw rows)
+            out = []
+            for pushes, n_in in steps:
+                writes = [[self._region(s, start + o + a * w, n, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
+                          for s, a, n, _ in pushes]
+                mine = [self._region(me, start + o, n_in if len(steps) > 1 else n_back, w, torch.uint8)
+                        for w, o in zip(widths, offsets)]
+                out.append((writes, mine))
+            return out
+
         backs: Optional[List[torch.Tensor]] = None
         if len(steps) > 1:                                       # rows outlive a round: collect them
             backs = [torch.empty((n_back, t.size(1)), dtype=t.dtype, device=x.device) for t in srcs]
-        half = self.halves[0]
+        mine: List[torch.Tensor] = []
         for r, (pushes, n_in) in enumerate(steps):
-            half = self._next_half()
-            for s, a, n, first in pushes:
-                for sw, w, o in zip(src, widths, offsets):
-                    self._region(s, half + o + a * w, n, w, sw.dtype).copy_(sw[first:first + n])
+            start = self._begin_phase(sched["full"])
+            writes, mine = self._views(sched, start, make)[r]
+            for (s, a, n, first), wv in zip(pushes, writes):
+                for sw, v in zip(src, wv):
+                    v.copy_(sw[first:first + n])
             self._barrier()
             if backs is not None and n_in:
-                for bk, w, o in zip(backs, widths, offsets):
-                    lo = r * sched["cap"]
-                    as_bytes(bk[lo:lo + n_in]).copy_(self._region(me, half + o, n_in, w, torch.uint8))
-        if backs is None:                                        # one round (or none): reduce from the half
-            backs = [self._region(me, half + o, n_back, w, torch.uint8).view(t.dtype).view(n_back, t.size(1))
-                     for t, w, o in zip(srcs, widths, offsets)]
+                lo = r * sched["cap"]
+                for bk, m in zip(backs, mine):
+                    as_bytes(bk[lo:lo + n_in]).copy_(m)
+        if backs is None:                                        # one round (or none): reduce from staging
+            if steps:
+                backs = [m.view(t.dtype).view(n_back, t.size(1)) for m, t in zip(mine, srcs)]
+            else:
+                backs = [t[:0] for t in srcs]
         pos = sched["pos"]
         out = reduce_rows(backs[0], pos, biases, x.dtype, alloc, local=srcs[0], local_col=me)
         out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) \

@@ -10,6 +10,8 @@ per rank are 1/R of the total.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -65,7 +67,10 @@ def rank_family(rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtyp
     n_total = sum(p.numel() for p in ref.parameters())
     assert E_total > 0
 
+    full = [weakref.ref(p) for _, p in expert_parameters(model)]
     patch_moe_model(model, num_gpus=num_gpus, use_deep_ep=use_deep_ep, backend=backend)
+    gc.collect()
+    assert all(w() is None for w in full), "the full expert tensors are still alive after patching"
     info = model.deep_ep_info
     R = info.size
     assert R == (num_gpus or world) and info.rank == dist.get_rank() % R

@@ -318,11 +318,15 @@ def _ep_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=Non
     if args or kwargs or top_k_index is None or top_k_weights is None:
         raise TypeError(f"{type(self).__name__} patched by deep_ep takes (hidden_states, top_k_index, "
                         f"top_k_weights) only")
-    if hidden_states.dim() != 2:
-        hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
+    shape = hidden_states.shape
+    hidden_states = hidden_states.reshape(-1, shape[-1])
+    top_k_index = top_k_index.reshape(hidden_states.size(0), -1)
+    top_k_weights = top_k_weights.reshape(hidden_states.size(0), -1)
     if state.buffer is not None:
-        return deep_ep_experts(state.buffer, state.num_experts, forward, hidden_states, top_k_index, top_k_weights)
-    return _forward_all_to_all(state, forward, hidden_states, top_k_index, top_k_weights)
+        out = deep_ep_experts(state.buffer, state.num_experts, forward, hidden_states, top_k_index, top_k_weights)
+    else:
+        out = _forward_all_to_all(state, forward, hidden_states, top_k_index, top_k_weights)
+    return out.view(shape)
 
 
 _patched_classes: Dict[type, type] = {}

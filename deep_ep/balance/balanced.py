@@ -154,6 +154,16 @@ class BalancedDispatch:
         if R > 1 and buffer.device.type != "cuda":
             self._waiter = Waiter(self.group, f"deep_ep/balanced/{next(_instances)}", float(buffer.timeout_s))
 
+    def _collective(self, op, *args, stage: str) -> None:
+        """``op(*args, group=...)`` over the group (nothing on one rank); bounded by the Buffer's ``timeout_s``
+        on CPU groups (a rank that does not arrive is named), enqueued on the current stream on CUDA."""
+        if self.num_ranks == 1:
+            return
+        if self._waiter is None:
+            op(*args, group=self.group)
+        else:
+            self._waiter.wait(op(*args, group=self.group, async_op=True), f"BalancedDispatch {stage}")
+
     # ------------------------------------------------------------------ placement
     def _set_placement(self, phy2log: torch.Tensor) -> None:
         p2l = phy2log.to("cpu", torch.int64).reshape(-1).clone()
@@ -190,12 +200,7 @@ class BalancedDispatch:
         bad = (flat < -1) | (flat >= E)
         safe = torch.where(bad, torch.full_like(flat, -1), flat).view(topk_idx.shape)
         vec = torch.cat((local_counts(safe, E), bad.sum().view(1)))
-        if self.num_ranks > 1:
-            if self._waiter is not None:
-                work = dist.all_reduce(vec, group=self.group, async_op=True)
-                self._waiter.wait(work, "BalancedDispatch count all-reduce")
-            else:
-                dist.all_reduce(vec, group=self.group)
+        self._collective(dist.all_reduce, vec, stage="count all-reduce")
         if topk_idx.device.type == "cpu":
             n_bad, n_mine = int(vec[E]), int(bad.sum())
             if n_bad:
@@ -284,12 +289,7 @@ class BalancedDispatch:
             g = torch.zeros_like(p) if g is None else g
             table = torch.zeros((self.num_experts,) + tuple(p.shape[1:]), dtype=torch.float64, device=p.device)
             table.index_add_(0, local, g.to(torch.float64))
-            if self.num_ranks > 1:
-                if self._waiter is not None:
-                    self._waiter.wait(dist.all_reduce(table, group=self.group, async_op=True),
-                                      "BalancedDispatch gradient all-reduce")
-                else:
-                    dist.all_reduce(table, group=self.group)
+            self._collective(dist.all_reduce, table, stage="gradient all-reduce")
             p.grad = table.index_select(0, local).to(p.dtype)
 
     # ------------------------------------------------------------------ re-planning
@@ -304,13 +304,8 @@ class BalancedDispatch:
             new = rebalance_experts(weight, self.num_slots, 1, 1, self.num_ranks, headroom=self.headroom,
                                     move_slack=self.move_slack, prev_phy2log=self.phy2log.view(1, -1))[0][0]
             out.copy_(new)
-        if self.num_ranks > 1:
-            src = 0 if self.group in (None, dist.group.WORLD) else dist.get_global_rank(self.group, 0)
-            if self._waiter is not None:
-                self._waiter.wait(dist.broadcast(out, src, group=self.group, async_op=True),
-                                  "BalancedDispatch plan broadcast")
-            else:
-                dist.broadcast(out, src, group=self.group)
+        src = 0 if self.group in (None, dist.group.WORLD) else dist.get_global_rank(self.group, 0)
+        self._collective(dist.broadcast, out, src, stage="plan broadcast")
         return out.cpu()
 
     def maybe_replan(self, every: int, params, optimizer: Optional[torch.optim.Optimizer] = None, *,

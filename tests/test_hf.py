@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
-from deep_ep.integrations import UnsupportedMoEError, expert_parameters, patch_moe_model  # noqa: E402
+from deep_ep.integrations import (UnsupportedMoEError, average_gradients, expert_parameters,  # noqa: E402
+                                  patch_moe_model)
 from deep_ep.integrations.hf_configs import FAMILIES, moe_config  # noqa: E402
 
 from tests._cases import device  # noqa: E402
@@ -114,6 +115,16 @@ def rank_family(rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtyp
             checked_router |= (".gate." in name or ".router." in name) and want.abs().sum() > 0
         _close(g, want, f"{family} grad of {name}", atol=1e-4 if fp32 else 0.1, rtol=1e-4 if fp32 else 0.1)
     assert checked_router, "no router gradient was compared"
+
+    # Data-parallel averaging: every gradient becomes that of the mean of all ranks' losses.
+    ref.zero_grad()
+    for s in range(world):
+        (ref(batches[s], labels=batches[s]).loss / world).backward()
+    g_mean = _grads(ref)
+    average_gradients(model)
+    for name, g in _grads(model).items():
+        want = g_mean[name][r * g.size(0):(r + 1) * g.size(0)] if name in expert_names else g_mean[name]
+        _close(g, want, f"{family} averaged grad of {name}", atol=1e-4 if fp32 else 0.1, rtol=1e-4 if fp32 else 0.1)
 
     if check_generate:
         mask = torch.ones_like(ids)

@@ -6,6 +6,6 @@ package does not import transformers.
 """
 from __future__ import annotations
 
-from .hf import EPInfo, UnsupportedMoEError, expert_parameters, patch_moe_model
+from .hf import EPInfo, UnsupportedMoEError, average_gradients, expert_parameters, patch_moe_model
 
-__all__ = ["patch_moe_model", "UnsupportedMoEError", "EPInfo", "expert_parameters"]
+__all__ = ["patch_moe_model", "average_gradients", "UnsupportedMoEError", "EPInfo", "expert_parameters"]

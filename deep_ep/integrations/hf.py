@@ -43,7 +43,7 @@ from ..errors import DeepEPError
 log = logging.getLogger("deep_ep")
 
 __all__ = ["patch_moe_model", "UnsupportedMoEError", "EPInfo", "SUPPORTED_FAMILIES", "expert_parameters",
-           "deep_ep_experts"]
+           "deep_ep_experts", "average_gradients"]
 
 #: MoE block classes known to work, by family (tested on CPU against the unpatched model).
 #: Any other block whose ``experts`` module follows the transformers experts interface works the same way.
@@ -77,7 +77,9 @@ class EPInfo:
     rank's index in it and its size, ``num_local_experts`` per block path,
     ``blocks`` the patched MoE blocks' paths and ``families`` their family
     names, ``use_deep_ep`` which path moves the tokens, ``buffer`` the
-    :class:`deep_ep.Buffer` (``None`` for the plain path).
+    :class:`deep_ep.Buffer` (``None`` for the plain path), ``replica_group``
+    the ranks holding the same experts as this one (one per EP group; ``None``
+    when the EP group is the whole world or was passed explicitly).
     """
 
     group: Any
@@ -85,6 +87,7 @@ class EPInfo:
     size: int
     use_deep_ep: bool
     buffer: Optional[Buffer]
+    replica_group: Any = None
     blocks: List[str] = field(default_factory=list)
     families: List[str] = field(default_factory=list)
     num_local_experts: Dict[str, int] = field(default_factory=dict)
@@ -176,8 +179,18 @@ def _resolve_group(num_gpus: Optional[int], group: Any) -> Any:
     if key not in _ep_groups:
         # new_group is collective over the world: every rank creates every group, in the same order.
         groups = [dist.new_group(list(range(g * n, (g + 1) * n))) for g in range(world // n)]
-        _ep_groups[key] = groups
-    return _ep_groups[key][rank // n]
+        replicas = [dist.new_group(list(range(i, world, n))) for i in range(n)]
+        _ep_groups[key] = (groups, replicas)
+    groups, replicas = _ep_groups[key]
+    return groups[rank // n]
+
+
+def _replica_group(num_gpus: Optional[int], group: Any) -> Any:
+    """The group of ranks holding the same experts as this one (made by :func:`_resolve_group`), or ``None``."""
+    world = dist.get_world_size()
+    if group is not None or num_gpus is None or num_gpus == world:
+        return None
+    return _ep_groups[(world, num_gpus)][1][dist.get_rank() % num_gpus]
 
 
 def _get_buffer(group: Any, backend: str, ep_buffer_size: Optional[int], compression_level: Any,
@@ -412,6 +425,7 @@ def patch_moe_model(model: nn.Module, num_gpus: Optional[int] = None, use_deep_e
     if not blocks:
         raise UnsupportedMoEError(f"patch_moe_model found no MoE block in {type(model).__name__} (looked for "
                                   f"modules with an 'experts' child following the transformers experts interface)")
+    user_group = group
     group = _resolve_group(num_gpus, group)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     for path, block, experts in blocks:
@@ -419,7 +433,8 @@ def patch_moe_model(model: nn.Module, num_gpus: Optional[int] = None, use_deep_e
             raise ValueError(f"{type(block).__name__} at '{path}' has {experts.num_experts} experts, not a multiple "
                              f"of the expert-parallel group size {size}")
     buffer = _get_buffer(group, backend, ep_buffer_size, compression_level, topology_aware) if use_deep_ep else None
-    info = EPInfo(group=group, rank=rank, size=size, use_deep_ep=bool(use_deep_ep), buffer=buffer)
+    info = EPInfo(group=group, rank=rank, size=size, use_deep_ep=bool(use_deep_ep), buffer=buffer,
+                  replica_group=_replica_group(num_gpus, user_group))
     for path, block, experts in blocks:
         E = experts.num_experts
         L = E // size
@@ -457,3 +472,54 @@ def expert_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
             if is_param:
                 out.append((f"{path}.experts.{name}" if path else f"experts.{name}", experts._parameters[name]))
     return out
+
+
+def _all_reduce_flat(grads: List[torch.Tensor], group: Any) -> None:
+    """Sum ``grads`` over ``group`` in one all-reduce per dtype."""
+    by_dtype: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault((g.dtype, g.device), []).append(g)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def average_gradients(model: nn.Module, replica_group: Any = None) -> None:
+    """Data-parallel gradient averaging for a patched model, in place; collective over the world.
+
+    After each rank's ``loss.backward()``, makes every gradient that of the
+    mean of all ranks' losses: replicated parameters are summed over the
+    world, expert parameters over the ranks that hold the same experts (their
+    tokens already reached them through dispatch, so within an EP group
+    nothing is summed twice), then all are divided by the world size. Use it
+    instead of ``DistributedDataParallel`` (which would average different
+    ranks' experts together). ``replica_group`` is needed only when the
+    model was patched with an explicit ``group`` smaller than the world.
+    Parameters without a gradient count as zeros.
+    """
+    info: Optional[EPInfo] = getattr(model, "deep_ep_info", None)
+    if info is None:
+        raise DeepEPError("average_gradients needs a model patched by patch_moe_model")
+    world = dist.get_world_size()
+    replicas = replica_group if replica_group is not None else info.replica_group
+    if replicas is None and info.size != world:
+        raise ValueError(f"the EP group has {info.size} of {world} ranks: pass replica_group (the ranks holding "
+                         f"the same experts as this one)")
+    experts = {id(p) for _, p in expert_parameters(model)}
+    dense, expert = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        (expert if id(p) in experts else dense).append(p.grad)
+    if world > 1:
+        _all_reduce_flat(dense, None)
+        if replicas is not None and dist.get_world_size(replicas) > 1:
+            _all_reduce_flat(expert, replicas)
+    for g in dense + expert:
+        g.div_(world)

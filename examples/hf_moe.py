@@ -8,7 +8,9 @@ Run (CPU with gloo, or one GPU per rank with NCCL):
 
 Every rank builds (or loads) the same model, patches it (each rank keeps
 1/R of the experts), runs a forward/backward on its own batch, checks the
-logits against an unpatched copy (random models only: they are small), and
+logits against an unpatched copy (random models only: they are small),
+averages the gradients as data parallelism does (``average_gradients``;
+not DistributedDataParallel, which would mix different ranks' experts), and
 generates greedily.
 """
 import argparse
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deep_ep.integrations import expert_parameters, patch_moe_model  # noqa: E402
+from deep_ep.integrations import average_gradients, expert_parameters, patch_moe_model  # noqa: E402
 from deep_ep.integrations.hf_configs import FAMILIES, moe_config  # noqa: E402
 
 
@@ -66,6 +68,7 @@ def main() -> None:
     ids = torch.randint(3, vocab, (2, 16), generator=g).to(dev)
     out = model(ids, labels=ids)
     out.loss.backward()
+    average_gradients(model)         # data parallelism: replicated params over all ranks, experts over replicas
     grads = sum(1 for p in model.parameters() if p.grad is not None)
     print(f"rank {rank}: loss {out.loss.item():.4f}, {grads} parameters got gradients", flush=True)
     if reference is not None:

@@ -25,7 +25,7 @@ def _slow_reader(barrier):
     return wait
 
 
-def _fake_transports(R: int, data_bytes: int):
+def _fake_transports(R: int, data_bytes: int, chunks: int = 1):
     """R transports sharing CPU staging tensors; ``_barrier`` is a thread barrier with a timeout."""
     meta = 2 * R * _META_SLOT * 8
     nbytes = meta + data_bytes
@@ -37,6 +37,7 @@ def _fake_transports(R: int, data_bytes: int):
         t.rank, t.num_ranks, t.device, t.options, t.num_sms = r, R, torch.device("cpu"), {}, 20
         t.meta_bytes, t.nbytes = meta, nbytes
         t._use_staging(staging)
+        t.side, t.chunks, t.min_chunk_bytes = None, chunks, 0     # operations in order, chunks of any size
         t._barrier = _slow_reader(barrier) if r == 0 else barrier.wait
         ts.append(t)
     return ts
@@ -92,16 +93,18 @@ def _data_bytes(mode, case, masks):
     return {"half": 2 * need + 4096, "full": need + need // 2, "rounds": rounds, "mixed": mixed}[mode]
 
 
-@pytest.mark.parametrize("R,mode,seed", [(2, "half", 1), (3, "half", 2), (4, "rounds", 3), (2, "rounds", 4),
-                                         (3, "full", 5), (2, "full", 6), (2, "mixed", 7), (3, "mixed", 8)])
-def test_nvlink_schedule_matches_oracle(R, mode, seed):
+@pytest.mark.parametrize("R,mode,seed,chunks", [(2, "half", 1, 1), (3, "half", 2, 3), (4, "rounds", 3, 2),
+                                                (2, "rounds", 4, 1), (3, "full", 5, 2), (2, "full", 6, 1),
+                                                (2, "mixed", 7, 4), (3, "mixed", 8, 1), (4, "half", 9, 5),
+                                                (2, "half", 10, 40)])
+def test_nvlink_schedule_matches_oracle(R, mode, seed, chunks):
     """Dispatch then combine twice on one set of buffers (halves alternate), whole area or rounds when small."""
     case = make_case(seed, R, hidden=48 + seed, topk=3, num_experts=4 * R, dtype=torch.float32,
                      tokens=[17, 0, 23, 9][:R] if R > 2 else [19, 14])
     E = case.num_experts
     masks = [ref.expert_rank_mask(t, E, R) for t in case.topk_idx]
     plans = [_plan(r, masks) for r in range(R)]
-    ts = _fake_transports(R, _data_bytes(mode, case, masks))
+    ts = _fake_transports(R, _data_bytes(mode, case, masks), chunks)
     exp = ref.dispatch(case.xs, case.topk_idx, E, case.topk_weights)
     alloc = lambda shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
     bias = [[torch.randn(case.tokens[r], case.hidden) for r in range(R)] for _ in range(2)]
@@ -139,6 +142,20 @@ def test_nvlink_schedule_matches_oracle(R, mode, seed):
         big = kind == "nvlink_dispatch" and len(widths) == 3
         assert sc["full"] == (mode == "full" or (mode == "mixed" and big)), (kind, widths)
         assert (len(sc["steps"]) > 1) == (mode == "rounds")
+        if mode != "rounds":
+            n_chunks = len(sc["steps"][0][0] if kind == "nvlink_combine" else sc["steps"][0])
+            assert n_chunks == chunks
+    # Combine reduces tokens below ready[c] after chunk c: each must have all its rows by then.
+    from deep_ep.transport.nvlink import _split
+    for r in range(R):
+        sc = plans[r].extra[next(k for k in plans[r].extra if isinstance(k, tuple) and k[0] == "nvlink_combine")]
+        C = plans[r].counts.tolist()
+        slots = layout.token_slots(masks[r])
+        for c, t_ready in enumerate(sc["ready"]):
+            for j in range(R):
+                if j != r and t_ready:
+                    s_j = slots[:t_ready, j]
+                    assert int(s_j.max()) < _split(C[r][j], len(sc["ready"]))[c + 1], (r, c, j)
 
 
 def test_nvlink_schedule_too_small_names_size():

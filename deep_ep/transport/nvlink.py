@@ -31,7 +31,9 @@ cached dispatch or a combine only launches copies.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -69,6 +71,28 @@ def _words(t: torch.Tensor) -> torch.Tensor:
             pass                                                  # storage offset not word aligned
     b = as_bytes(t)
     return b.view(_word(b.size(1)))
+
+
+#: chunks a one-round call is pipelined in (each a barrier), env ``DEEP_EP_NVLINK_CHUNKS``
+DEFAULT_CHUNKS = 4
+#: smallest chunk worth a barrier (bytes of the longest sequence of rows a rank sends)
+MIN_CHUNK_BYTES = 4 << 20
+
+
+def _chunk_setting() -> int:
+    raw = os.environ.get("DEEP_EP_NVLINK_CHUNKS", "")
+    try:
+        k = int(raw) if raw else DEFAULT_CHUNKS
+    except ValueError:
+        raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS must be an int >= 1, got {raw!r}") from None
+    if k < 1:
+        raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS must be an int >= 1, got {raw!r}")
+    return k
+
+
+def _split(n: int, k: int) -> List[int]:
+    """Bounds of ``k`` near-equal parts of ``range(n)``."""
+    return [n * c // k for c in range(k + 1)]
 
 
 class _EventWork:
@@ -139,6 +163,36 @@ class NVLinkTransport(Transport):
         self._use_staging([self.hdl.get_buffer(p, (self.nbytes,), torch.uint8, 0) for p in range(self.num_ranks)])
         self._barrier_ms = int(timeout_s * 1000) + 10_000   # the host gives up first, with a better message
         self._pinned: Optional[torch.Tensor] = None
+        self.side = torch.cuda.Stream(device=device)
+        self.chunks = _chunk_setting()
+        self.min_chunk_bytes = MIN_CHUNK_BYTES
+        theirs = self.all_gather_ints(torch.tensor([self.chunks]), "nvlink setup")[:, 0].tolist()
+        if len(set(theirs)) != 1:
+            raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS differs between ranks ({theirs}); set it the same everywhere")
+
+    def _join(self) -> None:
+        """Make the current stream wait for the side stream (call before returning or the next phase)."""
+        if self.side is not None:
+            torch.cuda.current_stream().wait_stream(self.side)
+
+    def _side(self):
+        """Context running on the side stream, after what the current stream has queued (or inline)."""
+        if self.side is None:
+            return contextlib.nullcontext()
+        self.side.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self.side)
+
+    def _mark(self):
+        """An event on the current stream (``None`` without a side stream)."""
+        if self.side is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    def _wait(self, ev) -> None:
+        if ev is not None:
+            torch.cuda.current_stream().wait_event(ev)
 
     def _use_staging(self, peers: List[torch.Tensor]) -> None:
         """Take ``peers[p]``, rank ``p``'s staging as this rank sees it, and split off the two data halves."""
@@ -239,8 +293,20 @@ class NVLinkTransport(Transport):
         return host.clone()
 
     # ---------------------------------------------------------------- dispatch
+    def _chunks_for(self, C: List[List[int]], widths: Sequence[int], rounds: int) -> int:
+        """Chunks a call is pipelined in: several for one big round, else one (same on every rank)."""
+        if rounds != 1:
+            return 1
+        longest = max(sum(C[s][d] for d in range(self.num_ranks) if d != s) for s in range(self.num_ranks))
+        return max(1, min(self.chunks, longest * sum(widths) // max(self.min_chunk_bytes, 1)))
+
     def _dispatch_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Dict[str, Any]:
-        """What a dispatch of ``plan`` with rows of byte ``widths`` does, computed once per plan."""
+        """What a dispatch of ``plan`` with rows of byte ``widths`` does, computed once per plan.
+
+        ``steps[r]`` lists round ``r``'s chunks ``(token ids to pack, pulls)``; a pull
+        ``(s, a, n, first)`` copies ``n`` rows from position ``a`` of rank ``s``'s staging
+        window to output row ``first``.
+        """
         key = ("nvlink_dispatch", widths)
         sched = plan.extra.get(key)
         if sched is not None:
@@ -248,6 +314,7 @@ class NVLinkTransport(Transport):
         R, me = self.num_ranks, self.rank
         C = plan.counts.tolist()
         full, cap, offsets, off, rounds = self._rounds(C, widths)
+        k = self._chunks_for(C, widths, rounds)
         idx = send_token_order(plan)
         starts = [0]
         for c in plan.send_counts:
@@ -256,18 +323,25 @@ class NVLinkTransport(Transport):
         c_me = C[me][me]
         local = (idx[starts[me]:starts[me] + c_me], recv_first[me], c_me) if c_me else None
         nonself = torch.cat([idx[starts[d]:starts[d + 1]] for d in range(R) if d != me]) if R > 1 else idx[:0]
+        length = [sum(C[s][d] for d in range(R) if d != s) for s in range(R)]
         steps = []
         for r in range(rounds):
             lo, hi = r * cap, (r + 1) * cap
-            n_pack = max(min(nonself.numel(), hi) - lo, 0)
-            pulls = []
-            for s in range(R):
-                if s == me or not C[s][me]:
-                    continue
-                a, b = max(off[s][me], lo), min(off[s][me] + C[s][me], hi)
-                if a < b:
-                    pulls.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
-            steps.append((nonself[lo:lo + n_pack] if n_pack else None, pulls))
+            # Chunk c of round r covers [lo + b_s[c], lo + b_s[c + 1]) of rank s's sequence.
+            bounds = [_split(max(min(length[s], hi) - lo, 0), k) for s in range(R)]
+            chunks = []
+            for c in range(k):
+                a_me, b_me = lo + bounds[me][c], lo + bounds[me][c + 1]
+                pulls = []
+                for s in range(R):
+                    if s == me or not C[s][me]:
+                        continue
+                    a = max(off[s][me], lo + bounds[s][c])
+                    b = min(off[s][me] + C[s][me], lo + bounds[s][c + 1])
+                    if a < b:
+                        pulls.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
+                chunks.append((nonself[a_me:b_me] if b_me > a_me else None, a_me - lo, pulls))
+            steps.append(chunks)
         sched = dict(full=full, cap=cap, offsets=offsets, local=local, steps=steps, views={})
         plan.extra[key] = sched
         return sched
@@ -283,36 +357,50 @@ class NVLinkTransport(Transport):
         widths = tuple(t.size(1) * t.element_size() for t in src)
         sched = self._dispatch_schedule(plan, widths)
         offsets, me, steps = sched["offsets"], self.rank, sched["steps"]
-        if sched["local"] is not None:                           # my rows for myself: straight to the output
-            tok, first, n = sched["local"]
-            for sw, ow in zip(src, dst):
-                torch.index_select(sw, 0, tok, out=ow[first:first + n])
 
-        def make(start):                                         # [step] -> (pack views, pull views)
+        def make(start):                          # [round][chunk] -> (pack views, pull views)
             out = []
-            for tok, pulls in steps:
-                packs = [self._region(me, start + o, tok.numel(), w, sw.dtype)
-                         for sw, w, o in zip(src, widths, offsets)] if tok is not None else None
-                reads = [[self._region(s, start + o + a * w, n, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
-                         for s, a, n, _ in pulls]
-                out.append((packs, reads))
+            for chunks in steps:
+                views = []
+                for tok, at, pulls in chunks:
+                    packs = [self._region(me, start + o + at * w, tok.numel(), w, sw.dtype)
+                             for sw, w, o in zip(src, widths, offsets)] if tok is not None else None
+                    reads = [[self._region(s, start + o + a * w, n, w, sw.dtype)
+                              for sw, w, o in zip(src, widths, offsets)] for s, a, n, _ in pulls]
+                    views.append((packs, reads))
+                out.append(views)
             return out
 
-        for r, (tok, pulls) in enumerate(steps):
+        if sched["local"] is not None:          # my rows for myself, beside the packing
+            tok, first, n = sched["local"]
+            with self._side():
+                for sw, ow in zip(src, dst):
+                    torch.index_select(sw, 0, tok, out=ow[first:first + n])
+        for r, chunks in enumerate(steps):
             start = self._begin_phase(sched["full"])
-            packs, reads = self._views(sched, start, make)[r]
-            if tok is not None:                                  # pack what I send into my own staging
-                for sw, pv in zip(src, packs):
-                    torch.index_select(sw, 0, tok, out=pv)
-            self._barrier()                                      # every rank's rows are packed
-            for (s, a, n, first), rv in zip(pulls, reads):       # read my block out of each peer's staging
-                for ow, v in zip(dst, rv):
-                    ow[first:first + n].copy_(v)
+            views = self._views(sched, start, make)[r]
+            for (tok, _, pulls), (packs, reads) in zip(chunks, views):
+                if tok is not None:                  # pack what I send into my own staging
+                    for sw, pv in zip(src, packs):
+                        torch.index_select(sw, 0, tok, out=pv)
+                self._barrier()                      # this chunk is packed on every rank
+                with self._side():                   # read my rows out of each peer's staging
+                    for (s, a, n, first), rv in zip(pulls, reads):
+                        for ow, v in zip(dst, rv):
+                            ow[first:first + n].copy_(v)
+            self._join()                             # reads done before this rank's next barrier
+        self._join()
         return outs
 
     # ---------------------------------------------------------------- combine
     def _combine_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Dict[str, Any]:
-        """What a combine of ``plan`` with rows of byte ``widths`` does, computed once per plan."""
+        """What a combine of ``plan`` with rows of byte ``widths`` does, computed once per plan.
+
+        ``steps[r]`` lists round ``r``'s chunks ``(pushes, rows that arrive)``; a push
+        ``(s, a, n, first)`` copies my rows ``first..first+n`` to position ``a`` of rank
+        ``s``'s window. ``ready[c]`` is the first token not complete after chunk ``c``
+        (one-round calls).
+        """
         key = ("nvlink_combine", widths)
         sched = plan.extra.get(key)
         if sched is not None:
@@ -320,26 +408,53 @@ class NVLinkTransport(Transport):
         R, me = self.num_ranks, self.rank
         C = plan.counts.tolist()
         full, cap, offsets, off, rounds = self._rounds(C, widths)
+        k = self._chunks_for(C, widths, rounds)
         recv_first = [sum(C[s2][me] for s2 in range(s)) for s in range(R)]
         n_back = off[me][R - 1] + (C[me][R - 1] if R - 1 != me else 0)    # non-self rows that come back to me
         steps = []
         for r in range(rounds):
             lo, hi = r * cap, (r + 1) * cap
-            pushes = []
-            for s in range(R):                                   # my rows from s go back into s's staging
-                if s == me or not C[s][me]:
-                    continue
-                a, b = max(off[s][me], lo), min(off[s][me] + C[s][me], hi)
-                if a < b:
-                    pushes.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
-            steps.append((pushes, max(min(n_back, hi) - lo, 0)))
+            chunks = []
+            for c in range(k):
+                pushes = []
+                for s in range(R):                   # my rows from s go back into s's staging
+                    if s == me or not C[s][me]:
+                        continue
+                    part = _split(C[s][me], k)
+                    a = max(off[s][me] + part[c], lo)
+                    b = min(off[s][me] + part[c + 1], hi)
+                    if a < b:
+                        pushes.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
+                chunks.append(pushes)
+            steps.append((chunks, max(min(n_back, hi) - lo, 0)))
+        ready = [plan.num_tokens] * k
+        if rounds == 1 and k > 1:
+            # After chunk c, rank j has returned the first split(C[me][j])[c + 1] of my rows to it; my
+            # tokens before the first one still missing are complete.
+            idx = send_token_order(plan)
+            starts = [0]
+            for cnt in plan.send_counts:
+                starts.append(starts[-1] + cnt)
+            want = []
+            for c in range(k - 1):
+                for j in range(R):
+                    b = _split(C[me][j], k)[c + 1]
+                    if j != me and b < C[me][j]:
+                        want.append((c, starts[j] + b))
+            if want:
+                toks = idx[torch.tensor([w for _, w in want], dtype=torch.int64).to(idx.device)].tolist()
+                for (c, _), t in zip(want, toks):
+                    ready[c] = min(ready[c], int(t))
+            for c in range(k - 2, -1, -1):
+                ready[c] = min(ready[c], ready[c + 1])
         # Where each (token, rank) row is found: rank me's in the input x, the others' in the rows that
         # came back (my non-self send order), -1 where the token did not go.
         slots = layout.token_slots(plan.is_token_in_rank).to(torch.int64)
         base = [recv_first[me] if j == me else off[me][j] for j in range(R)]
         base_t = torch.tensor(base, dtype=torch.int64).to(slots.device)
         pos = torch.where(slots >= 0, slots + base_t, torch.full_like(slots, -1)).contiguous()
-        sched = dict(full=full, cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos, views={})
+        sched = dict(full=full, cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos, ready=ready,
+                     views={})
         plan.extra[key] = sched
         return sched
 
@@ -354,41 +469,81 @@ class NVLinkTransport(Transport):
         widths = tuple(t.size(1) * t.element_size() for t in src)
         sched = self._combine_schedule(plan, widths)
         offsets, n_back, steps = sched["offsets"], sched["n_back"], sched["steps"]
+        single = len(steps) == 1
 
-        def make(start):                       # [step] -> (push views, my area per tensor as raw rows)
+        def make(start):              # [round] -> ([chunk][push] -> views, my area per tensor as raw rows)
             out = []
-            for pushes, n_in in steps:
-                writes = [[self._region(s, start + o + a * w, n, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
-                          for s, a, n, _ in pushes]
-                mine = [self._region(me, start + o, n_in if len(steps) > 1 else n_back, w, torch.uint8)
+            for chunks, n_in in steps:
+                writes = [[[self._region(s, start + o + a * w, n, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
+                           for s, a, n, _ in pushes] for pushes in chunks]
+                mine = [self._region(me, start + o, n_back if single else n_in, w, torch.uint8)
                         for w, o in zip(widths, offsets)]
                 out.append((writes, mine))
             return out
 
-        backs: Optional[List[torch.Tensor]] = None
-        if len(steps) > 1:                                       # rows outlive a round: collect them
+        if not single:                                           # rounds: collect the rows, then reduce
             backs = [torch.empty((n_back, t.size(1)), dtype=t.dtype, device=x.device) for t in srcs]
-        mine: List[torch.Tensor] = []
-        for r, (pushes, n_in) in enumerate(steps):
+            for r, (chunks, n_in) in enumerate(steps):
+                start = self._begin_phase(sched["full"])
+                writes, mine = self._views(sched, start, make)[r]
+                for pushes, wvs in zip(chunks, writes):
+                    for (s, a, n, first), wv in zip(pushes, wvs):
+                        for sw, v in zip(src, wv):
+                            v.copy_(sw[first:first + n])
+                self._barrier()
+                if n_in:
+                    lo = r * sched["cap"]
+                    for bk, m in zip(backs, mine):
+                        as_bytes(bk[lo:lo + n_in]).copy_(m)
+            return self._reduce(plan, sched, backs, srcs, biases, alloc, x.dtype, weights is not None, None)
+        events = []
+        if steps:
             start = self._begin_phase(sched["full"])
-            writes, mine = self._views(sched, start, make)[r]
-            for (s, a, n, first), wv in zip(pushes, writes):
-                for sw, v in zip(src, wv):
-                    v.copy_(sw[first:first + n])
-            self._barrier()
-            if backs is not None and n_in:
-                lo = r * sched["cap"]
-                for bk, m in zip(backs, mine):
-                    as_bytes(bk[lo:lo + n_in]).copy_(m)
-        if backs is None:                                        # one round (or none): reduce from staging
-            if steps:
-                backs = [m.view(t.dtype).view(n_back, t.size(1)) for m, t in zip(mine, srcs)]
-            else:
-                backs = [t[:0] for t in srcs]
-        pos = sched["pos"]
-        out = reduce_rows(backs[0], pos, biases, x.dtype, alloc, local=srcs[0], local_col=me)
-        out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) \
-            if weights is not None else None
+            writes, mine = self._views(sched, start, make)[0]
+            with self._side():                                   # stores into the sources' staging
+                for pushes, wvs in zip(steps[0][0], writes):
+                    for (s, a, n, first), wv in zip(pushes, wvs):
+                        for sw, v in zip(src, wv):
+                            v.copy_(sw[first:first + n])
+                    self._barrier()                              # this chunk has landed everywhere
+                    events.append(self._mark())
+            backs = [m.view(t.dtype).view(n_back, t.size(1)) for m, t in zip(mine, srcs)]
+        else:
+            backs = [t[:0] for t in srcs]
+        out = self._reduce(plan, sched, backs, srcs, biases, alloc, x.dtype, weights is not None, events)
+        self._join()
+        return out
+
+    def _reduce(self, plan: Plan, sched: Dict[str, Any], backs: List[torch.Tensor], srcs: List[torch.Tensor],
+                biases: Sequence[torch.Tensor], alloc: Alloc, dtype: torch.dtype, has_w: bool,
+                events: Optional[list]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Reduce every token, chunk by chunk as its rows arrive (``events[c]``) when given."""
+        me, pos, T = self.rank, sched["pos"], plan.num_tokens
+        if not events or len(events) == 1:
+            if events:
+                self._wait(events[0])
+            out = reduce_rows(backs[0], pos, biases, dtype, alloc, local=srcs[0], local_col=me)
+            out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) \
+                if has_w else None
+            return out, out_w
+        out = alloc((T, backs[0].size(1)), dtype)
+        out_w = alloc((T, backs[1].size(1)), torch.float32) if has_w else None
+        t0 = 0
+        for ev, t1 in zip(events, sched["ready"]):
+            self._wait(ev)
+            if t1 <= t0:
+                continue
+            for res, back, src, bs, dt in ((out, backs[0], srcs[0], [b[t0:t1] for b in biases], dtype),
+                                           (out_w, backs[1] if has_w else None, srcs[1] if has_w else None, [],
+                                            torch.float32)):
+                if res is None:
+                    continue
+                part = res[t0:t1]
+                got = reduce_rows(back, pos[t0:t1], bs, dt, lambda shape, d, part=part: part, local=src,
+                                  local_col=me)
+                if got.data_ptr() != part.data_ptr():
+                    part.copy_(got)
+            t0 = t1
         return out, out_w
 
     def destroy(self) -> None:

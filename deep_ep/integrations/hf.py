@@ -399,8 +399,10 @@ def patch_moe_model(model: nn.Module, num_gpus: Optional[int] = None, use_deep_e
 
     Arguments: ``num_gpus`` the expert-parallel group size (default: the
     whole world); smaller than the world, the world is split into groups of
-    ``num_gpus`` consecutive ranks, each holding all experts (replicas across
-    groups: average their gradients as for data parallelism). ``group`` an
+    ``num_gpus`` consecutive ranks, each holding all experts once (replicas
+    across groups). For data-parallel training call
+    :func:`average_gradients` after backward (not DistributedDataParallel,
+    which would average different ranks' experts together). ``group`` an
     explicit process group instead. ``use_deep_ep=False`` moves tokens with a
     plain :func:`torch.distributed.all_to_all_single` (for A/B comparisons).
     ``ep_buffer_size``, ``compression_level`` (only 16 today; others arrive

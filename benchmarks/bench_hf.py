@@ -7,7 +7,8 @@ Model: Qwen3-MoE shape (hidden 2048, 64 experts, top-8, expert intermediate
 768, 4 layers, 16 heads, vocab 32000), random weights, bf16 on GPU; 8192
 tokens per rank (4 x 2048), each rank its own batch. Modes:
 
-- ``deep_ep``: :func:`deep_ep.integrations.patch_moe_model` (tokens move with deep_ep.Buffer);
+- ``deep_ep``: :func:`deep_ep.integrations.patch_moe_model` (tokens move with deep_ep.Buffer, ``--backend``);
+- ``deep_ep_nvlink``: the same on the nvlink backend (GPUs of one host only);
 - ``all_to_all``: the same with ``use_deep_ep=False`` (plain torch.distributed all_to_all_single);
 - ``hf_ep``: transformers' own expert parallelism (``from_pretrained(distributed_config=...)``) where the
   installed version has it: ``DistributedConfig(fsdp_size=R, ep_size=R, ep_implementation='all_to_all')``
@@ -43,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deep_ep.integrations import expert_parameters, patch_moe_model  # noqa: E402
 from deep_ep.integrations.hf_configs import moe_config  # noqa: E402
 
-MODES = ("deep_ep", "all_to_all", "hf_ep", "hf_ep_deep_ep")
+MODES = ("deep_ep", "deep_ep_nvlink", "all_to_all", "hf_ep", "hf_ep_deep_ep")
 
 
 def parse_args(argv=None):
@@ -157,12 +158,16 @@ def run_mode(mode, a, rank, world, dev, dtype, ckpt):
 
     row = dict(mode=mode)
     shares_batch = False
-    if mode in ("deep_ep", "all_to_all"):
+    if mode in ("deep_ep", "deep_ep_nvlink", "all_to_all"):
+        use = mode != "all_to_all"
+        backend = "nvlink" if mode == "deep_ep_nvlink" else a.backend
+        if mode == "deep_ep_nvlink" and dev.type != "cuda":
+            row["skipped"] = "the nvlink backend needs CUDA"
+            return row
         model = build(a, dev, dtype)
-        patch_moe_model(model, use_deep_ep=mode == "deep_ep", backend=a.backend)
-        row["setup"] = (f"patch_moe_model(use_deep_ep={mode == 'deep_ep'}" +
-                        (f", backend={a.backend!r})" if mode == "deep_ep" else ")"))
-        if mode == "deep_ep":
+        patch_moe_model(model, use_deep_ep=use, backend=backend)
+        row["setup"] = f"patch_moe_model(use_deep_ep={use}" + (f", backend={backend!r})" if use else ")")
+        if use:
             row["buffer_backend"] = model.deep_ep_info.buffer.backend
     else:
         cfg, shares_batch, text = hf_distributed_config(world, "all_to_all" if mode == "hf_ep" else "deep_ep")

@@ -1,0 +1,41 @@
+"""examples/hf_moe.py and benchmarks/bench_hf.py --small run under torchrun (2 CPU ranks with gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _torchrun(script, *args, port):
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(port), os.path.join(ROOT, script), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_example_under_torchrun():
+    out = _torchrun("examples/hf_moe.py", "--family", "gpt_oss", port=29671)
+    errs = [float(e) for e in re.findall(r"max \|logits - unpatched logits\| = (\S+)", out)]
+    assert len(errs) == 2 and max(errs) < 1e-5, out
+    assert out.count("generated [") == 2 and out.count("expert parameters 25344 of 50688") == 2, out
+
+
+def test_benchmark_small(tmp_path):
+    path = tmp_path / "bench_hf.json"
+    _torchrun("benchmarks/bench_hf.py", "--small", "--modes", "deep_ep,all_to_all", "--iters", "2",
+              "--json", str(path), port=29672)
+    result = json.loads(path.read_text())
+    assert result["card"].startswith("cpu") and result["world_size"] == 2
+    assert [r["mode"] for r in result["results"]] == ["deep_ep", "all_to_all"]
+    for r in result["results"]:
+        assert r["tokens_per_s"] > 0 and r["tokens_per_step"] == 2 * result["tokens_per_rank"], r

@@ -22,8 +22,20 @@ half's previous use: no second barrier is needed for flow control.
   of its block in ``s``'s send order; after the barrier each rank reduces in
   a fixed rank order, reading remote rows from its half and its own rows
   straight from the input (:func:`~deep_ep.transport.base.reduce_rows`).
-- **rounds**: when the rows do not fit a half, the call runs in rounds of as
-  many rows as fit (every rank computes the same rounds from the counts).
+- **rounds**: when the rows do not fit a half, a call that fits the whole data
+  area runs in one phase there (with a barrier before it and before the next
+  phase); a larger one runs in rounds of as many rows as fit a half (every
+  rank computes the same rounds from the counts).
+- **chunks** (``DEEP_EP_NVLINK_CHUNKS``, default 1): a one-round call can be
+  pipelined, one barrier per chunk: dispatch packs chunk ``c + 1`` while a
+  side stream pulls chunk ``c``; combine reduces the tokens whose rows have
+  all arrived while later chunks are stored. On 2 x H200 this path is bound by
+  host time and chunking measured slower, so it is off by default.
+
+The rows cross NVLink as ``copy_`` of contiguous blocks between symmetric
+buffers, which CUDA runs on the copy engines: the transport's data movement
+takes no SMs (``Config.num_sms`` bounds nothing here); the SM work is the
+local gather (``index_select``) and the reduction kernel.
 
 Everything that depends only on the layout (windows, offsets, index slices,
 reduction positions) is computed once per handle and kept in the plan, so a
@@ -73,8 +85,10 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return b.view(_word(b.size(1)))
 
 
-#: chunks a one-round call is pipelined in (each a barrier), env ``DEEP_EP_NVLINK_CHUNKS``
-DEFAULT_CHUNKS = 4
+#: chunks a one-round call is pipelined in (each a barrier), env ``DEEP_EP_NVLINK_CHUNKS``. One: on
+#: 2 x H200 the torch-op path is bound by host time, and chunks (more launches, a side stream) made
+#: the normal workload slower (docs/perf-notes.md).
+DEFAULT_CHUNKS = 1
 #: smallest chunk worth a barrier (bytes of the longest sequence of rows a rank sends)
 MIN_CHUNK_BYTES = 4 << 20
 
@@ -172,19 +186,20 @@ class NVLinkTransport(Transport):
 
     def _join(self) -> None:
         """Make the current stream wait for the side stream (call before returning or the next phase)."""
-        if self.side is not None:
+        if self.side is not None and self._pipelined:
             torch.cuda.current_stream().wait_stream(self.side)
 
     def _side(self):
-        """Context running on the side stream, after what the current stream has queued (or inline)."""
-        if self.side is None:
+        """Context running on the side stream, after what the current stream has queued; inline when the
+        call is not pipelined (one chunk: the side stream only adds host work, measured slower)."""
+        if self.side is None or not self._pipelined:
             return contextlib.nullcontext()
         self.side.wait_stream(torch.cuda.current_stream())
         return torch.cuda.stream(self.side)
 
     def _mark(self):
-        """An event on the current stream (``None`` without a side stream)."""
-        if self.side is None:
+        """An event on the current stream (``None`` when inline)."""
+        if self.side is None or not self._pipelined:
             return None
         ev = torch.cuda.Event()
         ev.record()
@@ -201,6 +216,7 @@ class NVLinkTransport(Transport):
         self.halves = [self.meta_bytes, self.meta_bytes + self.half_bytes]
         self.phase = 0
         self._fence = False
+        self._pipelined = False
         self.meta_seq = 0
 
     # ---------------------------------------------------------------- helpers
@@ -357,6 +373,7 @@ class NVLinkTransport(Transport):
         widths = tuple(t.size(1) * t.element_size() for t in src)
         sched = self._dispatch_schedule(plan, widths)
         offsets, me, steps = sched["offsets"], self.rank, sched["steps"]
+        self._pipelined = len(steps) == 1 and len(steps[0]) > 1
 
         def make(start):                          # [round][chunk] -> (pack views, pull views)
             out = []
@@ -470,6 +487,7 @@ class NVLinkTransport(Transport):
         sched = self._combine_schedule(plan, widths)
         offsets, n_back, steps = sched["offsets"], sched["n_back"], sched["steps"]
         single = len(steps) == 1
+        self._pipelined = single and len(steps[0][0]) > 1
 
         def make(start):              # [round] -> ([chunk][push] -> views, my area per tensor as raw rows)
             out = []

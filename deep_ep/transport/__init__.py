@@ -27,7 +27,7 @@ BACKENDS: Dict[str, Optional[str]] = {
 
 #: whether 'auto' picks nvlink where it is usable. Off while the torch path of the nvlink
 #: transport is not faster than collective (benchmarks/results/2026-11-28-nvidia-h200-normal-*.json).
-NVLINK_PREFERRED = False
+NVLINK_PREFERRED = True   # measured faster than collective: benchmarks/results/*-nvidia-h200-normal*.json
 
 
 def transport_class(name: str) -> type:
@@ -95,6 +95,5 @@ def select_backend(group: Optional[dist.ProcessGroup] = None) -> Tuple[str, str]
     if ok and NVLINK_PREFERRED:
         return "nvlink", "every rank is on one host with peer access"
     if ok:
-        return "collective", ("nvlink is usable but not yet faster than collective (2 x H200, normal workload); "
-                              "pass backend='nvlink' to use it")
+        return "collective", "nvlink is usable but not preferred (NVLINK_PREFERRED is off)"
     return "collective", f"nvlink not usable: {why}"

@@ -154,6 +154,12 @@ def test_experts_implementations(rank_pool, family, impl):
     rank_pool(2).run(rank_family, family, True, impl, None, torch.float32, "auto", False)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_bf16_on_cpu(rank_pool, family):
+    # The GPU tests' bf16 tolerances, exercised on CPU.
+    rank_pool(2).run(rank_family, family, True, None, None, torch.bfloat16)
+
+
 def test_ep_groups_smaller_than_world(rank_pool):
     # num_gpus=1: two groups of one rank, each holding every expert (replicated).
     rank_pool(2).run(rank_family, "qwen2_moe", True, None, 1, torch.float32, "auto", False)

@@ -23,11 +23,16 @@ logger = logging.getLogger(__name__)
 def plan(cfg, backends: list) -> list:
     """The ``(tokens, backend, op, wire, timing)`` cases a run times, in order (for the progress bar)."""
     out = []
+    graphs = cfg.device == "cuda" and getattr(cfg, "graphs", True)
     for tokens in cfg.tokens:
         for b in backends:
             for wire in cfg.wires:
                 out += [(tokens, b, "dispatch", wire, "cached"), (tokens, b, "dispatch", wire, "fresh")]
+                if graphs:
+                    out.append((tokens, b, "dispatch", wire, "graph"))
             out.append((tokens, b, "combine", "bf16", "cached"))
+            if graphs:
+                out.append((tokens, b, "combine", "bf16", "graph"))
         if cfg.baselines:
             for name in [cfg.raw_name] + (["peer-copy"] if cfg.device == "cuda" else []):
                 out += [(tokens, name, "dispatch", wire, "cached") for wire in cfg.wires]
@@ -166,27 +171,61 @@ class RankRunner:
                                name, wire, self.rank, rows, expected)
             rb = row_bytes(wire, cfg.hidden)
             extra = dict(num_sms=num_sms, expected_rows=expected, transport=transport)
-            cached_case, fresh_case = wire_cases
+            cached_case, fresh_case = wire_cases[:2]
             times = self.time(lambda: buf.dispatch(x, handle=handle))
             self.record(cached_case, times, rows, remote, remote, rb, **extra)
             times = self.time(fresh)
             self.record(fresh_case, times, rows, remote, remote, rb, **extra)
+            if len(wire_cases) > 2:
+                self.run_graph(name, wire_cases[2], lambda: buf.dispatch(x, handle=handle), rows, remote, rb,
+                               extra)
             if wire == "bf16":
                 bf16_out = (recv_x, handle, rows, remote)
             del out
-        combine_case = cases[-1]
+        combine_cases = [c for c in cases if c[2] == "combine"]
         if bf16_out is None:
-            self.skip([combine_case], "no bf16 dispatch to combine" if "bf16" in cfg.wires
+            self.skip(combine_cases, "no bf16 dispatch to combine" if "bf16" in cfg.wires
                       else "combine is timed with the bf16 dispatch (add --dtype both)")
             return
         recv_x, handle, rows, remote = bf16_out
         _, reason = self.try_agreed(lambda: buf.combine(recv_x, handle))
         if reason:
-            self.skip([combine_case], reason)
+            self.skip(combine_cases, reason)
             return
         times = self.time(lambda: buf.combine(recv_x, handle))
-        self.record(combine_case, times, rows, remote, remote, row_bytes("bf16", cfg.hidden),
-                    num_sms=num_sms, expected_rows=expected, transport=transport)
+        extra = dict(num_sms=num_sms, expected_rows=expected, transport=transport)
+        rb = row_bytes("bf16", cfg.hidden)
+        self.record(combine_cases[0], times, rows, remote, remote, rb, **extra)
+        if len(combine_cases) > 1:
+            self.run_graph(name, combine_cases[1], lambda: buf.combine(recv_x, handle), rows, remote, rb, extra)
+
+    def run_graph(self, name: str, case: tuple, fn: Callable[[], object], rows, remote, rb, extra) -> None:
+        """Time ``fn`` (a cached-handle call) replayed from a CUDA graph: the GPU-side time of the call
+        without its Python launch cost. The nvlink transport supports capture; others are skipped."""
+        if name not in ("nvlink", "auto") or getattr(self.buffers.get(name, (None,))[0], "backend", "") != "nvlink":
+            self.skip([case], "CUDA-graph capture is supported by the nvlink transport only")
+            return
+
+        def capture():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            return g
+
+        g, reason = self.try_agreed(capture)
+        if reason:
+            self.skip([case], reason)
+            return
+        times = self.time(g.replay)
+        self.record(case, times, rows, remote, remote, rb, **extra)
+        del g
 
     # -- baselines ---------------------------------------------------------------------------
     def run_raw(self, wl: Workload) -> None:

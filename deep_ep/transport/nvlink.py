@@ -104,6 +104,20 @@ def _chunk_setting() -> int:
     return k
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:  # pragma: no cover - no CUDA
+        return False
+
+
+def _not_while_capturing(op: str) -> None:
+    if _capturing():
+        raise DeepEPError(f"deep_ep nvlink: this {op} (handle and row shapes) has not run before; run it once "
+                          f"outside CUDA-graph capture (a warm-up), then capture it")
+
+
 def _split(n: int, k: int) -> List[int]:
     """Bounds of ``k`` near-equal parts of ``range(n)``."""
     return [n * c // k for c in range(k + 1)]
@@ -197,6 +211,15 @@ class NVLinkTransport(Transport):
         self.side.wait_stream(torch.cuda.current_stream())
         return torch.cuda.stream(self.side)
 
+    def _end_call(self, had_phases: bool) -> None:
+        """Close a call. Under CUDA-graph capture the call was bracketed by barriers: one before its
+        first write (whatever ran before a replay has finished reading) and this one after its last
+        read (whatever runs after a replay may write), because a replay does not advance the host-side
+        phase state that otherwise orders the halves."""
+        if self._graph and had_phases:
+            self._barrier()
+        self._graph = False
+
     def _mark(self):
         """An event on the current stream (``None`` when inline)."""
         if self.side is None or not self._pipelined:
@@ -217,6 +240,7 @@ class NVLinkTransport(Transport):
         self.phase = 0
         self._fence = False
         self._pipelined = False
+        self._graph = False
         self.meta_seq = 0
 
     # ---------------------------------------------------------------- helpers
@@ -230,7 +254,7 @@ class NVLinkTransport(Transport):
         that fits the whole data area but not a half) first passes a barrier, so
         nobody still reads either half, and makes the next phase do the same.
         """
-        if full or self._fence:
+        if full or self._fence or self._graph:
             self._barrier()
         self._fence = full
         if full:
@@ -327,6 +351,7 @@ class NVLinkTransport(Transport):
         sched = plan.extra.get(key)
         if sched is not None:
             return sched
+        _not_while_capturing("dispatch")
         R, me = self.num_ranks, self.rank
         C = plan.counts.tolist()
         full, cap, offsets, off, rounds = self._rounds(C, widths)
@@ -374,6 +399,7 @@ class NVLinkTransport(Transport):
         sched = self._dispatch_schedule(plan, widths)
         offsets, me, steps = sched["offsets"], self.rank, sched["steps"]
         self._pipelined = len(steps) == 1 and len(steps[0]) > 1
+        self._graph = _capturing()
 
         def make(start):                          # [round][chunk] -> (pack views, pull views)
             out = []
@@ -407,6 +433,7 @@ class NVLinkTransport(Transport):
                             ow[first:first + n].copy_(v)
             self._join()                             # reads done before this rank's next barrier
         self._join()
+        self._end_call(bool(steps))
         return outs
 
     # ---------------------------------------------------------------- combine
@@ -422,6 +449,7 @@ class NVLinkTransport(Transport):
         sched = plan.extra.get(key)
         if sched is not None:
             return sched
+        _not_while_capturing("combine")
         R, me = self.num_ranks, self.rank
         C = plan.counts.tolist()
         full, cap, offsets, off, rounds = self._rounds(C, widths)
@@ -488,6 +516,7 @@ class NVLinkTransport(Transport):
         offsets, n_back, steps = sched["offsets"], sched["n_back"], sched["steps"]
         single = len(steps) == 1
         self._pipelined = single and len(steps[0][0]) > 1
+        self._graph = _capturing()
 
         def make(start):              # [round] -> ([chunk][push] -> views, my area per tensor as raw rows)
             out = []
@@ -513,7 +542,9 @@ class NVLinkTransport(Transport):
                     lo = r * sched["cap"]
                     for bk, m in zip(backs, mine):
                         as_bytes(bk[lo:lo + n_in]).copy_(m)
-            return self._reduce(plan, sched, backs, srcs, biases, alloc, x.dtype, weights is not None, None)
+            out = self._reduce(plan, sched, backs, srcs, biases, alloc, x.dtype, weights is not None, None)
+            self._end_call(True)
+            return out
         events = []
         if steps:
             start = self._begin_phase(sched["full"])
@@ -530,6 +561,7 @@ class NVLinkTransport(Transport):
             backs = [t[:0] for t in srcs]
         out = self._reduce(plan, sched, backs, srcs, biases, alloc, x.dtype, weights is not None, events)
         self._join()
+        self._end_call(bool(steps))
         return out
 
     def _reduce(self, plan: Plan, sched: Dict[str, Any], backs: List[torch.Tensor], srcs: List[torch.Tensor],

@@ -26,6 +26,8 @@ half's previous use: no second barrier is needed for flow control.
   area runs in one phase there (with a barrier before it and before the next
   phase); a larger one runs in rounds of as many rows as fit a half (every
   rank computes the same rounds from the counts).
+- **pull** (``DEEP_EP_NVLINK_PULL``): ``copy`` (default) reads with ``copy_``
+  (the copy engines), ``gather`` with an ``index_select`` kernel (SM loads).
 - **chunks** (``DEEP_EP_NVLINK_CHUNKS``, default 1): a one-round call can be
   pipelined, one barrier per chunk: dispatch packs chunk ``c + 1`` while a
   side stream pulls chunk ``c``; combine reduces the tokens whose rows have
@@ -192,6 +194,7 @@ class NVLinkTransport(Transport):
         self._barrier_ms = int(timeout_s * 1000) + 10_000   # the host gives up first, with a better message
         self._pinned: Optional[torch.Tensor] = None
         self.side = torch.cuda.Stream(device=device)
+        self.pull_sm = os.environ.get("DEEP_EP_NVLINK_PULL", "copy") == "gather"
         self.chunks = _chunk_setting()
         self.min_chunk_bytes = MIN_CHUNK_BYTES
         theirs = self.all_gather_ints(torch.tensor([self.chunks]), "nvlink setup")[:, 0].tolist()
@@ -210,6 +213,13 @@ class NVLinkTransport(Transport):
             return contextlib.nullcontext()
         self.side.wait_stream(torch.cuda.current_stream())
         return torch.cuda.stream(self.side)
+
+    def _iota(self, n: int) -> torch.Tensor:
+        """``arange(n)`` on the device, from one cached tensor."""
+        t = getattr(self, "_iota_t", None)
+        if t is None or t.numel() < n:
+            t = self._iota_t = torch.arange(max(n, 1024), device=self.peers[self.rank].device)
+        return t[:n]
 
     def _end_call(self, had_phases: bool) -> None:
         """Close a call. Under CUDA-graph capture the call was bracketed by barriers: one before its
@@ -430,7 +440,10 @@ class NVLinkTransport(Transport):
                 with self._side():                   # read my rows out of each peer's staging
                     for (s, a, n, first), rv in zip(pulls, reads):
                         for ow, v in zip(dst, rv):
-                            ow[first:first + n].copy_(v)
+                            if self.pull_sm:             # SM loads over NVLink instead of the copy engine
+                                torch.index_select(v, 0, self._iota(n), out=ow[first:first + n])
+                            else:
+                                ow[first:first + n].copy_(v)
             self._join()                             # reads done before this rank's next barrier
         self._join()
         self._end_call(bool(steps))

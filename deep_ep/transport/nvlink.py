@@ -170,6 +170,11 @@ class NVLinkTransport(Transport):
             raise DeepEPError("backend='nvlink' needs an NCCL group on CUDA devices")
         import torch.distributed._symmetric_memory as symm_mem
         nbytes = int(self.options.get("num_nvl_bytes") or 0) or DEFAULT_STAGING_BYTES
+        sizes: List[Any] = [None] * self.num_ranks      # symmetric memory needs one size on every rank
+        dist.all_gather_object(sizes, nbytes, group=group)
+        if len(set(sizes)) > 1:
+            log.warning("deep_ep nvlink: num_nvl_bytes differs between ranks (%s); using the smallest", sizes)
+            nbytes = min(sizes)
         self.meta_bytes = 2 * self.num_ranks * _META_SLOT * 8
         if nbytes <= self.meta_bytes + 2 * _ALIGN:
             raise DeepEPInputError(f"num_nvl_bytes={nbytes} is too small for the nvlink transport "

@@ -53,22 +53,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .. import layout
 from ..errors import DeepEPError, DeepEPInputError
-from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows, send_token_order
+from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows
+from .nvlink_schedule import (_ALIGN, MIN_CHUNK_BYTES, NVLinkSchedules, _align, _capturing, _chunk_setting,
+                              _split, _windows)
+
+__all__ = ["NVLinkTransport", "DEFAULT_STAGING_BYTES", "_split", "_windows"]
 
 log = logging.getLogger("deep_ep")
 
 #: staging bytes per rank when ``num_nvl_bytes`` is 0
 DEFAULT_STAGING_BYTES = 256 << 20
 _META_SLOT = 4096          # int64 per rank per metadata area
-_ALIGN = 256
-
-
-def _align(n: int, a: int = _ALIGN) -> int:
-    return (n + a - 1) // a * a
-
-
 def _word(width: int) -> torch.dtype:
     for dt, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
         if width % size == 0:
@@ -87,44 +83,6 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return b.view(_word(b.size(1)))
 
 
-#: chunks a one-round call is pipelined in (each a barrier), env ``DEEP_EP_NVLINK_CHUNKS``. One: on
-#: 2 x H200 the torch-op path is bound by host time, and chunks (more launches, a side stream) made
-#: the normal workload slower (docs/perf-notes.md).
-DEFAULT_CHUNKS = 1
-#: smallest chunk worth a barrier (bytes of the longest sequence of rows a rank sends)
-MIN_CHUNK_BYTES = 4 << 20
-
-
-def _chunk_setting() -> int:
-    raw = os.environ.get("DEEP_EP_NVLINK_CHUNKS", "")
-    try:
-        k = int(raw) if raw else DEFAULT_CHUNKS
-    except ValueError:
-        raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS must be an int >= 1, got {raw!r}") from None
-    if k < 1:
-        raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS must be an int >= 1, got {raw!r}")
-    return k
-
-
-def _capturing() -> bool:
-    """Whether the current CUDA stream is being captured into a graph."""
-    try:
-        return torch.cuda.is_current_stream_capturing()
-    except Exception:  # pragma: no cover - no CUDA
-        return False
-
-
-def _not_while_capturing(op: str) -> None:
-    if _capturing():
-        raise DeepEPError(f"deep_ep nvlink: this {op} (handle and row shapes) has not run before; run it once "
-                          f"outside CUDA-graph capture (a warm-up), then capture it")
-
-
-def _split(n: int, k: int) -> List[int]:
-    """Bounds of ``k`` near-equal parts of ``range(n)``."""
-    return [n * c // k for c in range(k + 1)]
-
-
 class _EventWork:
     """Adapts a CUDA event to the ``is_completed`` / ``wait`` protocol of :class:`Waiter`."""
 
@@ -138,25 +96,7 @@ class _EventWork:
         self.event.synchronize()
 
 
-def _windows(counts: List[List[int]], R: int, cap: int) -> Tuple[List[List[int]], int]:
-    """Offsets of each rank's non-self rows, destination-major, and the number of rounds.
-
-    ``off[s][d]`` is where the rows ``s`` sends to ``d != s`` start in ``s``'s
-    sequence of non-self rows; a round covers ``cap`` rows of every sequence.
-    """
-    off, longest = [], 0
-    for s in range(R):
-        row, acc = [], 0
-        for d in range(R):
-            row.append(acc)
-            if d != s:
-                acc += counts[s][d]
-        off.append(row)
-        longest = max(longest, acc)
-    return off, (longest + cap - 1) // cap if longest else 0
-
-
-class NVLinkTransport(Transport):
+class NVLinkTransport(NVLinkSchedules, Transport):
     """Intranode transport over torch symmetric memory (see the module docstring)."""
 
     name = "nvlink"
@@ -287,38 +227,6 @@ class NVLinkTransport(Transport):
         """``rows`` rows of ``width`` bytes of ``peer``'s staging at byte ``start``, as ``dtype`` words."""
         return self.peers[peer][start:start + rows * width].view(rows, width).view(dtype)
 
-    def _layout(self, widths: Sequence[int], area: int = 0) -> Tuple[int, List[int]]:
-        """Rows per round and each tensor's region offset, for rows of byte ``widths`` in ``area`` bytes
-        (a half by default)."""
-        area = area or self.half_bytes
-        per_row = sum(widths)
-        cap = (area - _ALIGN * len(widths)) // max(per_row, 1)
-        if cap < 1:
-            raise DeepEPInputError(
-                f"the nvlink staging buffer ({self.nbytes} bytes, two halves of {self.half_bytes}) cannot hold "
-                f"one row of {per_row} bytes; pass num_nvl_bytes >= "
-                f"{self.meta_bytes + 2 * (_ALIGN * (len(widths) + 1) + per_row)}")
-        while True:
-            offsets, off = [], 0
-            for w in widths:
-                offsets.append(off)
-                off = _align(off + cap * w)
-            if off <= area:
-                return cap, offsets
-            cap -= 1                       # alignment padding pushed past the end: one row fewer
-
-    def _rounds(self, C: List[List[int]], widths: Sequence[int]):
-        """``(full, cap, offsets, off, rounds)``: halves in turn, or the whole data area for a call that
-        fits it in one round but not a half."""
-        cap, offsets = self._layout(widths)
-        off, rounds = _windows(C, self.num_ranks, cap)
-        if rounds > 1:
-            cap_f, offsets_f = self._layout(widths, 2 * self.half_bytes)
-            off_f, rounds_f = _windows(C, self.num_ranks, cap_f)
-            if rounds_f == 1:
-                return True, cap_f, offsets_f, off_f, 1
-        return False, cap, offsets, off, rounds
-
     def _views(self, sched: Dict[str, Any], start: int, make) -> Any:
         """Views of the staging for a phase at ``start``, made once per schedule and start."""
         views = sched["views"].get(start)
@@ -348,60 +256,6 @@ class NVLinkTransport(Transport):
         return host.clone()
 
     # ---------------------------------------------------------------- dispatch
-    def _chunks_for(self, C: List[List[int]], widths: Sequence[int], rounds: int) -> int:
-        """Chunks a call is pipelined in: several for one big round, else one (same on every rank)."""
-        if rounds != 1:
-            return 1
-        longest = max(sum(C[s][d] for d in range(self.num_ranks) if d != s) for s in range(self.num_ranks))
-        return max(1, min(self.chunks, longest * sum(widths) // max(self.min_chunk_bytes, 1)))
-
-    def _dispatch_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Dict[str, Any]:
-        """What a dispatch of ``plan`` with rows of byte ``widths`` does, computed once per plan.
-
-        ``steps[r]`` lists round ``r``'s chunks ``(token ids to pack, pulls)``; a pull
-        ``(s, a, n, first)`` copies ``n`` rows from position ``a`` of rank ``s``'s staging
-        window to output row ``first``.
-        """
-        key = ("nvlink_dispatch", widths)
-        sched = plan.extra.get(key)
-        if sched is not None:
-            return sched
-        _not_while_capturing("dispatch")
-        R, me = self.num_ranks, self.rank
-        C = plan.counts.tolist()
-        full, cap, offsets, off, rounds = self._rounds(C, widths)
-        k = self._chunks_for(C, widths, rounds)
-        idx = send_token_order(plan)
-        starts = [0]
-        for c in plan.send_counts:
-            starts.append(starts[-1] + c)
-        recv_first = [sum(C[s2][me] for s2 in range(s)) for s in range(R)]   # my rows from s start here
-        c_me = C[me][me]
-        local = (idx[starts[me]:starts[me] + c_me], recv_first[me], c_me) if c_me else None
-        nonself = torch.cat([idx[starts[d]:starts[d + 1]] for d in range(R) if d != me]) if R > 1 else idx[:0]
-        length = [sum(C[s][d] for d in range(R) if d != s) for s in range(R)]
-        steps = []
-        for r in range(rounds):
-            lo, hi = r * cap, (r + 1) * cap
-            # Chunk c of round r covers [lo + b_s[c], lo + b_s[c + 1]) of rank s's sequence.
-            bounds = [_split(max(min(length[s], hi) - lo, 0), k) for s in range(R)]
-            chunks = []
-            for c in range(k):
-                a_me, b_me = lo + bounds[me][c], lo + bounds[me][c + 1]
-                pulls = []
-                for s in range(R):
-                    if s == me or not C[s][me]:
-                        continue
-                    a = max(off[s][me], lo + bounds[s][c])
-                    b = min(off[s][me] + C[s][me], lo + bounds[s][c + 1])
-                    if a < b:
-                        pulls.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
-                chunks.append((nonself[a_me:b_me] if b_me > a_me else None, a_me - lo, pulls))
-            steps.append(chunks)
-        sched = dict(full=full, cap=cap, offsets=offsets, local=local, steps=steps, views={})
-        plan.extra[key] = sched
-        return sched
-
     def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
         if plan.counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
@@ -455,72 +309,6 @@ class NVLinkTransport(Transport):
         return outs
 
     # ---------------------------------------------------------------- combine
-    def _combine_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Dict[str, Any]:
-        """What a combine of ``plan`` with rows of byte ``widths`` does, computed once per plan.
-
-        ``steps[r]`` lists round ``r``'s chunks ``(pushes, rows that arrive)``; a push
-        ``(s, a, n, first)`` copies my rows ``first..first+n`` to position ``a`` of rank
-        ``s``'s window. ``ready[c]`` is the first token not complete after chunk ``c``
-        (one-round calls).
-        """
-        key = ("nvlink_combine", widths)
-        sched = plan.extra.get(key)
-        if sched is not None:
-            return sched
-        _not_while_capturing("combine")
-        R, me = self.num_ranks, self.rank
-        C = plan.counts.tolist()
-        full, cap, offsets, off, rounds = self._rounds(C, widths)
-        k = self._chunks_for(C, widths, rounds)
-        recv_first = [sum(C[s2][me] for s2 in range(s)) for s in range(R)]
-        n_back = off[me][R - 1] + (C[me][R - 1] if R - 1 != me else 0)    # non-self rows that come back to me
-        steps = []
-        for r in range(rounds):
-            lo, hi = r * cap, (r + 1) * cap
-            chunks = []
-            for c in range(k):
-                pushes = []
-                for s in range(R):                   # my rows from s go back into s's staging
-                    if s == me or not C[s][me]:
-                        continue
-                    part = _split(C[s][me], k)
-                    a = max(off[s][me] + part[c], lo)
-                    b = min(off[s][me] + part[c + 1], hi)
-                    if a < b:
-                        pushes.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
-                chunks.append(pushes)
-            steps.append((chunks, max(min(n_back, hi) - lo, 0)))
-        ready = [plan.num_tokens] * k
-        if rounds == 1 and k > 1:
-            # After chunk c, rank j has returned the first split(C[me][j])[c + 1] of my rows to it; my
-            # tokens before the first one still missing are complete.
-            idx = send_token_order(plan)
-            starts = [0]
-            for cnt in plan.send_counts:
-                starts.append(starts[-1] + cnt)
-            want = []
-            for c in range(k - 1):
-                for j in range(R):
-                    b = _split(C[me][j], k)[c + 1]
-                    if j != me and b < C[me][j]:
-                        want.append((c, starts[j] + b))
-            if want:
-                toks = idx[torch.tensor([w for _, w in want], dtype=torch.int64).to(idx.device)].tolist()
-                for (c, _), t in zip(want, toks):
-                    ready[c] = min(ready[c], int(t))
-            for c in range(k - 2, -1, -1):
-                ready[c] = min(ready[c], ready[c + 1])
-        # Where each (token, rank) row is found: rank me's in the input x, the others' in the rows that
-        # came back (my non-self send order), -1 where the token did not go.
-        slots = layout.token_slots(plan.is_token_in_rank).to(torch.int64)
-        base = [recv_first[me] if j == me else off[me][j] for j in range(R)]
-        base_t = torch.tensor(base, dtype=torch.int64).to(slots.device)
-        pos = torch.where(slots >= 0, slots + base_t, torch.full_like(slots, -1)).contiguous()
-        sched = dict(full=full, cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos, ready=ready,
-                     views={})
-        plan.extra[key] = sched
-        return sched
-
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
                 biases: Sequence[torch.Tensor], alloc: Alloc) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         me = self.rank

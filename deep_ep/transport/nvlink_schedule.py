@@ -1,0 +1,236 @@
+"""The nvlink transport's schedules: what a dispatch or combine does, from the counts matrix alone.
+
+Everything here depends only on the layout (the counts every rank agreed on),
+the row widths and the staging size, so every rank computes the same rounds,
+chunks and windows, and it is computed once per handle (kept in the plan).
+:class:`NVLinkSchedules` is a mixin of :class:`~deep_ep.transport.nvlink.NVLinkTransport`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+from .. import layout
+from ..errors import DeepEPError, DeepEPInputError
+from .base import Plan, send_token_order
+
+_ALIGN = 256
+
+
+def _align(n: int, a: int = _ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+#: chunks a one-round call is pipelined in (each a barrier), env ``DEEP_EP_NVLINK_CHUNKS``. One: on
+#: 2 x H200 the torch-op path is bound by host time, and chunks (more launches, a side stream) made
+#: the normal workload slower (docs/perf-notes.md).
+DEFAULT_CHUNKS = 1
+#: smallest chunk worth a barrier (bytes of the longest sequence of rows a rank sends)
+MIN_CHUNK_BYTES = 4 << 20
+
+
+def _chunk_setting() -> int:
+    raw = os.environ.get("DEEP_EP_NVLINK_CHUNKS", "")
+    try:
+        k = int(raw) if raw else DEFAULT_CHUNKS
+    except ValueError:
+        raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS must be an int >= 1, got {raw!r}") from None
+    if k < 1:
+        raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS must be an int >= 1, got {raw!r}")
+    return k
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:  # pragma: no cover - no CUDA
+        return False
+
+
+def _not_while_capturing(op: str) -> None:
+    if _capturing():
+        raise DeepEPError(f"deep_ep nvlink: this {op} (handle and row shapes) has not run before; run it once "
+                          f"outside CUDA-graph capture (a warm-up), then capture it")
+
+
+def _split(n: int, k: int) -> List[int]:
+    """Bounds of ``k`` near-equal parts of ``range(n)``."""
+    return [n * c // k for c in range(k + 1)]
+
+
+def _windows(counts: List[List[int]], R: int, cap: int) -> Tuple[List[List[int]], int]:
+    """Offsets of each rank's non-self rows, destination-major, and the number of rounds.
+
+    ``off[s][d]`` is where the rows ``s`` sends to ``d != s`` start in ``s``'s
+    sequence of non-self rows; a round covers ``cap`` rows of every sequence.
+    """
+    off, longest = [], 0
+    for s in range(R):
+        row, acc = [], 0
+        for d in range(R):
+            row.append(acc)
+            if d != s:
+                acc += counts[s][d]
+        off.append(row)
+        longest = max(longest, acc)
+    return off, (longest + cap - 1) // cap if longest else 0
+
+
+class NVLinkSchedules:
+    """Schedule builders of the nvlink transport (needs ``rank``, ``num_ranks``, ``half_bytes``,
+    ``nbytes``, ``meta_bytes``, ``chunks`` and ``min_chunk_bytes`` on the instance)."""
+
+    def _layout(self, widths: Sequence[int], area: int = 0) -> Tuple[int, List[int]]:
+        """Rows per round and each tensor's region offset, for rows of byte ``widths`` in ``area`` bytes
+        (a half by default)."""
+        area = area or self.half_bytes
+        per_row = sum(widths)
+        cap = (area - _ALIGN * len(widths)) // max(per_row, 1)
+        if cap < 1:
+            raise DeepEPInputError(
+                f"the nvlink staging buffer ({self.nbytes} bytes, two halves of {self.half_bytes}) cannot hold "
+                f"one row of {per_row} bytes; pass num_nvl_bytes >= "
+                f"{self.meta_bytes + 2 * (_ALIGN * (len(widths) + 1) + per_row)}")
+        while True:
+            offsets, off = [], 0
+            for w in widths:
+                offsets.append(off)
+                off = _align(off + cap * w)
+            if off <= area:
+                return cap, offsets
+            cap -= 1                       # alignment padding pushed past the end: one row fewer
+
+    def _rounds(self, C: List[List[int]], widths: Sequence[int]):
+        """``(full, cap, offsets, off, rounds)``: halves in turn, or the whole data area for a call that
+        fits it in one round but not a half."""
+        cap, offsets = self._layout(widths)
+        off, rounds = _windows(C, self.num_ranks, cap)
+        if rounds > 1:
+            cap_f, offsets_f = self._layout(widths, 2 * self.half_bytes)
+            off_f, rounds_f = _windows(C, self.num_ranks, cap_f)
+            if rounds_f == 1:
+                return True, cap_f, offsets_f, off_f, 1
+        return False, cap, offsets, off, rounds
+
+    def _chunks_for(self, C: List[List[int]], widths: Sequence[int], rounds: int) -> int:
+        """Chunks a call is pipelined in: several for one big round, else one (same on every rank)."""
+        if rounds != 1:
+            return 1
+        longest = max(sum(C[s][d] for d in range(self.num_ranks) if d != s) for s in range(self.num_ranks))
+        return max(1, min(self.chunks, longest * sum(widths) // max(self.min_chunk_bytes, 1)))
+
+    def _shape(self, plan: Plan, widths: Sequence[int], op: str):
+        """``(counts, full, cap, offsets, off, rounds, chunks, recv_first)`` of a call: the counts
+        matrix as lists, the staging mode and windows (:meth:`_rounds`), the chunks, and where the
+        rows from each source start in this rank's received rows."""
+        _not_while_capturing(op)
+        C = plan.counts.tolist()
+        full, cap, offsets, off, rounds = self._rounds(C, widths)
+        recv_first = [sum(C[s2][self.rank] for s2 in range(s)) for s in range(self.num_ranks)]
+        return C, full, cap, offsets, off, rounds, self._chunks_for(C, widths, rounds), recv_first
+
+    def _dispatch_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Dict[str, Any]:
+        """What a dispatch of ``plan`` with rows of byte ``widths`` does, computed once per plan.
+
+        ``steps[r]`` lists round ``r``'s chunks ``(token ids to pack, pulls)``; a pull
+        ``(s, a, n, first)`` copies ``n`` rows from position ``a`` of rank ``s``'s staging
+        window to output row ``first``.
+        """
+        key = ("nvlink_dispatch", widths)
+        if key in plan.extra:
+            return plan.extra[key]
+        R, me = self.num_ranks, self.rank
+        C, full, cap, offsets, off, rounds, k, recv_first = self._shape(plan, widths, "dispatch")
+        idx = send_token_order(plan)
+        starts = [0]
+        for c in plan.send_counts:
+            starts.append(starts[-1] + c)
+        c_me = C[me][me]
+        local = (idx[starts[me]:starts[me] + c_me], recv_first[me], c_me) if c_me else None
+        nonself = torch.cat([idx[starts[d]:starts[d + 1]] for d in range(R) if d != me]) if R > 1 else idx[:0]
+        length = [sum(C[s][d] for d in range(R) if d != s) for s in range(R)]
+        steps = []
+        for r in range(rounds):
+            lo, hi = r * cap, (r + 1) * cap
+            # Chunk c of round r covers [lo + b_s[c], lo + b_s[c + 1]) of rank s's sequence.
+            bounds = [_split(max(min(length[s], hi) - lo, 0), k) for s in range(R)]
+            chunks = []
+            for c in range(k):
+                a_me, b_me = lo + bounds[me][c], lo + bounds[me][c + 1]
+                pulls = []
+                for s in range(R):
+                    if s == me or not C[s][me]:
+                        continue
+                    a = max(off[s][me], lo + bounds[s][c])
+                    b = min(off[s][me] + C[s][me], lo + bounds[s][c + 1])
+                    if a < b:
+                        pulls.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
+                chunks.append((nonself[a_me:b_me] if b_me > a_me else None, a_me - lo, pulls))
+            steps.append(chunks)
+        sched = dict(full=full, cap=cap, offsets=offsets, local=local, steps=steps, views={})
+        plan.extra[key] = sched
+        return sched
+
+    def _combine_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Dict[str, Any]:
+        """What a combine of ``plan`` with rows of byte ``widths`` does, computed once per plan.
+
+        ``steps[r]`` lists round ``r``'s chunks ``(pushes, rows that arrive)``; a push
+        ``(s, a, n, first)`` copies my rows ``first..first+n`` to position ``a`` of rank
+        ``s``'s window. ``ready[c]`` is the first token not complete after chunk ``c``
+        (one-round calls).
+        """
+        key = ("nvlink_combine", widths)
+        if key in plan.extra:
+            return plan.extra[key]
+        R, me = self.num_ranks, self.rank
+        C, full, cap, offsets, off, rounds, k, recv_first = self._shape(plan, widths, "combine")
+        n_back = off[me][R - 1] + (C[me][R - 1] if R - 1 != me else 0)    # non-self rows that come back to me
+        steps = []
+        for r in range(rounds):
+            lo, hi = r * cap, (r + 1) * cap
+            chunks = []
+            for c in range(k):
+                pushes = []
+                for s in range(R):                   # my rows from s go back into s's staging
+                    if s == me or not C[s][me]:
+                        continue
+                    part = _split(C[s][me], k)
+                    a = max(off[s][me] + part[c], lo)
+                    b = min(off[s][me] + part[c + 1], hi)
+                    if a < b:
+                        pushes.append((s, a - lo, b - a, recv_first[s] + a - off[s][me]))
+                chunks.append(pushes)
+            steps.append((chunks, max(min(n_back, hi) - lo, 0)))
+        ready = [plan.num_tokens] * k
+        if rounds == 1 and k > 1:
+            # After chunk c, rank j has returned the first split(C[me][j])[c + 1] of my rows to it; my
+            # tokens before the first one still missing are complete.
+            idx = send_token_order(plan)
+            starts = [0]
+            for cnt in plan.send_counts:
+                starts.append(starts[-1] + cnt)
+            want = []
+            for c in range(k - 1):
+                for j in range(R):
+                    b = _split(C[me][j], k)[c + 1]
+                    if j != me and b < C[me][j]:
+                        want.append((c, starts[j] + b))
+            if want:
+                toks = idx[torch.tensor([w for _, w in want], dtype=torch.int64).to(idx.device)].tolist()
+                for (c, _), t in zip(want, toks):
+                    ready[c] = min(ready[c], int(t))
+            for c in range(k - 2, -1, -1):
+                ready[c] = min(ready[c], ready[c + 1])
+        # Where each (token, rank) row is found: rank me's in the input x, the others' in the rows that
+        # came back (my non-self send order), -1 where the token did not go.
+        slots = layout.token_slots(plan.is_token_in_rank).to(torch.int64)
+        base = [recv_first[me] if j == me else off[me][j] for j in range(R)]
+        base_t = torch.tensor(base, dtype=torch.int64).to(slots.device)
+        pos = torch.where(slots >= 0, slots + base_t, torch.full_like(slots, -1)).contiguous()
+        sched = dict(full=full, cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos, ready=ready,
+                     views={})
+        plan.extra[key] = sched
+        return sched

@@ -8,13 +8,13 @@ error instead of leaving the others waiting in a collective.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .errors import DeepEPInputError, RankMismatchError, RemoteInputError
 
-__all__ = ["Problem", "HEADER", "make_header", "agree", "check_id_ranges"]
+__all__ = ["Problem", "HEADER", "make_header", "agree", "agree_rows", "check_id_ranges"]
 
 _MAGIC = 0xDEE9
 _H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_WORST = range(12)
@@ -49,15 +49,33 @@ def make_header(op: int, seq: int, err: int = 0, T: int = -1, H: int = -1, dtype
     return h
 
 
-def agree(transport: Any, device: torch.device, header: List[int], payload: Optional[torch.Tensor],
+def agree(transport: Any, device: torch.device, header: List[int],
+          payload: Union[torch.Tensor, Sequence[torch.Tensor], None],
           problem: Optional[Problem], fields: Sequence[Tuple[int, str]]) -> torch.Tensor:
     """Exchange headers (+ a payload of int64 of the same length everywhere); raise consistently on every rank."""
-    vec = torch.tensor(header, dtype=torch.int64, device="cpu")
+    return agree_rows(transport, device, header, payload, problem, fields)[0]
+
+
+def agree_rows(transport: Any, device: torch.device, header: List[int],
+               payload: Union[torch.Tensor, Sequence[torch.Tensor], None],
+               problem: Optional[Problem], fields: Sequence[Tuple[int, str]],
+               head: int = _HEADER) -> Tuple[torch.Tensor, List[List[int]]]:
+    """:func:`agree`, also returning the first ``head`` columns of every rank's vector as Python ints.
+
+    ``payload``: one int tensor or several 1-D int tensors (int32 or int64; concatenated as int64
+    after the header, in one ``torch.cat``). The gathered vectors are read on the host once.
+    """
+    vec = torch.tensor(header, dtype=torch.int64, device=device if payload is not None else "cpu")
     if payload is not None:
-        vec = torch.cat([vec.to(device), payload.to(device=device, dtype=torch.int64).reshape(-1)])
+        parts = [payload] if isinstance(payload, torch.Tensor) else list(payload)
+        for i, p in enumerate(parts):
+            if p.device != vec.device or p.dtype not in (torch.int64, torch.int32) or p.dim() != 1:
+                parts[i] = p.to(device=device, dtype=torch.int64).reshape(-1)
+        vec = torch.cat([vec] + parts)        # int32 parts are promoted to int64
     gathered = transport.all_gather_ints(vec, f"{_OP_NAMES.get(header[_H_OP], '?')} metadata")
-    hdr = gathered[:, :_HEADER]
-    errs = {r: int(hdr[r, _H_ERR]) for r in range(transport.num_ranks) if int(hdr[r, _H_ERR]) != 0}
+    rows = (gathered if head >= gathered.size(1) else gathered[:, :head]).tolist()
+    R = len(rows)
+    errs = {r: row[_H_ERR] for r, row in enumerate(rows) if row[_H_ERR] != 0}
     if errs:
         if problem is not None:
             raise problem.exc
@@ -66,11 +84,11 @@ def agree(transport: Any, device: torch.device, header: List[int], payload: Opti
                                f"({desc}); see that rank's error. Nothing was sent.")
     if problem is not None:  # pragma: no cover - err slot always set with a problem
         raise problem.exc
-    bad = [r for r in range(transport.num_ranks) if int(hdr[r, _H_MAGIC]) != _MAGIC]
+    bad = [r for r, row in enumerate(rows) if row[_H_MAGIC] != _MAGIC]
     if bad:
         raise RankMismatchError(f"ranks {bad} sent garbage metadata: they are running a different collective")
     for slot, name in ((_H_OP, "operation"), (_H_SEQ, "call sequence number")) + tuple(fields):
-        vals = [int(hdr[r, slot]) for r in range(transport.num_ranks)]
+        vals = [row[slot] for row in rows]
         if len(set(vals)) > 1:
             if slot == _H_OP:
                 vals_s = [_OP_NAMES.get(v, str(v)) for v in vals]
@@ -80,19 +98,23 @@ def agree(transport: Any, device: torch.device, header: List[int], payload: Opti
             for r, v in enumerate(vals_s):
                 groups.setdefault(v, []).append(r)
             majority = max(groups.values(), key=len)
-            odd = [r for r in range(transport.num_ranks) if r not in majority]
-            detail = ", ".join(f"rank {r}: {vals_s[r]}" for r in range(transport.num_ranks))
+            odd = [r for r in range(R) if r not in majority]
+            detail = ", ".join(f"rank {r}: {vals_s[r]}" for r in range(R))
             raise RankMismatchError(
                 f"deep_ep: ranks disagree on {name} in {_OP_NAMES.get(header[_H_OP], 'a call')} "
                 f"(disagreeing rank(s): {odd}; {detail}). Every rank must call with the same "
                 f"{name}. Nothing was sent.")
-    return gathered
+    return gathered, rows
 
 
-def check_id_ranges(ranges: torch.Tensor, num_experts: int, rank: int) -> None:
-    """Every rank's (min, max) expert id, exchanged with the metadata: raise consistently if any is out of range."""
-    bad = {r: (int(ranges[r, 0]), int(ranges[r, 1])) for r in range(ranges.size(0))
-           if int(ranges[r, 0]) < -1 or int(ranges[r, 1]) >= num_experts}
+def check_id_ranges(ranges: Union[torch.Tensor, Sequence[Sequence[int]]], num_experts: int, rank: int) -> None:
+    """Every rank's (min, max) expert id, exchanged with the metadata: raise consistently if any is out of range.
+
+    ``ranges``: ``[R, >= 2]`` (a tensor or lists of ints), columns 0 and 1 are each rank's min and max."""
+    if isinstance(ranges, torch.Tensor):
+        ranges = ranges[:, :2].tolist()
+    bad = {r: (int(row[0]), int(row[1])) for r, row in enumerate(ranges)
+           if int(row[0]) < -1 or int(row[1]) >= num_experts}
     if not bad:
         return
     if rank in bad:

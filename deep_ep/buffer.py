@@ -20,7 +20,7 @@ from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOve
                      env_int)
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
 from .agreement import (_H_E, _H_DTYPE, _H_HIDDEN, _H_K, _H_SCALES, _H_W, _H_WORST, _HEADER, _OP_CACHED,
-                        _OP_COMBINE, _OP_DISPATCH, Problem, agree, check_id_ranges, make_header)
+                        _OP_COMBINE, _OP_DISPATCH, Problem, agree, agree_rows, check_id_ranges, make_header)
 from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, select_backend, transport_class
 
@@ -31,6 +31,9 @@ XType = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 _FP8 = validate.FP8_DTYPES
 _FLOAT_X = validate.FLOAT_DTYPES
 _COMPRESSION_LEVELS = (16, 8, 4, "auto")
+#: expert counts a fresh dispatch carries in its metadata exchange on transports without fixed-size
+#: slots (num_experts up to this needs no second exchange)
+_EXPERT_SLOTS = 256
 
 _buffer_counter: Dict[str, itertools.count] = {}
 
@@ -394,55 +397,70 @@ class Buffer:
             else:
                 counts = torch.zeros((self.num_ranks,), dtype=torch.int64, device=self.device)
                 per_expert = None
-            id_range = torch.full((2,), -1, dtype=torch.int64, device=self.device)
             if problem is None and topk_idx is not None and topk_idx.numel():
-                lo, hi = torch.aminmax(topk_idx)
-                id_range = torch.stack([lo, hi])
+                id_range = torch.stack(torch.aminmax(topk_idx))
+            else:
+                id_range = torch.full((2,), -1, dtype=torch.int64, device=self.device)
             payload = [counts, id_range]
             # Transports whose exchange has fixed-size slots carry the expert counts in the same
-            # exchange (ranks that disagree on num_experts cannot hang it); others need a second one.
+            # exchange (ranks that disagree on num_experts cannot hang it). Others get a fixed number
+            # of slots (_EXPERT_SLOTS, the same length on every rank whatever its input), which carry
+            # the counts where num_experts fits; a larger num_experts needs a second exchange.
             merged = getattr(self._transport, "fixed_slot_exchange", False)
-            if merged and per_expert is not None and topk_idx is not None:
-                payload.append(per_expert.to(torch.int64))
-            counts = torch.cat(payload)
+            has_pe = per_expert is not None and topk_idx is not None
+            if merged:
+                if has_pe:
+                    payload.append(per_expert)
+            elif has_pe and E <= _EXPERT_SLOTS:
+                payload.append(per_expert)
+                if E < _EXPERT_SLOTS:
+                    payload.append(torch.zeros((_EXPERT_SLOTS - E,), dtype=torch.int64, device=self.device))
+            else:
+                payload.append(torch.zeros((_EXPERT_SLOTS,), dtype=torch.int64, device=self.device))
             header = make_header(_OP_DISPATCH, self._waiter.seq, problem.code if problem else 0, T, H,
                                   xv.dtype if xv is not None else None, K, E,
                                   scales.size(1) if scales is not None else -1,
                                   int(topk_weights is not None), num_worst_tokens)
-            gathered = agree(self._transport, self.device, header, counts, problem,
-                                   ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
-                                    (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
-                                    (_H_W, "passing topk_weights")))
-            C = gathered[:, _HEADER:_HEADER + self.num_ranks]             # C[s][d]: rows s sends to d
+            R, me = self.num_ranks, self.rank
+            # The header, the counts and the id ranges are read on the host once, as Python ints.
+            gathered, g = agree_rows(self._transport, self.device, header, payload, problem,
+                                     ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
+                                      (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
+                                      (_H_W, "passing topk_weights")), head=_HEADER + R + 2)
+            C = [row[_HEADER:_HEADER + R] for row in g]                   # C[s][d]: rows s sends to d
             if E > 0:
-                check_id_ranges(gathered[:, _HEADER + self.num_ranks:], E, self.rank)
-            recv_totals = C.sum(dim=0).tolist()
-            for d in range(self.num_ranks):
-                w = int(gathered[d, _H_WORST])
+                check_id_ranges([row[_HEADER + R:] for row in g], E, me)
+            recv_totals = [sum(col) for col in zip(*C)]
+            worst = [row[_H_WORST] for row in g]
+            for d in range(R):
+                w = worst[d]
                 if w > 0 and recv_totals[d] > w:
                     raise DeepEPInputError(
                         f"deep_ep dispatch: rank {d} receives {recv_totals[d]} tokens but its num_worst_tokens is "
                         f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent.")
             expert_list: Optional[List[int]] = None
-            L = E // self.num_ranks if E > 0 else 0
+            L = E // R if E > 0 else 0
             # Expert counts are needed when any rank makes a synchronised call (num_worst_tokens may
             # differ between ranks; the decision must be the same everywhere).
-            if topk_idx is not None and any(int(gathered[r, _H_WORST]) == 0 for r in range(self.num_ranks)):
-                if merged:
-                    first = _HEADER + self.num_ranks + 2
-                    pe = gathered[:, first:first + E]
+            if topk_idx is not None and 0 in worst:
+                if merged or E <= _EXPERT_SLOTS:        # E is the same on every rank here
+                    pe, first = gathered, _HEADER + R + 2
                 else:
                     pe = self._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
+                    first = 0
                 if num_worst_tokens == 0:
-                    mine = pe[:, self.rank * L:(self.rank + 1) * L].sum(dim=0).tolist()
+                    mine = pe[:, first + me * L:first + (me + 1) * L].sum(dim=0).tolist()
                     expert_list = layout.aligned_expert_counts(mine, expert_alignment)
-            n_recv = int(recv_totals[self.rank])
-            plan = Plan(rank=self.rank, num_ranks=self.num_ranks, num_tokens=T, is_token_in_rank=is_token_in_rank,
-                        rank_prefix_matrix=layout.rank_prefix_matrix(C).to(self.device),
-                        send_counts=[int(c) for c in C[self.rank].tolist()],
-                        recv_counts=[int(c) for c in C[:, self.rank].tolist()],
+            n_recv = recv_totals[me]
+            prefix, acc = [], [0] * R
+            for row in C:
+                acc = [a + c for a, c in zip(acc, row)]
+                prefix.append(acc)
+            plan = Plan(rank=me, num_ranks=R, num_tokens=T, is_token_in_rank=is_token_in_rank,
+                        rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=self.device),
+                        send_counts=C[me], recv_counts=[row[me] for row in C],
                         num_recv_tokens=n_recv, num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv,
-                        counts=C.clone())
+                        counts=torch.tensor(C, dtype=torch.int64))
             rows = [xv]
             if scales is not None:
                 rows.append(scales)

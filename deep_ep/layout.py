@@ -89,18 +89,18 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     device = topk_idx.device
     num_tokens = topk_idx.size(0)
     L = num_local_experts(num_experts, num_ranks)
-    valid = (topk_idx >= 0) & (topk_idx < num_experts)
-    # Invalid entries go to a dummy column / bin that is dropped.
-    rank_of = torch.where(valid, torch.div(topk_idx, L, rounding_mode="floor"),
-                          torch.full_like(topk_idx, num_ranks))
+    # Every invalid entry (-1, or outside [0, num_experts)) goes to bin num_experts, which is dropped:
+    # clamp to [-1, E], then -1 -> E (mod E + 1). Bin E lands on the dummy rank column E // L = R.
+    binned = topk_idx.clamp(-1, num_experts).remainder(num_experts + 1)
+    rank_of = torch.div(binned, L, rounding_mode="floor")
     in_rank = torch.zeros((num_tokens, num_ranks + 1), dtype=torch.bool, device=device)
     in_rank.scatter_(1, rank_of, True)
     is_token_in_rank = in_rank[:, :num_ranks].contiguous()
     num_tokens_per_rank = is_token_in_rank.sum(dim=0, dtype=torch.int32)
-    expert_bin = torch.where(valid, topk_idx, torch.full_like(topk_idx, num_experts)).reshape(-1)
-    per_expert = torch.zeros((num_experts + 1,), dtype=torch.int64, device=device)
-    per_expert.scatter_add_(0, expert_bin, torch.ones_like(expert_bin))
-    num_tokens_per_expert = per_expert[:num_experts].to(torch.int32)
+    expert_bin = binned.reshape(-1)
+    per_expert = torch.zeros((num_experts + 1,), dtype=torch.int32, device=device)
+    per_expert.scatter_add_(0, expert_bin, torch.ones_like(expert_bin, dtype=torch.int32))
+    num_tokens_per_expert = per_expert[:num_experts]
     num_tokens_per_node = None
     if ranks_per_node is not None and ranks_per_node < num_ranks:
         if num_ranks % ranks_per_node != 0:
@@ -124,9 +124,8 @@ def token_slots(is_token_in_rank: torch.Tensor) -> torch.Tensor:
     ``rank_prefix_matrix[src - 1][j] + slot`` (0 for ``src == 0``).
     No host synchronisation.
     """
-    m = is_token_in_rank.to(torch.int32)
-    slots = torch.cumsum(m, dim=0, dtype=torch.int32) - m
-    return torch.where(is_token_in_rank, slots, torch.full_like(slots, -1))
+    inclusive = torch.cumsum(is_token_in_rank, dim=0, dtype=torch.int32)
+    return torch.where(is_token_in_rank, inclusive - 1, -1)
 
 
 def send_order(is_token_in_rank: torch.Tensor) -> torch.Tensor:
@@ -146,12 +145,15 @@ def localize_topk(topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], 
     Weights of entries that become ``-1`` are set to 0. Returns new tensors.
     """
     lo = rank * num_local
-    local = topk_idx - lo
-    mine = (topk_idx >= lo) & (topk_idx < lo + num_local)
-    local = torch.where(mine, local, torch.full_like(local, -1))
+    if num_local > 0:
+        # floor(id / L) == rank  <=>  lo <= id < lo + L (also for -1 and out-of-range ids)
+        mine = torch.div(topk_idx, num_local, rounding_mode="floor") == rank
+    else:
+        mine = torch.zeros_like(topk_idx, dtype=torch.bool)
+    local = torch.where(mine, topk_idx - lo, -1)
     weights = None
     if topk_weights is not None:
-        weights = torch.where(mine, topk_weights, torch.zeros_like(topk_weights))
+        weights = torch.where(mine, topk_weights, 0.0)
     return local, weights
 
 

@@ -113,8 +113,15 @@ def alloc_outputs(plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> Lis
     return outs
 
 
+def _canonical_2d(t: torch.Tensor) -> bool:
+    """``t`` is 2-D with row-major strides ``(size(1), 1)`` (so any dtype view of its rows is valid)."""
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.size(1)
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """View ``[N, ...]`` contiguous as ``uint8 [N, row_bytes]``."""
+    if _canonical_2d(t):                      # the common case: one view
+        return t if t.dtype == torch.uint8 else t.view(torch.uint8)
     width = 1
     for d in t.shape[1:]:
         width *= d
@@ -124,12 +131,21 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return flat.view(t.size(0), width * t.element_size())
 
 
+#: the words rows are copied in, widest first, with their sizes in bytes
+_WORDS = ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2))
+
+
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t[idx]`` as ``uint8 [len(idx), row_bytes]``, copying in the widest words the row size allows."""
+    if t.size(0) > 0 and _canonical_2d(t):   # view the rows as words directly (no byte view first)
+        width = t.size(1) * t.element_size()
+        for word, size in _WORDS:
+            if width % size == 0:
+                w = t if t.dtype == word else t.view(word)
+                return w.index_select(0, idx).view(torch.uint8)
     b = as_bytes(t)
     width = b.size(1)
-    for word in (torch.int64, torch.int32, torch.int16):
-        size = torch.empty((), dtype=word, device="cpu").element_size()
+    for word, size in _WORDS:
         if width % size == 0 and b.size(0) > 0:
             return b.view(word).index_select(0, idx).view(torch.uint8)
     return b.index_select(0, idx)
@@ -139,10 +155,10 @@ def send_token_order(plan: Plan) -> torch.Tensor:
     """Token index of every sent row (destination-major), cached in the plan."""
     idx = plan.extra.get("send_token_idx")
     if idx is None:
-        mask_t = plan.is_token_in_rank.t()
-        total = sum(plan.send_counts)
         idx = None
-        if mask_t.is_cuda and hasattr(torch, "nonzero_static"):
+        if plan.is_token_in_rank.is_cuda and hasattr(torch, "nonzero_static"):
+            mask_t = plan.is_token_in_rank.t()
+            total = sum(plan.send_counts)
             try:  # no host sync: the length is known from the counts
                 idx = torch.nonzero_static(mask_t, size=total)[:, 1].contiguous()
             except (NotImplementedError, RuntimeError):
@@ -163,19 +179,22 @@ def return_positions(plan: Plan, device: torch.device) -> torch.Tensor:
     returned rows (``S`` = a zero row where the token did not go to that rank). Cached in the plan."""
     pos = plan.extra.get("return_positions")
     if pos is None:
-        slots = layout.token_slots(plan.is_token_in_rank).to(torch.int64)
-        offsets = [0]
+        # The slot of (token, rank j) is the inclusive count of tokens up to it that go to j, minus 1;
+        # its row is that plus the offset of j's rows (one tensor of offsets - 1, one add, one where).
+        inclusive = torch.cumsum(plan.is_token_in_rank, dim=0)          # int64 [T, R]
+        offsets = [-1]
         for c in plan.send_counts[:-1]:
             offsets.append(offsets[-1] + c)
-        base = torch.tensor(offsets, dtype=torch.int64, device="cpu").to(device)
+        base = torch.tensor(offsets, dtype=torch.int64, device=device)
         total = sum(plan.send_counts)
-        pos = torch.where(slots >= 0, slots + base, torch.full_like(slots, total))
+        pos = torch.where(plan.is_token_in_rank, inclusive + base, total)
         plan.extra["return_positions"] = pos
     return pos
 
 
 def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Tensor], out_dtype: torch.dtype,
-                alloc: Alloc, local: Optional[torch.Tensor] = None, local_col: int = -1) -> torch.Tensor:
+                alloc: Alloc, local: Optional[torch.Tensor] = None, local_col: int = -1,
+                nonnegative: bool = False) -> torch.Tensor:
     """Deterministic per-token reduction shared by the transports.
 
     ``pos`` int64 ``[T, R]`` says where the row of (token, rank ``j``) is:
@@ -185,7 +204,9 @@ def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Te
     for float64 rows) in ascending rank order, adds each bias, casts to
     ``out_dtype``. Gathers instead of atomics, so the result does not depend
     on scheduling; the Triton kernel (:mod:`deep_ep.kernels.reduce`) does
-    the same operations in the same order.
+    the same operations in the same order. ``nonnegative``: the caller
+    guarantees that ``pos`` holds no ``-1`` (absent rows point at a zero row),
+    so the torch path skips masking.
     """
     acc_dtype = accumulation_dtype(out_dtype)
     T, R = pos.shape
@@ -202,6 +223,8 @@ def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Te
         p = pos[:, j]
         if src.size(0) == 0:
             rows = torch.zeros((T, back.size(1)), dtype=src.dtype, device=back.device)
+        elif nonnegative:
+            rows = src.index_select(0, p)
         else:
             rows = src.index_select(0, p.clamp(min=0))
             rows = rows.masked_fill((p < 0).unsqueeze(1), 0)

@@ -59,23 +59,22 @@ class CollectiveTransport(Transport):
         # The token rows themselves: one all-to-all straight into the output.
         main = rows[0]
         send_main = gather_rows(main, idx) if idx.numel() != main.size(0) or plan.num_ranks > 1 else as_bytes(main)
-        self._a2a(as_bytes(outs[0][:n_recv]), send_main, plan.recv_counts, plan.send_counts, "dispatch rows")
+        out0 = outs[0] if outs[0].size(0) == n_recv else outs[0][:n_recv]
+        self._a2a(as_bytes(out0), send_main, plan.recv_counts, plan.send_counts, "dispatch rows")
         if len(rows) > 1:
             # The small extras, packed as bytes into one more all-to-all.
-            widths = [as_bytes(t).size(1) for t in rows[1:]]
-            total = sum(widths)
-            send_aux = torch.empty((idx.numel(), total), dtype=torch.uint8, device=main.device)
-            col = 0
-            for t, w in zip(rows[1:], widths):
-                if idx.numel():
-                    send_aux[:, col:col + w] = gather_rows(t, idx)
-                col += w
-            recv_aux = torch.empty((n_recv, total), dtype=torch.uint8, device=main.device)
+            if idx.numel():
+                packed = [gather_rows(t, idx) for t in rows[1:]]
+                widths = [p.size(1) for p in packed]
+                send_aux = torch.cat(packed, dim=1) if len(packed) > 1 else packed[0]
+            else:
+                widths = [as_bytes(t).size(1) for t in rows[1:]]
+                send_aux = torch.empty((0, sum(widths)), dtype=torch.uint8, device=main.device)
+            recv_aux = torch.empty((n_recv, sum(widths)), dtype=torch.uint8, device=main.device)
             self._a2a(recv_aux, send_aux, plan.recv_counts, plan.send_counts, "dispatch extras")
-            col = 0
-            for o, w in zip(outs[1:], widths):
-                as_bytes(o[:n_recv]).copy_(recv_aux[:, col:col + w])
-                col += w
+            parts = recv_aux.split_with_sizes(widths, dim=1) if len(widths) > 1 else (recv_aux,)
+            for o, part in zip(outs[1:], parts):
+                as_bytes(o if o.size(0) == n_recv else o[:n_recv]).copy_(part)
         return outs
 
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
@@ -86,14 +85,16 @@ class CollectiveTransport(Transport):
         # One extra zero row last: where a token did not go.
         back = torch.empty((S + 1, x.size(1)), dtype=x.dtype, device=x.device)
         back[S].zero_()
-        self._a2a(as_bytes(back[:S]), as_bytes(x[:n_recv].contiguous()), plan.send_counts, plan.recv_counts,
+        xs = x if x.size(0) == n_recv else x[:n_recv]
+        self._a2a(as_bytes(back[:S]), as_bytes(xs.contiguous()), plan.send_counts, plan.recv_counts,
                   "combine rows")
-        out = reduce_rows(back, pos, biases, x.dtype, alloc)
+        out = reduce_rows(back, pos, biases, x.dtype, alloc, nonnegative=True)
         out_w = None
         if weights is not None:
             back_w = torch.empty((S + 1, weights.size(1)), dtype=torch.float32, device=x.device)
             back_w[S].zero_()
-            self._a2a(back_w[:S], weights[:n_recv].float().contiguous(), plan.send_counts, plan.recv_counts,
+            ws = weights if weights.size(0) == n_recv else weights[:n_recv]
+            self._a2a(back_w[:S], ws.float().contiguous(), plan.send_counts, plan.recv_counts,
                       "combine weights")
-            out_w = reduce_rows(back_w, pos, (), torch.float32, alloc)
+            out_w = reduce_rows(back_w, pos, (), torch.float32, alloc, nonnegative=True)
         return out, out_w

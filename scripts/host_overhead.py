@@ -2,8 +2,10 @@
 
 python scripts/host_overhead.py [--world 1|2] [--repeats 5] [--calls 200] [--check both|on|off]
 
-For a fresh dispatch (``get_dispatch_layout`` + ``dispatch``), a cached dispatch and a combine it
-prints, on rank 0:
+For a fresh dispatch (``get_dispatch_layout`` + ``dispatch``), ``get_dispatch_layout`` alone, a
+cached dispatch, a combine (of a handle already combined once) and ``fresh+combine`` (a layer's
+forward: a fresh dispatch and the first combine of its handle, which builds the handle's combine
+state) it prints, on rank 0:
 
 - host microseconds per call: the median of ``--repeats`` timings of ``--calls`` calls each
   (shapes are tiny, T=128, H=64, E=16, K=4, so torch compute is negligible; the machine may be
@@ -69,11 +71,16 @@ def _worker(rank: int, world: int, args) -> None:
         return buf.dispatch(x, num_tokens_per_rank=a, is_token_in_rank=d, num_tokens_per_expert=c, topk_idx=idx,
                             topk_weights=w)
 
+    def step():  # a layer's forward: a fresh dispatch, then the first combine of its handle
+        rx_, _, _, _, h_, _ = fresh()
+        return buf.combine(rx_, h_)
+
     rx, ri, rw, lst, h, _ = fresh()
     ops = {"fresh dispatch": fresh,
            "layout only": lambda: buf.get_dispatch_layout(idx, E),
            "cached dispatch": lambda: buf.dispatch(x, handle=h),
-           "combine": lambda: buf.combine(rx, h)}
+           "combine": lambda: buf.combine(rx, h),
+           "fresh+combine": step}
     checks = {"both": (True, False), "on": (True,), "off": (False,)}[args.check]
     for check in checks:
         buf._check_every_call = check

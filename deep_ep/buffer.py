@@ -158,6 +158,7 @@ class Buffer:
                                          dict(num_nvl_bytes=num_nvl_bytes, ep_buffer_size=self.ep_buffer_size))
         self._check_every_call = self.device.type != "cuda" or env_bool("DEEP_EP_CHECK", False)
         self._local_buffers: Dict[bool, torch.Tensor] = {}
+        self._zero_slots: Optional[torch.Tensor] = None
         self._destroyed = False
         log.debug("deep_ep.Buffer rank %d/%d backend=%s (%s) device=%s", self.rank, self.num_ranks, self.backend,
                   self.backend_reason, self.device)
@@ -411,12 +412,15 @@ class Buffer:
             if merged:
                 if has_pe:
                     payload.append(per_expert)
-            elif has_pe and E <= _EXPERT_SLOTS:
-                payload.append(per_expert)
-                if E < _EXPERT_SLOTS:
-                    payload.append(torch.zeros((_EXPERT_SLOTS - E,), dtype=torch.int64, device=self.device))
             else:
-                payload.append(torch.zeros((_EXPERT_SLOTS,), dtype=torch.int64, device=self.device))
+                if self._zero_slots is None:       # read-only padding, made once (a slice of it costs no kernel)
+                    self._zero_slots = torch.zeros((_EXPERT_SLOTS,), dtype=torch.int64, device=self.device)
+                if has_pe and E <= _EXPERT_SLOTS:
+                    payload.append(per_expert)
+                    if E < _EXPERT_SLOTS:
+                        payload.append(self._zero_slots[:_EXPERT_SLOTS - E])
+                else:
+                    payload.append(self._zero_slots)
             header = make_header(_OP_DISPATCH, self._waiter.seq, problem.code if problem else 0, T, H,
                                   xv.dtype if xv is not None else None, K, E,
                                   scales.size(1) if scales is not None else -1,

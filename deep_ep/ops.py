@@ -43,7 +43,7 @@ class _Dispatch(torch.autograd.Function):
             if grad_w is None:
                 grad_w = torch.zeros((rows, recv_idx.size(1)), dtype=torch.float32, device=buffer.device)
             # Entries that are not this rank's experts were constants (0) in forward.
-            w = torch.where(recv_idx >= 0, grad_w.float(), torch.zeros_like(grad_w, dtype=torch.float32))
+            w = torch.where(recv_idx >= 0, grad_w.float(), 0.0)
         gx, gw, _ = buffer.combine(grad_x.contiguous(), handle, topk_weights=w)
         return None, None, gx.to(ctx.x_dtype), gw
 

@@ -39,6 +39,7 @@ def _fake_transports(R: int, data_bytes: int, chunks: int = 1):
         t._use_staging(staging)
         t.side, t.chunks, t.min_chunk_bytes = None, chunks, 0     # operations in order, chunks of any size
         t.pull_sm = chunks % 2 == 1                                # both ways of reading the peers
+        t.peer_streams = []
         t._barrier = _slow_reader(barrier) if r == 0 else barrier.wait
         ts.append(t)
     return ts

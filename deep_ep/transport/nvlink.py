@@ -139,6 +139,10 @@ class NVLinkTransport(NVLinkSchedules, Transport):
         self._barrier_ms = int(timeout_s * 1000) + 10_000   # the host gives up first, with a better message
         self._pinned: Optional[torch.Tensor] = None
         self.side = torch.cuda.Stream(device=device)
+        # Copies to / from different peers run on their own streams (the copy engines work on several
+        # links at once); with one peer there is nothing to spread.
+        self.peer_streams = [torch.cuda.Stream(device=device) for _ in range(min(self.num_ranks - 1, 7))] \
+            if self.num_ranks > 2 else []
         self.pull_sm = os.environ.get("DEEP_EP_NVLINK_PULL", "copy") == "gather"
         self.chunks = _chunk_setting()
         self.min_chunk_bytes = MIN_CHUNK_BYTES
@@ -158,6 +162,23 @@ class NVLinkTransport(NVLinkSchedules, Transport):
             return contextlib.nullcontext()
         self.side.wait_stream(torch.cuda.current_stream())
         return torch.cuda.stream(self.side)
+
+    def _peer_stream(self, i: int, n: int):
+        """Context for the ``i``-th of ``n`` copies to or from different peers: its own stream (after
+        the current one) when there are several, else inline."""
+        if n < 2 or not self.peer_streams:
+            return contextlib.nullcontext()
+        st = self.peer_streams[i % len(self.peer_streams)]
+        st.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(st)
+
+    def _join_peers(self, n: int) -> None:
+        """The current stream waits for the peer streams used by ``n`` copies."""
+        if n < 2 or not self.peer_streams:
+            return
+        cur = torch.cuda.current_stream()
+        for st in self.peer_streams[:n]:
+            cur.wait_stream(st)
 
     def _iota(self, n: int) -> torch.Tensor:
         """``arange(n)`` on the device, from one cached tensor."""
@@ -297,12 +318,14 @@ class NVLinkTransport(NVLinkSchedules, Transport):
                         torch.index_select(sw, 0, tok, out=pv)
                 self._barrier()                      # this chunk is packed on every rank
                 with self._side():                   # read my rows out of each peer's staging
-                    for (s, a, n, first), rv in zip(pulls, reads):
-                        for ow, v in zip(dst, rv):
-                            if self.pull_sm:             # SM loads over NVLink instead of the copy engine
-                                torch.index_select(v, 0, self._iota(n), out=ow[first:first + n])
-                            else:
-                                ow[first:first + n].copy_(v)
+                    for i, ((s, a, n, first), rv) in enumerate(zip(pulls, reads)):
+                        with self._peer_stream(i, len(pulls)):
+                            for ow, v in zip(dst, rv):
+                                if self.pull_sm:         # SM loads over NVLink instead of the copy engine
+                                    torch.index_select(v, 0, self._iota(n), out=ow[first:first + n])
+                                else:
+                                    ow[first:first + n].copy_(v)
+                    self._join_peers(len(pulls))
             self._join()                             # reads done before this rank's next barrier
         self._join()
         self._end_call(bool(steps))
@@ -340,9 +363,11 @@ class NVLinkTransport(NVLinkSchedules, Transport):
                 start = self._begin_phase(sched["full"])
                 writes, mine = self._views(sched, start, make)[r]
                 for pushes, wvs in zip(chunks, writes):
-                    for (s, a, n, first), wv in zip(pushes, wvs):
-                        for sw, v in zip(src, wv):
-                            v.copy_(sw[first:first + n])
+                    for i, ((s, a, n, first), wv) in enumerate(zip(pushes, wvs)):
+                        with self._peer_stream(i, len(pushes)):
+                            for sw, v in zip(src, wv):
+                                v.copy_(sw[first:first + n])
+                    self._join_peers(len(pushes))
                 self._barrier()
                 if n_in:
                     lo = r * sched["cap"]
@@ -357,9 +382,11 @@ class NVLinkTransport(NVLinkSchedules, Transport):
             writes, mine = self._views(sched, start, make)[0]
             with self._side():                                   # stores into the sources' staging
                 for pushes, wvs in zip(steps[0][0], writes):
-                    for (s, a, n, first), wv in zip(pushes, wvs):
-                        for sw, v in zip(src, wv):
-                            v.copy_(sw[first:first + n])
+                    for i, ((s, a, n, first), wv) in enumerate(zip(pushes, wvs)):
+                        with self._peer_stream(i, len(pushes)):
+                            for sw, v in zip(src, wv):
+                                v.copy_(sw[first:first + n])
+                    self._join_peers(len(pushes))
                     self._barrier()                              # this chunk has landed everywhere
                     events.append(self._mark())
             backs = [m.view(t.dtype).view(n_back, t.size(1)) for m, t in zip(mine, srcs)]

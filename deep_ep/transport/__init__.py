@@ -27,6 +27,9 @@ BACKENDS: Dict[str, Optional[str]] = {
 
 #: whether 'auto' picks nvlink where it is usable. Off while the torch path of the nvlink
 #: transport is not faster than collective (benchmarks/results/2026-11-28-nvidia-h200-normal-*.json).
+#: 'auto' takes nvlink up to this many ranks: at 4 ranks NCCL was faster
+#: (benchmarks/results/2026-11-28-nvidia-h200-x4-normal-peer-streams.json)
+NVLINK_MAX_RANKS = 2
 NVLINK_PREFERRED = True   # measured faster than collective: benchmarks/results/*-nvidia-h200-normal*.json
 
 
@@ -92,6 +95,11 @@ def select_backend(group: Optional[dist.ProcessGroup] = None) -> Tuple[str, str]
     """
     support = {name: (ok, why) for name, ok, why in backend_support(group)}
     ok, why = support["nvlink"]
+    ranks = dist.get_world_size(group) if group is not None else \
+        (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if ok and NVLINK_PREFERRED and ranks > NVLINK_MAX_RANKS:
+        return "collective", (f"nvlink is usable, but at more than {NVLINK_MAX_RANKS} ranks NCCL was measured "
+                              f"faster (4 x H200); pass backend='nvlink' to use it")
     if ok and NVLINK_PREFERRED:
         return "nvlink", "every rank is on one host with peer access"
     if ok:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from . import layout, validate
 from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOverlap, env_bool, env_float,
-                     env_int)
+                     env_int, recommended_config)
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
 from .agreement import (_H_E, _H_DTYPE, _H_HIDDEN, _H_K, _H_SCALES, _H_W, _H_WORST, _HEADER, _OP_CACHED,
                         _OP_COMBINE, _OP_DISPATCH, Problem, agree, agree_rows, check_id_ranges, make_header)
@@ -179,28 +179,12 @@ class Buffer:
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         """A recommended dispatch :class:`Config` for ``num_ranks`` ranks (DeepEP's table)."""
-        table = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
-                 24: (8, 288, 32, 128), 32: (32, 288, 32, 128), 48: (32, 288, 32, 128), 64: (32, 288, 32, 128),
-                 96: (20, 480, 32, 128), 128: (20, 560, 32, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128)}
-        return Config(Buffer.num_sms, *Buffer._pick(table, num_ranks))
+        return recommended_config("dispatch", num_ranks, Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
         """A recommended combine :class:`Config` for ``num_ranks`` ranks (DeepEP's table)."""
-        table = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
-                 24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128), 64: (1, 288, 8, 128),
-                 96: (1, 480, 8, 128), 128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128)}
-        return Config(Buffer.num_sms, *Buffer._pick(table, num_ranks))
-
-    @staticmethod
-    def _pick(table: Dict[int, Tuple[int, ...]], num_ranks: int) -> Tuple[int, ...]:
-        if not isinstance(num_ranks, int) or num_ranks <= 0:
-            raise DeepEPInputError(f"num_ranks must be a positive int, got {num_ranks!r}")
-        if num_ranks in table:
-            return table[num_ranks]
-        # Any other size: the entry of the nearest tabulated size above (or the largest).
-        above = [k for k in sorted(table) if k >= num_ranks]
-        return table[above[0] if above else max(table)]
+        return recommended_config("combine", num_ranks, Buffer.num_sms)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -261,13 +245,6 @@ class Buffer:
         self._transport.destroy()
         self._local_buffers.clear()
         self._destroyed = True
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            if not getattr(self, "explicitly_destroy", True) and not getattr(self, "_destroyed", True):
-                self._destroyed = True
-        except Exception:
-            pass
 
     def _call(self, previous_event, async_finish, allocate_on_comm_stream) -> StreamCall:
         return StreamCall(self.device, self._comm_stream, previous_event, async_finish, allocate_on_comm_stream)

@@ -149,3 +149,24 @@ def env_bool(name: str, default: bool) -> bool:
     if v in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"environment variable {name}={raw!r} is not a boolean")
+
+
+#: DeepEP's recommended (num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens,
+#: num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens) per rank count.
+_DISPATCH_TABLE = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
+                 24: (8, 288, 32, 128), 32: (32, 288, 32, 128), 48: (32, 288, 32, 128), 64: (32, 288, 32, 128),
+                 96: (20, 480, 32, 128), 128: (20, 560, 32, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128)}
+_COMBINE_TABLE = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
+                 24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128), 64: (1, 288, 8, 128),
+                 96: (1, 480, 8, 128), 128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128)}
+
+
+def recommended_config(op: str, num_ranks: int, num_sms: int) -> Config:
+    """DeepEP's recommended :class:`Config` for ``op`` ('dispatch' or 'combine') at ``num_ranks`` ranks;
+    other rank counts take the entry of the nearest tabulated size above (or the largest)."""
+    from .errors import DeepEPInputError
+    if not isinstance(num_ranks, int) or num_ranks <= 0:
+        raise DeepEPInputError(f"num_ranks must be a positive int, got {num_ranks!r}")
+    table = _DISPATCH_TABLE if op == "dispatch" else _COMBINE_TABLE
+    above = [k for k in sorted(table) if k >= num_ranks]
+    return Config(num_sms, *table[above[0] if above else max(table)])

@@ -10,7 +10,6 @@ variant at the normal-workload volume (4096 rows of 7168 bf16 to the peer, both 
 """
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -18,24 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def timed(fn, iters=20, sync=None):
-    ts = []
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    for _ in range(iters):
-        if sync:
-            sync()
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000)
-    return statistics.median(ts)
+from nvlink_probe import timed  # same folder: the shared CUDA-event timing of the probes
 
 
 def worker(rank, world, out_path):

@@ -65,6 +65,8 @@ log = logging.getLogger("deep_ep")
 #: staging bytes per rank when ``num_nvl_bytes`` is 0
 DEFAULT_STAGING_BYTES = 256 << 20
 _META_SLOT = 4096          # int64 per rank per metadata area
+
+
 def _word(width: int) -> torch.dtype:
     for dt, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
         if width % size == 0:

@@ -143,3 +143,19 @@ def test_reduce_rows_max_over_ranks_and_ratios():
     assert c["gbps_link"] == pytest.approx(5.5 * 256 / 40e3)
     assert c["ratio_vs"] == {"gloo-raw": pytest.approx(8 / 40)}
     assert "ratio_vs" not in rows["gloo-raw"]
+
+
+def test_graph_cases_on_cuda_only_and_flagged_in_rows():
+    import dataclasses
+    from deep_ep.bench import cases
+    cpu = options.config_from_args(_bench_args("--device", "cpu", "--tokens", "8", "--hidden", "128"))
+    assert not any(c[4] == "graph" for c in cases.plan(cpu, ["collective"]))
+    cuda = dataclasses.replace(cpu, device="cuda", wires=("bf16", "fp8"))
+    planned = cases.plan(cuda, ["nvlink"])
+    graphs = [c for c in planned if c[4] == "graph"]
+    assert graphs == [(8, "nvlink", "dispatch", "bf16", "graph"), (8, "nvlink", "dispatch", "fp8", "graph"),
+                      (8, "nvlink", "combine", "bf16", "graph")]
+    rec = dict(backend="nvlink", op="dispatch", wire="bf16", tokens=8, timing="graph", times_us=[3.0],
+               bytes_logical=256, bytes_link=128, recv_rows=1, remote_rows=1, num_sms=24, expected_rows=1)
+    row = report.reduce_rows(cuda, [[rec], [dict(rec, times_us=[5.0])]])[0]
+    assert row["graph"] is True and row["timing"] == "graph" and row["time_us"] == 5.0

@@ -37,7 +37,9 @@ half's previous use: no second barrier is needed for flow control.
 The rows cross NVLink as ``copy_`` of contiguous blocks between symmetric
 buffers, which CUDA runs on the copy engines: the transport's data movement
 takes no SMs (``Config.num_sms`` bounds nothing here); the SM work is the
-local gather (``index_select``) and the reduction kernel.
+local gather (``index_select``) and the reduction kernel. With more than two
+ranks the copies to (or from) different peers run on their own streams, so
+several links are busy at once.
 
 Everything that depends only on the layout (windows, offsets, index slices,
 reduction positions) is computed once per handle and kept in the plan, so a

@@ -21,6 +21,7 @@ from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOve
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
 from .agreement import (_H_E, _H_DTYPE, _H_HIDDEN, _H_K, _H_SCALES, _H_W, _H_WORST, _HEADER, _OP_CACHED,
                         _OP_COMBINE, _OP_DISPATCH, Problem, agree, agree_rows, check_id_ranges, make_header)
+from .device_plan import DeferredChecks, build_device_plan, valid_rows
 from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, select_backend, transport_class
 
@@ -159,6 +160,7 @@ class Buffer:
         self._check_every_call = self.device.type != "cuda" or env_bool("DEEP_EP_CHECK", False)
         self._local_buffers: Dict[bool, torch.Tensor] = {}
         self._zero_slots: Optional[torch.Tensor] = None
+        self._checks = DeferredChecks()           # device-side verdicts of num_worst_tokens dispatches
         self._destroyed = False
         log.debug("deep_ep.Buffer rank %d/%d backend=%s (%s) device=%s", self.rank, self.num_ranks, self.backend,
                   self.backend_reason, self.device)
@@ -198,6 +200,8 @@ class Buffer:
             raise BufferDestroyedError("this deep_ep.Buffer was destroyed")
         if self._waiter.broken:
             raise BufferDestroyedError(f"this deep_ep.Buffer is unusable: an earlier call {self._waiter.broken}")
+        if self._checks.pending:
+            self._checks.raise_ready()         # verdicts of earlier num_worst_tokens dispatches
 
     def capture(self) -> EventOverlap:
         """An :class:`EventOverlap` recorded on the current stream (no event on CPU)."""
@@ -402,46 +406,72 @@ class Buffer:
                                   xv.dtype if xv is not None else None, K, E,
                                   scales.size(1) if scales is not None else -1,
                                   int(topk_weights is not None), num_worst_tokens)
-            R, me = self.num_ranks, self.rank
-            # The header, the counts and the id ranges are read on the host once, as Python ints.
-            gathered, g = agree_rows(self._transport, self.device, header, payload, problem,
-                                     ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
-                                      (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
-                                      (_H_W, "passing topk_weights")), head=_HEADER + R + 2)
-            C = [row[_HEADER:_HEADER + R] for row in g]                   # C[s][d]: rows s sends to d
-            if E > 0:
-                check_id_ranges([row[_HEADER + R:] for row in g], E, me)
-            recv_totals = [sum(col) for col in zip(*C)]
-            worst = [row[_H_WORST] for row in g]
-            for d in range(R):
-                w = worst[d]
-                if w > 0 and recv_totals[d] > w:
-                    raise DeepEPInputError(
-                        f"deep_ep dispatch: rank {d} receives {recv_totals[d]} tokens but its num_worst_tokens is "
-                        f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent.")
-            expert_list: Optional[List[int]] = None
-            L = E // R if E > 0 else 0
-            # Expert counts are needed when any rank makes a synchronised call (num_worst_tokens may
-            # differ between ranks; the decision must be the same everywhere).
-            if topk_idx is not None and 0 in worst:
-                if merged or E <= _EXPERT_SLOTS:        # E is the same on every rank here
-                    pe, first = gathered, _HEADER + R + 2
-                else:
-                    pe = self._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
-                    first = 0
-                if num_worst_tokens == 0:
-                    mine = pe[:, first + me * L:first + (me + 1) * L].sum(dim=0).tolist()
-                    expert_list = layout.aligned_expert_counts(mine, expert_alignment)
-            n_recv = recv_totals[me]
-            prefix, acc = [], [0] * R
-            for row in C:
-                acc = [a + c for a, c in zip(acc, row)]
-                prefix.append(acc)
-            plan = Plan(rank=me, num_ranks=R, num_tokens=T, is_token_in_rank=is_token_in_rank,
-                        rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=self.device),
-                        send_counts=C[me], recv_counts=[row[me] for row in C],
-                        num_recv_tokens=n_recv, num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv,
-                        counts=torch.tensor(C, dtype=torch.int64))
+            R = self.num_ranks
+            has_device = getattr(self._transport, "device_layout", False)
+            if num_worst_tokens > 0 and problem is None and has_device and not self._check_every_call:
+                # Nothing read on the host: the plan stays on the device (capturable; checks deferred).
+                plan = build_device_plan(self._transport, self._checks, header, payload, is_token_in_rank, T,
+                                         num_worst_tokens, self._waiter.seq, torch.cuda.is_current_stream_capturing())
+                L, expert_list = (E // R if E > 0 else 0), []
+            else:
+                plan, L, expert_list = self._host_plan(header, payload, problem, merged, per_expert, is_token_in_rank,
+                                                       topk_idx, T, E, num_worst_tokens, expert_alignment)
+        return self._finish_dispatch(call, plan, xv, scales, topk_idx, topk_weights, L, expert_list, num_worst_tokens)
+
+    def _host_plan(self, header, payload, problem, merged, per_expert, is_token_in_rank, topk_idx, T, E,
+                   num_worst_tokens, expert_alignment):
+        """Agree on the metadata (read on the host) and build the plan; ``(plan, L, expert_list)``."""
+        R, me = self.num_ranks, self.rank
+        has_device = getattr(self._transport, "device_layout", False)
+        # The header, the counts and the id ranges are read on the host once, as Python ints.
+        gathered, g = agree_rows(self._transport, self.device, header, payload, problem,
+                                 ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
+                                  (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
+                                  (_H_W, "passing topk_weights")), head=_HEADER + R + 2)
+        C = [row[_HEADER:_HEADER + R] for row in g]                   # C[s][d]: rows s sends to d
+        if E > 0:
+            check_id_ranges([row[_HEADER + R:] for row in g], E, me)
+        recv_totals = [sum(col) for col in zip(*C)]
+        worst = [row[_H_WORST] for row in g]
+        for d in range(R):
+            w = worst[d]
+            if w > 0 and recv_totals[d] > w:
+                raise DeepEPInputError(
+                    f"deep_ep dispatch: rank {d} receives {recv_totals[d]} tokens but its num_worst_tokens is "
+                    f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent.")
+        expert_list: Optional[List[int]] = None
+        L = E // R if E > 0 else 0
+        # Expert counts are needed when any rank makes a synchronised call (num_worst_tokens may
+        # differ between ranks; the decision must be the same everywhere).
+        if topk_idx is not None and 0 in worst:
+            if merged or E <= _EXPERT_SLOTS:        # E is the same on every rank here
+                pe, first = gathered, _HEADER + R + 2
+            else:
+                pe = self._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
+                first = 0
+            if num_worst_tokens == 0:
+                mine = pe[:, first + me * L:first + (me + 1) * L].sum(dim=0).tolist()
+                expert_list = layout.aligned_expert_counts(mine, expert_alignment)
+        n_recv = recv_totals[me]
+        prefix, acc = [], [0] * R
+        for row in C:
+            acc = [a + c for a, c in zip(acc, row)]
+            prefix.append(acc)
+        plan = Plan(rank=me, num_ranks=R, num_tokens=T, is_token_in_rank=is_token_in_rank,
+                    rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=self.device),
+                    send_counts=C[me], recv_counts=[row[me] for row in C],
+                    num_recv_tokens=n_recv, num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv,
+                    counts=torch.tensor(C, dtype=torch.int64))
+        if has_device and any(w > 0 for w in worst):
+            # Some rank builds its plan on the device: move the rows its way (every rank decides the same).
+            plan.extra["device"] = layout.device_layout(is_token_in_rank, plan.counts.to(self.device), me)
+        return plan, L, expert_list
+
+    def _finish_dispatch(self, call: StreamCall, plan: Plan, xv, scales, topk_idx, topk_weights, L: int,
+                         expert_list: Optional[List[int]], num_worst_tokens: int):
+        """Move the rows of a fresh dispatch (inside ``call``), localise the top-k ids, make the handle."""
+        n_recv = plan.num_recv_tokens
+        with call:
             rows = [xv]
             if scales is not None:
                 rows.append(scales)
@@ -459,13 +489,18 @@ class Buffer:
             if topk_idx is not None:
                 recv_idx, recv_w = layout.localize_topk(recv[i], recv[i + 1] if topk_weights is not None else None,
                                                         self.rank, L)
-                if plan.num_out_rows > n_recv:
+                valid = valid_rows(plan)
+                if valid is not None:                     # the count is on the device
+                    recv_idx = torch.where(valid.unsqueeze(1), recv_idx, -1)
+                    if recv_w is not None:
+                        recv_w = torch.where(valid.unsqueeze(1), recv_w, 0.0)
+                elif plan.num_out_rows > n_recv:
                     recv_idx[n_recv:] = -1
                     if recv_w is not None:
                         recv_w[n_recv:] = 0
-            handle_out = DispatchHandle(plan.rank_prefix_matrix, is_token_in_rank, n_recv, num_worst_tokens, plan,
-                                        self._uid)
-        event = call.finish([xv, scales, topk_idx, topk_weights, is_token_in_rank] + list(recv))
+            handle_out = DispatchHandle(plan.rank_prefix_matrix, plan.is_token_in_rank, n_recv, num_worst_tokens,
+                                        plan, self._uid)
+        event = call.finish([xv, scales, topk_idx, topk_weights, plan.is_token_in_rank] + list(recv))
         if expert_list is None:
             expert_list = []
         return recv_x, recv_idx, recv_w, expert_list, handle_out, event

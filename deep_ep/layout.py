@@ -11,7 +11,7 @@ Conventions (API.md): ``T`` tokens on this rank, ``K`` top-k, ``E`` experts,
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -126,6 +126,41 @@ def token_slots(is_token_in_rank: torch.Tensor) -> torch.Tensor:
     """
     inclusive = torch.cumsum(is_token_in_rank, dim=0, dtype=torch.int32)
     return torch.where(is_token_in_rank, inclusive - 1, -1)
+
+
+def device_layout(is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: int) -> Dict[str, torch.Tensor]:
+    """Where every row goes, from the token-to-rank mask and the counts matrix, on the device.
+
+    ``counts`` int64 ``[R, R]``: rows rank ``s`` sends to rank ``d`` (on the
+    data device). No host synchronisation: this is the layout of a
+    ``num_worst_tokens`` dispatch, which must be capturable in a CUDA graph.
+    Returns int64 tensors:
+
+    - ``slot`` ``[T, R]``: the row token ``t`` lands in among rank ``d``'s
+      received rows (source-major, then token order), ``-1`` where it does not go;
+    - ``send_pos`` ``[T, R]``: the row of (``t``, ``d``) in this rank's
+      send order (destination-major, then token order), ``-1`` where absent;
+    - ``recv`` ``[3]``: rows received, and the first / end row of this
+      rank's own rows among them;
+    - ``ret`` ``[R, 3]``: for each source ``s``, the first of the rows
+      received from ``s``, how many, and where they start in ``s``'s send order
+      (so a combine can return them as one block);
+    - ``combine_pos`` ``[T, R]``: ``send_pos`` with column ``rank`` replaced by
+      ``slot`` (own rows are reduced from the combine input where they are).
+    """
+    counts = counts.to(torch.int64)
+    inclusive = torch.cumsum(is_token_in_rank, dim=0, dtype=torch.int64)
+    before_src = torch.cumsum(counts, dim=0) - counts          # [s][d]: rows ranks < s send to d
+    before_dst = torch.cumsum(counts, dim=1) - counts          # [s][d]: rows s sends to ranks < d
+    slot = torch.where(is_token_in_rank, inclusive - 1 + before_src[rank], -1)
+    send_pos = torch.where(is_token_in_rank, inclusive - 1 + before_dst[rank], -1)
+    own_lo = before_src[rank, rank]
+    recv = torch.stack([counts[:, rank].sum(), own_lo, own_lo + counts[rank, rank]])
+    ret = torch.stack([before_src[:, rank], counts[:, rank], before_dst[:, rank]], dim=1).contiguous()
+    combine_pos = send_pos.clone()
+    combine_pos[:, rank] = slot[:, rank]
+    return dict(slot=slot.contiguous(), send_pos=send_pos.contiguous(), recv=recv, ret=ret,
+                combine_pos=combine_pos.contiguous())
 
 
 def send_order(is_token_in_rank: torch.Tensor) -> torch.Tensor:

@@ -164,3 +164,65 @@ def test_nvlink_schedule_too_small_names_size():
     ts = _fake_transports(2, 600)
     with pytest.raises(Exception, match="num_nvl_bytes >="):
         ts[0]._layout((4096,))
+
+
+@pytest.mark.parametrize("R,seed,extra", [(2, 11, 0), (3, 12, 5), (4, 13, 2)])
+def test_nvlink_device_path_matches_oracle(R, seed, extra):
+    """The num_worst_tokens path (layout on the device, torch twins of its kernels): counts published
+    through the metadata areas, rows pushed into their slots, padding zero, combine back; twice."""
+    case = make_case(seed, R, hidden=40 + seed, topk=3, num_experts=4 * R, dtype=torch.float32,
+                     tokens=[17, 0, 23, 9][:R] if R > 2 else [19, 14])
+    E, K, H = case.num_experts, case.topk, case.hidden
+    masks = [ref.expert_rank_mask(t, E, R) for t in case.topk_idx]
+    worst = sum(case.tokens) + extra
+    per_row = 4 * H + 8 * K + 4 * K
+    half = 3 * 256 + per_row * (max(worst, R * max(case.tokens)) + 1)
+    ts = _fake_transports(R, 2 * half + 1024)
+    for t in ts:
+        t._device_setup()
+    exp = ref.dispatch(case.xs, case.topk_idx, E, case.topk_weights, num_worst_tokens=worst)
+    alloc = lambda shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
+    bias = [torch.randn(case.tokens[r], H) for r in range(R)]
+
+    def rank_ops(r):
+        t, out = ts[r], []
+        for rep in range(2):
+            counts = t.publish_meta(masks[r].sum(dim=0, dtype=torch.int64))[:, :R].clone()
+            plan = Plan(rank=r, num_ranks=R, num_tokens=case.tokens[r], is_token_in_rank=masks[r],
+                        rank_prefix_matrix=torch.cumsum(counts, 0).to(torch.int32), send_counts=None,
+                        recv_counts=None, num_recv_tokens=-1, num_out_rows=worst, counts=None)
+            plan.extra["device"] = layout.device_layout(masks[r], counts, r)
+            recv = t.dispatch(plan, [case.xs[r], case.topk_idx[r], case.topk_weights[r]], alloc)
+            again = t.dispatch(plan, [case.xs[r] * (3 + rep)], alloc)
+            got = t.combine(plan, recv[0] * (r + 2), recv[2], [bias[r]], alloc)
+            out.append((recv, again, got, plan))
+        return out
+
+    results = _run_threads(rank_ops, R)
+    for rep in range(2):
+        for r in range(R):
+            recv, again, _, plan = results[r][rep]
+            n = exp[r].num_recv_tokens
+            assert int(plan.extra["device"]["recv"][0]) == n
+            assert_same(plan.rank_prefix_matrix, exp[r].rank_prefix_matrix.to(torch.int32), "rank_prefix_matrix")
+            assert recv[0].shape[0] == worst
+            assert_same(recv[0][:n], exp[r].recv_x[:n], f"recv_x rank {r} rep {rep}")
+            assert bool((recv[0][n:] == 0).all()) and bool((recv[1][n:] == 0).all()), "padding rows are zero"
+            got_idx, got_w = layout.localize_topk(recv[1][:n], recv[2][:n], r, E // R)
+            assert_same(got_idx, exp[r].recv_topk_idx[:n], f"recv_topk_idx rank {r}")
+            assert_same(got_w, exp[r].recv_topk_weights[:n], f"recv_topk_weights rank {r}")
+            assert_same(again[0][:n], exp[r].recv_x[:n] * (3 + rep), f"recv_x (x only) rank {r} rep {rep}")
+        ys = [results[r][rep][0][0] * (r + 2) for r in range(R)]
+        ws = [results[r][rep][0][2] for r in range(R)]
+        want = ref.combine(ys, exp, case.tokens, topk_weights=ws, biases=[[b] for b in bias])
+        for r in range(R):
+            got = results[r][rep][2]
+            assert_same(got[0], want[r][0], f"combined x rank {r} rep {rep}")
+            assert_same(got[1], want[r][1], f"combined weights rank {r} rep {rep}")
+
+
+def test_nvlink_device_path_too_small_names_size():
+    ts = _fake_transports(2, 4096)
+    ts[0]._device_setup()
+    with pytest.raises(Exception, match="num_nvl_bytes >="):
+        ts[0]._device_fits(1000, (64,), "a dispatch")

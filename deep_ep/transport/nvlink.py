@@ -57,6 +57,7 @@ import torch.distributed as dist
 
 from ..errors import DeepEPError, DeepEPInputError
 from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows
+from .nvlink_device import NVLinkDevicePath
 from .nvlink_schedule import (_ALIGN, MIN_CHUNK_BYTES, NVLinkSchedules, _align, _capturing, _chunk_setting,
                               _split, _windows)
 
@@ -100,7 +101,7 @@ class _EventWork:
         self.event.synchronize()
 
 
-class NVLinkTransport(NVLinkSchedules, Transport):
+class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     """Intranode transport over torch symmetric memory (see the module docstring)."""
 
     name = "nvlink"
@@ -140,6 +141,7 @@ class NVLinkTransport(NVLinkSchedules, Transport):
         except TypeError:  # pragma: no cover - older torch takes the group name
             self.hdl = symm_mem.rendezvous(self.buf, name)
         self._use_staging([self.hdl.get_buffer(p, (self.nbytes,), torch.uint8, 0) for p in range(self.num_ranks)])
+        self._device_setup()
         self._barrier_ms = int(timeout_s * 1000) + 10_000   # the host gives up first, with a better message
         self._pinned: Optional[torch.Tensor] = None
         self.side = torch.cuda.Stream(device=device)
@@ -260,21 +262,19 @@ class NVLinkTransport(NVLinkSchedules, Transport):
         return views
 
     # ---------------------------------------------------------------- metadata
-    def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
-        values = values.to(device=self.device, dtype=torch.int64).reshape(-1)
-        n = values.numel()
+    def _check_meta_len(self, n: int) -> None:
         if n > _META_SLOT:
             raise DeepEPInputError(f"metadata of {n} ints exceeds the nvlink metadata slot ({_META_SLOT}); "
                                    f"num_experts is too large for this transport")
-        parity = self.meta_seq % 2
-        self.meta_seq += 1
-        for p in range(self.num_ranks):
-            self._meta(p, parity)[self.rank, :n].copy_(values)
-        self._barrier()
+
+    def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
+        values = values.to(device=self.device, dtype=torch.int64).reshape(-1)
+        n = values.numel()
+        mine = self.publish_meta(values)
         if self._pinned is None:
             self._pinned = torch.empty((self.num_ranks * _META_SLOT,), dtype=torch.int64, device="cpu").pin_memory()
         host = self._pinned[:self.num_ranks * n].view(self.num_ranks, n)
-        host.copy_(self._meta(self.rank, parity)[:, :n].contiguous(), non_blocking=True)
+        host.copy_(mine.contiguous(), non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
         self.waiter.wait(_EventWork(ev), stage)
@@ -282,6 +282,8 @@ class NVLinkTransport(NVLinkSchedules, Transport):
 
     # ---------------------------------------------------------------- dispatch
     def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+        if "device" in plan.extra:
+            return self._device_dispatch(plan, rows, alloc, _words)
         if plan.counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
         outs = alloc_outputs(plan, rows, alloc)
@@ -341,6 +343,9 @@ class NVLinkTransport(NVLinkSchedules, Transport):
         me = self.rank
         n_recv = plan.num_recv_tokens
         srcs = [x[:n_recv]]
+        if "device" in plan.extra:          # rows beyond the real ones are never read
+            srcs = [x] if weights is None else [x, weights.float().contiguous()]
+            return self._device_combine(plan, srcs, biases, alloc, x.dtype, _words)
         if weights is not None:
             srcs.append(weights[:n_recv].float().contiguous())
         src = [_words(t) for t in srcs]

@@ -1,0 +1,107 @@
+"""Plans of ``num_worst_tokens`` dispatches built on the device (no host synchronisation).
+
+A dispatch with ``num_worst_tokens > 0`` on a transport with a device path
+(``nvlink``) publishes the same metadata vector as any dispatch (header,
+counts, id range, expert counts) into every rank's metadata area, and builds
+its plan from the device copy: the counts matrix, ``rank_prefix_matrix`` and
+every row's slot (:func:`deep_ep.layout.device_layout`) stay on the device,
+the handle's ``num_recv_tokens`` is ``-1``, and the received tensors have
+``num_worst_tokens`` rows (padding rows zero, ``topk_idx`` ``-1``). Nothing
+waits for the host, so the call can be captured in a CUDA graph.
+
+What the host path checks at once (ranks agree on shapes and dtypes, no rank
+receives more than its ``num_worst_tokens``) is checked here on the device
+and reported by :class:`DeferredChecks` at the Buffer's next call, as a
+:class:`~deep_ep.errors.RankMismatchError` or
+:class:`~deep_ep.errors.DeepEPInputError`; rows beyond a receiver's
+``num_worst_tokens`` are dropped. Expert ids outside the range raise a
+device-side assertion.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Deque, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import layout
+from .agreement import (_H_DTYPE, _H_E, _H_ERR, _H_HIDDEN, _H_K, _H_MAGIC, _H_OP, _H_SCALES, _H_SEQ, _H_W,
+                        _H_WORST, _HEADER)
+from .errors import DeepEPInputError, RankMismatchError
+from .transport import Plan
+
+__all__ = ["build_device_plan", "DeferredChecks", "valid_rows"]
+
+#: header fields every rank of a dispatch must agree on
+_FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W)
+
+
+class DeferredChecks:
+    """Device-side verdicts of earlier calls, read on the host once their event has completed."""
+
+    def __init__(self) -> None:
+        self.pending: Deque[Tuple[torch.cuda.Event, torch.Tensor, int]] = collections.deque()
+        self._fields: Optional[torch.Tensor] = None
+        self.headers: Deque[torch.Tensor] = collections.deque(maxlen=64)   # pinned headers in flight
+
+    def add(self, gathered: torch.Tensor, counts: torch.Tensor, rank: int, seq: int) -> None:
+        """Queue the verdict on ``gathered`` (every rank's metadata vector, ``[R, n]`` on the device)."""
+        if self._fields is None:
+            self._fields = torch.tensor(_FIELDS, dtype=torch.int64, device=gathered.device)
+        hdr = gathered[:, :_HEADER]
+        sel = hdr.index_select(1, self._fields)
+        mismatch = (sel != sel[rank]).any() | (hdr[:, _H_ERR] != 0).any()
+        worst = hdr[:, _H_WORST]
+        over = ((worst > 0) & (counts.sum(dim=0) > worst)).any()
+        flags = torch.stack([mismatch, over]).to(torch.int32)
+        host = torch.empty((2,), dtype=torch.int32).pin_memory()
+        host.copy_(flags, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.pending.append((ev, host, seq))
+
+    def raise_ready(self) -> None:
+        """Raise for the first completed verdict that found a problem (drops the completed ones)."""
+        while self.pending and self.pending[0][0].query():
+            _, host, seq = self.pending.popleft()
+            mismatch, over = host.tolist()
+            if mismatch:
+                raise RankMismatchError(
+                    f"deep_ep: in num_worst_tokens dispatch call #{seq}, the ranks disagreed on the operation, "
+                    f"the call number or the shapes / dtypes of x, topk_idx, topk_weights (or a rank rejected "
+                    f"its input); its results are garbage. Every rank must make the same calls.")
+            if over:
+                raise DeepEPInputError(
+                    f"deep_ep: in num_worst_tokens dispatch call #{seq}, a rank received more tokens than its "
+                    f"num_worst_tokens; the rows beyond it were dropped. Raise num_worst_tokens (at most "
+                    f"num_ranks * num_tokens).")
+
+
+def build_device_plan(transport, checks: DeferredChecks, header: List[int], payload: Sequence[torch.Tensor],
+                      is_token_in_rank: torch.Tensor, num_tokens: int, num_worst_tokens: int, seq: int,
+                      capturing: bool) -> Plan:
+    """Publish this rank's metadata through ``transport.publish_meta`` and build the plan on the device."""
+    R, me = transport.num_ranks, transport.rank
+    device = is_token_in_rank.device
+    host = torch.tensor(header, dtype=torch.int64).pin_memory()
+    checks.headers.append(host)                  # alive until its copy has run (and for graph replays)
+    parts = [host.to(device, non_blocking=True)] + [p.to(torch.int64).reshape(-1) for p in payload]
+    gathered = transport.publish_meta(torch.cat(parts))
+    counts = gathered[:, _HEADER:_HEADER + R].clone()
+    if not capturing:
+        checks.add(gathered, counts, me, seq)
+    plan = Plan(rank=me, num_ranks=R, num_tokens=num_tokens, is_token_in_rank=is_token_in_rank,
+                rank_prefix_matrix=torch.cumsum(counts, dim=0).to(torch.int32), send_counts=None, recv_counts=None,
+                num_recv_tokens=-1, num_out_rows=num_worst_tokens, counts=None)
+    plan.extra["device"] = layout.device_layout(is_token_in_rank, counts, me)
+    plan.extra["header"] = host
+    return plan
+
+
+def valid_rows(plan: Plan) -> Optional[torch.Tensor]:
+    """bool ``[num_out_rows]``: which received rows are real, for a plan whose count is on the device
+    (``None`` when the host knows it)."""
+    if plan.num_recv_tokens >= 0:
+        return None
+    n = plan.extra["device"]["recv"][0]
+    return torch.arange(plan.num_out_rows, device=n.device) < n

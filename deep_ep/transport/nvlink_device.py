@@ -1,0 +1,155 @@
+"""The nvlink transport's device path: dispatch and combine whose layout lives on the device.
+
+A ``num_worst_tokens`` dispatch must not synchronise with the host (so that it
+can be captured in a CUDA graph with fresh routing every replay). Its plan
+carries ``extra["device"]`` (:func:`deep_ep.layout.device_layout`): every
+row's destination slot, computed on the device from the counts the ranks
+published into each other's metadata areas (:meth:`publish_meta`). Such a
+plan, and every plan of a dispatch where any rank passed
+``num_worst_tokens``, moves rows this way (every rank decides the same):
+
+- **dispatch** (push): each rank stores every token's row into its slot in
+  each destination's staging half (its own rows straight into its output),
+  one device barrier, then copies the received rows out of its own half,
+  zeroing the padding rows up to ``num_worst_tokens``.
+- **combine** (push): each rank returns the rows it received from source
+  ``s`` as one block into ``s``'s staging, at the position of that block in
+  ``s``'s send order; one barrier; each rank reduces (own rows read where
+  they are in the combine input).
+
+Row movement is a Triton kernel on a persistent grid of at most
+``Config.num_sms`` programs (:mod:`deep_ep.kernels.scatter`), or the torch
+functions below where Triton is not available (they write every row, the
+ones that go nowhere into a spare last row of each region). The staging
+must hold ``num_worst_tokens`` rows per received tensor (and, for a
+combine, ``num_ranks * num_tokens`` rows); a call that does not fit raises
+:class:`~deep_ep.errors.DeepEPInputError` naming the ``num_nvl_bytes`` needed.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import kernels
+from ..errors import DeepEPInputError
+from .base import Alloc, Plan, reduce_rows
+
+
+class NVLinkDevicePath:
+    """Mixin of :class:`~deep_ep.transport.nvlink.NVLinkTransport` (needs its staging helpers)."""
+
+    #: the Buffer may build plans whose layout lives on the device (num_worst_tokens dispatch)
+    device_layout = True
+
+    def _device_setup(self) -> None:
+        self._peer_ptrs = torch.tensor([p.data_ptr() for p in self.peers], dtype=torch.int64, device=self.device)
+
+    def publish_meta(self, values: torch.Tensor) -> torch.Tensor:
+        """Store ``values`` (int64 on the device) into slot ``rank`` of every rank's metadata area, pass a
+        device barrier, and return this rank's area ``[R, n]`` on the device (nothing read on the host;
+        valid until two more metadata exchanges)."""
+        values = values.reshape(-1)
+        n = values.numel()
+        self._check_meta_len(n)
+        parity = self.meta_seq % 2
+        self.meta_seq += 1
+        for p in range(self.num_ranks):
+            self._meta(p, parity)[self.rank, :n].copy_(values)
+        self._barrier()
+        return self._meta(self.rank, parity)[:, :n]
+
+    def _device_region_rows(self, widths: Sequence[int]) -> Tuple[int, List[int]]:
+        """Rows per tensor region of a half (the last is the spare row) and the regions' byte offsets."""
+        key = ("device_layout", tuple(widths))
+        got = self._device_layouts.get(key) if hasattr(self, "_device_layouts") else None
+        if got is None:
+            if not hasattr(self, "_device_layouts"):
+                self._device_layouts: Dict[tuple, Tuple[int, List[int]]] = {}
+            got = self._device_layouts[key] = self._layout(widths)
+        return got
+
+    def _device_fits(self, rows: int, widths: Sequence[int], what: str) -> Tuple[int, List[int]]:
+        cap, offsets = self._device_region_rows(widths)
+        if rows > cap - 1:
+            need = self.meta_bytes + 2 * (sum(widths) * (rows + 1) + 256 * (len(widths) + 1))
+            raise DeepEPInputError(
+                f"deep_ep nvlink: {what} needs {rows} rows of {sum(widths)} bytes in one staging half, which "
+                f"holds {cap - 1}; pass num_nvl_bytes >= {need} to the Buffer (on every rank)")
+        return cap, offsets
+
+    def _kernel_ok(self, t: torch.Tensor) -> bool:
+        return kernels.available(t)
+
+    # ---------------------------------------------------------------- dispatch
+    def _device_dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, words) -> List[torch.Tensor]:
+        from .nvlink_schedule import _capturing
+        dl, me, R = plan.extra["device"], self.rank, self.num_ranks
+        outs = [alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype) for t in rows]
+        if not rows:
+            return outs
+        src = [words(t) for t in rows]
+        dst = [words(o) for o in outs]
+        widths = tuple(t.size(1) * t.element_size() for t in src)
+        cap, offsets = self._device_fits(plan.num_out_rows, widths, "this num_worst_tokens dispatch")
+        self._graph = _capturing()
+        start = self._begin_phase(False)
+        fast = self._kernel_ok(src[0])
+        slot = dl["slot"]
+        if fast:
+            from ..kernels import scatter
+        for sw, dw, w, o in zip(src, dst, widths, offsets):
+            if fast:
+                scatter.scatter_rows(sw, slot, dw, self._peer_ptrs, start + o, cap - 1, me, self.num_sms)
+            elif sw.size(0):
+                for d in range(R):          # every row of every rank (own ones too) into the staging
+                    col = slot[:, d]
+                    idx = torch.where((col >= 0) & (col < cap - 1), col, cap - 1)
+                    self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, sw)
+        self._barrier()
+        for sw, dw, w, o in zip(src, dst, widths, offsets):
+            mine = self._region(me, start + o, cap, w, sw.dtype)
+            if fast:
+                scatter.copy_out(mine, dw, dl["recv"], self.num_sms)
+            elif dw.size(0):
+                keep = torch.arange(dw.size(0), device=dw.device) < dl["recv"][0]
+                torch.where(keep.unsqueeze(1), mine[:dw.size(0)], torch.zeros((), dtype=dw.dtype, device=dw.device),
+                            out=dw)
+        self._end_call(True)
+        return outs
+
+    # ---------------------------------------------------------------- combine
+    def _device_combine(self, plan: Plan, srcs: List[torch.Tensor], biases: Sequence[torch.Tensor], alloc: Alloc,
+                        dtype: torch.dtype, words) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        from .nvlink_schedule import _capturing
+        dl, me, R = plan.extra["device"], self.rank, self.num_ranks
+        src = [words(t) for t in srcs]
+        widths = tuple(t.size(1) * t.element_size() for t in src)
+        cap, offsets = self._device_fits(R * plan.num_tokens, widths, "the combine of this num_worst_tokens handle")
+        self._graph = _capturing()
+        start = self._begin_phase(False)
+        fast = self._kernel_ok(src[0])
+        ret = dl["ret"]
+        if fast:
+            from ..kernels import scatter
+        for sw, w, o in zip(src, widths, offsets):
+            if fast:
+                scatter.return_blocks(sw, ret, self._peer_ptrs, start + o, cap - 1, me, self.num_sms)
+            elif sw.size(0):
+                i = torch.arange(sw.size(0), device=sw.device)
+                for d in range(R):
+                    if d == me:
+                        continue
+                    first, cnt, at = ret[d, 0], ret[d, 1], ret[d, 2]
+                    rows = sw.index_select(0, (first + i).clamp(max=sw.size(0) - 1))
+                    idx = torch.where((i < cnt) & (at + i < cap - 1), at + i, cap - 1)
+                    self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, rows)
+        self._barrier()
+        backs = [self._region(me, start + o, cap, w, torch.uint8).view(t.dtype).view(cap, t.size(1))
+                 for t, w, o in zip(srcs, widths, offsets)]
+        pos = dl["combine_pos"]
+        out = reduce_rows(backs[0], pos, biases, dtype, alloc, local=srcs[0], local_col=me)
+        out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) \
+            if len(srcs) > 1 else None
+        self._end_call(True)
+        return out, out_w

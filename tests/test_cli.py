@@ -155,7 +155,11 @@ def test_graph_cases_on_cuda_only_and_flagged_in_rows():
     graphs = [c for c in planned if c[4] == "graph"]
     assert graphs == [(8, "nvlink", "dispatch", "bf16", "graph"), (8, "nvlink", "dispatch", "fp8", "graph"),
                       (8, "nvlink", "combine", "bf16", "graph")]
+    worst = [c[3:] for c in planned if c[4].startswith("worst")]
+    assert worst == [("bf16", "worst"), ("bf16", "worst-graph"), ("fp8", "worst"), ("fp8", "worst-graph")]
     rec = dict(backend="nvlink", op="dispatch", wire="bf16", tokens=8, timing="graph", times_us=[3.0],
                bytes_logical=256, bytes_link=128, recv_rows=1, remote_rows=1, num_sms=24, expected_rows=1)
     row = report.reduce_rows(cuda, [[rec], [dict(rec, times_us=[5.0])]])[0]
     assert row["graph"] is True and row["timing"] == "graph" and row["time_us"] == 5.0
+    row = report.reduce_rows(cuda, [[dict(rec, timing="worst-graph")]])[0]
+    assert row["graph"] is True and row["timing"] == "worst-graph"

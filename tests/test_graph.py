@@ -23,8 +23,9 @@ def rank_graph_replay(rank, R, seed, worst_extra):
     out = buf.dispatch(x_static, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                        num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
     handle = out[4]
-    n_recv = handle.num_recv_tokens
     exp = ref.dispatch(case.xs, case.topk_idx, E, case.topk_weights, num_worst_tokens=worst)
+    n_recv = exp[rank].num_recv_tokens
+    assert handle.num_recv_tokens == -1, "a num_worst_tokens handle does not know its count on the host"
     assert_same(out[0][:n_recv], exp[rank].recv_x[:n_recv], "eager recv_x")
 
     def step():
@@ -66,3 +67,64 @@ def rank_graph_replay(rank, R, seed, worst_extra):
 @pytest.mark.parametrize("seed,worst_extra", [(1, 0), (2, 37)])
 def test_graph_capture_replay_nvlink(rank_pool, seed, worst_extra):
     rank_pool(2, backend="nccl").run(rank_graph_replay, seed, worst_extra)
+
+
+def rank_fresh_graph(rank, R, seed):
+    """Capture a *fresh* num_worst_tokens dispatch (layout, routing and all) + combine; replay with new
+    routing and new data every time (the plan is built on the device, nothing waits for the host)."""
+    import deep_ep
+    from deep_ep import reference as ref
+    dev = device()
+    buf = get_buffer("nvlink")
+    tokens = [96, 64, 80, 40][:R]
+    case = make_case(seed, R, hidden=200, topk=4, num_experts=16, tokens=tokens)
+    E, worst = case.num_experts, sum(tokens)
+    x_s = case.xs[rank].to(dev).clone()
+    idx_s = case.topk_idx[rank].to(dev).clone()
+    w_s = case.topk_weights[rank].to(dev).clone()
+
+    def step():
+        _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_s, E)
+        rx, ridx, rw, counts, h, _ = buf.dispatch(x_s, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                                  topk_idx=idx_s, topk_weights=w_s, num_worst_tokens=worst)
+        assert counts == [] and h.num_recv_tokens == -1
+        y = rx * (rank + 2)
+        comb, comb_w, _ = buf.combine(y, h, topk_weights=rw)
+        return rx, ridx, rw, comb, comb_w
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):            # warm-up (compiles the kernels) outside capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step()
+    for trial in range(3):
+        fresh = make_case(seed + 50 + trial, R, hidden=200, topk=4, num_experts=16, tokens=tokens)
+        x_s.copy_(fresh.xs[rank].to(dev))
+        idx_s.copy_(fresh.topk_idx[rank].to(dev))
+        w_s.copy_(fresh.topk_weights[rank].to(dev))
+        for o in outs:
+            o.fill_(7)
+        g.replay()
+        torch.cuda.synchronize()
+        e = ref.dispatch(fresh.xs, fresh.topk_idx, E, fresh.topk_weights, num_worst_tokens=worst)
+        n = e[rank].num_recv_tokens
+        assert_same(outs[0][:n], e[rank].recv_x[:n], f"replayed recv_x, trial {trial}")
+        assert bool((outs[0][n:] == 0).all()), "padding rows are zero"
+        assert_same(outs[1], e[rank].recv_topk_idx, f"replayed recv_topk_idx, trial {trial}")
+        assert_same(outs[2], e[rank].recv_topk_weights, f"replayed recv_topk_weights, trial {trial}")
+        ys = [t.recv_x * (r + 2) for r, t in enumerate(e)]
+        want = ref.combine(ys, e, tokens, topk_weights=[t.recv_topk_weights for t in e])
+        assert_same(outs[3], want[rank][0], f"replayed combine, trial {trial}")
+        assert_same(outs[4], want[rank][1], f"replayed combined weights, trial {trial}")
+    del deep_ep
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [3, 4])
+def test_graph_capture_fresh_dispatch_nvlink(rank_pool, seed):
+    rank_pool(2, backend="nccl").run(rank_fresh_graph, seed)

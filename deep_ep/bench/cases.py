@@ -29,7 +29,9 @@ def plan(cfg, backends: list) -> list:
             for wire in cfg.wires:
                 out += [(tokens, b, "dispatch", wire, "cached"), (tokens, b, "dispatch", wire, "fresh")]
                 if graphs:
-                    out.append((tokens, b, "dispatch", wire, "graph"))
+                    # "worst": a fresh dispatch with num_worst_tokens (no host sync on nvlink), eager and
+                    # replayed from a CUDA graph with its layout computation
+                    out += [(tokens, b, "dispatch", wire, t) for t in ("graph", "worst", "worst-graph")]
             out.append((tokens, b, "combine", "bf16", "cached"))
             if graphs:
                 out.append((tokens, b, "combine", "bf16", "graph"))
@@ -179,6 +181,21 @@ class RankRunner:
             if len(wire_cases) > 2:
                 self.run_graph(name, wire_cases[2], lambda: buf.dispatch(x, handle=handle), rows, remote, rb,
                                extra)
+            if len(wire_cases) > 4:
+                worst = cfg.world_size * wl.tokens
+
+                def fresh_worst(x=x):
+                    ntpr, ntpr_rdma, ntpe, in_rank, _ = buf.get_dispatch_layout(wl.topk_idx, cfg.experts)
+                    return buf.dispatch(x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntpr_rdma,
+                                        is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
+                                        topk_idx=wl.topk_idx, topk_weights=wl.topk_weights, num_worst_tokens=worst)
+
+                _, reason = self.try_agreed(fresh_worst)
+                if reason:
+                    self.skip(wire_cases[3:5], reason)
+                else:
+                    self.record(wire_cases[3], self.time(fresh_worst), rows, remote, remote, rb, **extra)
+                    self.run_graph(name, wire_cases[4], fresh_worst, rows, remote, rb, extra)
             if wire == "bf16":
                 bf16_out = (recv_x, handle, rows, remote)
             del out
@@ -200,8 +217,9 @@ class RankRunner:
             self.run_graph(name, combine_cases[1], lambda: buf.combine(recv_x, handle), rows, remote, rb, extra)
 
     def run_graph(self, name: str, case: tuple, fn: Callable[[], object], rows, remote, rb, extra) -> None:
-        """Time ``fn`` (a cached-handle call) replayed from a CUDA graph: the GPU-side time of the call
-        without its Python launch cost. The nvlink transport supports capture; others are skipped."""
+        """Time ``fn`` (a cached-handle call, or a num_worst_tokens dispatch) replayed from a CUDA graph:
+        the GPU-side time of the call without its Python launch cost. The nvlink transport supports
+        capture; others are skipped."""
         if name not in ("nvlink", "auto") or getattr(self.buffers.get(name, (None,))[0], "backend", "") != "nvlink":
             self.skip([case], "CUDA-graph capture is supported by the nvlink transport only")
             return

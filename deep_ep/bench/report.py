@@ -53,7 +53,7 @@ def reduce_rows(cfg, per_rank: list) -> list:
         rows.append(dict(
             backend=backend, op=op, wire=wire, tokens=tokens, hidden=cfg.hidden, topk=cfg.topk,
             experts=cfg.experts, num_sms=recs[0].get("num_sms"), time_us=t,
-            gbps_logical=_gbps(bytes_logical, t), gbps_link=_gbps(bytes_link, t), graph=timing == "graph",
+            gbps_logical=_gbps(bytes_logical, t), gbps_link=_gbps(bytes_link, t), graph=timing.endswith("graph"),
             timing=timing, routing=cfg.routing, iters=cfg.iters,
             time_us_per_rank=medians, bytes_logical=bytes_logical, bytes_link=bytes_link,
             recv_rows=_mean(r["recv_rows"] for r in recs),

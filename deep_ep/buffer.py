@@ -200,7 +200,7 @@ class Buffer:
             raise BufferDestroyedError("this deep_ep.Buffer was destroyed")
         if self._waiter.broken:
             raise BufferDestroyedError(f"this deep_ep.Buffer is unusable: an earlier call {self._waiter.broken}")
-        if self._checks.pending:
+        if self._checks.pending and not torch.cuda.is_current_stream_capturing():
             self._checks.raise_ready()         # verdicts of earlier num_worst_tokens dispatches
 
     def capture(self) -> EventOverlap:

@@ -166,7 +166,7 @@ def test_nvlink_schedule_too_small_names_size():
         ts[0]._layout((4096,))
 
 
-@pytest.mark.parametrize("R,seed,extra", [(2, 11, 0), (3, 12, 5), (4, 13, 2)])
+@pytest.mark.parametrize("R,seed,extra", [(2, 11, 0), (3, 12, 5), (4, 13, 2), (3, 15, 0)])
 def test_nvlink_device_path_matches_oracle(R, seed, extra):
     """The num_worst_tokens path (layout on the device, torch twins of its kernels): counts published
     through the metadata areas, rows pushed into their slots, padding zero, combine back; twice."""
@@ -176,8 +176,8 @@ def test_nvlink_device_path_matches_oracle(R, seed, extra):
     masks = [ref.expert_rank_mask(t, E, R) for t in case.topk_idx]
     worst = sum(case.tokens) + extra
     per_row = 4 * H + 8 * K + 4 * K
-    half = 3 * 256 + per_row * (max(worst, R * max(case.tokens)) + 1)
-    ts = _fake_transports(R, 2 * half + 1024)
+    area = 3 * 256 + per_row * (max(worst, R * max(case.tokens)) + 1)
+    ts = _fake_transports(R, area + 1024)      # the path uses the whole data area
     for t in ts:
         t._device_setup()
     exp = ref.dispatch(case.xs, case.topk_idx, E, case.topk_weights, num_worst_tokens=worst)
@@ -195,13 +195,15 @@ def test_nvlink_device_path_matches_oracle(R, seed, extra):
             recv = t.dispatch(plan, [case.xs[r], case.topk_idx[r], case.topk_weights[r]], alloc)
             again = t.dispatch(plan, [case.xs[r] * (3 + rep)], alloc)
             got = t.combine(plan, recv[0] * (r + 2), recv[2], [bias[r]], alloc)
-            out.append((recv, again, got, plan))
+            host = t.dispatch(_plan(r, masks), [case.xs[r] * 5], alloc)      # the host path in between
+            out.append((recv, again, got, plan, host))
         return out
 
     results = _run_threads(rank_ops, R)
     for rep in range(2):
         for r in range(R):
-            recv, again, _, plan = results[r][rep]
+            recv, again, _, plan, host = results[r][rep]
+            assert_same(host[0], exp[r].recv_x[:exp[r].num_recv_tokens] * 5, f"host-path dispatch rank {r}")
             n = exp[r].num_recv_tokens
             assert int(plan.extra["device"]["recv"][0]) == n
             assert_same(plan.rank_prefix_matrix, exp[r].rank_prefix_matrix.to(torch.int32), "rank_prefix_matrix")

@@ -114,22 +114,25 @@ class RankRunner:
             logger.debug("no nvl size hint (%s); using 1e9 bytes", exc)
             return int(1e9)
 
-    def open_backend(self, name: str, unsupported: Optional[str]):
-        """Create (once) the ``Buffer`` of backend ``name`` on every rank; ``(buffer, skip reason)``."""
-        if name in self.buffers:
-            return self.buffers[name]
+    def open_backend(self, name: str, unsupported: Optional[str], nvl_bytes: Optional[int] = None,
+                     key: Optional[str] = None):
+        """Create (once) the ``Buffer`` of backend ``name`` on every rank; ``(buffer, skip reason)``.
+        ``nvl_bytes`` / ``key``: a second Buffer of that size, kept under ``key``."""
+        key = key or name
+        if key in self.buffers:
+            return self.buffers[key]
         if unsupported:  # deep_ep's own rule rejects it for this group (same answer on every rank)
-            self.buffers[name] = (None, unsupported)
-            return self.buffers[name]
+            self.buffers[key] = (None, unsupported)
+            return self.buffers[key]
 
         def make():
             import deep_ep
             if self.cfg.num_sms is not None:
                 deep_ep.Buffer.set_num_sms(self.cfg.num_sms)
-            return deep_ep.Buffer(self.group, self._nvl_bytes(deep_ep), 0, backend=name)
+            return deep_ep.Buffer(self.group, nvl_bytes or self._nvl_bytes(deep_ep), 0, backend=name)
 
-        self.buffers[name] = self.try_agreed(make)
-        return self.buffers[name]
+        self.buffers[key] = self.try_agreed(make)
+        return self.buffers[key]
 
     def _rows(self, recv_x, handle) -> tuple:
         """``(rows received, rows received from other ranks)`` of a dispatch result."""
@@ -182,15 +185,19 @@ class RankRunner:
                 self.run_graph(name, wire_cases[2], lambda: buf.dispatch(x, handle=handle), rows, remote, rb,
                                extra)
             if len(wire_cases) > 4:
+                # DeepEP's worst case (every token of every rank), in a Buffer whose staging holds it
                 worst = cfg.world_size * wl.tokens
+                wbuf, reason = self.open_backend(name, None, (worst + 2) * (rb + 24 * cfg.topk + 1024) + (64 << 20),
+                                                 key=name + ":worst")
 
-                def fresh_worst(x=x):
+                def fresh_worst(x=x, buf=wbuf):
                     ntpr, ntpr_rdma, ntpe, in_rank, _ = buf.get_dispatch_layout(wl.topk_idx, cfg.experts)
                     return buf.dispatch(x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntpr_rdma,
                                         is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
                                         topk_idx=wl.topk_idx, topk_weights=wl.topk_weights, num_worst_tokens=worst)
 
-                _, reason = self.try_agreed(fresh_worst)
+                if not reason:
+                    _, reason = self.try_agreed(fresh_worst)
                 if reason:
                     self.skip(wire_cases[3:5], reason)
                 else:

@@ -22,7 +22,9 @@ Row movement is a Triton kernel on a persistent grid of at most
 functions below where Triton is not available (they write every row, the
 ones that go nowhere into a spare last row of each region). The staging
 must hold ``num_worst_tokens`` rows per received tensor (and, for a
-combine, ``num_ranks * num_tokens`` rows); a call that does not fit raises
+combine, ``num_ranks * num_tokens`` rows) in the whole data area, used as
+the host path's whole-area mode (a barrier before the call's writes and
+before the next phase's); a call that does not fit raises
 :class:`~deep_ep.errors.DeepEPInputError` naming the ``num_nvl_bytes`` needed.
 """
 from __future__ import annotations
@@ -59,23 +61,27 @@ class NVLinkDevicePath:
         self._barrier()
         return self._meta(self.rank, parity)[:, :n]
 
-    def _device_region_rows(self, widths: Sequence[int]) -> Tuple[int, List[int]]:
-        """Rows per tensor region of a half (the last is the spare row) and the regions' byte offsets."""
-        key = ("device_layout", tuple(widths))
-        got = self._device_layouts.get(key) if hasattr(self, "_device_layouts") else None
+    def _device_region_rows(self, widths: Sequence[int], full: bool) -> Tuple[int, List[int]]:
+        """Rows per tensor region (the last is the spare row) and the regions' byte offsets, in a half or
+        (``full``) in the whole data area."""
+        if not hasattr(self, "_device_layouts"):
+            self._device_layouts: Dict[tuple, Tuple[int, List[int]]] = {}
+        key = (tuple(widths), full)
+        got = self._device_layouts.get(key)
         if got is None:
-            if not hasattr(self, "_device_layouts"):
-                self._device_layouts: Dict[tuple, Tuple[int, List[int]]] = {}
-            got = self._device_layouts[key] = self._layout(widths)
+            got = self._device_layouts[key] = self._layout(widths, 2 * self.half_bytes if full else 0)
         return got
 
     def _device_fits(self, rows: int, widths: Sequence[int], what: str) -> Tuple[int, List[int]]:
-        cap, offsets = self._device_region_rows(widths)
+        """``(cap, offsets)`` of ``rows`` rows per tensor in the whole data area. Always the whole area:
+        the mode must be the same on every rank, and the rows a rank needs (its ``num_worst_tokens``,
+        its tokens) are not known to the others on the host."""
+        cap, offsets = self._device_region_rows(widths, True)
         if rows > cap - 1:
-            need = self.meta_bytes + 2 * (sum(widths) * (rows + 1) + 256 * (len(widths) + 1))
+            need = self.meta_bytes + sum(widths) * (rows + 1) + 256 * (len(widths) + 2)
             raise DeepEPInputError(
-                f"deep_ep nvlink: {what} needs {rows} rows of {sum(widths)} bytes in one staging half, which "
-                f"holds {cap - 1}; pass num_nvl_bytes >= {need} to the Buffer (on every rank)")
+                f"deep_ep nvlink: {what} needs {rows} rows of {sum(widths)} bytes of staging, which holds "
+                f"{cap - 1}; pass num_nvl_bytes >= {need} to the Buffer (on every rank)")
         return cap, offsets
 
     def _kernel_ok(self, t: torch.Tensor) -> bool:
@@ -93,7 +99,7 @@ class NVLinkDevicePath:
         widths = tuple(t.size(1) * t.element_size() for t in src)
         cap, offsets = self._device_fits(plan.num_out_rows, widths, "this num_worst_tokens dispatch")
         self._graph = _capturing()
-        start = self._begin_phase(False)
+        start = self._begin_phase(True)
         fast = self._kernel_ok(src[0])
         slot = dl["slot"]
         if fast:
@@ -127,7 +133,7 @@ class NVLinkDevicePath:
         widths = tuple(t.size(1) * t.element_size() for t in src)
         cap, offsets = self._device_fits(R * plan.num_tokens, widths, "the combine of this num_worst_tokens handle")
         self._graph = _capturing()
-        start = self._begin_phase(False)
+        start = self._begin_phase(True)
         fast = self._kernel_ok(src[0])
         ret = dl["ret"]
         if fast:

@@ -37,14 +37,36 @@ _FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, 
 
 
 class DeferredChecks:
-    """Device-side verdicts of earlier calls, read on the host once their event has completed."""
+    """Device-side verdicts of earlier calls, read on the host once their event has completed.
+
+    Owns a ring of pinned slots: slot ``k`` holds a call's header (copied to the device without a
+    host sync) and, back from the device, its verdict. A slot is reused only after its event.
+    """
+
+    SLOTS = 64
 
     def __init__(self) -> None:
-        self.pending: Deque[Tuple[torch.cuda.Event, torch.Tensor, int]] = collections.deque()
+        self.pending: Deque[Tuple[torch.cuda.Event, int, int]] = collections.deque()
         self._fields: Optional[torch.Tensor] = None
-        self.headers: Deque[torch.Tensor] = collections.deque(maxlen=64)   # pinned headers in flight
+        self._ring: Optional[torch.Tensor] = None
+        self._events: List[Optional[torch.cuda.Event]] = [None] * self.SLOTS
+        self._next = 0
 
-    def add(self, gathered: torch.Tensor, counts: torch.Tensor, rank: int, seq: int) -> None:
+    def header_to_device(self, header: List[int], device: torch.device) -> Tuple[torch.Tensor, int]:
+        """``(header on the device, slot)``: written into a pinned slot, copied without a host sync."""
+        if self._ring is None:
+            self._ring = torch.zeros((self.SLOTS, _HEADER + 2), dtype=torch.int64).pin_memory()
+            self._np = self._ring.numpy()
+        k = self._next
+        self._next = (k + 1) % self.SLOTS
+        ev = self._events[k]
+        if ev is not None:
+            ev.synchronize()                    # that call's copies are done (64 calls ago: never waits)
+            self.raise_ready()
+        self._np[k, :_HEADER] = header
+        return self._ring[k, :_HEADER].to(device, non_blocking=True), k
+
+    def add(self, gathered: torch.Tensor, counts: torch.Tensor, rank: int, seq: int, slot: int) -> None:
         """Queue the verdict on ``gathered`` (every rank's metadata vector, ``[R, n]`` on the device)."""
         if self._fields is None:
             self._fields = torch.tensor(_FIELDS, dtype=torch.int64, device=gathered.device)
@@ -53,18 +75,17 @@ class DeferredChecks:
         mismatch = (sel != sel[rank]).any() | (hdr[:, _H_ERR] != 0).any()
         worst = hdr[:, _H_WORST]
         over = ((worst > 0) & (counts.sum(dim=0) > worst)).any()
-        flags = torch.stack([mismatch, over]).to(torch.int32)
-        host = torch.empty((2,), dtype=torch.int32).pin_memory()
-        host.copy_(flags, non_blocking=True)
+        self._ring[slot, _HEADER:].copy_(torch.stack([mismatch, over]).to(torch.int64), non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        self.pending.append((ev, host, seq))
+        self._events[slot] = ev
+        self.pending.append((ev, slot, seq))
 
     def raise_ready(self) -> None:
         """Raise for the first completed verdict that found a problem (drops the completed ones)."""
         while self.pending and self.pending[0][0].query():
-            _, host, seq = self.pending.popleft()
-            mismatch, over = host.tolist()
+            _, slot, seq = self.pending.popleft()
+            mismatch, over = (int(v) for v in self._np[slot, _HEADER:])
             if mismatch:
                 raise RankMismatchError(
                     f"deep_ep: in num_worst_tokens dispatch call #{seq}, the ranks disagreed on the operation, "
@@ -80,21 +101,26 @@ class DeferredChecks:
 def build_device_plan(transport, checks: DeferredChecks, header: List[int], payload: Sequence[torch.Tensor],
                       is_token_in_rank: torch.Tensor, num_tokens: int, num_worst_tokens: int, seq: int,
                       capturing: bool) -> Plan:
-    """Publish this rank's metadata through ``transport.publish_meta`` and build the plan on the device."""
+    """Publish this rank's metadata through ``transport.publish_meta`` and build the plan on the device.
+
+    Under CUDA-graph capture the header is published as zeros (no host memory in the graph; no
+    verdict): every rank is capturing then, and a rank that is not reads a garbage header and raises.
+    """
     R, me = transport.num_ranks, transport.rank
     device = is_token_in_rank.device
-    host = torch.tensor(header, dtype=torch.int64).pin_memory()
-    checks.headers.append(host)                  # alive until its copy has run (and for graph replays)
-    parts = [host.to(device, non_blocking=True)] + [p.to(torch.int64).reshape(-1) for p in payload]
+    if capturing:
+        head, slot = torch.zeros((_HEADER,), dtype=torch.int64, device=device), -1
+    else:
+        head, slot = checks.header_to_device(header, device)
+    parts = [head] + [p.to(torch.int64).reshape(-1) for p in payload]
     gathered = transport.publish_meta(torch.cat(parts))
     counts = gathered[:, _HEADER:_HEADER + R].clone()
     if not capturing:
-        checks.add(gathered, counts, me, seq)
+        checks.add(gathered, counts, me, seq, slot)
     plan = Plan(rank=me, num_ranks=R, num_tokens=num_tokens, is_token_in_rank=is_token_in_rank,
                 rank_prefix_matrix=torch.cumsum(counts, dim=0).to(torch.int32), send_counts=None, recv_counts=None,
                 num_recv_tokens=-1, num_out_rows=num_worst_tokens, counts=None)
     plan.extra["device"] = layout.device_layout(is_token_in_rank, counts, me)
-    plan.extra["header"] = host
     return plan
 
 

@@ -128,3 +128,26 @@ def rank_fresh_graph(rank, R, seed):
 @pytest.mark.parametrize("seed", [3, 4])
 def test_graph_capture_fresh_dispatch_nvlink(rank_pool, seed):
     rank_pool(2, backend="nccl").run(rank_fresh_graph, seed)
+
+
+def rank_deferred_overflow(rank, R):
+    """A num_worst_tokens dispatch that receives more rows than num_worst_tokens cannot raise at once
+    (nothing waits for the host): the next call on the Buffer raises, on every rank."""
+    import deep_ep
+    dev = device()
+    buf = get_buffer("nvlink")
+    case = make_case(5, R, hidden=64, topk=2, num_experts=8, tokens=[40, 30][:R])
+    idx = case.topk_idx[rank].to(dev)
+    _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, case.num_experts)
+    out = buf.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                       topk_idx=idx, num_worst_tokens=3)
+    assert out[0].shape[0] == 3
+    torch.cuda.synchronize()
+    with pytest.raises(deep_ep.DeepEPInputError, match="more tokens than its num_worst_tokens"):
+        buf.get_dispatch_layout(idx, case.num_experts)
+    buf.get_dispatch_layout(idx, case.num_experts)         # reported once; the Buffer still works
+
+
+@pytest.mark.gpu
+def test_num_worst_tokens_overflow_raises_at_next_call(rank_pool):
+    rank_pool(2, backend="nccl").run(rank_deferred_overflow)

@@ -4,8 +4,11 @@ Each is the twin of a torch function in :mod:`deep_ep.transport.nvlink_device`
 and runs on a persistent grid of at most ``Config.num_sms`` programs, each
 moving a tile of ``TOK`` rows x ``BLOCK`` integer words per step (16-byte
 vectors; several rows in flight per program keep NVLink busy with few SMs).
-Destinations on other GPUs are addressed through an int64 tensor of the
-peers' symmetric-buffer addresses plus a byte offset.
+A destination region on another GPU is this rank's own region of the
+symmetric buffer moved by the distance (in words, int64 per rank) between
+the two ranks' buffers in this process's address space; the distances are
+multiples of 16 words, which the kernels declare so that stores stay 16-byte
+vectors.
 
 - :func:`scatter_rows`: every token's row to its slot at each destination
   rank (``slot[t, d]``, ``-1`` = not sent): into the peer's staging for
@@ -23,7 +26,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _scatter_kernel(src_ptr, slot_ptr, out_ptr, ptrs_ptr, byte_off, T, W, CAP, OUT_ROWS,
+def _scatter_kernel(src_ptr, slot_ptr, out_ptr, region_ptr, delta_ptr, T, W, CAP, OUT_ROWS,
                     R: tl.constexpr, ME: tl.constexpr, NPROG: tl.constexpr, TOK: tl.constexpr,
                     BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -44,8 +47,8 @@ def _scatter_kernel(src_ptr, slot_ptr, out_ptr, ptrs_ptr, byte_off, T, W, CAP, O
                     dst = out_ptr + slot[:, None] * W
                 else:
                     ok = (slot >= 0) & (slot < CAP)
-                    addr = tl.load(ptrs_ptr + d) + byte_off
-                    dst = addr.to(tl.pointer_type(src_ptr.dtype.element_ty)) + slot[:, None] * W
+                    # the peer's region is this rank's, moved by the (aligned) distance between the buffers
+                    dst = region_ptr + tl.multiple_of(tl.load(delta_ptr + d), 16) + slot[:, None] * W
                 tl.store(dst + offs[None, :], v, mask=ok[:, None] & cm)
 
 
@@ -71,7 +74,7 @@ def _copy_out_kernel(src_ptr, dst_ptr, bounds_ptr, N, W, NPROG: tl.constexpr, TO
 
 
 @triton.jit
-def _return_kernel(src_ptr, table_ptr, ptrs_ptr, byte_off, W, CAP, R: tl.constexpr, ME: tl.constexpr,
+def _return_kernel(src_ptr, table_ptr, region_ptr, delta_ptr, W, CAP, R: tl.constexpr, ME: tl.constexpr,
                    NPROG: tl.constexpr, TOK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -81,8 +84,7 @@ def _return_kernel(src_ptr, table_ptr, ptrs_ptr, byte_off, W, CAP, R: tl.constex
             first = tl.load(table_ptr + d * 3)
             cnt = tl.load(table_ptr + d * 3 + 1).to(tl.int32)
             at = tl.load(table_ptr + d * 3 + 2)
-            addr = tl.load(ptrs_ptr + d) + byte_off
-            base = addr.to(tl.pointer_type(src_ptr.dtype.element_ty))
+            base = region_ptr + tl.multiple_of(tl.load(delta_ptr + d), 16)
             for i0 in range(pid * TOK, cnt, NPROG * TOK):
                 i = (i0 + toks).to(tl.int64)
                 ok = (i < cnt) & (at + i < CAP)
@@ -104,18 +106,18 @@ def _programs(num_programs: int, rows: int, tok: int) -> int:
     return max(1, min(int(num_programs), triton.cdiv(max(rows, 1), tok)))
 
 
-def scatter_rows(src: torch.Tensor, slot: torch.Tensor, out: torch.Tensor, peer_ptrs: torch.Tensor, byte_off: int,
-                 cap: int, rank: int, num_programs: int) -> None:
-    """``src[t]`` to row ``slot[t, d]`` of each destination ``d``: ``out`` for ``d == rank``
-    (rows ``< out.size(0)``), else the ``[cap, W]`` region at ``peer_ptrs[d] + byte_off`` (rows
-    ``< cap``). ``src`` ``[T, W]`` and ``out`` ``[N, W]`` of one integer word dtype."""
+def scatter_rows(src: torch.Tensor, slot: torch.Tensor, out: torch.Tensor, region: torch.Tensor,
+                 delta: torch.Tensor, rank: int, num_programs: int) -> None:
+    """``src[t]`` to row ``slot[t, d]`` of each destination ``d``: ``out`` for ``d == rank`` (rows
+    ``< out.size(0)``), else rank ``d``'s copy of ``region`` (``[cap, W]`` in this rank's symmetric
+    buffer; rank ``d``'s starts ``delta[d]`` words away; rows ``< cap``). One integer word dtype."""
     T, W = src.shape
     if T == 0 or W == 0:
         return
     R = slot.size(1)
     block, tok = _tile(W, src.element_size())
     nprog = _programs(num_programs, T, tok)
-    _scatter_kernel[(nprog,)](src, slot, out, peer_ptrs, byte_off, T, W, cap, out.size(0), R=R, ME=rank,
+    _scatter_kernel[(nprog,)](src, slot, out, region, delta, T, W, region.size(0), out.size(0), R=R, ME=rank,
                               NPROG=nprog, TOK=tok, BLOCK=block, num_warps=8)
 
 
@@ -130,15 +132,15 @@ def copy_out(src: torch.Tensor, dst: torch.Tensor, bounds: torch.Tensor, num_pro
     _copy_out_kernel[(nprog,)](src, dst, bounds, N, W, NPROG=nprog, TOK=tok, BLOCK=block, num_warps=8)
 
 
-def return_blocks(src: torch.Tensor, table: torch.Tensor, peer_ptrs: torch.Tensor, byte_off: int, cap: int,
-                  rank: int, num_programs: int) -> None:
+def return_blocks(src: torch.Tensor, table: torch.Tensor, region: torch.Tensor, delta: torch.Tensor, rank: int,
+                  num_programs: int) -> None:
     """For each ``d != rank``: rows ``table[d, 0] + i`` (``i < table[d, 1]``) of ``src`` to row
-    ``table[d, 2] + i`` (``< cap``) of the region at ``peer_ptrs[d] + byte_off``."""
+    ``table[d, 2] + i`` (``< cap``) of rank ``d``'s copy of ``region`` (as in :func:`scatter_rows`)."""
     N, W = src.shape
     R = table.size(0)
     if N == 0 or W == 0 or R < 2:
         return
     block, tok = _tile(W, src.element_size())
     nprog = _programs(num_programs, N, tok)
-    _return_kernel[(nprog,)](src, table, peer_ptrs, byte_off, W, cap, R=R, ME=rank, NPROG=nprog, TOK=tok,
+    _return_kernel[(nprog,)](src, table, region, delta, W, region.size(0), R=R, ME=rank, NPROG=nprog, TOK=tok,
                              BLOCK=block, num_warps=8)

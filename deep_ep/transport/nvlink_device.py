@@ -45,7 +45,18 @@ class NVLinkDevicePath:
     device_layout = True
 
     def _device_setup(self) -> None:
-        self._peer_ptrs = torch.tensor([p.data_ptr() for p in self.peers], dtype=torch.int64, device=self.device)
+        self._deltas: Dict[int, Optional[torch.Tensor]] = {}
+
+    def _delta(self, word: int) -> Optional[torch.Tensor]:
+        """int64 ``[R]``: words of ``word`` bytes from this rank's staging to each rank's, as this process
+        maps them (``None`` if one is not a multiple of 16 words: the kernels then are not used)."""
+        if word not in self._deltas:
+            base = self.peers[self.rank].data_ptr()
+            d = [p.data_ptr() - base for p in self.peers]
+            ok = all(x % (16 * word) == 0 for x in d)
+            self._deltas[word] = torch.tensor([x // word for x in d], dtype=torch.int64).to(self.device) \
+                if ok else None
+        return self._deltas[word]
 
     def publish_meta(self, values: torch.Tensor) -> torch.Tensor:
         """Store ``values`` (int64 on the device) into slot ``rank`` of every rank's metadata area, pass a
@@ -100,13 +111,14 @@ class NVLinkDevicePath:
         cap, offsets = self._device_fits(plan.num_out_rows, widths, "this num_worst_tokens dispatch")
         self._graph = _capturing()
         start = self._begin_phase(True)
-        fast = self._kernel_ok(src[0])
+        fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
         slot = dl["slot"]
         if fast:
             from ..kernels import scatter
         for sw, dw, w, o in zip(src, dst, widths, offsets):
             if fast:
-                scatter.scatter_rows(sw, slot, dw, self._peer_ptrs, start + o, cap - 1, me, self.num_sms)
+                region = self._region(me, start + o, cap - 1, w, sw.dtype)
+                scatter.scatter_rows(sw, slot, dw, region, self._delta(sw.element_size()), me, self.num_sms)
             elif sw.size(0):
                 for d in range(R):          # every row of every rank (own ones too) into the staging
                     col = slot[:, d]
@@ -134,13 +146,14 @@ class NVLinkDevicePath:
         cap, offsets = self._device_fits(R * plan.num_tokens, widths, "the combine of this num_worst_tokens handle")
         self._graph = _capturing()
         start = self._begin_phase(True)
-        fast = self._kernel_ok(src[0])
+        fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
         ret = dl["ret"]
         if fast:
             from ..kernels import scatter
         for sw, w, o in zip(src, widths, offsets):
             if fast:
-                scatter.return_blocks(sw, ret, self._peer_ptrs, start + o, cap - 1, me, self.num_sms)
+                region = self._region(me, start + o, cap - 1, w, sw.dtype)
+                scatter.return_blocks(sw, ret, region, self._delta(sw.element_size()), me, self.num_sms)
             elif sw.size(0):
                 i = torch.arange(sw.size(0), device=sw.device)
                 for d in range(R):

@@ -116,6 +116,16 @@ def rank_prefix_matrix(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts.to(torch.int64), dim=0).to(torch.int32)
 
 
+def token_cumsum(is_token_in_rank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inclusive count, per rank, of the tokens up to each that go there: ``[T, R]`` of ``dtype``.
+
+    Scans along the contiguous axis of the transposed mask: on CUDA a scan along dim 0 of a
+    ``[T, R]`` tensor with few columns runs one slow sequential kernel (measured ~125 us at
+    T = 4096, R = 2 on an H200, against a few us this way). Returns a transposed view.
+    """
+    return torch.cumsum(is_token_in_rank.t().contiguous(), dim=1, dtype=dtype).t()
+
+
 def token_slots(is_token_in_rank: torch.Tensor) -> torch.Tensor:
     """Per-destination slot of every token: int32 ``[T, R]``, ``-1`` where the token does not go.
 
@@ -124,7 +134,7 @@ def token_slots(is_token_in_rank: torch.Tensor) -> torch.Tensor:
     ``rank_prefix_matrix[src - 1][j] + slot`` (0 for ``src == 0``).
     No host synchronisation.
     """
-    inclusive = torch.cumsum(is_token_in_rank, dim=0, dtype=torch.int32)
+    inclusive = token_cumsum(is_token_in_rank, torch.int32)
     return torch.where(is_token_in_rank, inclusive - 1, -1)
 
 
@@ -149,7 +159,7 @@ def device_layout(is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: in
       ``slot`` (own rows are reduced from the combine input where they are).
     """
     counts = counts.to(torch.int64)
-    inclusive = torch.cumsum(is_token_in_rank, dim=0, dtype=torch.int64)
+    inclusive = token_cumsum(is_token_in_rank, torch.int64)
     before_src = torch.cumsum(counts, dim=0) - counts          # [s][d]: rows ranks < s send to d
     before_dst = torch.cumsum(counts, dim=1) - counts          # [s][d]: rows s sends to ranks < d
     slot = torch.where(is_token_in_rank, inclusive - 1 + before_src[rank], -1)

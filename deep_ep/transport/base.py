@@ -181,7 +181,7 @@ def return_positions(plan: Plan, device: torch.device) -> torch.Tensor:
     if pos is None:
         # The slot of (token, rank j) is the inclusive count of tokens up to it that go to j, minus 1;
         # its row is that plus the offset of j's rows (one tensor of offsets - 1, one add, one where).
-        inclusive = torch.cumsum(plan.is_token_in_rank, dim=0)          # int64 [T, R]
+        inclusive = layout.token_cumsum(plan.is_token_in_rank, torch.int64)     # int64 [T, R]
         offsets = [-1]
         for c in plan.send_counts[:-1]:
             offsets.append(offsets[-1] + c)

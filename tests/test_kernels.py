@@ -69,3 +69,56 @@ def test_reduce_rows_kernel_local_rows_and_absent(dtype, T, H, R, col, n_local):
     out = torch.full((T, H), 7.0, dtype=dtype, device="cuda")
     got = kreduce.reduce_rows(back, pos, biases, out, local=local, local_col=col)
     assert torch.equal(got, want)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("W,dtype,nprog", [(1792, torch.int64, 24), (7, torch.int32, 3), (40, torch.int16, 1),
+                                           (3, torch.uint8, 5)])
+def test_scatter_kernels_match_torch(W, dtype, nprog):
+    """The device path's three kernels (kernels/scatter.py) against plain torch indexing, with the
+    "peers" as regions of one local tensor (the kernels only see a region and distances)."""
+    from deep_ep.kernels import scatter
+    g = torch.Generator(device="cuda").manual_seed(W * 7 + nprog)
+    R, me, T, cap = 3, 1, 37, 64                  # cap * W is a multiple of 16 words: aligned distances
+    def rnd(*shape):
+        return torch.randint(0, 100, shape, generator=g, device="cuda").to(dtype)
+    regions = rnd(R, cap, W)
+    delta = torch.tensor([(d - me) * cap * W for d in range(R)], dtype=torch.int64, device="cuda")
+    src = rnd(T, W)
+    mask = torch.rand((T, R), generator=g, device="cuda") < 0.6
+    slot = torch.full((T, R), -1, dtype=torch.int64, device="cuda")
+    for d in range(R):                            # distinct slots per destination, some beyond the region
+        perm = torch.randperm(cap + 4, generator=g, device="cuda")[:T]
+        slot[:, d] = torch.where(mask[:, d], perm, -1)
+    out = rnd(cap + 8, W)
+    want_regions, want_out = regions.clone(), out.clone()
+    for d in range(R):
+        for t in range(T):
+            s = int(slot[t, d])
+            if d == me and 0 <= s < out.size(0):
+                want_out[s] = src[t]
+            elif d != me and 0 <= s < cap:
+                want_regions[d, s] = src[t]
+    scatter.scatter_rows(src, slot, out, regions[me], delta, me, nprog)
+    torch.cuda.synchronize()
+    assert torch.equal(regions, want_regions) and torch.equal(out, want_out)
+
+    dst = rnd(cap - 3, W)
+    bounds = torch.tensor([41, 9, 20], dtype=torch.int64, device="cuda")      # n, own rows [lo, hi)
+    want = dst.clone()
+    want[:9] = regions[me, :9]
+    want[20:41] = regions[me, 20:41]
+    want[41:] = 0
+    scatter.copy_out(regions[me], dst, bounds, nprog)
+    torch.cuda.synchronize()
+    assert torch.equal(dst, want)
+
+    x = rnd(50, W)
+    table = torch.tensor([[3, 10, 5], [0, 0, 0], [20, 30, 40]], dtype=torch.int64, device="cuda")
+    want_regions = regions.clone()
+    want_regions[0, 5:15] = x[3:13]
+    want_regions[2, 40:63] = x[20:43]                 # rows from cap - 1 on are not written
+    scatter.return_blocks(x, table, regions[me][:cap - 1], delta, me, nprog)
+    torch.cuda.synchronize()
+    assert torch.equal(regions, want_regions)

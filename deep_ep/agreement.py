@@ -17,7 +17,7 @@ from .errors import DeepEPInputError, RankMismatchError, RemoteInputError
 __all__ = ["Problem", "HEADER", "make_header", "agree", "agree_rows", "check_id_ranges"]
 
 _MAGIC = 0xDEE9
-_H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_WORST = range(12)
+_H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_WORST, _H_LEVEL = range(13)
 _HEADER = 16
 _OP_DISPATCH, _OP_CACHED, _OP_COMBINE = 1, 2, 3
 _OP_NAMES = {_OP_DISPATCH: "dispatch", _OP_CACHED: "cached dispatch", _OP_COMBINE: "combine"}
@@ -40,12 +40,13 @@ class Problem(Exception):
 
 
 def make_header(op: int, seq: int, err: int = 0, T: int = -1, H: int = -1, dtype: Any = None, K: int = -1,
-                E: int = -1, scales: int = -1, has_w: int = 0, worst: int = 0) -> List[int]:
+                E: int = -1, scales: int = -1, has_w: int = 0, worst: int = 0, level: int = 16) -> List[int]:
     """The fixed-size header of one call: operation, call number, verdict on the local input, shapes."""
     h = [0] * _HEADER
     h[_H_MAGIC], h[_H_OP], h[_H_SEQ], h[_H_ERR] = _MAGIC, op, seq, err
     h[_H_T], h[_H_HIDDEN], h[_H_DTYPE] = T, H, DTYPE_CODES.get(dtype, 99) if dtype is not None else -1
     h[_H_K], h[_H_E], h[_H_SCALES], h[_H_W], h[_H_WORST] = K, E, scales, has_w, worst
+    h[_H_LEVEL] = level
     return h
 
 

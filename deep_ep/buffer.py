@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -19,9 +18,10 @@ from . import layout, validate
 from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOverlap, env_bool, env_float,
                      env_int, recommended_config)
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
-from .agreement import (_H_E, _H_DTYPE, _H_HIDDEN, _H_K, _H_SCALES, _H_W, _H_WORST, _HEADER, _OP_CACHED,
+from .agreement import (_H_E, _H_DTYPE, _H_HIDDEN, _H_K, _H_LEVEL, _H_SCALES, _H_W, _H_WORST, _HEADER, _OP_CACHED,
                         _OP_COMBINE, _OP_DISPATCH, Problem, agree, agree_rows, check_id_ranges, make_header)
 from .device_plan import DeferredChecks, build_device_plan, valid_rows
+from .wire import CompressedRows, Wire
 from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, select_backend, transport_class
 
@@ -84,7 +84,8 @@ class Buffer:
                  use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
                  comm: Any = None, *, backend: str = "auto", ep_buffer_size: Optional[int] = None,
                  compression_level: Union[int, str, None] = 16, topology_aware: Optional[bool] = None,
-                 timeout_s: Optional[float] = None) -> None:
+                 timeout_s: Optional[float] = None, compression_ratio: Optional[float] = None,
+                 combine_compression_level: Union[int, str] = 16, compression_stats: Optional[bool] = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise DeepEPError("deep_ep.Buffer needs torch.distributed initialised "
                               "(torch.distributed.init_process_group(...), e.g. under torchrun)")
@@ -112,25 +113,8 @@ class Buffer:
             env_int("DEEP_EP_BUFFER_SIZE", DEFAULT_EP_BUFFER_SIZE)
         if self.ep_buffer_size <= 0:
             raise DeepEPInputError(f"ep_buffer_size must be positive, got {self.ep_buffer_size}")
-        level = compression_level
-        env_level = os.environ.get("DEEP_EP_COMPRESSION_LEVEL")
-        if env_level and compression_level == 16:
-            level = env_level
-        if isinstance(level, str) and level.strip().lower() != "auto":
-            try:
-                level = int(level)
-            except ValueError:
-                pass
-        if isinstance(level, str):
-            level = "auto"
-        if level is None:
-            level = 16
-        if level not in _COMPRESSION_LEVELS:
-            raise DeepEPInputError(f"compression_level must be one of 16, 8, 4, 'auto'; got {compression_level!r}")
-        if level != 16:
-            raise NotImplementedError(f"compression_level={level!r} arrives with issue 4 (low-bit wire compression); "
-                                      f"only 16 (no compression) is available now")
-        self.compression_level = level
+        self._wire = Wire(compression_level, compression_ratio, combine_compression_level, compression_stats)
+        self.compression_level = self._wire.level
         self.topology_aware = env_bool("DEEP_EP_TOPOLOGY_AWARE", True) if topology_aware is None else bool(topology_aware)
         self.timeout_s = float(timeout_s) if timeout_s is not None else env_float("DEEP_EP_TIMEOUT_S", DEFAULT_TIMEOUT_S)
         if self.timeout_s <= 0:
@@ -300,13 +284,18 @@ class Buffer:
                  topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
                  previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                 allocate_on_comm_stream: bool = False):
+                 allocate_on_comm_stream: bool = False, *, compress: Union[bool, int, str] = True,
+                 return_compressed: bool = False):
         """Send each token to every rank that hosts one of its experts (API.md 2.2).
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights,
         num_recv_tokens_per_expert_list, handle, event)``; with ``handle``
         (cached dispatch) ``(recv_x, None, None, None, None, event)``.
         Received rows are grouped by source rank, then source token order.
+        Floating ``x`` crosses the wire in the Buffer's ``compression_level``
+        (``compress``: ``False`` = 16-bit, or a level for this call; the same on
+        every rank); ``recv_x`` is decoded to ``x.dtype``, or with
+        ``return_compressed`` left encoded (:class:`~deep_ep.wire.CompressedRows`).
         """
         self._check_alive()
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
@@ -317,9 +306,9 @@ class Buffer:
             worst_arg = num_worst_tokens
         if handle is not None:
             return self._cached_dispatch(call, x, handle, num_tokens_per_rank, is_token_in_rank,
-                                         num_tokens_per_expert, topk_idx, topk_weights)
+                                         num_tokens_per_expert, topk_idx, topk_weights, compress, return_compressed)
         problem: Optional[Problem] = None
-        xv = scales = None
+        xv = scales = codec = None
         T = H = K = E = -1
         try:
             # Argument problems travel through the metadata exchange too, so no rank is left waiting.
@@ -331,6 +320,7 @@ class Buffer:
                 raise Problem(7, DeepEPInputError(f"num_worst_tokens must be an int >= 0, got {worst_arg!r}"))
             xv, scales = self._parse_x(x)
             T, H = xv.size(0), xv.size(1)
+            codec = self._dispatch_codec(compress, xv, scales)
             if topk_idx is None and topk_weights is not None:
                 raise Problem(3, DeepEPInputError("topk_weights given without topk_idx"))
             if topk_idx is None and is_token_in_rank is None:
@@ -405,7 +395,7 @@ class Buffer:
             header = make_header(_OP_DISPATCH, self._waiter.seq, problem.code if problem else 0, T, H,
                                   xv.dtype if xv is not None else None, K, E,
                                   scales.size(1) if scales is not None else -1,
-                                  int(topk_weights is not None), num_worst_tokens)
+                                  int(topk_weights is not None), num_worst_tokens, level=Wire.header_code(codec))
             R = self.num_ranks
             has_device = getattr(self._transport, "device_layout", False)
             if num_worst_tokens > 0 and problem is None and has_device and not self._check_every_call:
@@ -416,7 +406,8 @@ class Buffer:
             else:
                 plan, L, expert_list = self._host_plan(header, payload, problem, merged, per_expert, is_token_in_rank,
                                                        topk_idx, T, E, num_worst_tokens, expert_alignment)
-        return self._finish_dispatch(call, plan, xv, scales, topk_idx, topk_weights, L, expert_list, num_worst_tokens)
+        return self._finish_dispatch(call, plan, xv, scales, topk_idx, topk_weights, L, expert_list, num_worst_tokens,
+                                     codec, return_compressed)
 
     def _host_plan(self, header, payload, problem, merged, per_expert, is_token_in_rank, topk_idx, T, E,
                    num_worst_tokens, expert_alignment):
@@ -427,7 +418,8 @@ class Buffer:
         gathered, g = agree_rows(self._transport, self.device, header, payload, problem,
                                  ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
                                   (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
-                                  (_H_W, "passing topk_weights")), head=_HEADER + R + 2)
+                                  (_H_W, "passing topk_weights"), (_H_LEVEL, "compression level")),
+                                 head=_HEADER + R + 2)
         C = [row[_HEADER:_HEADER + R] for row in g]                   # C[s][d]: rows s sends to d
         if E > 0:
             check_id_ranges([row[_HEADER + R:] for row in g], E, me)
@@ -467,12 +459,47 @@ class Buffer:
             plan.extra["device"] = layout.device_layout(is_token_in_rank, plan.counts.to(self.device), me)
         return plan, L, expert_list
 
+    def _dispatch_codec(self, compress: Any, xv: torch.Tensor, scales: Optional[torch.Tensor]):
+        """The codec of this call's rows (``None``: they travel as they are), or a Problem."""
+        try:
+            level = self._wire.call_level(compress)
+            if level == 16 or scales is not None or not xv.is_floating_point():
+                return None                           # an fp8 pair is already in its wire format
+            return self._wire.codec(level, xv.size(1))
+        except DeepEPInputError as e:
+            raise Problem(7, e) from None
+
+    def _decode(self, codec, packed: torch.Tensor, dtype: torch.dtype, return_compressed: bool):
+        if codec is None:
+            return packed
+        if return_compressed:
+            return CompressedRows(codec, packed)
+        return codec.decode(packed, dtype)
+
+    def _record_wire(self, codec, xv: torch.Tensor, plan: Plan) -> None:
+        if not self._wire.stats:
+            return
+        if plan.send_counts is not None:
+            remote = sum(plan.send_counts) - plan.send_counts[self.rank]
+        else:
+            m = plan.is_token_in_rank
+            remote = int(m.sum()) - int(m[:, self.rank].sum())
+        self._wire.record(codec, xv, remote)
+
+    @property
+    def last_dispatch_stats(self) -> Optional[Dict[str, Any]]:
+        """With ``compression_stats=True`` (env ``DEEP_EP_COMPRESSION_STATS=1``): the last dispatch's level,
+        bytes per row, bytes sent to other ranks and the relative L2 error of what it sent (mean and max
+        over rows). Costs a host sync per dispatch; ``None`` when off."""
+        return self._wire.last_stats
+
     def _finish_dispatch(self, call: StreamCall, plan: Plan, xv, scales, topk_idx, topk_weights, L: int,
-                         expert_list: Optional[List[int]], num_worst_tokens: int):
+                         expert_list: Optional[List[int]], num_worst_tokens: int, codec=None,
+                         return_compressed: bool = False):
         """Move the rows of a fresh dispatch (inside ``call``), localise the top-k ids, make the handle."""
         n_recv = plan.num_recv_tokens
         with call:
-            rows = [xv]
+            rows = [xv if codec is None else codec.encode(xv)]
             if scales is not None:
                 rows.append(scales)
             if topk_idx is not None:
@@ -480,7 +507,8 @@ class Buffer:
                 if topk_weights is not None:
                     rows.append(topk_weights)
             recv = self._transport.dispatch(plan, rows, call.alloc)
-            recv_x: XType = recv[0]
+            recv_x: XType = self._decode(codec, recv[0], xv.dtype, return_compressed)
+            self._record_wire(codec, xv, plan)
             i = 1
             if scales is not None:
                 recv_x = (recv[0], recv[1])
@@ -500,7 +528,8 @@ class Buffer:
                         recv_w[n_recv:] = 0
             handle_out = DispatchHandle(plan.rank_prefix_matrix, plan.is_token_in_rank, n_recv, num_worst_tokens,
                                         plan, self._uid)
-        event = call.finish([xv, scales, topk_idx, topk_weights, plan.is_token_in_rank] + list(recv))
+        made = [t for t in (recv_x, recv_idx, recv_w) if isinstance(t, torch.Tensor)]
+        event = call.finish([xv, scales, topk_idx, topk_weights, plan.is_token_in_rank] + list(recv) + made)
         if expert_list is None:
             expert_list = []
         return recv_x, recv_idx, recv_w, expert_list, handle_out, event
@@ -514,9 +543,9 @@ class Buffer:
         return handle
 
     def _cached_dispatch(self, call: StreamCall, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                         topk_idx, topk_weights):
+                         topk_idx, topk_weights, compress=True, return_compressed=False):
         problem = None
-        xv = scales = None
+        xv = scales = codec = None
         H = -1
         try:
             if any(a is not None for a in (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
@@ -526,6 +555,7 @@ class Buffer:
             handle = self._check_handle(handle)
             xv, scales = self._parse_x(x)
             H = xv.size(1)
+            codec = self._dispatch_codec(compress, xv, scales)
             if xv.size(0) != handle.plan.num_tokens:
                 raise Problem(1, DeepEPInputError(f"x has {xv.size(0)} tokens but the handle was made for "
                                                    f"{handle.plan.num_tokens}"))
@@ -536,35 +566,38 @@ class Buffer:
             if self._check_every_call:
                 header = make_header(_OP_CACHED, self._waiter.seq, problem.code if problem else 0, H=H,
                                       dtype=xv.dtype if xv is not None else None,
-                                      scales=scales.size(1) if scales is not None else -1)
+                                      scales=scales.size(1) if scales is not None else -1, level=Wire.header_code(codec))
                 agree(self._transport, self.device, header, None, problem, ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"),
-                                                    (_H_SCALES, "fp8 scale columns")))
+                                                    (_H_SCALES, "fp8 scale columns"), (_H_LEVEL, "compression level")))
             elif problem is not None:
                 raise problem.exc
-            rows = [xv] if scales is None else [xv, scales]
+            rows = [xv if codec is None else codec.encode(xv)] + ([] if scales is None else [scales])
             recv = self._transport.dispatch(handle.plan, rows, call.alloc)
-        event = call.finish([xv, scales] + list(recv))
-        recv_x = recv[0] if scales is None else (recv[0], recv[1])
+            recv0 = self._decode(codec, recv[0], xv.dtype, return_compressed)
+            self._record_wire(codec, xv, handle.plan)
+        event = call.finish([xv, scales] + list(recv) + ([recv0] if isinstance(recv0, torch.Tensor) else []))
+        recv_x = recv0 if scales is None else (recv[0], recv[1])
         return recv_x, None, None, None, None, event
 
     # ------------------------------------------------------------------ combine
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[torch.Tensor, Tuple[torch.Tensor, ...], None] = None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                allocate_on_comm_stream: bool = False):
+                allocate_on_comm_stream: bool = False, *, compress: bool = True):
         """Send received rows back and reduce them per token (API.md 2.3).
 
         Returns ``(combined_x, combined_topk_weights, event)``: for each
         original token, the float32 sum (float64 for float64 x) in rank order of the rows every rank
         returned for it, plus ``bias`` (0, 1 or 2 tensors ``[T, H]``), cast to
-        ``x.dtype``. No routing weights are applied.
+        ``x.dtype``. No routing weights are applied. The rows travel in 16 bits
+        unless the Buffer has ``combine_compression_level=8`` (and ``compress``).
         """
         self._check_alive()
         if config is not None and not isinstance(config, Config):
             raise DeepEPTypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
         problem = None
-        xv = None
+        xv = codec = None
         H = -1
         biases: List[torch.Tensor] = []
         try:
@@ -582,6 +615,7 @@ class Buffer:
             self._check_device(x, "x")
             xv = x.contiguous()
             H = xv.size(1)
+            codec = self._wire.codec(self._wire.combine_level, H) if compress and xv.dtype != torch.float64 else None
             if topk_weights is not None:
                 k = topk_weights.size(1) if isinstance(topk_weights, torch.Tensor) and topk_weights.dim() == 2 else -1
                 topk_weights = self._check_weights(topk_weights, (xv.size(0), k), "topk_weights")
@@ -604,12 +638,12 @@ class Buffer:
             if self._check_every_call:
                 header = make_header(_OP_COMBINE, self._waiter.seq, problem.code if problem else 0, H=H,
                                       dtype=xv.dtype if xv is not None else None,
-                                      has_w=int(topk_weights is not None))
+                                      has_w=int(topk_weights is not None), level=Wire.header_code(codec))
                 agree(self._transport, self.device, header, None, problem, ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"),
-                                                    (_H_W, "passing topk_weights")))
+                                                    (_H_W, "passing topk_weights"), (_H_LEVEL, "compression level")))
             elif problem is not None:
                 raise problem.exc
-            out, out_w = self._transport.combine(handle.plan, xv, topk_weights, biases, call.alloc)
+            out, out_w = self._transport.combine(handle.plan, xv, topk_weights, biases, call.alloc, codec=codec)
         event = call.finish([xv, topk_weights, out, out_w] + biases)
         return out, out_w, event
 

@@ -25,15 +25,15 @@ from typing import Deque, List, Optional, Sequence, Tuple
 import torch
 
 from . import layout
-from .agreement import (_H_DTYPE, _H_E, _H_ERR, _H_HIDDEN, _H_K, _H_MAGIC, _H_OP, _H_SCALES, _H_SEQ, _H_W,
-                        _H_WORST, _HEADER)
+from .agreement import (_H_DTYPE, _H_E, _H_ERR, _H_HIDDEN, _H_K, _H_LEVEL, _H_MAGIC, _H_OP, _H_SCALES, _H_SEQ,
+                        _H_W, _H_WORST, _HEADER)
 from .errors import DeepEPInputError, RankMismatchError
 from .transport import Plan
 
 __all__ = ["build_device_plan", "DeferredChecks", "valid_rows"]
 
 #: header fields every rank of a dispatch must agree on
-_FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W)
+_FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_LEVEL)
 
 
 class DeferredChecks:

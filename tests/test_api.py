@@ -31,7 +31,7 @@ def test_buffer_signature():
     assert names == ["group", "num_nvl_bytes", "num_rdma_bytes", "low_latency_mode", "num_qps_per_rank",
                      "allow_nvlink_for_low_latency_mode", "allow_mnnvl", "use_fabric", "explicitly_destroy",
                      "enable_shrink", "comm", "backend", "ep_buffer_size", "compression_level", "topology_aware",
-                     "timeout_s"]
+                     "timeout_s", "compression_ratio", "combine_compression_level", "compression_stats"]
     p = {n: (d, k) for n, d, k in _params(deep_ep.Buffer.__init__)}
     assert p["num_nvl_bytes"][0] == 0 and p["num_qps_per_rank"][0] == 24 and p["low_latency_mode"][0] is False
     assert p["backend"] == ("auto", "KEYWORD_ONLY") and p["compression_level"][0] == 16
@@ -45,9 +45,11 @@ def test_method_signatures():
     assert [p[0] for p in _params(B.dispatch)] == [
         "x", "handle", "num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank", "num_tokens_per_expert",
         "topk_idx", "topk_weights", "expert_alignment", "num_worst_tokens", "config", "previous_event", "async_finish",
-        "allocate_on_comm_stream"]
+        "allocate_on_comm_stream", "compress", "return_compressed"]          # deep_ep's, keyword-only
     assert [p[0] for p in _params(B.combine)] == [
-        "x", "handle", "topk_weights", "bias", "config", "previous_event", "async_finish", "allocate_on_comm_stream"]
+        "x", "handle", "topk_weights", "bias", "config", "previous_event", "async_finish", "allocate_on_comm_stream",
+        "compress"]
+    assert {p[0]: p[2] for p in _params(B.dispatch)}["compress"] == "KEYWORD_ONLY"
     assert [p[0] for p in _params(B.get_local_buffer_tensor)] == ["dtype", "size", "offset", "use_rdma_buffer"]
 
 
@@ -117,7 +119,10 @@ def rank_env_knobs(rank, R):
         buf2 = deep_ep.Buffer(None, ep_buffer_size=1 << 20, timeout_s=3, topology_aware=True)
         assert buf2.ep_buffer_size == 1 << 20 and buf2.timeout_s == 3 and buf2.topology_aware is True
         os.environ["DEEP_EP_COMPRESSION_LEVEL"] = "8"
-        with pytest.raises(NotImplementedError, match="issue 4"):
+        assert deep_ep.Buffer(None).compression_level == 8
+        assert deep_ep.Buffer(None, compression_level=4).compression_level == 4     # the argument wins
+        os.environ["DEEP_EP_COMPRESSION_LEVEL"] = "3"
+        with pytest.raises(deep_ep.DeepEPInputError, match="compression_level"):
             deep_ep.Buffer(None)
     finally:
         for k in ("DEEP_EP_BUFFER_SIZE", "DEEP_EP_TIMEOUT_S", "DEEP_EP_TOPOLOGY_AWARE", "DEEP_EP_COMPRESSION_LEVEL"):

@@ -89,8 +89,14 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
-                biases: Sequence[torch.Tensor], alloc: Alloc) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                biases: Sequence[torch.Tensor], alloc: Alloc, codec: Any = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Reverse of :meth:`dispatch` with a reduction.
+
+        ``codec`` (a :class:`deep_ep.compress.Codec`, or ``None``): the rows of ``x``
+        travel encoded and are decoded before the reduction; a rank's own rows are
+        reduced as ``codec.roundtrip`` of them, so the result does not depend on
+        where a row was.
 
         ``x`` ``[num_out_rows or num_recv_tokens, H]`` is laid out as the received rows.
         Returns ``[T, H]`` in ``x.dtype``: for each token, the float32 sum over

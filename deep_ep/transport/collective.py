@@ -78,16 +78,22 @@ class CollectiveTransport(Transport):
         return outs
 
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
-                biases: Sequence[torch.Tensor], alloc: Alloc) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                biases: Sequence[torch.Tensor], alloc: Alloc, codec=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         n_recv = plan.num_recv_tokens
         S = sum(plan.send_counts)
         pos = return_positions(plan, x.device)
-        # One extra zero row last: where a token did not go.
-        back = torch.empty((S + 1, x.size(1)), dtype=x.dtype, device=x.device)
-        back[S].zero_()
         xs = x if x.size(0) == n_recv else x[:n_recv]
-        self._a2a(as_bytes(back[:S]), as_bytes(xs.contiguous()), plan.send_counts, plan.recv_counts,
-                  "combine rows")
+        if codec is None:
+            # One extra zero row last: where a token did not go.
+            back = torch.empty((S + 1, x.size(1)), dtype=x.dtype, device=x.device)
+            back[S].zero_()
+            self._a2a(as_bytes(back[:S]), as_bytes(xs.contiguous()), plan.send_counts, plan.recv_counts,
+                      "combine rows")
+        else:
+            packed = torch.empty((S, codec.row_bytes), dtype=torch.uint8, device=x.device)
+            self._a2a(packed, codec.encode(xs), plan.send_counts, plan.recv_counts, "combine rows")
+            back = torch.cat([codec.decode(packed, x.dtype), torch.zeros((1, x.size(1)), dtype=x.dtype,
+                                                                         device=x.device)])
         out = reduce_rows(back, pos, biases, x.dtype, alloc, nonnegative=True)
         out_w = None
         if weights is not None:

@@ -88,6 +88,13 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return b.view(_word(b.size(1)))
 
 
+def _decoded(codec, backs: List[torch.Tensor], srcs: List[torch.Tensor], dtype: torch.dtype):
+    """With a codec, the returned rows (``backs[0]``) and this rank's own rows (``srcs[0]``) decoded."""
+    if codec is None:
+        return backs, srcs
+    return [codec.decode(backs[0], dtype)] + backs[1:], [codec.decode(srcs[0], dtype)] + srcs[1:]
+
+
 class _EventWork:
     """Adapts a CUDA event to the ``is_completed`` / ``wait`` protocol of :class:`Waiter`."""
 
@@ -339,13 +346,15 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
 
     # ---------------------------------------------------------------- combine
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
-                biases: Sequence[torch.Tensor], alloc: Alloc) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                biases: Sequence[torch.Tensor], alloc: Alloc, codec=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         me = self.rank
         n_recv = plan.num_recv_tokens
-        srcs = [x[:n_recv]]
         if "device" in plan.extra:          # rows beyond the real ones are never read
-            srcs = [x] if weights is None else [x, weights.float().contiguous()]
-            return self._device_combine(plan, srcs, biases, alloc, x.dtype, _words)
+            srcs = [x if codec is None else codec.encode(x)]
+            if weights is not None:
+                srcs.append(weights.float().contiguous())
+            return self._device_combine(plan, srcs, biases, alloc, x.dtype, _words, codec)
+        srcs = [x[:n_recv] if codec is None else codec.encode(x[:n_recv])]
         if weights is not None:
             srcs.append(weights[:n_recv].float().contiguous())
         src = [_words(t) for t in srcs]
@@ -382,6 +391,7 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
                     lo = r * sched["cap"]
                     for bk, m in zip(backs, mine):
                         as_bytes(bk[lo:lo + n_in]).copy_(m)
+            backs, srcs = _decoded(codec, backs, srcs, x.dtype)
             out = self._reduce(plan, sched, backs, srcs, biases, alloc, x.dtype, weights is not None, None)
             self._end_call(True)
             return out
@@ -401,6 +411,11 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             backs = [m.view(t.dtype).view(n_back, t.size(1)) for m, t in zip(mine, srcs)]
         else:
             backs = [t[:0] for t in srcs]
+        if codec is not None:               # decode everything first: reduce once all rows are here
+            if events:
+                self._wait(events[-1])
+            events = None
+            backs, srcs = _decoded(codec, backs, srcs, x.dtype)
         out = self._reduce(plan, sched, backs, srcs, biases, alloc, x.dtype, weights is not None, events)
         self._join()
         self._end_call(bool(steps))

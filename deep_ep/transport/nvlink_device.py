@@ -138,7 +138,7 @@ class NVLinkDevicePath:
 
     # ---------------------------------------------------------------- combine
     def _device_combine(self, plan: Plan, srcs: List[torch.Tensor], biases: Sequence[torch.Tensor], alloc: Alloc,
-                        dtype: torch.dtype, words) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                        dtype: torch.dtype, words, codec=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         from .nvlink_schedule import _capturing
         dl, me, R = plan.extra["device"], self.rank, self.num_ranks
         src = [words(t) for t in srcs]
@@ -167,7 +167,11 @@ class NVLinkDevicePath:
         backs = [self._region(me, start + o, cap, w, torch.uint8).view(t.dtype).view(cap, t.size(1))
                  for t, w, o in zip(srcs, widths, offsets)]
         pos = dl["combine_pos"]
-        out = reduce_rows(backs[0], pos, biases, dtype, alloc, local=srcs[0], local_col=me)
+        local = srcs[0]
+        if codec is not None:               # rows at send positions < R * T; own rows decoded too
+            backs[0] = codec.decode(backs[0][:R * plan.num_tokens], dtype)
+            local = codec.decode(srcs[0], dtype)
+        out = reduce_rows(backs[0], pos, biases, dtype, alloc, local=local, local_col=me)
         out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) \
             if len(srcs) > 1 else None
         self._end_call(True)

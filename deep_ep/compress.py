@@ -1,0 +1,323 @@
+"""Low-bit wire formats for dispatched rows (``compression_level`` 16 / 8 / 4 / ``'auto'``, API.md 4).
+
+Every level turns a row of ``H`` values into one fixed-width byte row (so any
+transport moves it as it moves any row), scales first:
+
+=========  ====================================================================  ==========================
+level      packed row (uint8)                                                    bytes per row
+=========  ====================================================================  ==========================
+16         the bf16 row itself (no codec)                                        ``2H``
+8          ``nb = ceil(H/128)`` float32 scales, then ``H`` fp8 e4m3 values;      ``4*nb + H``
+           ``scale = max(amax, 1e-4) / 448`` per 128 values (DeepEP's format);
+           ``round_scale``: scale rounded up to a power of two; ``use_ue8m0``
+           (implies it): one byte per scale, its biased exponent (UE8M0)        ``nb + H``
+4          ``nb = ceil(H/32)`` bf16 scales (``amax / 7``), then int4 values     ``2*nb + ceil(H/2)``
+           two per byte (low nibble = even column), two's complement in
+           ``[-7, 7]``
+``'auto'`` ``nb = ceil(H/32)`` bf16 scales, then per block of 32 values 16      ``18*nb + 16*k``
+           bytes of int4 or 32 bytes of int8 (``amax / 127``, ``[-127, 127]``),
+           blocks in order; the sign bit of a block's scale says int8. Each
+           row upgrades the same number ``k`` of blocks, the ``k`` with the
+           largest ``amax`` (ties: lower block first), so that rows have one
+           width: ``k`` is the most the target byte ratio allows
+=========  ====================================================================  ==========================
+
+Choosing the largest-``amax`` blocks minimises the row's squared error under
+the usual uniform-noise model (a block's error is proportional to its
+``amax**2``, 289x smaller in int8 than int4) and is exact (no float sums
+whose order could differ between implementations). The level of every block
+travels in its scale's sign bit: the row header costs no bytes.
+
+Special values: ``amax`` is taken over finite values. NaN stays NaN (fp8 NaN;
+the int codes -8 / -128 are reserved for it). +-Inf saturates to the largest
+code (+-448 * scale, +-7 or +-127 * scale). Level 8 floors ``amax`` at 1e-4
+(DeepEP), so rows far smaller than that lose their digits; levels 4 and
+``'auto'`` floor it at 1e-30.
+
+This module is the CPU reference (plain torch, any device); on CUDA
+:mod:`deep_ep.kernels.quant` produces the same bytes in one Triton kernel
+per call (tested against it).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .errors import DeepEPInputError, DeepEPTypeError
+
+__all__ = ["Codec", "make_codec", "relative_error", "FP8_MAX", "INT4_MAX", "INT8_MAX"]
+
+FP8_MAX = 448.0
+INT4_MAX = 7
+INT8_MAX = 127
+_FP8_FLOOR = 1e-4
+_INT_FLOOR = 1e-30
+_BLOCK8 = 128
+_BLOCK4 = 32
+LEVELS = (16, 8, 4, "auto")
+
+
+def _finite_abs(x: torch.Tensor) -> torch.Tensor:
+    a = x.abs()
+    return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``[T, H]`` float32 -> ``[T, nb, block]``, zero padded."""
+    T, H = x.shape
+    nb = -(-H // block)
+    if nb * block != H:
+        x = torch.nn.functional.pad(x, (0, nb * block - H))
+    return x.view(T, nb, block)
+
+
+def _bf16_bits(scale: torch.Tensor) -> torch.Tensor:
+    """float32 -> bf16 bit patterns as int32 (0..65535)."""
+    return scale.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+def _bits_bf16(bits: torch.Tensor) -> torch.Tensor:
+    """bf16 bit patterns (int) -> float32."""
+    b = bits.to(torch.int32)
+    b = torch.where(b >= 0x8000, b - 0x10000, b)
+    return b.to(torch.int16).view(torch.bfloat16).float()
+
+
+def _quant_int(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Round ``x / scale`` to ints in ``[-qmax, qmax]``; NaN -> ``-qmax - 1`` (int32)."""
+    q = torch.round(x / scale)
+    q = torch.where(q > qmax, torch.full_like(q, qmax), q)
+    q = torch.where(q < -qmax, torch.full_like(q, -qmax), q)
+    return torch.where(torch.isnan(q), torch.full_like(q, -qmax - 1), q).to(torch.int32)
+
+
+def _dequant_int(q: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    v = q.float() * scale
+    return torch.where(q == -qmax - 1, torch.full_like(v, float("nan")), v)
+
+
+def _u8_to_bytes(v: torch.Tensor) -> torch.Tensor:
+    """Int values 0..255 (or signed, two's complement) -> uint8."""
+    return (v.to(torch.int32) & 0xFF).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One wire format (see the module docstring); ``encode`` / ``decode`` whole ``[T, H]`` tensors."""
+
+    level: Union[int, str]
+    hidden: int
+    ratio: float = 0.3                 # 'auto': target bytes relative to bf16
+    round_scale: bool = False          # level 8
+    use_ue8m0: bool = False            # level 8
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def blocks(self) -> int:
+        return -(-self.hidden // (_BLOCK8 if self.level == 8 else _BLOCK4))
+
+    @property
+    def upgrades(self) -> int:
+        """``'auto'``: int8 blocks per row (``k``)."""
+        if self.level != "auto":
+            return 0
+        nb = self.blocks
+        budget = self.ratio * 2 * self.hidden
+        return int(max(0, min(nb, math.floor((budget - 18 * nb) / 16))))
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one packed row on the wire."""
+        H, nb = self.hidden, self.blocks
+        if self.level == 16:
+            return 2 * H
+        if self.level == 8:
+            return (nb if self.use_ue8m0 else 4 * nb) + H
+        if self.level == 4:
+            return 2 * nb + -(-H // 2)
+        return 18 * nb + 16 * self.upgrades
+
+    @property
+    def scale_bytes(self) -> int:
+        if self.level == 8:
+            return self.blocks if self.use_ue8m0 else 4 * self.blocks
+        return 2 * self.blocks
+
+    # ------------------------------------------------------------------ codec
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, H]`` floating rows -> packed ``uint8 [T, row_bytes]`` (Triton on CUDA, same bytes)."""
+        self._check(x)
+        if self.level == 16:
+            return x.to(torch.bfloat16).contiguous().view(torch.uint8)
+        if x.is_cuda and _use_kernels(x):
+            from .kernels import quant
+            return quant.encode(self, x)
+        return self.encode_reference(x)
+
+    def decode(self, packed: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Packed rows -> ``[N, H]`` of ``dtype`` (Triton on CUDA, same values)."""
+        if packed.dim() != 2 or packed.size(1) != self.row_bytes or packed.dtype != torch.uint8:
+            raise DeepEPInputError(f"packed rows must be uint8 [N, {self.row_bytes}] for {self}, got "
+                                   f"{packed.dtype} {list(packed.shape)}")
+        if self.level == 16:
+            return packed.contiguous().view(torch.bfloat16).to(dtype)
+        if packed.is_cuda and _use_kernels(packed):
+            from .kernels import quant
+            return quant.decode(self, packed, dtype)
+        return self.decode_reference(packed).to(dtype)
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """What the receiver of ``x`` gets: ``decode(encode(x))`` in ``x.dtype``."""
+        return self.decode(self.encode(x), x.dtype)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise DeepEPTypeError(f"compression needs floating rows [T, H], got "
+                                  f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        if x.size(1) != self.hidden:
+            raise DeepEPInputError(f"rows have {x.size(1)} values, the codec was made for hidden={self.hidden}")
+
+    # ------------------------------------------------------------------ torch reference
+    def encode_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The CPU reference of :meth:`encode` (plain torch, any device)."""
+        self._check(x)
+        T, H = x.shape
+        xf = x.float()
+        if self.level == 16:
+            return x.to(torch.bfloat16).contiguous().view(torch.uint8)
+        if self.level == 8:
+            b = _blocks(xf, _BLOCK8)
+            amax = _finite_abs(b).amax(dim=2).clamp(min=_FP8_FLOOR)
+            scale = amax / FP8_MAX
+            if self.round_scale or self.use_ue8m0:
+                scale = _pow2_ceil(scale)
+            q = b / scale.unsqueeze(2)
+            q = torch.where(q > FP8_MAX, torch.full_like(q, FP8_MAX), q)
+            q = torch.where(q < -FP8_MAX, torch.full_like(q, -FP8_MAX), q)
+            vals = q.to(torch.float8_e4m3fn).view(torch.uint8).reshape(T, -1)[:, :H]
+            if self.use_ue8m0:
+                sbytes = (scale.view(torch.int32) >> 23).to(torch.uint8)      # the biased exponent
+            else:
+                sbytes = scale.contiguous().view(torch.uint8).reshape(T, -1)
+            return torch.cat([sbytes, vals], dim=1)
+        b = _blocks(xf, _BLOCK4)
+        nb = b.size(1)
+        amax = _finite_abs(b).amax(dim=2).clamp(min=_INT_FLOOR)
+        if self.level == 4:
+            bits = _bf16_bits(amax / INT4_MAX)
+            q = _quant_int(b, _bits_bf16(bits).unsqueeze(2), INT4_MAX).reshape(T, -1)[:, :H]
+            if H % 2:
+                q = torch.nn.functional.pad(q, (0, 1))
+            packed = (q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)
+            return torch.cat([_scale_bytes(bits), _u8_to_bytes(packed)], dim=1)
+        # 'auto'
+        k = self.upgrades
+        order = torch.sort(amax, dim=1, descending=True, stable=True).indices
+        wide = torch.zeros((T, nb), dtype=torch.bool, device=x.device)
+        if k:
+            wide.scatter_(1, order[:, :k], True)
+        bits = torch.where(wide, _bf16_bits(amax / INT8_MAX), _bf16_bits(amax / INT4_MAX))
+        scale = _bits_bf16(bits).unsqueeze(2)
+        q4 = _quant_int(b, scale, INT4_MAX)
+        q8 = _quant_int(b, scale, INT8_MAX)
+        bytes4 = _u8_to_bytes((q4[:, :, 0::2] & 0xF) | ((q4[:, :, 1::2] & 0xF) << 4))      # [T, nb, 16]
+        bytes8 = _u8_to_bytes(q8)                                                          # [T, nb, 32]
+        size = 16 + 16 * wide.to(torch.int64)
+        start = torch.cumsum(size, dim=1) - size                                           # [T, nb]
+        j = torch.arange(32, device=x.device)
+        P = 16 * nb + 16 * k
+        pos = start.unsqueeze(2) + j                                                       # [T, nb, 32]
+        pos = torch.where(wide.unsqueeze(2) | (j < 16), pos, torch.full_like(pos, P))      # int4: 16 bytes
+        vals = torch.where(wide.unsqueeze(2), bytes8, torch.nn.functional.pad(bytes4, (0, 16)))
+        payload = torch.zeros((T, P + 1), dtype=torch.uint8, device=x.device)
+        payload.scatter_(1, pos.reshape(T, -1), vals.reshape(T, -1))
+        flag = wide.to(torch.int32) << 15
+        return torch.cat([_scale_bytes(bits | flag), payload[:, :P]], dim=1)
+
+    def decode_reference(self, packed: torch.Tensor) -> torch.Tensor:
+        """The CPU reference of :meth:`decode` (float32 ``[N, H]``)."""
+        N, H, nb = packed.size(0), self.hidden, self.blocks
+        sb = self.scale_bytes
+        head, body = packed[:, :sb], packed[:, sb:]
+        if self.level == 8:
+            if self.use_ue8m0:
+                scale = (head.to(torch.int32) << 23).view(torch.float32)
+            else:
+                scale = head.contiguous().view(torch.float32)
+            vals = body.contiguous().view(torch.float8_e4m3fn).float()
+            vals = torch.nn.functional.pad(vals, (0, nb * _BLOCK8 - H)).view(N, nb, _BLOCK8)
+            return (vals * scale.unsqueeze(2)).reshape(N, -1)[:, :H]
+        bits = head.to(torch.int32).view(N, nb, 2)
+        bits = bits[:, :, 0] | (bits[:, :, 1] << 8)
+        if self.level == 4:
+            scale = _bits_bf16(bits)
+            b = body.to(torch.int32)
+            q = torch.stack([b & 0xF, b >> 4], dim=2).reshape(N, -1)
+            q = torch.where(q >= 8, q - 16, q)
+            q = torch.nn.functional.pad(q, (0, nb * _BLOCK4 - q.size(1))).view(N, nb, _BLOCK4)
+            return _dequant_int(q, scale.unsqueeze(2), INT4_MAX).reshape(N, -1)[:, :H]
+        wide = (bits >> 15) == 1
+        scale = _bits_bf16(bits & 0x7FFF).unsqueeze(2)
+        size = 16 + 16 * wide.to(torch.int64)
+        start = torch.cumsum(size, dim=1) - size
+        j = torch.arange(32, device=packed.device)
+        idx = start.unsqueeze(2) + torch.where(wide.unsqueeze(2), j, j // 2)                # [N, nb, 32]
+        byte = body.to(torch.int32).gather(1, idx.reshape(N, -1).clamp(max=max(body.size(1) - 1, 0)))
+        byte = byte.view(N, nb, 32)
+        nib = (byte >> (4 * (j % 2))) & 0xF
+        q4 = torch.where(nib >= 8, nib - 16, nib)
+        q8 = torch.where(byte >= 128, byte - 256, byte)
+        v4 = _dequant_int(q4, scale, INT4_MAX)
+        v8 = _dequant_int(q8, scale, INT8_MAX)
+        return torch.where(wide.unsqueeze(2), v8, v4).reshape(N, -1)[:, :H]
+
+
+def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= ``s`` (positive normal float32), by exponent arithmetic (exact)."""
+    bits = s.view(torch.int32)
+    e = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return (e << 23).view(torch.float32)
+
+
+def _scale_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """bf16 bit patterns ``[T, nb]`` -> little-endian bytes ``[T, 2 nb]``."""
+    return torch.stack([_u8_to_bytes(bits & 0xFF), _u8_to_bytes(bits >> 8)], dim=2).reshape(bits.size(0), -1)
+
+
+def _use_kernels(t: torch.Tensor) -> bool:
+    from . import kernels
+    return kernels.available(t)
+
+
+def make_codec(level: Union[int, str], hidden: int, ratio: Optional[float] = None, round_scale: bool = False,
+               use_ue8m0: bool = False) -> Codec:
+    """A :class:`Codec`, validating the arguments (``ratio`` only for ``'auto'``, default 0.3)."""
+    if level not in LEVELS:
+        raise DeepEPInputError(f"compression level must be one of 16, 8, 4, 'auto'; got {level!r}")
+    if not isinstance(hidden, int) or hidden < 1:
+        raise DeepEPInputError(f"hidden must be a positive int, got {hidden!r}")
+    if ratio is None:
+        ratio = float(os.environ.get("DEEP_EP_COMPRESSION_RATIO", "0.3"))
+    if not (0 < ratio <= 1):
+        raise DeepEPInputError(f"compression ratio must be in (0, 1], got {ratio!r}")
+    codec = Codec(level, hidden, float(ratio), bool(round_scale or use_ue8m0), bool(use_ue8m0))
+    if level == "auto":
+        floor = 18 * codec.blocks / (2 * hidden)
+        if ratio < floor - 1e-9:
+            raise DeepEPInputError(f"compression ratio {ratio} is below what 'auto' can reach for hidden={hidden} "
+                                   f"(every block at 4 bits: {floor:.4f}); use a ratio >= {floor:.4f}")
+    return codec
+
+
+def relative_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-row relative L2 error ``|y - x| / |x|`` (float64, finite entries only; 0 for zero rows)."""
+    x64, y64 = x.double(), y.double()
+    ok = torch.isfinite(x64) & torch.isfinite(y64)
+    d = torch.where(ok, y64 - x64, torch.zeros_like(x64))
+    n = torch.where(ok, x64, torch.zeros_like(x64))
+    num, den = d.norm(dim=1), n.norm(dim=1)
+    return torch.where(den > 0, num / den.clamp(min=1e-300), num)

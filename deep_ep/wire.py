@@ -1,0 +1,132 @@
+"""What a Buffer puts on the wire: its compression settings, codecs per hidden size, and statistics.
+
+:class:`Wire` turns ``Buffer(compression_level=..., compression_ratio=...,
+combine_compression_level=..., compression_stats=...)`` into codecs
+(:mod:`deep_ep.compress`): a dispatch of floating rows is encoded once per
+token before it is sent and decoded after it arrives (or handed over
+encoded, :class:`CompressedRows`); a combine is encoded only when the Buffer
+opted into 8 bits. A per-call ``compress`` argument overrides the Buffer's
+level (``False`` = 16-bit, e.g. for gradients).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from .compress import LEVELS, Codec, make_codec, relative_error
+from .errors import DeepEPInputError
+
+__all__ = ["Wire", "CompressedRows", "parse_level"]
+
+Level = Union[int, str]
+
+
+def parse_level(level: Any, what: str = "compression_level") -> Level:
+    """``16 / 8 / 4 / 'auto'`` from an int, a string or ``None`` (16); raise otherwise."""
+    if level is None:
+        return 16
+    if isinstance(level, str):
+        s = level.strip().lower()
+        if s == "auto":
+            return "auto"
+        try:
+            level = int(s)
+        except ValueError:
+            raise DeepEPInputError(f"{what} must be one of 16, 8, 4, 'auto'; got {level!r}") from None
+    if isinstance(level, bool) or level not in LEVELS:
+        raise DeepEPInputError(f"{what} must be one of 16, 8, 4, 'auto'; got {level!r}")
+    return level
+
+
+@dataclass
+class CompressedRows:
+    """Received rows left in their wire format (``dispatch(..., return_compressed=True)``).
+
+    ``packed`` is ``uint8 [N, codec.row_bytes]``; :meth:`decode` gives the
+    values; for level 8, :meth:`fp8` gives DeepEP's ``(float8_e4m3fn [N, H],
+    float32 scales [N, H/128])`` pair (copies)."""
+
+    codec: Codec
+    packed: torch.Tensor
+
+    def decode(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return self.codec.decode(self.packed, dtype)
+
+    def fp8(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        c = self.codec
+        if c.level != 8 or c.use_ue8m0:
+            raise DeepEPInputError("fp8() needs level 8 with float32 scales")
+        sb = c.scale_bytes
+        scales = self.packed[:, :sb].contiguous().view(torch.float32)
+        return self.packed[:, sb:].contiguous().view(torch.float8_e4m3fn), scales
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.packed.size(0), self.codec.hidden))
+
+
+class Wire:
+    """A Buffer's wire settings (see the module docstring)."""
+
+    def __init__(self, level: Any, ratio: Optional[float], combine_level: Any, stats: Optional[bool],
+                 round_scale: bool = False, use_ue8m0: bool = False) -> None:
+        env = os.environ.get("DEEP_EP_COMPRESSION_LEVEL")
+        if env and parse_level(level) == 16:
+            level = env
+        self.level = parse_level(level)
+        self.ratio = ratio
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+            raise DeepEPInputError(f"compression_ratio must be in (0, 1], got {ratio!r}")
+        self.combine_level = parse_level(combine_level, "combine_compression_level")
+        if self.combine_level not in (16, 8):
+            raise DeepEPInputError(f"combine_compression_level must be 16 or 8, got {combine_level!r}")
+        self.stats = bool(stats) if stats is not None else os.environ.get("DEEP_EP_COMPRESSION_STATS", "") not in ("", "0")
+        self.round_scale, self.use_ue8m0 = round_scale, use_ue8m0
+        self._codecs: Dict[Tuple[Level, int], Codec] = {}
+        self.last_stats: Optional[Dict[str, Any]] = None
+
+    def call_level(self, compress: Any) -> Level:
+        """The level of one call: the Buffer's (``True``), none (``False``) or the one given."""
+        if compress is True:
+            return self.level
+        if compress is False:
+            return 16
+        return parse_level(compress, "compress")
+
+    def codec(self, level: Level, hidden: int) -> Optional[Codec]:
+        """The codec of ``level`` for rows of ``hidden`` values (``None`` for 16)."""
+        if level == 16:
+            return None
+        key = (level, hidden)
+        c = self._codecs.get(key)
+        if c is None:
+            c = self._codecs[key] = make_codec(level, hidden, self.ratio, self.round_scale, self.use_ue8m0)
+        return c
+
+    @staticmethod
+    def header_code(codec: Optional[Codec]) -> int:
+        """An int that differs between wire formats (travels in the metadata header)."""
+        if codec is None:
+            return 16
+        if codec.level == "auto":
+            return 100000 + codec.upgrades
+        return int(codec.level) * 10 + int(codec.round_scale) + 2 * int(codec.use_ue8m0)
+
+    def record(self, codec: Optional[Codec], x: torch.Tensor, remote_rows: Optional[int]) -> None:
+        """Opt-in statistics of one dispatch (a host sync): bytes sent to other ranks and the relative
+        L2 error of what was sent (mean / max over rows)."""
+        if not self.stats:
+            return
+        row_bytes = codec.row_bytes if codec is not None else x.size(1) * x.element_size()
+        if codec is not None and x.size(0):
+            err = relative_error(x, codec.roundtrip(x))
+            mean, mx = float(err.mean()), float(err.max())
+        else:
+            mean = mx = 0.0
+        self.last_stats = dict(level=codec.level if codec is not None else 16, row_bytes=row_bytes,
+                               bf16_row_bytes=2 * x.size(1),
+                               bytes_on_wire=None if remote_rows is None else int(remote_rows) * row_bytes,
+                               rel_err_mean=mean, rel_err_max=mx)

@@ -1,0 +1,254 @@
+"""Wire compression (deep_ep.compress, issue 4): codecs against float64 math, exact byte layouts, special
+values, 'auto' byte targets; dispatch / combine with each level against the reference of the decoded rows
+(CPU ranks), and the GPU paths (kernels byte-identical to the reference, nvlink transport)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import deep_ep
+from deep_ep import reference as ref
+from deep_ep.compress import make_codec, relative_error
+from tests._cases import assert_same, device, get_buffer, make_case
+
+LEVELS = (8, 4, "auto")
+
+
+def _gauss(T, H, seed, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((T, H), generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("H", [7168, 2047])
+def test_error_on_gaussian_rows(H):
+    """Relative L2 error on Gaussian rows (measured: level 8 about 2.6%, level 4 about 9.7%, 'auto' at 0.3
+    about 9.0%); the issue's bounds are 4% and 12%."""
+    x = _gauss(64, H, H)
+    errs = {}
+    for level in LEVELS:
+        c = make_codec(level, H, ratio=0.3)
+        errs[level] = relative_error(x.float(), c.roundtrip(x).float())
+    assert float(errs[8].mean()) <= 0.04 and float(errs[8].max()) <= 0.04
+    assert float(errs[4].mean()) <= 0.12 and float(errs[4].max()) <= 0.12
+    assert float(errs["auto"].mean()) < float(errs[4].mean())         # more bytes than level 4, less error
+    assert 0.02 < float(errs[8].mean()) and 0.08 < float(errs[4].mean())   # the figures are what they are
+
+
+@pytest.mark.parametrize("H", [1, 31, 33, 128, 130, 2047, 7168])
+def test_bytes_per_row_as_documented(H):
+    x = _gauss(3, H, 7)
+    nb128, nb32 = math.ceil(H / 128), math.ceil(H / 32)
+    want = {8: 4 * nb128 + H, 4: 2 * nb32 + math.ceil(H / 2)}
+    for level, nbytes in want.items():
+        c = make_codec(level, H)
+        assert c.row_bytes == nbytes and c.encode(x).shape == (3, nbytes)
+    c = make_codec(8, H, use_ue8m0=True)
+    assert c.row_bytes == nb128 + H and c.encode(x).shape == (3, nb128 + H)
+    ratio = max(0.3, 18 * nb32 / (2 * H))
+    if ratio > 1:                                   # a block header and scale cost more than bf16 itself
+        with pytest.raises(deep_ep.DeepEPInputError, match="below what 'auto' can reach"):
+            make_codec("auto", H, ratio=1.0)
+        return
+    c = make_codec("auto", H, ratio=ratio)
+    assert c.row_bytes == 18 * nb32 + 16 * c.upgrades and c.encode(x).shape == (3, c.row_bytes)
+    assert c.row_bytes <= ratio * 2 * H + 1e-9
+
+
+def _f64_bound(level, x, codec, packed):
+    """Per-element error bound from float64 math on the block scales: half a quantisation step for the int
+    codecs, fp8 e4m3's rounding (2^-4 relative, 2^-9 of the scale below the normal range) for level 8."""
+    T, H = x.shape
+    x64 = x.double()
+    fin = torch.where(torch.isfinite(x64), x64.abs(), torch.zeros_like(x64))
+    if level == 8:
+        nb = codec.blocks
+        amax = torch.nn.functional.pad(fin, (0, nb * 128 - H)).view(T, nb, 128).amax(2).clamp(min=1e-4)
+        scale = (amax / 448).repeat_interleave(128, dim=1)[:, :H]
+        if codec.round_scale:
+            scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        return torch.maximum(x64.abs() * 2.0 ** -4, scale * 2.0 ** -9) * (1 + 1e-6)
+    nb = codec.blocks
+    amax = torch.nn.functional.pad(fin, (0, nb * 32 - H)).view(T, nb, 32).amax(2).clamp(min=1e-30)
+    wide = torch.zeros((T, nb), dtype=torch.bool)
+    if level == "auto":
+        bits = packed[:, :2 * nb].to(torch.int32).view(T, nb, 2)
+        wide = ((bits[:, :, 1] >> 7) & 1) == 1
+    qmax = torch.where(wide, 127.0, 7.0).double()
+    step = (amax / qmax).repeat_interleave(32, dim=1)[:, :H]
+    return step * 0.5 * (1 + 2.0 ** -7) + 1e-300        # the bf16 scale may be rounded either way
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("H", [96, 200, 1000])
+def test_codecs_against_float64(level, H):
+    """Every decoded value within the float64 bound; scales per block as documented; 'auto' upgrades the
+    k blocks of largest amax."""
+    g = torch.Generator().manual_seed(H)
+    x = torch.randn((16, H), generator=g) * torch.exp(torch.randn((16, 1), generator=g) * 3)
+    c = make_codec(level, H, ratio=0.45)
+    packed = c.encode(x)
+    y = c.decode(packed, torch.float64)
+    err = (y.double() - x.double()).abs()
+    assert bool((err <= _f64_bound(level, x, c, packed)).all()), float((err / _f64_bound(level, x, c, packed)).max())
+    if level == "auto":
+        nb, k = c.blocks, c.upgrades
+        assert 0 < k < nb
+        bits = packed[:, :2 * nb].to(torch.int32).view(16, nb, 2)
+        wide = ((bits[:, :, 1] >> 7) & 1) == 1
+        amax = torch.nn.functional.pad(x.abs(), (0, nb * 32 - H)).view(16, nb, 32).amax(2)
+        assert bool((wide.sum(1) == k).all())
+        kth = amax.sort(dim=1, descending=True).values[:, k - 1:k]
+        assert bool((amax[wide] >= kth.expand(-1, nb)[wide]).all())
+
+
+def test_fp8_scale_options():
+    x = _gauss(8, 384, 3).float() * 5
+    plain = make_codec(8, 384).encode(x)
+    scales = plain[:, :12].contiguous().view(torch.float32)
+    amax = x.abs().view(8, 3, 128).amax(2).clamp(min=1e-4)
+    assert torch.equal(scales, amax / 448)                                  # DeepEP's scale
+    r = make_codec(8, 384, round_scale=True)
+    rs = r.encode(x)[:, :12].contiguous().view(torch.float32)
+    assert bool((torch.log2(rs) == torch.log2(rs).round()).all()) and bool((rs >= amax / 448).all())
+    u = make_codec(8, 384, use_ue8m0=True)
+    up = u.encode(x)
+    assert torch.equal(torch.exp2(up[:, :3].float() - 127), rs)           # UE8M0: the biased exponent
+    assert torch.equal(u.decode(up, torch.float32), r.decode(r.encode(x), torch.float32))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_special_values(level):
+    """Zero rows stay zero; NaN stays NaN where it was and leaves the rest of its block alone; Inf
+    saturates; huge rows keep their relative error; tiny rows too except at level 8 (floor 1e-4)."""
+    H = 160
+    x = _gauss(6, H, 11).float()
+    x[0] = 0
+    x[1, 7] = float("nan")
+    x[2, 9] = float("inf")
+    x[2, 40] = float("-inf")
+    x[3] *= 1e30
+    x[4] *= 1e-20
+    c = make_codec(level, H, ratio=0.5)
+    y = c.roundtrip(x)
+    assert bool((y[0] == 0).all())
+    assert math.isnan(float(y[1, 7])) and int(torch.isnan(y).sum()) == 1
+    assert math.isfinite(float(y[2, 9])) and float(y[2, 9]) > 0 and float(y[2, 40]) < 0
+    e = relative_error(x, y)
+    bound = 0.04 if level == 8 else 0.12
+    assert float(e[1]) <= bound and float(e[3]) <= bound and float(e[5]) <= bound
+    if level == 8:
+        assert float(e[4]) == 1.0                  # below the 1e-4 floor nothing is left (DeepEP's format)
+    else:
+        assert float(e[4]) <= bound
+
+
+def test_auto_byte_target_and_error_against_level4():
+    H = 7168
+    x = _gauss(32, H, 5)
+    four = make_codec(4, H)
+    e4 = relative_error(x.float(), four.roundtrip(x).float()).mean()
+    for ratio in (0.3, 0.35, 0.45):
+        c = make_codec("auto", H, ratio=ratio)
+        assert abs(c.row_bytes / (2 * H) - ratio) <= 0.01 * ratio
+        e = relative_error(x.float(), c.roundtrip(x).float()).mean()
+        assert e < e4
+    # at level 4's own bytes 'auto' upgrades nothing and is level 4 (its header costs no byte)
+    same = make_codec("auto", H, ratio=four.row_bytes / (2 * H))
+    assert same.upgrades == 0 and same.row_bytes == four.row_bytes
+    assert torch.equal(same.roundtrip(x), four.roundtrip(x))
+    with pytest.raises(deep_ep.DeepEPInputError, match="below what 'auto' can reach"):
+        make_codec("auto", H, ratio=0.2)
+
+
+def test_bad_arguments():
+    with pytest.raises(deep_ep.DeepEPInputError, match="one of 16, 8, 4, 'auto'"):
+        make_codec(2, 64)
+    c = make_codec(8, 64)
+    with pytest.raises(deep_ep.DeepEPInputError, match="hidden=64"):
+        c.encode(torch.zeros(2, 65))
+    with pytest.raises(deep_ep.DeepEPTypeError):
+        c.encode(torch.zeros(2, 64, dtype=torch.int32))
+    with pytest.raises(deep_ep.DeepEPInputError, match="uint8"):
+        c.decode(torch.zeros(2, 3, dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------ through a Buffer
+def rank_dispatch_levels(rank, R, backend, worst):
+    import deep_ep as de
+    dev = device()
+    case = make_case(21, R, hidden=200, topk=3, num_experts=8, tokens=[30, 17, 25, 9][:R])
+    E = case.num_experts
+    for level in LEVELS:
+        buf = get_buffer(backend, compression_level=level, compression_ratio=0.45, combine_compression_level=8,
+                         compression_stats=True)
+        codec = make_codec(level, case.hidden, ratio=0.45)
+        xs_q = [codec.roundtrip(x) for x in case.xs]
+        w = sum(case.tokens) if worst else 0
+        exp = ref.dispatch(xs_q, case.topk_idx, E, case.topk_weights, num_worst_tokens=w)
+        idx = case.topk_idx[rank].to(dev)
+        _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        out = buf.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                           topk_idx=idx, topk_weights=case.topk_weights[rank].to(dev), num_worst_tokens=w)
+        n = exp[rank].num_recv_tokens
+        assert_same(out[0][:n].cpu(), exp[rank].recv_x[:n], f"level {level} recv_x")
+        st = buf.last_dispatch_stats
+        assert st["level"] == level and st["row_bytes"] == codec.row_bytes and 0 < st["rel_err_max"] < 0.12
+        h = out[4]
+        enc = buf.dispatch(case.xs[rank].to(dev), handle=h, return_compressed=True)[0]
+        assert isinstance(enc, de.wire.CompressedRows)
+        assert_same(enc.decode(torch.bfloat16)[:n].cpu(), exp[rank].recv_x[:n], f"level {level} encoded")
+        plain = buf.dispatch(case.xs[rank].to(dev), handle=h, compress=False)[0]     # this call in 16 bits
+        assert_same(plain[:n].cpu(), ref.dispatch(case.xs, case.topk_idx, E)[rank].recv_x[:n], "compress=False")
+        # combine in 8 bits: the reference combine of what every rank decodes
+        ys = [e.recv_x * (r + 2) for r, e in enumerate(exp)]
+        c8 = make_codec(8, case.hidden)
+        want = ref.combine([c8.roundtrip(y) for y in ys], exp, case.tokens)
+        got = buf.combine(out[0] * (rank + 2), h)[0]
+        assert_same(got.cpu(), want[rank][0], f"level {level} combine (8-bit)")
+        full = buf.combine(out[0] * (rank + 2), h, compress=False)[0]
+        assert_same(full.cpu(), ref.combine(ys, exp, case.tokens)[rank][0], "combine compress=False")
+    # ranks that disagree on the level raise on every rank
+    b = get_buffer(backend)
+    idx = case.topk_idx[rank].to(dev)
+    _, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, E)
+    with pytest.raises(de.RankMismatchError, match="compression level"):
+        b.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
+                   compress=8 if rank == 0 else 4)
+
+
+def test_dispatch_combine_with_each_level_cpu(rank_pool):
+    rank_pool(2).run(rank_dispatch_levels, "collective", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,worst", [("nvlink", False), ("nvlink", True), ("collective", False)])
+def test_dispatch_combine_with_each_level_gpu(rank_pool, backend, worst):
+    rank_pool(2, backend="nccl").run(rank_dispatch_levels, backend, worst)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("level,opts", [(8, {}), (8, {"round_scale": True}), (8, {"use_ue8m0": True}), (4, {}),
+                                        ("auto", {"ratio": 0.3}), ("auto", {"ratio": 0.6})])
+@pytest.mark.parametrize("H", [7168, 2047, 33])
+def test_kernels_same_bytes_as_reference(level, opts, H):
+    """The Triton codecs write the same bytes and decode to the same values as the torch reference."""
+    if level == "auto" and H == 33:
+        opts = {"ratio": 0.9}
+    c = make_codec(level, H, **opts)
+    x = _gauss(257, H, H).cuda() * 3
+    x[0] = 0
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3] *= 1e30
+    x[4] *= 1e-20
+    got = c.encode(x)
+    want = c.encode_reference(x)
+    assert torch.equal(got, want), int((got != want).sum())
+    dec = c.decode(got, torch.float32)
+    ref_dec = c.decode_reference(want)
+    assert torch.equal(torch.nan_to_num(dec, nan=123.0), torch.nan_to_num(ref_dec, nan=123.0))
+    bf = c.decode(got, torch.bfloat16).float().nan_to_num(123.0)
+    assert torch.equal(bf, ref_dec.to(torch.bfloat16).float().nan_to_num(123.0))

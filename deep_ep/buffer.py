@@ -293,8 +293,8 @@ class Buffer:
         (cached dispatch) ``(recv_x, None, None, None, None, event)``.
         Received rows are grouped by source rank, then source token order.
         Floating ``x`` crosses the wire in the Buffer's ``compression_level``
-        (``compress``: ``False`` = 16-bit, or a level for this call; the same on
-        every rank); ``recv_x`` is decoded to ``x.dtype``, or with
+        (``compress``: ``False`` = 16-bit, a level, or a float in (0, 1) =
+        ``'auto'`` at that byte ratio, for this call; the same on every rank); ``recv_x`` is decoded to ``x.dtype``, or with
         ``return_compressed`` left encoded (:class:`~deep_ep.wire.CompressedRows`).
         """
         self._check_alive()
@@ -462,10 +462,10 @@ class Buffer:
     def _dispatch_codec(self, compress: Any, xv: torch.Tensor, scales: Optional[torch.Tensor]):
         """The codec of this call's rows (``None``: they travel as they are), or a Problem."""
         try:
-            level = self._wire.call_level(compress)
+            level, ratio = self._wire.call_level(compress)
             if level == 16 or scales is not None or not xv.is_floating_point():
                 return None                           # an fp8 pair is already in its wire format
-            return self._wire.codec(level, xv.size(1))
+            return self._wire.codec(level, xv.size(1), ratio)
         except DeepEPInputError as e:
             raise Problem(7, e) from None
 
@@ -583,14 +583,15 @@ class Buffer:
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[torch.Tensor, Tuple[torch.Tensor, ...], None] = None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                allocate_on_comm_stream: bool = False, *, compress: bool = True):
+                allocate_on_comm_stream: bool = False, *, compress: Union[bool, int] = True):
         """Send received rows back and reduce them per token (API.md 2.3).
 
         Returns ``(combined_x, combined_topk_weights, event)``: for each
         original token, the float32 sum (float64 for float64 x) in rank order of the rows every rank
         returned for it, plus ``bias`` (0, 1 or 2 tensors ``[T, H]``), cast to
         ``x.dtype``. No routing weights are applied. The rows travel in 16 bits
-        unless the Buffer has ``combine_compression_level=8`` (and ``compress``).
+        unless the Buffer has ``combine_compression_level=8`` (``compress``:
+        ``False`` = 16 bits, ``8`` = 8 bits for this call).
         """
         self._check_alive()
         if config is not None and not isinstance(config, Config):
@@ -615,7 +616,10 @@ class Buffer:
             self._check_device(x, "x")
             xv = x.contiguous()
             H = xv.size(1)
-            codec = self._wire.codec(self._wire.combine_level, H) if compress and xv.dtype != torch.float64 else None
+            level = self._wire.combine_level if compress is True else self._wire.call_level(compress)[0]
+            if level not in (16, 8):
+                raise Problem(7, DeepEPInputError(f"combine compresses to 8 bits at most, got compress={compress!r}"))
+            codec = self._wire.codec(level, H) if xv.dtype != torch.float64 else None
             if topk_weights is not None:
                 k = topk_weights.size(1) if isinstance(topk_weights, torch.Tensor) and topk_weights.dim() == 2 else -1
                 topk_weights = self._check_weights(topk_weights, (xv.size(0), k), "topk_weights")

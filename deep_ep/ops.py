@@ -1,8 +1,10 @@
 """Differentiable dispatch and combine (API.md section 3).
 
 ``dispatch``'s gradient is a ``combine`` of the gradients with the same
-handle; ``combine``'s gradient is a cached ``dispatch``. Gradients are not
-quantised. Every rank runs the same collectives in backward whatever
+handle; ``combine``'s gradient is a cached ``dispatch``. Gradients travel
+in 16 bits whatever the Buffer's ``compression_level`` (the forward's
+quantisation is treated as the identity: a straight-through gradient);
+``grad_compression=8`` sends them in 8 bits. Every rank runs the same collectives in backward whatever
 gradients happen to be ``None`` locally (missing ones are zeros), so ranks
 never wait on each other.
 """
@@ -20,9 +22,10 @@ __all__ = ["dispatch", "combine"]
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buffer: Buffer, kwargs: dict, x: torch.Tensor, topk_weights: Optional[torch.Tensor]):
+    def forward(ctx, buffer: Buffer, kwargs: dict, x: torch.Tensor, topk_weights: Optional[torch.Tensor],
+                grad_level=False):
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(x, topk_weights=topk_weights, **kwargs)
-        ctx.buffer, ctx.handle = buffer, handle
+        ctx.buffer, ctx.handle, ctx.grad_level = buffer, handle, grad_level
         ctx.has_w = topk_weights is not None
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(recv_idx if recv_idx is not None else torch.empty(0, device="cpu"))
@@ -44,17 +47,17 @@ class _Dispatch(torch.autograd.Function):
                 grad_w = torch.zeros((rows, recv_idx.size(1)), dtype=torch.float32, device=buffer.device)
             # Entries that are not this rank's experts were constants (0) in forward.
             w = torch.where(recv_idx >= 0, grad_w.float(), 0.0)
-        gx, gw, _ = buffer.combine(grad_x.contiguous(), handle, topk_weights=w)
-        return None, None, gx.to(ctx.x_dtype), gw
+        gx, gw, _ = buffer.combine(grad_x.contiguous(), handle, topk_weights=w, compress=ctx.grad_level)
+        return None, None, gx.to(ctx.x_dtype), gw, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buffer: Buffer, handle: DispatchHandle, x: torch.Tensor, topk_weights: Optional[torch.Tensor],
-                num_bias: int, b0: Optional[torch.Tensor], b1: Optional[torch.Tensor]):
+                num_bias: int, b0: Optional[torch.Tensor], b1: Optional[torch.Tensor], grad_level=False):
         bias = tuple(b for b in (b0, b1)[:num_bias])
         out, out_w, _ = buffer.combine(x, handle, topk_weights=topk_weights, bias=bias if bias else None)
-        ctx.buffer, ctx.handle = buffer, handle
+        ctx.buffer, ctx.handle, ctx.grad_level = buffer, handle, grad_level
         ctx.x_rows, ctx.x_dtype = x.size(0), x.dtype
         ctx.has_w = topk_weights is not None
         ctx.bias_dtypes = [b.dtype for b in bias]
@@ -68,15 +71,16 @@ class _Combine(torch.autograd.Function):
         plan = handle.plan
         if grad_out is None:
             grad_out = torch.zeros((plan.num_tokens, ctx.out_width), dtype=ctx.x_dtype, device=buffer.device)
-        gx = buffer.dispatch(grad_out.to(ctx.x_dtype).contiguous(), handle=handle)[0]
+        gx = buffer.dispatch(grad_out.to(ctx.x_dtype).contiguous(), handle=handle, compress=ctx.grad_level)[0]
         gx = _fit_rows(gx, ctx.x_rows)
         gw = None
         if ctx.has_w:
             if grad_w is None:
                 grad_w = torch.zeros((plan.num_tokens, ctx.w_width), dtype=torch.float32, device=buffer.device)
-            gw = _fit_rows(buffer.dispatch(grad_w.float().contiguous(), handle=handle)[0], ctx.x_rows)
+            gw = _fit_rows(buffer.dispatch(grad_w.float().contiguous(), handle=handle, compress=False)[0],
+                           ctx.x_rows)
         gb = [grad_out.to(d) for d in ctx.bias_dtypes] + [None] * (2 - len(ctx.bias_dtypes))
-        return None, None, gx, gw, None, gb[0], gb[1]
+        return None, None, gx, gw, None, gb[0], gb[1], None
 
 
 def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -92,7 +96,7 @@ def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: Optional[torch.Tensor] = None,
              topk_weights: Optional[torch.Tensor] = None, *, num_experts: Optional[int] = None,
              is_token_in_rank: Optional[torch.Tensor] = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
-             config: Optional[Config] = None
+             config: Optional[Config] = None, grad_compression: Union[bool, int] = False
              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], List[int], DispatchHandle]:
     """Differentiable :meth:`Buffer.dispatch` of a floating-point ``x`` (and ``topk_weights``).
 
@@ -101,7 +105,9 @@ def dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: Optional[torch.Tensor] =
     recv_topk_weights, num_recv_tokens_per_expert_list, handle)``. Backward:
     the gradient of ``x`` is the combine of ``recv_x``'s gradient; the
     gradient of ``topk_weights[t, k]`` is the gradient of the received weight
-    on the rank that holds expert ``k``.
+    on the rank that holds expert ``k``. ``x`` travels in the Buffer's
+    ``compression_level``; its gradient in 16 bits, or 8 with
+    ``grad_compression=8``.
     """
     kwargs = dict(expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config)
     if topk_idx is not None:
@@ -112,17 +118,18 @@ def dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: Optional[torch.Tensor] =
                       topk_idx=topk_idx)
     else:
         kwargs.update(is_token_in_rank=is_token_in_rank)
-    return _Dispatch.apply(buffer, kwargs, x, topk_weights)
+    return _Dispatch.apply(buffer, kwargs, x, topk_weights, _grad_level(grad_compression))
 
 
 def combine(buffer: Buffer, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
-            bias: Union[torch.Tensor, Sequence[torch.Tensor], None] = None, config: Optional[Config] = None
-            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+            bias: Union[torch.Tensor, Sequence[torch.Tensor], None] = None, config: Optional[Config] = None,
+            grad_compression: Union[bool, int] = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Differentiable :meth:`Buffer.combine`; returns ``(combined_x, combined_topk_weights)``.
 
     Backward: the gradient of ``x`` (and of ``topk_weights``) is a cached
     dispatch of the output gradient with the same handle; each bias gets the
-    output gradient.
+    output gradient. The gradient of ``x`` travels in 16 bits, or 8 with
+    ``grad_compression=8``.
     """
     if bias is None:
         bias_list: List[torch.Tensor] = []
@@ -133,4 +140,13 @@ def combine(buffer: Buffer, x: torch.Tensor, handle: DispatchHandle, topk_weight
     if len(bias_list) > 2:
         raise ValueError(f"bias takes at most 2 tensors, got {len(bias_list)}")
     b = bias_list + [None] * (2 - len(bias_list))
-    return _Combine.apply(buffer, handle, x, topk_weights, len(bias_list), b[0], b[1])
+    return _Combine.apply(buffer, handle, x, topk_weights, len(bias_list), b[0], b[1], _grad_level(grad_compression))
+
+
+def _grad_level(grad_compression: Union[bool, int]):
+    """The ``compress`` argument of the backward calls: ``False`` (16 bits) or 8."""
+    if grad_compression in (False, None, 16):
+        return False
+    if grad_compression in (True, 8):
+        return 8
+    raise ValueError(f"grad_compression must be False (16 bits) or 8, got {grad_compression!r}")

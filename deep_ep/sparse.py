@@ -42,7 +42,9 @@ class SparseCollective:
     none) of this rank's rows; ``num_experts`` (default: the group-wide max
     id + 1 rounded up to a multiple of the group size, agreed by an
     all-reduce); ``compression_ratio`` target wire size relative to 16-bit
-    rows (``None`` = 16-bit); ``group`` (default: the default group);
+    rows (``None`` = 16-bit): rows travel in the ``'auto'`` format
+    (:mod:`deep_ep.compress`; every rank must pass the same ratio), the
+    reverse direction and gradients in 16 bits; ``group`` (default: the default group);
     ``buffer`` a :class:`Buffer` to reuse (default: one shared Buffer per group).
 
     Construction is collective (it exchanges the traffic matrix).
@@ -58,8 +60,8 @@ class SparseCollective:
         if compression_ratio is not None:
             if not isinstance(compression_ratio, (int, float)) or not (0 < compression_ratio <= 1):
                 raise DeepEPInputError(f"compression_ratio must be in (0, 1] or None, got {compression_ratio!r}")
-            raise NotImplementedError("SparseCollective(compression_ratio=...) arrives with issue 4 "
-                                      "(adaptive wire compression); pass compression_ratio=None for 16-bit rows")
+        # 'auto' at that byte ratio (1 = 16-bit rows); the reverse direction stays 16-bit
+        self.compress = False if compression_ratio is None or compression_ratio >= 1 else float(compression_ratio)
         if group is None:
             group = dist.group.WORLD
         self.group = group
@@ -99,7 +101,8 @@ class SparseCollective:
         per_rank, per_expert, in_rank = self._layout
         recv_x, recv_idx, _, counts, handle = ops._Dispatch.apply(
             self.buffer, dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                              num_tokens_per_expert=per_expert, topk_idx=self.route_table), x, None)
+                              num_tokens_per_expert=per_expert, topk_idx=self.route_table, compress=self.compress),
+            x, None)
         self.handle, self.recv_expert_idx, self.num_recv_tokens_per_expert = handle, recv_idx, counts
         return recv_x
 

@@ -85,25 +85,31 @@ class Wire:
             raise DeepEPInputError(f"combine_compression_level must be 16 or 8, got {combine_level!r}")
         self.stats = bool(stats) if stats is not None else os.environ.get("DEEP_EP_COMPRESSION_STATS", "") not in ("", "0")
         self.round_scale, self.use_ue8m0 = round_scale, use_ue8m0
-        self._codecs: Dict[Tuple[Level, int], Codec] = {}
+        self._codecs: Dict[tuple, Codec] = {}
         self.last_stats: Optional[Dict[str, Any]] = None
 
-    def call_level(self, compress: Any) -> Level:
-        """The level of one call: the Buffer's (``True``), none (``False``) or the one given."""
+    def call_level(self, compress: Any) -> Tuple[Level, Optional[float]]:
+        """``(level, ratio)`` of one call: the Buffer's (``True``), none (``False``), a level, or a float
+        in (0, 1): ``'auto'`` at that byte ratio."""
         if compress is True:
-            return self.level
+            return self.level, self.ratio
         if compress is False:
-            return 16
-        return parse_level(compress, "compress")
+            return 16, None
+        if isinstance(compress, float):
+            if not 0 < compress < 1:
+                raise DeepEPInputError(f"compress as a byte ratio must be in (0, 1), got {compress!r}")
+            return "auto", compress
+        return parse_level(compress, "compress"), self.ratio
 
-    def codec(self, level: Level, hidden: int) -> Optional[Codec]:
+    def codec(self, level: Level, hidden: int, ratio: Optional[float] = None) -> Optional[Codec]:
         """The codec of ``level`` for rows of ``hidden`` values (``None`` for 16)."""
         if level == 16:
             return None
-        key = (level, hidden)
+        ratio = self.ratio if ratio is None else ratio
+        key = (level, hidden, ratio)
         c = self._codecs.get(key)
         if c is None:
-            c = self._codecs[key] = make_codec(level, hidden, self.ratio, self.round_scale, self.use_ue8m0)
+            c = self._codecs[key] = make_codec(level, hidden, ratio, self.round_scale, self.use_ue8m0)
         return c
 
     @staticmethod

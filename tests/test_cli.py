@@ -163,3 +163,26 @@ def test_graph_cases_on_cuda_only_and_flagged_in_rows():
     assert row["graph"] is True and row["timing"] == "graph" and row["time_us"] == 5.0
     row = report.reduce_rows(cuda, [[dict(rec, timing="worst-graph")]])[0]
     assert row["graph"] is True and row["timing"] == "worst-graph"
+
+
+def test_bench_compression_rows():
+    """--compression adds cached dispatches of the bf16 rows compressed by deep_ep, each row with the
+    codec's error and its time over the bf16 dispatch's."""
+    from deep_ep.bench import cases
+    cfg = options.config_from_args(_bench_args("--device", "cpu", "--tokens", "8", "--hidden", "128",
+                                               "--compression", "8,auto", "--compression-ratio", "0.4"))
+    assert cfg.compression == (8, "auto") and cfg.compression_ratio == 0.4
+    planned = [c for c in cases.plan(cfg, ["collective"]) if c[3] in ("c8", "auto")]
+    assert planned == [(8, "collective", "dispatch", "c8", "cached"), (8, "collective", "dispatch", "auto", "cached")]
+    with pytest.raises(options.BenchOptionError, match="--compression"):
+        options.config_from_args(_bench_args("--device", "cpu", "--compression", "2"))
+    base = dict(backend="collective", op="dispatch", tokens=8, timing="cached", bytes_logical=1, bytes_link=1,
+                recv_rows=1, remote_rows=1)
+    recs = [dict(base, wire="bf16", times_us=[10.0]),
+            dict(base, wire="c8", times_us=[5.0], compression_level=8, rel_err_mean=0.02, rel_err_max=0.03,
+                 wire_row_bytes=132)]
+    rows = {r["wire"]: r for r in report.reduce_rows(cfg, [recs])}
+    assert rows["c8"]["time_vs_bf16"] == 0.5 and rows["c8"]["rel_err_mean"] == 0.02
+    assert "rel err" in report.format_table(dict(workload="normal", num_ranks=2, card="cpu", dist_backend="gloo",
+                                                 routing="uniform", iters=1, device="cpu",
+                                                 rows=list(rows.values()), skipped=[]))

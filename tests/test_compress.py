@@ -252,3 +252,28 @@ def test_kernels_same_bytes_as_reference(level, opts, H):
     assert torch.equal(torch.nan_to_num(dec, nan=123.0), torch.nan_to_num(ref_dec, nan=123.0))
     bf = c.decode(got, torch.bfloat16).float().nan_to_num(123.0)
     assert torch.equal(bf, ref_dec.to(torch.bfloat16).float().nan_to_num(123.0))
+
+
+def rank_grad_compression(rank, R):
+    """Gradients travel in 16 bits whatever the Buffer's level; grad_compression=8 sends them in 8."""
+    from deep_ep import ops
+    case = make_case(31, R, hidden=256, topk=2, num_experts=4, tokens=[11, 6])
+    E = case.num_experts
+    buf = get_buffer("collective", compression_level=4)
+    exp4 = ref.dispatch([make_codec(4, 256).roundtrip(x) for x in case.xs], case.topk_idx, E)
+    c8 = make_codec(8, 256)
+    for grad_level in (False, 8):
+        x = case.xs[rank].float().requires_grad_()
+        recv, _, _, _, h = ops.dispatch(buf, x, case.topk_idx[rank], num_experts=E, grad_compression=grad_level)
+        assert_same(recv.detach().to(torch.bfloat16), exp4[rank].recv_x, "forward in level 4")
+        y = recv.detach().clone().requires_grad_()
+        out, _ = ops.combine(buf, y, h, grad_compression=grad_level)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(rank))
+        out.backward(g)
+        gs = [torch.randn((t, 256), generator=torch.Generator().manual_seed(r)) for r, t in enumerate(case.tokens)]
+        sent = gs if grad_level is False else [c8.roundtrip(t) for t in gs]
+        assert_same(y.grad, ref.dispatch(sent, case.topk_idx, E)[rank].recv_x, f"combine grad ({grad_level})")
+
+
+def test_gradients_not_quantised_unless_asked(rank_pool):
+    rank_pool(2).run(rank_grad_compression)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from deep_ep.bench.options import COMPRESSED_WIRES
 from deep_ep.bench.workload import Workload, row_bytes
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,11 @@ def plan(cfg, backends: list) -> list:
                     # "worst": a fresh dispatch with num_worst_tokens (no host sync on nvlink), eager and
                     # replayed from a CUDA graph with its layout computation
                     out += [(tokens, b, "dispatch", wire, t) for t in ("graph", "worst", "worst-graph")]
+            for level in getattr(cfg, "compression", ()):
+                wire = COMPRESSED_WIRES[level]
+                out.append((tokens, b, "dispatch", wire, "cached"))
+                if graphs:
+                    out.append((tokens, b, "dispatch", wire, "graph"))
             out.append((tokens, b, "combine", "bf16", "cached"))
             if graphs:
                 out.append((tokens, b, "combine", "bf16", "graph"))
@@ -206,6 +212,9 @@ class RankRunner:
             if wire == "bf16":
                 bf16_out = (recv_x, handle, rows, remote)
             del out
+        if cfg.compression:
+            self.run_compressed(name, cases, bf16_out, wl, extra_base=dict(num_sms=num_sms, expected_rows=expected,
+                                                                         transport=transport))
         combine_cases = [c for c in cases if c[2] == "combine"]
         if bf16_out is None:
             self.skip(combine_cases, "no bf16 dispatch to combine" if "bf16" in cfg.wires
@@ -222,6 +231,35 @@ class RankRunner:
         self.record(combine_cases[0], times, rows, remote, remote, rb, **extra)
         if len(combine_cases) > 1:
             self.run_graph(name, combine_cases[1], lambda: buf.combine(recv_x, handle), rows, remote, rb, extra)
+
+    def run_compressed(self, name: str, cases: list, bf16_out, wl: Workload, extra_base: dict) -> None:
+        """Cached dispatch of the bf16 rows compressed by deep_ep at each ``--compression`` level (the wire
+        bytes per row are the codec's); each row carries the codec's relative L2 error on these rows."""
+        from deep_ep.compress import make_codec, relative_error
+        cfg, buf = self.cfg, self.buffers[name][0]
+        for level in cfg.compression:
+            wire = COMPRESSED_WIRES[level]
+            wcases = [c for c in cases if c[2] == "dispatch" and c[3] == wire]
+            if bf16_out is None:
+                self.skip(wcases, "compressed dispatch is timed with the bf16 handle (add bf16 to --dtype)")
+                continue
+            _, handle, rows, remote = bf16_out
+            compress = cfg.compression_ratio if level == "auto" else level
+            codec = make_codec(level, cfg.hidden, ratio=cfg.compression_ratio)
+            err = relative_error(wl.x.float(), codec.roundtrip(wl.x).float())
+            extra = dict(extra_base, compression_level=level, rel_err_mean=float(err.mean()),
+                         rel_err_max=float(err.max()), wire_row_bytes=codec.row_bytes)
+
+            def fn(compress=compress):
+                return buf.dispatch(wl.x, handle=handle, compress=compress)
+
+            _, reason = self.try_agreed(fn)
+            if reason:
+                self.skip(wcases, reason)
+                continue
+            self.record(wcases[0], self.time(fn), rows, remote, remote, codec.row_bytes, **extra)
+            if len(wcases) > 1:
+                self.run_graph(name, wcases[1], fn, rows, remote, codec.row_bytes, extra)
 
     def run_graph(self, name: str, case: tuple, fn: Callable[[], object], rows, remote, rb, extra) -> None:
         """Time ``fn`` (a cached-handle call, or a num_worst_tokens dispatch) replayed from a CUDA graph:

@@ -50,6 +50,8 @@ class BenchConfig:
     seed: int = 0
     timeout_s: float = 300.0
     progress: bool = True
+    compression: tuple = ()          # levels timed as compressed dispatch of bf16 rows: 8, 4, 'auto'
+    compression_ratio: float = 0.3   # the 'auto' byte target
 
     @property
     def dist_backend(self) -> str:
@@ -76,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"BENCH.md token sweep {','.join(map(str, SWEEP_TOKENS))} (bf16 unless --dtype)")
     g.add_argument("--dtype", choices=("bf16", "fp8", "both"),
                    help="dispatch wire format (GPU: both, CPU: bf16)")
+    g.add_argument("--compression", default="",
+                   help="also time the cached dispatch of the bf16 rows compressed by deep_ep at these levels "
+                        "(comma list of 8, 4, auto; wires c8 / int4 / auto, with the codec's error in the row)")
+    g.add_argument("--compression-ratio", type=float, default=0.3, help="byte target of 'auto' (default 0.3)")
     g.add_argument("--seed", type=int, default=0, help="routing/data seed (rank r uses seed+r)")
     g = p.add_argument_group("ranks and backends")
     g.add_argument("--world-size", type=int, help="ranks to spawn (GPU: all local GPUs, CPU: 2)")
@@ -93,6 +99,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", metavar="FILE",
                    help="write the BENCH.md result file; a directory gets <date>-<card>-<workload>.json")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+#: bench wire name of each compression level
+COMPRESSED_WIRES = {8: "c8", 4: "int4", "auto": "auto"}
+
+
+def _compression(text: str) -> tuple:
+    levels = []
+    for item in (text or "").split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        level = "auto" if item == "auto" else int(item) if item.isdigit() else item
+        if level not in COMPRESSED_WIRES:
+            raise BenchOptionError(f"--compression takes 8, 4 and auto, got {item!r}")
+        levels.append(level)
+    return tuple(levels)
 
 
 def _split(values) -> list:
@@ -148,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         device=device, world_size=world, tokens=tuple(tokens), hidden=hidden, topk=topk,
         experts=experts, wires=tuple(wires), backends=backends, num_sms=args.num_sms,
+        compression=_compression(args.compression), compression_ratio=args.compression_ratio,
         iters=iters, warmup=warmup, routing=args.skew,
         workload="sweep" if args.sweep else "normal", baselines=not args.no_baselines,
         seed=args.seed, timeout_s=args.timeout, progress=not args.no_progress)

@@ -58,7 +58,15 @@ def reduce_rows(cfg, per_rank: list) -> list:
             time_us_per_rank=medians, bytes_logical=bytes_logical, bytes_link=bytes_link,
             recv_rows=_mean(r["recv_rows"] for r in recs),
             **({"transport": recs[0]["transport"]} if "transport" in recs[0] else {}),
+            **{k: recs[0][k] for k in ("compression_level", "wire_row_bytes") if k in recs[0]},
+            **({"rel_err_mean": _mean(r["rel_err_mean"] for r in recs),
+                "rel_err_max": max(r["rel_err_max"] for r in recs)} if "rel_err_mean" in recs[0] else {}),
             rows_match=all(r.get("expected_rows") in (None, r["recv_rows"]) for r in recs)))
+    plain = {(r["tokens"], r["backend"], r["op"], r["timing"]): r for r in rows if r["wire"] == "bf16"}
+    for r in rows:                                  # compressed dispatch: its time over the bf16 dispatch's
+        p = plain.get((r["tokens"], r["backend"], r["op"], r["timing"]))
+        if "compression_level" in r and p is not None and p["time_us"]:
+            r["time_vs_bf16"] = r["time_us"] / p["time_us"]
     baselines = {cfg.raw_name, "peer-copy"}
     base = {(r["tokens"], r["op"], r["wire"], r["backend"]): r for r in rows if r["backend"] in baselines}
     for r in rows:
@@ -113,6 +121,9 @@ def format_table(result: dict) -> str:
     baselines = [raw_name] + (["peer-copy"] if result["device"] == "cuda" else [])
     head = ["backend", "op", "timing", "wire", "tokens", "time_us", "GB/s logical", "GB/s link"]
     head += [f"vs {b}" for b in baselines]
+    errors = any("rel_err_mean" in r for r in result["rows"])
+    if errors:
+        head += ["rel err", "time / bf16"]
     lines = []
     for r in result["rows"]:
         name = r["backend"] if r.get("transport", r["backend"]) == r["backend"] else \
@@ -120,6 +131,8 @@ def format_table(result: dict) -> str:
         cells = [name, r["op"], r["timing"], r["wire"], str(r["tokens"]),
                  _fmt(r["time_us"], ".1f"), _fmt(r["gbps_logical"], ".2f"), _fmt(r["gbps_link"], ".2f")]
         cells += [_fmt(r.get("ratio_vs", {}).get(b), ".2f") for b in baselines]
+        if errors:
+            cells += [_fmt(r.get("rel_err_mean"), ".4f"), _fmt(r.get("time_vs_bf16"), ".2f")]
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
     left = 4  # text columns are left-aligned, numbers right-aligned

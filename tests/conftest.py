@@ -36,7 +36,7 @@ def _cuda_device_count() -> int:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     """Register markers; set a default per-test timeout if pytest-timeout is present."""
-    config.addinivalue_line("markers", "gpu: needs CUDA with at least 2 GPUs (auto-skipped otherwise)")
+    config.addinivalue_line("markers", "gpu(n=2): needs CUDA with at least n GPUs (auto-skipped otherwise)")
     config.addinivalue_line("markers", "slow: slow test")
     if config.pluginmanager.hasplugin("timeout"):
         try:
@@ -48,7 +48,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip ``gpu``-marked tests unless >= 2 CUDA devices; pre-start the forkserver.
+    """Skip ``gpu``-marked tests unless enough CUDA devices (``gpu(n)``, 2 by default); pre-start the forkserver.
 
     If any selected test uses ``rank_pool``, the multiprocessing forkserver
     (which imports torch once for all workers) is started now so that its
@@ -66,11 +66,11 @@ def pytest_collection_modifyitems(config, items):
     if not gpu_items:
         return
     count = _cuda_device_count()
-    if count >= 2:
-        return
-    skip = pytest.mark.skip(reason=f"needs >= 2 CUDA GPUs (found {count})")
     for item in gpu_items:
-        item.add_marker(skip)
+        marker = item.get_closest_marker("gpu")
+        need = marker.args[0] if marker.args else 2
+        if count < need:
+            item.add_marker(pytest.mark.skip(reason=f"needs >= {need} CUDA GPUs (found {count})"))
 
 
 @pytest.fixture(scope="session")

@@ -228,7 +228,7 @@ def test_dispatch_combine_with_each_level_gpu(rank_pool, backend, worst):
     rank_pool(2, backend="nccl").run(rank_dispatch_levels, backend, worst)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(1)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("level,opts", [(8, {}), (8, {"round_scale": True}), (8, {"use_ue8m0": True}), (4, {}),
                                         ("auto", {"ratio": 0.3}), ("auto", {"ratio": 0.6})])

@@ -10,7 +10,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.gpu
+@pytest.mark.gpu(1)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("T,H,R,nb", [(1, 7, 1, 0), (37, 130, 2, 1), (513, 7168, 2, 2), (64, 2048, 8, 0), (0, 64, 2, 0)])
 def test_reduce_rows_kernel_matches_torch(dtype, T, H, R, nb):
@@ -35,7 +35,7 @@ def test_reduce_rows_kernel_matches_torch(dtype, T, H, R, nb):
 
 
 @cuda
-@pytest.mark.gpu
+@pytest.mark.gpu(1)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("T,H,R,col,n_local", [(37, 130, 2, 0, 20), (513, 7168, 2, 1, 300), (64, 2048, 4, 2, 0),
                                                 (5, 9, 3, 1, 4)])
@@ -72,7 +72,7 @@ def test_reduce_rows_kernel_local_rows_and_absent(dtype, T, H, R, col, n_local):
 
 
 @cuda
-@pytest.mark.gpu
+@pytest.mark.gpu(1)
 @pytest.mark.parametrize("W,dtype,nprog", [(1792, torch.int64, 24), (7, torch.int32, 3), (40, torch.int16, 1),
                                            (3, torch.uint8, 5)])
 def test_scatter_kernels_match_torch(W, dtype, nprog):

@@ -61,6 +61,12 @@ _BLOCK4 = 32
 LEVELS = (16, 8, 4, "auto")
 
 
+def _div(a: torch.Tensor, c: float) -> torch.Tensor:
+    """``a / c`` correctly rounded on every device (CUDA divides by a Python scalar as a multiplication by
+    its reciprocal, which can differ in the last bit; a tensor divisor gives IEEE division)."""
+    return a / torch.full_like(a, float(c))
+
+
 def _finite_abs(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
     return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
@@ -192,7 +198,7 @@ class Codec:
         if self.level == 8:
             b = _blocks(xf, _BLOCK8)
             amax = _finite_abs(b).amax(dim=2).clamp(min=_FP8_FLOOR)
-            scale = amax / FP8_MAX
+            scale = _div(amax, FP8_MAX)
             if self.round_scale or self.use_ue8m0:
                 scale = _pow2_ceil(scale)
             q = b / scale.unsqueeze(2)
@@ -208,7 +214,7 @@ class Codec:
         nb = b.size(1)
         amax = _finite_abs(b).amax(dim=2).clamp(min=_INT_FLOOR)
         if self.level == 4:
-            bits = _bf16_bits(amax / INT4_MAX)
+            bits = _bf16_bits(_div(amax, INT4_MAX))
             q = _quant_int(b, _bits_bf16(bits).unsqueeze(2), INT4_MAX).reshape(T, -1)[:, :H]
             if H % 2:
                 q = torch.nn.functional.pad(q, (0, 1))
@@ -220,7 +226,7 @@ class Codec:
         wide = torch.zeros((T, nb), dtype=torch.bool, device=x.device)
         if k:
             wide.scatter_(1, order[:, :k], True)
-        bits = torch.where(wide, _bf16_bits(amax / INT8_MAX), _bf16_bits(amax / INT4_MAX))
+        bits = torch.where(wide, _bf16_bits(_div(amax, INT8_MAX)), _bf16_bits(_div(amax, INT4_MAX)))
         scale = _bits_bf16(bits).unsqueeze(2)
         q4 = _quant_int(b, scale, INT4_MAX)
         q8 = _quant_int(b, scale, INT8_MAX)

@@ -247,6 +247,9 @@ def test_kernels_same_bytes_as_reference(level, opts, H):
     got = c.encode(x)
     want = c.encode_reference(x)
     assert torch.equal(got, want), int((got != want).sum())
+    assert torch.equal(got.cpu(), c.encode_reference(x.cpu())), "CPU reference bytes"
+    assert torch.equal(c.decode_reference(want).cpu().nan_to_num(123.0),
+                       c.decode_reference(want.cpu()).nan_to_num(123.0)), "CPU reference values"
     dec = c.decode(got, torch.float32)
     ref_dec = c.decode_reference(want)
     assert torch.equal(torch.nan_to_num(dec, nan=123.0), torch.nan_to_num(ref_dec, nan=123.0))

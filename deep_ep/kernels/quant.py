@@ -3,8 +3,10 @@
 Every step is exact or correctly rounded as in the torch reference: IEEE
 division (``div_rn``), round-half-even (``rint``), float32 -> fp8 / bf16 casts
 that round to nearest even, power-of-two scales by exponent arithmetic, and
-``amax`` (order-independent). The int codecs read a block's 32 values as 16
-even and 16 odd columns, so a nibble pair is one byte without reshapes.
+``amax`` (order-independent). The int codecs load a block's 32 values
+contiguously and split them into 16 even and 16 odd columns (a nibble pair is
+one byte); value offsets are separate arguments so that Triton sees their
+alignment and moves 16-byte vectors.
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ def _signed(v, bits: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------- level 8
 @triton.jit
-def _enc8(x_ptr, out_ptr, H, NB, W, BB: tl.constexpr, ROUND: tl.constexpr, UE8M0: tl.constexpr):
+def _enc8(x_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, ROUND: tl.constexpr, UE8M0: tl.constexpr):
+    # VOFF (bytes of scales before the values) is its own argument so that Triton sees its alignment
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * BB + tl.arange(0, BB)
     col = blk[:, None] * 128 + tl.arange(0, 128)[None, :]
@@ -86,16 +89,15 @@ def _enc8(x_ptr, out_ptr, H, NB, W, BB: tl.constexpr, ROUND: tl.constexpr, UE8M0
     base = out_ptr + row * W
     if UE8M0:
         tl.store(base + blk, ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8), mask=bm)
-        tl.store(base + NB + col, qb, mask=m)
     else:
         sb = scale.to(tl.int32, bitcast=True)
         for i in tl.static_range(4):
             tl.store(base + 4 * blk + i, ((sb >> (8 * i)) & 0xFF).to(tl.uint8), mask=bm)
-        tl.store(base + 4 * NB + col, qb, mask=m)
+    tl.store(base + VOFF + col, qb, mask=m)
 
 
 @triton.jit
-def _dec8(p_ptr, out_ptr, H, NB, W, BB: tl.constexpr, UE8M0: tl.constexpr):
+def _dec8(p_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, UE8M0: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * BB + tl.arange(0, BB)
     col = blk[:, None] * 128 + tl.arange(0, 128)[None, :]
@@ -105,27 +107,39 @@ def _dec8(p_ptr, out_ptr, H, NB, W, BB: tl.constexpr, UE8M0: tl.constexpr):
     if UE8M0:
         e = tl.load(base + blk, mask=bm, other=127).to(tl.int32)
         scale = (e << 23).to(tl.float32, bitcast=True)
-        q = tl.load(base + NB + col, mask=m, other=0)
     else:
         sb = tl.load(base + 4 * blk, mask=bm, other=0).to(tl.int32)
         for i in tl.static_range(1, 4):
             sb = sb | (tl.load(base + 4 * blk + i, mask=bm, other=0).to(tl.int32) << (8 * i))
         scale = sb.to(tl.float32, bitcast=True)
-        q = tl.load(base + 4 * NB + col, mask=m, other=0)
+    q = tl.load(base + VOFF + col, mask=m, other=0)
     v = q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
     tl.store(out_ptr + row * H + col, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------- level 4
 @triton.jit
-def _enc4(x_ptr, out_ptr, H, NB, W, BB: tl.constexpr):
+def _pairs(x_ptr, row, H, blk, bm):
+    """A row's blocks of 32 values, contiguous loads, as (even columns, odd columns) ``[BB, 16]``."""
+    col = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+    x = tl.load(x_ptr + row * H + col, mask=bm[:, None] & (col < H), other=0.0).to(tl.float32)
+    return tl.split(tl.reshape(x, (x.shape[0], 16, 2)))
+
+
+@triton.jit
+def _store_pairs(out_ptr, row, H, blk, bm, ve, vo):
+    col = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+    v = tl.reshape(tl.join(ve, vo), (ve.shape[0], 32))
+    tl.store(out_ptr + row * H + col, v.to(out_ptr.dtype.element_ty), mask=bm[:, None] & (col < H))
+
+
+@triton.jit
+def _enc4(x_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * BB + tl.arange(0, BB)
     i = tl.arange(0, 16)
-    ce = blk[:, None] * 32 + 2 * i[None, :]
     bm = blk < NB
-    xe = tl.load(x_ptr + row * H + ce, mask=bm[:, None] & (ce < H), other=0.0).to(tl.float32)
-    xo = tl.load(x_ptr + row * H + ce + 1, mask=bm[:, None] & (ce + 1 < H), other=0.0).to(tl.float32)
+    xe, xo = _pairs(x_ptr, row, H, blk, bm)
     amax = tl.maximum(tl.maximum(tl.max(_finite_abs(xe), axis=1), tl.max(_finite_abs(xo), axis=1)), 1e-30)
     bits, scale = _bf16_scale(amax, 7)
     qe = _quant(xe, scale[:, None], 7)
@@ -133,24 +147,23 @@ def _enc4(x_ptr, out_ptr, H, NB, W, BB: tl.constexpr):
     byte = ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8)
     base = out_ptr + row * W
     _store_u16(base + 2 * blk, bits, bm)
-    tl.store(base + 2 * NB + ce // 2, byte, mask=bm[:, None] & (ce < H))
+    pos = blk[:, None] * 16 + i[None, :]
+    tl.store(base + VOFF + pos, byte, mask=bm[:, None] & (2 * pos < H))
 
 
 @triton.jit
-def _dec4(p_ptr, out_ptr, H, NB, W, BB: tl.constexpr):
+def _dec4(p_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * BB + tl.arange(0, BB)
     i = tl.arange(0, 16)
-    ce = blk[:, None] * 32 + 2 * i[None, :]
     bm = blk < NB
     base = p_ptr + row * W
     scale = _load_u16(base + 2 * blk, bm).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
-    byte = tl.load(base + 2 * NB + ce // 2, mask=bm[:, None] & (ce < H), other=0).to(tl.int32)
+    pos = blk[:, None] * 16 + i[None, :]
+    byte = tl.load(base + VOFF + pos, mask=bm[:, None] & (2 * pos < H), other=0).to(tl.int32)
     ve = _dequant(_signed(byte & 0xF, 4), scale[:, None], 7)
     vo = _dequant(_signed(byte >> 4, 4), scale[:, None], 7)
-    dt = out_ptr.dtype.element_ty
-    tl.store(out_ptr + row * H + ce, ve.to(dt), mask=bm[:, None] & (ce < H))
-    tl.store(out_ptr + row * H + ce + 1, vo.to(dt), mask=bm[:, None] & (ce + 1 < H))
+    _store_pairs(out_ptr, row, H, blk, bm, ve, vo)
 
 
 # ---------------------------------------------------------------------------------------------- 'auto'
@@ -159,16 +172,16 @@ def _enc_auto(x_ptr, out_ptr, H, NB, W, K, NBP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.arange(0, NBP)
     i = tl.arange(0, 16)
-    ce = blk[:, None] * 32 + 2 * i[None, :]
     bm = blk < NB
-    xe = tl.load(x_ptr + row * H + ce, mask=bm[:, None] & (ce < H), other=0.0).to(tl.float32)
-    xo = tl.load(x_ptr + row * H + ce + 1, mask=bm[:, None] & (ce + 1 < H), other=0.0).to(tl.float32)
+    xe, xo = _pairs(x_ptr, row, H, blk, bm)
     amax = tl.maximum(tl.maximum(tl.max(_finite_abs(xe), axis=1), tl.max(_finite_abs(xo), axis=1)), 1e-30)
-    # rank of each block by amax, descending, ties to the lower block: the K first are int8
-    a_c = tl.where(bm, amax, -1.0)
-    before = (a_c[None, :] > a_c[:, None]) | ((a_c[None, :] == a_c[:, None]) & (blk[None, :] < blk[:, None]))
-    rank = tl.sum(before.to(tl.int32), axis=1)
-    wide = (rank < K) & bm
+    # the K blocks of largest amax (ties: lower block first) are int8: one sort of unique keys
+    # (amax's bits, monotone for positive floats, then the reversed block index)
+    key = amax.to(tl.int32, bitcast=True).to(tl.int64) * 65536 + (65535 - blk)
+    key = tl.where(bm, key, -1)
+    ranked = tl.sort(key, 0, descending=True)
+    kth = tl.max(tl.where(tl.arange(0, NBP) == K - 1, ranked, -1), axis=0)
+    wide = (key >= kth) & bm & (K > 0)
     bits4, s4 = _bf16_scale(amax, 7)
     bits8, s8 = _bf16_scale(amax, 127)
     bits = tl.where(wide, bits8 | 0x8000, bits4)
@@ -184,8 +197,9 @@ def _enc_auto(x_ptr, out_ptr, H, NB, W, K, NBP: tl.constexpr):
     tl.store(pay + i[None, :], ((q4e & 0xF) | ((q4o & 0xF) << 4)).to(tl.uint8), mask=bm[:, None] & ~w2)
     q8e = _quant(xe, s8[:, None], 127)
     q8o = _quant(xo, s8[:, None], 127)
-    tl.store(pay + 2 * i[None, :], (q8e & 0xFF).to(tl.uint8), mask=bm[:, None] & w2)
-    tl.store(pay + 2 * i[None, :] + 1, (q8o & 0xFF).to(tl.uint8), mask=bm[:, None] & w2)
+    q8 = tl.reshape(tl.join(q8e, q8o), (NBP, 32))
+    j = tl.arange(0, 32)
+    tl.store(pay + j[None, :], (q8 & 0xFF).to(tl.uint8), mask=bm[:, None] & w2)
 
 
 @triton.jit
@@ -193,7 +207,6 @@ def _dec_auto(p_ptr, out_ptr, H, NB, W, NBP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.arange(0, NBP)
     i = tl.arange(0, 16)
-    ce = blk[:, None] * 32 + 2 * i[None, :]
     bm = blk < NB
     base = p_ptr + row * W
     bits = _load_u16(base + 2 * blk, bm)
@@ -204,15 +217,15 @@ def _dec_auto(p_ptr, out_ptr, H, NB, W, NBP: tl.constexpr):
     start = tl.cumsum(size, axis=0) - size
     pay = base + 2 * NB + start[:, None]
     w2 = wide[:, None]
-    b4 = tl.load(pay + i[None, :], mask=bm[:, None] & ~w2, other=0).to(tl.int32)
-    b8e = tl.load(pay + 2 * i[None, :], mask=bm[:, None] & w2, other=0).to(tl.int32)
-    b8o = tl.load(pay + 2 * i[None, :] + 1, mask=bm[:, None] & w2, other=0).to(tl.int32)
     s = scale[:, None]
-    ve = tl.where(w2, _dequant(_signed(b8e, 8), s, 127), _dequant(_signed(b4 & 0xF, 4), s, 7))
-    vo = tl.where(w2, _dequant(_signed(b8o, 8), s, 127), _dequant(_signed(b4 >> 4, 4), s, 7))
-    dt = out_ptr.dtype.element_ty
-    tl.store(out_ptr + row * H + ce, ve.to(dt), mask=bm[:, None] & (ce < H))
-    tl.store(out_ptr + row * H + ce + 1, vo.to(dt), mask=bm[:, None] & (ce + 1 < H))
+    b4 = tl.load(pay + i[None, :], mask=bm[:, None] & ~w2, other=0).to(tl.int32)
+    v4 = tl.reshape(tl.join(_dequant(_signed(b4 & 0xF, 4), s, 7), _dequant(_signed(b4 >> 4, 4), s, 7)), (NBP, 32))
+    j = tl.arange(0, 32)
+    b8 = tl.load(pay + j[None, :], mask=bm[:, None] & w2, other=0).to(tl.int32)
+    v8 = _dequant(_signed(b8, 8), s, 127)
+    v = tl.where(w2, v8, v4)
+    col = blk[:, None] * 32 + j[None, :]
+    tl.store(out_ptr + row * H + col, v.to(out_ptr.dtype.element_ty), mask=bm[:, None] & (col < H))
 
 
 def encode(codec, x: torch.Tensor) -> torch.Tensor:
@@ -224,12 +237,12 @@ def encode(codec, x: torch.Tensor) -> torch.Tensor:
     if T == 0:
         return out
     if codec.level == 8:
-        bb = 4
-        _enc8[(T, triton.cdiv(nb, bb))](x, out, H, nb, W, BB=bb, ROUND=codec.round_scale, UE8M0=codec.use_ue8m0,
-                                        num_warps=4)
+        bb = 8
+        _enc8[(T, triton.cdiv(nb, bb))](x, out, H, nb, W, codec.scale_bytes, BB=bb, ROUND=codec.round_scale,
+                                        UE8M0=codec.use_ue8m0, num_warps=4)
     elif codec.level == 4:
-        bb = 16
-        _enc4[(T, triton.cdiv(nb, bb))](x, out, H, nb, W, BB=bb, num_warps=4)
+        bb = 32
+        _enc4[(T, triton.cdiv(nb, bb))](x, out, H, nb, W, codec.scale_bytes, BB=bb, num_warps=4)
     else:
         _enc_auto[(T,)](x, out, H, nb, W, codec.upgrades, NBP=max(16, triton.next_power_of_2(nb)), num_warps=8)
     return out
@@ -243,11 +256,12 @@ def decode(codec, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if N == 0:
         return out
     if codec.level == 8:
-        bb = 4
-        _dec8[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, BB=bb, UE8M0=codec.use_ue8m0, num_warps=4)
+        bb = 8
+        _dec8[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, UE8M0=codec.use_ue8m0,
+                                        num_warps=4)
     elif codec.level == 4:
-        bb = 16
-        _dec4[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, BB=bb, num_warps=4)
+        bb = 32
+        _dec4[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, num_warps=4)
     else:
         _dec_auto[(N,)](packed, out, H, nb, W, NBP=max(16, triton.next_power_of_2(nb)), num_warps=8)
     return out

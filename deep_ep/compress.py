@@ -8,7 +8,8 @@ level      packed row (uint8)                                                   
 =========  ====================================================================  ==========================
 16         the bf16 row itself (no codec)                                        ``2H``
 8          ``nb = ceil(H/128)`` float32 scales, then ``H`` fp8 e4m3 values;      ``4*nb + H``
-           ``scale = max(amax, 1e-4) / 448`` per 128 values (DeepEP's format);
+           ``scale = max(amax, 1e-4) / 448`` per 128 values, values
+           ``x * (448 / max(amax, 1e-4))`` (DeepEP's format and arithmetic);
            ``round_scale``: scale rounded up to a power of two; ``use_ue8m0``
            (implies it): one byte per scale, its biased exponent (UE8M0)        ``nb + H``
 4          ``nb = ceil(H/32)`` bf16 scales (``amax / 7``), then int4 values     ``2*nb + ceil(H/2)``
@@ -27,6 +28,9 @@ the usual uniform-noise model (a block's error is proportional to its
 ``amax**2``, 289x smaller in int8 than int4) and is exact (no float sums
 whose order could differ between implementations). The level of every block
 travels in its scale's sign bit: the row header costs no bytes.
+
+The int codecs quantise ``x * (1 / scale)`` (one division per block, then
+multiplications, as DeepEP's fp8 cast does), rounding half to even.
 
 Special values: ``amax`` is taken over finite values. NaN stays NaN (fp8 NaN;
 the int codes -8 / -128 are reserved for it). +-Inf saturates to the largest
@@ -67,6 +71,11 @@ def _div(a: torch.Tensor, c: float) -> torch.Tensor:
     return a / torch.full_like(a, float(c))
 
 
+def _rdiv(c: float, a: torch.Tensor) -> torch.Tensor:
+    """``c / a`` correctly rounded (see :func:`_div`)."""
+    return torch.full_like(a, float(c)) / a
+
+
 def _finite_abs(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
     return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
@@ -94,8 +103,8 @@ def _bits_bf16(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _quant_int(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Round ``x / scale`` to ints in ``[-qmax, qmax]``; NaN -> ``-qmax - 1`` (int32)."""
-    q = torch.round(x / scale)
+    """Round ``x * (1 / scale)`` to ints in ``[-qmax, qmax]``; NaN -> ``-qmax - 1`` (int32)."""
+    q = torch.round(x * _rdiv(1.0, scale))
     q = torch.where(q > qmax, torch.full_like(q, qmax), q)
     q = torch.where(q < -qmax, torch.full_like(q, -qmax), q)
     return torch.where(torch.isnan(q), torch.full_like(q, -qmax - 1), q).to(torch.int32)
@@ -199,9 +208,11 @@ class Codec:
             b = _blocks(xf, _BLOCK8)
             amax = _finite_abs(b).amax(dim=2).clamp(min=_FP8_FLOOR)
             scale = _div(amax, FP8_MAX)
+            inv = _rdiv(FP8_MAX, amax)
             if self.round_scale or self.use_ue8m0:
                 scale = _pow2_ceil(scale)
-            q = b / scale.unsqueeze(2)
+                inv = _rdiv(1.0, scale)                       # exact: a power of two
+            q = b * inv.unsqueeze(2)
             q = torch.where(q > FP8_MAX, torch.full_like(q, FP8_MAX), q)
             q = torch.where(q < -FP8_MAX, torch.full_like(q, -FP8_MAX), q)
             vals = q.to(torch.float8_e4m3fn).view(torch.uint8).reshape(T, -1)[:, :H]

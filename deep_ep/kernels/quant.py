@@ -1,7 +1,7 @@
 """Triton twins of :class:`deep_ep.compress.Codec` ``encode`` / ``decode`` (same bytes, same values).
 
-Every step is exact or correctly rounded as in the torch reference: IEEE
-division (``div_rn``), round-half-even (``rint``), float32 -> fp8 / bf16 casts
+Every step is exact or correctly rounded as in the torch reference: one IEEE
+division (``div_rn``) per block for the scale and its inverse, then multiplications, round-half-even (``rint``), float32 -> fp8 / bf16 casts
 that round to nearest even, power-of-two scales by exponent arithmetic, and
 ``amax`` (order-independent). The int codecs load a block's 32 values
 contiguously and split them into 16 even and 16 odd columns (a nibble pair is
@@ -46,8 +46,9 @@ def _bf16_scale(amax, qmax: tl.constexpr):
 
 
 @triton.jit
-def _quant(x, scale, qmax: tl.constexpr):
-    q = libdevice.rint(_div(x, scale))
+def _quant(x, inv, qmax: tl.constexpr):
+    """Round ``x * inv`` (``inv = 1 / scale``, one division per block) to ints; NaN -> the reserved code."""
+    q = libdevice.rint(x * inv)
     q = tl.where(q > qmax, qmax * 1.0, q)
     q = tl.where(q < -qmax, -qmax * 1.0, q)
     q = tl.where(q != q, -qmax - 1.0, q)
@@ -78,11 +79,13 @@ def _enc8(x_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, ROUND: tl.constexpr,
     x = tl.load(x_ptr + row * H + col, mask=m, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(_finite_abs(x), axis=1), 1e-4)
     scale = _div(amax, 448.0)
+    inv = _div(448.0, amax)
     if ROUND:
         b = scale.to(tl.int32, bitcast=True)
         e = (b >> 23) + ((b & 0x7FFFFF) != 0).to(tl.int32)
         scale = (e << 23).to(tl.float32, bitcast=True)
-    q = _div(x, scale[:, None])
+        inv = _div(1.0, scale)
+    q = x * inv[:, None]
     q = tl.where(q > 448.0, 448.0, q)
     q = tl.where(q < -448.0, -448.0, q)
     qb = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
@@ -142,8 +145,9 @@ def _enc4(x_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr):
     xe, xo = _pairs(x_ptr, row, H, blk, bm)
     amax = tl.maximum(tl.maximum(tl.max(_finite_abs(xe), axis=1), tl.max(_finite_abs(xo), axis=1)), 1e-30)
     bits, scale = _bf16_scale(amax, 7)
-    qe = _quant(xe, scale[:, None], 7)
-    qo = _quant(xo, scale[:, None], 7)
+    inv = _div(1.0, scale)[:, None]
+    qe = _quant(xe, inv, 7)
+    qo = _quant(xo, inv, 7)
     byte = ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8)
     base = out_ptr + row * W
     _store_u16(base + 2 * blk, bits, bm)
@@ -192,11 +196,13 @@ def _enc_auto(x_ptr, out_ptr, H, NB, W, K, NBP: tl.constexpr):
     _store_u16(base + 2 * blk, bits, bm)
     pay = base + 2 * NB + start[:, None]
     w2 = wide[:, None]
-    q4e = _quant(xe, s4[:, None], 7)
-    q4o = _quant(xo, s4[:, None], 7)
+    i4 = _div(1.0, s4)[:, None]
+    q4e = _quant(xe, i4, 7)
+    q4o = _quant(xo, i4, 7)
     tl.store(pay + i[None, :], ((q4e & 0xF) | ((q4o & 0xF) << 4)).to(tl.uint8), mask=bm[:, None] & ~w2)
-    q8e = _quant(xe, s8[:, None], 127)
-    q8o = _quant(xo, s8[:, None], 127)
+    i8 = _div(1.0, s8)[:, None]
+    q8e = _quant(xe, i8, 127)
+    q8o = _quant(xo, i8, 127)
     q8 = tl.reshape(tl.join(q8e, q8o), (NBP, 32))
     j = tl.arange(0, 32)
     tl.store(pay + j[None, :], (q8 & 0xFF).to(tl.uint8), mask=bm[:, None] & w2)

@@ -7,6 +7,22 @@ import torch
 from tests._cases import assert_same, device, get_buffer, make_case
 
 
+def _capture(step):
+    """Run ``step`` twice on a side stream (the warm-up graphs need: kernels compiled, schedules built),
+    then capture it; ``(graph, its outputs)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step()
+    return g, outs
+
+
 def rank_graph_replay(rank, R, seed, worst_extra):
     """Capture cached dispatch + combine of a num_worst_tokens handle once, replay on fresh data."""
     import deep_ep
@@ -33,16 +49,7 @@ def rank_graph_replay(rank, R, seed, worst_extra):
         y = rx * (rank + 2)
         return rx, buf.combine(y, handle)[0]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):            # warm-up outside capture, as graphs need
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        rx_static, comb_static = step()
+    g, (rx_static, comb_static) = _capture(step)
     for trial in range(3):
         fresh = make_case(seed + 100 + trial, R, hidden=256, topk=4, num_experts=16, tokens=case.tokens)
         xs_new = [torch.randn_like(t.float()).to(t.dtype) for t in fresh.xs]     # new data, same routing
@@ -92,16 +99,7 @@ def rank_fresh_graph(rank, R, seed):
         comb, comb_w, _ = buf.combine(y, h, topk_weights=rw)
         return rx, ridx, rw, comb, comb_w
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):            # warm-up (compiles the kernels) outside capture
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = step()
+    g, outs = _capture(step)
     for trial in range(3):
         fresh = make_case(seed + 50 + trial, R, hidden=200, topk=4, num_experts=16, tokens=tokens)
         x_s.copy_(fresh.xs[rank].to(dev))

@@ -21,6 +21,7 @@ from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPT
 from .agreement import (_H_E, _H_DTYPE, _H_HIDDEN, _H_K, _H_LEVEL, _H_SCALES, _H_W, _H_WORST, _HEADER, _OP_CACHED,
                         _OP_COMBINE, _OP_DISPATCH, Problem, agree, agree_rows, check_id_ranges, make_header)
 from .device_plan import DeferredChecks, build_device_plan, valid_rows
+from .low_latency import LowLatencyMethods
 from .wire import CompressedRows, Wire
 from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, select_backend, transport_class
@@ -56,7 +57,7 @@ class DispatchHandle(NamedTuple):
     owner: int
 
 
-class Buffer:
+class Buffer(LowLatencyMethods):
     """The expert-parallel communication buffer (DeepEP v1 API; API.md section 2).
 
     Arguments (DeepEP's, positional order kept): ``group`` a
@@ -175,8 +176,9 @@ class Buffer:
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
-        """Staging bytes the low-latency mode needs (arrives with issue 5)."""
-        raise NotImplementedError("the low-latency mode arrives with issue 5")
+        """Staging bytes a low-latency call may need (pass them as ``num_nvl_bytes`` on nvlink)."""
+        from .low_latency import rdma_size_hint
+        return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ------------------------------------------------------------------ instance utilities
     def _check_alive(self) -> None:
@@ -650,20 +652,3 @@ class Buffer:
             out, out_w = self._transport.combine(handle.plan, xv, topk_weights, biases, call.alloc, codec=codec)
         event = call.finish([xv, topk_weights, out, out_w] + biases)
         return out, out_w, event
-
-    # ------------------------------------------------------------------ low-latency mode (issue 5)
-    def low_latency_dispatch(self, *args, **kwargs):
-        """Low-latency dispatch (API.md 2.4); arrives with issue 5."""
-        raise NotImplementedError("low_latency_dispatch arrives with issue 5 (low-latency mode)")
-
-    def low_latency_combine(self, *args, **kwargs):
-        """Low-latency combine (API.md 2.4); arrives with issue 5."""
-        raise NotImplementedError("low_latency_combine arrives with issue 5 (low-latency mode)")
-
-    def get_next_low_latency_combine_buffer(self, handle):
-        """Zero-copy combine buffer (API.md 2.4); arrives with issue 5."""
-        raise NotImplementedError("get_next_low_latency_combine_buffer arrives with issue 5 (low-latency mode)")
-
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Reset low-latency buffers (API.md 2.4); arrives with issue 5."""
-        raise NotImplementedError("clean_low_latency_buffer arrives with issue 5 (low-latency mode)")

@@ -215,18 +215,18 @@ class Codec:
             q = b * inv.unsqueeze(2)
             q = torch.where(q > FP8_MAX, torch.full_like(q, FP8_MAX), q)
             q = torch.where(q < -FP8_MAX, torch.full_like(q, -FP8_MAX), q)
-            vals = q.to(torch.float8_e4m3fn).view(torch.uint8).reshape(T, -1)[:, :H]
+            vals = q.to(torch.float8_e4m3fn).view(torch.uint8).reshape(T, q.size(1) * q.size(2))[:, :H]
             if self.use_ue8m0:
                 sbytes = (scale.view(torch.int32) >> 23).to(torch.uint8)      # the biased exponent
             else:
-                sbytes = scale.contiguous().view(torch.uint8).reshape(T, -1)
+                sbytes = scale.contiguous().view(torch.uint8).reshape(T, 4 * scale.size(1))
             return torch.cat([sbytes, vals], dim=1)
         b = _blocks(xf, _BLOCK4)
         nb = b.size(1)
         amax = _finite_abs(b).amax(dim=2).clamp(min=_INT_FLOOR)
         if self.level == 4:
             bits = _bf16_bits(_div(amax, INT4_MAX))
-            q = _quant_int(b, _bits_bf16(bits).unsqueeze(2), INT4_MAX).reshape(T, -1)[:, :H]
+            q = _quant_int(b, _bits_bf16(bits).unsqueeze(2), INT4_MAX).reshape(T, nb * _BLOCK4)[:, :H]
             if H % 2:
                 q = torch.nn.functional.pad(q, (0, 1))
             packed = (q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)
@@ -251,7 +251,7 @@ class Codec:
         pos = torch.where(wide.unsqueeze(2) | (j < 16), pos, torch.full_like(pos, P))      # int4: 16 bytes
         vals = torch.where(wide.unsqueeze(2), bytes8, torch.nn.functional.pad(bytes4, (0, 16)))
         payload = torch.zeros((T, P + 1), dtype=torch.uint8, device=x.device)
-        payload.scatter_(1, pos.reshape(T, -1), vals.reshape(T, -1))
+        payload.scatter_(1, pos.reshape(T, nb * 32), vals.reshape(T, nb * 32))
         flag = wide.to(torch.int32) << 15
         return torch.cat([_scale_bytes(bits | flag), payload[:, :P]], dim=1)
 
@@ -267,30 +267,30 @@ class Codec:
                 scale = head.contiguous().view(torch.float32)
             vals = body.contiguous().view(torch.float8_e4m3fn).float()
             vals = torch.nn.functional.pad(vals, (0, nb * _BLOCK8 - H)).view(N, nb, _BLOCK8)
-            return (vals * scale.unsqueeze(2)).reshape(N, -1)[:, :H]
+            return (vals * scale.unsqueeze(2)).reshape(N, nb * _BLOCK8)[:, :H]
         bits = head.to(torch.int32).view(N, nb, 2)
         bits = bits[:, :, 0] | (bits[:, :, 1] << 8)
         if self.level == 4:
             scale = _bits_bf16(bits)
             b = body.to(torch.int32)
-            q = torch.stack([b & 0xF, b >> 4], dim=2).reshape(N, -1)
+            q = torch.stack([b & 0xF, b >> 4], dim=2).reshape(N, 2 * b.size(1))
             q = torch.where(q >= 8, q - 16, q)
             q = torch.nn.functional.pad(q, (0, nb * _BLOCK4 - q.size(1))).view(N, nb, _BLOCK4)
-            return _dequant_int(q, scale.unsqueeze(2), INT4_MAX).reshape(N, -1)[:, :H]
+            return _dequant_int(q, scale.unsqueeze(2), INT4_MAX).reshape(N, nb * _BLOCK4)[:, :H]
         wide = (bits >> 15) == 1
         scale = _bits_bf16(bits & 0x7FFF).unsqueeze(2)
         size = 16 + 16 * wide.to(torch.int64)
         start = torch.cumsum(size, dim=1) - size
         j = torch.arange(32, device=packed.device)
         idx = start.unsqueeze(2) + torch.where(wide.unsqueeze(2), j, j // 2)                # [N, nb, 32]
-        byte = body.to(torch.int32).gather(1, idx.reshape(N, -1).clamp(max=max(body.size(1) - 1, 0)))
+        byte = body.to(torch.int32).gather(1, idx.reshape(N, nb * 32).clamp(max=max(body.size(1) - 1, 0)))
         byte = byte.view(N, nb, 32)
         nib = (byte >> (4 * (j % 2))) & 0xF
         q4 = torch.where(nib >= 8, nib - 16, nib)
         q8 = torch.where(byte >= 128, byte - 256, byte)
         v4 = _dequant_int(q4, scale, INT4_MAX)
         v8 = _dequant_int(q8, scale, INT8_MAX)
-        return torch.where(wide.unsqueeze(2), v8, v4).reshape(N, -1)[:, :H]
+        return torch.where(wide.unsqueeze(2), v8, v4).reshape(N, nb * 32)[:, :H]
 
 
 def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
@@ -302,7 +302,7 @@ def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
 
 def _scale_bytes(bits: torch.Tensor) -> torch.Tensor:
     """bf16 bit patterns ``[T, nb]`` -> little-endian bytes ``[T, 2 nb]``."""
-    return torch.stack([_u8_to_bytes(bits & 0xFF), _u8_to_bytes(bits >> 8)], dim=2).reshape(bits.size(0), -1)
+    return torch.stack([_u8_to_bytes(bits & 0xFF), _u8_to_bytes(bits >> 8)], dim=2).reshape(bits.size(0), 2 * bits.size(1))
 
 
 def _use_kernels(t: torch.Tensor) -> bool:

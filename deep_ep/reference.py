@@ -164,3 +164,50 @@ def combine(ys: Sequence[torch.Tensor], dispatched: Sequence[RefDispatch], num_t
                 acc = acc + b.to(device).to(acc_dtype)
         out.append((acc.to(ys[s].dtype), accw))
     return out
+
+
+def low_latency_dispatch(xs: Sequence[torch.Tensor], topk_idx: Sequence[torch.Tensor], num_max_dispatch_tokens_per_rank: int,
+                         num_experts: int) -> List[Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int, int]]]]:
+    """Expected low-latency dispatch of every rank: ``(rows float32 [L, R*M, H], counts int32 [L],
+    sources)``. Expert ``l``'s valid rows come in source-rank then token order (then ``k``), one per
+    (token, selected expert); ``sources[l * R * M + i]`` is ``(src rank, token, k)`` of row ``i`` of
+    expert ``l``. Rows are the inputs as given (compare encoded dispatches with their round trip)."""
+    R, M = len(xs), num_max_dispatch_tokens_per_rank
+    L = num_experts // R
+    H = xs[0].size(1) if xs else 0
+    out = []
+    for d in range(R):
+        rows = torch.zeros((L, R * M, H), dtype=torch.float32)
+        counts = torch.zeros((L,), dtype=torch.int32)
+        sources = [(-1, -1, -1)] * (L * R * M)
+        for s in range(R):
+            idx = topk_idx[s]
+            for t in range(idx.size(0)):
+                for k in range(idx.size(1)):
+                    e = int(idx[t, k])
+                    if e < 0 or e // L != d:
+                        continue
+                    l = e - d * L
+                    i = int(counts[l])
+                    rows[l, i] = xs[s][t].float()
+                    sources[l * R * M + i] = (s, t, k)
+                    counts[l] += 1
+        out.append((rows, counts, sources))
+    return out
+
+
+def low_latency_combine(ys: Sequence[torch.Tensor], dispatched, topk_idx: Sequence[torch.Tensor],
+                        topk_weights: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Expected low-latency combine of every rank: ``out[t] = sum_k w[t, k] * ys[d][l, i]`` in float32
+    (``(d, l, i)`` where pair ``(t, k)`` landed; -1 skipped), cast to bf16. ``ys[d]`` ``[L, R*M, H]``."""
+    R = len(ys)
+    outs = [torch.zeros((idx.size(0), ys[0].size(2)), dtype=torch.float32) for idx in topk_idx]
+    for d in range(R):
+        L = ys[d].size(0)
+        RM = ys[d].size(1)
+        _, counts, sources = dispatched[d]
+        for l in range(L):
+            for i in range(int(counts[l])):
+                s, t, k = sources[l * RM + i]
+                outs[s][t] += float(topk_weights[s][t, k]) * ys[d][l, i].float()
+    return [o.to(torch.bfloat16) for o in outs]

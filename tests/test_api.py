@@ -104,7 +104,7 @@ def rank_buffer_utilities(rank, R):
     buf.destroy()
     with pytest.raises(BufferDestroyedError):
         buf.dispatch(torch.zeros((1, 8), dtype=torch.bfloat16, device=dev))
-    with pytest.raises(NotImplementedError, match="issue 5"):
+    with pytest.raises(deep_ep.DeepEPTypeError, match="bfloat16"):
         get_buffer().low_latency_dispatch(None, None, 1, 1)
 
 

@@ -162,6 +162,13 @@ def test_auto_byte_target_and_error_against_level4():
         make_codec("auto", H, ratio=0.2)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_empty_rows(level):
+    c = make_codec(level, 256, ratio=0.5)
+    packed = c.encode(torch.zeros((0, 256), dtype=torch.bfloat16))
+    assert packed.shape == (0, c.row_bytes) and c.decode(packed).shape == (0, 256)
+
+
 def test_bad_arguments():
     with pytest.raises(deep_ep.DeepEPInputError, match="one of 16, 8, 4, 'auto'"):
         make_codec(2, 64)

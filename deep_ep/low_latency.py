@@ -1,0 +1,243 @@
+"""DeepEP's low-latency mode (API.md 2.4) on top of any transport: fixed shapes, no host sync on nvlink.
+
+One message per (token, selected expert): each token's row is encoded once
+(fp8 with DeepEP's per-128 scales, or bf16), repeated for its ``K`` experts
+and dispatched as ``T * K`` one-expert "pairs" with ``num_worst_tokens =
+R * M * min(K, L)`` (the most a rank can receive), so on the nvlink transport
+nothing waits for the host and the whole call can be captured in a CUDA
+graph; the collective transport gives the same outputs with a host sync.
+The receiver scatters its rows into ``[L, R * M, H]``: expert ``l``'s rows
+first, in source-rank then token order, ``recv_count[l]`` of them. Combine
+gathers the rows back into pair order, returns each pair to its source with
+the dispatch's handle, and the source sums ``topk_weights[t, k] *
+row(t, k)`` in float32.
+
+Differences from DeepEP's kernels, documented: the order of a source's block
+inside an expert's rows is fixed (source rank ascending) where DeepEP's is
+the arrival order; every call returns new tensors, so any number of results
+may be alive at once (DeepEP: two); ``return_recv_hook`` gives a hook that
+does nothing, because the call already received (results are valid once
+the hook has been called, as DeepEP requires); ``dispatch_wait_recv_cost_stats``
+and ``combine_wait_recv_cost_stats`` are accepted and left unchanged;
+``use_logfmt`` raises.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+import torch
+
+from . import layout
+from .compress import make_codec
+from .config import EventOverlap
+from .errors import DeepEPInputError, DeepEPTypeError
+
+__all__ = ["LowLatencyHandle", "LowLatencyMethods", "low_latency_dispatch", "low_latency_combine", "rdma_size_hint"]
+
+
+@dataclass
+class LowLatencyHandle:
+    """What a low-latency combine needs from its dispatch (opaque to callers)."""
+
+    inner: Any                       # the pair dispatch's DispatchHandle
+    slot: torch.Tensor               # int64 [N]: row of each received pair in [L * R * M] (-1: none)
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    num_tokens: int
+    topk: int
+    combine_buffer: Optional[torch.Tensor] = field(default=None, repr=False)
+
+
+def _noop() -> None:
+    """The receive hook: the call already received."""
+
+
+def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """Staging bytes a low-latency dispatch or combine may need (the pair rows a rank can receive, twice)."""
+    L = max(num_experts // max(num_ranks, 1), 1)
+    rows = num_ranks * num_max_dispatch_tokens_per_rank * L
+    return 2 * rows * (2 * hidden + 64) + (1 << 20)
+
+
+def _check(buf, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int) -> Tuple[int, int, int]:
+    R = buf.num_ranks
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype != torch.bfloat16:
+        raise DeepEPTypeError(f"low_latency_dispatch x must be bfloat16 [num_tokens, hidden], got "
+                              f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+    if not isinstance(M, int) or M < 1:
+        raise DeepEPInputError(f"num_max_dispatch_tokens_per_rank must be a positive int, got {M!r}")
+    T, H = x.shape
+    if T > M:
+        raise DeepEPInputError(f"low_latency_dispatch got {T} tokens, more than num_max_dispatch_tokens_per_rank={M}")
+    if not isinstance(E, int) or E < 1 or E % R:
+        raise DeepEPInputError(f"num_experts={E!r} must be a positive multiple of the number of ranks {R}")
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.size(0) != T \
+            or topk_idx.dtype not in (torch.int64, torch.int32):
+        raise DeepEPInputError(f"topk_idx must be an int64 tensor [{T}, num_topk], got "
+                               f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} "
+                               f"{list(getattr(topk_idx, 'shape', []))}")
+    buf._check_device(x, "x")
+    buf._check_device(topk_idx, "topk_idx")
+    return T, H, topk_idx.size(1)
+
+
+def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                         num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                         dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                         round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                         return_recv_hook: bool = False):
+    """See :meth:`deep_ep.Buffer.low_latency_dispatch` and the module docstring."""
+    M, E, R = num_max_dispatch_tokens_per_rank, num_experts, buf.num_ranks
+    T, H, K = _check(buf, x, topk_idx, M, E)
+    if async_finish and return_recv_hook:
+        raise DeepEPInputError("async_finish and return_recv_hook are exclusive")
+    if use_ue8m0 and not use_fp8:
+        raise DeepEPInputError("use_ue8m0 needs use_fp8=True")
+    if use_fp8 and H % (512 if use_ue8m0 else 128):
+        raise DeepEPInputError(f"fp8 low-latency dispatch needs hidden divisible by {512 if use_ue8m0 else 128} "
+                               f"(one scale per 128 values{', four per int32' if use_ue8m0 else ''}), got {H}")
+    L = E // R
+    if not topk_idx.is_cuda:
+        layout.check_topk_idx(topk_idx, E)
+    codec = make_codec(8, H, round_scale=round_scale, use_ue8m0=use_ue8m0) if use_fp8 else None
+    rows = codec.encode(x) if codec is not None else x.contiguous().view(torch.uint8)     # once per token
+    pair_rows = rows.repeat_interleave(K, dim=0) if K != 1 else rows
+    pair_idx = topk_idx.to(torch.int64).reshape(T * K, 1)
+    worst = R * M * min(K, L)
+    _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(pair_idx, E)
+    # the encoded rows travel as opaque 16-bit words (their byte width is even: H is a multiple of 128)
+    recv, recv_idx, _, _, inner, _ = buf.dispatch(
+        pair_rows.view(torch.bfloat16), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=pair_idx, num_worst_tokens=worst, compress=False)
+    recv = recv.view(torch.uint8)
+    local = recv_idx[:, 0]                                           # local expert, -1 for padding
+    onehot = torch.nn.functional.one_hot(local.clamp(min=0), L).to(torch.bool) & (local >= 0).unsqueeze(1)
+    pos = layout.token_cumsum(onehot, torch.int64).gather(1, local.clamp(min=0).unsqueeze(1))[:, 0] - 1
+    dump = L * R * M
+    slot = torch.where(local >= 0, local * (R * M) + pos, torch.full_like(pos, -1))
+    flat = torch.zeros((dump + 1, rows.size(1)), dtype=torch.uint8, device=x.device)
+    flat.index_copy_(0, torch.where(slot >= 0, slot, dump), recv)
+    packed = flat[:dump].view(L, R * M, rows.size(1))
+    recv_count = onehot.sum(dim=0, dtype=torch.int32)
+    if cumulative_local_expert_recv_stats is not None:
+        cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.dtype))
+    if codec is None:
+        recv_x: Any = packed.view(torch.bfloat16)
+    else:
+        sb = codec.scale_bytes
+        vals = packed[..., sb:].contiguous().view(torch.float8_e4m3fn)
+        head = packed[..., :sb].contiguous()
+        scales = head.view(torch.int32) if use_ue8m0 else head.view(torch.float32)
+        recv_x = (vals, scales)
+    handle = LowLatencyHandle(inner, slot, M, H, E, T, K)
+    return recv_x, recv_count, handle, _event(async_finish, x), (_noop if return_recv_hook else None)
+
+
+def low_latency_combine(buf, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
+                        async_finish: bool = False, return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
+                        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+    """See :meth:`deep_ep.Buffer.low_latency_combine` and the module docstring."""
+    if not isinstance(handle, LowLatencyHandle):
+        raise DeepEPTypeError(f"handle must be the one low_latency_dispatch returned, got {type(handle).__name__}")
+    if use_logfmt:
+        raise DeepEPInputError("use_logfmt is not implemented by deep_ep (combine sends bf16 rows); pass "
+                               "use_logfmt=False")
+    if async_finish and return_recv_hook:
+        raise DeepEPInputError("async_finish and return_recv_hook are exclusive")
+    R, M, H, T, K = buf.num_ranks, handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_tokens, \
+        handle.topk
+    L = handle.num_experts // R
+    if zero_copy:
+        if handle.combine_buffer is None:
+            raise DeepEPInputError("zero_copy=True needs the buffer from get_next_low_latency_combine_buffer(handle), "
+                                   "filled with the expert outputs")
+        x = handle.combine_buffer
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != (L, R * M, H) or x.dtype != torch.bfloat16:
+        raise DeepEPInputError(f"low_latency_combine x must be bfloat16 [{L}, {R * M}, {H}], got "
+                               f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+    if tuple(topk_idx.shape) != (T, K) or tuple(topk_weights.shape) != (T, K):
+        raise DeepEPInputError(f"topk_idx and topk_weights must be [{T}, {K}] (as dispatched), got "
+                               f"{list(topk_idx.shape)} and {list(topk_weights.shape)}")
+    rows = x.reshape(L * R * M, H).index_select(0, handle.slot.clamp(min=0))     # back into pair order
+    pairs, _, _ = buf.combine(rows, handle.inner, compress=False)
+    w = torch.where(topk_idx >= 0, topk_weights.float(), 0.0)
+    y = pairs.view(T, K, H).float()
+    y = torch.where((topk_idx >= 0).unsqueeze(2), y, 0.0)
+    res = torch.einsum("tk,tkh->th", w, y) if K else torch.zeros((T, H), device=x.device)
+    if out is not None:
+        if tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16:
+            raise DeepEPInputError(f"out must be bfloat16 [{T}, {H}], got {out.dtype} {list(out.shape)}")
+        out.copy_(res)
+        res = out
+    else:
+        res = res.to(torch.bfloat16)
+    return res, _event(async_finish, x), (_noop if return_recv_hook else None)
+
+
+def next_combine_buffer(handle: LowLatencyHandle, num_ranks: int, device: torch.device) -> torch.Tensor:
+    """The ``[L, R * M, H]`` bf16 buffer a ``zero_copy`` combine of ``handle`` reads (made once per handle)."""
+    if handle.combine_buffer is None:
+        L = handle.num_experts // num_ranks
+        handle.combine_buffer = torch.zeros((L, num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden),
+                                            dtype=torch.bfloat16, device=device)
+    return handle.combine_buffer
+
+
+def _event(async_finish: bool, t: torch.Tensor) -> EventOverlap:
+    """The returned event: recorded after all of the call's work on the current stream (async), else none."""
+    if async_finish and t.is_cuda:
+        ev = torch.cuda.Event()
+        ev.record()
+        return EventOverlap(ev)
+    return EventOverlap(None)
+
+
+class LowLatencyMethods:
+    """The low-latency methods of :class:`deep_ep.Buffer` (API.md 2.4; a mixin, see the module docstring)."""
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Low-latency dispatch (API.md 2.4): one message per (token, selected expert), fixed shapes.
+
+        Returns ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is
+        ``(float8_e4m3fn [L, R*M, H], float32 scales [L, R*M, H/128])`` (UE8M0:
+        int32 ``[L, R*M, H/512]``) or bf16 ``[L, R*M, H]`` without ``use_fp8``;
+        the first ``recv_count[l]`` rows of expert ``l`` are valid (source rank,
+        then token order). No host sync on nvlink (capturable). See
+        :mod:`deep_ep.low_latency` for how it differs from DeepEP's kernels.
+        """
+        self._check_alive()
+        return low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                    cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+                                    round_scale, use_ue8m0, async_finish, return_recv_hook)
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: Any,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+        """Low-latency combine (API.md 2.4): ``out[t] = sum_k topk_weights[t, k] * x[expert k, slot of t]``
+        (float32 sum, bf16 result; -1 entries skipped). Returns ``(combined_x, event, hook)``."""
+        self._check_alive()
+        return low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
+                                   return_recv_hook, out, combine_wait_recv_cost_stats)
+
+    def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:
+        """The bf16 ``[L, R*M, H]`` buffer a ``zero_copy`` low-latency combine of ``handle`` reads: write the
+        expert outputs into it, then call ``low_latency_combine(..., zero_copy=True)``."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise DeepEPTypeError(f"handle must be the one low_latency_dispatch returned, got {type(handle).__name__}")
+        return next_combine_buffer(handle, self.num_ranks, self.device)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """DeepEP's buffer reset; deep_ep's low-latency calls keep no state between calls, so this only checks
+        its arguments."""
+        self._check_alive()
+        if num_experts % self.num_ranks or num_max_dispatch_tokens_per_rank < 1 or hidden < 1:
+            raise DeepEPInputError(f"clean_low_latency_buffer: num_experts={num_experts} must be a multiple of "
+                                   f"{self.num_ranks}, num_max_dispatch_tokens_per_rank and hidden positive")

@@ -1,0 +1,147 @@
+"""Low-latency mode (API.md 2.4, deep_ep/low_latency.py) against the reference: CPU ranks (collective) and
+2 GPUs (nvlink, collective), CUDA-graph capture on nvlink, and its errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deep_ep
+from deep_ep import reference as ref
+from deep_ep.compress import make_codec
+from tests._cases import assert_same, device, get_buffer, make_case
+
+
+def _decoded(recv_x, use_fp8):
+    """recv_x as float32 [L, R*M, H] (fp8 values times their per-128 scales)."""
+    if not use_fp8:
+        return recv_x.float()
+    vals, scales = recv_x
+    if scales.dtype == torch.int32:                       # UE8M0: four exponent bytes per int32
+        scales = (scales.contiguous().view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
+    return vals.float() * scales.repeat_interleave(128, dim=-1)
+
+
+def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed):
+    dev = device()
+    M, H, E = 24, 512, 4 * R
+    tokens = [M, M - 7, 3, 0][:R]                         # num_tokens = M and < M, different per rank
+    case = make_case(seed, R, hidden=H, topk=3, num_experts=E, tokens=tokens, neg_frac=0.2)
+    buf = get_buffer(backend)
+    codec = make_codec(8, H, use_ue8m0=ue8m0) if use_fp8 else None
+    sent = [codec.decode(codec.encode(x), torch.float32) if codec else x.float() for x in case.xs]
+    exp = ref.low_latency_dispatch(sent, case.topk_idx, M, E)
+    L = E // R
+    stats = torch.zeros(L, dtype=torch.int32, device=dev)
+    x, idx, w = case.xs[rank].to(dev), case.topk_idx[rank].to(dev), case.topk_weights[rank].to(dev)
+    for rep in range(2):                                  # two calls on one Buffer: nothing carried over
+        recv_x, count, handle, event, hk = buf.low_latency_dispatch(
+            x, idx, M, E, cumulative_local_expert_recv_stats=stats, use_fp8=use_fp8, use_ue8m0=ue8m0,
+            return_recv_hook=hook)
+        assert (hk is not None) == hook
+        if hook:
+            hk()
+        rows, counts, _ = exp[rank]
+        assert_same(count.cpu(), counts, "recv_count")
+        got = _decoded(recv_x, use_fp8).cpu()
+        assert got.shape == (L, R * M, H)
+        for l in range(L):
+            n = int(counts[l])
+            assert_same(got[l, :n], rows[l, :n], f"expert {l} rows, rep {rep}")
+        # a toy expert: scale rows by (local expert + 1)
+        y = (got * torch.arange(1, L + 1).view(L, 1, 1)).to(torch.bfloat16).to(dev)
+        ys = [(e[0] * torch.arange(1, L + 1).view(L, 1, 1)).to(torch.bfloat16) for e in exp]
+        want = ref.low_latency_combine(ys, exp, case.topk_idx, case.topk_weights)[rank]
+        out, _, hk2 = buf.low_latency_combine(y, idx, w, handle, return_recv_hook=hook)
+        if hook:
+            hk2()
+        assert_same(out.cpu(), want, "combine", atol=2e-2, rtol=1e-2)
+        zbuf = buf.get_next_low_latency_combine_buffer(handle)
+        zbuf.copy_(y)
+        into = torch.empty((tokens[rank], H), dtype=torch.bfloat16, device=dev)
+        out2, _, _ = buf.low_latency_combine(None, idx, w, handle, zero_copy=True, out=into)
+        assert out2.data_ptr() == into.data_ptr()
+        assert_same(out2.cpu(), out.cpu(), "zero_copy combine into out=")
+    assert_same(stats.cpu(), 2 * exp[rank][1], "cumulative_local_expert_recv_stats")
+
+
+@pytest.mark.parametrize("use_fp8,ue8m0,hook,seed", [(True, False, False, 1), (False, False, True, 2),
+                                                      (True, True, False, 3)])
+def test_low_latency_cpu(rank_pool, use_fp8, ue8m0, hook, seed):
+    rank_pool(2).run(rank_low_latency, "collective", use_fp8, ue8m0, hook, seed)
+
+
+def test_low_latency_cpu_4_ranks(rank_pool):
+    rank_pool(4).run(rank_low_latency, "collective", True, False, False, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,use_fp8,ue8m0,hook", [("nvlink", True, False, False), ("nvlink", False, False, True),
+                                                        ("nvlink", True, True, False), ("collective", True, False, True)])
+def test_low_latency_gpu(rank_pool, backend, use_fp8, ue8m0, hook):
+    rank_pool(2, backend="nccl").run(rank_low_latency, backend, use_fp8, ue8m0, hook, 5)
+
+
+def rank_low_latency_errors(rank, R):
+    buf = get_buffer()
+    x = torch.zeros((5, 256), dtype=torch.bfloat16)
+    idx = torch.zeros((5, 2), dtype=torch.int64)
+    with pytest.raises(deep_ep.DeepEPInputError, match="more than num_max_dispatch_tokens_per_rank"):
+        buf.low_latency_dispatch(x, idx, 4, 2 * R)
+    with pytest.raises(deep_ep.DeepEPInputError, match="multiple of the number of ranks"):
+        buf.low_latency_dispatch(x, idx, 8, 2 * R + 1)
+    with pytest.raises(deep_ep.DeepEPTypeError, match="bfloat16"):
+        buf.low_latency_dispatch(x.float(), idx, 8, 2 * R)
+    with pytest.raises(deep_ep.DeepEPInputError, match="divisible by 128"):
+        buf.low_latency_dispatch(torch.zeros((5, 200), dtype=torch.bfloat16), idx, 8, 2 * R)
+    with pytest.raises(deep_ep.DeepEPInputError, match="exclusive"):
+        buf.low_latency_dispatch(x, idx, 8, 2 * R, async_finish=True, return_recv_hook=True)
+    _, _, h, _, _ = buf.low_latency_dispatch(x, idx, 8, 2 * R)
+    y = torch.zeros((2, 8 * R, 256), dtype=torch.bfloat16)
+    with pytest.raises(deep_ep.DeepEPInputError, match="use_logfmt"):
+        buf.low_latency_combine(y, idx, torch.ones(5, 2), h, use_logfmt=True)
+    with pytest.raises(deep_ep.DeepEPInputError, match=r"bfloat16 \[2, "):
+        buf.low_latency_combine(y[:, :3], idx, torch.ones(5, 2), h)
+    with pytest.raises(deep_ep.DeepEPInputError, match="get_next_low_latency_combine_buffer"):
+        buf.low_latency_combine(None, idx, torch.ones(5, 2), h, zero_copy=True)
+    assert buf.get_low_latency_rdma_size_hint(128, 7168, 2, 288) > 0
+
+
+def test_low_latency_errors(rank_pool):
+    rank_pool(2).run(rank_low_latency_errors)
+
+
+def rank_low_latency_graph(rank, R):
+    """Capture dispatch -> a toy expert -> combine once; replay 10 times on fresh data and routing; each
+    replay matches the eager calls."""
+    dev = device()
+    M, H, E = 32, 1024, 8
+    buf = get_buffer("nvlink")
+    case = make_case(7, R, hidden=H, topk=4, num_experts=E, tokens=[M, M])
+    x_s, idx_s, w_s = (case.xs[rank].to(dev).clone(), case.topk_idx[rank].to(dev).clone(),
+                       case.topk_weights[rank].to(dev).clone())
+    L = E // R
+
+    def step():
+        (vals, scales), count, handle, _, _ = buf.low_latency_dispatch(x_s, idx_s, M, E)
+        y = (vals.float() * scales.repeat_interleave(128, dim=-1) *
+             torch.arange(1, L + 1, device=dev).view(L, 1, 1)).to(torch.bfloat16)
+        return count, buf.low_latency_combine(y, idx_s, w_s, handle)[0]
+
+    from tests.test_graph import _capture
+    g, (count_s, out_s) = _capture(step)
+    for trial in range(10):
+        fresh = make_case(100 + trial, R, hidden=H, topk=4, num_experts=E, tokens=[M, M])
+        x_s.copy_(fresh.xs[rank].to(dev))
+        idx_s.copy_(fresh.topk_idx[rank].to(dev))
+        w_s.copy_(fresh.topk_weights[rank].to(dev))
+        g.replay()
+        torch.cuda.synchronize()
+        count_e, out_e = step()                    # eager, same inputs
+        torch.cuda.synchronize()
+        assert_same(count_s, count_e, f"replayed recv_count, trial {trial}")
+        assert_same(out_s, out_e, f"replayed combine, trial {trial}")
+
+
+@pytest.mark.gpu
+def test_low_latency_graph(rank_pool):
+    rank_pool(2, backend="nccl").run(rank_low_latency_graph)

@@ -216,6 +216,8 @@ def rank_dispatch_levels(rank, R, backend, worst):
         assert_same(got.cpu(), want[rank][0], f"level {level} combine (8-bit)")
         full = buf.combine(out[0] * (rank + 2), h, compress=False)[0]
         assert_same(full.cpu(), ref.combine(ys, exp, case.tokens)[rank][0], "combine compress=False")
+    if R == 1:
+        return
     # ranks that disagree on the level raise on every rank
     b = get_buffer(backend)
     idx = case.topk_idx[rank].to(dev)
@@ -233,6 +235,12 @@ def test_dispatch_combine_with_each_level_cpu(rank_pool):
 @pytest.mark.parametrize("backend,worst", [("nvlink", False), ("nvlink", True), ("collective", False)])
 def test_dispatch_combine_with_each_level_gpu(rank_pool, backend, worst):
     rank_pool(2, backend="nccl").run(rank_dispatch_levels, backend, worst)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("worst", [False, True])
+def test_dispatch_combine_with_each_level_one_gpu(rank_pool, worst):
+    rank_pool(1, backend="nccl").run(rank_dispatch_levels, "nvlink", worst)
 
 
 @pytest.mark.gpu(1)

@@ -149,3 +149,8 @@ def rank_deferred_overflow(rank, R):
 @pytest.mark.gpu
 def test_num_worst_tokens_overflow_raises_at_next_call(rank_pool):
     rank_pool(2, backend="nccl").run(rank_deferred_overflow)
+
+
+@pytest.mark.gpu(1)
+def test_graph_capture_fresh_dispatch_one_gpu(rank_pool):
+    rank_pool(1, backend="nccl").run(rank_fresh_graph, 8)

@@ -116,7 +116,7 @@ def rank_low_latency_graph(rank, R):
     dev = device()
     M, H, E = 32, 1024, 8
     buf = get_buffer("nvlink")
-    case = make_case(7, R, hidden=H, topk=4, num_experts=E, tokens=[M, M])
+    case = make_case(7, R, hidden=H, topk=4, num_experts=E, tokens=[M] * R)
     x_s, idx_s, w_s = (case.xs[rank].to(dev).clone(), case.topk_idx[rank].to(dev).clone(),
                        case.topk_weights[rank].to(dev).clone())
     L = E // R
@@ -130,7 +130,7 @@ def rank_low_latency_graph(rank, R):
     from tests.test_graph import _capture
     g, (count_s, out_s) = _capture(step)
     for trial in range(10):
-        fresh = make_case(100 + trial, R, hidden=H, topk=4, num_experts=E, tokens=[M, M])
+        fresh = make_case(100 + trial, R, hidden=H, topk=4, num_experts=E, tokens=[M] * R)
         x_s.copy_(fresh.xs[rank].to(dev))
         idx_s.copy_(fresh.topk_idx[rank].to(dev))
         w_s.copy_(fresh.topk_weights[rank].to(dev))
@@ -145,3 +145,16 @@ def rank_low_latency_graph(rank, R):
 @pytest.mark.gpu
 def test_low_latency_graph(rank_pool):
     rank_pool(2, backend="nccl").run(rank_low_latency_graph)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("use_fp8,ue8m0", [(True, False), (False, False), (True, True)])
+def test_low_latency_one_gpu(rank_pool, use_fp8, ue8m0):
+    """One rank on one GPU: the nvlink transport's device path, the Triton codec and the layout, without a
+    peer (the two-GPU tests above cover the stores between GPUs)."""
+    rank_pool(1, backend="nccl").run(rank_low_latency, "nvlink", use_fp8, ue8m0, False, 6)
+
+
+@pytest.mark.gpu(1)
+def test_low_latency_graph_one_gpu(rank_pool):
+    rank_pool(1, backend="nccl").run(rank_low_latency_graph)

@@ -87,8 +87,8 @@ def test_bench_cpu_writes_bench_md_json(tmp_path):
 def test_demo_and_bad_mode_exit_2(capsys):
     assert cli.main(["demo"]) == 2
     assert "not implemented yet (issue 7)" in capsys.readouterr().err
-    assert cli.main(["bench", "--mode", "low-latency"]) == 2
-    assert "only normal" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--mode", "decode"])          # not a mode: argparse rejects it
 
 
 def test_bench_normal_wrapper_help(monkeypatch, capsys):
@@ -108,7 +108,7 @@ def test_options_defaults_and_errors():
     assert cfg.tokens == options.SWEEP_TOKENS and cfg.workload == "sweep"
     assert cfg.backends == ("collective", "nvlink") and cfg.wires == ("bf16", "fp8")
     for bad in (["--experts", "7"], ["--topk", "64"], ["--dtype", "fp8", "--hidden", "100"],
-                ["--num-sms", "3"], ["--mode", "low-latency"]):
+                ["--num-sms", "3"]):
         with pytest.raises(options.BenchOptionError):
             options.config_from_args(_bench_args("--device", "cpu", *bad))
 
@@ -186,3 +186,22 @@ def test_bench_compression_rows():
     assert "rel err" in report.format_table(dict(workload="normal", num_ranks=2, card="cpu", dist_backend="gloo",
                                                  routing="uniform", iters=1, device="cpu",
                                                  rows=list(rows.values()), skipped=[]))
+
+
+def test_bench_low_latency_cpu(capsys, tmp_path):
+    """--mode low-latency on CPU ranks: dispatch and combine rows for the collective backend, DeepEP's
+    byte counting, BENCH.md's experts (256, 288 where the ranks do not divide 256)."""
+    cfg = options.config_from_args(_bench_args("--device", "cpu", "--mode", "low-latency"))
+    assert cfg.workload == "low-latency" and cfg.tokens == (32,) and not cfg.experts_given
+    cfg = options.config_from_args(_bench_args("--device", "cpu", "--mode", "low-latency", "--sweep"))
+    assert cfg.tokens == options.LL_SWEEP
+    out = tmp_path / "ll.json"
+    assert cli.main(["bench", "--device", "cpu", "--mode", "low-latency", "--tokens", "8", "--hidden", "256",
+                     "--iters", "2", "--warmup", "1", "--backend", "collective", "--no-progress",
+                     "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["workload"] == "low-latency" and res["num_ranks"] == 2
+    rows = {(r["op"], r["wire"]): r for r in res["rows"]}
+    assert set(rows) == {("dispatch", "fp8"), ("combine", "bf16")} and rows[("dispatch", "fp8")]["experts"] == 256
+    assert rows[("dispatch", "fp8")]["pairs_per_rank"] == 8 * 4            # top-4 of 256, distinct
+    assert "low-latency on 2 x cpu" in capsys.readouterr().out

@@ -53,6 +53,13 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
     print(f"deep-ep bench: {cfg.world_size} {cfg.device} ranks ({cfg.dist_backend}), "
           f"tokens {','.join(map(str, cfg.tokens))}, hidden {cfg.hidden}, top-{cfg.topk} of "
           f"{cfg.experts} experts, wire {'+'.join(cfg.wires)}, {cfg.iters} iters", file=sys.stderr)
+    if cfg.workload == "low-latency":
+        from deep_ep.bench.low_latency import format_low_latency, run_low_latency
+        result = run_low_latency(cfg, command)
+        print(format_low_latency(result))
+        if args.json:
+            write_json(result, args.json)
+        return 0
     result = run(cfg, command)
     print(format_table(result))
     if args.json:

@@ -19,8 +19,11 @@ GPU_DEFAULTS = dict(tokens=4096, hidden=7168, topk=8, experts=256, iters=30, war
 CPU_DEFAULTS = dict(tokens=256, hidden=1024, topk=4, experts=32, iters=10, warmup=2)
 #: Wire formats of dispatched activations this benchmark knows.
 WIRES = ("bf16", "fp8")
-#: Modes: only ``normal`` exists so far.
-MODES = ("normal",)
+#: Modes: BENCH.md's normal workload (and its token sweep) and the low-latency workload.
+MODES = ("normal", "low-latency")
+#: low-latency tokens per rank: default and ``--sweep``
+LL_TOKENS = dict(cuda=128, cpu=32)
+LL_SWEEP = (1, 8, 32, 128, 256, 512)
 SKEWS = ("uniform", "zipf1.0", "zipf1.2")
 
 
@@ -52,6 +55,7 @@ class BenchConfig:
     progress: bool = True
     compression: tuple = ()          # levels timed as compressed dispatch of bf16 rows: 8, 4, 'auto'
     compression_ratio: float = 0.3   # the 'auto' byte target
+    experts_given: bool = False      # --experts given (low-latency otherwise takes BENCH.md's 256 / 288)
 
     @property
     def dist_backend(self) -> str:
@@ -67,7 +71,9 @@ class BenchConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``deep-ep bench`` options to ``p`` (shared by the CLI and benchmarks/)."""
     g = p.add_argument_group("workload (defaults: BENCH.md 'normal' on GPU, a small one on CPU)")
-    g.add_argument("--mode", default="normal", help="benchmark mode; only 'normal' exists so far")
+    g.add_argument("--mode", default="normal", choices=MODES,
+                   help="BENCH.md workload: normal (default) or low-latency (128 tokens, fp8 dispatch, bf16 combine; "
+                        "--sweep: 1..512 tokens)")
     g.add_argument("--tokens", type=int, help="tokens per rank (GPU 4096, CPU 256)")
     g.add_argument("--hidden", type=int, help="hidden size (GPU 7168, CPU 1024)")
     g.add_argument("--topk", type=int, help="experts per token (GPU 8, CPU 4)")
@@ -126,8 +132,7 @@ def _split(values) -> list:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Resolve parsed options against this machine; raise :class:`BenchOptionError` if invalid."""
     if args.mode not in MODES:
-        raise BenchOptionError(f"--mode {args.mode!r} is not implemented yet; only {', '.join(MODES)} "
-                               "(low-latency mode comes with its own issue)")
+        raise BenchOptionError(f"--mode {args.mode!r} is not one of {', '.join(MODES)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchOptionError("--device cuda but CUDA is not available")
@@ -139,7 +144,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if device == "cuda" and world > gpus:
         raise BenchOptionError(f"--world-size {world} but only {gpus} GPUs are visible")
 
-    tokens = SWEEP_TOKENS if args.sweep else (args.tokens if args.tokens is not None else d["tokens"],)
+    low_latency = args.mode == "low-latency"
+    if low_latency:
+        tokens = LL_SWEEP if args.sweep else (args.tokens if args.tokens is not None else LL_TOKENS[device],)
+    else:
+        tokens = SWEEP_TOKENS if args.sweep else (args.tokens if args.tokens is not None else d["tokens"],)
     hidden = args.hidden if args.hidden is not None else d["hidden"]
     topk = args.topk if args.topk is not None else d["topk"]
     experts = args.experts if args.experts is not None else d["experts"]
@@ -173,5 +182,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         experts=experts, wires=tuple(wires), backends=backends, num_sms=args.num_sms,
         compression=_compression(args.compression), compression_ratio=args.compression_ratio,
         iters=iters, warmup=warmup, routing=args.skew,
-        workload="sweep" if args.sweep else "normal", baselines=not args.no_baselines,
-        seed=args.seed, timeout_s=args.timeout, progress=not args.no_progress)
+        workload="low-latency" if low_latency else "sweep" if args.sweep else "normal",
+        baselines=not args.no_baselines, seed=args.seed, timeout_s=args.timeout, progress=not args.no_progress,
+        experts_given=args.experts is not None)

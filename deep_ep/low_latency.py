@@ -113,24 +113,28 @@ def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_d
         topk_idx=pair_idx, num_worst_tokens=worst, compress=False)
     recv = recv.view(torch.uint8)
     local = recv_idx[:, 0]                                           # local expert, -1 for padding
-    onehot = torch.nn.functional.one_hot(local.clamp(min=0), L).to(torch.bool) & (local >= 0).unsqueeze(1)
+    onehot = local.unsqueeze(1) == torch.arange(L, device=local.device)   # [N, L]; padding (-1) matches none
     pos = layout.token_cumsum(onehot, torch.int64).gather(1, local.clamp(min=0).unsqueeze(1))[:, 0] - 1
     dump = L * R * M
     slot = torch.where(local >= 0, local * (R * M) + pos, torch.full_like(pos, -1))
-    flat = torch.zeros((dump + 1, rows.size(1)), dtype=torch.uint8, device=x.device)
-    flat.index_copy_(0, torch.where(slot >= 0, slot, dump), recv)
-    packed = flat[:dump].view(L, R * M, rows.size(1))
+    where = torch.where(slot >= 0, slot, dump)
+    # Only the received rows are written (the layout has L * R * M rows; the rest stay as they are, and
+    # only the first recv_count[l] rows of expert l are valid); padding goes to one spare last row.
+    if codec is None:
+        flat = torch.empty((dump + 1, H), dtype=torch.bfloat16, device=x.device)
+        flat.index_copy_(0, where, recv.view(torch.bfloat16))
+        recv_x: Any = flat[:dump].view(L, R * M, H)
+    else:
+        sb = codec.scale_bytes
+        vals = torch.empty((dump + 1, H), dtype=torch.uint8, device=x.device)
+        heads = torch.empty((dump + 1, sb), dtype=torch.uint8, device=x.device)
+        vals.index_copy_(0, where, recv[:, sb:])
+        heads.index_copy_(0, where, recv[:, :sb])
+        scales = heads[:dump].view(torch.int32 if use_ue8m0 else torch.float32)
+        recv_x = (vals[:dump].view(torch.float8_e4m3fn).view(L, R * M, H), scales.view(L, R * M, -1))
     recv_count = onehot.sum(dim=0, dtype=torch.int32)
     if cumulative_local_expert_recv_stats is not None:
         cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.dtype))
-    if codec is None:
-        recv_x: Any = packed.view(torch.bfloat16)
-    else:
-        sb = codec.scale_bytes
-        vals = packed[..., sb:].contiguous().view(torch.float8_e4m3fn)
-        head = packed[..., :sb].contiguous()
-        scales = head.view(torch.int32) if use_ue8m0 else head.view(torch.float32)
-        recv_x = (vals, scales)
     handle = LowLatencyHandle(inner, slot, M, H, E, T, K)
     return recv_x, recv_count, handle, _event(async_finish, x), (_noop if return_recv_hook else None)
 

@@ -14,10 +14,11 @@ from .buffer import Buffer, DispatchHandle
 from .config import Config, EventOverlap, topk_idx_t
 from .errors import (BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTimeoutError, DeepEPTypeError,
                      RankMismatchError, RemoteInputError)
+from .moe import ExpertParallelMoE
 from .sparse import SparseCollective
 
 __all__ = [
-    "Buffer", "Config", "EventOverlap", "topk_idx_t", "SparseCollective", "DispatchHandle", "ops", "layout",
+    "Buffer", "Config", "EventOverlap", "topk_idx_t", "SparseCollective", "ExpertParallelMoE", "DispatchHandle", "ops", "layout",
     "reference", "DeepEPError", "DeepEPInputError", "DeepEPTypeError", "DeepEPTimeoutError", "RankMismatchError",
     "RemoteInputError", "BufferDestroyedError", "__version__",
 ]

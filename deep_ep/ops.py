@@ -24,7 +24,10 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buffer: Buffer, kwargs: dict, x: torch.Tensor, topk_weights: Optional[torch.Tensor],
                 grad_level=False):
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(x, topk_weights=topk_weights, **kwargs)
+        events = kwargs.pop("_events", None)       # (internal) where an async call leaves its event
+        recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(x, topk_weights=topk_weights, **kwargs)
+        if events is not None:
+            events.append(event)
         ctx.buffer, ctx.handle, ctx.grad_level = buffer, handle, grad_level
         ctx.has_w = topk_weights is not None
         ctx.x_dtype = x.dtype
@@ -54,9 +57,14 @@ class _Dispatch(torch.autograd.Function):
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buffer: Buffer, handle: DispatchHandle, x: torch.Tensor, topk_weights: Optional[torch.Tensor],
-                num_bias: int, b0: Optional[torch.Tensor], b1: Optional[torch.Tensor], grad_level=False):
+                num_bias: int, b0: Optional[torch.Tensor], b1: Optional[torch.Tensor], grad_level=False,
+                opts: Optional[dict] = None):
         bias = tuple(b for b in (b0, b1)[:num_bias])
-        out, out_w, _ = buffer.combine(x, handle, topk_weights=topk_weights, bias=bias if bias else None)
+        opts = dict(opts or {})
+        events = opts.pop("_events", None)         # (internal) previous_event / async_finish, and the event back
+        out, out_w, event = buffer.combine(x, handle, topk_weights=topk_weights, bias=bias if bias else None, **opts)
+        if events is not None:
+            events.append(event)
         ctx.buffer, ctx.handle, ctx.grad_level = buffer, handle, grad_level
         ctx.x_rows, ctx.x_dtype = x.size(0), x.dtype
         ctx.has_w = topk_weights is not None
@@ -80,7 +88,7 @@ class _Combine(torch.autograd.Function):
             gw = _fit_rows(buffer.dispatch(grad_w.float().contiguous(), handle=handle, compress=False)[0],
                            ctx.x_rows)
         gb = [grad_out.to(d) for d in ctx.bias_dtypes] + [None] * (2 - len(ctx.bias_dtypes))
-        return None, None, gx, gw, None, gb[0], gb[1], None
+        return None, None, gx, gw, None, gb[0], gb[1], None, None
 
 
 def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""ExpertParallelMoE against a single-process dense reference (all experts local): outputs and gradients, for
+1, 2 and 4 chunks, group-limited routing, shared experts, stats; CPU ranks and 2 GPUs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import deep_ep
+from deep_ep.moe import ExpertParallelMoE, dense_moe_reference, route_tokens
+from tests._cases import assert_same, device, get_buffer
+
+
+def _full_weights(E, H, F, shared, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    router = torch.randn((E, H), generator=g) / H ** 0.5
+    gu = torch.randn((E, 2 * F, H), generator=g) / H ** 0.5
+    down = torch.randn((E, H, F), generator=g) / F ** 0.5
+    sh = (torch.randn((2 * F * shared, H), generator=g) / H ** 0.5,
+          torch.randn((H, F * shared), generator=g) / (F * shared) ** 0.5) if shared else None
+    to = lambda t: t.to(dtype)  # noqa: E731
+    return to(router), to(gu), to(down), tuple(to(t) for t in sh) if sh else None
+
+
+def rank_moe(rank, R, backend, num_chunks, shared, n_group, dtype_name, tol):
+    dtype = getattr(torch, dtype_name)
+    dev = device()
+    E, H, F, K = 4 * R, 64, 48, 3
+    router, gu, down, sh = _full_weights(E, H, F, shared, 11, torch.float32)
+    L = E // R
+    layer = ExpertParallelMoE(H, F, E, K, num_shared_experts=shared, num_chunks=num_chunks, n_group=n_group,
+                              topk_group=2 if n_group > 1 else 1, norm_topk_prob=n_group > 1,
+                              buffer=get_buffer(backend), record_stats=True, dtype=dtype, device=dev)
+    with torch.no_grad():
+        layer.router.weight.copy_(router)
+        layer.w_gate_up.copy_(gu[rank * L:(rank + 1) * L])
+        layer.w_down.copy_(down[rank * L:(rank + 1) * L])
+        if shared:
+            layer.shared_gate_up.copy_(sh[0])
+            layer.shared_down.copy_(sh[1])
+    g = torch.Generator().manual_seed(100 + rank)
+    T = [13, 9, 0, 17][rank]
+    x = torch.randn((T, H), generator=g).to(dtype).to(dev).requires_grad_()
+    y = layer(x)
+    go = torch.randn((T, H), generator=g).to(dtype).to(dev)
+    (y.float() * go.float()).sum().backward()
+    # the dense reference, every expert local, with this rank's tokens
+    xr = x.detach().clone().requires_grad_()
+    refs = [t.to(dev).to(dtype).detach().clone().requires_grad_() for t in (router, gu, down)]
+    shr = [t.to(dev).to(dtype).detach().clone().requires_grad_() for t in sh] if sh else None
+    idx, w = route_tokens(xr, refs[0], K, n_group, 2 if n_group > 1 else 1, "softmax", n_group > 1)
+    want = dense_moe_reference(xr, idx, w, refs[1], refs[2], tuple(shr) if shr else None)
+    (want.float() * go.float()).sum().backward()
+    assert_same(y, want, f"output ({num_chunks} chunks)", atol=tol, rtol=tol)
+    if T:                                             # (a rank without tokens has no input gradients)
+        assert_same(x.grad, xr.grad, "grad x", atol=tol, rtol=tol)
+        assert_same(layer.router.weight.grad, refs[0].grad, "grad router (this rank's tokens)", atol=tol, rtol=tol)
+    # expert weights: the sum over all ranks' tokens of the dense gradients of this rank's experts
+    gsum = [r.grad.clone() if r.grad is not None else torch.zeros_like(r) for r in refs[1:]]
+    for t in gsum:
+        dist.all_reduce(t)
+    assert_same(layer.w_gate_up.grad, gsum[0][rank * L:(rank + 1) * L], "grad w_gate_up", atol=tol, rtol=tol)
+    assert_same(layer.w_down.grad, gsum[1][rank * L:(rank + 1) * L], "grad w_down", atol=tol, rtol=tol)
+    if shr and T:
+        assert_same(layer.shared_gate_up.grad, shr[0].grad, "grad shared (this rank's tokens)", atol=tol, rtol=tol)
+    st = layer.stats
+    assert st.step_us > 0 and st.compute_us > 0 and st.comm_us > 0
+    assert abs(st.compute_us + st.exposed_comm_us - st.step_us) < 1e-6 * max(st.step_us, 1) or st.compute_us > st.step_us
+    return y.detach().cpu()
+
+
+@pytest.mark.parametrize("num_chunks,shared,n_group", [(1, 0, 1), (2, 1, 1), (4, 0, 2)])
+def test_moe_matches_dense_reference_cpu(rank_pool, num_chunks, shared, n_group):
+    rank_pool(2).run(rank_moe, "collective", num_chunks, shared, n_group, "float64", 1e-9)
+
+
+def rank_moe_chunks_equal(rank, R):
+    """Chunking changes the numbers only by the rounding of matrix products over other row batches: the
+    same rows meet the same experts and sums run in a fixed order."""
+    outs = [rank_moe(rank, R, "collective", c, 1, 1, "float64", 1e-9) for c in (1, 2, 4)]
+    for o in outs[1:]:
+        assert_same(o, outs[0], "chunked output", atol=1e-13, rtol=1e-12)
+
+
+def test_moe_chunks_change_nothing_cpu(rank_pool):
+    rank_pool(2).run(rank_moe_chunks_equal)
+
+
+def test_moe_four_ranks_cpu(rank_pool):
+    rank_pool(4).run(rank_moe, "collective", 2, 1, 1, "float64", 1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,num_chunks", [("nvlink", 1), ("nvlink", 4), ("collective", 2)])
+def test_moe_matches_dense_reference_gpu(rank_pool, backend, num_chunks):
+    rank_pool(2, backend="nccl").run(rank_moe, backend, num_chunks, 1, 1, "float32", 1e-4)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("num_chunks", [1, 3])
+def test_moe_one_gpu(rank_pool, num_chunks):
+    rank_pool(1, backend="nccl").run(rank_moe, "nvlink", num_chunks, 1, 2, "float32", 1e-4)
+
+
+def rank_moe_errors(rank, R):
+    with pytest.raises(deep_ep.DeepEPInputError, match="multiple of the group size"):
+        ExpertParallelMoE(16, 8, 2 * R + 1, 2, buffer=get_buffer())
+    with pytest.raises(deep_ep.DeepEPInputError, match="top_k"):
+        ExpertParallelMoE(16, 8, 2 * R, 2 * R + 1, buffer=get_buffer())
+    layer = ExpertParallelMoE(16, 8, 2 * R, 2, buffer=get_buffer())
+    with pytest.raises(deep_ep.DeepEPInputError, match=r"\[tokens, 16\]"):
+        layer(torch.zeros(3, 15))
+
+
+def test_moe_errors(rank_pool):
+    rank_pool(2).run(rank_moe_errors)

@@ -137,9 +137,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``deep-ep demo``: placeholder until the demo lands."""
-    print("deep-ep demo: not implemented yet (issue 7)", file=sys.stderr)
-    return 2
+    """``deep-ep demo``: train a small MoE transformer with three communication setups (deep_ep/demo.py)."""
+    from deep_ep import demo
+
+    return demo.main_from_args(args)
 
 
 def build_parser(prog: str = "deep-ep") -> argparse.ArgumentParser:
@@ -163,7 +164,10 @@ def build_parser(prog: str = "deep-ep") -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="end-to-end demo (not implemented yet)")
+    from deep_ep import demo
+    p = sub.add_parser("demo", help="train a small MoE transformer: collective vs deep_ep vs deep_ep with overlap",
+                       description=demo.__doc__.split("\n\n")[0])
+    demo.add_arguments(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -85,8 +85,8 @@ def test_bench_cpu_writes_bench_md_json(tmp_path):
 
 
 def test_demo_and_bad_mode_exit_2(capsys):
-    assert cli.main(["demo"]) == 2
-    assert "not implemented yet (issue 7)" in capsys.readouterr().err
+    assert cli.main(["demo", "--device", "cpu", "--experts", "3"]) == 2
+    assert "--experts must be a multiple" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "--mode", "decode"])          # not a mode: argparse rejects it
 
@@ -205,3 +205,21 @@ def test_bench_low_latency_cpu(capsys, tmp_path):
     assert set(rows) == {("dispatch", "fp8"), ("combine", "bf16")} and rows[("dispatch", "fp8")]["experts"] == 256
     assert rows[("dispatch", "fp8")]["pairs_per_rank"] == 8 * 4            # top-4 of 256, distinct
     assert "low-latency on 2 x cpu" in capsys.readouterr().out
+
+
+def test_demo_cpu(tmp_path, capsys):
+    """deep-ep demo on 2 CPU ranks: every setup trains (the loss falls), JSON rows, and a chart."""
+    out, png = tmp_path / "demo.json", tmp_path / "demo.png"
+    assert cli.main(["demo", "--device", "cpu", "--steps", "12", "--no-progress", "--json", str(out),
+                     "--png", str(png)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["setup"] for r in res["rows"]] == ["collective", "deep_ep", "deep_ep-overlap"]
+    for r in res["rows"]:
+        assert r["loss_last"] < 0.6 * r["loss_first"] and r["tokens_per_s"] > 0
+        assert 0 <= r["exposed_comm_fraction"] <= 1
+    assert "tokens/s" in capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401
+        assert png.exists() and png.stat().st_size > 1000
+    except ImportError:
+        pass

@@ -1,0 +1,280 @@
+"""``deep-ep demo``: train a small MoE transformer on synthetic data with three communication setups.
+
+Every local GPU (NCCL) or 2 CPU ranks (gloo) train the same model (token
+embedding, ``--layers`` residual blocks of RMSNorm + :class:`ExpertParallelMoE`,
+RMSNorm, LM head) for ``--steps`` steps on a synthetic next-token task that
+can be learned (``t[i+1] = (5 t[i] + 3) mod vocab``, 10% of the tokens
+random), with
+
+- ``collective``: the layer over the torch.distributed all-to-all path
+  (``backend='collective'``), no overlap;
+- ``deep_ep``: the layer over ``backend='auto'`` (nvlink on one host of 2
+  GPUs), no overlap;
+- ``deep_ep-overlap``: the same with ``--chunks`` chunks (communication of one
+  chunk overlapped with the experts of another).
+
+It prints tokens/s, the loss, and the share of the MoE forward the compute
+stream spent waiting for communication, and writes a JSON result and a PNG
+chart (matplotlib). Replicated parameters (embedding, router, norms, head)
+are averaged across ranks each step, as data parallelism does.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+SETUPS = ("collective", "deep_ep", "deep_ep-overlap")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``deep-ep demo`` options (defaults: small on CPU, a DeepSeek-like layer scaled down on GPU)."""
+    p.add_argument("--steps", type=int, help="training steps per setup (GPU 30, CPU 20)")
+    p.add_argument("--layers", type=int, default=2, help="MoE blocks (default 2)")
+    p.add_argument("--hidden", type=int, help="model width (GPU 2048, CPU 64)")
+    p.add_argument("--ffn", type=int, help="expert width (GPU 1024, CPU 32)")
+    p.add_argument("--experts", type=int, help="experts per layer (GPU 64, CPU 8)")
+    p.add_argument("--topk", type=int, help="experts per token (GPU 8, CPU 2)")
+    p.add_argument("--tokens", type=int, help="tokens per rank per step (GPU 4096, CPU 128)")
+    p.add_argument("--chunks", type=int, default=4, help="chunks of the overlapped setup (default 4)")
+    p.add_argument("--vocab", type=int, default=64, help="vocabulary of the synthetic task (default 64)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="GPUs over NCCL or CPU ranks over gloo")
+    p.add_argument("--world-size", type=int, help="ranks (GPU: all local GPUs, CPU: 2)")
+    p.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write the result here")
+    p.add_argument("--png", metavar="FILE", help="write a chart here (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class _Block(nn.Module):
+    def __init__(self, hidden, ffn, experts, topk, group, backend, chunks, dtype, device):
+        super().__init__()
+        from deep_ep.moe import ExpertParallelMoE
+        self.norm = nn.RMSNorm(hidden, dtype=dtype, device=device)
+        self.moe = ExpertParallelMoE(hidden, ffn, experts, topk, group=group, num_shared_experts=1,
+                                     num_chunks=chunks, backend=backend, record_stats=True, dtype=dtype,
+                                     device=device)
+
+    def forward(self, x):
+        return x + self.moe(self.norm(x))
+
+
+class DemoModel(nn.Module):
+    """Embedding, MoE blocks, norm, LM head (the demo's model)."""
+
+    def __init__(self, cfg, backend: str, chunks: int, device, dtype):
+        super().__init__()
+        self.embed = nn.Embedding(cfg["vocab"], cfg["hidden"], dtype=dtype, device=device)
+        self.blocks = nn.ModuleList(_Block(cfg["hidden"], cfg["ffn"], cfg["experts"], cfg["topk"], None, backend,
+                                           chunks, dtype, device) for _ in range(cfg["layers"]))
+        self.norm = nn.RMSNorm(cfg["hidden"], dtype=dtype, device=device)
+        self.head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False, dtype=dtype, device=device)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+
+def _batch(cfg, step: int, rank: int, device) -> tuple:
+    g = torch.Generator().manual_seed(cfg["seed"] * 7919 + step * 131 + rank)
+    V, T = cfg["vocab"], cfg["tokens"]
+    seq = 16
+    n = max(T // seq, 1)
+    t0 = torch.randint(0, V, (n, 1), generator=g)
+    toks = [t0]
+    for _ in range(seq):
+        nxt = (5 * toks[-1] + 3) % V
+        noise = torch.rand((n, 1), generator=g) < 0.1              # 10% of the tokens are random
+        toks.append(torch.where(noise, torch.randint(0, V, (n, 1), generator=g), nxt))
+    s = torch.cat(toks, dim=1)
+    return s[:, :-1].reshape(-1).to(device), s[:, 1:].reshape(-1).to(device)
+
+
+def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
+    cuda = cfg["device"] == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg["world_size"]))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=cfg["world_size"], timeout=datetime.timedelta(seconds=300),
+                            **(dict(device_id=device) if cuda else {}))
+    dtype = torch.bfloat16 if cuda else torch.float32
+    results = {}
+    bar = None
+    if rank == 0 and cfg["progress"]:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg["steps"] * len(cfg["setups"]), desc="deep-ep demo", unit="step", file=sys.stderr,
+                       leave=False, disable=None)
+        except ImportError:
+            bar = None
+    for setup in cfg["setups"]:
+        torch.manual_seed(cfg["seed"])
+        backend = "collective" if setup == "collective" else "auto"
+        chunks = cfg["chunks"] if setup == "deep_ep-overlap" else 1
+        model = DemoModel(cfg, backend, chunks, device, dtype)
+        replicated = [p for n_, p in model.named_parameters() if "w_gate_up" not in n_ and "w_down" not in n_]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses: List[float] = []
+        times, exposed, moe_fwd = [], [], []
+        for step in range(cfg["steps"]):
+            x, y = _batch(cfg, step, rank, device)
+            if cuda:
+                torch.cuda.synchronize()
+            dist.barrier()
+            t0 = time.perf_counter()
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in replicated:                       # data-parallel average of replicated parameters
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= cfg["world_size"]
+            opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+            st = [b.moe.stats for b in model.blocks if b.moe.stats is not None]
+            exposed.append(sum(s.exposed_comm_us for s in st))
+            moe_fwd.append(sum(s.step_us for s in st))
+            if bar is not None:
+                bar.update(1)
+        warm = max(1, len(times) // 4)                 # the first steps compile and warm caches
+        t = sum(times[warm:]) / max(len(times) - warm, 1)
+        results[setup] = dict(step_s=t, tokens_per_s=cfg["tokens"] * cfg["world_size"] / t, losses=losses,
+                              exposed_comm_us=sum(exposed[warm:]) / max(len(exposed) - warm, 1),
+                              moe_forward_us=sum(moe_fwd[warm:]) / max(len(moe_fwd) - warm, 1),
+                              transport=model.blocks[0].moe.buffer.backend)
+        del model, opt
+    if bar is not None:
+        bar.close()
+    gathered = [None] * cfg["world_size"]
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        card = torch.cuda.get_device_name(device) if cuda else "cpu"
+        with open(path, "wb") as f:
+            pickle.dump(dict(ranks=gathered, card=card), f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(cfg: dict) -> dict:
+    """Spawn the ranks and train every setup; the result object (also what ``--json`` writes)."""
+    import torch.multiprocessing as mp
+
+    from deep_ep.bench.worker import free_port
+    with tempfile.TemporaryDirectory(prefix="deep_ep_demo_") as tmp:
+        path = os.path.join(tmp, "raw.pkl")
+        mp.spawn(_rank, args=(cfg, free_port(), path), nprocs=cfg["world_size"], join=True)
+        with open(path, "rb") as f:
+            raw = pickle.load(f)
+    rows = []
+    for setup in cfg["setups"]:
+        per = [r[setup] for r in raw["ranks"]]
+        step = max(p["step_s"] for p in per)
+        exposed = max(p["exposed_comm_us"] for p in per)
+        fwd = max(p["moe_forward_us"] for p in per)
+        rows.append(dict(setup=setup, transport=per[0]["transport"], step_ms=step * 1e3,
+                         tokens_per_s=cfg["tokens"] * cfg["world_size"] / step,
+                         loss_first=per[0]["losses"][0], loss_last=per[0]["losses"][-1], losses=per[0]["losses"],
+                         moe_forward_us=fwd, exposed_comm_us=exposed,
+                         exposed_comm_fraction=exposed / fwd if fwd else 0.0))
+    return dict(workload="demo", card=raw["card"], num_ranks=cfg["world_size"],
+                date=datetime.date.today().isoformat(), torch=torch.__version__, config={
+                    k: v for k, v in cfg.items() if k not in ("progress",)}, rows=rows)
+
+
+def format_result(res: dict) -> str:
+    out = [f"deep-ep demo on {res['num_ranks']} x {res['card']}: {res['config']['layers']} MoE layers, "
+           f"{res['config']['experts']} experts top-{res['config']['topk']}, {res['config']['tokens']} tokens/rank, "
+           f"{res['config']['steps']} steps",
+           f"{'setup':18s} {'transport':10s} {'step ms':>9s} {'tokens/s':>10s} {'loss':>15s} {'exposed comm':>13s}"]
+    for r in res["rows"]:
+        out.append(f"{r['setup']:18s} {r['transport']:10s} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} "
+                   f"{r['loss_first']:6.3f} -> {r['loss_last']:5.3f} {100 * r['exposed_comm_fraction']:12.1f}%")
+    out.append("exposed comm: share of the MoE forward the compute stream waited for communication")
+    return "\n".join(out)
+
+
+def write_png(res: dict, path: str) -> Optional[str]:
+    """Loss curves and tokens/s of every setup (``None`` if matplotlib is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("deep-ep demo: matplotlib is not installed; no chart", file=sys.stderr)
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in res["rows"]:
+        a.plot(r["losses"], label=r["setup"])
+    a.set_xlabel("step")
+    a.set_ylabel("loss")
+    a.legend()
+    names = [r["setup"] for r in res["rows"]]
+    b.bar(names, [r["tokens_per_s"] for r in res["rows"]], color=["#999999", "#4a7ab8", "#2b9e5c"][:len(names)])
+    b.set_ylabel("tokens / s")
+    for i, r in enumerate(res["rows"]):
+        b.text(i, r["tokens_per_s"], f"{100 * r['exposed_comm_fraction']:.0f}% exposed", ha="center", va="bottom",
+               fontsize=8)
+    fig.suptitle(f"deep-ep demo, {res['num_ranks']} x {res['card']}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device == "cuda"
+    world = args.world_size or (torch.cuda.device_count() if gpu else 2)
+    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    bad = [s for s in setups if s not in SETUPS]
+    if bad:
+        raise ValueError(f"unknown setup(s) {bad}; choose from {', '.join(SETUPS)}")
+    cfg = dict(device=device, world_size=world, steps=args.steps or (30 if gpu else 20), layers=args.layers,
+               hidden=args.hidden or (2048 if gpu else 64), ffn=args.ffn or (1024 if gpu else 32),
+               experts=args.experts or (64 if gpu else 8), topk=args.topk or (8 if gpu else 2),
+               tokens=args.tokens or (4096 if gpu else 128), chunks=args.chunks, vocab=args.vocab, seed=args.seed,
+               setups=setups, progress=not args.no_progress)
+    if cfg["experts"] % world or cfg["topk"] > cfg["experts"] or cfg["steps"] < 1:
+        raise ValueError("--experts must be a multiple of the ranks, --topk <= --experts, --steps >= 1")
+    return cfg
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"deep-ep demo: error: {exc}", file=sys.stderr)
+        return 2
+    res = run(cfg)
+    print(format_result(res))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.png:
+        got = write_png(res, args.png)
+        if got:
+            print(f"wrote {got}", file=sys.stderr)
+    return 0

@@ -69,7 +69,9 @@ class Buffer(LowLatencyMethods):
     ``ep_buffer_size`` (pipelining chunk, bytes; env ``DEEP_EP_BUFFER_SIZE``,
     default 4 MiB), ``compression_level`` (16, 8, 4, 'auto'; env
     ``DEEP_EP_COMPRESSION_LEVEL``), ``topology_aware`` (env
-    ``DEEP_EP_TOPOLOGY_AWARE``), ``timeout_s`` (bound of every host wait,
+    ``DEEP_EP_TOPOLOGY_AWARE``; off: ``'auto'`` takes the flat ``collective``
+    path across hosts), ``ranks_per_node`` (``hierarchical``: emulate nodes;
+    env ``DEEP_EP_RANKS_PER_NODE``), ``timeout_s`` (bound of every host wait,
     env ``DEEP_EP_TIMEOUT_S``, default 100 s).
 
     Constructing a Buffer is collective: every rank of the group must do it,
@@ -86,7 +88,8 @@ class Buffer(LowLatencyMethods):
                  comm: Any = None, *, backend: str = "auto", ep_buffer_size: Optional[int] = None,
                  compression_level: Union[int, str, None] = 16, topology_aware: Optional[bool] = None,
                  timeout_s: Optional[float] = None, compression_ratio: Optional[float] = None,
-                 combine_compression_level: Union[int, str] = 16, compression_stats: Optional[bool] = None) -> None:
+                 combine_compression_level: Union[int, str] = 16, compression_stats: Optional[bool] = None,
+                 ranks_per_node: Optional[int] = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise DeepEPError("deep_ep.Buffer needs torch.distributed initialised "
                               "(torch.distributed.init_process_group(...), e.g. under torchrun)")
@@ -129,7 +132,7 @@ class Buffer(LowLatencyMethods):
         else:
             self.device = torch.device("cpu")
         if backend == "auto":
-            backend, self.backend_reason = select_backend(group)
+            backend, self.backend_reason = select_backend(group, self.topology_aware)
         else:
             self.backend_reason = "chosen by the caller"
         cls = transport_class(backend)
@@ -141,7 +144,8 @@ class Buffer(LowLatencyMethods):
         self._uid = next(counter)
         self._waiter = Waiter(group, f"deep_ep/{gname}/buffer{self._uid}", self.timeout_s)
         self._transport: Transport = cls(group, self.device, self.timeout_s, self._waiter,
-                                         dict(num_nvl_bytes=num_nvl_bytes, ep_buffer_size=self.ep_buffer_size))
+                                         dict(num_nvl_bytes=num_nvl_bytes, ep_buffer_size=self.ep_buffer_size,
+                                              ranks_per_node=ranks_per_node))
         self._check_every_call = self.device.type != "cuda" or env_bool("DEEP_EP_CHECK", False)
         self._local_buffers: Dict[bool, torch.Tensor] = {}
         self._zero_slots: Optional[torch.Tensor] = None
@@ -270,7 +274,8 @@ class Buffer(LowLatencyMethods):
             raise p.exc from None
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
         with call:
-            per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(topk_idx, num_experts, self.num_ranks)
+            per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
+                topk_idx, num_experts, self.num_ranks, ranks_per_node=getattr(self._transport, "P", None))
             outs = [per_rank, per_expert, in_rank]
             if call.cuda and not call.on_comm:
                 for t in outs:

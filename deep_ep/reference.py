@@ -130,7 +130,7 @@ def dispatch(xs: Sequence[XType], topk_idx: Optional[Sequence[torch.Tensor]], nu
 
 def combine(ys: Sequence[torch.Tensor], dispatched: Sequence[RefDispatch], num_tokens: Sequence[int],
             topk_weights: Optional[Sequence[torch.Tensor]] = None,
-            biases: Optional[Sequence[Sequence[torch.Tensor]]] = None
+            biases: Optional[Sequence[Sequence[torch.Tensor]]] = None, ranks_per_node: int = 0
             ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Expected ``Buffer.combine`` outputs of every rank.
 
@@ -140,6 +140,10 @@ def combine(ys: Sequence[torch.Tensor], dispatched: Sequence[RefDispatch], num_t
     then plus each bias (``biases[s]``: 0, 1 or 2 tensors ``[T_s, H]``) in
     order, cast back to the dtype of ``ys`` (float64 rows are summed in float64). ``topk_weights[d]`` (``[N_d, K]``)
     are summed the same way (float32, no bias).
+
+    ``ranks_per_node`` > 0: the hierarchical transport's order instead: per node,
+    the sum over its ranks in ascending order, cast to the rows' dtype (weights
+    stay float32); then the sum of the nodes' partials in node order.
     """
     R = len(ys)
     out = []
@@ -152,13 +156,22 @@ def combine(ys: Sequence[torch.Tensor], dispatched: Sequence[RefDispatch], num_t
         accw = None
         if topk_weights is not None:
             accw = torch.zeros((T, topk_weights[0].size(1)), dtype=torch.float32, device=device)
-        for d in range(R):
-            n = dispatched[d].num_recv_tokens
-            rows = torch.nonzero(dispatched[d].recv_src_rank[:n] == s).flatten()
-            tok = dispatched[d].recv_src_token[rows].to(device)
-            acc = acc.index_add(0, tok, ys[d][rows.to(ys[d].device)].to(device).to(acc_dtype))
+        P = ranks_per_node if ranks_per_node > 0 else R
+        for first in range(0, R, P):
+            part = torch.zeros_like(acc)
+            partw = torch.zeros_like(accw) if accw is not None else None
+            for d in range(first, first + P):
+                n = dispatched[d].num_recv_tokens
+                rows = torch.nonzero(dispatched[d].recv_src_rank[:n] == s).flatten()
+                tok = dispatched[d].recv_src_token[rows].to(device)
+                part = part.index_add(0, tok, ys[d][rows.to(ys[d].device)].to(device).to(acc_dtype))
+                if partw is not None:
+                    partw = partw.index_add(0, tok, topk_weights[d][rows.to(topk_weights[d].device)].to(device).float())
+            if ranks_per_node > 0:
+                part = part.to(ys[s].dtype).to(acc_dtype)
+            acc = acc + part if ranks_per_node > 0 else part
             if accw is not None:
-                accw = accw.index_add(0, tok, topk_weights[d][rows.to(topk_weights[d].device)].to(device).float())
+                accw = accw + partw if ranks_per_node > 0 else partw
         if biases is not None:
             for b in biases[s]:
                 acc = acc + b.to(device).to(acc_dtype)

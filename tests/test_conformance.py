@@ -17,8 +17,8 @@ from deep_ep import reference as ref
 
 from tests._cases import assert_same, device, get_buffer, make_case, to
 
-BACKENDS = ["collective"]
-GPU_BACKENDS = ["collective", "nvlink"]
+BACKENDS = ["collective", "hierarchical"]
+GPU_BACKENDS = ["collective", "nvlink", "hierarchical"]
 
 SCENARIOS = {
     "basic": dict(),
@@ -81,6 +81,10 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     kw = {}
     if sc.get("staging_data_bytes"):   # metadata area (2 x R x 4096 int64) + a small data area
         kw["num_nvl_bytes"] = 2 * R * 4096 * 8 + sc["staging_data_bytes"]
+    P = 0
+    if backend == "hierarchical":       # emulated nodes: 2 of R/2 ranks (2 x 1 on two ranks)
+        P = kw["ranks_per_node"] = sc.get("ranks_per_node") or (max(R // 2, 1) if R % 2 == 0 else 1)
+        kw.pop("num_nvl_bytes", None)
     buf = get_buffer(backend, **kw)
     use_topk = not sc.get("no_topk")
     use_w = sc.get("weights", True) and use_topk
@@ -106,7 +110,11 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     prev = buf.capture() if sc.get("previous_event") else None
 
     per_rank, per_node, per_expert, in_rank, ev = buf.get_dispatch_layout(idx, E)
-    assert per_node is None
+    if P and P < R:                     # num_tokens_per_rdma_rank: tokens per node
+        want_node = in_rank_all[rank].view(-1, R // P, P).any(dim=2).sum(0).to(torch.int32)
+        assert_same(per_node, want_node, "num_tokens_per_rdma_rank (per node)")
+    else:
+        assert per_node is None
     assert_same(in_rank, in_rank_all[rank], "is_token_in_rank")
     assert_same(per_rank, in_rank_all[rank].sum(0).to(torch.int32), "num_tokens_per_rank")
     exp_pe = torch.zeros(E, dtype=torch.int32, device="cpu")
@@ -155,7 +163,7 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     biases = [[torch.randn((case.tokens[s], ys[0].size(1)), generator=g, device="cpu").to(ys[0].dtype) for _ in range(nbias)]
               for s in range(R)]
     ws = [d.recv_topk_weights for d in exp] if use_w else None
-    exp_c = ref.combine(ys, exp, case.tokens, ws, biases)
+    exp_c = ref.combine(ys, exp, case.tokens, ws, biases, ranks_per_node=P)
     bias_arg = None
     if nbias == 1:
         bias_arg = biases[rank][0].to(dev)
@@ -215,3 +223,10 @@ def test_conformance_gpu(rank_pool, backend, name):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_reuse_shapes_gpu(rank_pool, backend):
     rank_pool(2, backend="nccl").run(run_reuse_shapes, backend, 99)
+
+
+@pytest.mark.parametrize("name", ["basic", "all_ranks", "bias2", "fp8", "empty_rank", "worst"])
+def test_conformance_hierarchical_3_nodes(rank_pool, name):
+    """Six CPU ranks as 3 emulated nodes x 2 ranks."""
+    seed = zlib.crc32(f"{name}/6".encode())
+    rank_pool(6).run(run_scenario, "hierarchical", seed, dict(SCENARIOS[name], ranks_per_node=2))

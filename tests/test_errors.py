@@ -54,7 +54,8 @@ def rank_local_errors(rank, R):
             "not divisible")
     _expect(DeepEPInputError, lambda: deep_ep.Buffer.set_num_sms(3), "even")
     _expect(DeepEPInputError, lambda: deep_ep.Buffer(dist.group.WORLD, compression_level=5), "compression_level")
-    _expect(NotImplementedError, lambda: deep_ep.Buffer(dist.group.WORLD, backend="hierarchical"), "issue 9")
+    _expect(DeepEPInputError, lambda: deep_ep.Buffer(dist.group.WORLD, backend="hierarchical", ranks_per_node=5),
+            "must divide")
     _expect(ValueError, lambda: deep_ep.Buffer(dist.group.WORLD, backend="bogus"), "unknown backend")
     _expect(DeepEPInputError, lambda: buf.dispatch(torch.zeros((2, 8), dtype=torch.bfloat16, device=dev),
                                                    expert_alignment=0), "expert_alignment")

@@ -50,8 +50,8 @@ def _rank(rank: int, cfg, port: int, path: str) -> None:
     records, skipped = [], []
     names, unsupported = backends_to_run(cfg, dist.group.WORLD)
     for name in names:
-        if name in unsupported or name == "hierarchical":
-            skipped.append(dict(backend=name, reason=unsupported.get(name, "not implemented yet (issue 9)")))
+        if name in unsupported:
+            skipped.append(dict(backend=name, reason=unsupported[name]))
             continue
         hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(M, H, world, E)
         buf = deep_ep.Buffer(dist.group.WORLD, max(hint, 64 << 20), backend=name)

@@ -21,7 +21,7 @@ __all__ = ["Plan", "Transport", "Waiter", "CollectiveTransport", "BACKENDS", "ba
 BACKENDS: Dict[str, Optional[str]] = {
     "collective": None,
     "nvlink": None,
-    "hierarchical": "issue 9 (topology-aware multi-node transport)",
+    "hierarchical": None,
 }
 
 
@@ -42,6 +42,9 @@ def transport_class(name: str) -> type:
     if name == "nvlink":
         from .nvlink import NVLinkTransport   # imports symmetric memory lazily
         return NVLinkTransport
+    if name == "hierarchical":
+        from .hierarchical import HierarchicalTransport
+        return HierarchicalTransport
     raise NotImplementedError(f"backend={name!r} is not implemented yet: it arrives with {BACKENDS[name]}; "
                               f"use backend='collective' (works everywhere) or 'auto'")
 
@@ -84,16 +87,25 @@ def backend_support(group: Optional[dist.ProcessGroup] = None) -> List[Tuple[str
     if BACKENDS["nvlink"] is not None:
         reasons.append(f"not implemented yet ({BACKENDS['nvlink']})")
     out.append(("nvlink", not reasons, "; ".join(reasons) or "all ranks on one host with peer access"))
-    out.append(("hierarchical", False, f"not implemented yet ({BACKENDS['hierarchical']})"))
+    if group is not None and group is not dist.group.WORLD and dist.get_world_size(group) != dist.get_world_size():
+        out.append(("hierarchical", False, "needs the default process group (it builds rail and node groups)"))
+    else:
+        out.append(("hierarchical", True, "nodes from the hostnames (or ranks_per_node / DEEP_EP_RANKS_PER_NODE)"))
     return out
 
 
-def select_backend(group: Optional[dist.ProcessGroup] = None) -> Tuple[str, str]:
+def select_backend(group: Optional[dist.ProcessGroup] = None, topology_aware: bool = True) -> Tuple[str, str]:
     """The backend ``'auto'`` picks, and why: the fastest one the group supports.
 
-    Without ``group`` the answer is for an NCCL group of all local GPUs.
+    A group that spans several hosts takes ``hierarchical`` (one copy of a token per node across nodes)
+    unless ``topology_aware`` is off. Without ``group`` the answer is for an NCCL group of all local GPUs.
     """
     support = {name: (ok, why) for name, ok, why in backend_support(group)}
+    if group is not None and not _one_host(group):
+        if topology_aware and support["hierarchical"][0]:
+            return "hierarchical", "the group spans several hosts: one copy of a token per node across nodes"
+        return "collective", ("the group spans several hosts; topology_aware is off" if not topology_aware else
+                              f"the group spans several hosts; hierarchical: {support['hierarchical'][1]}")
     ok, why = support["nvlink"]
     ranks = dist.get_world_size(group) if group is not None else \
         (torch.cuda.device_count() if torch.cuda.is_available() else 0)

@@ -59,3 +59,19 @@ def rank_selection(rank, R):
 
 def test_node_layout_and_selection(rank_pool):
     rank_pool(4).run(rank_selection)
+
+
+def test_internode_savings_table():
+    """benchmarks/internode_savings.py: with 2 nodes every token crosses once (hierarchical) and the flat
+    all-to-all sends one row per remote rank; node-limited routing reaches at most 4 nodes."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "internode_savings.py")
+    spec = importlib.util.spec_from_file_location("internode_savings", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    flat, hier = mod.rows_per_token(2, 8, 256, 8, False, 2048, 0)
+    assert 0.99 < hier <= 1.0 and flat > 2.5
+    flat8, hier8 = mod.rows_per_token(8, 8, 256, 8, True, 2048, 0)
+    assert hier8 <= 3.0 + 1e-9 and flat8 > hier8                    # <= 4 nodes, one of them its own

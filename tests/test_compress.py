@@ -231,6 +231,10 @@ def test_dispatch_combine_with_each_level_cpu(rank_pool):
     rank_pool(2).run(rank_dispatch_levels, "collective", False)
 
 
+def test_dispatch_combine_with_each_level_hierarchical_cpu(rank_pool):
+    rank_pool(2).run(rank_dispatch_levels, "hierarchical", False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend,worst", [("nvlink", False), ("nvlink", True), ("collective", False)])
 def test_dispatch_combine_with_each_level_gpu(rank_pool, backend, worst):

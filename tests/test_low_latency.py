@@ -26,7 +26,7 @@ def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed):
     M, H, E = 24, 512, 4 * R
     tokens = [M, M - 7, 3, 0][:R]                         # num_tokens = M and < M, different per rank
     case = make_case(seed, R, hidden=H, topk=3, num_experts=E, tokens=tokens, neg_frac=0.2)
-    buf = get_buffer(backend)
+    buf = get_buffer(backend, **({"ranks_per_node": max(R // 2, 1)} if backend == "hierarchical" else {}))
     codec = make_codec(8, H, use_ue8m0=ue8m0) if use_fp8 else None
     sent = [codec.decode(codec.encode(x), torch.float32) if codec else x.float() for x in case.xs]
     exp = ref.low_latency_dispatch(sent, case.topk_idx, M, E)
@@ -72,6 +72,11 @@ def test_low_latency_cpu(rank_pool, use_fp8, ue8m0, hook, seed):
 
 def test_low_latency_cpu_4_ranks(rank_pool):
     rank_pool(4).run(rank_low_latency, "collective", True, False, False, 4)
+
+
+def test_low_latency_hierarchical_cpu(rank_pool):
+    """The low-latency calls on the hierarchical transport (4 ranks as 2 emulated nodes)."""
+    rank_pool(4).run(rank_low_latency, "hierarchical", True, False, False, 8)
 
 
 @pytest.mark.gpu

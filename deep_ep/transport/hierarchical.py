@@ -180,28 +180,31 @@ class HierarchicalTransport(CollectiveTransport):
     # ---------------------------------------------------------------- combine
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
                 biases: Sequence[torch.Tensor], alloc: Alloc, codec=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if codec is not None:
-            raise DeepEPInputError("combine compression is not available on the hierarchical transport yet")
         sched = self._schedule(plan)
         if "m2" not in sched:
             raise DeepEPInputError("combine before any dispatch of this handle on the hierarchical transport")
         n_recv = plan.num_recv_tokens
         xs = x if x.size(0) == n_recv else x[:n_recv]
-        out = self._combine_rows(sched, xs.contiguous(), x.dtype, biases, alloc, plan.num_tokens)
+        out = self._combine_rows(sched, xs.contiguous(), x.dtype, biases, alloc, plan.num_tokens, codec)
         out_w = None
         if weights is not None:
             ws = weights if weights.size(0) == n_recv else weights[:n_recv]
             out_w = self._combine_rows(sched, ws.float().contiguous(), torch.float32, (), alloc, plan.num_tokens)
         return out, out_w
 
-    def _combine_rows(self, sched, xs: torch.Tensor, dtype: torch.dtype, biases, alloc, T: int) -> torch.Tensor:
+    def _combine_rows(self, sched, xs: torch.Tensor, dtype: torch.dtype, biases, alloc, T: int,
+                      codec=None) -> torch.Tensor:
         P, N, dev, H = self.P, self.N, xs.device, xs.size(1)
-        # back to the forwarders: rows in recv2 order (the inverse of the final permutation)
-        back2_send = torch.empty_like(xs)
-        back2_send.index_copy_(0, sched["perm"], xs)
-        back2 = torch.empty((sum(sched["send2"]), H), dtype=xs.dtype, device=dev)
+        # back to the forwarders: rows in recv2 order (the inverse of the final permutation), encoded with
+        # the codec if any (decoded there: the node partials and what crosses nodes stay 16-bit)
+        rows = xs if codec is None else codec.encode(xs)
+        back2_send = torch.empty_like(rows)
+        back2_send.index_copy_(0, sched["perm"], rows)
+        back2 = torch.empty((sum(sched["send2"]), rows.size(1)), dtype=rows.dtype, device=dev)
         self._a2a_on(self.node_group, P, as_bytes(back2), as_bytes(back2_send), sched["send2"], sched["recv2"],
                      "combine (in node)")
+        if codec is not None:
+            back2 = codec.decode(back2, xs.dtype)
         # partial sum per stage-1 row over the local ranks that got it (local order), cast to the row dtype
         pos2 = _positions(sched["m2"], sched["send2"], dev)
         partial = reduce_rows(back2, pos2, (), xs.dtype, alloc)

@@ -230,3 +230,11 @@ def test_conformance_hierarchical_3_nodes(rank_pool, name):
     """Six CPU ranks as 3 emulated nodes x 2 ranks."""
     seed = zlib.crc32(f"{name}/6".encode())
     rank_pool(6).run(run_scenario, "hierarchical", seed, dict(SCENARIOS[name], ranks_per_node=2))
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", ["basic", "fp8", "worst", "bias2", "nan"])
+def test_single_rank_gpu(rank_pool, backend, name):
+    """One rank on one GPU: every transport's CUDA path (no peer)."""
+    rank_pool(1, backend="nccl").run(run_scenario, backend, 11, dict(GPU_SCENARIOS[name], num_experts=4))

@@ -470,8 +470,8 @@ class Buffer(LowLatencyMethods):
         """The codec of this call's rows (``None``: they travel as they are), or a Problem."""
         try:
             level, ratio = self._wire.call_level(compress)
-            if level == 16 or scales is not None or not xv.is_floating_point():
-                return None                           # an fp8 pair is already in its wire format
+            if level == 16 or scales is not None or not xv.is_floating_point() or xv.dtype == torch.float64:
+                return None        # an fp8 pair is already in its wire format; float64 rows travel exact
             return self._wire.codec(level, xv.size(1), ratio)
         except DeepEPInputError as e:
             raise Problem(7, e) from None

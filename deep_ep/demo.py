@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", type=int, help="expert width (GPU 1024, CPU 32)")
     p.add_argument("--experts", type=int, help="experts per layer (GPU 64, CPU 8)")
     p.add_argument("--topk", type=int, help="experts per token (GPU 8, CPU 2)")
-    p.add_argument("--tokens", type=int, help="tokens per rank per step (GPU 4096, CPU 128)")
+    p.add_argument("--tokens", type=int, help="tokens per rank per step, rounded down to sequences of 16 "
+                                              "(GPU 4096, CPU 128)")
     p.add_argument("--chunks", type=int, default=4, help="chunks of the overlapped setup (default 4)")
     p.add_argument("--vocab", type=int, default=64, help="vocabulary of the synthetic task (default 64)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="GPUs over NCCL or CPU ranks over gloo")
@@ -128,7 +129,13 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
         backend = "collective" if setup == "collective" else "auto"
         chunks = cfg["chunks"] if setup == "deep_ep-overlap" else 1
         model = DemoModel(cfg, backend, chunks, device, dtype)
+        g = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + 1 + rank)   # each rank its own experts
+        with torch.no_grad():
+            for b in model.blocks:
+                for w, fan in ((b.moe.w_gate_up, cfg["hidden"]), (b.moe.w_down, cfg["ffn"])):
+                    w.copy_(torch.randn(w.shape, generator=g, device=device, dtype=torch.float32) / fan ** 0.5)
         replicated = [p for n_, p in model.named_parameters() if "w_gate_up" not in n_ and "w_down" not in n_]
+        experts = [p for n_, p in model.named_parameters() if "w_gate_up" in n_ or "w_down" in n_]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses: List[float] = []
         times, exposed, moe_fwd = [], [], []
@@ -146,6 +153,9 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= cfg["world_size"]
+            for p in experts:                          # their gradients already sum over every rank's tokens
+                if p.grad is not None:
+                    p.grad /= cfg["world_size"]
             opt.step()
             if cuda:
                 torch.cuda.synchronize()
@@ -158,7 +168,7 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
                 bar.update(1)
         warm = max(1, len(times) // 4)                 # the first steps compile and warm caches
         t = sum(times[warm:]) / max(len(times) - warm, 1)
-        results[setup] = dict(step_s=t, tokens_per_s=cfg["tokens"] * cfg["world_size"] / t, losses=losses,
+        results[setup] = dict(step_s=t, tokens_per_s=int(x.numel()) * cfg["world_size"] / t, losses=losses,
                               exposed_comm_us=sum(exposed[warm:]) / max(len(exposed) - warm, 1),
                               moe_forward_us=sum(moe_fwd[warm:]) / max(len(moe_fwd) - warm, 1),
                               transport=model.blocks[0].moe.buffer.backend)
@@ -192,7 +202,7 @@ def run(cfg: dict) -> dict:
         exposed = max(p["exposed_comm_us"] for p in per)
         fwd = max(p["moe_forward_us"] for p in per)
         rows.append(dict(setup=setup, transport=per[0]["transport"], step_ms=step * 1e3,
-                         tokens_per_s=cfg["tokens"] * cfg["world_size"] / step,
+                         tokens_per_s=cfg["tokens"] * cfg["world_size"] / step,   # cfg["tokens"]: a multiple of 16
                          loss_first=per[0]["losses"][0], loss_last=per[0]["losses"][-1], losses=per[0]["losses"],
                          moe_forward_us=fwd, exposed_comm_us=exposed,
                          exposed_comm_fraction=exposed / fwd if fwd else 0.0))
@@ -245,6 +255,8 @@ def write_png(res: dict, path: str) -> Optional[str]:
 def config_from_args(args: argparse.Namespace) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no GPU is visible")
     world = args.world_size or (torch.cuda.device_count() if gpu else 2)
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     bad = [s for s in setups if s not in SETUPS]
@@ -253,7 +265,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     cfg = dict(device=device, world_size=world, steps=args.steps or (30 if gpu else 20), layers=args.layers,
                hidden=args.hidden or (2048 if gpu else 64), ffn=args.ffn or (1024 if gpu else 32),
                experts=args.experts or (64 if gpu else 8), topk=args.topk or (8 if gpu else 2),
-               tokens=args.tokens or (4096 if gpu else 128), chunks=args.chunks, vocab=args.vocab, seed=args.seed,
+               tokens=max(16, (args.tokens or (4096 if gpu else 128)) // 16 * 16), chunks=args.chunks, vocab=args.vocab, seed=args.seed,
                setups=setups, progress=not args.no_progress)
     if cfg["experts"] % world or cfg["topk"] > cfg["experts"] or cfg["steps"] < 1:
         raise ValueError("--experts must be a multiple of the ranks, --topk <= --experts, --steps >= 1")

@@ -12,6 +12,13 @@ gathers the rows back into pair order, returns each pair to its source with
 the dispatch's handle, and the source sums ``topk_weights[t, k] *
 row(t, k)`` in float32.
 
+Every rank must pass the same ``num_max_dispatch_tokens_per_rank``,
+``num_experts`` and fp8 settings, and distinct experts per token; an
+argument error is raised on the rank that made it (the others then wait out
+``timeout_s``, as a DeepEP kernel would assert). On the collective and
+hierarchical transports, and with ``DEEP_EP_CHECK=1``, the pair dispatch
+reads its layout on the host (same outputs, not capturable).
+
 Differences from DeepEP's kernels, documented: the order of a source's block
 inside an expert's rows is fixed (source rank ascending) where DeepEP's is
 the arrival order; every call returns new tensors, so any number of results
@@ -75,12 +82,26 @@ def _check(buf, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int) -> Tupl
         raise DeepEPInputError(f"num_experts={E!r} must be a positive multiple of the number of ranks {R}")
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.size(0) != T \
             or topk_idx.dtype not in (torch.int64, torch.int32):
-        raise DeepEPInputError(f"topk_idx must be an int64 tensor [{T}, num_topk], got "
+        raise DeepEPInputError(f"topk_idx must be an int64 (or int32) tensor [{T}, num_topk], got "
                                f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} "
                                f"{list(getattr(topk_idx, 'shape', []))}")
     buf._check_device(x, "x")
     buf._check_device(topk_idx, "topk_idx")
     return T, H, topk_idx.size(1)
+
+
+def _check_distinct(topk_idx: torch.Tensor) -> None:
+    """A token names each expert at most once (else an expert could receive more than ``R * M`` rows):
+    raised on the host for CPU tensors, a device assertion (no sync) on CUDA."""
+    if topk_idx.size(1) < 2 or topk_idx.size(0) == 0:
+        return
+    srt = topk_idx.sort(dim=1).values
+    dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
+    if topk_idx.is_cuda:
+        torch._assert_async(~dup, "low_latency_dispatch: a token names the same expert twice")
+    elif bool(dup):
+        raise DeepEPInputError("low_latency_dispatch: a token names the same expert twice; the experts of a "
+                               "token must be distinct (-1 may repeat)")
 
 
 def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
@@ -99,8 +120,10 @@ def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_d
         raise DeepEPInputError(f"fp8 low-latency dispatch needs hidden divisible by {512 if use_ue8m0 else 128} "
                                f"(one scale per 128 values{', four per int32' if use_ue8m0 else ''}), got {H}")
     L = E // R
+    topk_idx = topk_idx.to(torch.int64)
     if not topk_idx.is_cuda:
         layout.check_topk_idx(topk_idx, E)
+    _check_distinct(topk_idx)
     codec = make_codec(8, H, round_scale=round_scale, use_ue8m0=use_ue8m0) if use_fp8 else None
     rows = codec.encode(x) if codec is not None else x.contiguous().view(torch.uint8)     # once per token
     pair_rows = rows.repeat_interleave(K, dim=0) if K != 1 else rows
@@ -118,7 +141,7 @@ def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_d
     dump = L * R * M
     slot = torch.where(local >= 0, local * (R * M) + pos, torch.full_like(pos, -1))
     where = torch.where(slot >= 0, slot, dump)
-    # Only the received rows are written (the layout has L * R * M rows; the rest stay as they are, and
+    # Only the received rows are written (the layout has L * R * M rows; the others are uninitialised:
     # only the first recv_count[l] rows of expert l are valid); padding goes to one spare last row.
     if codec is None:
         flat = torch.empty((dump + 1, H), dtype=torch.bfloat16, device=x.device)

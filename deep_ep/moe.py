@@ -12,7 +12,10 @@ their gradients across ranks as for data parallelism).
 chunks; the dispatch of chunk ``c+1`` and the combine of chunk ``c-1`` run on
 the Buffer's communication stream (``async_finish`` + events) while chunk
 ``c``'s experts run on the compute stream, and the shared experts run while
-the first dispatch is in flight. Chunking changes a token's result only by
+the first dispatch is in flight. A fresh dispatch reads its metadata on the
+host, and that read waits for what the communication stream already holds
+(the previous chunk's combine): so in practice the dispatch of chunk ``c+1``
+overlaps the experts of chunk ``c`` and the combines overlap little. Chunking changes a token's result only by
 the rounding of matrix products over other batches of rows (each row meets
 the same experts and the sums run in a fixed order; measured: float64
 results equal to 1e-12 relative). The
@@ -38,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import layout, ops
 from .buffer import Buffer
 from .config import EventOverlap
 from .errors import DeepEPInputError
@@ -196,6 +199,7 @@ class ExpertParallelMoE(nn.Module):
     # ------------------------------------------------------------------ experts
     def _grouped(self, x: torch.Tensor) -> bool:
         return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                and self.hidden % 8 == 0 and self.ffn_hidden % 8 == 0        # 16-byte strides
                 and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
     def local_experts(self, rx: torch.Tensor, ridx: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
@@ -251,8 +255,10 @@ class ExpertParallelMoE(nn.Module):
         def issue(c: int) -> None:
             a, b = chunks[c]
             events: list = []
+            # the layout is local: computed on the compute stream (a Buffer call would make the compute
+            # stream wait for the communication stream, where the previous chunk's combine is queued)
+            per_rank, _, per_expert, in_rank = layout.dispatch_layout(idx[a:b], self.num_experts, self.num_ranks)
             with timer.span("comm"):
-                per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(idx[a:b], self.num_experts)
                 kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
                               topk_idx=idx[a:b], async_finish=overlap, _events=events)
                 out = ops._Dispatch.apply(self.buffer, kwargs, x[a:b], w[a:b], False)
@@ -304,10 +310,10 @@ def route_tokens(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, n_gro
     sel = scores
     if n_group > 1:
         T = x.size(0)
-        grouped = scores.view(T, n_group, -1)
+        grouped = scores.view(T, n_group, scores.size(1) // n_group)
         keep = grouped.amax(dim=-1).topk(topk_group, dim=-1).indices
         mask = torch.zeros((T, n_group), dtype=torch.bool, device=x.device).scatter_(1, keep, True)
-        sel = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(T, -1)
+        sel = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(T, scores.size(1))
     idx = sel.topk(top_k, dim=-1).indices
     w = scores.gather(1, idx)
     if norm_topk_prob:

@@ -60,7 +60,9 @@ class CompressedRows:
         if c.level != 8 or c.use_ue8m0:
             raise DeepEPInputError("fp8() needs level 8 with float32 scales")
         sb = c.scale_bytes
-        scales = self.packed[:, :sb].contiguous().view(torch.float32)
+        N = self.packed.size(0)
+        scales = self.packed[:, :sb].contiguous().view(torch.float32) if N else \
+            torch.empty((0, sb // 4), dtype=torch.float32, device=self.packed.device)
         return self.packed[:, sb:].contiguous().view(torch.float8_e4m3fn), scales
 
     @property

@@ -163,10 +163,20 @@ def test_auto_byte_target_and_error_against_level4():
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_empty_rows(level):
-    c = make_codec(level, 256, ratio=0.5)
-    packed = c.encode(torch.zeros((0, 256), dtype=torch.bfloat16))
-    assert packed.shape == (0, c.row_bytes) and c.decode(packed).shape == (0, 256)
+@pytest.mark.parametrize("H", [256, 130])
+def test_empty_rows(level, H):
+    c = make_codec(level, H, ratio=0.6)
+    packed = c.encode(torch.zeros((0, H), dtype=torch.bfloat16))
+    assert packed.shape == (0, c.row_bytes) and c.decode(packed).shape == (0, H)
+
+
+def test_float16_never_overflows():
+    """A scale rounded up to bf16 must not decode a finite float16 input to infinity."""
+    x = torch.full((2, 64), 65504.0, dtype=torch.float16)
+    x[1] *= -1
+    for level in LEVELS:
+        y = make_codec(level, 64, ratio=0.9).roundtrip(x)
+        assert bool(torch.isfinite(y).all()), level
 
 
 def test_bad_arguments():

@@ -25,7 +25,7 @@ def rank_internode_rows(rank, R, pattern):
     unique = int(node_mask.sum()) - int(node_mask[:, my_node].sum())          # (token, other node) pairs
     st = buf._transport.last_stats
     assert st["internode_rows"] == unique
-    assert st["internode_bytes"] == unique * (2 * 32 + 8 * 4 + 0)            # x bf16 + topk_idx int64 (no weights)
+    assert st["internode_bytes"] == unique * (2 * 32 + 8 * 4 + P)            # x bf16 + topk_idx int64 + target mask
     flat = int(mask.sum()) - int(mask[:, my_node * P:(my_node + 1) * P].sum())
     if pattern == "all_ranks":                                            # every rank of every node: P x fewer
         assert flat == P * unique

@@ -89,7 +89,9 @@ def test_low_latency_gpu(rank_pool, backend, use_fp8, ue8m0, hook):
 def rank_low_latency_errors(rank, R):
     buf = get_buffer()
     x = torch.zeros((5, 256), dtype=torch.bfloat16)
-    idx = torch.zeros((5, 2), dtype=torch.int64)
+    idx = torch.tensor([[0, 1]] * 5, dtype=torch.int64)
+    with pytest.raises(deep_ep.DeepEPInputError, match="same expert twice"):
+        buf.low_latency_dispatch(x, torch.zeros((5, 2), dtype=torch.int64), 8, 2 * R)
     with pytest.raises(deep_ep.DeepEPInputError, match="more than num_max_dispatch_tokens_per_rank"):
         buf.low_latency_dispatch(x, idx, 4, 2 * R)
     with pytest.raises(deep_ep.DeepEPInputError, match="multiple of the number of ranks"):

@@ -110,6 +110,9 @@ def rank_moe_errors(rank, R):
     layer = ExpertParallelMoE(16, 8, 2 * R, 2, buffer=get_buffer())
     with pytest.raises(deep_ep.DeepEPInputError, match=r"\[tokens, 16\]"):
         layer(torch.zeros(3, 15))
+    # no tokens on any rank, group-limited routing: an empty result, no error
+    empty = ExpertParallelMoE(16, 8, 4 * R, 2, n_group=2, topk_group=1, num_chunks=3, buffer=get_buffer())
+    assert empty(torch.zeros(0, 16)).shape == (0, 16)
 
 
 def test_moe_errors(rank_pool):

@@ -46,6 +46,16 @@ def _bf16_scale(amax, qmax: tl.constexpr):
 
 
 @triton.jit
+def _out(v, out_ptr):
+    """``v`` cast to the output dtype; float16: finite values beyond its range clamped (as the reference)."""
+    dt = out_ptr.dtype.element_ty
+    if dt == tl.float16:
+        v = tl.where(v > 65504.0, 65504.0, v)
+        v = tl.where(v < -65504.0, -65504.0, v)
+    return v.to(dt)
+
+
+@triton.jit
 def _quant(x, inv, qmax: tl.constexpr):
     """Round ``x * inv`` (``inv = 1 / scale``, one division per block) to ints; NaN -> the reserved code."""
     q = libdevice.rint(x * inv)
@@ -88,6 +98,7 @@ def _enc8(x_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, ROUND: tl.constexpr,
     q = x * inv[:, None]
     q = tl.where(q > 448.0, 448.0, q)
     q = tl.where(q < -448.0, -448.0, q)
+    q = tl.where(q != q, float("nan"), q)                 # one NaN code, as the reference
     qb = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     base = out_ptr + row * W
     if UE8M0:
@@ -117,7 +128,7 @@ def _dec8(p_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, UE8M0: tl.constexpr)
         scale = sb.to(tl.float32, bitcast=True)
     q = tl.load(base + VOFF + col, mask=m, other=0)
     v = q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
-    tl.store(out_ptr + row * H + col, v.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + row * H + col, _out(v, out_ptr), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------- level 4
@@ -133,7 +144,7 @@ def _pairs(x_ptr, row, H, blk, bm):
 def _store_pairs(out_ptr, row, H, blk, bm, ve, vo):
     col = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
     v = tl.reshape(tl.join(ve, vo), (ve.shape[0], 32))
-    tl.store(out_ptr + row * H + col, v.to(out_ptr.dtype.element_ty), mask=bm[:, None] & (col < H))
+    tl.store(out_ptr + row * H + col, _out(v, out_ptr), mask=bm[:, None] & (col < H))
 
 
 @triton.jit
@@ -231,7 +242,7 @@ def _dec_auto(p_ptr, out_ptr, H, NB, W, NBP: tl.constexpr):
     v8 = _dequant(_signed(b8, 8), s, 127)
     v = tl.where(w2, v8, v4)
     col = blk[:, None] * 32 + j[None, :]
-    tl.store(out_ptr + row * H + col, v.to(out_ptr.dtype.element_ty), mask=bm[:, None] & (col < H))
+    tl.store(out_ptr + row * H + col, _out(v, out_ptr), mask=bm[:, None] & (col < H))
 
 
 def encode(codec, x: torch.Tensor) -> torch.Tensor:

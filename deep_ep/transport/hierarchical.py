@@ -17,9 +17,14 @@ with the same local index on every node; what crosses nodes) and *nodes*
   order and in float32, the rows its node returns for a token, casts the
   partial sum to the row dtype and sends one row per (token, node) back; the
   source sums the partials in node order (float32) and adds the biases.
-  (The flat transports sum over ranks in rank order; this order is the
-  reference's ``ranks_per_node`` order, so results can differ from them in
-  the last bit.)
+  This is the reference's ``ranks_per_node`` order, not the flat
+  transports' (ranks in order, one float32 sum): where rows of one node
+  cancel, the partial rounded to bf16 can lose what the flat sum keeps, and a
+  float16 partial can overflow (as in DeepEP, which also sends 16-bit
+  partials).
+
+Every fresh dispatch reads its layout on the host (no ``num_worst_tokens``
+device path). ``DEEP_EP_RANKS_PER_NODE`` must be the same on every rank.
 
 Inside a node the collective path moves the rows (NCCL, which takes NVLink,
 on GPUs; gloo on CPU). ``last_stats`` holds the rows and bytes the last call
@@ -124,18 +129,17 @@ class HierarchicalTransport(CollectiveTransport):
         recv2 = [sum(C[m * P + j][me] for m in range(N)) for j in range(P)]
         # final order: source rank ascending; recv2 holds, per forwarder j, sources (m, j) for m ascending
         first = [sum(C[s2][me] for s2 in range(s)) for s in range(self.num_ranks)]
-        perm, at = [], 0
-        order = []
+        at, order = 0, []
         for j in range(P):
             for m in range(N):
                 s = m * P + j
                 order.append((first[s], at, C[s][me]))
                 at += C[s][me]
         order.sort()
-        for _, a, n in order:
-            perm.extend(range(a, a + n))
+        blocks = [torch.arange(a, a + n, dtype=torch.int64) for _, a, n in order if n]
         sched = dict(idx1=idx1, mask1=mask1, send1=send1, recv1=recv1, send2=send2, recv2=recv2,
-                     perm=torch.tensor(perm, dtype=torch.int64).to(mask.device), node_mask=node_mask,
+                     perm=(torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int64)).to(mask.device),
+                     node_mask=node_mask,
                      internode_rows=sum(send1) - send1[node])
         plan.extra["hierarchical"] = sched
         return sched
@@ -174,7 +178,8 @@ class HierarchicalTransport(CollectiveTransport):
         for o, w in zip(outs, widths):
             as_bytes(o[:n]).copy_(final[:, at:at + w])
             at += w
-        self.last_stats = dict(internode_rows=sched["internode_rows"], internode_bytes=sched["internode_rows"] * W)
+        self.last_stats = dict(op="dispatch", internode_rows=sched["internode_rows"],
+                               internode_bytes=sched["internode_rows"] * (W + P))     # rows + target mask
         return outs
 
     # ---------------------------------------------------------------- combine
@@ -187,9 +192,13 @@ class HierarchicalTransport(CollectiveTransport):
         xs = x if x.size(0) == n_recv else x[:n_recv]
         out = self._combine_rows(sched, xs.contiguous(), x.dtype, biases, alloc, plan.num_tokens, codec)
         out_w = None
+        row_bytes = xs.size(1) * xs.element_size()
         if weights is not None:
             ws = weights if weights.size(0) == n_recv else weights[:n_recv]
             out_w = self._combine_rows(sched, ws.float().contiguous(), torch.float32, (), alloc, plan.num_tokens)
+            row_bytes += ws.size(1) * 4
+        rows = sum(sched["recv1"]) - sched["recv1"][self.node]      # partials sent back to other nodes
+        self.last_stats = dict(op="combine", internode_rows=rows, internode_bytes=rows * row_bytes)
         return out, out_w
 
     def _combine_rows(self, sched, xs: torch.Tensor, dtype: torch.dtype, biases, alloc, T: int,
@@ -206,12 +215,17 @@ class HierarchicalTransport(CollectiveTransport):
         if codec is not None:
             back2 = codec.decode(back2, xs.dtype)
         # partial sum per stage-1 row over the local ranks that got it (local order), cast to the row dtype
-        pos2 = _positions(sched["m2"], sched["send2"], dev)
-        partial = reduce_rows(back2, pos2, (), xs.dtype, alloc)
+        pos2 = sched.get("pos2")
+        if pos2 is None:
+            pos2 = sched["pos2"] = _positions(sched["m2"], sched["send2"], dev)
+        local = lambda shape, dt: torch.empty(shape, dtype=dt, device=dev)  # noqa: E731 (a temporary)
+        partial = reduce_rows(back2, pos2, (), xs.dtype, local)
         back1 = torch.empty((sum(sched["send1"]), H), dtype=xs.dtype, device=dev)
         self._a2a_on(self.rail, N, as_bytes(back1), as_bytes(partial.contiguous()), sched["send1"], sched["recv1"],
                      "combine (nodes)")
-        pos1 = _positions(sched["node_mask"], sched["send1"], dev)
+        pos1 = sched.get("pos1")
+        if pos1 is None:
+            pos1 = sched["pos1"] = _positions(sched["node_mask"], sched["send1"], dev)
         return reduce_rows(back1, pos1, biases, dtype, alloc)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from deep_ep.bench.options import COMPRESSED_WIRES
+from deep_ep.bench.timing import capture_graph
 from deep_ep.bench.workload import Workload, row_bytes
 
 logger = logging.getLogger(__name__)
@@ -269,20 +270,7 @@ class RankRunner:
             self.skip([case], "CUDA-graph capture is supported by the nvlink transport only")
             return
 
-        def capture():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            return g
-
-        g, reason = self.try_agreed(capture)
+        g, reason = self.try_agreed(lambda: capture_graph(fn))
         if reason:
             self.skip([case], reason)
             return

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from deep_ep.bench.report import REDUCE, _gbps, _mean
-from deep_ep.bench.timing import CpuTimer, CudaTimer, median
+from deep_ep.bench.timing import CpuTimer, CudaTimer, capture_graph, median
 from deep_ep.bench.workload import make_routing
 
 __all__ = ["run_low_latency", "format_low_latency"]
@@ -71,7 +71,7 @@ def _rank(rank: int, cfg, port: int, path: str) -> None:
                             transport=buf.backend)
                 records.append(dict(base, timing="eager", times_us=timer(fn, cfg.iters, cfg.warmup)))
                 if cuda and buf.backend == "nvlink":
-                    g = _capture(fn)
+                    g = capture_graph(fn)
                     records.append(dict(base, timing="graph", times_us=timer(g.replay, cfg.iters, cfg.warmup)))
                     del g
         buf.destroy()
@@ -83,20 +83,6 @@ def _rank(rank: int, cfg, port: int, path: str) -> None:
             pickle.dump(dict(records=gathered, skipped=skipped, card=card, experts=E, M=M), f)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _capture(fn) -> "torch.cuda.CUDAGraph":
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
 
 
 def run_low_latency(cfg, command: str) -> dict:

@@ -70,3 +70,18 @@ class CpuTimer:
             fn()
             out.append((time.perf_counter() - t0) * 1e6)
         return out
+
+
+def capture_graph(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
+    """Run ``fn`` twice on a side stream (the warm-up a capture needs), then capture it in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g

@@ -27,3 +27,14 @@ for args in "${RUNS[@]}"; do
   timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep bench --no-progress --json "$OUT/bench$i.json" $args > "$OUT/bench$i.txt" 2>&1
   echo "bench $i ($args) rc=$?"; tail -22 "$OUT/bench$i.txt"
 done
+# The low-latency benchmark and the demo (LL=1, DEMO=1), results under $OUT
+if [ -n "${LL:-}" ]; then
+  timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep bench --mode low-latency --no-progress --json "$OUT/low_latency.json" \
+    > "$OUT/low_latency.txt" 2>&1
+  echo "low-latency bench rc=$?"; tail -12 "$OUT/low_latency.txt"
+fi
+if [ -n "${DEMO:-}" ]; then
+  timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep demo --no-progress ${DEMO_ARGS:-} --json "$OUT/demo.json" \
+    --png "$OUT/demo.png" > "$OUT/demo.txt" 2>&1
+  echo "demo rc=$?"; tail -8 "$OUT/demo.txt"
+fi

@@ -15,19 +15,21 @@ the Buffer's communication stream (``async_finish`` + events) while chunk
 the first dispatch is in flight. A fresh dispatch reads its metadata on the
 host, and that read waits for what the communication stream already holds
 (the previous chunk's combine): so in practice the dispatch of chunk ``c+1``
-overlaps the experts of chunk ``c`` and the combines overlap little. Chunking changes a token's result only by
+overlaps the experts of chunk ``c`` and the combines overlap little.
+Backward (``num_chunks > 1``) is pipelined the same way: the gradient
+dispatch of chunk ``c+1`` runs while chunk ``c``'s experts differentiate.
+Chunking changes a token's result only by
 the rounding of matrix products over other batches of rows (each row meets
 the same experts and the sums run in a fixed order; measured: float64
-results equal to 1e-12 relative). The
-backward pass runs the chunks' gradient combine/dispatch as autograd orders
-them, without overlap (not built yet).
+results equal to 1e-12 relative).
 
 **Statistics** (``record_stats=True``): :attr:`stats` after each forward:
 ``step_us``, ``compute_us`` (router, experts, shared experts, weighting on the
 compute stream), ``exposed_comm_us = step_us - compute_us`` (time the compute
 stream waited for communication) and ``comm_us`` (time the communication
-stream was busy), so ``overlapped_comm_us = comm_us - exposed_comm_us``. CUDA
-events on GPU (one host sync per forward to read them), wall clock on CPU.
+stream was busy, from when its work was queued), so ``overlapped_comm_us =
+comm_us - exposed_comm_us``. CUDA events on GPU (one host sync per forward
+to read them), wall clock on CPU.
 """
 from __future__ import annotations
 
@@ -96,9 +98,7 @@ class _Timer:
 
         class _Span:
             def __enter__(self_):
-                if timer.enabled:
-                    if kind == "comm" and timer.cuda:
-                        timer.comm.wait_stream(torch.cuda.current_stream())
+                if timer.enabled:       # (no stream dependency added: that would change what overlaps)
                     self_.a = timer._mark(timer.comm if kind == "comm" and timer.cuda else None)
                 return self_
 
@@ -247,50 +247,116 @@ class ExpertParallelMoE(nn.Module):
         timer.start()
         with timer.span("compute"):
             idx, w = self.route(x)
-        bounds = [x.size(0) * c // self.num_chunks for c in range(self.num_chunks + 1)]
-        chunks = [(bounds[c], bounds[c + 1]) for c in range(self.num_chunks)]
-        overlap = cuda and self.num_chunks > 1
-        sent: List[tuple] = []
-
-        def issue(c: int) -> None:
-            a, b = chunks[c]
-            events: list = []
-            # the layout is local: computed on the compute stream (a Buffer call would make the compute
-            # stream wait for the communication stream, where the previous chunk's combine is queued)
-            per_rank, _, per_expert, in_rank = layout.dispatch_layout(idx[a:b], self.num_experts, self.num_ranks)
-            with timer.span("comm"):
-                kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                              topk_idx=idx[a:b], async_finish=overlap, _events=events)
-                out = ops._Dispatch.apply(self.buffer, kwargs, x[a:b], w[a:b], False)
-            sent.append((out, events[0] if events else EventOverlap(None)))
-
-        issue(0)
-        with timer.span("compute"):
-            shared = self.shared(x)                                  # while the first dispatch is in flight
-        outs, pending = [], []
-        for c in range(self.num_chunks):
-            if c + 1 < self.num_chunks:
-                issue(c + 1)
-            (rx, ridx, rw, _, handle), ev = sent[c]
-            ev.current_stream_wait()
+        if self.num_chunks > 1:
+            # pipelined forward and backward (one autograd node for every chunk's dispatch, experts, combine)
+            first = _record() if cuda else None              # x and the routing are ready: dispatch may start
             with timer.span("compute"):
-                y = self.local_experts(rx, ridx, rw)
-            events: list = []
-            opts = dict(async_finish=overlap, _events=events)
-            if overlap:
-                opts["previous_event"] = _record()
+                shared = self.shared(x)                      # while the first dispatch is in flight
+            outs = [_Pipeline.apply(self, timer, idx, first, x, w, self.w_gate_up, self.w_down)]
+        else:
+            per_rank, _, per_expert, in_rank = layout.dispatch_layout(idx, self.num_experts, self.num_ranks)
             with timer.span("comm"):
-                out, _ = ops._Combine.apply(self.buffer, handle, y, None, 0, None, None, False, opts)
-            outs.append(out)
-            pending.append(events[0] if events else EventOverlap(None))
-        for ev in pending:
-            ev.current_stream_wait()
+                kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                              num_tokens_per_expert=per_expert, topk_idx=idx)
+                rx, ridx, rw, _, handle = ops._Dispatch.apply(self.buffer, kwargs, x, w, False)
+            with timer.span("compute"):
+                shared = self.shared(x)
+                y = self.local_experts(rx, ridx, rw)
+            with timer.span("comm"):
+                outs = [ops._Combine.apply(self.buffer, handle, y, None, 0, None, None, False, None)[0]]
         with timer.span("compute"):
             y = torch.cat(outs) if len(outs) > 1 else outs[0]
             if shared is not None:
                 y = y + shared
         self.stats = timer.finish()
         return y
+
+
+class _Pipeline(torch.autograd.Function):
+    """The chunked dispatch -> experts -> combine of :class:`ExpertParallelMoE`, forward and backward.
+
+    Forward: the dispatch of chunk ``c+1`` and the combine of chunk ``c`` are queued on the communication
+    stream (``async_finish`` + events) around chunk ``c``'s experts on the compute stream. Backward: the
+    gradient dispatch of chunk ``c+1`` runs while chunk ``c``'s expert backward computes, and the gradient
+    combine of chunk ``c`` while chunk ``c+1``'s does. The expert graphs of the forward are kept per chunk
+    (leaves for the received rows and weights) and differentiated chunk by chunk with ``autograd.grad``.
+    Every rank runs the same collectives in the same order, whatever gradients it needs.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, timer, idx, first, x, w, w_gate_up, w_down):
+        buf, n, cuda = layer.buffer, layer.num_chunks, x.is_cuda
+        b = [x.size(0) * c // n for c in range(n + 1)]
+        need = any(ctx.needs_input_grad)
+        sent: List[tuple] = []
+
+        def issue(c: int) -> None:
+            per_rank, _, per_expert, in_rank = layout.dispatch_layout(idx[b[c]:b[c + 1]], layer.num_experts,
+                                                                      layer.num_ranks)
+            with timer.span("comm"):
+                rx, ridx, rw, _, h, ev = buf.dispatch(
+                    x[b[c]:b[c + 1]], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                    num_tokens_per_expert=per_expert, topk_idx=idx[b[c]:b[c + 1]], topk_weights=w[b[c]:b[c + 1]],
+                    async_finish=cuda, previous_event=first if c == 0 else None)
+            sent.append((rx, ridx, rw, h, ev))
+
+        issue(0)
+        outs, pending, saved = [], [], []
+        for c in range(n):
+            if c + 1 < n:
+                issue(c + 1)
+            rx, ridx, rw, h, ev = sent[c]
+            ev.current_stream_wait()
+            with timer.span("compute"), torch.set_grad_enabled(need):
+                rx_l = rx.detach().requires_grad_(need)
+                rw_l = rw.detach().requires_grad_(need)
+                y = layer.local_experts(rx_l, ridx, rw_l)
+            with timer.span("comm"):
+                out, _, ev2 = buf.combine(y.detach(), h, async_finish=cuda, previous_event=_record() if cuda else None)
+            outs.append(out)
+            pending.append(ev2)
+            saved.append((h, rx_l, rw_l, ridx, y))
+        for ev in pending:
+            ev.current_stream_wait()
+        ctx.layer, ctx.saved, ctx.bounds, ctx.x_dtype = layer, saved, b, x.dtype
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layer, saved, b = ctx.layer, ctx.saved, ctx.bounds
+        buf, n, cuda = layer.buffer, len(saved), grad_out.is_cuda
+        params = (layer.w_gate_up, layer.w_down)
+        got: List[tuple] = []
+
+        def issue(c: int) -> None:
+            g = grad_out[b[c]:b[c + 1]].to(ctx.x_dtype).contiguous()
+            G, _, _, _, _, ev = buf.dispatch(g, handle=saved[c][0], async_finish=cuda, compress=False)
+            got.append((G, ev))
+
+        issue(0)
+        gxs, gws, pending = [], [], []
+        gp: List[Optional[torch.Tensor]] = [None, None]
+        for c in range(n):
+            if c + 1 < n:
+                issue(c + 1)
+            G, ev = got[c]
+            ev.current_stream_wait()
+            h, rx_l, rw_l, ridx, y = saved[c]
+            grads = torch.autograd.grad(y, (rx_l, rw_l) + params, G[:y.size(0)], allow_unused=True)
+            gx = grads[0] if grads[0] is not None else torch.zeros_like(rx_l)
+            gw = grads[1] if grads[1] is not None else torch.zeros_like(rw_l)
+            for i, g in enumerate(grads[2:]):
+                if g is not None:
+                    gp[i] = g if gp[i] is None else gp[i] + g
+            gw = torch.where(ridx >= 0, gw.float(), 0.0)       # entries of other ranks' experts: constants
+            gxc, gwc, ev2 = buf.combine(gx.contiguous(), h, topk_weights=gw, async_finish=cuda,
+                                        previous_event=_record() if cuda else None, compress=False)
+            gxs.append(gxc)
+            gws.append(gwc)
+            pending.append(ev2)
+        for ev in pending:
+            ev.current_stream_wait()
+        return (None, None, None, None, torch.cat(gxs).to(ctx.x_dtype), torch.cat(gws), gp[0], gp[1])
 
 
 def _record() -> EventOverlap:

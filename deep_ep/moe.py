@@ -14,8 +14,11 @@ the Buffer's communication stream (``async_finish`` + events) while chunk
 ``c``'s experts run on the compute stream, and the shared experts run while
 the first dispatch is in flight. A fresh dispatch reads its metadata on the
 host, and that read waits for what the communication stream already holds
-(the previous chunk's combine): so in practice the dispatch of chunk ``c+1``
-overlaps the experts of chunk ``c`` and the combines overlap little.
+(the previous chunk's combine): so on the collective transport the dispatch
+of chunk ``c+1`` overlaps the experts of chunk ``c`` and the combines
+overlap little. On nvlink the chunks are dispatched with
+``num_worst_tokens`` (the device path: no host read per chunk; one exchange
+of the largest token count per forward).
 Backward (``num_chunks > 1``) is pipelined the same way: the gradient
 dispatch of chunk ``c+1`` runs while chunk ``c``'s experts differentiate.
 Chunking changes a token's result only by
@@ -289,6 +292,13 @@ class _Pipeline(torch.autograd.Function):
         b = [x.size(0) * c // n for c in range(n + 1)]
         need = any(ctx.needs_input_grad)
         sent: List[tuple] = []
+        worst = 0
+        if cuda and getattr(buf._transport, "device_layout", False):
+            # nvlink: chunks dispatched with num_worst_tokens never wait for the host (one exchange of the
+            # largest token count per forward instead of one metadata read per chunk)
+            with timer.span("comm"):
+                t_max = int(buf._transport.all_gather_ints(torch.tensor([x.size(0)]), "MoE tokens").max())
+            worst = layer.num_ranks * -(-t_max // n)
 
         def issue(c: int) -> None:
             per_rank, _, per_expert, in_rank = layout.dispatch_layout(idx[b[c]:b[c + 1]], layer.num_experts,
@@ -297,7 +307,7 @@ class _Pipeline(torch.autograd.Function):
                 rx, ridx, rw, _, h, ev = buf.dispatch(
                     x[b[c]:b[c + 1]], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                     num_tokens_per_expert=per_expert, topk_idx=idx[b[c]:b[c + 1]], topk_weights=w[b[c]:b[c + 1]],
-                    async_finish=cuda, previous_event=first if c == 0 else None)
+                    num_worst_tokens=worst, async_finish=cuda, previous_event=first if c == 0 else None)
             sent.append((rx, ridx, rw, h, ev))
 
         issue(0)

@@ -18,11 +18,11 @@ from . import layout, validate
 from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOverlap, env_bool, env_float,
                      env_int, recommended_config)
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
-from .agreement import (_H_E, _H_DTYPE, _H_HIDDEN, _H_K, _H_LEVEL, _H_SCALES, _H_W, _H_WORST, _HEADER, _OP_CACHED,
-                        _OP_COMBINE, _OP_DISPATCH, Problem, agree, agree_rows, check_id_ranges, make_header)
-from .device_plan import DeferredChecks, build_device_plan, valid_rows
+from .agreement import (_H_DTYPE, _H_HIDDEN, _H_LEVEL, _H_SCALES, _H_W, _OP_CACHED, _OP_COMBINE, _OP_DISPATCH,
+                        Problem, agree, make_header)
+from .plans import _EXPERT_SLOTS, DeferredChecks, build_device_plan, build_host_plan, valid_rows
 from .low_latency import LowLatencyMethods
-from .wire import CompressedRows, Wire
+from .wire import Wire, WireMethods
 from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, select_backend, transport_class
 
@@ -33,10 +33,6 @@ XType = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 _FP8 = validate.FP8_DTYPES
 _FLOAT_X = validate.FLOAT_DTYPES
 _COMPRESSION_LEVELS = (16, 8, 4, "auto")
-#: expert counts a fresh dispatch carries in its metadata exchange on transports without fixed-size
-#: slots (num_experts up to this needs no second exchange)
-_EXPERT_SLOTS = 256
-
 _buffer_counter: Dict[str, itertools.count] = {}
 
 
@@ -57,7 +53,7 @@ class DispatchHandle(NamedTuple):
     owner: int
 
 
-class Buffer(LowLatencyMethods):
+class Buffer(LowLatencyMethods, WireMethods):
     """The expert-parallel communication buffer (DeepEP v1 API; API.md section 2).
 
     Arguments (DeepEP's, positional order kept): ``group`` a
@@ -411,94 +407,11 @@ class Buffer(LowLatencyMethods):
                                          num_worst_tokens, self._waiter.seq, torch.cuda.is_current_stream_capturing())
                 L, expert_list = (E // R if E > 0 else 0), []
             else:
-                plan, L, expert_list = self._host_plan(header, payload, problem, merged, per_expert, is_token_in_rank,
-                                                       topk_idx, T, E, num_worst_tokens, expert_alignment)
+                plan, L, expert_list = build_host_plan(self, header, payload, problem, merged, per_expert,
+                                                       is_token_in_rank, topk_idx, T, E, num_worst_tokens,
+                                                       expert_alignment)
         return self._finish_dispatch(call, plan, xv, scales, topk_idx, topk_weights, L, expert_list, num_worst_tokens,
                                      codec, return_compressed)
-
-    def _host_plan(self, header, payload, problem, merged, per_expert, is_token_in_rank, topk_idx, T, E,
-                   num_worst_tokens, expert_alignment):
-        """Agree on the metadata (read on the host) and build the plan; ``(plan, L, expert_list)``."""
-        R, me = self.num_ranks, self.rank
-        has_device = getattr(self._transport, "device_layout", False)
-        # The header, the counts and the id ranges are read on the host once, as Python ints.
-        gathered, g = agree_rows(self._transport, self.device, header, payload, problem,
-                                 ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
-                                  (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
-                                  (_H_W, "passing topk_weights"), (_H_LEVEL, "compression level")),
-                                 head=_HEADER + R + 2)
-        C = [row[_HEADER:_HEADER + R] for row in g]                   # C[s][d]: rows s sends to d
-        if E > 0:
-            check_id_ranges([row[_HEADER + R:] for row in g], E, me)
-        recv_totals = [sum(col) for col in zip(*C)]
-        worst = [row[_H_WORST] for row in g]
-        for d in range(R):
-            w = worst[d]
-            if w > 0 and recv_totals[d] > w:
-                raise DeepEPInputError(
-                    f"deep_ep dispatch: rank {d} receives {recv_totals[d]} tokens but its num_worst_tokens is "
-                    f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent.")
-        expert_list: Optional[List[int]] = None
-        L = E // R if E > 0 else 0
-        # Expert counts are needed when any rank makes a synchronised call (num_worst_tokens may
-        # differ between ranks; the decision must be the same everywhere).
-        if topk_idx is not None and 0 in worst:
-            if merged or E <= _EXPERT_SLOTS:        # E is the same on every rank here
-                pe, first = gathered, _HEADER + R + 2
-            else:
-                pe = self._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
-                first = 0
-            if num_worst_tokens == 0:
-                mine = pe[:, first + me * L:first + (me + 1) * L].sum(dim=0).tolist()
-                expert_list = layout.aligned_expert_counts(mine, expert_alignment)
-        n_recv = recv_totals[me]
-        prefix, acc = [], [0] * R
-        for row in C:
-            acc = [a + c for a, c in zip(acc, row)]
-            prefix.append(acc)
-        plan = Plan(rank=me, num_ranks=R, num_tokens=T, is_token_in_rank=is_token_in_rank,
-                    rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=self.device),
-                    send_counts=C[me], recv_counts=[row[me] for row in C],
-                    num_recv_tokens=n_recv, num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv,
-                    counts=torch.tensor(C, dtype=torch.int64))
-        if has_device and any(w > 0 for w in worst):
-            # Some rank builds its plan on the device: move the rows its way (every rank decides the same).
-            plan.extra["device"] = layout.device_layout(is_token_in_rank, plan.counts.to(self.device), me)
-        return plan, L, expert_list
-
-    def _dispatch_codec(self, compress: Any, xv: torch.Tensor, scales: Optional[torch.Tensor]):
-        """The codec of this call's rows (``None``: they travel as they are), or a Problem."""
-        try:
-            level, ratio = self._wire.call_level(compress)
-            if level == 16 or scales is not None or not xv.is_floating_point() or xv.dtype == torch.float64:
-                return None        # an fp8 pair is already in its wire format; float64 rows travel exact
-            return self._wire.codec(level, xv.size(1), ratio)
-        except DeepEPInputError as e:
-            raise Problem(7, e) from None
-
-    def _decode(self, codec, packed: torch.Tensor, dtype: torch.dtype, return_compressed: bool):
-        if codec is None:
-            return packed
-        if return_compressed:
-            return CompressedRows(codec, packed)
-        return codec.decode(packed, dtype)
-
-    def _record_wire(self, codec, xv: torch.Tensor, plan: Plan) -> None:
-        if not self._wire.stats:
-            return
-        if plan.send_counts is not None:
-            remote = sum(plan.send_counts) - plan.send_counts[self.rank]
-        else:
-            m = plan.is_token_in_rank
-            remote = int(m.sum()) - int(m[:, self.rank].sum())
-        self._wire.record(codec, xv, remote)
-
-    @property
-    def last_dispatch_stats(self) -> Optional[Dict[str, Any]]:
-        """With ``compression_stats=True`` (env ``DEEP_EP_COMPRESSION_STATS=1``): the last dispatch's level,
-        bytes per row, bytes sent to other ranks and the relative L2 error of what it sent (mean and max
-        over rows). Costs a host sync per dispatch; ``None`` when off."""
-        return self._wire.last_stats
 
     def _finish_dispatch(self, call: StreamCall, plan: Plan, xv, scales, topk_idx, topk_weights, L: int,
                          expert_list: Optional[List[int]], num_worst_tokens: int, codec=None,

@@ -137,8 +137,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``deep-ep demo``: train a small MoE transformer with three communication setups (deep_ep/demo.py)."""
-    from deep_ep import demo
+    """``deep-ep demo``: train a small MoE transformer with three communication setups (deep_ep/bench/demo.py)."""
+    from deep_ep.bench import demo
 
     return demo.main_from_args(args)
 
@@ -164,7 +164,7 @@ def build_parser(prog: str = "deep-ep") -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    from deep_ep import demo
+    from deep_ep.bench import demo
     p = sub.add_parser("demo", help="train a small MoE transformer: collective vs deep_ep vs deep_ep with overlap",
                        description=demo.__doc__.split("\n\n")[0])
     demo.add_arguments(p)

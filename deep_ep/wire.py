@@ -16,10 +16,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
+from .agreement import Problem
 from .compress import LEVELS, Codec, make_codec, relative_error
 from .errors import DeepEPInputError
+from .transport import Plan
 
-__all__ = ["Wire", "CompressedRows", "parse_level"]
+__all__ = ["Wire", "WireMethods", "CompressedRows", "parse_level"]
 
 Level = Union[int, str]
 
@@ -138,3 +140,41 @@ class Wire:
                                bf16_row_bytes=2 * x.size(1),
                                bytes_on_wire=None if remote_rows is None else int(remote_rows) * row_bytes,
                                rel_err_mean=mean, rel_err_max=mx)
+
+
+class WireMethods:
+    """The compression helpers of :class:`deep_ep.Buffer` (a mixin; needs ``_wire``, ``rank``)."""
+
+    def _dispatch_codec(self, compress: Any, xv: torch.Tensor, scales: Optional[torch.Tensor]):
+        """The codec of this call's rows (``None``: they travel as they are), or a Problem."""
+        try:
+            level, ratio = self._wire.call_level(compress)
+            if level == 16 or scales is not None or not xv.is_floating_point() or xv.dtype == torch.float64:
+                return None        # an fp8 pair is already in its wire format; float64 rows travel exact
+            return self._wire.codec(level, xv.size(1), ratio)
+        except DeepEPInputError as e:
+            raise Problem(7, e) from None
+
+    def _decode(self, codec, packed: torch.Tensor, dtype: torch.dtype, return_compressed: bool):
+        if codec is None:
+            return packed
+        if return_compressed:
+            return CompressedRows(codec, packed)
+        return codec.decode(packed, dtype)
+
+    def _record_wire(self, codec, xv: torch.Tensor, plan: Plan) -> None:
+        if not self._wire.stats:
+            return
+        if plan.send_counts is not None:
+            remote = sum(plan.send_counts) - plan.send_counts[self.rank]
+        else:
+            m = plan.is_token_in_rank
+            remote = int(m.sum()) - int(m[:, self.rank].sum())
+        self._wire.record(codec, xv, remote)
+
+    @property
+    def last_dispatch_stats(self) -> Optional[Dict[str, Any]]:
+        """With ``compression_stats=True`` (env ``DEEP_EP_COMPRESSION_STATS=1``): the last dispatch's level,
+        bytes per row, bytes sent to other ranks and the relative L2 error of what it sent (mean and max
+        over rows). Costs a host sync per dispatch; ``None`` when off."""
+        return self._wire.last_stats

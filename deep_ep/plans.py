@@ -1,4 +1,6 @@
-"""Plans of ``num_worst_tokens`` dispatches built on the device (no host synchronisation).
+"""The plans of fresh dispatches: read on the host (:func:`build_host_plan`), or, for a
+``num_worst_tokens`` dispatch on a transport with a device path, built on the device (no host
+synchronisation, :func:`build_device_plan`).
 
 A dispatch with ``num_worst_tokens > 0`` on a transport with a device path
 (``nvlink``) publishes the same metadata vector as any dispatch (header,
@@ -26,11 +28,11 @@ import torch
 
 from . import layout
 from .agreement import (_H_DTYPE, _H_E, _H_ERR, _H_HIDDEN, _H_K, _H_LEVEL, _H_MAGIC, _H_OP, _H_SCALES, _H_SEQ,
-                        _H_W, _H_WORST, _HEADER)
+                        _H_W, _H_WORST, _HEADER, agree_rows, check_id_ranges)
 from .errors import DeepEPInputError, RankMismatchError
 from .transport import Plan
 
-__all__ = ["build_device_plan", "DeferredChecks", "valid_rows"]
+__all__ = ["build_host_plan", "build_device_plan", "DeferredChecks", "valid_rows"]
 
 #: header fields every rank of a dispatch must agree on
 _FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_LEVEL)
@@ -131,3 +133,61 @@ def valid_rows(plan: Plan) -> Optional[torch.Tensor]:
         return None
     n = plan.extra["device"]["recv"][0]
     return torch.arange(plan.num_out_rows, device=n.device) < n
+
+
+#: expert counts a fresh dispatch carries in its metadata exchange on transports without fixed-size slots
+#: (num_experts up to this needs no second exchange)
+_EXPERT_SLOTS = 256
+
+
+def build_host_plan(buf, header, payload, problem, merged, per_expert, is_token_in_rank, topk_idx, T, E,
+                num_worst_tokens, expert_alignment):
+    """Agree on the metadata of a fresh dispatch of Buffer ``buf`` (read on the host: every rank raises the
+    same error for bad or mismatched inputs) and build its plan; ``(plan, L, expert_list)``. A plan of a
+    call where any rank passed ``num_worst_tokens`` also gets the device layout (those ranks move rows so)."""
+    R, me = buf.num_ranks, buf.rank
+    has_device = getattr(buf._transport, "device_layout", False)
+    # The header, the counts and the id ranges are read on the host once, as Python ints.
+    gathered, g = agree_rows(buf._transport, buf.device, header, payload, problem,
+                             ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
+                              (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
+                              (_H_W, "passing topk_weights"), (_H_LEVEL, "compression level")),
+                             head=_HEADER + R + 2)
+    C = [row[_HEADER:_HEADER + R] for row in g]                   # C[s][d]: rows s sends to d
+    if E > 0:
+        check_id_ranges([row[_HEADER + R:] for row in g], E, me)
+    recv_totals = [sum(col) for col in zip(*C)]
+    worst = [row[_H_WORST] for row in g]
+    for d in range(R):
+        w = worst[d]
+        if w > 0 and recv_totals[d] > w:
+            raise DeepEPInputError(
+                f"deep_ep dispatch: rank {d} receives {recv_totals[d]} tokens but its num_worst_tokens is "
+                f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent.")
+    expert_list: Optional[List[int]] = None
+    L = E // R if E > 0 else 0
+    # Expert counts are needed when any rank makes a synchronised call (num_worst_tokens may
+    # differ between ranks; the decision must be the same everywhere).
+    if topk_idx is not None and 0 in worst:
+        if merged or E <= _EXPERT_SLOTS:        # E is the same on every rank here
+            pe, first = gathered, _HEADER + R + 2
+        else:
+            pe = buf._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
+            first = 0
+        if num_worst_tokens == 0:
+            mine = pe[:, first + me * L:first + (me + 1) * L].sum(dim=0).tolist()
+            expert_list = layout.aligned_expert_counts(mine, expert_alignment)
+    n_recv = recv_totals[me]
+    prefix, acc = [], [0] * R
+    for row in C:
+        acc = [a + c for a, c in zip(acc, row)]
+        prefix.append(acc)
+    plan = Plan(rank=me, num_ranks=R, num_tokens=T, is_token_in_rank=is_token_in_rank,
+                rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=buf.device),
+                send_counts=C[me], recv_counts=[row[me] for row in C],
+                num_recv_tokens=n_recv, num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv,
+                counts=torch.tensor(C, dtype=torch.int64))
+    if has_device and any(w > 0 for w in worst):
+        # Some rank builds its plan on the device: move the rows its way (every rank decides the same).
+        plan.extra["device"] = layout.device_layout(is_token_in_rank, plan.counts.to(buf.device), me)
+    return plan, L, expert_list

@@ -17,9 +17,10 @@ from typing import Optional, Sequence
 
 
 #: Environment variables that change how deep_ep or its transports behave.
-RELEVANT_ENV = ("DEEP_EP_BUFFER_SIZE", "DEEP_EP_COMPRESSION_LEVEL", "DEEP_EP_TOPOLOGY_AWARE",
-                "DEEP_EP_TIMEOUT_S", "DEEP_EP_CHECK", "NCCL_NVLS_ENABLE",
-                "TORCH_SYMM_MEM_DISABLE_MULTICAST", "CUDA_VISIBLE_DEVICES")
+RELEVANT_ENV = ("DEEP_EP_BUFFER_SIZE", "DEEP_EP_COMPRESSION_LEVEL", "DEEP_EP_COMPRESSION_RATIO",
+                "DEEP_EP_TOPOLOGY_AWARE", "DEEP_EP_RANKS_PER_NODE", "DEEP_EP_TIMEOUT_S", "DEEP_EP_CHECK",
+                "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "CUDA_VISIBLE_DEVICES",
+                "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
 def _import_error(module: str) -> Optional[str]:
@@ -78,10 +79,19 @@ def info_report() -> dict:
     """
     from deep_ep import transport
 
+    import socket
     auto, why = transport.select_backend(None)
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    per_node = os.environ.get("DEEP_EP_RANKS_PER_NODE") or local
+    topo = {"hostname": socket.gethostname(), "ranks_per_node": int(per_node) if per_node else None,
+            "nodes": (int(world) // int(per_node)) if world and per_node and int(per_node) else None}
+    if topo["nodes"] and topo["nodes"] > 1:
+        topo["note"] = ("the job spans several nodes: backend='auto' takes 'hierarchical' (one copy of a token "
+                        "per node across nodes) unless DEEP_EP_TOPOLOGY_AWARE=0")
     return {
         "versions": versions(),
         "machine": machine(),
+        "topology": topo,
         "backends": {name: {"supported": ok, "reason": reason}
                      for name, ok, reason in transport.backend_support(None)},
         "auto": {"backend": auto, "reason": why},
@@ -108,6 +118,19 @@ def _print_info(rep: dict) -> None:
     sm = "yes" if m["symm_mem_error"] is None else f"no ({m['symm_mem_error']})"
     print(f"  torch symmetric memory  {sm}")
     print(f"  torch.distributed       {', '.join(m['dist_backends']) or 'none'}")
+    t = rep.get("topology", {})
+    print("topology")
+    print(f"  hostname                {t.get('hostname')}")
+    if t.get("ranks_per_node"):
+        print(f"  ranks per node          {t['ranks_per_node']} (from DEEP_EP_RANKS_PER_NODE or torchrun's "
+              f"LOCAL_WORLD_SIZE)")
+    if t.get("nodes"):
+        print(f"  nodes                   {t['nodes']}")
+    if t.get("note"):
+        print(f"  {t['note']}")
+    if not t.get("ranks_per_node"):
+        print("  (run under torchrun, or set DEEP_EP_RANKS_PER_NODE, to see the node layout; a Buffer finds it "
+              "from the hostnames of its ranks)")
     print("deep_ep backends")
     for name, b in rep["backends"].items():
         print(f"  {name:<13} {'yes' if b['supported'] else 'no':<4} {b['reason']}")

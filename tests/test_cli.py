@@ -223,3 +223,12 @@ def test_demo_cpu(tmp_path, capsys):
         assert png.exists() and png.stat().st_size > 1000
     except ImportError:
         pass
+
+
+def test_info_topology(monkeypatch, capsys):
+    """deep-ep info shows the node layout of a torchrun job (and says 'auto' goes hierarchical across nodes)."""
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert cli.main(["info", "--json"]) == 0
+    topo = json.loads(capsys.readouterr().out)["topology"]
+    assert topo["ranks_per_node"] == 8 and topo["nodes"] == 2 and "hierarchical" in topo["note"]

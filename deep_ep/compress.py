@@ -53,7 +53,7 @@ import torch
 
 from .errors import DeepEPInputError, DeepEPTypeError
 
-__all__ = ["Codec", "make_codec", "relative_error", "FP8_MAX", "INT4_MAX", "INT8_MAX"]
+__all__ = ["Codec", "make_codec", "relative_error", "view_rows", "FP8_MAX", "INT4_MAX", "INT8_MAX"]
 
 FP8_MAX = 448.0
 INT4_MAX = 7
@@ -179,7 +179,7 @@ class Codec:
             raise DeepEPInputError(f"packed rows must be uint8 [N, {self.row_bytes}] for {self}, got "
                                    f"{packed.dtype} {list(packed.shape)}")
         if self.level == 16:
-            return packed.contiguous().view(torch.bfloat16).to(dtype)
+            return view_rows(packed, torch.bfloat16).to(dtype)
         if packed.is_cuda and _use_kernels(packed):
             from .kernels import quant
             return quant.decode(self, packed, dtype)
@@ -201,6 +201,8 @@ class Codec:
         """The CPU reference of :meth:`encode` (plain torch, any device)."""
         self._check(x)
         T, H = x.shape
+        if T == 0:
+            return torch.empty((0, self.row_bytes), dtype=torch.uint8, device=x.device)
         xf = x.float()
         if self.level == 16:
             return x.to(torch.bfloat16).contiguous().view(torch.uint8)
@@ -267,7 +269,7 @@ class Codec:
             if self.use_ue8m0:
                 scale = (head.to(torch.int32) << 23).view(torch.float32)
             else:
-                scale = head.contiguous().view(torch.float32)
+                scale = view_rows(head, torch.float32)
             vals = body.contiguous().view(torch.float8_e4m3fn).float()
             vals = torch.nn.functional.pad(vals, (0, nb * _BLOCK8 - H)).view(N, nb, _BLOCK8)
             return (vals * scale.unsqueeze(2)).reshape(N, nb * _BLOCK8)[:, :H]
@@ -294,6 +296,17 @@ class Codec:
         v4 = _dequant_int(q4, scale, INT4_MAX)
         v8 = _dequant_int(q8, scale, INT8_MAX)
         return torch.where(wide.unsqueeze(2), v8, v4).reshape(N, nb * 32)[:, :H]
+
+
+def view_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of the rows of ``t`` (``[N, w]``) as ``dtype`` (``[N, w / size]``), copying when the rows
+    are not laid out one after another (a single-row slice counts as contiguous with any row stride,
+    which ``Tensor.view(dtype)`` rejects)."""
+    N = t.size(0)
+    if N == 0:
+        return torch.empty((0, t.size(1) * t.element_size() // torch.empty((), dtype=dtype).element_size()),
+                           dtype=dtype, device=t.device)
+    return t.contiguous().reshape(-1).view(dtype).view(N, -1)
 
 
 def _saturate(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from .agreement import Problem
-from .compress import LEVELS, Codec, make_codec, relative_error
+from .compress import LEVELS, Codec, make_codec, relative_error, view_rows
 from .errors import DeepEPInputError
 from .transport import Plan
 
@@ -62,10 +62,7 @@ class CompressedRows:
         if c.level != 8 or c.use_ue8m0:
             raise DeepEPInputError("fp8() needs level 8 with float32 scales")
         sb = c.scale_bytes
-        N = self.packed.size(0)
-        scales = self.packed[:, :sb].contiguous().view(torch.float32) if N else \
-            torch.empty((0, sb // 4), dtype=torch.float32, device=self.packed.device)
-        return self.packed[:, sb:].contiguous().view(torch.float8_e4m3fn), scales
+        return view_rows(self.packed[:, sb:], torch.float8_e4m3fn), view_rows(self.packed[:, :sb], torch.float32)
 
     @property
     def shape(self) -> torch.Size:

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import deep_ep
 from deep_ep import reference as ref
@@ -309,3 +311,40 @@ def rank_grad_compression(rank, R):
 
 def test_gradients_not_quantised_unless_asked(rank_pool):
     rank_pool(2).run(rank_grad_compression)
+
+
+@st.composite
+def _codec_cases(draw):
+    level = draw(st.sampled_from(LEVELS))
+    H = draw(st.integers(1, 300))
+    T = draw(st.integers(0, 12))
+    opts = {}
+    if level == 8:
+        opts = draw(st.sampled_from([{}, {"round_scale": True}, {"use_ue8m0": True}]))
+    if level == "auto":
+        floor = 18 * math.ceil(H / 32) / (2 * H)
+        if floor > 1:
+            level = 4
+        else:
+            opts = {"ratio": draw(st.floats(floor, 1.0))}
+    scale = draw(st.sampled_from([1e-3, 1.0, 37.0, 1e4]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    return level, H, T, opts, scale, dtype, draw(st.integers(0, 2 ** 31 - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_codec_cases())
+def test_fuzz_codecs(case):
+    """Random levels, options, widths, row counts, magnitudes and dtypes: bytes per row as documented and
+    every decoded value within the float64 bound of its block."""
+    level, H, T, opts, scale, dtype, seed = case
+    c = make_codec(level, H, **opts)
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn((T, H), generator=g) * scale).to(dtype)
+    packed = c.encode(x)
+    assert packed.shape == (T, c.row_bytes) and packed.dtype == torch.uint8
+    y = c.decode(packed, torch.float64)
+    if T:
+        err = (y - x.double()).abs()
+        assert bool((err <= _f64_bound(level, x.float(), c, packed)).all())
+

@@ -1,4 +1,5 @@
-"""Hypothesis fuzzing of routing: empty ranks, one expert, all -1, K = 1..9, T = 0..300, R = 1..4."""
+"""Hypothesis fuzzing of routing: empty ranks, one expert, all -1, K = 1..9, T = 0..300, R = 1..4, on the
+collective and the hierarchical (emulated nodes) transports."""
 from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
@@ -21,12 +22,13 @@ def routing_cases(draw):
               worst=draw(st.booleans()), weights=draw(st.booleans()),
               expert_alignment=draw(st.sampled_from([1, 2, 16])),
               nbias=draw(st.integers(0, 2)))
-    return R, draw(st.integers(0, 2 ** 31 - 1)), sc
+    backend = draw(st.sampled_from(["collective", "collective", "hierarchical"]))
+    return R, draw(st.integers(0, 2 ** 31 - 1)), sc, backend
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           derandomize=False)
 @given(case=routing_cases())
 def test_fuzz_routing(rank_pool, case):
-    R, seed, sc = case
-    rank_pool(R).run(run_scenario, "collective", seed, sc, timeout=120)
+    R, seed, sc, backend = case
+    rank_pool(R).run(run_scenario, backend, seed, sc, timeout=120)

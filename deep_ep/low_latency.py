@@ -13,9 +13,11 @@ the dispatch's handle, and the source sums ``topk_weights[t, k] *
 row(t, k)`` in float32.
 
 Every rank must pass the same ``num_max_dispatch_tokens_per_rank``,
-``num_experts`` and fp8 settings, and distinct experts per token; an
-argument error is raised on the rank that made it (the others then wait out
-``timeout_s``, as a DeepEP kernel would assert). On the collective and
+``num_experts`` and fp8 settings, and distinct experts per token. An
+argument error of a dispatch is raised on the rank that made it and, through
+the metadata exchange, as ``RemoteInputError`` on the others; on the nvlink
+device path (and for combine) the others cannot learn it without a host
+sync and wait out ``timeout_s``, as a DeepEP kernel would assert. On the collective and
 hierarchical transports, and with ``DEEP_EP_CHECK=1``, the pair dispatch
 reads its layout on the host (same outputs, not capturable).
 
@@ -90,6 +92,16 @@ def _check(buf, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int) -> Tupl
     return T, H, topk_idx.size(1)
 
 
+def _reject_everywhere(buf) -> None:
+    """Enter the pair dispatch with an invalid input, so that its metadata exchange tells the other ranks
+    (they raise :class:`~deep_ep.errors.RemoteInputError` instead of waiting). Where the other ranks take the
+    device path (nvlink), nothing can tell them without a host sync: they time out (documented)."""
+    try:
+        buf.dispatch("rejected", is_token_in_rank=None, compress=False)
+    except Exception:  # noqa: BLE001 - this rank raises its own, precise error
+        pass
+
+
 def _check_distinct(topk_idx: torch.Tensor) -> None:
     """A token names each expert at most once (else an expert could receive more than ``R * M`` rows):
     raised on the host for CPU tensors, a device assertion (no sync) on CUDA."""
@@ -111,19 +123,25 @@ def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_d
                          return_recv_hook: bool = False):
     """See :meth:`deep_ep.Buffer.low_latency_dispatch` and the module docstring."""
     M, E, R = num_max_dispatch_tokens_per_rank, num_experts, buf.num_ranks
-    T, H, K = _check(buf, x, topk_idx, M, E)
-    if async_finish and return_recv_hook:
-        raise DeepEPInputError("async_finish and return_recv_hook are exclusive")
-    if use_ue8m0 and not use_fp8:
-        raise DeepEPInputError("use_ue8m0 needs use_fp8=True")
-    if use_fp8 and H % (512 if use_ue8m0 else 128):
-        raise DeepEPInputError(f"fp8 low-latency dispatch needs hidden divisible by {512 if use_ue8m0 else 128} "
-                               f"(one scale per 128 values{', four per int32' if use_ue8m0 else ''}), got {H}")
+    try:
+        T, H, K = _check(buf, x, topk_idx, M, E)
+        if async_finish and return_recv_hook:
+            raise DeepEPInputError("async_finish and return_recv_hook are exclusive")
+        if use_ue8m0 and not use_fp8:
+            raise DeepEPInputError("use_ue8m0 needs use_fp8=True")
+        if use_fp8 and H % (512 if use_ue8m0 else 128):
+            raise DeepEPInputError(f"fp8 low-latency dispatch needs hidden divisible by {512 if use_ue8m0 else 128} "
+                                   f"(one scale per 128 values{', four per int32' if use_ue8m0 else ''}), got {H}")
+        topk_idx = topk_idx.to(torch.int64)
+        if not topk_idx.is_cuda:
+            layout.check_topk_idx(topk_idx, E)
+            _check_distinct(topk_idx)
+    except (DeepEPInputError, DeepEPTypeError) as exc:
+        _reject_everywhere(buf)          # the other ranks, inside their dispatch, learn it and raise too
+        raise exc
     L = E // R
-    topk_idx = topk_idx.to(torch.int64)
-    if not topk_idx.is_cuda:
-        layout.check_topk_idx(topk_idx, E)
-    _check_distinct(topk_idx)
+    if topk_idx.is_cuda:
+        _check_distinct(topk_idx)        # (a device assertion: nothing waits for the host)
     codec = make_codec(8, H, round_scale=round_scale, use_ue8m0=use_ue8m0) if use_fp8 else None
     rows = codec.encode(x) if codec is not None else x.contiguous().view(torch.uint8)     # once per token
     pair_rows = rows.repeat_interleave(K, dim=0) if K != 1 else rows

@@ -165,3 +165,23 @@ def test_low_latency_one_gpu(rank_pool, use_fp8, ue8m0):
 @pytest.mark.gpu(1)
 def test_low_latency_graph_one_gpu(rank_pool):
     rank_pool(1, backend="nccl").run(rank_low_latency_graph)
+
+
+def rank_low_latency_remote_error(rank, R):
+    """A bad low-latency dispatch on one rank makes every rank raise (not wait) on the collective path."""
+    buf = get_buffer()
+    M = 4
+    T = 6 if rank == 0 else 3                          # rank 0: more tokens than M
+    x = torch.zeros((T, 256), dtype=torch.bfloat16)
+    idx = torch.tensor([[0, 1]] * T, dtype=torch.int64)
+    if rank == 0:
+        with pytest.raises(deep_ep.DeepEPInputError, match="more than num_max_dispatch_tokens_per_rank"):
+            buf.low_latency_dispatch(x, idx, M, 2 * R)
+    else:
+        with pytest.raises(deep_ep.RemoteInputError, match="rank 0"):
+            buf.low_latency_dispatch(x, idx, M, 2 * R)
+    buf.low_latency_dispatch(x[:3], idx[:3], M, 2 * R)   # the Buffer still works
+
+
+def test_low_latency_remote_error(rank_pool):
+    rank_pool(2).run(rank_low_latency_remote_error)

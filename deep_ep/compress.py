@@ -133,6 +133,7 @@ class Codec:
     # ------------------------------------------------------------------ sizes
     @property
     def blocks(self) -> int:
+        """Scale blocks per row: ``ceil(H / 128)`` at level 8, ``ceil(H / 32)`` otherwise."""
         return -(-self.hidden // (_BLOCK8 if self.level == 8 else _BLOCK4))
 
     @property
@@ -158,6 +159,7 @@ class Codec:
 
     @property
     def scale_bytes(self) -> int:
+        """Bytes of the scales at the start of a packed row."""
         if self.level == 8:
             return self.blocks if self.use_ue8m0 else 4 * self.blocks
         return 2 * self.blocks

@@ -64,13 +64,16 @@ class MoEStats:
 
     @property
     def exposed_comm_us(self) -> float:
+        """Time the compute stream waited for communication: ``step_us - compute_us`` (not below 0)."""
         return max(self.step_us - self.compute_us, 0.0)
 
     @property
     def overlapped_comm_us(self) -> float:
+        """Communication time hidden behind compute: ``comm_us - exposed_comm_us`` (not below 0)."""
         return max(self.comm_us - self.exposed_comm_us, 0.0)
 
     def as_dict(self) -> dict:
+        """All five figures as a plain dict (for JSON)."""
         return dict(step_us=self.step_us, compute_us=self.compute_us, comm_us=self.comm_us,
                     exposed_comm_us=self.exposed_comm_us, overlapped_comm_us=self.overlapped_comm_us)
 

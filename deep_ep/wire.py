@@ -55,6 +55,7 @@ class CompressedRows:
     packed: torch.Tensor
 
     def decode(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The rows' values, ``[N, H]`` of ``dtype``."""
         return self.codec.decode(self.packed, dtype)
 
     def fp8(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +67,7 @@ class CompressedRows:
 
     @property
     def shape(self) -> torch.Size:
+        """``(N, H)``: the shape of the decoded rows."""
         return torch.Size((self.packed.size(0), self.codec.hidden))
 
 

@@ -212,6 +212,7 @@ def run(cfg: dict) -> dict:
 
 
 def format_result(res: dict) -> str:
+    """The demo result as a text table (one row per setup)."""
     out = [f"deep-ep demo on {res['num_ranks']} x {res['card']}: {res['config']['layers']} MoE layers, "
            f"{res['config']['experts']} experts top-{res['config']['topk']}, {res['config']['tokens']} tokens/rank, "
            f"{res['config']['steps']} steps",
@@ -253,6 +254,7 @@ def write_png(res: dict, path: str) -> Optional[str]:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
+    """The run's settings from the parsed options (defaults per device); ``ValueError`` if inconsistent."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -273,6 +275,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    """Run the demo from parsed options: print the table, write ``--json`` / ``--png``; the exit status."""
     try:
         cfg = config_from_args(args)
     except ValueError as exc:

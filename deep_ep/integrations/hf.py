@@ -405,8 +405,9 @@ def patch_moe_model(model: nn.Module, num_gpus: Optional[int] = None, use_deep_e
     which would average different ranks' experts together). ``group`` an
     explicit process group instead. ``use_deep_ep=False`` moves tokens with a
     plain :func:`torch.distributed.all_to_all_single` (for A/B comparisons).
-    ``ep_buffer_size``, ``compression_level`` (only 16 today; others arrive
-    with issue 4), ``topology_aware`` and ``backend`` ('auto', 'collective',
+    ``ep_buffer_size``, ``compression_level`` (16, 8, 4, 'auto': the wire
+    format of the tokens sent to the experts; gradients stay 16-bit),
+    ``topology_aware`` and ``backend`` ('auto', 'collective',
     'nvlink') configure the :class:`deep_ep.Buffer`, one per group shared by
     all layers.
 
@@ -420,9 +421,6 @@ def patch_moe_model(model: nn.Module, num_gpus: Optional[int] = None, use_deep_e
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_moe_model takes a torch.nn.Module, got {type(model).__name__}")
-    if compression_level != 16:
-        raise NotImplementedError(f"compression_level={compression_level!r} arrives with issue 4 (low-bit wire "
-                                  f"compression); only 16 (no compression) is available now")
     blocks = _find_moe_blocks(model)
     if not blocks:
         raise UnsupportedMoEError(f"patch_moe_model found no MoE block in {type(model).__name__} (looked for "

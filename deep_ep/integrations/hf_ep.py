@@ -31,12 +31,8 @@ def register_ep_implementation(name: str = "deep_ep", *, backend: str = "auto", 
 
     The keyword arguments configure the :class:`deep_ep.Buffer` (one per
     expert-parallel group, shared by all layers). Raises ``ImportError`` when
-    the installed transformers has no expert-parallel registry, and
-    ``NotImplementedError`` for ``compression_level`` other than 16 (issue 4).
+    the installed transformers has no expert-parallel registry.
     """
-    if compression_level != 16:
-        raise NotImplementedError(f"compression_level={compression_level!r} arrives with issue 4 (low-bit wire "
-                                  f"compression); only 16 (no compression) is available now")
     try:
         from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
     except ImportError as e:  # pragma: no cover - depends on the installed transformers

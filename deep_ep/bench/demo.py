@@ -187,12 +187,10 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
 
 def run(cfg: dict) -> dict:
     """Spawn the ranks and train every setup; the result object (also what ``--json`` writes)."""
-    import torch.multiprocessing as mp
-
-    from deep_ep.bench.worker import free_port
+    from deep_ep.bench.worker import launch
     with tempfile.TemporaryDirectory(prefix="deep_ep_demo_") as tmp:
         path = os.path.join(tmp, "raw.pkl")
-        mp.spawn(_rank, args=(cfg, free_port(), path), nprocs=cfg["world_size"], join=True)
+        launch(_rank, (cfg,), path, cfg["world_size"], cfg["device"], fork_ok=False)
         with open(path, "rb") as f:
             raw = pickle.load(f)
     rows = []

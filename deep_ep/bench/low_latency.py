@@ -87,13 +87,11 @@ def _rank(rank: int, cfg, port: int, path: str) -> None:
 
 def run_low_latency(cfg, command: str) -> dict:
     """Spawn the ranks, time every case, return the BENCH.md result object (workload ``low-latency``)."""
-    import torch.multiprocessing as mp
-
-    from deep_ep.bench.worker import free_port
+    from deep_ep.bench.worker import launch
     from deep_ep.cli import versions
     with tempfile.TemporaryDirectory(prefix="deep_ep_ll_") as tmp:
         path = os.path.join(tmp, "raw.pkl")
-        mp.spawn(_rank, args=(cfg, free_port(), path), nprocs=cfg.world_size, join=True)
+        launch(_rank, (cfg,), path, cfg.world_size, cfg.device, fork_ok=False)
         with open(path, "rb") as f:
             raw = pickle.load(f)
     by_case: dict = {}

@@ -111,11 +111,31 @@ def spawn(cfg, result_path: str) -> None:
     caller set otherwise. CPU ranks are forked: they start in milliseconds
     instead of re-importing torch, and the parent has not touched CUDA.
     """
+    launch(rank_main, (cfg,), result_path, cfg.world_size, cfg.device)
+
+
+def launch(target, args: tuple, result_path: str, nprocs: int, device: str, fork_ok: bool = True) -> None:
+    """Start ``target(rank, *args, port, result_path)`` on ``nprocs`` local processes and wait for them
+    (the runner of ``deep-ep bench`` in every mode and of ``deep-ep demo``): ``spawn`` for GPU ranks,
+    after switching NVLink multicast off unless the caller set otherwise; ``fork`` for CPU ranks where
+    ``fork_ok`` (``spawn`` when this process has a process group already). A
+    rendezvous port taken between choosing and binding it (another process's ephemeral port) is retried
+    once with a new one."""
     import torch.multiprocessing as mp
 
-    if cfg.device == "cuda":
+    if device == "cuda":
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    method = "spawn" if cfg.device == "cuda" else "fork"
-    mp.start_processes(rank_main, args=(cfg, free_port(), result_path), nprocs=cfg.world_size,
-                       join=True, start_method=method)
+    # fork only from a parent without CUDA or a process group of its own (a notebook may have one), and
+    # only for ranks that do little CPU math: a forked child that computes on the OpenMP pool its parent
+    # started can hang (libgomp is not fork-safe), so the demo and the low-latency bench spawn
+    method = "fork" if device != "cuda" and fork_ok and not dist.is_initialized() else "spawn"
+    for attempt in range(2):
+        try:
+            mp.start_processes(target, args=args + (free_port(), result_path), nprocs=nprocs, join=True,
+                               start_method=method)
+            return
+        except mp.ProcessRaisedException as exc:
+            text = str(exc).lower()
+            if attempt or not ("address already in use" in text or "eaddrinuse" in text):
+                raise

@@ -180,21 +180,26 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def send_positions(mask: torch.Tensor, counts: Sequence[int], absent: int = -1) -> torch.Tensor:
+    """int64 ``[T, K]``: the row of each (token, column) pair in the column-major send order of ``mask``
+    (the rows for column 0 first, each column in token order; ``counts[k]`` rows for column ``k``), and
+    ``absent`` where ``mask`` is false. The slot of (t, k) is the inclusive count of tokens up to ``t``
+    in column ``k``, minus 1, plus the offset of column ``k``'s rows."""
+    inclusive = layout.token_cumsum(mask, torch.int64)
+    offsets = [-1]
+    for c in list(counts)[:-1]:
+        offsets.append(offsets[-1] + c)
+    base = torch.tensor(offsets, dtype=torch.int64).to(mask.device)
+    return torch.where(mask, inclusive + base, torch.full_like(inclusive, absent)).contiguous()
+
+
 def return_positions(plan: Plan, device: torch.device) -> torch.Tensor:
     """int64 ``[T, R]``: the row of each (token, rank) pair in the destination-major buffer of
     returned rows (``S`` = a zero row where the token did not go to that rank). Cached in the plan."""
     pos = plan.extra.get("return_positions")
     if pos is None:
-        # The slot of (token, rank j) is the inclusive count of tokens up to it that go to j, minus 1;
-        # its row is that plus the offset of j's rows (one tensor of offsets - 1, one add, one where).
-        inclusive = layout.token_cumsum(plan.is_token_in_rank, torch.int64)     # int64 [T, R]
-        offsets = [-1]
-        for c in plan.send_counts[:-1]:
-            offsets.append(offsets[-1] + c)
-        base = torch.tensor(offsets, dtype=torch.int64, device=device)
-        total = sum(plan.send_counts)
-        pos = torch.where(plan.is_token_in_rank, inclusive + base, total)
-        plan.extra["return_positions"] = pos
+        pos = plan.extra["return_positions"] = send_positions(plan.is_token_in_rank, plan.send_counts,
+                                                              absent=sum(plan.send_counts))
     return pos
 
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from .. import layout
 from ..errors import DeepEPInputError
-from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows
+from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows, send_positions
 from .collective import CollectiveTransport
 
 __all__ = ["HierarchicalTransport", "ranks_per_node"]
@@ -217,7 +217,7 @@ class HierarchicalTransport(CollectiveTransport):
         # partial sum per stage-1 row over the local ranks that got it (local order), cast to the row dtype
         pos2 = sched.get("pos2")
         if pos2 is None:
-            pos2 = sched["pos2"] = _positions(sched["m2"], sched["send2"], dev)
+            pos2 = sched["pos2"] = send_positions(sched["m2"], sched["send2"])
         local = lambda shape, dt: torch.empty(shape, dtype=dt, device=dev)  # noqa: E731 (a temporary)
         partial = reduce_rows(back2, pos2, (), xs.dtype, local)
         back1 = torch.empty((sum(sched["send1"]), H), dtype=xs.dtype, device=dev)
@@ -225,16 +225,5 @@ class HierarchicalTransport(CollectiveTransport):
                      "combine (nodes)")
         pos1 = sched.get("pos1")
         if pos1 is None:
-            pos1 = sched["pos1"] = _positions(sched["node_mask"], sched["send1"], dev)
+            pos1 = sched["pos1"] = send_positions(sched["node_mask"], sched["send1"])
         return reduce_rows(back1, pos1, biases, dtype, alloc)
-
-
-def _positions(mask: torch.Tensor, counts: List[int], device) -> torch.Tensor:
-    """int64 ``[rows, K]``: where row ``r``'s copy for column ``k`` sits in the column-major send order of
-    ``mask`` (``-1`` where ``mask`` is false)."""
-    inclusive = layout.token_cumsum(mask, torch.int64)
-    offsets = [-1]
-    for c in counts[:-1]:
-        offsets.append(offsets[-1] + c)
-    base = torch.tensor(offsets, dtype=torch.int64).to(device)
-    return torch.where(mask, inclusive + base, torch.full_like(inclusive, -1)).contiguous()

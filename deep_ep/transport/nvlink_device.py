@@ -46,6 +46,7 @@ class NVLinkDevicePath:
 
     def _device_setup(self) -> None:
         self._deltas: Dict[int, Optional[torch.Tensor]] = {}
+        self._device_layouts: Dict[tuple, Tuple[int, List[int]]] = {}
 
     def _delta(self, word: int) -> Optional[torch.Tensor]:
         """int64 ``[R]``: words of ``word`` bytes from this rank's staging to each rank's, as this process
@@ -75,8 +76,6 @@ class NVLinkDevicePath:
     def _device_region_rows(self, widths: Sequence[int], full: bool) -> Tuple[int, List[int]]:
         """Rows per tensor region (the last is the spare row) and the regions' byte offsets, in a half or
         (``full``) in the whole data area."""
-        if not hasattr(self, "_device_layouts"):
-            self._device_layouts: Dict[tuple, Tuple[int, List[int]]] = {}
         key = (tuple(widths), full)
         got = self._device_layouts.get(key)
         if got is None:

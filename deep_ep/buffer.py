@@ -232,6 +232,9 @@ class Buffer(LowLatencyMethods, WireMethods):
         """Release the Buffer's resources; it cannot be used afterwards. Idempotent."""
         if self._destroyed:
             return
+        ll = getattr(self, "_ll_nvlink", None)
+        if ll is not None:
+            ll.destroy()
         self._transport.destroy()
         self._local_buffers.clear()
         self._destroyed = True

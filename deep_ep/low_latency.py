@@ -57,6 +57,7 @@ class LowLatencyHandle:
     num_tokens: int
     topk: int
     combine_buffer: Optional[torch.Tensor] = field(default=None, repr=False)
+    fast: Optional[dict] = field(default=None, repr=False)   # the nvlink kernel path's state (else None)
 
 
 def _noop() -> None:
@@ -140,6 +141,12 @@ def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_d
         _reject_everywhere(buf)          # the other ranks, inside their dispatch, learn it and raise too
         raise exc
     L = E // R
+    fast = _fast_path(buf, x)
+    if fast is not None:                 # invalid ids are skipped and flagged by the kernel (no host sync)
+        recv_x, recv_count, state, hk = fast.dispatch(x, topk_idx, M, E, use_fp8, round_scale, use_ue8m0,
+                                                      cumulative_local_expert_recv_stats, return_recv_hook)
+        handle = LowLatencyHandle(None, None, M, H, E, T, K, fast=state)
+        return recv_x, recv_count, handle, _event(async_finish, x), hk
     if topk_idx.is_cuda:
         _check_distinct(topk_idx)        # (a device assertion: nothing waits for the host)
     codec = make_codec(8, H, round_scale=round_scale, use_ue8m0=use_ue8m0) if use_fp8 else None
@@ -206,6 +213,15 @@ def low_latency_combine(buf, x: torch.Tensor, topk_idx: torch.Tensor, topk_weigh
     if tuple(topk_idx.shape) != (T, K) or tuple(topk_weights.shape) != (T, K):
         raise DeepEPInputError(f"topk_idx and topk_weights must be [{T}, {K}] (as dispatched), got "
                                f"{list(topk_idx.shape)} and {list(topk_weights.shape)}")
+    if out is not None and (tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16):
+        raise DeepEPInputError(f"out must be bfloat16 [{T}, {H}], got {out.dtype} {list(out.shape)}")
+    if handle.fast is not None:
+        fast = _fast_path(buf, x)
+        if fast is None:
+            raise DeepEPInputError("this handle comes from the nvlink kernel path of another Buffer")
+        res = out if out is not None else torch.empty((T, H), dtype=torch.bfloat16, device=x.device)
+        hk = fast.combine(x, topk_idx, topk_weights, handle.fast, res, return_recv_hook)
+        return res, _event(async_finish, x), hk
     rows = x.reshape(L * R * M, H).index_select(0, handle.slot.clamp(min=0))     # back into pair order
     pairs, _, _ = buf.combine(rows, handle.inner, compress=False)
     w = torch.where(topk_idx >= 0, topk_weights.float(), 0.0)
@@ -213,8 +229,6 @@ def low_latency_combine(buf, x: torch.Tensor, topk_idx: torch.Tensor, topk_weigh
     y = torch.where((topk_idx >= 0).unsqueeze(2), y, 0.0)
     res = torch.einsum("tk,tkh->th", w, y) if K else torch.zeros((T, H), device=x.device)
     if out is not None:
-        if tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16:
-            raise DeepEPInputError(f"out must be bfloat16 [{T}, {H}], got {out.dtype} {list(out.shape)}")
         out.copy_(res)
         res = out
     else:
@@ -229,6 +243,21 @@ def next_combine_buffer(handle: LowLatencyHandle, num_ranks: int, device: torch.
         handle.combine_buffer = torch.zeros((L, num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden),
                                             dtype=torch.bfloat16, device=device)
     return handle.combine_buffer
+
+
+def _fast_path(buf, x: torch.Tensor):
+    """The Buffer's :class:`~deep_ep.transport.nvlink_ll.NVLinkLowLatency` where the kernel path applies
+    (nvlink transport, Triton on the device, hidden a multiple of 8, not ``DEEP_EP_CHECK``), else ``None``.
+    Every rank decides the same (same transport, settings and hidden)."""
+    from . import kernels
+    t = buf._transport
+    if getattr(t, "name", "") != "nvlink" or buf._check_every_call or x.size(1) % 8 or not kernels.available(x):
+        return None
+    st = getattr(buf, "_ll_nvlink", None)
+    if st is None:
+        from .transport.nvlink_ll import NVLinkLowLatency
+        st = buf._ll_nvlink = NVLinkLowLatency(t, buf.num_rdma_bytes)
+    return st if st.usable else None
 
 
 def _event(async_finish: bool, t: torch.Tensor) -> EventOverlap:

@@ -21,11 +21,11 @@ def _decoded(recv_x, use_fp8):
     return vals.float() * scales.repeat_interleave(128, dim=-1)
 
 
-def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed):
+def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed, pattern="random", tokens=None):
     dev = device()
     M, H, E = 24, 512, 4 * R
-    tokens = [M, M - 7, 3, 0][:R]                         # num_tokens = M and < M, different per rank
-    case = make_case(seed, R, hidden=H, topk=3, num_experts=E, tokens=tokens, neg_frac=0.2)
+    tokens = tokens or [M, M - 7, 3, 0][:R]               # num_tokens = M and < M, different per rank
+    case = make_case(seed, R, hidden=H, topk=3, num_experts=E, tokens=tokens, neg_frac=0.2, pattern=pattern)
     buf = get_buffer(backend, **({"ranks_per_node": max(R // 2, 1)} if backend == "hierarchical" else {}))
     codec = make_codec(8, H, use_ue8m0=ue8m0) if use_fp8 else None
     sent = [codec.decode(codec.encode(x), torch.float32) if codec else x.float() for x in case.xs]
@@ -160,6 +160,75 @@ def test_low_latency_one_gpu(rank_pool, use_fp8, ue8m0):
     """One rank on one GPU: the nvlink transport's device path, the Triton codec and the layout, without a
     peer (the two-GPU tests above cover the stores between GPUs)."""
     rank_pool(1, backend="nccl").run(rank_low_latency, "nvlink", use_fp8, ue8m0, False, 6)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("use_fp8,hook,pattern,tokens", [(True, True, "random", None), (True, False, "one_expert", None),
+                                                         (False, True, "random", [0])])
+def test_low_latency_one_gpu_cases(rank_pool, use_fp8, hook, pattern, tokens):
+    """The kernel path with receive hooks, every token to one expert, and a rank with no tokens."""
+    rank_pool(1, backend="nccl").run(rank_low_latency, "nvlink", use_fp8, False, hook, 9, pattern, tokens)
+
+
+def rank_low_latency_paths_agree(rank, R):
+    """The nvlink kernel path and the pair-dispatch (torch) path give the same bytes and sums."""
+    import os
+    dev = device()
+    M, H, E = 40, 1024, 8 * R
+    case = make_case(11, R, hidden=H, topk=4, num_experts=E, tokens=[M] * R, neg_frac=0.1)
+    buf = get_buffer("nvlink")
+    x, idx, w = case.xs[rank].to(dev), case.topk_idx[rank].to(dev), case.topk_weights[rank].to(dev)
+    got = {}
+    for path in ("kernels", "torch"):
+        if path == "torch":
+            os.environ["DEEP_EP_DISABLE_TRITON"] = "1"
+        try:
+            for fp8 in (True, False):
+                recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=fp8)
+                vals = recv_x[0].view(torch.uint8) if fp8 else recv_x.view(torch.int16)
+                y = (recv_x[0].float() * recv_x[1].repeat_interleave(128, dim=-1)).to(torch.bfloat16) if fp8 \
+                    else recv_x
+                out, _, _ = buf.low_latency_combine(y, idx, w, handle)
+                rows = [vals[l, :int(c)].clone() for l, c in enumerate(count.tolist())]
+                got[path, fp8] = (count.clone(), rows, out.float())
+        finally:
+            os.environ.pop("DEEP_EP_DISABLE_TRITON", None)
+    for fp8 in (True, False):
+        a, b = got["kernels", fp8], got["torch", fp8]
+        assert_same(a[0], b[0], f"recv_count fp8={fp8}")
+        for l, (ra, rb) in enumerate(zip(a[1], b[1])):
+            assert torch.equal(ra, rb), f"expert {l} rows differ between the paths (fp8={fp8})"
+        assert_same(a[2], b[2], f"combine fp8={fp8}", atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu(1)
+def test_low_latency_paths_agree_one_gpu(rank_pool):
+    rank_pool(1, backend="nccl").run(rank_low_latency_paths_agree)
+
+
+@pytest.mark.gpu
+def test_low_latency_paths_agree(rank_pool):
+    rank_pool(2, backend="nccl").run(rank_low_latency_paths_agree)
+
+
+def rank_low_latency_invalid_ids(rank, R):
+    """On the kernel path an invalid id is skipped and flagged; the next call raises (no host sync)."""
+    dev = device()
+    buf = get_buffer("nvlink")
+    x = torch.ones((2, 256), dtype=torch.bfloat16, device=dev)
+    E = 4 * R
+    for bad in ([[1, 1], [0, 2]], [[0, E], [1, -1]]):
+        buf.low_latency_dispatch(x, torch.tensor(bad, device=dev), 4, E, use_fp8=False)
+        torch.cuda.synchronize()
+        with pytest.raises(deep_ep.DeepEPInputError, match="invalid topk_idx"):
+            buf.low_latency_dispatch(x, torch.tensor([[0, 1], [2, 3]], device=dev), 4, E, use_fp8=False)
+    _, count, _, _, _ = buf.low_latency_dispatch(x, torch.tensor([[0, 1], [2, 3]], device=dev), 4, E, use_fp8=False)
+    assert count.tolist() == [1, 1, 1, 1]            # one rank: every expert is local
+
+
+@pytest.mark.gpu(1)
+def test_low_latency_invalid_ids_one_gpu(rank_pool):
+    rank_pool(1, backend="nccl").run(rank_low_latency_invalid_ids)
 
 
 @pytest.mark.gpu(1)

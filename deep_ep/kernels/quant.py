@@ -79,6 +79,26 @@ def _signed(v, bits: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------- level 8
 @triton.jit
+def fp8_blocks(x, ROUND: tl.constexpr):
+    """Blocks ``x`` (float32 ``[BB, 128]``) to DeepEP's fp8: ``(e4m3 bytes as uint8, float32 scale [BB])``,
+    ``scale = amax / 448`` (amax floored at 1e-4; ``ROUND``: the next power of two). Shared with the
+    low-latency send kernel, so both give the codec's bytes."""
+    amax = tl.maximum(tl.max(_finite_abs(x), axis=1), 1e-4)
+    scale = tl.math.div_rn(amax, 448.0)
+    inv = tl.math.div_rn(448.0, amax)
+    if ROUND:
+        b = scale.to(tl.int32, bitcast=True)
+        e = (b >> 23) + ((b & 0x7FFFFF) != 0).to(tl.int32)
+        scale = (e << 23).to(tl.float32, bitcast=True)
+        inv = tl.math.div_rn(1.0, scale)
+    q = x * inv[:, None]
+    q = tl.where(q > 448.0, 448.0, q)
+    q = tl.where(q < -448.0, -448.0, q)
+    q = tl.where(q != q, float("nan"), q)                 # one NaN code, as the reference
+    return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True), scale
+
+
+@triton.jit
 def _enc8(x_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, ROUND: tl.constexpr, UE8M0: tl.constexpr):
     # VOFF (bytes of scales before the values) is its own argument so that Triton sees its alignment
     row = tl.program_id(0).to(tl.int64)
@@ -87,19 +107,7 @@ def _enc8(x_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, ROUND: tl.constexpr,
     bm = blk < NB
     m = bm[:, None] & (col < H)
     x = tl.load(x_ptr + row * H + col, mask=m, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(_finite_abs(x), axis=1), 1e-4)
-    scale = _div(amax, 448.0)
-    inv = _div(448.0, amax)
-    if ROUND:
-        b = scale.to(tl.int32, bitcast=True)
-        e = (b >> 23) + ((b & 0x7FFFFF) != 0).to(tl.int32)
-        scale = (e << 23).to(tl.float32, bitcast=True)
-        inv = _div(1.0, scale)
-    q = x * inv[:, None]
-    q = tl.where(q > 448.0, 448.0, q)
-    q = tl.where(q < -448.0, -448.0, q)
-    q = tl.where(q != q, float("nan"), q)                 # one NaN code, as the reference
-    qb = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    qb, scale = fp8_blocks(x, ROUND)
     base = out_ptr + row * W
     if UE8M0:
         tl.store(base + blk, ((scale.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8), mask=bm)

@@ -1,0 +1,257 @@
+"""Triton kernels of the nvlink low-latency path (:mod:`deep_ep.transport.nvlink_ll`).
+
+Each call is a send kernel, one device barrier, and a receive kernel; the
+staging is the arena's area of the call (see that module for its layout).
+Another rank's area is this rank's own, moved by the distance between the
+two ranks' arenas in this process's address space (``dbytes`` / ``dwords``,
+int64 per rank, multiples of 64 bytes).
+
+- :func:`send`: per token, the fp8 cast (DeepEP's per-128 scales, the
+  codec's bytes, :func:`deep_ep.kernels.quant.fp8_blocks`) or the bf16 row,
+  stored once per selected expert into the destination rank's block
+  ``[local expert, this rank, position]`` (position = the token's rank among
+  this rank's tokens of that expert, so the order is the token order), the
+  pair's ``t * K + k`` beside it, and every expert's token count into the
+  destination's count table. An expert id out of range or repeated in a
+  token is skipped and flagged in ``err`` (bit 2 / bit 1).
+- :func:`recv`: the received blocks packed per local expert (source rank
+  ascending), rows into the caller's ``[L, R * M, H]`` tensors, the
+  source of each row (``src * M * K + t * K + k``) and ``recv_count``.
+- :func:`combine_send`: each valid row of ``[L, R * M, H]`` back into its
+  source's area at row ``t * K + k``.
+- :func:`combine_reduce`: ``out[t] = sum_k w[t, k] * row(t, k)`` in float32
+  over the valid ``k`` (``topk_idx >= 0``).
+
+Work is spread over a persistent grid (``NPROG`` programs); the receive and
+combine-send grids walk only the non-empty blocks of ``JB`` rows, so a
+skewed routing (every token to one expert) still uses every program.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant import fp8_blocks
+
+
+@triton.jit
+def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
+             CNT_W, INFO_W, DATA_B, DATA_W, ROWB, ROWW,
+             R: tl.constexpr, ME: tl.constexpr, KP: tl.constexpr, TB: tl.constexpr, NPROG: tl.constexpr,
+             FP8: tl.constexpr, ROUND: tl.constexpr, UE8M0: tl.constexpr, BB: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    ks = tl.arange(0, KP)
+    kin = ks < K
+    tb = tl.arange(0, TB)
+    for t in range(pid, T, NPROG):
+        e = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1).to(tl.int32)
+        bad = kin & ((e < -1) | (e >= E))
+        e = tl.where(bad, -1, e)
+        same = (e[:, None] == e[None, :]) & (ks[None, :] < ks[:, None]) & (e[:, None] >= 0)
+        dup = tl.max(same.to(tl.int32), axis=1)
+        flags = 2 * tl.max(bad.to(tl.int32), axis=0) + tl.max(dup, axis=0)
+        if flags != 0:
+            tl.atomic_or(err_ptr, flags)
+        ok = (e >= 0) & (dup == 0)
+        # the token's position among this rank's tokens of each of its experts
+        pos = tl.zeros([KP], dtype=tl.int32)
+        for t0 in range(0, t, TB):
+            rows = t0 + tb
+            blk = tl.load(idx_ptr + rows[:, None] * K + ks[None, :], mask=(rows < t)[:, None] & kin[None, :],
+                          other=-1).to(tl.int32)
+            hit = tl.max((blk[None, :, :] == e[:, None, None]).to(tl.int32), axis=2)      # [KP, TB]
+            pos += tl.sum(hit, axis=1)
+        ok = ok & (pos < M)
+        es = tl.where(ok, e, 0)
+        dst = es // L
+        srow = ((es - dst * L) * R + ME).to(tl.int64) * M + pos
+        dw = tl.load(dwords + dst, mask=ok, other=0)
+        tl.store(a32 + dw + INFO_W + srow, t * K + ks, mask=ok)
+        if FP8:
+            db = tl.load(dbytes + dst, mask=ok, other=0)
+            rowb = db + DATA_B + srow * ROWB                                               # [KP]
+            NB = H // 128
+            for b0 in range(0, NB, BB):
+                blk = b0 + tl.arange(0, BB)
+                bm = blk < NB
+                col = blk[:, None] * 128 + tl.arange(0, 128)[None, :]
+                xv = tl.load(x_ptr + t * H + col, mask=bm[:, None], other=0.0).to(tl.float32)
+                qb, scale = fp8_blocks(xv, ROUND)
+                m3 = ok[:, None, None] & bm[None, :, None]
+                tl.store(a8 + rowb[:, None, None] + col[None, :, :], tl.broadcast_to(qb[None, :, :], (KP, BB, 128)),
+                         mask=m3)
+                sm = ok[:, None] & bm[None, :]
+                bits = scale.to(tl.int32, bitcast=True)
+                if UE8M0:
+                    tl.store(a8 + rowb[:, None] + H + blk[None, :],
+                             tl.broadcast_to(((bits >> 23) & 0xFF).to(tl.uint8)[None, :], (KP, BB)), mask=sm)
+                else:
+                    roww = dw + DATA_W + srow * ROWW + H // 4
+                    tl.store(a32 + roww[:, None] + blk[None, :], tl.broadcast_to(bits[None, :], (KP, BB)), mask=sm)
+        else:
+            HW = H // 2
+            roww = dw + DATA_W + srow * ROWW
+            cols = tl.arange(0, BLOCK)
+            xw = x_ptr.to(tl.pointer_type(tl.int32))
+            for c0 in range(0, HW, BLOCK):
+                offs = c0 + cols
+                cm = offs < HW
+                v = tl.load(xw + t * HW + offs, mask=cm)
+                tl.store(a32 + roww[:, None] + offs[None, :], tl.broadcast_to(v[None, :], (KP, BLOCK)),
+                         mask=ok[:, None] & cm[None, :])
+    # every expert's token count (tokens naming it; a repeat counts once) into its rank's table
+    for e in range(pid, E, NPROG):
+        cnt = tl.full([], 0, tl.int32)
+        for t0 in range(0, T, TB):
+            rows = t0 + tb
+            blk = tl.load(idx_ptr + rows[:, None] * K + ks[None, :], mask=(rows < T)[:, None] & kin[None, :],
+                          other=-1)
+            cnt += tl.sum(tl.max((blk == e).to(tl.int32), axis=1), axis=0)
+        dst = e // L
+        tl.store(a32 + tl.load(dwords + dst) + CNT_W + ME * L + (e - dst * L), cnt)
+
+
+@triton.jit
+def _item(item, cum, nb, tot, ls):
+    """The expert of work item ``item`` and the first row of its block, from per-expert block counts."""
+    l = tl.sum((cum <= item).to(tl.int32), axis=0)
+    start = tl.sum(tl.where(ls == l, cum - nb, 0), axis=0)
+    total = tl.sum(tl.where(ls == l, tot, 0), axis=0)
+    return l, item - start, total
+
+
+@triton.jit
+def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWW, main_ptr, tail_ptr, count_ptr, src_ptr, L, M, MK, MW, SW,
+             R: tl.constexpr, RP: tl.constexpr, LP: tl.constexpr, JB: tl.constexpr, BLOCK: tl.constexpr,
+             TBLOCK: tl.constexpr, NPROG: tl.constexpr, HAS_TAIL: tl.constexpr):
+    pid = tl.program_id(0)
+    ls = tl.arange(0, LP)
+    rs = tl.arange(0, RP)
+    lin = ls < L
+    table = tl.load(a32 + CNT_W + rs[:, None] * L + ls[None, :], mask=(rs < R)[:, None] & lin[None, :], other=0)
+    tot = tl.sum(table, axis=0)                                                            # [LP]
+    if pid == 0:
+        tl.store(count_ptr + ls, tot, mask=lin)
+    nb = (tot + JB - 1) // JB
+    cum = tl.cumsum(nb, axis=0)
+    n_items = tl.sum(nb, axis=0)
+    RM = R * M
+    cols = tl.arange(0, BLOCK)
+    for item in range(pid, n_items, NPROG):
+        l, b, total = _item(item, cum, nb, tot, ls)
+        c = tl.load(a32 + CNT_W + rs * L + l, mask=rs < R, other=0)
+        incl = tl.cumsum(c, axis=0)
+        js = b * JB + tl.arange(0, JB)
+        jv = js < total
+        src = tl.sum((js[:, None] >= incl[None, :]).to(tl.int32), axis=1)
+        base = tl.sum(tl.where(src[:, None] == rs[None, :], (incl - c)[None, :], 0), axis=1)
+        srow = (l * R + src).to(tl.int64) * M + (js - base)
+        info = tl.load(a32 + INFO_W + srow, mask=jv, other=0)
+        orow = (l * RM + js).to(tl.int64)
+        tl.store(src_ptr + orow, src * MK + info, mask=jv)
+        sw = DATA_W + srow * ROWW
+        for c0 in range(0, MW, BLOCK):
+            offs = c0 + cols
+            m = jv[:, None] & (offs < MW)[None, :]
+            tl.store(main_ptr + orow[:, None] * MW + offs[None, :],
+                     tl.load(a32 + sw[:, None] + offs[None, :], mask=m), mask=m)
+        if HAS_TAIL:
+            tcols = tl.arange(0, TBLOCK)
+            for c0 in range(0, SW, TBLOCK):
+                offs = c0 + tcols
+                m = jv[:, None] & (offs < SW)[None, :]
+                tl.store(tail_ptr + orow[:, None] * SW + offs[None, :],
+                         tl.load(a32 + sw[:, None] + MW + offs[None, :], mask=m), mask=m)
+
+
+@triton.jit
+def _ll_combine_send(y_ptr, count_ptr, src_ptr, a32, dwords, COMB_W, L, RM, MK, HW,
+                     LP: tl.constexpr, JB: tl.constexpr, BLOCK: tl.constexpr, NPROG: tl.constexpr):
+    pid = tl.program_id(0)
+    ls = tl.arange(0, LP)
+    tot = tl.load(count_ptr + ls, mask=ls < L, other=0)
+    nb = (tot + JB - 1) // JB
+    cum = tl.cumsum(nb, axis=0)
+    n_items = tl.sum(nb, axis=0)
+    cols = tl.arange(0, BLOCK)
+    for item in range(pid, n_items, NPROG):
+        l, b, total = _item(item, cum, nb, tot, ls)
+        js = b * JB + tl.arange(0, JB)
+        jv = js < total
+        orow = (l * RM + js).to(tl.int64)
+        v = tl.load(src_ptr + orow, mask=jv, other=0)
+        src = v // MK
+        p = (v - src * MK).to(tl.int64)
+        drow = tl.load(dwords + src, mask=jv, other=0) + COMB_W + p * HW
+        for c0 in range(0, HW, BLOCK):
+            offs = c0 + cols
+            m = jv[:, None] & (offs < HW)[None, :]
+            tl.store(a32 + drow[:, None] + offs[None, :], tl.load(y_ptr + orow[:, None] * HW + offs[None, :], mask=m),
+                     mask=m)
+
+
+@triton.jit
+def _ll_reduce(a16, COMB_H, idx_ptr, w_ptr, out_ptr, T, K, H,
+               KP: tl.constexpr, BLOCK: tl.constexpr, NPROG: tl.constexpr):
+    pid = tl.program_id(0)
+    ks = tl.arange(0, KP)
+    kin = ks < K
+    cols = tl.arange(0, BLOCK)
+    for t in range(pid, T, NPROG):
+        e = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1)
+        w = tl.load(w_ptr + t * K + ks, mask=kin, other=0.0).to(tl.float32)
+        ok = kin & (e >= 0)
+        rows = COMB_H + (t * K + ks).to(tl.int64) * H
+        for c0 in range(0, H, BLOCK):
+            offs = c0 + cols
+            cm = offs < H
+            v = tl.load(a16 + rows[:, None] + offs[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
+            acc = tl.sum(v.to(tl.float32) * w[:, None], axis=0)
+            tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+def _p2(n: int) -> int:
+    return max(triton.next_power_of_2(max(int(n), 1)), 1)
+
+
+def send(x, topk_idx, arena, area_off, lay, err, nprog: int, round_scale: bool, use_ue8m0: bool) -> None:
+    """Launch the send kernel (see the module docstring); ``lay`` is the area's layout."""
+    T, H = x.shape
+    K = topk_idx.size(1)
+    fp8 = lay["fp8"]
+    _ll_send[(nprog,)](
+        x, topk_idx, arena.u8, arena.i32, arena.dbytes, arena.dwords, err, T, H, lay["E"], lay["L"], lay["M"], K,
+        (area_off + lay["cnt"]) // 4, (area_off + lay["info"]) // 4, area_off + lay["data"],
+        (area_off + lay["data"]) // 4, lay["rowb"], lay["rowb"] // 4,
+        R=arena.num_ranks, ME=arena.rank, KP=_p2(K), TB=32, NPROG=nprog, FP8=fp8, ROUND=bool(round_scale or use_ue8m0),
+        UE8M0=bool(use_ue8m0), BB=4, BLOCK=512, num_warps=4)
+
+
+def recv(arena, area_off, lay, main, tail, count, src, nprog: int) -> None:
+    """Launch the receive kernel into ``main`` (int32 words ``[L * R * M, MW]``), ``tail`` (the scales,
+    ``[L * R * M, SW]``, or ``None``), ``count`` (int32 ``[L]``) and ``src`` (int32 ``[L * R * M]``)."""
+    L, M, R = lay["L"], lay["M"], arena.num_ranks
+    MW = main.size(1)
+    SW = tail.size(1) if tail is not None else 0
+    _ll_recv[(nprog,)](
+        arena.i32, (area_off + lay["cnt"]) // 4, (area_off + lay["info"]) // 4, (area_off + lay["data"]) // 4,
+        lay["rowb"] // 4, main, tail if tail is not None else main, count, src, L, M, M * lay["K"], MW, SW,
+        R=R, RP=_p2(R), LP=_p2(L), JB=8, BLOCK=512, TBLOCK=_p2(min(max(SW, 1), 64)), NPROG=nprog,
+        HAS_TAIL=tail is not None, num_warps=4)
+
+
+def combine_send(y, count, src, arena, area_off, lay, nprog: int) -> None:
+    """Launch the combine-send kernel for ``y`` (bf16 ``[L, R * M, H]``, contiguous)."""
+    L, M, R, H = lay["L"], lay["M"], arena.num_ranks, lay["H"]
+    _ll_combine_send[(nprog,)](
+        y.view(torch.int32), count, src, arena.i32, arena.dwords, (area_off + lay["comb"]) // 4, L, R * M,
+        M * lay["K"], H // 2, LP=_p2(L), JB=8, BLOCK=512, NPROG=nprog, num_warps=4)
+
+
+def combine_reduce(arena, area_off, lay, topk_idx, topk_weights, out, nprog: int) -> None:
+    """Launch the reduce kernel into ``out`` (``[T, H]``)."""
+    T, K = topk_idx.shape
+    H = lay["H"]
+    _ll_reduce[(nprog,)](arena.bf16, (area_off + lay["comb"]) // 2, topk_idx, topk_weights, out, T, K, H,
+                         KP=_p2(K), BLOCK=1024, NPROG=nprog, num_warps=4)

@@ -26,7 +26,7 @@ class FakeArena:
 
 
 def run(R, use_fp8, ue8m0, seed, pattern="random", tokens=None):
-    M, H, E, K = 20, 512, 4 * R, 3
+    M, H, E, K = 20, 1536, 4 * R, 3
     tokens = tokens or [M, M - 7, 3, 0][:R]
     case = make_case(seed, R, hidden=H, topk=K, num_experts=E, tokens=tokens, neg_frac=0.2, pattern=pattern)
     lay = area_layout(R, E, M, K, H, use_fp8, ue8m0)

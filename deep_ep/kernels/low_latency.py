@@ -22,9 +22,11 @@ int64 per rank, multiples of 64 bytes).
 - :func:`combine_reduce`: ``out[t] = sum_k w[t, k] * row(t, k)`` in float32
   over the valid ``k`` (``topk_idx >= 0``).
 
-Work is spread over a persistent grid (``NPROG`` programs); the receive and
-combine-send grids walk only the non-empty blocks of ``JB`` rows, so a
-skewed routing (every token to one expert) still uses every program.
+Grids are wide, many programs per SM, so memory latency overlaps: send has
+one program per (token, chunk of its row) plus the count programs, reduce
+one per (token, chunk); the receive and combine-send programs walk only the
+non-empty blocks of ``JB`` rows of all experts (grid-stride), so a skewed
+routing (every token to one expert) still uses every program.
 """
 from __future__ import annotations
 
@@ -36,23 +38,23 @@ from .quant import fp8_blocks
 
 
 @triton.jit
-def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
+def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K, NCH,
              CNT_W, INFO_W, DATA_B, DATA_W, ROWB, ROWW,
-             R: tl.constexpr, ME: tl.constexpr, KP: tl.constexpr, TB: tl.constexpr, NPROG: tl.constexpr,
+             R: tl.constexpr, ME: tl.constexpr, KP: tl.constexpr, TB: tl.constexpr, EPP: tl.constexpr,
              FP8: tl.constexpr, ROUND: tl.constexpr, UE8M0: tl.constexpr, BB: tl.constexpr, BLOCK: tl.constexpr):
+    # programs [0, T * NCH): one chunk of one token's row each; the rest: EPP experts' counts each
     pid = tl.program_id(0)
     ks = tl.arange(0, KP)
     kin = ks < K
     tb = tl.arange(0, TB)
-    for t in range(pid, T, NPROG):
+    if pid < T * NCH:
+        t = pid // NCH
+        ch = pid - t * NCH
         e = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1).to(tl.int32)
         bad = kin & ((e < -1) | (e >= E))
         e = tl.where(bad, -1, e)
         same = (e[:, None] == e[None, :]) & (ks[None, :] < ks[:, None]) & (e[:, None] >= 0)
         dup = tl.max(same.to(tl.int32), axis=1)
-        flags = 2 * tl.max(bad.to(tl.int32), axis=0) + tl.max(dup, axis=0)
-        if flags != 0:
-            tl.atomic_or(err_ptr, flags)
         ok = (e >= 0) & (dup == 0)
         # the token's position among this rank's tokens of each of its experts
         pos = tl.zeros([KP], dtype=tl.int32)
@@ -67,49 +69,52 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
         dst = es // L
         srow = ((es - dst * L) * R + ME).to(tl.int64) * M + pos
         dw = tl.load(dwords + dst, mask=ok, other=0)
-        tl.store(a32 + dw + INFO_W + srow, t * K + ks, mask=ok)
+        if ch == 0:
+            flags = 2 * tl.max(bad.to(tl.int32), axis=0) + tl.max(dup, axis=0)
+            if flags != 0:
+                tl.atomic_or(err_ptr, flags)
+            tl.store(a32 + dw + INFO_W + srow, t * K + ks, mask=ok)
         if FP8:
             db = tl.load(dbytes + dst, mask=ok, other=0)
             rowb = db + DATA_B + srow * ROWB                                               # [KP]
             NB = H // 128
-            for b0 in range(0, NB, BB):
-                blk = b0 + tl.arange(0, BB)
-                bm = blk < NB
-                col = blk[:, None] * 128 + tl.arange(0, 128)[None, :]
-                xv = tl.load(x_ptr + t * H + col, mask=bm[:, None], other=0.0).to(tl.float32)
-                qb, scale = fp8_blocks(xv, ROUND)
-                m3 = ok[:, None, None] & bm[None, :, None]
-                tl.store(a8 + rowb[:, None, None] + col[None, :, :], tl.broadcast_to(qb[None, :, :], (KP, BB, 128)),
-                         mask=m3)
-                sm = ok[:, None] & bm[None, :]
-                bits = scale.to(tl.int32, bitcast=True)
-                if UE8M0:
-                    tl.store(a8 + rowb[:, None] + H + blk[None, :],
-                             tl.broadcast_to(((bits >> 23) & 0xFF).to(tl.uint8)[None, :], (KP, BB)), mask=sm)
-                else:
-                    roww = dw + DATA_W + srow * ROWW + H // 4
-                    tl.store(a32 + roww[:, None] + blk[None, :], tl.broadcast_to(bits[None, :], (KP, BB)), mask=sm)
+            blk = ch * BB + tl.arange(0, BB)
+            bm = blk < NB
+            col = blk[:, None] * 128 + tl.arange(0, 128)[None, :]
+            xv = tl.load(x_ptr + t * H + col, mask=bm[:, None], other=0.0).to(tl.float32)
+            qb, scale = fp8_blocks(xv, ROUND)
+            m3 = ok[:, None, None] & bm[None, :, None]
+            tl.store(a8 + rowb[:, None, None] + col[None, :, :], tl.broadcast_to(qb[None, :, :], (KP, BB, 128)),
+                     mask=m3)
+            sm = ok[:, None] & bm[None, :]
+            bits = scale.to(tl.int32, bitcast=True)
+            if UE8M0:
+                tl.store(a8 + rowb[:, None] + H + blk[None, :],
+                         tl.broadcast_to(((bits >> 23) & 0xFF).to(tl.uint8)[None, :], (KP, BB)), mask=sm)
+            else:
+                roww = dw + DATA_W + srow * ROWW + H // 4
+                tl.store(a32 + roww[:, None] + blk[None, :], tl.broadcast_to(bits[None, :], (KP, BB)), mask=sm)
         else:
             HW = H // 2
             roww = dw + DATA_W + srow * ROWW
-            cols = tl.arange(0, BLOCK)
-            xw = x_ptr.to(tl.pointer_type(tl.int32))
-            for c0 in range(0, HW, BLOCK):
-                offs = c0 + cols
-                cm = offs < HW
-                v = tl.load(xw + t * HW + offs, mask=cm)
-                tl.store(a32 + roww[:, None] + offs[None, :], tl.broadcast_to(v[None, :], (KP, BLOCK)),
-                         mask=ok[:, None] & cm[None, :])
-    # every expert's token count (tokens naming it; a repeat counts once) into its rank's table
-    for e in range(pid, E, NPROG):
-        cnt = tl.full([], 0, tl.int32)
+            offs = ch * BLOCK + tl.arange(0, BLOCK)
+            cm = offs < HW
+            v = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + t * HW + offs, mask=cm)
+            tl.store(a32 + roww[:, None] + offs[None, :], tl.broadcast_to(v[None, :], (KP, BLOCK)),
+                     mask=ok[:, None] & cm[None, :])
+    else:
+        # EPP experts' token counts (tokens naming the expert; a repeat counts once) into their ranks' tables
+        es = (pid - T * NCH) * EPP + tl.arange(0, EPP)
+        cnt = tl.zeros([EPP], dtype=tl.int32)
         for t0 in range(0, T, TB):
             rows = t0 + tb
             blk = tl.load(idx_ptr + rows[:, None] * K + ks[None, :], mask=(rows < T)[:, None] & kin[None, :],
                           other=-1)
-            cnt += tl.sum(tl.max((blk == e).to(tl.int32), axis=1), axis=0)
-        dst = e // L
-        tl.store(a32 + tl.load(dwords + dst) + CNT_W + ME * L + (e - dst * L), cnt)
+            hit = tl.max((blk[None, :, :] == es[:, None, None]).to(tl.int32), axis=2)      # [EPP, TB]
+            cnt += tl.sum(hit, axis=1)
+        ein = es < E
+        dst = tl.where(ein, es, 0) // L
+        tl.store(a32 + tl.load(dwords + dst, mask=ein, other=0) + CNT_W + ME * L + (es - dst * L), cnt, mask=ein)
 
 
 @triton.jit
@@ -124,8 +129,9 @@ def _item(item, cum, nb, tot, ls):
 @triton.jit
 def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWW, main_ptr, tail_ptr, count_ptr, src_ptr, L, M, MK, MW, SW,
              R: tl.constexpr, RP: tl.constexpr, LP: tl.constexpr, JB: tl.constexpr, BLOCK: tl.constexpr,
-             TBLOCK: tl.constexpr, NPROG: tl.constexpr, HAS_TAIL: tl.constexpr):
+             TBLOCK: tl.constexpr, HAS_TAIL: tl.constexpr):
     pid = tl.program_id(0)
+    NPROG = tl.num_programs(0)
     ls = tl.arange(0, LP)
     rs = tl.arange(0, RP)
     lin = ls < L
@@ -167,8 +173,9 @@ def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWW, main_ptr, tail_ptr, count_ptr, sr
 
 @triton.jit
 def _ll_combine_send(y_ptr, count_ptr, src_ptr, a32, dwords, COMB_W, L, RM, MK, HW,
-                     LP: tl.constexpr, JB: tl.constexpr, BLOCK: tl.constexpr, NPROG: tl.constexpr):
+                     LP: tl.constexpr, JB: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
+    NPROG = tl.num_programs(0)
     ls = tl.arange(0, LP)
     tot = tl.load(count_ptr + ls, mask=ls < L, other=0)
     nb = (tot + JB - 1) // JB
@@ -192,66 +199,77 @@ def _ll_combine_send(y_ptr, count_ptr, src_ptr, a32, dwords, COMB_W, L, RM, MK, 
 
 
 @triton.jit
-def _ll_reduce(a16, COMB_H, idx_ptr, w_ptr, out_ptr, T, K, H,
-               KP: tl.constexpr, BLOCK: tl.constexpr, NPROG: tl.constexpr):
+def _ll_reduce(a16, COMB_H, idx_ptr, w_ptr, out_ptr, K, H, NCH, KP: tl.constexpr, BLOCK: tl.constexpr):
+    # one program per (token, BLOCK columns)
     pid = tl.program_id(0)
+    t = pid // NCH
     ks = tl.arange(0, KP)
     kin = ks < K
-    cols = tl.arange(0, BLOCK)
-    for t in range(pid, T, NPROG):
-        e = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1)
-        w = tl.load(w_ptr + t * K + ks, mask=kin, other=0.0).to(tl.float32)
-        ok = kin & (e >= 0)
-        rows = COMB_H + (t * K + ks).to(tl.int64) * H
-        for c0 in range(0, H, BLOCK):
-            offs = c0 + cols
-            cm = offs < H
-            v = tl.load(a16 + rows[:, None] + offs[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
-            acc = tl.sum(v.to(tl.float32) * w[:, None], axis=0)
-            tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=cm)
+    e = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1)
+    w = tl.load(w_ptr + t * K + ks, mask=kin, other=0.0).to(tl.float32)
+    ok = kin & (e >= 0)
+    rows = COMB_H + (t * K + ks).to(tl.int64) * H
+    offs = (pid - t * NCH) * BLOCK + tl.arange(0, BLOCK)
+    cm = offs < H
+    v = tl.load(a16 + rows[:, None] + offs[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
+    acc = tl.sum(v.to(tl.float32) * w[:, None], axis=0)
+    tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=cm)
 
 
 def _p2(n: int) -> int:
     return max(triton.next_power_of_2(max(int(n), 1)), 1)
 
 
-def send(x, topk_idx, arena, area_off, lay, err, nprog: int, round_scale: bool, use_ue8m0: bool) -> None:
+def _items(R: int, M: int, K: int, L: int, jb: int, cap: int) -> int:
+    """Programs for a receive or combine-send grid: the most non-empty blocks of ``jb`` rows (at most
+    ``R * M * min(K, L)`` rows over ``L`` experts), capped at ``cap``."""
+    return max(1, min(-(-R * M * min(K, L) // jb) + L, cap))
+
+
+def send(x, topk_idx, arena, area_off, lay, err, nsm: int, round_scale: bool, use_ue8m0: bool) -> None:
     """Launch the send kernel (see the module docstring); ``lay`` is the area's layout."""
     T, H = x.shape
     K = topk_idx.size(1)
     fp8 = lay["fp8"]
-    _ll_send[(nprog,)](
-        x, topk_idx, arena.u8, arena.i32, arena.dbytes, arena.dwords, err, T, H, lay["E"], lay["L"], lay["M"], K,
+    BB, BLOCK, EPP = 8, 512, 8
+    nch = -(-(H // 128) // BB) if fp8 else -(-(H // 2) // BLOCK)
+    grid = T * nch + -(-lay["E"] // EPP)
+    _ll_send[(grid,)](
+        x, topk_idx, arena.u8, arena.i32, arena.dbytes, arena.dwords, err, T, H, lay["E"], lay["L"], lay["M"], K, nch,
         (area_off + lay["cnt"]) // 4, (area_off + lay["info"]) // 4, area_off + lay["data"],
         (area_off + lay["data"]) // 4, lay["rowb"], lay["rowb"] // 4,
-        R=arena.num_ranks, ME=arena.rank, KP=_p2(K), TB=32, NPROG=nprog, FP8=fp8, ROUND=bool(round_scale or use_ue8m0),
-        UE8M0=bool(use_ue8m0), BB=4, BLOCK=512, num_warps=4)
+        R=arena.num_ranks, ME=arena.rank, KP=_p2(K), TB=32, EPP=EPP, FP8=fp8, ROUND=bool(round_scale or use_ue8m0),
+        UE8M0=bool(use_ue8m0), BB=BB, BLOCK=BLOCK, num_warps=4)
 
 
-def recv(arena, area_off, lay, main, tail, count, src, nprog: int) -> None:
+def recv(arena, area_off, lay, main, tail, count, src, nsm: int) -> None:
     """Launch the receive kernel into ``main`` (int32 words ``[L * R * M, MW]``), ``tail`` (the scales,
     ``[L * R * M, SW]``, or ``None``), ``count`` (int32 ``[L]``) and ``src`` (int32 ``[L * R * M]``)."""
     L, M, R = lay["L"], lay["M"], arena.num_ranks
     MW = main.size(1)
     SW = tail.size(1) if tail is not None else 0
-    _ll_recv[(nprog,)](
+    JB = 4
+    _ll_recv[(_items(R, M, lay["K"], L, JB, 16 * nsm),)](
         arena.i32, (area_off + lay["cnt"]) // 4, (area_off + lay["info"]) // 4, (area_off + lay["data"]) // 4,
         lay["rowb"] // 4, main, tail if tail is not None else main, count, src, L, M, M * lay["K"], MW, SW,
-        R=R, RP=_p2(R), LP=_p2(L), JB=8, BLOCK=512, TBLOCK=_p2(min(max(SW, 1), 64)), NPROG=nprog,
+        R=R, RP=_p2(R), LP=_p2(L), JB=JB, BLOCK=512, TBLOCK=_p2(min(max(SW, 1), 64)),
         HAS_TAIL=tail is not None, num_warps=4)
 
 
-def combine_send(y, count, src, arena, area_off, lay, nprog: int) -> None:
+def combine_send(y, count, src, arena, area_off, lay, nsm: int) -> None:
     """Launch the combine-send kernel for ``y`` (bf16 ``[L, R * M, H]``, contiguous)."""
     L, M, R, H = lay["L"], lay["M"], arena.num_ranks, lay["H"]
-    _ll_combine_send[(nprog,)](
+    JB = 4
+    _ll_combine_send[(_items(R, M, lay["K"], L, JB, 16 * nsm),)](
         y.view(torch.int32), count, src, arena.i32, arena.dwords, (area_off + lay["comb"]) // 4, L, R * M,
-        M * lay["K"], H // 2, LP=_p2(L), JB=8, BLOCK=512, NPROG=nprog, num_warps=4)
+        M * lay["K"], H // 2, LP=_p2(L), JB=JB, BLOCK=512, num_warps=4)
 
 
-def combine_reduce(arena, area_off, lay, topk_idx, topk_weights, out, nprog: int) -> None:
+def combine_reduce(arena, area_off, lay, topk_idx, topk_weights, out, nsm: int) -> None:
     """Launch the reduce kernel into ``out`` (``[T, H]``)."""
     T, K = topk_idx.shape
     H = lay["H"]
-    _ll_reduce[(nprog,)](arena.bf16, (area_off + lay["comb"]) // 2, topk_idx, topk_weights, out, T, K, H,
-                         KP=_p2(K), BLOCK=1024, NPROG=nprog, num_warps=4)
+    BLOCK = 1024
+    nch = -(-H // BLOCK)
+    _ll_reduce[(T * nch,)](arena.bf16, (area_off + lay["comb"]) // 2, topk_idx, topk_weights, out, K, H, nch,
+                           KP=_p2(K), BLOCK=BLOCK, num_warps=4)

@@ -104,17 +104,16 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
                      mask=ok[:, None] & cm[None, :])
     else:
         # EPP experts' token counts (tokens naming the expert; a repeat counts once) into their ranks' tables
-        es = (pid - T * NCH) * EPP + tl.arange(0, EPP)
+        ce = (pid - T * NCH) * EPP + tl.arange(0, EPP)        # (names differ from the branch above: shapes)
         cnt = tl.zeros([EPP], dtype=tl.int32)
-        for t0 in range(0, T, TB):
-            rows = t0 + tb
-            blk = tl.load(idx_ptr + rows[:, None] * K + ks[None, :], mask=(rows < T)[:, None] & kin[None, :],
-                          other=-1)
-            hit = tl.max((blk[None, :, :] == es[:, None, None]).to(tl.int32), axis=2)      # [EPP, TB]
-            cnt += tl.sum(hit, axis=1)
-        ein = es < E
-        dst = tl.where(ein, es, 0) // L
-        tl.store(a32 + tl.load(dwords + dst, mask=ein, other=0) + CNT_W + ME * L + (es - dst * L), cnt, mask=ein)
+        for c0 in range(0, T, TB):
+            crows = c0 + tb
+            cblk = tl.load(idx_ptr + crows[:, None] * K + ks[None, :], mask=(crows < T)[:, None] & kin[None, :],
+                           other=-1)
+            cnt += tl.sum(tl.max((cblk[None, :, :] == ce[:, None, None]).to(tl.int32), axis=2), axis=1)
+        cin = ce < E
+        cdst = tl.where(cin, ce, 0) // L
+        tl.store(a32 + tl.load(dwords + cdst, mask=cin, other=0) + CNT_W + ME * L + (ce - cdst * L), cnt, mask=cin)
 
 
 @triton.jit

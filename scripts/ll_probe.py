@@ -31,7 +31,7 @@ for _ in range(50):
     rx, cnt, h, _, _ = buf.low_latency_dispatch(x, idx, M, E)
 pr.disable()
 torch.cuda.synchronize()
-pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+pstats.Stats(pr).sort_stats("cumulative").print_stats(25)
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     for _ in range(20):

@@ -1,33 +1,41 @@
 """DeepEP's low-latency mode (API.md 2.4) on top of any transport: fixed shapes, no host sync on nvlink.
 
-One message per (token, selected expert): each token's row is encoded once
+On the nvlink transport with Triton (hidden a multiple of 8) each call is
+one send kernel, one device barrier and one receive kernel
+(:mod:`deep_ep.transport.nvlink_ll`): fp8 cast fused into the send, rows
+stored straight into the receivers' symmetric memory, no host sync (CUDA
+graphs), and ``return_recv_hook=True`` splits the call as DeepEP does (the
+call sends, the hook receives).
+
+Elsewhere (collective, hierarchical, CPU, ``DEEP_EP_DISABLE_TRITON=1``,
+``DEEP_EP_CHECK=1``) the same outputs come from the normal path: one
+message per (token, selected expert): each token's row is encoded once
 (fp8 with DeepEP's per-128 scales, or bf16), repeated for its ``K`` experts
 and dispatched as ``T * K`` one-expert "pairs" with ``num_worst_tokens =
-R * M * min(K, L)`` (the most a rank can receive), so on the nvlink transport
-nothing waits for the host and the whole call can be captured in a CUDA
-graph; the collective transport gives the same outputs with a host sync.
-The receiver scatters its rows into ``[L, R * M, H]``: expert ``l``'s rows
-first, in source-rank then token order, ``recv_count[l]`` of them. Combine
-gathers the rows back into pair order, returns each pair to its source with
-the dispatch's handle, and the source sums ``topk_weights[t, k] *
-row(t, k)`` in float32.
+R * M * min(K, L)`` (the most a rank can receive); the receiver scatters
+its rows into ``[L, R * M, H]``. Combine gathers the rows back into pair
+order, returns each pair to its source with the dispatch's handle, and the
+source sums ``topk_weights[t, k] * row(t, k)`` in float32. There the hook
+does nothing (the call already received).
+
+Both paths: expert ``l``'s rows first, in source-rank then token order,
+``recv_count[l]`` of them (the other rows are uninitialised).
 
 Every rank must pass the same ``num_max_dispatch_tokens_per_rank``,
-``num_experts`` and fp8 settings, and distinct experts per token. An
-argument error of a dispatch is raised on the rank that made it and, through
-the metadata exchange, as ``RemoteInputError`` on the others; on the nvlink
-device path (and for combine) the others cannot learn it without a host
-sync and wait out ``timeout_s``, as a DeepEP kernel would assert. On the collective and
-hierarchical transports, and with ``DEEP_EP_CHECK=1``, the pair dispatch
-reads its layout on the host (same outputs, not capturable).
+``num_experts``, top-k and fp8 settings, and distinct experts per token. An
+argument error of a dispatch is raised on the rank that made it and, on the
+normal path, through the metadata exchange as ``RemoteInputError`` on the
+others; on the nvlink paths the others cannot learn it without a host sync
+and wait out ``timeout_s``, as a DeepEP kernel would assert. On the kernel
+path an invalid expert id (out of range, or repeated in a token) is skipped
+and the rank's next low-latency call raises.
 
 Differences from DeepEP's kernels, documented: the order of a source's block
 inside an expert's rows is fixed (source rank ascending) where DeepEP's is
-the arrival order; every call returns new tensors, so any number of results
-may be alive at once (DeepEP: two); ``return_recv_hook`` gives a hook that
-does nothing, because the call already received (results are valid once
-the hook has been called, as DeepEP requires); ``dispatch_wait_recv_cost_stats``
-and ``combine_wait_recv_cost_stats`` are accepted and left unchanged;
+the arrival order; every call returns new tensors, so results stay valid
+after later calls (the staging is what alternates: at most two calls with
+pending hooks, as DeepEP); ``dispatch_wait_recv_cost_stats`` and
+``combine_wait_recv_cost_stats`` are accepted and left unchanged;
 ``use_logfmt`` raises.
 """
 from __future__ import annotations

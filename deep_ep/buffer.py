@@ -422,15 +422,17 @@ class Buffer(LowLatencyMethods, WireMethods):
         """Move the rows of a fresh dispatch (inside ``call``), localise the top-k ids, make the handle."""
         n_recv = plan.num_recv_tokens
         with call:
-            rows = [xv if codec is None else codec.encode(xv)]
+            fused = self._fused_codec(codec, return_compressed)
+            rows = [xv if codec is None or fused else codec.encode(xv)]
             if scales is not None:
                 rows.append(scales)
             if topk_idx is not None:
                 rows.append(topk_idx.contiguous())
                 if topk_weights is not None:
                     rows.append(topk_weights)
-            recv = self._transport.dispatch(plan, rows, call.alloc)
-            recv_x: XType = self._decode(codec, recv[0], xv.dtype, return_compressed)
+            recv = self._transport.dispatch(plan, rows, call.alloc, codec=codec) if fused else \
+                self._transport.dispatch(plan, rows, call.alloc)
+            recv_x: XType = recv[0] if fused else self._decode(codec, recv[0], xv.dtype, return_compressed)
             self._record_wire(codec, xv, plan)
             i = 1
             if scales is not None:
@@ -456,6 +458,11 @@ class Buffer(LowLatencyMethods, WireMethods):
         if expert_list is None:
             expert_list = []
         return recv_x, recv_idx, recv_w, expert_list, handle_out, event
+
+    def _fused_codec(self, codec, return_compressed: bool) -> bool:
+        """Whether the transport encodes and decodes inside its dispatch (nvlink: encode while packing,
+        decode after each pull) instead of the Buffer around it."""
+        return codec is not None and not return_compressed and getattr(self._transport, "fused_codec", False)
 
     def _check_handle(self, handle: Any) -> DispatchHandle:
         if not isinstance(handle, DispatchHandle):
@@ -494,9 +501,11 @@ class Buffer(LowLatencyMethods, WireMethods):
                                                     (_H_SCALES, "fp8 scale columns"), (_H_LEVEL, "compression level")))
             elif problem is not None:
                 raise problem.exc
-            rows = [xv if codec is None else codec.encode(xv)] + ([] if scales is None else [scales])
-            recv = self._transport.dispatch(handle.plan, rows, call.alloc)
-            recv0 = self._decode(codec, recv[0], xv.dtype, return_compressed)
+            fused = self._fused_codec(codec, return_compressed)
+            rows = [xv if codec is None or fused else codec.encode(xv)] + ([] if scales is None else [scales])
+            recv = self._transport.dispatch(handle.plan, rows, call.alloc, codec=codec) if fused else \
+                self._transport.dispatch(handle.plan, rows, call.alloc)
+            recv0 = recv[0] if fused else self._decode(codec, recv[0], xv.dtype, return_compressed)
             self._record_wire(codec, xv, handle.plan)
         event = call.finish([xv, scales] + list(recv) + ([recv0] if isinstance(recv0, torch.Tensor) else []))
         recv_x = recv0 if scales is None else (recv[0], recv[1])

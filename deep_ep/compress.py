@@ -165,27 +165,40 @@ class Codec:
         return 2 * self.blocks
 
     # ------------------------------------------------------------------ codec
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, H]`` floating rows -> packed ``uint8 [T, row_bytes]`` (Triton on CUDA, same bytes)."""
+    def encode(self, x: torch.Tensor, index: Optional[torch.Tensor] = None,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[T, H]`` floating rows (``x[index]`` when ``index`` is given) -> packed ``uint8 [T, row_bytes]``,
+        written into ``out`` when given (Triton on CUDA, same bytes)."""
         self._check(x)
-        if self.level == 16:
-            return x.to(torch.bfloat16).contiguous().view(torch.uint8)
-        if x.is_cuda and _use_kernels(x):
+        if self.level != 16 and x.is_cuda and _use_kernels(x):
             from .kernels import quant
-            return quant.encode(self, x)
-        return self.encode_reference(x)
+            return quant.encode(self, x, index, out)
+        if index is not None:
+            x = x.index_select(0, index)
+        got = x.to(torch.bfloat16).contiguous().view(torch.uint8) if self.level == 16 else self.encode_reference(x)
+        if out is None:
+            return got
+        out.copy_(got)
+        return out
 
-    def decode(self, packed: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """Packed rows -> ``[N, H]`` of ``dtype`` (Triton on CUDA, same values)."""
+    def decode(self, packed: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Packed rows -> ``[N, H]`` of ``dtype``, written into ``out`` when given (Triton on CUDA, same
+        values)."""
         if packed.dim() != 2 or packed.size(1) != self.row_bytes or packed.dtype != torch.uint8:
             raise DeepEPInputError(f"packed rows must be uint8 [N, {self.row_bytes}] for {self}, got "
                                    f"{packed.dtype} {list(packed.shape)}")
-        if self.level == 16:
-            return view_rows(packed, torch.bfloat16).to(dtype)
-        if packed.is_cuda and _use_kernels(packed):
+        if self.level != 16 and packed.is_cuda and _use_kernels(packed) and (out is None or out.is_contiguous()):
             from .kernels import quant
-            return quant.decode(self, packed, dtype)
-        return _saturate(self.decode_reference(packed), dtype).to(dtype)
+            return quant.decode(self, packed, dtype, out)
+        if self.level == 16:
+            got = view_rows(packed, torch.bfloat16).to(dtype)
+        else:
+            got = _saturate(self.decode_reference(packed), dtype).to(dtype)
+        if out is None:
+            return got
+        out.copy_(got)
+        return out
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """What the receiver of ``x`` gets: ``decode(encode(x))`` in ``x.dtype``."""

@@ -348,3 +348,31 @@ def test_fuzz_codecs(case):
         err = (y - x.double()).abs()
         assert bool((err <= _f64_bound(level, x.float(), c, packed)).all())
 
+
+
+def _gather_into(dev):
+    for level in (8, 4, "auto", 16):
+        c = make_codec(level, 300 if level != 8 else 384)
+        x = _gauss(40, c.hidden, 7).to(dev).to(torch.bfloat16)
+        idx = torch.tensor([5, 0, 39, 5, 17], device=dev)
+        area = torch.full((9, c.row_bytes), 0xAB, dtype=torch.uint8, device=dev)
+        got = c.encode(x, index=idx, out=area[2:7])
+        assert got.data_ptr() == area[2].data_ptr()
+        assert torch.equal(area[2:7], c.encode(x.index_select(0, idx))), f"level {level}: gathered bytes"
+        assert bool((area[:2] == 0xAB).all()) and bool((area[7:] == 0xAB).all()), "wrote outside out="
+        dst = torch.zeros((8, c.hidden), dtype=torch.bfloat16, device=dev)
+        c.decode(area[2:7], torch.bfloat16, out=dst[1:6])
+        assert torch.equal(dst[1:6], c.decode(area[2:7], torch.bfloat16)), f"level {level}: decode into out="
+        assert bool((dst[0] == 0).all()) and bool((dst[6:] == 0).all())
+
+
+def test_encode_gathered_into_out_cpu():
+    """``encode(x, index=, out=)`` writes the bytes of ``x[index]`` into a view (a staging region);
+    ``decode(out=)`` fills a slice: what the nvlink transport's fused packing uses."""
+    _gather_into("cpu")
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_encode_gathered_into_out_gpu():
+    _gather_into("cuda")

@@ -10,6 +10,8 @@ alignment and moves 16-byte vectors.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -77,6 +79,15 @@ def _signed(v, bits: tl.constexpr):
     return tl.where(v >= half, v - 2 * half, v)
 
 
+@triton.jit
+def _source_row(idx_ptr, row, GATHER: tl.constexpr):
+    """The input row an encode program reads: ``idx[row]`` when gathering, else ``row``."""
+    if GATHER:
+        return tl.load(idx_ptr + row).to(tl.int64)
+    else:
+        return row
+
+
 # ---------------------------------------------------------------------------------------------- level 8
 @triton.jit
 def fp8_blocks(x, ROUND: tl.constexpr):
@@ -99,14 +110,16 @@ def fp8_blocks(x, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _enc8(x_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, ROUND: tl.constexpr, UE8M0: tl.constexpr):
+def _enc8(x_ptr, idx_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, ROUND: tl.constexpr, UE8M0: tl.constexpr,
+          GATHER: tl.constexpr):
     # VOFF (bytes of scales before the values) is its own argument so that Triton sees its alignment
     row = tl.program_id(0).to(tl.int64)
+    xrow = _source_row(idx_ptr, row, GATHER)
     blk = tl.program_id(1) * BB + tl.arange(0, BB)
     col = blk[:, None] * 128 + tl.arange(0, 128)[None, :]
     bm = blk < NB
     m = bm[:, None] & (col < H)
-    x = tl.load(x_ptr + row * H + col, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + xrow * H + col, mask=m, other=0.0).to(tl.float32)
     qb, scale = fp8_blocks(x, ROUND)
     base = out_ptr + row * W
     if UE8M0:
@@ -156,12 +169,13 @@ def _store_pairs(out_ptr, row, H, blk, bm, ve, vo):
 
 
 @triton.jit
-def _enc4(x_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr):
+def _enc4(x_ptr, idx_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, GATHER: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    xrow = _source_row(idx_ptr, row, GATHER)
     blk = tl.program_id(1) * BB + tl.arange(0, BB)
     i = tl.arange(0, 16)
     bm = blk < NB
-    xe, xo = _pairs(x_ptr, row, H, blk, bm)
+    xe, xo = _pairs(x_ptr, xrow, H, blk, bm)
     amax = tl.maximum(tl.maximum(tl.max(_finite_abs(xe), axis=1), tl.max(_finite_abs(xo), axis=1)), 1e-30)
     bits, scale = _bf16_scale(amax, 7)
     inv = _div(1.0, scale)[:, None]
@@ -191,12 +205,13 @@ def _dec4(p_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------- 'auto'
 @triton.jit
-def _enc_auto(x_ptr, out_ptr, H, NB, W, K, NBP: tl.constexpr):
+def _enc_auto(x_ptr, idx_ptr, out_ptr, H, NB, W, K, NBP: tl.constexpr, GATHER: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    xrow = _source_row(idx_ptr, row, GATHER)
     blk = tl.arange(0, NBP)
     i = tl.arange(0, 16)
     bm = blk < NB
-    xe, xo = _pairs(x_ptr, row, H, blk, bm)
+    xe, xo = _pairs(x_ptr, xrow, H, blk, bm)
     amax = tl.maximum(tl.maximum(tl.max(_finite_abs(xe), axis=1), tl.max(_finite_abs(xo), axis=1)), 1e-30)
     # the K blocks of largest amax (ties: lower block first) are int8: one sort of unique keys
     # (amax's bits, monotone for positive floats, then the reversed block index)
@@ -253,31 +268,41 @@ def _dec_auto(p_ptr, out_ptr, H, NB, W, NBP: tl.constexpr):
     tl.store(out_ptr + row * H + col, _out(v, out_ptr), mask=bm[:, None] & (col < H))
 
 
-def encode(codec, x: torch.Tensor) -> torch.Tensor:
-    """Packed rows of ``x`` (``[T, H]``) in ``codec``'s format; same bytes as ``codec.encode_reference``."""
+def encode(codec, x: torch.Tensor, index: Optional[torch.Tensor] = None,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Packed rows of ``x`` (``[T, H]``), or of ``x[index]``, in ``codec``'s format, into ``out`` (``uint8
+    [N, row_bytes]`` with contiguous rows, e.g. a staging region) or a new tensor; same bytes as
+    ``codec.encode_reference``."""
     x = x.contiguous()
-    T, H = x.shape
+    H = x.size(1)
+    T = index.numel() if index is not None else x.size(0)
     nb, W = codec.blocks, codec.row_bytes
-    out = torch.empty((T, W), dtype=torch.uint8, device=x.device)
+    if out is None:
+        out = torch.empty((T, W), dtype=torch.uint8, device=x.device)
     if T == 0:
         return out
+    g = index is not None
+    idx = index.contiguous() if g else x
     if codec.level == 8:
         bb = 8
-        _enc8[(T, triton.cdiv(nb, bb))](x, out, H, nb, W, codec.scale_bytes, BB=bb, ROUND=codec.round_scale,
-                                        UE8M0=codec.use_ue8m0, num_warps=4)
+        _enc8[(T, triton.cdiv(nb, bb))](x, idx, out, H, nb, W, codec.scale_bytes, BB=bb, ROUND=codec.round_scale,
+                                        UE8M0=codec.use_ue8m0, GATHER=g, num_warps=4)
     elif codec.level == 4:
         bb = 32
-        _enc4[(T, triton.cdiv(nb, bb))](x, out, H, nb, W, codec.scale_bytes, BB=bb, num_warps=4)
+        _enc4[(T, triton.cdiv(nb, bb))](x, idx, out, H, nb, W, codec.scale_bytes, BB=bb, GATHER=g, num_warps=4)
     else:
-        _enc_auto[(T,)](x, out, H, nb, W, codec.upgrades, NBP=max(16, triton.next_power_of_2(nb)), num_warps=8)
+        _enc_auto[(T,)](x, idx, out, H, nb, W, codec.upgrades, NBP=max(16, triton.next_power_of_2(nb)), GATHER=g,
+                        num_warps=8)
     return out
 
 
-def decode(codec, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[N, H]`` of ``dtype`` from packed rows; same values as ``codec.decode_reference``."""
+def decode(codec, packed: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[N, H]`` of ``dtype`` from packed rows (into ``out``, contiguous, when given); same values as
+    ``codec.decode_reference``."""
     packed = packed.contiguous()
     N, H, nb, W = packed.size(0), codec.hidden, codec.blocks, codec.row_bytes
-    out = torch.empty((N, H), dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty((N, H), dtype=dtype, device=packed.device)
     if N == 0:
         return out
     if codec.level == 8:

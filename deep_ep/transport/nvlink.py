@@ -114,6 +114,8 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     name = "nvlink"
     #: all_gather_ints writes into fixed-size slots: vectors of different lengths cannot hang it
     fixed_slot_exchange = True
+    #: dispatch(..., codec=) encodes while packing and decodes after each pull (see dispatch)
+    fused_codec = True
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float, waiter: Waiter,
                  options: Optional[Dict[str, Any]] = None) -> None:
@@ -288,15 +290,31 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         return host.clone()
 
     # ---------------------------------------------------------------- dispatch
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec=None) -> List[torch.Tensor]:
+        """Move ``rows`` by ``plan``. With ``codec`` (the Buffer's wire compression) ``rows[0]`` is the raw
+        ``[T, H]`` input: each chunk is encoded straight into this rank's staging as it is packed (one
+        kernel: gather + encode), and the rows pulled from each peer are decoded into the returned
+        ``rows[0]`` right after their copy (on the same stream, so it overlaps the next pulls and packs);
+        this rank's own rows take the round trip. The device path (``num_worst_tokens``) encodes first
+        and decodes after."""
+        if codec is not None and "device" in plan.extra:
+            recv = self._device_dispatch(plan, [codec.encode(rows[0])] + list(rows[1:]), alloc, _words)
+            return [codec.decode(recv[0], rows[0].dtype)] + recv[1:]
         if "device" in plan.extra:
             return self._device_dispatch(plan, rows, alloc, _words)
         if plan.counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
-        outs = alloc_outputs(plan, rows, alloc)
+        x0 = final = None
+        if codec is not None:
+            x0 = rows[0].contiguous()
+            rows = [torch.empty((0, codec.row_bytes), dtype=torch.uint8, device=x0.device)] + list(rows[1:])
+            final = alloc((plan.num_out_rows, x0.size(1)), x0.dtype)
+            if plan.num_out_rows > plan.num_recv_tokens:
+                final[plan.num_recv_tokens:].zero_()
+        outs = alloc_outputs(plan, rows, alloc)    # with a codec, outs[0] holds the encoded rows as pulled
         if not rows:
             return outs
-        src = [_words(t) for t in rows]
+        src = [_words(t) for t in rows]            # (with a codec, src[0] gives only the encoded width)
         dst = [_words(o) for o in outs]
         widths = tuple(t.size(1) * t.element_size() for t in src)
         sched = self._dispatch_schedule(plan, widths)
@@ -320,15 +338,21 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         if sched["local"] is not None:          # my rows for myself, beside the packing
             tok, first, n = sched["local"]
             with self._side():
-                for sw, ow in zip(src, dst):
-                    torch.index_select(sw, 0, tok, out=ow[first:first + n])
+                for i, (sw, ow) in enumerate(zip(src, dst)):
+                    if i == 0 and codec is not None:
+                        codec.decode(codec.encode(x0, index=tok), x0.dtype, out=final[first:first + n])
+                    else:
+                        torch.index_select(sw, 0, tok, out=ow[first:first + n])
         for r, chunks in enumerate(steps):
             start = self._begin_phase(sched["full"])
             views = self._views(sched, start, make)[r]
             for (tok, _, pulls), (packs, reads) in zip(chunks, views):
                 if tok is not None:                  # pack what I send into my own staging
-                    for sw, pv in zip(src, packs):
-                        torch.index_select(sw, 0, tok, out=pv)
+                    for i, (sw, pv) in enumerate(zip(src, packs)):
+                        if i == 0 and codec is not None:
+                            codec.encode(x0, index=tok, out=pv.view(torch.uint8))
+                        else:
+                            torch.index_select(sw, 0, tok, out=pv)
                 self._barrier()                      # this chunk is packed on every rank
                 with self._side():                   # read my rows out of each peer's staging
                     for i, ((s, a, n, first), rv) in enumerate(zip(pulls, reads)):
@@ -338,11 +362,13 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
                                     torch.index_select(v, 0, self._iota(n), out=ow[first:first + n])
                                 else:
                                     ow[first:first + n].copy_(v)
+                            if codec is not None and n:
+                                codec.decode(outs[0][first:first + n], x0.dtype, out=final[first:first + n])
                     self._join_peers(len(pulls))
             self._join()                             # reads done before this rank's next barrier
         self._join()
         self._end_call(bool(steps))
-        return outs
+        return outs if codec is None else [final] + outs[1:]
 
     # ---------------------------------------------------------------- combine
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],

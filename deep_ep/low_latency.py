@@ -73,10 +73,12 @@ def _noop() -> None:
 
 
 def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
-    """Staging bytes a low-latency dispatch or combine may need (the pair rows a rank can receive, twice)."""
-    L = max(num_experts // max(num_ranks, 1), 1)
-    rows = num_ranks * num_max_dispatch_tokens_per_rank * L
-    return 2 * rows * (2 * hidden + 64) + (1 << 20)
+    """Staging bytes low-latency calls may need: the nvlink kernel path's two areas for bf16 rows (the
+    widest; fp8 needs less), which also bound the pair rows of the other paths."""
+    from .transport.nvlink_ll import area_layout
+    R = max(num_ranks, 1)
+    E = max(num_experts // R, 1) * R
+    return 2 * area_layout(R, E, num_max_dispatch_tokens_per_rank, 1, hidden, False, False)["bytes"] + (1 << 20)
 
 
 def _check(buf, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int) -> Tuple[int, int, int]:

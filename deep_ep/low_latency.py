@@ -148,10 +148,11 @@ def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_d
             layout.check_topk_idx(topk_idx, E)
             _check_distinct(topk_idx)
     except (DeepEPInputError, DeepEPTypeError) as exc:
-        _reject_everywhere(buf)          # the other ranks, inside their dispatch, learn it and raise too
+        if not _kernel_path_possible(buf):   # the other ranks, inside their pair dispatch, learn it and raise
+            _reject_everywhere(buf)          # (on the kernel path nothing can tell them: they time out)
         raise exc
     L = E // R
-    fast = _fast_path(buf, x)
+    fast = _fast_path(buf, H)
     if fast is not None:                 # invalid ids are skipped and flagged by the kernel (no host sync)
         recv_x, recv_count, state, hk = fast.dispatch(x, topk_idx, M, E, use_fp8, round_scale, use_ue8m0,
                                                       cumulative_local_expert_recv_stats, return_recv_hook)
@@ -226,7 +227,7 @@ def low_latency_combine(buf, x: torch.Tensor, topk_idx: torch.Tensor, topk_weigh
     if out is not None and (tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16):
         raise DeepEPInputError(f"out must be bfloat16 [{T}, {H}], got {out.dtype} {list(out.shape)}")
     if handle.fast is not None:
-        fast = _fast_path(buf, x)
+        fast = _fast_path(buf, H)
         if fast is None:
             raise DeepEPInputError("this handle comes from the nvlink kernel path of another Buffer")
         res = out if out is not None else torch.empty((T, H), dtype=torch.bfloat16, device=x.device)
@@ -255,14 +256,21 @@ def next_combine_buffer(handle: LowLatencyHandle, num_ranks: int, device: torch.
     return handle.combine_buffer
 
 
-def _fast_path(buf, x: torch.Tensor):
-    """The Buffer's :class:`~deep_ep.transport.nvlink_ll.NVLinkLowLatency` where the kernel path applies
-    (nvlink transport, Triton on the device, hidden a multiple of 8, not ``DEEP_EP_CHECK``), else ``None``.
-    Every rank decides the same (same transport, settings and hidden)."""
+def _kernel_path_possible(buf) -> bool:
+    """Whether low-latency calls of this Buffer take the kernel path for a hidden size that allows it
+    (nvlink transport, Triton on its device, not ``DEEP_EP_CHECK``)."""
     from . import kernels
-    t = buf._transport
-    if getattr(t, "name", "") != "nvlink" or buf._check_every_call or x.size(1) % 8 or not kernels.available(x):
+    return getattr(buf._transport, "name", "") == "nvlink" and not buf._check_every_call and \
+        buf.device.type == "cuda" and kernels.available(torch.empty(0, device=buf.device))
+
+
+def _fast_path(buf, hidden: int):
+    """The Buffer's :class:`~deep_ep.transport.nvlink_ll.NVLinkLowLatency` where the kernel path applies
+    (:func:`_kernel_path_possible` and ``hidden`` a multiple of 8), else ``None``. Every rank decides the
+    same (same transport, settings and hidden)."""
+    if hidden % 8 or not _kernel_path_possible(buf):
         return None
+    t = buf._transport
     st = getattr(buf, "_ll_nvlink", None)
     if st is None:
         from .transport.nvlink_ll import NVLinkLowLatency

@@ -21,11 +21,14 @@ def _decoded(recv_x, use_fp8):
     return vals.float() * scales.repeat_interleave(128, dim=-1)
 
 
-def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed, pattern="random", tokens=None):
+def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed, pattern="random", tokens=None, M=24, H=512,
+                     epr=4, topk=3):
     dev = device()
-    M, H, E = 24, 512, 4 * R
-    tokens = tokens or [M, M - 7, 3, 0][:R]               # num_tokens = M and < M, different per rank
-    case = make_case(seed, R, hidden=H, topk=3, num_experts=E, tokens=tokens, neg_frac=0.2, pattern=pattern)
+    E = epr * R
+    tokens = tokens or [M, max(M - 7, 1), 3, 0][:R]       # num_tokens = M and < M, different per rank
+    case = make_case(seed, R, hidden=H, topk=topk, num_experts=E, tokens=tokens, neg_frac=0.2, pattern=pattern)
+    for idx, w in zip(case.topk_idx, case.topk_weights):
+        w[idx < 0] = float("nan")                          # skipped entries: their weights must not count
     buf = get_buffer(backend, **({"ranks_per_node": max(R // 2, 1)} if backend == "hierarchical" else {}))
     codec = make_codec(8, H, use_ue8m0=ue8m0) if use_fp8 else None
     sent = [codec.decode(codec.encode(x), torch.float32) if codec else x.float() for x in case.xs]
@@ -162,12 +165,76 @@ def test_low_latency_one_gpu(rank_pool, use_fp8, ue8m0):
     rank_pool(1, backend="nccl").run(rank_low_latency, "nvlink", use_fp8, ue8m0, False, 6)
 
 
+_SHAPES = [  # use_fp8, ue8m0, hook, pattern, tokens, M, H, experts per rank, top-k
+    (True, False, True, "random", None, 24, 512, 4, 3),
+    (True, False, False, "one_expert", None, 24, 512, 4, 3),
+    (False, False, True, "random", [0], 24, 512, 4, 3),
+    (True, False, False, "random", None, 3, 7168, 4, 3),       # DeepSeek's hidden, R * M not a multiple of 8
+    (True, True, True, "random", None, 16, 7168, 5, 1),        # UE8M0, top-1, experts per rank not a power of 2
+    (False, False, False, "random", None, 9, 2056, 1, 1),      # one expert per rank, bf16 hidden % 128 != 0
+]
+
+
 @pytest.mark.gpu(1)
-@pytest.mark.parametrize("use_fp8,hook,pattern,tokens", [(True, True, "random", None), (True, False, "one_expert", None),
-                                                         (False, True, "random", [0])])
-def test_low_latency_one_gpu_cases(rank_pool, use_fp8, hook, pattern, tokens):
-    """The kernel path with receive hooks, every token to one expert, and a rank with no tokens."""
-    rank_pool(1, backend="nccl").run(rank_low_latency, "nvlink", use_fp8, False, hook, 9, pattern, tokens)
+@pytest.mark.parametrize("use_fp8,ue8m0,hook,pattern,tokens,M,H,epr,topk", _SHAPES)
+def test_low_latency_one_gpu_cases(rank_pool, use_fp8, ue8m0, hook, pattern, tokens, M, H, epr, topk):
+    """The kernel path: receive hooks, every token to one expert, a rank with no tokens, DeepSeek's hidden
+    size, small M, top-1, one expert per rank."""
+    rank_pool(1, backend="nccl").run(rank_low_latency, "nvlink", use_fp8, ue8m0, hook, 9, pattern, tokens, M, H,
+                                     epr, topk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_fp8,ue8m0,hook,pattern,tokens,M,H,epr,topk", _SHAPES[1:])
+def test_low_latency_gpu_cases(rank_pool, use_fp8, ue8m0, hook, pattern, tokens, M, H, epr, topk):
+    rank_pool(2, backend="nccl").run(rank_low_latency, "nvlink", use_fp8, ue8m0, hook, 10, pattern, tokens, M, H,
+                                     epr, topk)
+
+
+def rank_low_latency_two_pending(rank, R):
+    """Two micro-batches with receive hooks pending at once (DeepEP's overlap pattern): both dispatches
+    send, then both hooks receive; the same for combine; a third call while two hooks wait raises."""
+    dev = device()
+    M, H, E = 16, 1024, 4 * R
+    buf = get_buffer("nvlink")
+    cases = [make_case(20 + mb, R, hidden=H, topk=3, num_experts=E, tokens=[M - mb] * R) for mb in range(2)]
+    L = E // R
+    for step in range(2):
+        got = [buf.low_latency_dispatch(c.xs[rank].to(dev), c.topk_idx[rank].to(dev), M, E, use_fp8=False,
+                                        return_recv_hook=True) for c in cases]
+        if step == 1:
+            with pytest.raises(deep_ep.DeepEPInputError, match="receive hooks"):
+                buf.low_latency_dispatch(cases[0].xs[rank].to(dev), cases[0].topk_idx[rank].to(dev), M, E,
+                                         use_fp8=False, return_recv_hook=True)
+        for g in got:
+            g[4]()
+        outs = []
+        for c, (recv_x, count, handle, _, _) in zip(cases, got):
+            exp = ref.low_latency_dispatch([x.float() for x in c.xs], c.topk_idx, M, E)
+            assert_same(count.cpu(), exp[rank][1], f"recv_count, step {step}")
+            for l in range(L):
+                n = int(exp[rank][1][l])
+                assert_same(recv_x[l, :n].float().cpu(), exp[rank][0][l, :n], f"expert {l}, step {step}")
+            y = (recv_x.float() * 2).to(torch.bfloat16)
+            outs.append(buf.low_latency_combine(y, c.topk_idx[rank].to(dev), c.topk_weights[rank].to(dev), handle,
+                                                return_recv_hook=True))
+        for o in outs:
+            o[2]()
+        for c, o in zip(cases, outs):
+            exp = ref.low_latency_dispatch([x.float() for x in c.xs], c.topk_idx, M, E)
+            want = ref.low_latency_combine([(e[0] * 2).to(torch.bfloat16) for e in exp], exp, c.topk_idx,
+                                           c.topk_weights)[rank]
+            assert_same(o[0].cpu(), want, f"combine, step {step}", atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu(1)
+def test_low_latency_two_pending_one_gpu(rank_pool):
+    rank_pool(1, backend="nccl").run(rank_low_latency_two_pending)
+
+
+@pytest.mark.gpu
+def test_low_latency_two_pending(rank_pool):
+    rank_pool(2, backend="nccl").run(rank_low_latency_two_pending)
 
 
 def rank_low_latency_paths_agree(rank, R):

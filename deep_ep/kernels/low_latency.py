@@ -50,9 +50,9 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
     if pid < T * NCH:
         t = pid // NCH
         ch = pid - t * NCH
-        e = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1).to(tl.int32)
-        bad = kin & ((e < -1) | (e >= E))
-        e = tl.where(bad, -1, e)
+        e64 = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1)
+        bad = kin & ((e64 < -1) | (e64 >= E))                    # (checked before narrowing to int32)
+        e = tl.where(bad, -1, e64).to(tl.int32)
         same = (e[:, None] == e[None, :]) & (ks[None, :] < ks[:, None]) & (e[:, None] >= 0)
         dup = tl.max(same.to(tl.int32), axis=1)
         ok = (e >= 0) & (dup == 0)
@@ -205,8 +205,8 @@ def _ll_reduce(a16, COMB_H, idx_ptr, w_ptr, out_ptr, K, H, NCH, KP: tl.constexpr
     ks = tl.arange(0, KP)
     kin = ks < K
     e = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1)
-    w = tl.load(w_ptr + t * K + ks, mask=kin, other=0.0).to(tl.float32)
     ok = kin & (e >= 0)
+    w = tl.load(w_ptr + t * K + ks, mask=ok, other=0.0).to(tl.float32)     # skipped entries add nothing
     rows = COMB_H + (t * K + ks).to(tl.int64) * H
     offs = (pid - t * NCH) * BLOCK + tl.arange(0, BLOCK)
     cm = offs < H

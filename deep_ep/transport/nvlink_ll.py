@@ -9,12 +9,16 @@ captured in a CUDA graph.
 **Arena.** The first call allocates symmetric memory of its own (the larger
 of ``num_rdma_bytes`` and twice the call's area, agreed between ranks) and
 rendezvouses once; a later call that needs more re-allocates (outside
-graph capture). The arena holds two areas; consecutive calls alternate
-between them, as DeepEP's two buffers do, so a call's stores never meet
-the reads of the call before it (a rank stores call ``n`` only after the
-barrier of call ``n - 1``, which every rank passes after its reads of call
-``n - 2``). Under graph capture each call first passes a barrier too,
-because a replay does not follow the host's alternation.
+graph capture; once a graph has been captured the old arena is kept alive,
+since the graph holds its addresses). The arena holds two areas;
+consecutive calls alternate between them, as DeepEP's two buffers do, so a
+call's stores never meet the reads of the call before it: a rank stores
+call ``n`` after the barrier of call ``n - 1``, which every rank passes after
+its reads of call ``n - 2``. A call first passes a barrier of its own where
+that order is not known: while the receive hook of an earlier call is
+pending (its barrier has not run), under graph capture, and in every eager
+call after a capture (a replay does not follow the host's alternation). A
+third call while two hooks are pending raises (its area is still unread).
 
 An area (byte offsets, 256-aligned; ``L`` local experts, ``R`` ranks, ``M =
 num_max_dispatch_tokens_per_rank``, ``K`` top-k):
@@ -29,8 +33,8 @@ num_max_dispatch_tokens_per_rank``, ``K`` top-k):
 Every rank of the group must pass the same ``num_max_dispatch_tokens_per_rank``,
 ``hidden``, ``num_experts``, top-k and fp8 settings (DeepEP's contract);
 the token count may differ. With receive hooks, at most two calls may be
-pending (their hooks not yet called), as in DeepEP, and hooks are called
-in the order of their calls.
+pending (their hooks not yet called), as in DeepEP; every rank calls its
+hooks in the order of their calls and at the same points between calls.
 
 **Invalid routing** (an expert id out of ``[-1, num_experts)`` or named
 twice by a token) cannot be reported without a host sync: the kernel skips
@@ -115,6 +119,9 @@ class NVLinkLowLatency:
         self.arena: Optional[LowLatencyArena] = None
         self.nprog = torch.cuda.get_device_properties(transport.device).multi_processor_count
         self.usable = True
+        self.pending = 0                 # calls whose receive hook has not run
+        self.captured = False            # a call has been captured into a CUDA graph
+        self.retired = []                # arenas a captured graph may still use
 
     # ------------------------------------------------------------------ set-up
     def _ensure(self, area_bytes: int) -> LowLatencyArena:
@@ -130,6 +137,8 @@ class NVLinkLowLatency:
             raise DeepEPInputError(f"low-latency calls differ between ranks (staging bytes {needs}): every rank "
                                    f"must pass the same num_max_dispatch_tokens_per_rank, hidden, num_experts, "
                                    f"top-k and fp8 settings")
+        if self.captured and self.arena is not None:
+            self.retired.append(self.arena)
         self.arena = None
         torch.cuda.synchronize(self.transport.device)
         a = LowLatencyArena(self.transport, need)
@@ -153,6 +162,31 @@ class NVLinkLowLatency:
                                f"those entries were skipped")
 
     # ------------------------------------------------------------------ calls
+    def _start(self, a: LowLatencyArena) -> int:
+        """Take the call's area and pass the leading barrier where the order is not known (see the
+        module docstring); returns the area's byte offset."""
+        if self.pending >= 2:
+            raise DeepEPInputError("two low-latency calls already wait for their receive hooks; call them "
+                                   "(in order) before a third call (as DeepEP: two buffers)")
+        capturing = _capturing()
+        self.captured = self.captured or capturing
+        off = a.next_area()
+        if capturing or self.captured or self.pending:
+            a.barrier()
+        return off
+
+    def _hook(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """A receive hook: ``fn`` on its first call (nothing after); counted as pending until then."""
+        self.pending += 1
+        done = [False]
+
+        def hook() -> None:
+            if not done[0]:
+                done[0] = True
+                self.pending -= 1
+                fn()
+        return hook
+
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int, use_fp8: bool, round_scale: bool,
                  use_ue8m0: bool, stats: Optional[torch.Tensor], hook: bool) -> Tuple[Any, torch.Tensor, Dict[str, Any],
                                                                                    Optional[Callable[[], None]]]:
@@ -164,13 +198,10 @@ class NVLinkLowLatency:
         K = topk_idx.size(1)
         lay = area_layout(R, E, M, K, H, use_fp8, use_ue8m0)
         a = self._ensure(lay["bytes"])
-        off = a.next_area()
-        capturing = _capturing()
-        if capturing:
-            a.barrier()
+        off = self._start(a)
         L, dev = lay["L"], x.device
         k.send(x.contiguous(), topk_idx.contiguous(), a, off, lay, a.err, self.nprog, round_scale, use_ue8m0)
-        if not capturing:
+        if not _capturing():
             a.err_host.copy_(a.err, non_blocking=True)
         rows = L * R * M
         if use_fp8:
@@ -195,7 +226,7 @@ class NVLinkLowLatency:
 
         state = dict(lay=lay, count=count, src=src)
         if hook:
-            return recv_x, count, state, _once(receive)
+            return recv_x, count, state, self._hook(receive)
         receive()
         return recv_x, count, state, None
 
@@ -206,10 +237,7 @@ class NVLinkLowLatency:
         self._raise_flagged()
         a = self.arena
         lay = state["lay"]
-        off = a.next_area()
-        capturing = _capturing()
-        if capturing:
-            a.barrier()
+        off = self._start(a)
         k.combine_send(y.contiguous(), state["count"], state["src"], a, off, lay, self.nprog)
         idx = topk_idx.to(torch.int64).contiguous()
         w = topk_weights.to(torch.float32).contiguous()
@@ -220,20 +248,11 @@ class NVLinkLowLatency:
                 k.combine_reduce(a, off, lay, idx, w, out, self.nprog)
 
         if hook:
-            return _once(receive)
+            return self._hook(receive)
         receive()
         return None
 
     def destroy(self) -> None:
         self.arena = None
+        self.retired = []
 
-
-def _once(fn: Callable[[], None]) -> Callable[[], None]:
-    """A receive hook: runs ``fn`` on its first call, nothing after."""
-    done = [False]
-
-    def hook() -> None:
-        if not done[0]:
-            done[0] = True
-            fn()
-    return hook

@@ -238,3 +238,34 @@ def test_conformance_hierarchical_3_nodes(rank_pool, name):
 def test_single_rank_gpu(rank_pool, backend, name):
     """One rank on one GPU: every transport's CUDA path (no peer)."""
     rank_pool(1, backend="nccl").run(run_scenario, backend, 11, dict(GPU_SCENARIOS[name], num_experts=4))
+
+
+def run_scenarios_pushed(rank: int, R: int, names: list) -> None:
+    """The nvlink transport's push dispatch (``DEEP_EP_NVLINK_DISPATCH=push``, 2 and 1 chunks) on a Buffer
+    of its own, each scenario checked against the oracle as above."""
+    import os
+
+    from tests._cases import WORKER_CACHE
+    for chunks in ("2", "1"):
+        os.environ.update(DEEP_EP_NVLINK_DISPATCH="push", DEEP_EP_NVLINK_PUSH_CHUNKS=chunks)
+        saved = dict(WORKER_CACHE)
+        WORKER_CACHE.clear()
+        try:
+            for name in names:
+                run_scenario(rank, R, "nvlink", zlib.crc32(f"{name}/push{chunks}".encode()), GPU_SCENARIOS[name])
+            made = [b for b in WORKER_CACHE.values() if isinstance(b, deep_ep.Buffer)]
+            assert made and all(b._transport.push for b in made), "the Buffers did not take the push setting"
+            for b in made:
+                b.destroy()
+        finally:
+            WORKER_CACHE.clear()
+            WORKER_CACHE.update(saved)
+            os.environ.pop("DEEP_EP_NVLINK_DISPATCH", None)
+            os.environ.pop("DEEP_EP_NVLINK_PUSH_CHUNKS", None)
+
+
+@pytest.mark.gpu
+def test_conformance_push_dispatch_gpu(rank_pool):
+    rank_pool(2, backend="nccl").run(run_scenarios_pushed, ["basic", "fp8", "hidden7168", "empty_rank", "all_ranks",
+                                                            "small_staging", "staging_8x_smaller", "async",
+                                                            "previous_event", "worst", "nan", "odd_hidden_130"])

@@ -17,6 +17,15 @@ half's previous use: no second barrier is needed for flow control.
   barrier each rank copies its block out of every peer's half into the
   output (contiguous NVLink reads; faster than gathered remote stores plus
   a copy-out, measured on 2 x H200 by ``scripts/nvlink_pipeline_probe.py``).
+- **dispatch** (push, opt-in ``DEEP_EP_NVLINK_DISPATCH=push``): each rank copies runs
+  of consecutive tokens it sends to ``d`` straight from its input into ``d``'s
+  half (contiguous copies, no pack; the copy engines write at the link's
+  rate where they read slower), in chunks of ``DEEP_EP_NVLINK_PUSH_CHUNKS``
+  (default 2) with one barrier each; the receiver copies each chunk out of
+  its half on the side stream while the next chunk's copies run. Used where
+  a rank sends at most 64 runs to a peer and every rank's received rows fit
+  one area (:meth:`~deep_ep.transport.nvlink_schedule.NVLinkSchedules._push_schedule`),
+  else the pull; not yet measured on two GPUs, so off by default.
 - **combine** (push): each rank copies the rows it returns to source ``s``
   (a contiguous block of its received rows) into ``s``'s half at the offset
   of its block in ``s``'s send order; after the barrier each rank reduces in
@@ -58,8 +67,8 @@ import torch.distributed as dist
 from ..errors import DeepEPError, DeepEPInputError
 from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows
 from .nvlink_device import NVLinkDevicePath
-from .nvlink_schedule import (_ALIGN, MIN_CHUNK_BYTES, NVLinkSchedules, _align, _capturing, _chunk_setting,
-                              _split, _windows)
+from .nvlink_schedule import (_ALIGN, DEFAULT_PUSH_CHUNKS, MIN_CHUNK_BYTES, NVLinkSchedules, _align, _capturing,
+                              _chunk_setting, _split, _windows)
 
 __all__ = ["NVLinkTransport", "DEFAULT_STAGING_BYTES", "_split", "_windows"]
 
@@ -161,9 +170,16 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self.pull_sm = os.environ.get("DEEP_EP_NVLINK_PULL", "copy") == "gather"
         self.chunks = _chunk_setting()
         self.min_chunk_bytes = MIN_CHUNK_BYTES
-        theirs = self.all_gather_ints(torch.tensor([self.chunks]), "nvlink setup")[:, 0].tolist()
-        if len(set(theirs)) != 1:
-            raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS differs between ranks ({theirs}); set it the same everywhere")
+        mode = os.environ.get("DEEP_EP_NVLINK_DISPATCH", "pull")
+        if mode not in ("pull", "push"):
+            raise DeepEPInputError(f"DEEP_EP_NVLINK_DISPATCH must be 'pull' or 'push', got {mode!r}")
+        self.push = mode == "push"
+        self.push_chunks = _chunk_setting("DEEP_EP_NVLINK_PUSH_CHUNKS", DEFAULT_PUSH_CHUNKS)
+        theirs = self.all_gather_ints(torch.tensor([self.chunks, int(self.push), self.push_chunks]),
+                                      "nvlink setup").tolist()
+        if any(t != theirs[0] for t in theirs):
+            raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS / DEEP_EP_NVLINK_DISPATCH / DEEP_EP_NVLINK_PUSH_CHUNKS "
+                                   f"differ between ranks ({theirs}); set them the same everywhere")
 
     def _join(self) -> None:
         """Make the current stream wait for the side stream (call before returning or the next phase)."""
@@ -304,6 +320,11 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             return self._device_dispatch(plan, rows, alloc, _words)
         if plan.counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
+        if self.push and codec is None and rows and not self.pull_sm:
+            widths = tuple(_words(t).size(1) * _words(t).element_size() for t in rows)
+            psched = self._push_schedule(plan, widths)
+            if psched is not None:
+                return self._push_dispatch(plan, psched, rows, alloc)
         x0 = final = None
         if codec is not None:
             x0 = rows[0].contiguous()
@@ -369,6 +390,35 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self._join()
         self._end_call(bool(steps))
         return outs if codec is None else [final] + outs[1:]
+
+    def _push_dispatch(self, plan: Plan, sched: Dict[str, Any], rows: Sequence[torch.Tensor],
+                       alloc: Alloc) -> List[torch.Tensor]:
+        """A dispatch by copies of token runs into the receivers' staging (see :meth:`_push_schedule`)."""
+        outs = alloc_outputs(plan, rows, alloc)
+        src = [_words(t) for t in rows]
+        dst = [_words(o) for o in outs]
+        widths = tuple(t.size(1) * t.element_size() for t in src)
+        offsets, me, chunks = sched["offsets"], self.rank, sched["chunks"]
+        self._pipelined = len(chunks) > 1
+        self._graph = _capturing()
+        if sched["local"] is not None:          # my rows for myself, beside the copies
+            tok, first, n = sched["local"]
+            with self._side():
+                for sw, ow in zip(src, dst):
+                    torch.index_select(sw, 0, tok, out=ow[first:first + n])
+        start = self._begin_phase(sched["full"])
+        for copies, pulls in chunks:
+            for d, t0, n, row in copies:            # runs of my tokens straight into d's staging
+                for sw, w, o in zip(src, widths, offsets):
+                    self._region(d, start + o + row * w, n, w, sw.dtype).copy_(sw[t0:t0 + n])
+            self._barrier()                          # this chunk has landed everywhere
+            with self._side():                       # copy it out of my staging, beside the next copies
+                for row, n, first in pulls:
+                    for sw, ow, w, o in zip(src, dst, widths, offsets):
+                        ow[first:first + n].copy_(self._region(me, start + o + row * w, n, w, sw.dtype))
+        self._join()
+        self._end_call(True)
+        return outs
 
     # ---------------------------------------------------------------- combine
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],

@@ -29,16 +29,21 @@ def _align(n: int, a: int = _ALIGN) -> int:
 DEFAULT_CHUNKS = 1
 #: smallest chunk worth a barrier (bytes of the longest sequence of rows a rank sends)
 MIN_CHUNK_BYTES = 4 << 20
+#: the push dispatch's most runs of consecutive tokens to one peer (a copy each; more: the pull path)
+MAX_PUSH_RUNS = 64
+#: chunks of a push dispatch (env ``DEEP_EP_NVLINK_PUSH_CHUNKS``): the copy-out of one overlaps the
+#: copies of the next
+DEFAULT_PUSH_CHUNKS = 2
 
 
-def _chunk_setting() -> int:
-    raw = os.environ.get("DEEP_EP_NVLINK_CHUNKS", "")
+def _chunk_setting(name: str = "DEEP_EP_NVLINK_CHUNKS", default: int = DEFAULT_CHUNKS) -> int:
+    raw = os.environ.get(name, "")
     try:
-        k = int(raw) if raw else DEFAULT_CHUNKS
+        k = int(raw) if raw else default
     except ValueError:
-        raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS must be an int >= 1, got {raw!r}") from None
+        raise DeepEPInputError(f"{name} must be an int >= 1, got {raw!r}") from None
     if k < 1:
-        raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS must be an int >= 1, got {raw!r}")
+        raise DeepEPInputError(f"{name} must be an int >= 1, got {raw!r}")
     return k
 
 
@@ -171,6 +176,78 @@ class NVLinkSchedules:
                 chunks.append((nonself[a_me:b_me] if b_me > a_me else None, a_me - lo, pulls))
             steps.append(chunks)
         sched = dict(full=full, cap=cap, offsets=offsets, local=local, steps=steps, views={})
+        plan.extra[key] = sched
+        return sched
+
+    def _push_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Any:
+        """The push variant of a dispatch (``DEEP_EP_NVLINK_DISPATCH=push``), or ``None`` where it does
+        not apply (every rank decides the same: it depends on the counts and on this rank's runs only
+        through an agreement below).
+
+        Each rank copies runs of consecutive tokens it sends to ``d`` straight from its input into
+        ``d``'s staging (contiguous copies: the copy engines write over the link at its rate; no
+        local pack), at the position of its block in ``d``'s received order; after each chunk's
+        barrier, the receiver copies the chunk's rows out of its own staging into the output (on the
+        side stream, beside the next chunk's copies). Applies when every rank's received rows fit
+        one area and this rank sends at most ``MAX_PUSH_RUNS`` runs to each peer.
+        """
+        key = ("nvlink_push", widths)
+        if key in plan.extra:
+            return plan.extra[key]
+        R, me = self.num_ranks, self.rank
+        _not_while_capturing("dispatch")
+        C = plan.counts.tolist()
+        recv_other = [sum(C[s][d] for s in range(R) if s != d) for d in range(R)]
+        cap, offsets = self._layout(widths)
+        full = False
+        if max(recv_other) > cap:
+            cap, offsets = self._layout(widths, 2 * self.half_bytes)
+            full = True
+        sched = None
+        if max(recv_other) <= cap and R > 1:
+            idx = send_token_order(plan)
+            starts = [0]
+            for c in plan.send_counts:
+                starts.append(starts[-1] + c)
+            host = idx.tolist()
+            runs: List[List[Tuple[int, int, int]]] = []           # per destination: (token, n, k0)
+            for d in range(R):
+                toks, rr = host[starts[d]:starts[d + 1]], []
+                if d != me:
+                    for k, t in enumerate(toks):
+                        if rr and rr[-1][0] + rr[-1][1] == t:
+                            rr[-1] = (rr[-1][0], rr[-1][1] + 1, rr[-1][2])
+                        else:
+                            rr.append((t, 1, k))
+                runs.append(rr)
+            ok = max(len(r) for r in runs) <= MAX_PUSH_RUNS
+            if all(self.all_gather_ints(torch.tensor([int(ok)]), "nvlink push schedule")[:, 0].tolist()):
+                inpos = [[sum(C[s2][d] for s2 in range(s) if s2 != d) for s in range(R)] for d in range(R)]
+                recv_first = [sum(C[s2][me] for s2 in range(s)) for s in range(R)]
+                longest = max(recv_other)
+                kc = max(1, min(self.push_chunks, longest * sum(widths) // max(self.min_chunk_bytes, 1)))
+                chunks = []
+                for c in range(kc):
+                    copies = []                                # (d, token, n, row in d's staging)
+                    for d in range(R):
+                        if d == me or not C[me][d]:
+                            continue
+                        lo, hi = _split(C[me][d], kc)[c:c + 2]
+                        for t0, n, k0 in runs[d]:
+                            a, b = max(k0, lo), min(k0 + n, hi)
+                            if a < b:
+                                copies.append((d, t0 + a - k0, b - a, inpos[d][me] + a))
+                    outs = []                                  # (row in my staging, n, output row)
+                    for s in range(R):
+                        if s == me or not C[s][me]:
+                            continue
+                        lo, hi = _split(C[s][me], kc)[c:c + 2]
+                        if lo < hi:
+                            outs.append((inpos[me][s] + lo, hi - lo, recv_first[s] + lo))
+                    chunks.append((copies, outs))
+                c_me = C[me][me]
+                local = (idx[starts[me]:starts[me] + c_me], recv_first[me], c_me) if c_me else None
+                sched = dict(full=full, cap=cap, offsets=offsets, local=local, chunks=chunks, views={})
         plan.extra[key] = sched
         return sched
 

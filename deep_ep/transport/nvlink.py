@@ -125,6 +125,9 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     fixed_slot_exchange = True
     #: dispatch(..., codec=) encodes while packing and decodes after each pull (see dispatch)
     fused_codec = True
+    #: dispatch by pushing token runs (DEEP_EP_NVLINK_DISPATCH=push), and its chunks
+    push = False
+    push_chunks = DEFAULT_PUSH_CHUNKS
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float, waiter: Waiter,
                  options: Optional[Dict[str, Any]] = None) -> None:

@@ -1,28 +1,13 @@
 """Tile sizes of the Triton codecs on one GPU (normal workload: encode 4096 x 7168 bf16 rows, decode
 8192 rows): python scripts/codec_tune.py. Prints us per variant (median of 30 CUDA-event timings)."""
 import os
-import statistics
 
 import torch
 import triton
+from codec_speed import timed  # scripts/ is on the path when run as a script
 
 from deep_ep.compress import make_codec
 from deep_ep.kernels import quant as q
-
-
-def timed(fn, iters=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000)
-    return statistics.median(ts)
 
 
 def main():

@@ -68,14 +68,14 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
         es = tl.where(ok, e, 0)
         dst = es // L
         srow = ((es - dst * L) * R + ME).to(tl.int64) * M + pos
-        dw = tl.load(dwords + dst, mask=ok, other=0)
+        dw = tl.multiple_of(tl.load(dwords + dst, mask=ok, other=0), 16)   # (distances: multiples of 64 bytes)
         if ch == 0:
             flags = 2 * tl.max(bad.to(tl.int32), axis=0) + tl.max(dup, axis=0)
             if flags != 0:
                 tl.atomic_or(err_ptr, flags)
             tl.store(a32 + dw + INFO_W + srow, t * K + ks, mask=ok)
         if FP8:
-            db = tl.load(dbytes + dst, mask=ok, other=0)
+            db = tl.multiple_of(tl.load(dbytes + dst, mask=ok, other=0), 64)
             rowb = db + DATA_B + srow * ROWB                                               # [KP]
             NB = H // 128
             blk = ch * BB + tl.arange(0, BB)
@@ -126,7 +126,7 @@ def _item(item, cum, nb, tot, ls):
 
 
 @triton.jit
-def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWW, main_ptr, tail_ptr, count_ptr, src_ptr, L, M, MK, MW, SW,
+def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWQ, main_ptr, tail_ptr, count_ptr, src_ptr, L, M, MK, MW, SW,
              R: tl.constexpr, RP: tl.constexpr, LP: tl.constexpr, JB: tl.constexpr, BLOCK: tl.constexpr,
              TBLOCK: tl.constexpr, HAS_TAIL: tl.constexpr):
     pid = tl.program_id(0)
@@ -155,7 +155,7 @@ def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWW, main_ptr, tail_ptr, count_ptr, sr
         info = tl.load(a32 + INFO_W + srow, mask=jv, other=0)
         orow = (l * RM + js).to(tl.int64)
         tl.store(src_ptr + orow, src * MK + info, mask=jv)
-        sw = DATA_W + srow * ROWW
+        sw = DATA_W + srow * ROWQ * 4           # (rows are 16-byte multiples: ROWQ * 4 words, vector loads)
         for c0 in range(0, MW, BLOCK):
             offs = c0 + cols
             m = jv[:, None] & (offs < MW)[None, :]
@@ -189,7 +189,7 @@ def _ll_combine_send(y_ptr, count_ptr, src_ptr, a32, dwords, COMB_W, L, RM, MK, 
         v = tl.load(src_ptr + orow, mask=jv, other=0)
         src = v // MK
         p = (v - src * MK).to(tl.int64)
-        drow = tl.load(dwords + src, mask=jv, other=0) + COMB_W + p * HW
+        drow = tl.multiple_of(tl.load(dwords + src, mask=jv, other=0), 16) + COMB_W + p * HW
         for c0 in range(0, HW, BLOCK):
             offs = c0 + cols
             m = jv[:, None] & (offs < HW)[None, :]
@@ -250,7 +250,7 @@ def recv(arena, area_off, lay, main, tail, count, src, nsm: int) -> None:
     JB = 4
     _ll_recv[(_items(R, M, lay["K"], L, JB, 16 * nsm),)](
         arena.i32, (area_off + lay["cnt"]) // 4, (area_off + lay["info"]) // 4, (area_off + lay["data"]) // 4,
-        lay["rowb"] // 4, main, tail if tail is not None else main, count, src, L, M, M * lay["K"], MW, SW,
+        lay["rowb"] // 16, main, tail if tail is not None else main, count, src, L, M, M * lay["K"], MW, SW,
         R=R, RP=_p2(R), LP=_p2(L), JB=JB, BLOCK=512, TBLOCK=_p2(min(max(SW, 1), 64)),
         HAS_TAIL=tail is not None, num_warps=4)
 

@@ -19,12 +19,16 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep bench --no-progress --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1
   echo "bench rc=$?"; tail -30 "$OUT/bench.txt"
 fi
-# More bench runs, one per ';'-separated argument list: SWEEPS="--sweep --backend nvlink;--num-sms 16"
+# More bench runs, one per ';'-separated argument list, leading VAR=value words set the environment:
+# SWEEPS="--sweep --backend nvlink;DEEP_EP_NVLINK_DISPATCH=push --backend nvlink --no-baselines"
 i=0
 IFS=';' read -ra RUNS <<< "${SWEEPS:-}"
 for args in "${RUNS[@]}"; do
   i=$((i + 1))
-  timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep bench --no-progress --json "$OUT/bench$i.json" $args > "$OUT/bench$i.txt" 2>&1
+  envs=(); rest=()
+  for w in $args; do if [[ ${#rest[@]} -eq 0 && "$w" == *=* ]]; then envs+=("$w"); else rest+=("$w"); fi; done
+  timeout ${BENCH_TIMEOUT:-420} env "${envs[@]}" python3 -m deep_ep bench --no-progress --json "$OUT/bench$i.json" \
+    "${rest[@]}" > "$OUT/bench$i.txt" 2>&1
   echo "bench $i ($args) rc=$?"; tail -22 "$OUT/bench$i.txt"
 done
 # The low-latency benchmark and the demo (LL=1, DEMO=1), results under $OUT

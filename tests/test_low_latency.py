@@ -321,3 +321,41 @@ def rank_low_latency_remote_error(rank, R):
 
 def test_low_latency_remote_error(rank_pool):
     rank_pool(2).run(rank_low_latency_remote_error)
+
+
+def test_low_latency_kernel_path_ordering_rules():
+    """The kernel path's host-side ordering (deep_ep/transport/nvlink_ll.py), with a stand-in arena: calls
+    alternate areas; a call passes a leading barrier while a hook is pending or once a capture happened;
+    a third call with two hooks pending raises; a hook runs once."""
+    from deep_ep.transport.nvlink_ll import NVLinkLowLatency
+
+    class Arena:
+        nbytes, seq, barriers = 1 << 20, 0, 0
+
+        def next_area(self):
+            self.seq += 1
+            return ((self.seq - 1) % 2) * (self.nbytes // 2)
+
+        def barrier(self):
+            self.barriers += 1
+
+    ll = NVLinkLowLatency.__new__(NVLinkLowLatency)
+    ll.pending, ll.captured, ll.retired = 0, False, []
+    a = Arena()
+    assert [ll._start(a) for _ in range(3)] == [0, 1 << 19, 0] and a.barriers == 0
+    ran = []
+    h1 = ll._hook(lambda: ran.append(1))
+    ll._start(a)                                   # one hook pending: a leading barrier
+    assert a.barriers == 1
+    h2 = ll._hook(lambda: ran.append(2))
+    with pytest.raises(deep_ep.DeepEPInputError, match="receive hooks"):
+        ll._start(a)
+    h1()
+    h1()
+    h2()
+    assert ran == [1, 2] and ll.pending == 0
+    ll._start(a)
+    assert a.barriers == 1
+    ll.captured = True                             # after a capture every call leads with a barrier
+    ll._start(a)
+    assert a.barriers == 2

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 #: Environment variables that change how deep_ep or its transports behave.
 RELEVANT_ENV = ("DEEP_EP_BUFFER_SIZE", "DEEP_EP_COMPRESSION_LEVEL", "DEEP_EP_COMPRESSION_RATIO",
                 "DEEP_EP_TOPOLOGY_AWARE", "DEEP_EP_RANKS_PER_NODE", "DEEP_EP_TIMEOUT_S", "DEEP_EP_CHECK",
+                "DEEP_EP_DISABLE_TRITON", "DEEP_EP_NVLINK_CHUNKS", "DEEP_EP_NVLINK_PULL", "DEEP_EP_NVLINK_DISPATCH",
+                "DEEP_EP_NVLINK_PUSH_CHUNKS",
                 "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "CUDA_VISIBLE_DEVICES",
                 "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK")
 

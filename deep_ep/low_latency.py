@@ -261,7 +261,7 @@ def _kernel_path_possible(buf) -> bool:
     (nvlink transport, Triton on its device, not ``DEEP_EP_CHECK``)."""
     from . import kernels
     return getattr(buf._transport, "name", "") == "nvlink" and not buf._check_every_call and \
-        buf.device.type == "cuda" and kernels.available(torch.empty(0, device=buf.device))
+        kernels.available_on(buf.device)
 
 
 def _fast_path(buf, hidden: int):

@@ -25,6 +25,11 @@ def _triton_importable() -> bool:
 
 def available(t: torch.Tensor) -> bool:
     """Whether a Triton kernel may run on tensor ``t`` (CUDA, Triton importable, not disabled)."""
-    if not t.is_cuda or os.environ.get("DEEP_EP_DISABLE_TRITON", "") not in ("", "0"):
+    return available_on(t.device)
+
+
+def available_on(device: torch.device) -> bool:
+    """Whether Triton kernels may run on ``device`` (CUDA, Triton importable, not disabled)."""
+    if device.type != "cuda" or os.environ.get("DEEP_EP_DISABLE_TRITON", "") not in ("", "0"):
         return False
     return _triton_importable()

@@ -146,6 +146,7 @@ class Buffer(LowLatencyMethods, WireMethods):
         self._local_buffers: Dict[bool, torch.Tensor] = {}
         self._zero_slots: Optional[torch.Tensor] = None
         self._checks = DeferredChecks()           # device-side verdicts of num_worst_tokens dispatches
+        self._ll_nvlink = None                    # the low-latency kernel path's state (its first call makes it)
         self._destroyed = False
         log.debug("deep_ep.Buffer rank %d/%d backend=%s (%s) device=%s", self.rank, self.num_ranks, self.backend,
                   self.backend_reason, self.device)
@@ -232,9 +233,8 @@ class Buffer(LowLatencyMethods, WireMethods):
         """Release the Buffer's resources; it cannot be used afterwards. Idempotent."""
         if self._destroyed:
             return
-        ll = getattr(self, "_ll_nvlink", None)
-        if ll is not None:
-            ll.destroy()
+        if self._ll_nvlink is not None:
+            self._ll_nvlink.destroy()
         self._transport.destroy()
         self._local_buffers.clear()
         self._destroyed = True
@@ -422,17 +422,14 @@ class Buffer(LowLatencyMethods, WireMethods):
         """Move the rows of a fresh dispatch (inside ``call``), localise the top-k ids, make the handle."""
         n_recv = plan.num_recv_tokens
         with call:
-            fused = self._fused_codec(codec, return_compressed)
-            rows = [xv if codec is None or fused else codec.encode(xv)]
+            rows = [xv]
             if scales is not None:
                 rows.append(scales)
             if topk_idx is not None:
                 rows.append(topk_idx.contiguous())
                 if topk_weights is not None:
                     rows.append(topk_weights)
-            recv = self._transport.dispatch(plan, rows, call.alloc, codec=codec) if fused else \
-                self._transport.dispatch(plan, rows, call.alloc)
-            recv_x: XType = recv[0] if fused else self._decode(codec, recv[0], xv.dtype, return_compressed)
+            recv, recv_x = self._move_rows(plan, rows, call.alloc, codec, return_compressed)
             self._record_wire(codec, xv, plan)
             i = 1
             if scales is not None:
@@ -459,10 +456,17 @@ class Buffer(LowLatencyMethods, WireMethods):
             expert_list = []
         return recv_x, recv_idx, recv_w, expert_list, handle_out, event
 
-    def _fused_codec(self, codec, return_compressed: bool) -> bool:
-        """Whether the transport encodes and decodes inside its dispatch (nvlink: encode while packing,
-        decode after each pull) instead of the Buffer around it."""
-        return codec is not None and not return_compressed and getattr(self._transport, "fused_codec", False)
+    def _move_rows(self, plan: Plan, rows: List[torch.Tensor], alloc, codec, return_compressed: bool):
+        """Dispatch ``rows`` by ``plan``; ``(received tensors, received x)``. With a codec ``rows[0]`` travels
+        encoded: decoded by the transport (``dispatch_encoded``), or kept encoded (``return_compressed``)."""
+        if codec is None:
+            recv = self._transport.dispatch(plan, rows, alloc)
+            return recv, recv[0]
+        if not return_compressed:
+            recv = self._transport.dispatch_encoded(plan, rows, alloc, codec)
+            return recv, recv[0]
+        recv = self._transport.dispatch(plan, [codec.encode(rows[0])] + rows[1:], alloc)
+        return recv, self._decode(codec, recv[0], rows[0].dtype, True)
 
     def _check_handle(self, handle: Any) -> DispatchHandle:
         if not isinstance(handle, DispatchHandle):
@@ -501,11 +505,8 @@ class Buffer(LowLatencyMethods, WireMethods):
                                                     (_H_SCALES, "fp8 scale columns"), (_H_LEVEL, "compression level")))
             elif problem is not None:
                 raise problem.exc
-            fused = self._fused_codec(codec, return_compressed)
-            rows = [xv if codec is None or fused else codec.encode(xv)] + ([] if scales is None else [scales])
-            recv = self._transport.dispatch(handle.plan, rows, call.alloc, codec=codec) if fused else \
-                self._transport.dispatch(handle.plan, rows, call.alloc)
-            recv0 = recv[0] if fused else self._decode(codec, recv[0], xv.dtype, return_compressed)
+            rows = [xv] + ([] if scales is None else [scales])
+            recv, recv0 = self._move_rows(handle.plan, rows, call.alloc, codec, return_compressed)
             self._record_wire(codec, xv, handle.plan)
         event = call.finish([xv, scales] + list(recv) + ([recv0] if isinstance(recv0, torch.Tensor) else []))
         recv_x = recv0 if scales is None else (recv[0], recv[1])

@@ -271,7 +271,7 @@ def _fast_path(buf, hidden: int):
     if hidden % 8 or not _kernel_path_possible(buf):
         return None
     t = buf._transport
-    st = getattr(buf, "_ll_nvlink", None)
+    st = buf._ll_nvlink
     if st is None:
         from .transport.nvlink_ll import NVLinkLowLatency
         st = buf._ll_nvlink = NVLinkLowLatency(t, buf.num_rdma_bytes)

@@ -225,7 +225,7 @@ def _items(R: int, M: int, K: int, L: int, jb: int, cap: int) -> int:
     return max(1, min(-(-R * M * min(K, L) // jb) + L, cap))
 
 
-def send(x, topk_idx, arena, area_off, lay, err, nsm: int, round_scale: bool, use_ue8m0: bool) -> None:
+def send(x, topk_idx, arena, area_off, lay, err, round_scale: bool, use_ue8m0: bool) -> None:
     """Launch the send kernel (see the module docstring); ``lay`` is the area's layout."""
     T, H = x.shape
     K = topk_idx.size(1)
@@ -264,7 +264,7 @@ def combine_send(y, count, src, arena, area_off, lay, nsm: int) -> None:
         M * lay["K"], H // 2, LP=_p2(L), JB=JB, BLOCK=512, num_warps=4)
 
 
-def combine_reduce(arena, area_off, lay, topk_idx, topk_weights, out, nsm: int) -> None:
+def combine_reduce(arena, area_off, lay, topk_idx, topk_weights, out) -> None:
     """Launch the reduce kernel into ``out`` (``[T, H]``)."""
     T, K = topk_idx.shape
     H = lay["H"]

@@ -87,6 +87,14 @@ class Transport(abc.ABC):
         ``plan.num_recv_tokens``) are zero.
         """
 
+    def dispatch_encoded(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec: Any) -> List[torch.Tensor]:
+        """:meth:`dispatch` with ``rows[0]`` (floating ``[T, H]``) travelling in ``codec``'s wire format:
+        returns the received rows decoded (``rows[0].dtype``), own rows as ``codec.roundtrip`` of them,
+        the other tensors as :meth:`dispatch` does. This default encodes before and decodes after; a
+        transport may fuse both into its data path (nvlink)."""
+        recv = self.dispatch(plan, [codec.encode(rows[0])] + list(rows[1:]), alloc)
+        return [codec.decode(recv[0], rows[0].dtype)] + list(recv[1:])
+
     @abc.abstractmethod
     def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
                 biases: Sequence[torch.Tensor], alloc: Alloc, codec: Any = None

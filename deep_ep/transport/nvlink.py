@@ -123,8 +123,6 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     name = "nvlink"
     #: all_gather_ints writes into fixed-size slots: vectors of different lengths cannot hang it
     fixed_slot_exchange = True
-    #: dispatch(..., codec=) encodes while packing and decodes after each pull (see dispatch)
-    fused_codec = True
     #: dispatch by pushing token runs (DEEP_EP_NVLINK_DISPATCH=push), and its chunks
     push = False
     push_chunks = DEFAULT_PUSH_CHUNKS
@@ -317,17 +315,16 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         this rank's own rows take the round trip. The device path (``num_worst_tokens``) encodes first
         and decodes after."""
         if codec is not None and "device" in plan.extra:
-            recv = self._device_dispatch(plan, [codec.encode(rows[0])] + list(rows[1:]), alloc, _words)
-            return [codec.decode(recv[0], rows[0].dtype)] + recv[1:]
+            return super().dispatch_encoded(plan, rows, alloc, codec)
         if "device" in plan.extra:
             return self._device_dispatch(plan, rows, alloc, _words)
         if plan.counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
         if self.push and codec is None and rows and not self.pull_sm:
-            widths = tuple(_words(t).size(1) * _words(t).element_size() for t in rows)
-            psched = self._push_schedule(plan, widths)
+            src = [_words(t) for t in rows]
+            psched = self._push_schedule(plan, tuple(t.size(1) * t.element_size() for t in src))
             if psched is not None:
-                return self._push_dispatch(plan, psched, rows, alloc)
+                return self._push_dispatch(plan, psched, rows, src, alloc)
         x0 = final = None
         if codec is not None:
             x0 = rows[0].contiguous()
@@ -394,11 +391,15 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self._end_call(bool(steps))
         return outs if codec is None else [final] + outs[1:]
 
+    def dispatch_encoded(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec) -> List[torch.Tensor]:
+        """Encoding fused into packing, decoding into pulling (see :meth:`dispatch`)."""
+        return self.dispatch(plan, rows, alloc, codec=codec)
+
     def _push_dispatch(self, plan: Plan, sched: Dict[str, Any], rows: Sequence[torch.Tensor],
-                       alloc: Alloc) -> List[torch.Tensor]:
-        """A dispatch by copies of token runs into the receivers' staging (see :meth:`_push_schedule`)."""
+                       src: List[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+        """A dispatch by copies of token runs into the receivers' staging (see :meth:`_push_schedule`);
+        ``src`` are ``rows`` as integer words."""
         outs = alloc_outputs(plan, rows, alloc)
-        src = [_words(t) for t in rows]
         dst = [_words(o) for o in outs]
         widths = tuple(t.size(1) * t.element_size() for t in src)
         offsets, me, chunks = sched["offsets"], self.rank, sched["chunks"]

@@ -44,6 +44,7 @@ the entry and sets a flag, and this rank's next low-latency call raises
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -58,8 +59,9 @@ def _up(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
+@functools.lru_cache(maxsize=64)
 def area_layout(R: int, E: int, M: int, K: int, H: int, fp8: bool, ue8m0: bool) -> Dict[str, Any]:
-    """Byte offsets and sizes of one area (see the module docstring)."""
+    """Byte offsets and sizes of one area (see the module docstring); cached, treat as read-only."""
     L = E // R
     info = _up(R * L * 4, _ALIGN)
     data = _up(info + L * R * M * 4, _ALIGN)
@@ -200,7 +202,7 @@ class NVLinkLowLatency:
         a = self._ensure(lay["bytes"])
         off = self._start(a)
         L, dev = lay["L"], x.device
-        k.send(x.contiguous(), topk_idx.contiguous(), a, off, lay, a.err, self.nprog, round_scale, use_ue8m0)
+        k.send(x.contiguous(), topk_idx.contiguous(), a, off, lay, a.err, round_scale, use_ue8m0)
         if not _capturing():
             a.err_host.copy_(a.err, non_blocking=True)
         rows = L * R * M
@@ -245,7 +247,7 @@ class NVLinkLowLatency:
         def receive() -> None:
             a.barrier()
             if idx.size(0):
-                k.combine_reduce(a, off, lay, idx, w, out, self.nprog)
+                k.combine_reduce(a, off, lay, idx, w, out)
 
         if hook:
             return self._hook(receive)

@@ -24,7 +24,7 @@ from .plans import _EXPERT_SLOTS, DeferredChecks, build_device_plan, build_host_
 from .low_latency import LowLatencyMethods
 from .wire import Wire, WireMethods
 from .streams import StreamCall
-from .transport import Plan, Transport, Waiter, select_backend, transport_class
+from .transport import Plan, Transport, Waiter, group_device, select_backend, transport_class
 
 log = logging.getLogger("deep_ep")
 
@@ -120,13 +120,7 @@ class Buffer(LowLatencyMethods, WireMethods):
         if self.timeout_s <= 0:
             raise DeepEPInputError(f"timeout_s must be positive, got {self.timeout_s}")
 
-        pg_backend = str(dist.get_backend(group)).lower()
-        if "nccl" in pg_backend:
-            if not torch.cuda.is_available():
-                raise DeepEPError("an NCCL group needs CUDA")
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
+        self.device = group_device(group)      # CUDA for an NCCL group (or a gloo one mapped to CUDA)
         if backend == "auto":
             backend, self.backend_reason = select_backend(group, self.topology_aware)
         else:

@@ -21,9 +21,9 @@ except Exception:  # pragma: no cover
 
 
 def device() -> torch.device:
-    """The device this worker's group works on (cuda:rank on NCCL, else CPU)."""
-    if dist.is_initialized() and "nccl" in str(dist.get_backend()).lower():
-        return torch.device("cuda", torch.cuda.current_device())
+    """The device this worker's group works on (its CUDA device on an NCCL or gloo-on-CUDA group, else CPU)."""
+    if dist.is_initialized():
+        return deep_ep.transport.group_device()
     return torch.device("cpu")
 
 

@@ -253,6 +253,8 @@ def _worker_main(rank, world_size, backend, store_port, conn, stack_path, pg_tim
         if "nccl" in backend:
             torch.cuda.set_device(rank)
             kwargs["device_id"] = torch.device("cuda", rank)
+        elif "cuda:" in backend:      # e.g. 'cpu:gloo,cuda:gloo': ranks may share GPUs
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
         )

@@ -24,13 +24,26 @@ from tests._pool import RankPool, close_pools, prestart_forkserver  # noqa: E402
 DEFAULT_TEST_TIMEOUT = 300
 
 
-def _cuda_device_count() -> int:
+#: ``DEEP_EP_TEST_SHARE_GPU=N`` runs the multi-GPU tests with N ranks sharing the visible GPUs (rank r on
+#: ``cuda:r % count``, a gloo group carrying CUDA tensors instead of NCCL, which refuses two ranks on one
+#: GPU). Symmetric memory between processes of one GPU is real CUDA IPC, so the nvlink transport's
+#: kernels, barriers and peer stores run as on N GPUs (not at link speed; contexts time-slice).
+SHARE_GPU = int(os.environ.get("DEEP_EP_TEST_SHARE_GPU", "0") or 0)
+
+
+def _real_cuda_device_count() -> int:
     try:
         import torch
 
         return torch.cuda.device_count()
     except Exception:
         return 0
+
+
+def _cuda_device_count() -> int:
+    """CUDA devices the gpu tests may use: the visible ones, or ``SHARE_GPU`` virtual ones on them."""
+    real = _real_cuda_device_count()
+    return max(real, SHARE_GPU) if real else 0
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -79,7 +92,7 @@ def rank_pool():
 
     Pools are created lazily, cached per ``(world_size, backend)`` for the
     whole session and closed at session end.  ``backend='nccl'`` skips the
-    test when fewer than ``world_size`` CUDA devices are visible.
+    test when fewer than ``world_size`` CUDA devices are visible (or shared, see ``SHARE_GPU``).
     """
     pools: dict = {}
 
@@ -89,7 +102,10 @@ def rank_pool():
         if pool is None:
             if "nccl" in backend and _cuda_device_count() < world_size:
                 pytest.skip(f"nccl pool of {world_size} ranks needs {world_size} CUDA GPUs")
-            pool = pools[key] = RankPool(world_size, backend=backend)
+            real = backend
+            if "nccl" in backend and _real_cuda_device_count() < world_size:
+                real = "cpu:gloo,cuda:gloo"      # DEEP_EP_TEST_SHARE_GPU: ranks share a GPU
+            pool = pools[key] = RankPool(world_size, backend=real)
         return pool
 
     yield get

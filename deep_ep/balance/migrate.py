@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from ..config import DEFAULT_TIMEOUT_S, env_float
 from ..errors import DeepEPInputError, DeepEPTypeError, RankMismatchError, RemoteInputError
+from ..transport import group_device
 from ..transport.base import Waiter
 from .migration_plan import MigrationPlan, _as_placement, placement_moves, plan_migration
 
@@ -214,13 +215,6 @@ def _collect(items, optimizer, inplace: bool, lead: int, s_old: int, layers: int
     return units, p_parts, st_parts, sc_parts, device
 
 
-def _meta_device(group) -> torch.device:
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _wait(work, waiter, stage: str) -> None:
     if waiter is not None:
         waiter.wait(work, stage)
@@ -229,7 +223,7 @@ def _wait(work, waiter, stage: str) -> None:
 
 
 def _exchange(group, R: int, rank: int, vec: List[int], waiter) -> torch.Tensor:
-    dev = _meta_device(group)
+    dev = group_device(group)
     inp = torch.tensor(vec, dtype=torch.int64, device="cpu").to(dev)
     out = torch.empty((R * len(vec),), dtype=torch.int64, device=dev)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

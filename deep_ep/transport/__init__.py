@@ -15,7 +15,7 @@ from .base import Plan, Transport, Waiter
 from .collective import CollectiveTransport
 
 __all__ = ["Plan", "Transport", "Waiter", "CollectiveTransport", "BACKENDS", "backend_support",
-           "select_backend", "transport_class"]
+           "select_backend", "transport_class", "group_device", "group_on_cuda"]
 
 #: every backend name ``Buffer(backend=...)`` accepts, with the issue that adds it where not yet built
 BACKENDS: Dict[str, Optional[str]] = {
@@ -31,6 +31,23 @@ BACKENDS: Dict[str, Optional[str]] = {
 #: (benchmarks/results/2026-11-28-nvidia-h200-x4-normal-peer-streams.json)
 NVLINK_MAX_RANKS = 2
 NVLINK_PREFERRED = True   # measured faster than collective: benchmarks/results/*-nvidia-h200-normal*.json
+
+
+def group_on_cuda(group: Optional[dist.ProcessGroup] = None) -> bool:
+    """True when the group's collectives take CUDA tensors: an NCCL group, or a mixed backend string
+    that names one for CUDA (``'cpu:gloo,cuda:gloo'``, ``'cpu:gloo,cuda:nccl'``)."""
+    be = str(dist.get_backend(group)).lower()
+    return "nccl" in be or "cuda:" in be
+
+
+def group_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device a group works on: the current CUDA device for a CUDA group (:func:`group_on_cuda`), else CPU."""
+    if group_on_cuda(group):
+        if not torch.cuda.is_available():
+            from ..errors import DeepEPError
+            raise DeepEPError(f"the {dist.get_backend(group)} group needs CUDA")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def transport_class(name: str) -> type:
@@ -72,15 +89,15 @@ def backend_support(group: Optional[dist.ProcessGroup] = None) -> List[Tuple[str
         out.append(("collective", True, "torch.distributed all_to_all_single (NCCL on GPUs, gloo on CPU)"))
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     reasons = []
-    if group is not None and "nccl" not in str(dist.get_backend(group)).lower():
-        reasons.append("the group is not an NCCL group")
+    if group is not None and not group_on_cuda(group):
+        reasons.append("the group is not a CUDA (NCCL) group")
     if n < 2:
         reasons.append(f"needs >= 2 local GPUs (found {n})")
     else:
         peer = all(torch.cuda.can_device_access_peer(i, j) for i in range(n) for j in range(n) if i != j)
         if not peer:
             reasons.append("not every pair of local GPUs has peer access")
-    if group is not None and "nccl" in str(dist.get_backend(group)).lower() and not _one_host(group):
+    if group is not None and group_on_cuda(group) and not _one_host(group):
         reasons.append("the group spans more than one host")
     if importlib.util.find_spec("torch.distributed._symmetric_memory") is None:
         reasons.append("torch symmetric memory is unavailable")

@@ -86,6 +86,7 @@ def worker(rank, world, port, q):
 def main():
     world = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")   # else rendezvous refuses a shared GPU
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     import random

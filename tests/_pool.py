@@ -255,6 +255,8 @@ def _worker_main(rank, world_size, backend, store_port, conn, stack_path, pg_tim
             kwargs["device_id"] = torch.device("cuda", rank)
         elif "cuda:" in backend:      # e.g. 'cpu:gloo,cuda:gloo': ranks may share GPUs
             torch.cuda.set_device(rank % torch.cuda.device_count())
+            # symmetric memory refuses two ranks on one GPU unless told (this also turns multicast off)
+            os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
         )

@@ -269,3 +269,20 @@ def test_conformance_push_dispatch_gpu(rank_pool):
     rank_pool(2, backend="nccl").run(run_scenarios_pushed, ["basic", "fp8", "hidden7168", "empty_rank", "all_ranks",
                                                             "small_staging", "staging_8x_smaller", "async",
                                                             "previous_event", "worst", "nan", "odd_hidden_130"])
+
+
+@pytest.mark.gpu(4)
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", ["basic", "fp8", "empty_rank", "worst", "staging_8x_smaller", "bias2"])
+def test_conformance_gpu_more_ranks(rank_pool, world, backend, name):
+    """3 and 4 ranks (hierarchical: 2 emulated nodes x 2 at 4 ranks, 3 x 1 at 3): the peer loops, per-peer
+    streams and schedules past one peer. On one GPU: ``DEEP_EP_TEST_SHARE_GPU=4``."""
+    seed = zlib.crc32(f"{name}/gpu{world}".encode())
+    rank_pool(world, backend="nccl").run(run_scenario, backend, seed, GPU_SCENARIOS[name])
+
+
+@pytest.mark.gpu(4)
+def test_conformance_push_dispatch_gpu_4_ranks(rank_pool):
+    rank_pool(4, backend="nccl").run(run_scenarios_pushed, ["basic", "fp8", "empty_rank", "staging_8x_smaller",
+                                                            "worst"])

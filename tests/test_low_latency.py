@@ -25,7 +25,7 @@ def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed, pattern="rand
                      epr=4, topk=3):
     dev = device()
     E = epr * R
-    tokens = tokens or [M, max(M - 7, 1), 3, 0][:R]       # num_tokens = M and < M, different per rank
+    tokens = (list(tokens) + [M] * R)[:R] if tokens else [M, max(M - 7, 1), 3, 0][:R]   # = M and < M, per rank
     case = make_case(seed, R, hidden=H, topk=topk, num_experts=E, tokens=tokens, neg_frac=0.2, pattern=pattern)
     for idx, w in zip(case.topk_idx, case.topk_weights):
         w[idx < 0] = float("nan")                          # skipped entries: their weights must not count
@@ -359,3 +359,17 @@ def test_low_latency_kernel_path_ordering_rules():
     ll.captured = True                             # after a capture every call leads with a barrier
     ll._start(a)
     assert a.barriers == 2
+
+
+@pytest.mark.gpu(4)
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("use_fp8,ue8m0,hook,pattern,tokens,M,H,epr,topk", [_SHAPES[0], _SHAPES[2], _SHAPES[4]])
+def test_low_latency_gpu_more_ranks(rank_pool, world, use_fp8, ue8m0, hook, pattern, tokens, M, H, epr, topk):
+    """The kernel path at 3 and 4 ranks (on one GPU: ``DEEP_EP_TEST_SHARE_GPU=4``)."""
+    rank_pool(world, backend="nccl").run(rank_low_latency, "nvlink", use_fp8, ue8m0, hook, 12, pattern, tokens, M,
+                                         H, epr, topk)
+
+
+@pytest.mark.gpu(4)
+def test_low_latency_two_pending_4_ranks(rank_pool):
+    rank_pool(4, backend="nccl").run(rank_low_latency_two_pending)

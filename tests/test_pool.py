@@ -94,6 +94,11 @@ def _noop(rank, world_size):
     return rank
 
 
+#: the pool's NCCL tests need one GPU per rank (DEEP_EP_TEST_SHARE_GPU pools are gloo on a shared GPU)
+_two_real_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                    reason="needs 2 real GPUs (an NCCL pool, not a shared-GPU one)")
+
+
 def _nccl_all_reduce(rank, world_size):
     assert torch.cuda.current_device() == rank
     t = torch.full((4,), float(rank + 1), device=f"cuda:{rank}")
@@ -281,6 +286,7 @@ def test_run_overhead_is_small(rank_pool):
 
 
 @pytest.mark.gpu
+@_two_real_gpus
 def test_nccl_all_reduce(rank_pool):
     pool = rank_pool(2, backend="nccl")
     out = pool.run(_nccl_all_reduce)
@@ -290,6 +296,7 @@ def test_nccl_all_reduce(rank_pool):
 
 
 @pytest.mark.gpu
+@_two_real_gpus
 def test_nccl_failure_recovers(rank_pool):
     pool = rank_pool(2, backend="nccl")
     pool.failure_grace, grace = 1.0, pool.failure_grace

@@ -12,7 +12,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m deep_ep info > "$OUT/info.txt" 2>&1; tail -15 "$OUT/info.txt"
 K=${1:-}
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu tests -p no:cacheprovider ${K:+-k "$K"} > "$OUT/gpu_tests.txt" 2>&1
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m gpu tests -p no:cacheprovider ${K:+-k "$K"} > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.txt"
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then

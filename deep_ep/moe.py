@@ -278,6 +278,109 @@ class ExpertParallelMoE(nn.Module):
         return y
 
 
+    # ------------------------------------------------------------------ decoding (low-latency mode)
+    def experts_low_latency(self, recv_x, recv_count: torch.Tensor) -> torch.Tensor:
+        """The local experts on a low-latency dispatch's output: ``recv_x`` bf16 ``[L, R*M, H]`` or DeepEP's
+        fp8 pair ``(float8 [L, R*M, H], float32 scales [L, R*M, H/128])``, the first ``recv_count[l]`` rows
+        of expert ``l`` valid. Returns bf16 ``[L, R*M, H]`` (rows past the counts are zero). On Hopper GPUs
+        the valid rows are packed without a host sync into one grouped GEMM per projection (capturable in
+        a CUDA graph); elsewhere a loop over experts reads the counts on the host."""
+        if isinstance(recv_x, tuple):
+            vals, scales = recv_x
+            if scales.dtype != torch.float32:
+                raise DeepEPInputError("experts_low_latency takes float32 scales (dispatch with use_ue8m0=False)")
+            L, RM, H = vals.shape
+            x = (vals.float().view(L, RM, -1, 128) * scales.unsqueeze(-1)).view(L, RM, H).to(torch.bfloat16)
+        else:
+            x = recv_x
+        L, RM, H = x.shape
+        if L != self.num_local or H != self.hidden:
+            raise DeepEPInputError(f"experts_low_latency expects [{self.num_local}, R*M, {self.hidden}], got "
+                                   f"{list(x.shape)}")
+        counts = recv_count.to(torch.int64)
+        j = torch.arange(RM, device=x.device)
+        valid = j.unsqueeze(0) < counts.unsqueeze(1)                       # [L, RM]
+        y = torch.zeros_like(x)
+        if self._grouped(x) and L * RM:
+            P = min(L, self.top_k) * RM                                  # the most rows a rank can receive
+            ends = torch.cumsum(counts, 0)
+            dest = torch.where(valid, (ends - counts).unsqueeze(1) + j, P).reshape(-1)   # packed row, P: none
+            packed = x.new_zeros((P + 1, H)).index_copy_(0, dest, x.reshape(-1, H))[:P]
+            offs = ends.to(torch.int32)
+            h = torch._grouped_mm(packed, self.w_gate_up.transpose(1, 2), offs=offs)
+            gate, up = h.chunk(2, dim=-1)
+            out = torch._grouped_mm(F.silu(gate) * up, self.w_down.transpose(1, 2), offs=offs)
+            rows = out.index_select(0, dest.clamp(max=max(P - 1, 0)))
+            y = torch.where(valid.reshape(-1, 1), rows, 0).view(L, RM, H).to(x.dtype)
+        else:
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    y[e, :n] = _swiglu(x[e, :n], self.w_gate_up[e], self.w_down[e]).to(x.dtype)
+        return y
+
+    def decode(self, x: torch.Tensor, max_tokens_per_rank: int, *, micro_batches: int = 2, use_fp8: bool = True,
+               round_scale: bool = False) -> torch.Tensor:
+        """Inference forward through the low-latency kernels (DeepEP's decoding mode; no autograd).
+
+        ``x`` bf16 ``[T, hidden]`` with ``T <= max_tokens_per_rank`` (the same value on every rank: it
+        fixes the low-latency buffers' shapes). The tokens are split into ``micro_batches`` (1 or 2) and
+        overlapped with the receive hooks as in DeepEP's two-micro-batch decoding: every micro-batch's
+        dispatch is sent, the shared experts run while the rows travel, then micro-batch ``i`` is received,
+        its experts run and its combine is sent while micro-batch ``i+1`` is still arriving; the combines
+        are received last. ``use_fp8`` casts the dispatched rows to fp8 in the send (DeepEP's format),
+        combine is bf16. On the nvlink transport no step waits for the host where the experts take the
+        grouped GEMM (Hopper, bf16), so the call can be captured in a CUDA graph. Result bf16 ``[T, hidden]``.
+        """
+        if x.dim() != 2 or x.size(1) != self.hidden or x.dtype != torch.bfloat16:
+            raise DeepEPInputError(f"decode expects bfloat16 [tokens, {self.hidden}], got {x.dtype} {list(x.shape)}")
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise DeepEPInputError("decode is inference only (the low-latency kernels have no backward): call it "
+                                   "under torch.no_grad() or torch.inference_mode()")
+        if micro_batches not in (1, 2):
+            raise DeepEPInputError(f"micro_batches must be 1 or 2 (a Buffer holds two pending receive hooks), "
+                                   f"got {micro_batches}")
+        T = x.size(0)
+        if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < max(T, 1):
+            raise DeepEPInputError(f"max_tokens_per_rank={max_tokens_per_rank!r} must be an int >= the {T} tokens")
+        M = -(-max_tokens_per_rank // micro_batches)             # tokens per micro-batch, the same on every rank
+        cuda = x.is_cuda
+        timer = _Timer(self.record_stats, cuda, None)
+        timer.start()
+        bounds = [T * i // micro_batches for i in range(micro_batches + 1)]
+        parts = [x[bounds[i]:bounds[i + 1]] for i in range(micro_batches)]
+        buf = self.buffer
+        with timer.span("compute"):
+            routes = [self.route(p) for p in parts]
+        sent = []
+        with timer.span("comm"):
+            for p, (idx, _) in zip(parts, routes):                # every dispatch sends; nothing received yet
+                rx, cnt, handle, _, hook = buf.low_latency_dispatch(p, idx, M, self.num_experts, use_fp8=use_fp8,
+                                                                    round_scale=round_scale, return_recv_hook=True)
+                sent.append((rx, cnt, handle, hook))
+        with timer.span("compute"):
+            shared = self.shared(x)                                 # while the rows travel
+        combines = []
+        for (rx, cnt, handle, hook), (idx, w) in zip(sent, routes):
+            with timer.span("comm"):
+                hook()                                              # this micro-batch's rows arrive
+            with timer.span("compute"):
+                y = self.experts_low_latency(rx, cnt)
+            with timer.span("comm"):
+                out, _, chook = buf.low_latency_combine(y, idx, w, handle, return_recv_hook=True)
+            combines.append((out, chook))
+        outs = []
+        for out, chook in combines:
+            with timer.span("comm"):
+                chook()
+            outs.append(out)
+        with timer.span("compute"):
+            y = torch.cat(outs) if len(outs) > 1 else outs[0]
+            if shared is not None:
+                y = y + shared.to(y.dtype)
+        self.stats = timer.finish()
+        return y
+
+
 class _Pipeline(torch.autograd.Function):
     """The chunked dispatch -> experts -> combine of :class:`ExpertParallelMoE`, forward and backward.
 

@@ -124,3 +124,74 @@ def test_moe_grouped_gemm_bf16_one_gpu(rank_pool):
     """bf16 on a Hopper GPU takes torch._grouped_mm for the experts (the loop elsewhere): same results
     as the dense reference within bf16 rounding."""
     rank_pool(1, backend="nccl").run(rank_moe, "nvlink", 2, 1, 1, "bfloat16", 5e-2)
+
+
+def rank_moe_decode(rank, R, backend, micro_batches, use_fp8, shared, graph=False):
+    """``decode`` (the low-latency kernels, two micro-batches overlapped through the receive hooks) against
+    the dense reference on the same routing, the reference reading the rows as they crossed the wire
+    (fp8 round trip with use_fp8). bf16 experts on both sides: equal to bf16 rounding."""
+    from deep_ep.compress import make_codec
+    dev = device()
+    E, H, F, K = 4 * R, 128, 48, 3
+    router, gu, down, sh = _full_weights(E, H, F, shared, 21, torch.bfloat16)
+    L = E // R
+    layer = ExpertParallelMoE(H, F, E, K, num_shared_experts=shared, buffer=get_buffer(backend),
+                              dtype=torch.bfloat16, device=dev).requires_grad_(False)
+    with torch.no_grad():
+        layer.router.weight.copy_(router)
+        layer.w_gate_up.copy_(gu[rank * L:(rank + 1) * L])
+        layer.w_down.copy_(down[rank * L:(rank + 1) * L])
+        if shared:
+            layer.shared_gate_up.copy_(sh[0])
+            layer.shared_down.copy_(sh[1])
+    T, Mx = [7, 0, 5, 8][rank], 8
+    g = torch.Generator().manual_seed(300 + rank)
+
+    def want(x):
+        idx, w = route_tokens(x, router.to(dev), K)
+        sent = make_codec(8, H).decode(make_codec(8, H).encode(x), torch.bfloat16) if use_fp8 else x
+        ref = dense_moe_reference(sent, idx, w, gu.to(dev), down.to(dev))
+        return ref + layer.shared(x) if shared else ref
+
+    x = torch.randn((T, H), generator=g).to(torch.bfloat16).to(dev)
+    y = layer.decode(x, Mx, micro_batches=micro_batches, use_fp8=use_fp8)
+    assert y.shape == (T, H) and y.dtype == torch.bfloat16
+    assert_same(y.float(), want(x).float(), f"decode ({micro_batches} micro-batches, fp8={use_fp8})",
+                atol=2e-2, rtol=2e-2)
+    if graph:            # the whole decode captured once, replayed on fresh tokens: equal to eager each time
+        from tests.test_graph import _capture
+        x_s = x.clone()
+        g_, y_s = _capture(lambda: layer.decode(x_s, Mx, micro_batches=micro_batches, use_fp8=use_fp8))
+        for trial in range(3):
+            x_s.copy_(torch.randn((T, H), generator=g).to(torch.bfloat16))
+            g_.replay()
+            torch.cuda.synchronize()
+            assert_same(y_s, layer.decode(x_s, Mx, micro_batches=micro_batches, use_fp8=use_fp8),
+                        f"replayed decode, trial {trial}")
+    with pytest.raises(deep_ep.DeepEPInputError, match="max_tokens_per_rank"):
+        layer.decode(x, T - 1 if T > 1 else 0)
+    with pytest.raises(deep_ep.DeepEPInputError, match="inference only"):
+        with torch.enable_grad():
+            layer.w_down.requires_grad_(True)
+            try:
+                layer.decode(x, Mx)
+            finally:
+                layer.w_down.requires_grad_(False)
+
+
+@pytest.mark.parametrize("micro_batches,use_fp8,shared", [(2, True, 1), (1, False, 0), (2, False, 0)])
+def test_moe_decode_cpu(rank_pool, micro_batches, use_fp8, shared):
+    rank_pool(2).run(rank_moe_decode, "collective", micro_batches, use_fp8, shared)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("micro_batches,use_fp8", [(2, True), (1, False)])
+def test_moe_decode_one_gpu(rank_pool, micro_batches, use_fp8):
+    """The nvlink kernel path with the grouped GEMM on packed rows; captured in a CUDA graph."""
+    rank_pool(1, backend="nccl").run(rank_moe_decode, "nvlink", micro_batches, use_fp8, 1, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["nvlink", "collective"])
+def test_moe_decode_gpu(rank_pool, backend):
+    rank_pool(2, backend="nccl").run(rank_moe_decode, backend, 2, True, 1, backend == "nvlink")

@@ -195,3 +195,8 @@ def test_moe_decode_one_gpu(rank_pool, micro_batches, use_fp8):
 @pytest.mark.parametrize("backend", ["nvlink", "collective"])
 def test_moe_decode_gpu(rank_pool, backend):
     rank_pool(2, backend="nccl").run(rank_moe_decode, backend, 2, True, 1, backend == "nvlink")
+
+
+@pytest.mark.gpu(4)
+def test_moe_decode_gpu_4_ranks(rank_pool):
+    rank_pool(4, backend="nccl").run(rank_moe_decode, "nvlink", 2, True, 0, True)

@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), help="GPUs over NCCL or CPU ranks over gloo")
     p.add_argument("--world-size", type=int, help="ranks (GPU: all local GPUs, CPU: 2)")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
+    p.add_argument("--backend", default="auto", choices=("auto", "collective", "nvlink", "hierarchical"),
+                   help="the deep_ep setups' transport (default auto; the collective setup is always collective)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the result here")
     p.add_argument("--png", metavar="FILE", help="write a chart here (needs matplotlib)")
@@ -126,7 +128,7 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
             bar = None
     for setup in cfg["setups"]:
         torch.manual_seed(cfg["seed"])
-        backend = "collective" if setup == "collective" else "auto"
+        backend = "collective" if setup == "collective" else cfg.get("backend", "auto")
         chunks = cfg["chunks"] if setup == "deep_ep-overlap" else 1
         model = DemoModel(cfg, backend, chunks, device, dtype)
         g = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + 1 + rank)   # each rank its own experts
@@ -266,7 +268,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
                hidden=args.hidden or (2048 if gpu else 64), ffn=args.ffn or (1024 if gpu else 32),
                experts=args.experts or (64 if gpu else 8), topk=args.topk or (8 if gpu else 2),
                tokens=max(16, (args.tokens or (4096 if gpu else 128)) // 16 * 16), chunks=args.chunks, vocab=args.vocab, seed=args.seed,
-               setups=setups, progress=not args.no_progress)
+               setups=setups, progress=not args.no_progress, backend=args.backend)
     if cfg["experts"] % world or cfg["topk"] > cfg["experts"] or cfg["steps"] < 1:
         raise ValueError("--experts must be a multiple of the ranks, --topk <= --experts, --steps >= 1")
     return cfg

@@ -63,6 +63,16 @@ def main():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
+        import cProfile
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        step()
+        torch.cuda.synchronize()
+        pr.disable()
+        print(f"--- cProfile of one step, chunks={chunks}")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(a.rows)
+        pstats.Stats(pr).sort_stats("cumulative").print_stats(a.rows + 10)
         ka = prof.key_averages()
         print(ka.table(sort_by="self_cpu_time_total", row_limit=a.rows))
         print(ka.table(sort_by="self_cuda_time_total", row_limit=a.rows))

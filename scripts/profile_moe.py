@@ -60,7 +60,7 @@ def main():
         t = (time.perf_counter() - t0) / a.steps
         print(f"=== chunks={chunks}: step {t * 1e3:.2f} ms (forward {fw / a.steps * 1e3:.2f}, backward "
               f"{bw / a.steps * 1e3:.2f}); stats {layer.stats}", flush=True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
             step()
             torch.cuda.synchronize()
         import cProfile
@@ -73,6 +73,8 @@ def main():
         print(f"--- cProfile of one step, chunks={chunks}")
         pstats.Stats(pr).sort_stats("tottime").print_stats(a.rows)
         pstats.Stats(pr).sort_stats("cumulative").print_stats(a.rows + 10)
+        if os.environ.get("OUT"):
+            prof.export_chrome_trace(os.path.join(os.environ["OUT"], f"moe_trace_chunks{chunks}.json"))
         ka = prof.key_averages()
         print(ka.table(sort_by="self_cpu_time_total", row_limit=a.rows))
         print(ka.table(sort_by="self_cuda_time_total", row_limit=a.rows))

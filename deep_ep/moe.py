@@ -140,6 +140,44 @@ def _swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> t
     return F.linear(F.silu(gate) * up, w_down)
 
 
+def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: Optional[List[int]], grouped: bool
+         ) -> torch.Tensor:
+    """Rows grouped by expert (``offs``: int32 ends of each expert's rows) times ``w[e]^T``: ``[P, in]`` x
+    ``[L, out, in]`` -> ``[P, out]``. One ``torch._grouped_mm`` when ``grouped``, else a loop over the host
+    ``counts``."""
+    if grouped:
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs) if x.size(0) else x.new_zeros((0, w.size(1)))
+    parts, s = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            parts.append(x[s:s + n] @ w[e].t())
+        s += n
+    return torch.cat(parts) if parts else x.new_zeros((0, w.size(1)))
+
+
+def _gmm_weight_grad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, counts: Optional[List[int]],
+                     grouped: bool, L: int) -> torch.Tensor:
+    """The weight gradient of :func:`_gmm`: ``dW[e] = dy_e^T x_e`` -> ``[L, out, in]`` (zero for an expert
+    without rows)."""
+    if grouped:
+        if not x.size(0):
+            return x.new_zeros((L, dy.size(1), x.size(1)))
+        return torch._grouped_mm(dy.t(), x, offs=offs)
+    out = x.new_zeros((L, dy.size(1), x.size(1)))
+    s = 0
+    for e, n in enumerate(counts):
+        if n:
+            out[e] = dy[s:s + n].t() @ x[s:s + n]
+        s += n
+    return out
+
+
+def _silu_grad(g: torch.Tensor) -> torch.Tensor:
+    """d silu(g) / dg."""
+    sg = torch.sigmoid(g)
+    return sg * (1 + g * (1 - sg))
+
+
 class ExpertParallelMoE(nn.Module):
     """An MoE layer whose experts are spread over the ranks of ``group`` (see the module docstring).
 
@@ -237,6 +275,85 @@ class ExpertParallelMoE(nn.Module):
         out = out.to(acc) * rw.reshape(-1).to(acc).index_select(0, pairs).unsqueeze(1)
         dense = torch.zeros((N * K, H), dtype=acc, device=rx.device).index_copy(0, pairs, out)
         return dense.view(N, K, H).sum(dim=1).to(rx.dtype)
+
+    def _pack(self, ridx: torch.Tensor):
+        """The (row, k) pairs of received rows with a local expert, sorted by expert (stable): ``pairs`` (flat
+        ``row * K + k``), per-expert ``counts`` (device), ``offs`` (int32 ends) and host counts where the
+        experts loop (``None`` for the grouped GEMM). One host sync: the number of pairs."""
+        N, K = ridx.shape
+        L = self.num_local
+        flat = ridx.reshape(-1)
+        key = torch.where(flat >= 0, flat, torch.full_like(flat, L))
+        order = torch.sort(key, stable=True).indices
+        counts = torch.bincount(key, minlength=L + 1)[:L]
+        P = int(counts.sum())                                       # (a host sync: the rows to compute)
+        return order[:P], counts, torch.cumsum(counts, 0).to(torch.int32)
+
+    def _weighted_sum(self, o: torch.Tensor, pairs: torch.Tensor, N: int, K: int) -> torch.Tensor:
+        """``out[n] = sum_k o[pair (n, k)]`` (pairs without a row count 0), in float32 or float64, in ``k`` order
+        (deterministic; no atomics)."""
+        dense = torch.zeros((N * K, o.size(1)), dtype=o.dtype, device=o.device).index_copy(0, pairs, o)
+        return dense.view(N, K, o.size(1)).sum(dim=1)
+
+    def _experts_forward(self, rx: torch.Tensor, ridx: torch.Tensor, rw: torch.Tensor):
+        """:meth:`local_experts` without autograd, keeping what :meth:`_experts_backward` needs."""
+        N, K = ridx.shape
+        pairs, counts, offs = self._pack(ridx)
+        grouped = self._grouped(rx)
+        host = None if grouped else counts.tolist()
+        tok = torch.div(pairs, K, rounding_mode="floor")
+        xs = rx.index_select(0, tok)
+        h = _gmm(xs, self.w_gate_up, offs, host, grouped)
+        gate, up = h.chunk(2, dim=-1)
+        o = _gmm(F.silu(gate) * up, self.w_down, offs, host, grouped)
+        acc = _acc(rx.dtype)
+        wsel = rw.reshape(-1).to(acc).index_select(0, pairs)
+        y = self._weighted_sum(o.to(acc) * wsel.unsqueeze(1), pairs, N, K).to(rx.dtype)
+        return y, dict(pairs=pairs, counts=counts, offs=offs, host=host, grouped=grouped, tok=tok, xs=xs, h=h, o=o,
+                       wsel=wsel, N=N, K=K, w_dtype=rw.dtype)
+
+    def _experts_backward(self, st: dict, g: torch.Tensor):
+        """Gradients of :meth:`_experts_forward` for the rows and their weights, given ``g`` (``[N, H]``);
+        returns ``(grad rows, grad weights, weight-gradient parts)``: the parts (per-row tensors grouped by
+        expert) let the caller form the experts' weight gradients once for every chunk together."""
+        pairs, offs, host, grouped, tok = st["pairs"], st["offs"], st["host"], st["grouped"], st["tok"]
+        N, K, xs, h, o, wsel = st["N"], st["K"], st["xs"], st["h"], st["o"], st["wsel"]
+        acc = wsel.dtype
+        gt = g.to(acc).index_select(0, tok)                          # [P, H]
+        d_o = (gt * wsel.unsqueeze(1)).to(o.dtype)
+        d_w = (gt * o.to(acc)).sum(dim=1)                            # [P]
+        grad_w = torch.zeros(N * K, dtype=acc, device=g.device).index_copy(0, pairs, d_w).view(N, K)
+        gate, up = h.chunk(2, dim=-1)
+        d_a = _gmm(d_o, self.w_down.transpose(1, 2), offs, host, grouped)      # [P, F]
+        sg = F.silu(gate)
+        dh = torch.cat([d_a * up * _silu_grad(gate), d_a * sg], dim=1).to(h.dtype)
+        d_xs = _gmm(dh, self.w_gate_up.transpose(1, 2), offs, host, grouped)   # [P, H]
+        grad_x = self._weighted_sum(d_xs.to(acc), pairs, N, K).to(xs.dtype)
+        a = (sg * up).to(h.dtype)
+        return grad_x, grad_w.to(st["w_dtype"]), dict(d_o=d_o, a=a, dh=dh, xs=xs, counts=st["counts"], offs=offs,
+                                                      host=host, grouped=grouped)
+
+    def _expert_weight_grads(self, parts: List[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(grad w_gate_up, grad w_down)`` from every chunk's weight-gradient parts at once: the chunks'
+        rows are regrouped by expert (one gather per tensor) and each gradient is one grouped GEMM, instead
+        of a full-size gradient per chunk and their sum."""
+        L = self.num_local
+        grouped = parts[0]["grouped"]
+        if len(parts) == 1:
+            q = parts[0]
+            d_o, a, dh, xs, offs, host = q["d_o"], q["a"], q["dh"], q["xs"], q["offs"], q["host"]
+        else:
+            experts = torch.arange(L, device=parts[0]["xs"].device)
+            key = torch.cat([torch.repeat_interleave(experts, q["counts"], output_size=q["xs"].size(0))
+                             for q in parts])
+            order = torch.sort(key, stable=True).indices
+            d_o, a, dh, xs = (torch.cat([q[n] for q in parts]).index_select(0, order) for n in ("d_o", "a", "dh", "xs"))
+            counts = sum(q["counts"] for q in parts)
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            host = None if grouped else counts.tolist()
+        g_down = _gmm_weight_grad(d_o, a, offs, host, grouped, L)        # [L, H, F]
+        g_gate_up = _gmm_weight_grad(dh, xs, offs, host, grouped, L)     # [L, 2F, H]
+        return g_gate_up, g_down
 
     def shared(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The shared experts' output (``None`` without them)."""
@@ -387,9 +504,12 @@ class _Pipeline(torch.autograd.Function):
     Forward: the dispatch of chunk ``c+1`` and the combine of chunk ``c`` are queued on the communication
     stream (``async_finish`` + events) around chunk ``c``'s experts on the compute stream. Backward: the
     gradient dispatch of chunk ``c+1`` runs while chunk ``c``'s expert backward computes, and the gradient
-    combine of chunk ``c`` while chunk ``c+1``'s does. The expert graphs of the forward are kept per chunk
-    (leaves for the received rows and weights) and differentiated chunk by chunk with ``autograd.grad``.
-    Every rank runs the same collectives in the same order, whatever gradients it needs.
+    combine of chunk ``c`` while chunk ``c+1``'s does. The experts' forward and backward are written out
+    (:meth:`ExpertParallelMoE._experts_forward` / ``_experts_backward``): a chunk's backward computes only
+    the gradients that travel (rows and routing weights); the experts' weight gradients are formed once at
+    the end from every chunk's rows regrouped by expert (one grouped GEMM per weight, beside the last
+    gradient combine), not as one full-size gradient per chunk summed. Every rank runs the same
+    collectives in the same order, whatever gradients it needs.
     """
 
     @staticmethod
@@ -423,15 +543,14 @@ class _Pipeline(torch.autograd.Function):
                 issue(c + 1)
             rx, ridx, rw, h, ev = sent[c]
             ev.current_stream_wait()
-            with timer.span("compute"), torch.set_grad_enabled(need):
-                rx_l = rx.detach().requires_grad_(need)
-                rw_l = rw.detach().requires_grad_(need)
-                y = layer.local_experts(rx_l, ridx, rw_l)
+            with timer.span("compute"):
+                y, st = layer._experts_forward(rx, ridx, rw)
             with timer.span("comm"):
-                out, _, ev2 = buf.combine(y.detach(), h, async_finish=cuda, previous_event=_record() if cuda else None)
+                out, _, ev2 = buf.combine(y, h, async_finish=cuda, previous_event=_record() if cuda else None)
             outs.append(out)
             pending.append(ev2)
-            saved.append((h, rx_l, rw_l, ridx, y))
+            if need:
+                saved.append((h, st, ridx))
         for ev in pending:
             ev.current_stream_wait()
         ctx.layer, ctx.saved, ctx.bounds, ctx.x_dtype = layer, saved, b, x.dtype
@@ -441,7 +560,6 @@ class _Pipeline(torch.autograd.Function):
     def backward(ctx, grad_out):
         layer, saved, b = ctx.layer, ctx.saved, ctx.bounds
         buf, n, cuda = layer.buffer, len(saved), grad_out.is_cuda
-        params = (layer.w_gate_up, layer.w_down)
         got: List[tuple] = []
 
         def issue(c: int) -> None:
@@ -450,29 +568,27 @@ class _Pipeline(torch.autograd.Function):
             got.append((G, ev))
 
         issue(0)
-        gxs, gws, pending = [], [], []
-        gp: List[Optional[torch.Tensor]] = [None, None]
+        gxs, gws, pending, parts = [], [], [], []
         for c in range(n):
             if c + 1 < n:
                 issue(c + 1)
             G, ev = got[c]
             ev.current_stream_wait()
-            h, rx_l, rw_l, ridx, y = saved[c]
-            grads = torch.autograd.grad(y, (rx_l, rw_l) + params, G[:y.size(0)], allow_unused=True)
-            gx = grads[0] if grads[0] is not None else torch.zeros_like(rx_l)
-            gw = grads[1] if grads[1] is not None else torch.zeros_like(rw_l)
-            for i, g in enumerate(grads[2:]):
-                if g is not None:
-                    gp[i] = g if gp[i] is None else gp[i] + g
+            h, st, ridx = saved[c]
+            gx, gw, part = layer._experts_backward(st, G[:st["N"]])
+            parts.append(part)
             gw = torch.where(ridx >= 0, gw.float(), 0.0)       # entries of other ranks' experts: constants
             gxc, gwc, ev2 = buf.combine(gx.contiguous(), h, topk_weights=gw, async_finish=cuda,
                                         previous_event=_record() if cuda else None, compress=False)
             gxs.append(gxc)
             gws.append(gwc)
             pending.append(ev2)
+        # the experts' weight gradients once for every chunk (while the last gradient combines run)
+        g_gate_up, g_down = layer._expert_weight_grads(parts) if ctx.needs_input_grad[6] or \
+            ctx.needs_input_grad[7] else (None, None)
         for ev in pending:
             ev.current_stream_wait()
-        return (None, None, None, None, torch.cat(gxs).to(ctx.x_dtype), torch.cat(gws), gp[0], gp[1])
+        return (None, None, None, None, torch.cat(gxs).to(ctx.x_dtype), torch.cat(gws), g_gate_up, g_down)
 
 
 def _record() -> EventOverlap:

@@ -200,3 +200,27 @@ def test_moe_decode_gpu(rank_pool, backend):
 @pytest.mark.gpu(4)
 def test_moe_decode_gpu_4_ranks(rank_pool):
     rank_pool(4, backend="nccl").run(rank_moe_decode, "nvlink", 2, True, 0, True)
+
+
+@pytest.mark.gpu(1)
+def test_grouped_helpers_match_loop_gpu():
+    """The grouped GEMM helpers against their loops on CUDA bf16 (Hopper), with an expert without rows:
+    its weight gradient is zero even where the output memory held NaN before."""
+    if torch.cuda.get_device_capability() < (9, 0) or not hasattr(torch, "_grouped_mm"):
+        pytest.skip("needs torch._grouped_mm on a Hopper GPU")
+    from deep_ep.moe import _gmm, _gmm_weight_grad
+    g = torch.Generator(device="cuda").manual_seed(5)
+    L, H, F = 4, 64, 48
+    counts = [5, 0, 17, 3]
+    P = sum(counts)
+    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    x = torch.randn((P, H), device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn((L, F, H), device="cuda", generator=g).to(torch.bfloat16)
+    dy = torch.randn((P, F), device="cuda", generator=g).to(torch.bfloat16)
+    assert_same(_gmm(x, w, offs, None, True).float(), _gmm(x, w, offs, counts, False).float(), "grouped matmul",
+                atol=2e-2, rtol=2e-2)
+    del torch.full((L * F * H * 4,), float("nan"), device="cuda")    # leave NaN in the allocator's free memory
+    dw = _gmm_weight_grad(dy, x, offs, None, True, L)
+    assert bool((dw[1] == 0).all()), "an expert without rows must get a zero weight gradient"
+    assert_same(dw.float(), _gmm_weight_grad(dy, x, offs, counts, False, L).float(), "grouped weight gradient",
+                atol=5e-2, rtol=2e-2)

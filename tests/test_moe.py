@@ -219,7 +219,8 @@ def test_grouped_helpers_match_loop_gpu():
     dy = torch.randn((P, F), device="cuda", generator=g).to(torch.bfloat16)
     assert_same(_gmm(x, w, offs, None, True).float(), _gmm(x, w, offs, counts, False).float(), "grouped matmul",
                 atol=2e-2, rtol=2e-2)
-    del torch.full((L * F * H * 4,), float("nan"), device="cuda")    # leave NaN in the allocator's free memory
+    junk = torch.full((L * F * H * 4,), float("nan"), device="cuda")  # leave NaN in the allocator's free memory
+    del junk
     dw = _gmm_weight_grad(dy, x, offs, None, True, L)
     assert bool((dw[1] == 0).all()), "an expert without rows must get a zero weight gradient"
     assert_same(dw.float(), _gmm_weight_grad(dy, x, offs, counts, False, L).float(), "grouped weight gradient",

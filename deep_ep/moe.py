@@ -50,6 +50,7 @@ from . import layout, ops
 from .buffer import Buffer
 from .config import EventOverlap
 from .errors import DeepEPInputError
+from .transport.base import reduce_rows
 
 __all__ = ["ExpertParallelMoE", "MoEStats", "route_tokens", "dense_moe_reference"]
 
@@ -289,11 +290,15 @@ class ExpertParallelMoE(nn.Module):
         P = int(counts.sum())                                       # (a host sync: the rows to compute)
         return order[:P], counts, torch.cumsum(counts, 0).to(torch.int32)
 
-    def _weighted_sum(self, o: torch.Tensor, pairs: torch.Tensor, N: int, K: int) -> torch.Tensor:
-        """``out[n] = sum_k o[pair (n, k)]`` (pairs without a row count 0), in float32 or float64, in ``k`` order
-        (deterministic; no atomics)."""
-        dense = torch.zeros((N * K, o.size(1)), dtype=o.dtype, device=o.device).index_copy(0, pairs, o)
-        return dense.view(N, K, o.size(1)).sum(dim=1)
+    @staticmethod
+    def _weighted_sum(o: torch.Tensor, pairs: torch.Tensor, N: int, K: int, out_dtype: torch.dtype) -> torch.Tensor:
+        """``out[n] = sum_k o[pair (n, k)]`` (pairs without a row count 0), summed in float32 (float64 for
+        float64) in ``k`` order and cast to ``out_dtype``: the combine's deterministic reduction (one Triton
+        pass on CUDA; no ``[N, K, H]`` intermediate, no atomics)."""
+        pos = torch.full((N * K,), -1, dtype=torch.int64, device=o.device)
+        pos.index_copy_(0, pairs, torch.arange(pairs.numel(), device=o.device))
+        return reduce_rows(o, pos.view(N, K), (), out_dtype,
+                           lambda shape, dtype: torch.empty(shape, dtype=dtype, device=o.device))
 
     def _experts_forward(self, rx: torch.Tensor, ridx: torch.Tensor, rw: torch.Tensor):
         """:meth:`local_experts` without autograd, keeping what :meth:`_experts_backward` needs."""
@@ -308,7 +313,7 @@ class ExpertParallelMoE(nn.Module):
         o = _gmm(F.silu(gate) * up, self.w_down, offs, host, grouped)
         acc = _acc(rx.dtype)
         wsel = rw.reshape(-1).to(acc).index_select(0, pairs)
-        y = self._weighted_sum(o.to(acc) * wsel.unsqueeze(1), pairs, N, K).to(rx.dtype)
+        y = self._weighted_sum(o.to(acc) * wsel.unsqueeze(1), pairs, N, K, rx.dtype)
         return y, dict(pairs=pairs, counts=counts, offs=offs, host=host, grouped=grouped, tok=tok, xs=xs, h=h, o=o,
                        wsel=wsel, N=N, K=K, w_dtype=rw.dtype)
 
@@ -328,7 +333,7 @@ class ExpertParallelMoE(nn.Module):
         sg = F.silu(gate)
         dh = torch.cat([d_a * up * _silu_grad(gate), d_a * sg], dim=1).to(h.dtype)
         d_xs = _gmm(dh, self.w_gate_up.transpose(1, 2), offs, host, grouped)   # [P, H]
-        grad_x = self._weighted_sum(d_xs.to(acc), pairs, N, K).to(xs.dtype)
+        grad_x = self._weighted_sum(d_xs, pairs, N, K, xs.dtype)
         a = (sg * up).to(h.dtype)
         return grad_x, grad_w.to(st["w_dtype"]), dict(d_o=d_o, a=a, dh=dh, xs=xs, counts=st["counts"], offs=offs,
                                                       host=host, grouped=grouped)

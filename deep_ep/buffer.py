@@ -14,7 +14,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import layout, validate
+from . import kernels, layout, validate
 from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOverlap, env_bool, env_float,
                      env_int, recommended_config)
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
@@ -430,7 +430,11 @@ class Buffer(LowLatencyMethods, WireMethods):
                 recv_x = (recv[0], recv[1])
                 i = 2
             recv_idx = recv_w = None
-            if topk_idx is not None:
+            if topk_idx is not None and plan.num_recv_tokens < 0 and kernels.available(recv[i]):
+                from .kernels import plan as kplan      # the count is on the device: one launch
+                recv_idx, recv_w = kplan.localize_rows(recv[i], recv[i + 1] if topk_weights is not None else None,
+                                                       plan.extra["device"]["recv"][:1], self.rank, L)
+            elif topk_idx is not None:
                 recv_idx, recv_w = layout.localize_topk(recv[i], recv[i + 1] if topk_weights is not None else None,
                                                         self.rank, L)
                 valid = valid_rows(plan)

@@ -77,7 +77,11 @@ class DeferredChecks:
         mismatch = (sel != sel[rank]).any() | (hdr[:, _H_ERR] != 0).any()
         worst = hdr[:, _H_WORST]
         over = ((worst > 0) & (counts.sum(dim=0) > worst)).any()
-        self._ring[slot, _HEADER:].copy_(torch.stack([mismatch, over]).to(torch.int64), non_blocking=True)
+        self.queue(torch.stack([mismatch, over]).to(torch.int64), seq, slot)
+
+    def queue(self, verdict: torch.Tensor, seq: int, slot: int) -> None:
+        """Queue a verdict already computed on the device (int64 ``[2]``: mismatch, over)."""
+        self._ring[slot, _HEADER:].copy_(verdict, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
         self._events[slot] = ev
@@ -116,13 +120,22 @@ def build_device_plan(transport, checks: DeferredChecks, header: List[int], payl
         head, slot = checks.header_to_device(header, device)
     parts = [head] + [p.to(torch.int64).reshape(-1) for p in payload]
     gathered = transport.publish_meta(torch.cat(parts))
-    counts = gathered[:, _HEADER:_HEADER + R].clone()
-    if not capturing:
-        checks.add(gathered, counts, me, seq, slot)
+    from . import kernels
+    if kernels.available(is_token_in_rank):      # one kernel for the layout, prefix matrix and verdict
+        from .kernels import plan as kplan
+        dl, rpm, verdict = kplan.device_plan(is_token_in_rank, gathered, me, _HEADER, _FIELDS, _H_ERR, _H_WORST)
+        if not capturing:
+            checks.queue(verdict, seq, slot)
+    else:
+        counts = gathered[:, _HEADER:_HEADER + R].clone()
+        if not capturing:
+            checks.add(gathered, counts, me, seq, slot)
+        rpm = torch.cumsum(counts, dim=0).to(torch.int32)
+        dl = layout.device_layout(is_token_in_rank, counts, me)
     plan = Plan(rank=me, num_ranks=R, num_tokens=num_tokens, is_token_in_rank=is_token_in_rank,
-                rank_prefix_matrix=torch.cumsum(counts, dim=0).to(torch.int32), send_counts=None, recv_counts=None,
+                rank_prefix_matrix=rpm, send_counts=None, recv_counts=None,
                 num_recv_tokens=-1, num_out_rows=num_worst_tokens, counts=None)
-    plan.extra["device"] = layout.device_layout(is_token_in_rank, counts, me)
+    plan.extra["device"] = dl
     return plan
 
 

@@ -122,3 +122,77 @@ def test_scatter_kernels_match_torch(W, dtype, nprog):
     scatter.return_blocks(x, table, regions[me][:cap - 1], delta, me, nprog)
     torch.cuda.synchronize()
     assert torch.equal(regions, want_regions)
+
+
+def check_plan_kernel(device: str, T: int, R: int, rank: int, seed: int, disagree: bool, over: bool) -> None:
+    """The fused device-plan kernel against the torch path (layout.device_layout, the prefix matrix and
+    DeferredChecks' verdict) on a random mask and random published metadata. Also run by
+    ``scripts/plan_interpret.py`` in the Triton interpreter."""
+    from deep_ep import layout
+    from deep_ep.agreement import _H_ERR, _H_WORST, _HEADER
+    from deep_ep.kernels import plan as kplan
+    from deep_ep.plans import _FIELDS
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand((T, R), generator=g) < 0.6).to(device)
+    n = _HEADER + R + 5
+    meta = torch.randint(0, 50, (R, n), generator=g)
+    meta[:, :_HEADER] = torch.randint(1, 4, (_HEADER,), generator=g)      # the same header on every rank
+    meta[:, _H_ERR] = 0
+    meta[:, _H_WORST] = 10_000
+    if disagree:
+        meta[R - 1, _FIELDS[-1]] += 1
+    if over:
+        meta[0, _H_WORST] = 1
+        meta[:, _HEADER] = 2
+    meta = meta.to(device)
+    counts = meta[:, _HEADER:_HEADER + R].clone()
+    want = layout.device_layout(mask, counts, rank)
+    hdr = meta[:, :_HEADER]
+    sel = hdr[:, list(_FIELDS)]
+    mismatch = bool((sel != sel[rank]).any() | (hdr[:, _H_ERR] != 0).any())
+    worst = hdr[:, _H_WORST]
+    is_over = bool(((worst > 0) & (counts.sum(dim=0) > worst)).any())
+    dl, rpm, verdict = kplan.device_plan(mask, meta, rank, _HEADER, _FIELDS, _H_ERR, _H_WORST)
+    for k in ("slot", "send_pos", "combine_pos", "recv", "ret"):
+        assert torch.equal(dl[k].cpu(), want[k].cpu()), k
+    assert torch.equal(rpm.cpu(), torch.cumsum(counts, dim=0).to(torch.int32).cpu())
+    assert verdict.cpu().tolist() == [int(mismatch), int(is_over)]
+    assert mismatch == (disagree and R > 1) and is_over == over
+
+
+@cuda
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("T,R,rank", [(0, 2, 0), (1, 1, 0), (37, 2, 1), (1500, 3, 2), (5000, 4, 1), (300, 8, 7)])
+@pytest.mark.parametrize("disagree,over", [(False, False), (True, False), (False, True)])
+def test_plan_kernel_matches_torch(T, R, rank, disagree, over):
+    check_plan_kernel("cuda", T, R, rank, T * 7 + R, disagree, over)
+
+
+def check_localize_kernel(device: str, N: int, K: int, rank: int, L: int, n_valid: int, weights: bool) -> None:
+    """The fused localise-and-mask kernel against layout.localize_topk plus the valid-row masking."""
+    from deep_ep import layout
+    from deep_ep.kernels import plan as kplan
+    g = torch.Generator().manual_seed(N * 31 + K + rank)
+    idx = torch.randint(-1, 4 * max(L, 1), (N, K), generator=g).to(device)
+    w = torch.randn((N, K), generator=g).to(device) if weights else None
+    if weights and N:
+        w[0, 0] = float("nan")
+    got_i, got_w = kplan.localize_rows(idx, w, torch.tensor([n_valid], device=device), rank, L)
+    want_i, want_w = layout.localize_topk(idx, w, rank, L)
+    valid = (torch.arange(N, device=device) < n_valid).unsqueeze(1)
+    want_i = torch.where(valid, want_i, -1)
+    assert torch.equal(got_i, want_i)
+    if weights:
+        want_w = torch.where(valid, want_w, 0.0)
+        assert torch.equal(torch.nan_to_num(got_w, nan=9.0), torch.nan_to_num(want_w, nan=9.0))
+        assert torch.equal(got_w.isnan(), want_w.isnan())
+    else:
+        assert got_w is None
+
+
+@cuda
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("N,K,rank,L,n_valid,weights", [(0, 8, 0, 4, 0, True), (37, 3, 1, 4, 30, True),
+                                                        (2048, 8, 3, 5, 2048, False), (100, 1, 0, 1, 0, True)])
+def test_localize_kernel_matches_torch(N, K, rank, L, n_valid, weights):
+    check_localize_kernel("cuda", N, K, rank, L, n_valid, weights)

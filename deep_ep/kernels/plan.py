@@ -1,0 +1,140 @@
+"""Triton twin of the device plan of a ``num_worst_tokens`` dispatch (:func:`deep_ep.plans.build_device_plan`).
+
+One launch computes, from the token-to-rank mask and every rank's published metadata, what the torch
+path computes with ~25 small ops (:func:`deep_ep.layout.device_layout`, ``rank_prefix_matrix`` and the
+deferred checks' verdict): program ``d`` scans column ``d`` of the mask (a running count over blocks
+of tokens) and writes the slot, send position and combine position of each token for rank ``d``;
+program 0 also writes ``recv``, ``ret``, ``rank_prefix_matrix`` and the verdict. Same integers as the
+torch path (tested equal); the host time of a device-path dispatch is what it saves.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _plan_kernel(mask_ptr, meta_ptr, fields_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret_ptr, rpm_ptr,
+                 verdict_ptr, T, n_meta, RANK: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                 HDR: tl.constexpr, NF: tl.constexpr, FP: tl.constexpr, H_ERR: tl.constexpr,
+                 H_WORST: tl.constexpr, BLOCK: tl.constexpr):
+    d = tl.program_id(0)
+    rr = tl.arange(0, RP)
+    rin = rr < R
+    col_d = tl.load(meta_ptr + rr * n_meta + HDR + d, mask=rin, other=0)           # counts[:, d]
+    row_me = tl.load(meta_ptr + RANK * n_meta + HDR + rr, mask=rin, other=0)      # counts[RANK, :]
+    bsrc = tl.sum(tl.where(rr < RANK, col_d, 0), axis=0)        # rows ranks < RANK send to d
+    bdst = tl.sum(tl.where(rr < d, row_me, 0), axis=0)          # rows RANK sends to ranks < d
+    running = tl.zeros([1], dtype=tl.int64)
+    for t0 in range(0, T, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        tm = t < T
+        m = tl.load(mask_ptr + t.to(tl.int64) * R + d, mask=tm, other=0).to(tl.int64)
+        inc = tl.cumsum(m, axis=0) + running
+        running += tl.sum(m, axis=0)
+        s = tl.where(m > 0, inc - 1 + bsrc, -1)
+        p = tl.where(m > 0, inc - 1 + bdst, -1)
+        at = t.to(tl.int64) * R + d
+        tl.store(slot_ptr + at, s, mask=tm)
+        tl.store(send_ptr + at, p, mask=tm)
+        tl.store(comb_ptr + at, tl.where(d == RANK, s, p), mask=tm)
+    if d == 0:
+        cc = tl.arange(0, RP)
+        full = rin[:, None] & (cc < R)[None, :]
+        cnt = tl.load(meta_ptr + rr[:, None] * n_meta + HDR + cc[None, :], mask=full, other=0)   # counts[s][d']
+        incl = tl.cumsum(cnt, axis=0)                                                            # over sources
+        tl.store(rpm_ptr + rr[:, None] * R + cc[None, :], incl.to(tl.int32), mask=full)
+        col_me = tl.sum(tl.where(cc[None, :] == RANK, cnt, 0), axis=1)       # counts[s][RANK]
+        before_src_me = tl.cumsum(col_me, axis=0) - col_me                    # rows ranks < s send to RANK
+        before_dst_me = tl.sum(tl.where(cc[None, :] < RANK, cnt, 0), axis=1)  # rows s sends to ranks < RANK
+        total = tl.sum(col_me, axis=0)
+        own_lo = tl.sum(tl.where(rr < RANK, col_me, 0), axis=0)
+        own_n = tl.sum(tl.where(rr == RANK, col_me, 0), axis=0)
+        tl.store(recv_ptr + 0, total)
+        tl.store(recv_ptr + 1, own_lo)
+        tl.store(recv_ptr + 2, own_lo + own_n)
+        tl.store(ret_ptr + rr * 3 + 0, before_src_me, mask=rin)
+        tl.store(ret_ptr + rr * 3 + 1, col_me, mask=rin)
+        tl.store(ret_ptr + rr * 3 + 2, before_dst_me, mask=rin)
+        # the verdict: ranks disagree on a header field (or one rejected its input); a rank receives more
+        # rows than its num_worst_tokens
+        ff = tl.arange(0, FP)
+        fm = ff < NF
+        fields = tl.load(fields_ptr + ff, mask=fm, other=0)
+        fmask = rin[:, None] & fm[None, :]
+        sel = tl.load(meta_ptr + rr[:, None] * n_meta + fields[None, :], mask=fmask, other=0)
+        mine = tl.load(meta_ptr + RANK * n_meta + fields, mask=fm, other=0)
+        diff = tl.sum(tl.where(fmask & (sel != mine[None, :]), 1, 0), axis=1)
+        err = tl.load(meta_ptr + rr * n_meta + H_ERR, mask=rin, other=0)
+        mismatch = tl.sum(tl.where(rin & ((diff > 0) | (err != 0)), 1, 0), axis=0) > 0
+        worst = tl.load(meta_ptr + rr * n_meta + H_WORST, mask=rin, other=0)
+        received = tl.sum(cnt, axis=0)                                   # rows each rank (column) receives
+        over = tl.sum(tl.where(rin & (worst > 0) & (received > worst), 1, 0), axis=0) > 0
+        tl.store(verdict_ptr + 0, mismatch.to(tl.int64))
+        tl.store(verdict_ptr + 1, over.to(tl.int64))
+
+
+_FIELDS_CACHE: Dict[Tuple[torch.device, Tuple[int, ...]], torch.Tensor] = {}
+
+
+def device_plan(is_token_in_rank: torch.Tensor, meta: torch.Tensor, rank: int, header: int,
+                fields: Sequence[int], h_err: int, h_worst: int
+                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(layout, rank_prefix_matrix int32 [R, R], verdict int64 [2])`` of a device plan: ``layout`` as
+    :func:`deep_ep.layout.device_layout` returns it, from the mask ``[T, R]`` and the metadata ``meta``
+    ``[R, n]`` (int64; counts at columns ``header .. header + R``); ``verdict`` = (ranks disagree on a
+    header field in ``fields`` or one set ``h_err``, a rank receives more than its ``h_worst``)."""
+    T, R = is_token_in_rank.shape
+    dev = is_token_in_rank.device
+    key = (dev, tuple(fields))
+    f = _FIELDS_CACHE.get(key)
+    if f is None:
+        f = _FIELDS_CACHE[key] = torch.tensor(list(fields), dtype=torch.int64, device=dev)
+    mask = is_token_in_rank.contiguous().view(torch.uint8)
+    meta = meta.contiguous()
+    slot = torch.empty((T, R), dtype=torch.int64, device=dev)
+    send = torch.empty((T, R), dtype=torch.int64, device=dev)
+    comb = torch.empty((T, R), dtype=torch.int64, device=dev)
+    small = torch.empty((3 + 3 * R + 2,), dtype=torch.int64, device=dev)      # recv | ret | verdict
+    recv, ret, verdict = small[:3], small[3:3 + 3 * R].view(R, 3), small[3 + 3 * R:]
+    rpm = torch.empty((R, R), dtype=torch.int32, device=dev)
+    _plan_kernel[(R,)](mask, meta, f, slot, send, comb, recv, ret, rpm, verdict, T, meta.size(1),
+                       RANK=rank, R=R, RP=max(triton.next_power_of_2(R), 2), HDR=header, NF=len(fields),
+                       FP=max(triton.next_power_of_2(len(fields)), 2), H_ERR=h_err, H_WORST=h_worst,
+                       BLOCK=1024, num_warps=4)
+    return dict(slot=slot, send_pos=send, recv=recv, ret=ret, combine_pos=comb), rpm, verdict
+
+
+@triton.jit
+def _localize_kernel(idx_ptr, w_ptr, n_ptr, out_idx_ptr, out_w_ptr, total, K, lo, L,
+                     HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < total
+    n = tl.load(n_ptr)
+    e = tl.load(idx_ptr + i, mask=m, other=-1)
+    keep = (i // K < n) & (e >= lo) & (e < lo + L)
+    tl.store(out_idx_ptr + i, tl.where(keep, e - lo, -1), mask=m)
+    if HAS_W:
+        w = tl.load(w_ptr + i, mask=m, other=0.0)
+        tl.store(out_w_ptr + i, tl.where(keep, w, 0.0), mask=m)
+
+
+def localize_rows(topk_idx: torch.Tensor, topk_weights, num_valid: torch.Tensor, rank: int, num_local: int):
+    """:func:`deep_ep.layout.localize_topk` and the masking of rows at or past ``num_valid`` (int64 on the
+    device: the received count of a device-path dispatch) in one launch: ``(local ids, weights or None)``."""
+    N, K = topk_idx.shape
+    idx = topk_idx.contiguous()
+    out_idx = torch.empty_like(idx)
+    w = topk_weights.contiguous() if topk_weights is not None else None
+    out_w = torch.empty_like(w) if w is not None else None
+    total = N * K
+    if total:
+        block = 1024
+        _localize_kernel[(triton.cdiv(total, block),)](idx, w if w is not None else idx, num_valid,
+                                                      out_idx, out_w if out_w is not None else out_idx, total, K,
+                                                      rank * num_local, num_local, HAS_W=w is not None,
+                                                      BLOCK=block, num_warps=4)
+    return out_idx, out_w

@@ -282,6 +282,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         print(f"deep-ep demo: error: {exc}", file=sys.stderr)
         return 2
     res = run(cfg)
+    res.setdefault("command", "deep-ep demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]))
     print(format_result(res))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

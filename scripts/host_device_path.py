@@ -6,11 +6,8 @@
 Prints host microseconds per call (the GPU kept busy: one synchronize at the end of each batch) and the
 cProfile of each kind of call sorted by own time.
 """
-import cProfile
 import os
-import pstats
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -20,6 +17,7 @@ os.environ.setdefault("MASTER_PORT", "29547")
 torch.cuda.set_device(0)
 dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
 import deep_ep  # noqa: E402
+from _timing import host_profile  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
 H = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
@@ -44,22 +42,7 @@ def combine():
 
 
 def measure(label, fn, n=100):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n
-    torch.cuda.synchronize()
-    print(f"== {label}: {host * 1e6:.0f} us host per call", flush=True)
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(n):
-        fn()
-    pr.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(28)
+    host_profile(label, fn, n, rows=28)
 
 
 measure("fresh dispatch, num_worst_tokens (device path)", lambda: fresh(T))

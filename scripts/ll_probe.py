@@ -1,8 +1,6 @@
 """Where the time of a low-latency call goes on one GPU: host profile (cProfile) of eager calls and the
 kernels' GPU times (torch.profiler). python scripts/ll_probe.py [tokens]"""
-import cProfile
 import os
-import pstats
 import sys
 
 import torch
@@ -25,27 +23,7 @@ for _ in range(5):
     y = torch.randn((E, M, H), device="cuda").to(torch.bfloat16)
     buf.low_latency_combine(y, idx, w, h)
 torch.cuda.synchronize()
-import time  # noqa: E402
-
-
-def host(label, fn, n=50):
-    """Host time per call (the GPU kept ahead: a synchronize only at the end) and the cProfile of n calls."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    print(f"== {label}: {(t1 - t0) / n * 1e6:.1f} us host per call ({(time.perf_counter() - t0) / n * 1e6:.1f} "
-          f"with the GPU)")
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(n):
-        fn()
-    pr.disable()
-    torch.cuda.synchronize()
-    st = pstats.Stats(pr)
-    st.sort_stats("tottime").print_stats(18)
+from _timing import host_profile as host  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 
 host("dispatch", lambda: buf.low_latency_dispatch(x, idx, M, E))

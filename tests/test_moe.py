@@ -22,6 +22,18 @@ def _full_weights(E, H, F, shared, seed, dtype):
     return to(router), to(gu), to(down), tuple(to(t) for t in sh) if sh else None
 
 
+def _load(layer, rank, router, gu, down, sh):
+    """This rank's share of the full weights (experts ``rank*L .. (rank+1)*L-1``) into ``layer``."""
+    L = layer.num_local
+    with torch.no_grad():
+        layer.router.weight.copy_(router)
+        layer.w_gate_up.copy_(gu[rank * L:(rank + 1) * L])
+        layer.w_down.copy_(down[rank * L:(rank + 1) * L])
+        if sh:
+            layer.shared_gate_up.copy_(sh[0])
+            layer.shared_down.copy_(sh[1])
+
+
 def rank_moe(rank, R, backend, num_chunks, shared, n_group, dtype_name, tol):
     dtype = getattr(torch, dtype_name)
     dev = device()
@@ -31,13 +43,7 @@ def rank_moe(rank, R, backend, num_chunks, shared, n_group, dtype_name, tol):
     layer = ExpertParallelMoE(H, F, E, K, num_shared_experts=shared, num_chunks=num_chunks, n_group=n_group,
                               topk_group=2 if n_group > 1 else 1, norm_topk_prob=n_group > 1,
                               buffer=get_buffer(backend), record_stats=True, dtype=dtype, device=dev)
-    with torch.no_grad():
-        layer.router.weight.copy_(router)
-        layer.w_gate_up.copy_(gu[rank * L:(rank + 1) * L])
-        layer.w_down.copy_(down[rank * L:(rank + 1) * L])
-        if shared:
-            layer.shared_gate_up.copy_(sh[0])
-            layer.shared_down.copy_(sh[1])
+    _load(layer, rank, router, gu, down, sh)
     g = torch.Generator().manual_seed(100 + rank)
     T = [13, 9, 0, 17][rank]
     x = torch.randn((T, H), generator=g).to(dtype).to(dev).requires_grad_()
@@ -134,16 +140,9 @@ def rank_moe_decode(rank, R, backend, micro_batches, use_fp8, shared, graph=Fals
     dev = device()
     E, H, F, K = 4 * R, 128, 48, 3
     router, gu, down, sh = _full_weights(E, H, F, shared, 21, torch.bfloat16)
-    L = E // R
     layer = ExpertParallelMoE(H, F, E, K, num_shared_experts=shared, buffer=get_buffer(backend),
                               dtype=torch.bfloat16, device=dev).requires_grad_(False)
-    with torch.no_grad():
-        layer.router.weight.copy_(router)
-        layer.w_gate_up.copy_(gu[rank * L:(rank + 1) * L])
-        layer.w_down.copy_(down[rank * L:(rank + 1) * L])
-        if shared:
-            layer.shared_gate_up.copy_(sh[0])
-            layer.shared_down.copy_(sh[1])
+    _load(layer, rank, router, gu, down, sh)
     T, Mx = [7, 0, 5, 8][rank], 8
     g = torch.Generator().manual_seed(300 + rank)
 

@@ -328,12 +328,14 @@ class ExpertParallelMoE(nn.Module):
         d_o = (gt * wsel.unsqueeze(1)).to(o.dtype)
         d_w = (gt * o.to(acc)).sum(dim=1)                            # [P]
         grad_w = torch.zeros(N * K, dtype=acc, device=g.device).index_copy(0, pairs, d_w).view(N, K)
-        gate, up = h.chunk(2, dim=-1)
-        d_a = _gmm(d_o, self.w_down.transpose(1, 2), offs, host, grouped)      # [P, F]
+        gate, up = (t.to(acc) for t in h.chunk(2, dim=-1))       # the activation's gradient in float32
+        d_a = _gmm(d_o, self.w_down.transpose(1, 2), offs, host, grouped).to(acc)      # [P, F]
         sg = F.silu(gate)
-        dh = torch.cat([d_a * up * _silu_grad(gate), d_a * sg], dim=1).to(h.dtype)
+        dh = torch.cat([d_a * up * _silu_grad(gate), d_a * sg], dim=1).to(h.dtype)    # one rounding
         d_xs = _gmm(dh, self.w_gate_up.transpose(1, 2), offs, host, grouped)   # [P, H]
         grad_x = self._weighted_sum(d_xs, pairs, N, K, xs.dtype)
+        if not st.get("weight_grads", True):
+            return grad_x, grad_w.to(st["w_dtype"]), None
         a = (sg * up).to(h.dtype)
         return grad_x, grad_w.to(st["w_dtype"]), dict(d_o=d_o, a=a, dh=dh, xs=xs, counts=st["counts"], offs=offs,
                                                       host=host, grouped=grouped)
@@ -404,7 +406,8 @@ class ExpertParallelMoE(nn.Module):
     def experts_low_latency(self, recv_x, recv_count: torch.Tensor) -> torch.Tensor:
         """The local experts on a low-latency dispatch's output: ``recv_x`` bf16 ``[L, R*M, H]`` or DeepEP's
         fp8 pair ``(float8 [L, R*M, H], float32 scales [L, R*M, H/128])``, the first ``recv_count[l]`` rows
-        of expert ``l`` valid. Returns bf16 ``[L, R*M, H]`` (rows past the counts are zero). On Hopper GPUs
+        of expert ``l`` valid, from a dispatch with this layer's ``top_k`` (distinct experts per token).
+        Returns bf16 ``[L, R*M, H]`` (rows past the counts are zero). On Hopper GPUs
         the valid rows are packed without a host sync into one grouped GEMM per projection (capturable in
         a CUDA graph); elsewhere a loop over experts reads the counts on the host."""
         if isinstance(recv_x, tuple):
@@ -419,16 +422,23 @@ class ExpertParallelMoE(nn.Module):
         if L != self.num_local or H != self.hidden:
             raise DeepEPInputError(f"experts_low_latency expects [{self.num_local}, R*M, {self.hidden}], got "
                                    f"{list(x.shape)}")
+        if self.w_gate_up.dtype != torch.bfloat16:
+            raise DeepEPInputError(f"experts_low_latency needs bfloat16 expert weights (the low-latency rows are "
+                                   f"bf16), this layer has {self.w_gate_up.dtype}")
         counts = recv_count.to(torch.int64)
         j = torch.arange(RM, device=x.device)
         valid = j.unsqueeze(0) < counts.unsqueeze(1)                       # [L, RM]
         y = torch.zeros_like(x)
         if self._grouped(x) and L * RM:
-            P = min(L, self.top_k) * RM                                  # the most rows a rank can receive
+            # the most rows a rank can receive from a dispatch with this layer's top-k (distinct experts per
+            # token); rows past it (another top-k) are dropped rather than written out of bounds
+            P = min(L, self.top_k) * RM
             ends = torch.cumsum(counts, 0)
-            dest = torch.where(valid, (ends - counts).unsqueeze(1) + j, P).reshape(-1)   # packed row, P: none
+            at = (ends - counts).unsqueeze(1) + j
+            valid = valid & (at < P)
+            dest = torch.where(valid, at, P).reshape(-1)                 # packed row, P: none
             packed = x.new_zeros((P + 1, H)).index_copy_(0, dest, x.reshape(-1, H))[:P]
-            offs = ends.to(torch.int32)
+            offs = ends.clamp(max=P).to(torch.int32)
             h = torch._grouped_mm(packed, self.w_gate_up.transpose(1, 2), offs=offs)
             gate, up = h.chunk(2, dim=-1)
             out = torch._grouped_mm(F.silu(gate) * up, self.w_down.transpose(1, 2), offs=offs)
@@ -559,11 +569,14 @@ class _Pipeline(torch.autograd.Function):
         for ev in pending:
             ev.current_stream_wait()
         ctx.layer, ctx.saved, ctx.bounds, ctx.x_dtype = layer, saved, b, x.dtype
+        ctx.save_for_backward(w_gate_up, w_down)     # (autograd's version check: weights changed in place raise)
         return torch.cat(outs)
 
     @staticmethod
     def backward(ctx, grad_out):
         layer, saved, b = ctx.layer, ctx.saved, ctx.bounds
+        ctx.saved_tensors                           # raises if the weights were modified in place since forward
+        weight_grads = ctx.needs_input_grad[6] or ctx.needs_input_grad[7]
         buf, n, cuda = layer.buffer, len(saved), grad_out.is_cuda
         got: List[tuple] = []
 
@@ -580,8 +593,11 @@ class _Pipeline(torch.autograd.Function):
             G, ev = got[c]
             ev.current_stream_wait()
             h, st, ridx = saved[c]
+            saved[c] = (h, None, None)                  # the chunk's rows are freed once differentiated
+            st["weight_grads"] = weight_grads
             gx, gw, part = layer._experts_backward(st, G[:st["N"]])
-            parts.append(part)
+            if part is not None:
+                parts.append(part)
             gw = torch.where(ridx >= 0, gw.float(), 0.0)       # entries of other ranks' experts: constants
             gxc, gwc, ev2 = buf.combine(gx.contiguous(), h, topk_weights=gw, async_finish=cuda,
                                         previous_event=_record() if cuda else None, compress=False)
@@ -589,8 +605,7 @@ class _Pipeline(torch.autograd.Function):
             gws.append(gwc)
             pending.append(ev2)
         # the experts' weight gradients once for every chunk (while the last gradient combines run)
-        g_gate_up, g_down = layer._expert_weight_grads(parts) if ctx.needs_input_grad[6] or \
-            ctx.needs_input_grad[7] else (None, None)
+        g_gate_up, g_down = layer._expert_weight_grads(parts) if weight_grads else (None, None)
         for ev in pending:
             ev.current_stream_wait()
         return (None, None, None, None, torch.cat(gxs).to(ctx.x_dtype), torch.cat(gws), g_gate_up, g_down)

@@ -148,3 +148,17 @@ def test_buffer_needs_distributed():
 @pytest.mark.gpu
 def test_buffer_utilities_gpu(rank_pool):
     rank_pool(2, backend="nccl").run(rank_buffer_utilities)
+
+
+@pytest.mark.parametrize("be,cfg,want", [("nccl", None, True), ("gloo", None, False),
+                                         ("cpu:gloo,cuda:nccl", None, True), ("cpu:gloo,cuda:gloo", None, True),
+                                         ("undefined", "cpu:gloo", False), ("undefined", "cpu:gloo,cuda:nccl", True)])
+def test_group_on_cuda_backend_strings(monkeypatch, be, cfg, want):
+    """Which groups work on CUDA: NCCL, a gloo group mapped to CUDA, and a group made without naming a
+    backend (its per-device configuration decides)."""
+    import deep_ep.transport as tr
+    monkeypatch.setattr(tr.dist, "get_backend", lambda group=None: be)
+    monkeypatch.setattr(tr.dist, "get_backend_config", lambda group=None: cfg)
+    assert tr.group_on_cuda() is want
+    if not want:
+        assert tr.group_device() == torch.device("cpu")

@@ -116,6 +116,13 @@ def rank_moe_errors(rank, R):
     layer = ExpertParallelMoE(16, 8, 2 * R, 2, buffer=get_buffer())
     with pytest.raises(deep_ep.DeepEPInputError, match=r"\[tokens, 16\]"):
         layer(torch.zeros(3, 15))
+    # expert weights changed in place between a chunked forward and its backward: autograd's version check
+    chunked = ExpertParallelMoE(16, 8, 2 * R, 2, num_chunks=2, buffer=get_buffer())
+    y = chunked(torch.randn(6, 16))
+    with torch.no_grad():
+        chunked.w_down.mul_(2)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
     # no tokens on any rank, group-limited routing: an empty result, no error
     empty = ExpertParallelMoE(16, 8, 4 * R, 2, n_group=2, topk_group=1, num_chunks=3, buffer=get_buffer())
     assert empty(torch.zeros(0, 16)).shape == (0, 16)

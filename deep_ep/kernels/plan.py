@@ -17,9 +17,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _plan_kernel(mask_ptr, meta_ptr, fields_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret_ptr, rpm_ptr,
+def _plan_kernel(mask_ptr, meta_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret_ptr, rpm_ptr,
                  verdict_ptr, T, n_meta, RANK: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                 HDR: tl.constexpr, NF: tl.constexpr, FP: tl.constexpr, H_ERR: tl.constexpr,
+                 HDR: tl.constexpr, HP: tl.constexpr, FIELDS: tl.constexpr, H_ERR: tl.constexpr,
                  H_WORST: tl.constexpr, BLOCK: tl.constexpr):
     d = tl.program_id(0)
     rr = tl.arange(0, RP)
@@ -61,12 +61,11 @@ def _plan_kernel(mask_ptr, meta_ptr, fields_ptr, slot_ptr, send_ptr, comb_ptr, r
         tl.store(ret_ptr + rr * 3 + 2, before_dst_me, mask=rin)
         # the verdict: ranks disagree on a header field (or one rejected its input); a rank receives more
         # rows than its num_worst_tokens
-        ff = tl.arange(0, FP)
-        fm = ff < NF
-        fields = tl.load(fields_ptr + ff, mask=fm, other=0)
+        ff = tl.arange(0, HP)                         # header columns; FIELDS: bit f set = compare column f
+        fm = (ff < HDR) & (((FIELDS >> ff) & 1) == 1)
         fmask = rin[:, None] & fm[None, :]
-        sel = tl.load(meta_ptr + rr[:, None] * n_meta + fields[None, :], mask=fmask, other=0)
-        mine = tl.load(meta_ptr + RANK * n_meta + fields, mask=fm, other=0)
+        sel = tl.load(meta_ptr + rr[:, None] * n_meta + ff[None, :], mask=fmask, other=0)
+        mine = tl.load(meta_ptr + RANK * n_meta + ff, mask=fm, other=0)
         diff = tl.sum(tl.where(fmask & (sel != mine[None, :]), 1, 0), axis=1)
         err = tl.load(meta_ptr + rr * n_meta + H_ERR, mask=rin, other=0)
         mismatch = tl.sum(tl.where(rin & ((diff > 0) | (err != 0)), 1, 0), axis=0) > 0
@@ -75,9 +74,6 @@ def _plan_kernel(mask_ptr, meta_ptr, fields_ptr, slot_ptr, send_ptr, comb_ptr, r
         over = tl.sum(tl.where(rin & (worst > 0) & (received > worst), 1, 0), axis=0) > 0
         tl.store(verdict_ptr + 0, mismatch.to(tl.int64))
         tl.store(verdict_ptr + 1, over.to(tl.int64))
-
-
-_FIELDS_CACHE: Dict[Tuple[torch.device, Tuple[int, ...]], torch.Tensor] = {}
 
 
 def device_plan(is_token_in_rank: torch.Tensor, meta: torch.Tensor, rank: int, header: int,
@@ -89,10 +85,9 @@ def device_plan(is_token_in_rank: torch.Tensor, meta: torch.Tensor, rank: int, h
     header field in ``fields`` or one set ``h_err``, a rank receives more than its ``h_worst``)."""
     T, R = is_token_in_rank.shape
     dev = is_token_in_rank.device
-    key = (dev, tuple(fields))
-    f = _FIELDS_CACHE.get(key)
-    if f is None:
-        f = _FIELDS_CACHE[key] = torch.tensor(list(fields), dtype=torch.int64, device=dev)
+    if any(not 0 <= f < header for f in fields) or header > 62:
+        raise ValueError(f"header fields {fields} must lie in [0, {header}) with a header of at most 62 columns")
+    bits = sum(1 << f for f in set(fields))      # a compile-time constant: nothing to copy to the device
     mask = is_token_in_rank.contiguous().view(torch.uint8)
     meta = meta.contiguous()
     slot = torch.empty((T, R), dtype=torch.int64, device=dev)
@@ -101,9 +96,9 @@ def device_plan(is_token_in_rank: torch.Tensor, meta: torch.Tensor, rank: int, h
     small = torch.empty((3 + 3 * R + 2,), dtype=torch.int64, device=dev)      # recv | ret | verdict
     recv, ret, verdict = small[:3], small[3:3 + 3 * R].view(R, 3), small[3 + 3 * R:]
     rpm = torch.empty((R, R), dtype=torch.int32, device=dev)
-    _plan_kernel[(R,)](mask, meta, f, slot, send, comb, recv, ret, rpm, verdict, T, meta.size(1),
-                       RANK=rank, R=R, RP=max(triton.next_power_of_2(R), 2), HDR=header, NF=len(fields),
-                       FP=max(triton.next_power_of_2(len(fields)), 2), H_ERR=h_err, H_WORST=h_worst,
+    _plan_kernel[(R,)](mask, meta, slot, send, comb, recv, ret, rpm, verdict, T, meta.size(1),
+                       RANK=rank, R=R, RP=max(triton.next_power_of_2(R), 2), HDR=header,
+                       HP=max(triton.next_power_of_2(header), 2), FIELDS=bits, H_ERR=h_err, H_WORST=h_worst,
                        BLOCK=1024, num_warps=4)
     return dict(slot=slot, send_pos=send, recv=recv, ret=ret, combine_pos=comb), rpm, verdict
 

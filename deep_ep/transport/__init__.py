@@ -33,10 +33,23 @@ NVLINK_MAX_RANKS = 2
 NVLINK_PREFERRED = True   # measured faster than collective: benchmarks/results/*-nvidia-h200-normal*.json
 
 
+def _backend_str(group: Optional[dist.ProcessGroup] = None) -> str:
+    """The group's backend, lower case; for a group made without naming one (``'undefined'``) its
+    per-device configuration (``'cpu:gloo,cuda:nccl'`` where NCCL exists)."""
+    be = str(dist.get_backend(group)).lower()
+    if be == "undefined":
+        try:
+            be = str(dist.get_backend_config(group)).lower()
+        except Exception:  # pragma: no cover - older torch
+            pass
+    return be
+
+
 def group_on_cuda(group: Optional[dist.ProcessGroup] = None) -> bool:
     """True when the group's collectives take CUDA tensors: an NCCL group, or a mixed backend string
-    that names one for CUDA (``'cpu:gloo,cuda:gloo'``, ``'cpu:gloo,cuda:nccl'``)."""
-    be = str(dist.get_backend(group)).lower()
+    that names one for CUDA (``'cpu:gloo,cuda:gloo'``, ``'cpu:gloo,cuda:nccl'``, or a group made without
+    naming a backend on a machine with NCCL)."""
+    be = _backend_str(group)
     return "nccl" in be or "cuda:" in be
 
 
@@ -82,7 +95,7 @@ def backend_support(group: Optional[dist.ProcessGroup] = None) -> List[Tuple[str
     """
     out: List[Tuple[str, bool, str]] = []
     if group is not None:
-        be = str(dist.get_backend(group)).lower()
+        be = _backend_str(group)
         ok = be in ("gloo", "nccl", "mpi") or "nccl" in be or "gloo" in be
         out.append(("collective", ok, f"torch.distributed all_to_all_single on the {be} group"))
     else:

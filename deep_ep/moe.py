@@ -21,6 +21,12 @@ overlap little. On nvlink the chunks are dispatched with
 of the largest token count per forward).
 Backward (``num_chunks > 1``) is pipelined the same way: the gradient
 dispatch of chunk ``c+1`` runs while chunk ``c``'s experts differentiate.
+The experts' forward and backward are written out for the chunks (SwiGLU,
+the activation's gradient in float32): a chunk's backward computes only the
+gradients that travel back (rows, routing weights); the expert weight
+gradients are formed once, after the last chunk, from every chunk's rows
+regrouped by expert (one grouped GEMM per weight, not one full-size
+gradient per chunk summed).
 Chunking changes a token's result only by
 the rounding of matrix products over other batches of rows (each row meets
 the same experts and the sums run in a fixed order; measured: float64

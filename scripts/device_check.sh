@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything one GPU-machine call needs: versions, GPU tests, and the benchmark, results under $OUT.
-# Run from the repository root on a machine with >= 2 GPUs:  bash scripts/device_check.sh [pytest -k expr]
+# Run from the repository root on a GPU machine:  bash scripts/device_check.sh [pytest -k expr]
+# (>= 2 GPUs for the benchmarks; on one GPU the multi-rank tests share it, DEEP_EP_TEST_SHARE_GPU=4)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -11,6 +12,9 @@ head -3 "$OUT/gpus.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 python3 -m deep_ep info > "$OUT/info.txt" 2>&1; tail -15 "$OUT/info.txt"
 K=${1:-}
+# With fewer than 2 GPUs the multi-rank tests run with ranks sharing the GPU (README, Tests), unless set
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${NGPU:-0}" -lt 2 ] && [ -z "${DEEP_EP_TEST_SHARE_GPU+x}" ]; then export DEEP_EP_TEST_SHARE_GPU=4; fi
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m gpu tests -p no:cacheprovider ${K:+-k "$K"} > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.txt"

@@ -231,3 +231,22 @@ def test_grouped_helpers_match_loop_gpu():
     assert bool((dw[1] == 0).all()), "an expert without rows must get a zero weight gradient"
     assert_same(dw.float(), _gmm_weight_grad(dy, x, offs, counts, False, L).float(), "grouped weight gradient",
                 atol=5e-2, rtol=2e-2)
+
+
+def rank_decode_benchmark(rank, R):
+    """``run`` of ``benchmarks/bench_decode.py --small`` on the pool's group (what torchrun runs)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_decode.py")
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.run(mod.parse_args(["--small", "--tokens", "8", "--warmup", "1", "--iters", "2"]))
+
+
+def test_decode_benchmark_small(rank_pool):
+    res = rank_pool(2).run(rank_decode_benchmark)[0]
+    assert res["card"] == "cpu" and res["num_ranks"] == 2 and res["transport"] == "collective"
+    assert [r["case"] for r in res["rows"]] == ["forward", "decode-1", "decode-2"]
+    assert all(r["us"] > 0 for r in res["rows"])
+    assert max(res["max_rel_diff_vs_decode_1"].values()) < 1e-2

@@ -35,11 +35,16 @@ for args in "${RUNS[@]}"; do
     "${rest[@]}" > "$OUT/bench$i.txt" 2>&1
   echo "bench $i ($args) rc=$?"; tail -22 "$OUT/bench$i.txt"
 done
-# The low-latency benchmark and the demo (LL=1, DEMO=1), results under $OUT
+# The low-latency benchmark, the decode benchmark and the demo (LL=1, DECODE=1, DEMO=1), results under $OUT
 if [ -n "${LL:-}" ]; then
   timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep bench --mode low-latency --no-progress --json "$OUT/low_latency.json" \
     > "$OUT/low_latency.txt" 2>&1
   echo "low-latency bench rc=$?"; tail -12 "$OUT/low_latency.txt"
+fi
+if [ -n "${DECODE:-}" ]; then     # ExpertParallelMoE.decode, 1 and 2 micro-batches, on every GPU
+  timeout ${BENCH_TIMEOUT:-420} torchrun --nproc-per-node "${NGPU:-1}" benchmarks/bench_decode.py \
+    --json "$OUT/decode.json" ${DECODE_ARGS:-} > "$OUT/decode.txt" 2>&1
+  echo "decode bench rc=$?"; grep -v "^W" "$OUT/decode.txt" | tail -8
 fi
 if [ -n "${DEMO:-}" ]; then
   timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep demo --no-progress ${DEMO_ARGS:-} --json "$OUT/demo.json" \

@@ -285,16 +285,42 @@ class ExpertParallelMoE(nn.Module):
 
     def _pack(self, ridx: torch.Tensor):
         """The (row, k) pairs of received rows with a local expert, sorted by expert (stable): ``pairs`` (flat
-        ``row * K + k``), per-expert ``counts`` (device), ``offs`` (int32 ends) and host counts where the
-        experts loop (``None`` for the grouped GEMM). One host sync: the number of pairs."""
-        N, K = ridx.shape
+        ``row * K + k``), per-expert ``counts`` (device) and ``offs`` (int32 ends). One host sync: the number
+        of pairs."""
+        return self._pack_finish(self._pack_start(ridx))
+
+    def _pack_start(self, ridx: torch.Tensor, consumer: Optional["torch.cuda.Stream"] = None) -> dict:
+        """The device half of :meth:`_pack`, queued on the current stream; on CUDA the number of pairs is
+        copied to pinned memory behind an event, so :meth:`_pack_finish` waits only for this work (the
+        chunked pipeline runs it on the communication stream right after the chunk's dispatch, not behind
+        the previous chunk's experts). ``consumer``: the stream that will use the results."""
         L = self.num_local
         flat = ridx.reshape(-1)
         key = torch.where(flat >= 0, flat, torch.full_like(flat, L))
         order = torch.sort(key, stable=True).indices
         counts = torch.bincount(key, minlength=L + 1)[:L]
-        P = int(counts.sum())                                       # (a host sync: the rows to compute)
-        return order[:P], counts, torch.cumsum(counts, 0).to(torch.int32)
+        pk = dict(order=order, counts=counts, offs=torch.cumsum(counts, 0).to(torch.int32), event=None)
+        if ridx.is_cuda:
+            host = torch.empty((1,), dtype=torch.int64, pin_memory=True)
+            host.copy_(counts.sum().view(1), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            pk.update(host=host, event=ev)
+            if consumer is not None:
+                for t in (order, counts, pk["offs"]):
+                    t.record_stream(consumer)
+        return pk
+
+    @staticmethod
+    def _pack_finish(pk: dict):
+        """``(pairs, counts, offs)`` of a :meth:`_pack_start` (waits for its event on CUDA)."""
+        if pk["event"] is not None:
+            pk["event"].synchronize()                               # (the rows to compute: a host read)
+            torch.cuda.current_stream().wait_event(pk["event"])
+            P = int(pk["host"][0])
+        else:
+            P = int(pk["counts"].sum())
+        return pk["order"][:P], pk["counts"], pk["offs"]
 
     @staticmethod
     def _weighted_sum(o: torch.Tensor, pairs: torch.Tensor, N: int, K: int, out_dtype: torch.dtype) -> torch.Tensor:
@@ -306,10 +332,11 @@ class ExpertParallelMoE(nn.Module):
         return reduce_rows(o, pos.view(N, K), (), out_dtype,
                            lambda shape, dtype: torch.empty(shape, dtype=dtype, device=o.device))
 
-    def _experts_forward(self, rx: torch.Tensor, ridx: torch.Tensor, rw: torch.Tensor):
-        """:meth:`local_experts` without autograd, keeping what :meth:`_experts_backward` needs."""
+    def _experts_forward(self, rx: torch.Tensor, ridx: torch.Tensor, rw: torch.Tensor, pk: Optional[dict] = None):
+        """:meth:`local_experts` without autograd, keeping what :meth:`_experts_backward` needs (``pk``: a
+        :meth:`_pack_start` of ``ridx`` already queued)."""
         N, K = ridx.shape
-        pairs, counts, offs = self._pack(ridx)
+        pairs, counts, offs = self._pack_finish(pk) if pk is not None else self._pack(ridx)
         grouped = self._grouped(rx)
         host = None if grouped else counts.tolist()
         tok = torch.div(pairs, K, rounding_mode="floor")
@@ -555,17 +582,24 @@ class _Pipeline(torch.autograd.Function):
                     x[b[c]:b[c + 1]], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                     num_tokens_per_expert=per_expert, topk_idx=idx[b[c]:b[c + 1]], topk_weights=w[b[c]:b[c + 1]],
                     num_worst_tokens=worst, async_finish=cuda, previous_event=first if c == 0 else None)
-            sent.append((rx, ridx, rw, h, ev))
+            pk = None
+            if cuda:       # sort the chunk's pairs by expert on the comm stream, right after its dispatch
+                compute = torch.cuda.current_stream()
+                with torch.cuda.stream(buf.get_comm_stream()):
+                    ev.current_stream_wait()
+                    pk = layer._pack_start(ridx, consumer=compute)
+            sent.append((rx, ridx, rw, h, ev, pk))
 
         issue(0)
         outs, pending, saved = [], [], []
         for c in range(n):
             if c + 1 < n:
                 issue(c + 1)
-            rx, ridx, rw, h, ev = sent[c]
+            rx, ridx, rw, h, ev, pk = sent[c]
+            sent[c] = None
             ev.current_stream_wait()
             with timer.span("compute"):
-                y, st = layer._experts_forward(rx, ridx, rw)
+                y, st = layer._experts_forward(rx, ridx, rw, pk)
             with timer.span("comm"):
                 out, _, ev2 = buf.combine(y, h, async_finish=cuda, previous_event=_record() if cuda else None)
             outs.append(out)

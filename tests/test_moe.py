@@ -250,3 +250,92 @@ def test_decode_benchmark_small(rank_pool):
     assert [r["case"] for r in res["rows"]] == ["forward", "decode-1", "decode-2"]
     assert all(r["us"] > 0 for r in res["rows"])
     assert max(res["max_rel_diff_vs_decode_1"].values()) < 1e-2
+
+
+def rank_manual_experts_match_autograd(rank, R, grouped):
+    """The chunked pipeline's written-out experts (forward, row / weight gradients, weight gradients of
+    several chunks regrouped) against autograd through ``local_experts``, on random received rows with
+    -1 entries, empty experts and empty chunks. ``grouped``: force the grouped-GEMM path (torch's CPU
+    ``_grouped_mm``, float32) so CI covers the code the GPU runs."""
+    if grouped and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is missing")
+    dtype = torch.float32 if grouped else torch.float64
+    tol = 2e-4 if grouped else 1e-10
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        L, H, F, K = [(4, 16, 8, 3), (1, 8, 16, 1), (6, 32, 24, 4)][seed % 3]
+        layer = ExpertParallelMoE(H, F, L * R, K, buffer=get_buffer(), dtype=dtype)
+        layer._grouped = (lambda x: True) if grouped else (lambda x: False)
+        with torch.no_grad():
+            layer.w_gate_up.copy_(torch.randn(layer.w_gate_up.shape, generator=g))
+            layer.w_down.copy_(torch.randn(layer.w_down.shape, generator=g))
+        chunks = []
+        for c in range(1 + seed % 3):
+            N = [0, 5, 11][(seed + c) % 3]
+            ridx = torch.randint(-1, L, (N, K), generator=g)
+            if seed == 4:
+                ridx[ridx == L - 1] = -1                      # an expert without rows
+            chunks.append((torch.randn(N, H, generator=g).to(dtype), ridx,
+                           torch.rand(N, K, generator=g), torch.randn(N, H, generator=g).to(dtype)))
+        parts, want_gu, want_d = [], torch.zeros_like(layer.w_gate_up), torch.zeros_like(layer.w_down)
+        for rx, ridx, rw, gy in chunks:
+            y, st = layer._experts_forward(rx, ridx, rw)
+            gx, gw, part = layer._experts_backward(st, gy)
+            parts.append(part)
+            rx_a, rw_a = rx.clone().requires_grad_(), rw.clone().requires_grad_()
+            with torch.enable_grad():
+                layer._grouped = lambda x: False
+                ya = layer.local_experts(rx_a, ridx, rw_a)
+                layer._grouped = (lambda x: True) if grouped else (lambda x: False)
+                ins = (rx_a, rw_a, layer.w_gate_up, layer.w_down)
+                ga = [gr if gr is not None else torch.zeros_like(t)
+                      for gr, t in zip(torch.autograd.grad(ya, ins, gy, allow_unused=True), ins)]
+            assert_same(y, ya.detach(), f"forward, seed {seed}", atol=tol, rtol=tol)
+            assert_same(gx, ga[0], f"grad rows, seed {seed}", atol=tol, rtol=tol)
+            assert_same(gw, torch.where(ridx >= 0, ga[1], 0.0), f"grad weights, seed {seed}", atol=tol, rtol=tol)
+            want_gu += ga[2]
+            want_d += ga[3]
+        g_gu, g_d = layer._expert_weight_grads(parts)
+        assert_same(g_gu, want_gu, f"grad w_gate_up, seed {seed}", atol=tol * 10, rtol=tol)
+        assert_same(g_d, want_d, f"grad w_down, seed {seed}", atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_manual_experts_match_autograd_cpu(rank_pool, grouped):
+    rank_pool(1).run(rank_manual_experts_match_autograd, grouped)
+
+
+def rank_ll_experts_grouped_match_loop(rank, R):
+    """``experts_low_latency``'s packed grouped-GEMM path (forced on CPU, bf16) against its loop, with NaN
+    in the rows past each expert's count, an empty expert, an expert at its bound, fp8 pairs."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is missing")
+    L, H, F, K, M = 3, 128, 32, 2, 4
+    RM = R * M
+    layer = ExpertParallelMoE(H, F, L * R, K, buffer=get_buffer(), dtype=torch.bfloat16).requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.w_gate_up.copy_(torch.randn(layer.w_gate_up.shape, generator=g) / H ** 0.5)
+        layer.w_down.copy_(torch.randn(layer.w_down.shape, generator=g) / F ** 0.5)
+    x = torch.randn(L, RM, H, generator=g).to(torch.bfloat16)
+    count = torch.tensor([2, 0, RM], dtype=torch.int32)
+    for e, n in enumerate(count.tolist()):
+        x[e, n:] = float("nan")
+    outs = []
+    for grouped in (True, False):
+        layer._grouped = lambda t, grouped=grouped: grouped
+        outs.append(layer.experts_low_latency(x, count))
+    assert not outs[0].isnan().any() and not outs[1].isnan().any()
+    assert_same(outs[0].float(), outs[1].float(), "grouped vs loop", atol=3e-2, rtol=3e-2)
+    assert bool((outs[0][1] == 0).all()) and bool((outs[0][0, 2:] == 0).all())
+    # DeepEP's fp8 pair: values and one float32 scale per 128
+    vals = x.nan_to_num(0).to(torch.float8_e4m3fn)
+    pair = (vals, torch.ones(L, RM, H // 128))
+    assert_same(layer.experts_low_latency(pair, count).float(),
+                layer.experts_low_latency(vals.to(torch.bfloat16), count).float(), "fp8 pair", atol=1e-6, rtol=0)
+    with pytest.raises(deep_ep.DeepEPInputError, match="bfloat16"):
+        ExpertParallelMoE(H, F, L * R, K, buffer=get_buffer(), dtype=torch.float32).experts_low_latency(x, count)
+
+
+def test_ll_experts_grouped_match_loop_cpu(rank_pool):
+    rank_pool(1).run(rank_ll_experts_grouped_match_loop)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import deep_ep
+from deep_ep.bench.timing import capture
 
 
 def parse_args(argv=None):
@@ -74,21 +75,6 @@ def _time(fn, warmup: int, iters: int, cuda: bool) -> list:
     return out
 
 
-def _graph(fn):
-    """``fn`` captured once (after warm-up calls on a side stream); ``(replay, outputs)``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = fn()
-    return g.replay, outs
-
-
 def run(args) -> dict:
     """The benchmark on the initialised default process group; the result (on every rank)."""
     rank, R = dist.get_rank(), dist.get_world_size()
@@ -111,7 +97,8 @@ def run(args) -> dict:
             outs[mb] = cases[f"decode-{mb}"]().float()
         if cuda and layer.buffer.backend == "nvlink":
             for mb in (1, 2):
-                replay, y = _graph(cases[f"decode-{mb}"])
+                graph, y = capture(cases[f"decode-{mb}"])
+                replay = graph.replay
                 replay()
                 torch.cuda.synchronize()
                 outs[f"graph-{mb}"] = y.float()

@@ -8,19 +8,9 @@ from tests._cases import assert_same, device, get_buffer, make_case
 
 
 def _capture(step):
-    """Run ``step`` twice on a side stream (the warm-up graphs need: kernels compiled, schedules built),
-    then capture it; ``(graph, its outputs)``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = step()
-    return g, outs
+    """``(graph, its outputs)`` of ``step`` (warmed up twice on a side stream first)."""
+    from deep_ep.bench.timing import capture
+    return capture(step)
 
 
 def rank_graph_replay(rank, R, seed, worst_extra):

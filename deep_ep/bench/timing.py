@@ -72,8 +72,9 @@ class CpuTimer:
         return out
 
 
-def capture_graph(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
-    """Run ``fn`` twice on a side stream (the warm-up a capture needs), then capture it in a CUDA graph."""
+def capture(fn: Callable[[], object]):
+    """Run ``fn`` twice on a side stream (the warm-up a capture needs: kernels compiled, buffers made), then
+    capture it in a CUDA graph; ``(graph, the outputs of the captured call)`` (refilled by each replay)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -83,5 +84,10 @@ def capture_graph(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return g
+        out = fn()
+    return g, out
+
+
+def capture_graph(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
+    """:func:`capture`, the graph only."""
+    return capture(fn)[0]

@@ -114,6 +114,20 @@ def spawn(cfg, result_path: str) -> None:
     launch(rank_main, (cfg,), result_path, cfg.world_size, cfg.device)
 
 
+def _run_then_exit(rank: int, target, *args) -> None:
+    """A launched rank: ``target(rank, *args)``, then leave the process without the interpreter's teardown.
+
+    Every result is written (and the process group destroyed) when ``target`` returns. Spawned children
+    otherwise run Python's full shutdown, in which torch / gloo C++ threads are sometimes destroyed while
+    still joinable ("terminate called without an active exception", SIGABRT: seen in ~10% of CPU demo
+    runs under pytest, always after ``destroy_process_group``), which fails the whole launch. An exception
+    of ``target`` still propagates (and is reported by the parent)."""
+    target(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def launch(target, args: tuple, result_path: str, nprocs: int, device: str, fork_ok: bool = True) -> None:
     """Start ``target(rank, *args, port, result_path)`` on ``nprocs`` local processes and wait for them
     (the runner of ``deep-ep bench`` in every mode and of ``deep-ep demo``): ``spawn`` for GPU ranks,
@@ -132,8 +146,8 @@ def launch(target, args: tuple, result_path: str, nprocs: int, device: str, fork
     method = "fork" if device != "cuda" and fork_ok and not dist.is_initialized() else "spawn"
     for attempt in range(2):
         try:
-            mp.start_processes(target, args=args + (free_port(), result_path), nprocs=nprocs, join=True,
-                               start_method=method)
+            mp.start_processes(_run_then_exit, args=(target,) + args + (free_port(), result_path), nprocs=nprocs,
+                               join=True, start_method=method)
             return
         except mp.ProcessRaisedException as exc:
             text = str(exc).lower()

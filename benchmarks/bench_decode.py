@@ -6,8 +6,8 @@ NCCL; CPU ranks with gloo when there is no GPU, e.g. ``--small`` for a quick che
 
 Default shape: DeepSeek-V3's MoE layer at decoding (``--tokens`` 128 per rank, hidden 7168, 256 routed
 experts of width 2048, top-8, fp8 dispatch, bf16 combine, one shared expert). Cases, each timed over
-``--iters`` calls after ``--warmup`` (CUDA events on GPU, wall clock on CPU; a call's time is the slowest
-rank's, the median is reported):
+``--iters`` calls after ``--warmup`` (:mod:`deep_ep.bench.timing`: CUDA events with the L2 flushed on GPU,
+wall clock after a barrier on CPU; a call's time is the slowest rank's, the median is reported):
 
 * ``forward``: ``layer(x)`` under ``torch.no_grad`` (normal dispatch and combine, one chunk);
 * ``decode-1`` / ``decode-2``: ``layer.decode(x, tokens, micro_batches=1 | 2)``, eager;
@@ -23,13 +23,12 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 import deep_ep
-from deep_ep.bench.timing import capture
+from deep_ep.bench.timing import CpuTimer, CudaTimer, capture
 
 
 def parse_args(argv=None):
@@ -50,29 +49,6 @@ def parse_args(argv=None):
     if a.small:
         a.hidden, a.experts, a.ffn, a.topk, a.tokens = 256, 16, 64, 4, min(a.tokens, 32)
     return a
-
-
-def _time(fn, warmup: int, iters: int, cuda: bool) -> list:
-    """Per-call times (us) of this rank, each call started together on every rank."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize()
-        dist.barrier()
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e6)
-    return out
 
 
 def run(args) -> dict:
@@ -104,8 +80,9 @@ def run(args) -> dict:
                 outs[f"graph-{mb}"] = y.float()
                 cases[f"decode-{mb}-graph"] = replay
         rows = []
+        timer = CudaTimer(dev) if cuda else CpuTimer(dist.group.WORLD)     # (BENCH.md's timing, L2 flushed)
         for name, fn in cases.items():
-            mine = torch.tensor(_time(fn, args.warmup, args.iters, cuda), dtype=torch.float64)
+            mine = torch.tensor(timer(fn, args.iters, args.warmup), dtype=torch.float64)
             allr = [torch.zeros_like(mine) for _ in range(R)]
             dist.all_gather(allr, mine.to(dev) if cuda else mine)
             slowest = torch.stack([t.cpu() for t in allr]).amax(dim=0).tolist()

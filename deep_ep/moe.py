@@ -211,27 +211,13 @@ class ExpertParallelMoE(nn.Module):
         """Rows ``[N, H]`` received with local expert ids ``[N, k]`` (-1 = none) and weights: for each row,
         ``sum_k w * expert_k(row)`` in float32 (float64 rows: float64) in ``k`` order, cast to the row dtype."""
         N, K = ridx.shape
-        L, H = self.num_local, rx.size(1)
-        flat = ridx.reshape(-1)
-        valid = flat >= 0
-        key = torch.where(valid, flat, torch.full_like(flat, L))
-        order = torch.sort(key, stable=True).indices
-        counts = torch.bincount(key, minlength=L + 1)[:L]
-        P = int(counts.sum())                                       # (a host sync: the rows to compute)
-        pairs = order[:P]
+        H = rx.size(1)
+        pairs, counts, offs = self._pack(ridx)
+        grouped = self._grouped(rx)
+        host = None if grouped else counts.tolist()
         xs = rx.index_select(0, torch.div(pairs, K, rounding_mode="floor"))
-        if self._grouped(xs) and P:
-            offs = torch.cumsum(counts, 0).to(torch.int32)
-            h = torch._grouped_mm(xs, self.w_gate_up.transpose(1, 2), offs=offs)
-            gate, up = h.chunk(2, dim=-1)
-            out = torch._grouped_mm(F.silu(gate) * up, self.w_down.transpose(1, 2), offs=offs)
-        else:
-            parts, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    parts.append(_swiglu(xs[start:start + n], self.w_gate_up[e], self.w_down[e]))
-                start += n
-            out = torch.cat(parts) if parts else xs.new_zeros((0, H))
+        gate, up = _gmm(xs, self.w_gate_up, offs, host, grouped).chunk(2, dim=-1)
+        out = _gmm(F.silu(gate) * up, self.w_down, offs, host, grouped)
         acc = _acc(rx.dtype)
         out = out.to(acc) * rw.reshape(-1).to(acc).index_select(0, pairs).unsqueeze(1)
         dense = torch.zeros((N * K, H), dtype=acc, device=rx.device).index_copy(0, pairs, out)

@@ -291,6 +291,10 @@ def rank_manual_experts_match_autograd(rank, R, grouped):
                 ga = [gr if gr is not None else torch.zeros_like(t)
                       for gr, t in zip(torch.autograd.grad(ya, ins, gy, allow_unused=True), ins)]
             assert_same(y, ya.detach(), f"forward, seed {seed}", atol=tol, rtol=tol)
+            if grouped:                  # local_experts (the one-chunk autograd path) on the grouped GEMM too
+                with torch.no_grad():
+                    assert_same(layer.local_experts(rx, ridx, rw), ya.detach(), f"grouped local_experts, seed {seed}",
+                                atol=tol, rtol=tol)
             assert_same(gx, ga[0], f"grad rows, seed {seed}", atol=tol, rtol=tol)
             assert_same(gw, torch.where(ridx >= 0, ga[1], 0.0), f"grad weights, seed {seed}", atol=tol, rtol=tol)
             want_gu += ga[2]

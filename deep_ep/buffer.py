@@ -14,13 +14,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import kernels, layout, validate
+from . import layout, validate
 from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOverlap, env_bool, env_float,
                      env_int, recommended_config)
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
 from .agreement import (_H_DTYPE, _H_HIDDEN, _H_LEVEL, _H_SCALES, _H_W, _OP_CACHED, _OP_COMBINE, _OP_DISPATCH,
                         Problem, agree, make_header)
-from .plans import _EXPERT_SLOTS, DeferredChecks, build_device_plan, build_host_plan, valid_rows
+from .plans import _EXPERT_SLOTS, DeferredChecks, build_device_plan, build_host_plan, localize_received
 from .low_latency import LowLatencyMethods
 from .wire import Wire, WireMethods
 from .streams import StreamCall
@@ -430,22 +430,9 @@ class Buffer(LowLatencyMethods, WireMethods):
                 recv_x = (recv[0], recv[1])
                 i = 2
             recv_idx = recv_w = None
-            if topk_idx is not None and plan.num_recv_tokens < 0 and kernels.available(recv[i]):
-                from .kernels import plan as kplan      # the count is on the device: one launch
-                recv_idx, recv_w = kplan.localize_rows(recv[i], recv[i + 1] if topk_weights is not None else None,
-                                                       plan.extra["device"]["recv"][:1], self.rank, L)
-            elif topk_idx is not None:
-                recv_idx, recv_w = layout.localize_topk(recv[i], recv[i + 1] if topk_weights is not None else None,
-                                                        self.rank, L)
-                valid = valid_rows(plan)
-                if valid is not None:                     # the count is on the device
-                    recv_idx = torch.where(valid.unsqueeze(1), recv_idx, -1)
-                    if recv_w is not None:
-                        recv_w = torch.where(valid.unsqueeze(1), recv_w, 0.0)
-                elif plan.num_out_rows > n_recv:
-                    recv_idx[n_recv:] = -1
-                    if recv_w is not None:
-                        recv_w[n_recv:] = 0
+            if topk_idx is not None:
+                recv_idx, recv_w = localize_received(plan, recv[i], recv[i + 1] if topk_weights is not None else None,
+                                                     self.rank, L)
             handle_out = DispatchHandle(plan.rank_prefix_matrix, plan.is_token_in_rank, n_recv, num_worst_tokens,
                                         plan, self._uid)
         made = [t for t in (recv_x, recv_idx, recv_w) if isinstance(t, torch.Tensor)]

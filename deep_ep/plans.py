@@ -32,7 +32,7 @@ from .agreement import (_H_DTYPE, _H_E, _H_ERR, _H_HIDDEN, _H_K, _H_LEVEL, _H_MA
 from .errors import DeepEPInputError, RankMismatchError
 from .transport import Plan
 
-__all__ = ["build_host_plan", "build_device_plan", "DeferredChecks", "valid_rows"]
+__all__ = ["build_host_plan", "build_device_plan", "DeferredChecks", "valid_rows", "localize_received"]
 
 #: header fields every rank of a dispatch must agree on
 _FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_LEVEL)
@@ -146,6 +146,28 @@ def valid_rows(plan: Plan) -> Optional[torch.Tensor]:
         return None
     n = plan.extra["device"]["recv"][0]
     return torch.arange(plan.num_out_rows, device=n.device) < n
+
+
+def localize_received(plan: Plan, recv_idx: torch.Tensor, recv_w: Optional[torch.Tensor], rank: int,
+                      num_local: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The received top-k ids as this rank's local ids (others -1, their weights 0) with the rows past the
+    received count (``num_worst_tokens`` padding) set to -1 / 0: one Triton launch when the count is on the
+    device (:func:`deep_ep.kernels.plan.localize_rows`), else :func:`deep_ep.layout.localize_topk` and a mask."""
+    from . import kernels
+    if plan.num_recv_tokens < 0 and kernels.available(recv_idx):
+        from .kernels import plan as kplan
+        return kplan.localize_rows(recv_idx, recv_w, plan.extra["device"]["recv"][:1], rank, num_local)
+    idx, w = layout.localize_topk(recv_idx, recv_w, rank, num_local)
+    valid = valid_rows(plan)
+    if valid is not None:                     # the count is on the device
+        idx = torch.where(valid.unsqueeze(1), idx, -1)
+        if w is not None:
+            w = torch.where(valid.unsqueeze(1), w, 0.0)
+    elif plan.num_out_rows > plan.num_recv_tokens:
+        idx[plan.num_recv_tokens:] = -1
+        if w is not None:
+            w[plan.num_recv_tokens:] = 0
+    return idx, w
 
 
 #: expert counts a fresh dispatch carries in its metadata exchange on transports without fixed-size slots

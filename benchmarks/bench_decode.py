@@ -32,6 +32,7 @@ from deep_ep.bench.timing import CpuTimer, CudaTimer, capture
 
 
 def parse_args(argv=None):
+    """The benchmark's options (``--small``: a quick CPU-sized shape)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=128, help="tokens per rank (default 128)")
     p.add_argument("--hidden", type=int, default=7168)
@@ -98,6 +99,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    """Entry under torchrun: init the process group, run, print the table on rank 0, write ``--json``."""
     args = parse_args(argv)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():

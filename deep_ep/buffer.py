@@ -338,9 +338,9 @@ class Buffer(LowLatencyMethods, WireMethods):
                     raise Problem(5, DeepEPInputError(
                         f"num_experts={E} (length of num_tokens_per_expert) is not a positive multiple of the "
                         f"number of ranks {self.num_ranks}"))
-                # The id range travels with the metadata (no host sync of its own); a num_worst_tokens
-                # call must not read it on the host, so a device assert guards it there as well.
-                self._check_topk(topk_idx, E, T, values="async" if num_worst_tokens > 0 else "none")
+                # The id range travels with the metadata (no host sync of its own): checked on the host
+                # after the exchange, or on the device (reported at the next call) by a num_worst_tokens one.
+                self._check_topk(topk_idx, E, T, values="none")
                 K = topk_idx.size(1)
                 topk_weights = self._check_weights(topk_weights, (T, K), "topk_weights")
             if is_token_in_rank is not None:

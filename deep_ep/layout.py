@@ -19,7 +19,7 @@ from .config import topk_idx_t
 from .errors import DeepEPInputError, DeepEPTypeError
 
 __all__ = [
-    "check_topk_idx", "topk_problem", "dispatch_layout", "rank_prefix_matrix", "token_slots",
+    "check_topk_idx", "topk_problem", "dispatch_layout", "dispatch_layout_torch", "rank_prefix_matrix", "token_slots",
     "send_order", "localize_topk", "aligned_expert_counts", "num_local_experts",
 ]
 
@@ -76,7 +76,8 @@ def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, *, num_tokens: Opti
 def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
                     ranks_per_node: Optional[int] = None
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``get_dispatch_layout`` semantics (API.md 2.1) in plain torch.
+    """``get_dispatch_layout`` semantics (API.md 2.1): one Triton launch on CUDA
+    (:mod:`deep_ep.kernels.layout`), else :func:`dispatch_layout_torch`.
 
     Returns ``(num_tokens_per_rank int32 [R], num_tokens_per_node int32 [nodes] or None,
     num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])``. A token is
@@ -86,9 +87,27 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     (validate with :func:`check_topk_idx`; this function never indexes out
     of bounds). No host synchronisation.
     """
+    num_local_experts(num_experts, num_ranks)       # validates num_experts
+    nodes = 0
+    if ranks_per_node is not None and ranks_per_node < num_ranks:
+        if num_ranks % ranks_per_node != 0:
+            raise DeepEPInputError(f"ranks_per_node={ranks_per_node} does not divide num_ranks={num_ranks}")
+        nodes = num_ranks // ranks_per_node
+    from . import kernels
+    if kernels.available(topk_idx):          # the same integers in one launch
+        from .kernels import layout as klayout
+        return klayout.dispatch_layout(topk_idx, num_experts, num_ranks, nodes, ranks_per_node or num_ranks)
+    return dispatch_layout_torch(topk_idx, num_experts, num_ranks, ranks_per_node)
+
+
+def dispatch_layout_torch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
+                          ranks_per_node: Optional[int] = None
+                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """:func:`dispatch_layout` in plain torch (any device; the reference of its kernel)."""
     device = topk_idx.device
     num_tokens = topk_idx.size(0)
     L = num_local_experts(num_experts, num_ranks)
+    nodes = num_ranks // ranks_per_node if ranks_per_node is not None and ranks_per_node < num_ranks else 0
     # Every invalid entry (-1, or outside [0, num_experts)) goes to bin num_experts, which is dropped:
     # clamp to [-1, E], then -1 -> E (mod E + 1). Bin E lands on the dummy rank column E // L = R.
     binned = topk_idx.clamp(-1, num_experts).remainder(num_experts + 1)
@@ -102,10 +121,8 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     per_expert.scatter_add_(0, expert_bin, torch.ones_like(expert_bin, dtype=torch.int32))
     num_tokens_per_expert = per_expert[:num_experts]
     num_tokens_per_node = None
-    if ranks_per_node is not None and ranks_per_node < num_ranks:
-        if num_ranks % ranks_per_node != 0:
-            raise DeepEPInputError(f"ranks_per_node={ranks_per_node} does not divide num_ranks={num_ranks}")
-        nodes = num_ranks // ranks_per_node
+    if nodes:
+        assert ranks_per_node is not None
         in_node = is_token_in_rank.view(num_tokens, nodes, ranks_per_node).any(dim=2)
         num_tokens_per_node = in_node.sum(dim=0, dtype=torch.int32)
     return num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank

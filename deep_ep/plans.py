@@ -12,12 +12,13 @@ the handle's ``num_recv_tokens`` is ``-1``, and the received tensors have
 waits for the host, so the call can be captured in a CUDA graph.
 
 What the host path checks at once (ranks agree on shapes and dtypes, no rank
-receives more than its ``num_worst_tokens``) is checked here on the device
-and reported by :class:`DeferredChecks` at the Buffer's next call, as a
+receives more than its ``num_worst_tokens``, every expert id lies in
+``[-1, num_experts)``) is checked here on the device and reported by
+:class:`DeferredChecks` at the Buffer's next call, as a
 :class:`~deep_ep.errors.RankMismatchError` or
 :class:`~deep_ep.errors.DeepEPInputError`; rows beyond a receiver's
-``num_worst_tokens`` are dropped. Expert ids outside the range raise a
-device-side assertion.
+``num_worst_tokens`` are dropped, and so are (token, expert) entries whose id
+is out of range (the layout skips them; the receiver sees them as ``-1``).
 """
 from __future__ import annotations
 
@@ -49,7 +50,6 @@ class DeferredChecks:
 
     def __init__(self) -> None:
         self.pending: Deque[Tuple[torch.cuda.Event, int, int]] = collections.deque()
-        self._fields: Optional[torch.Tensor] = None
         self._ring: Optional[torch.Tensor] = None
         self._events: List[Optional[torch.cuda.Event]] = [None] * self.SLOTS
         self._next = 0
@@ -57,7 +57,7 @@ class DeferredChecks:
     def header_to_device(self, header: List[int], device: torch.device) -> Tuple[torch.Tensor, int]:
         """``(header on the device, slot)``: written into a pinned slot, copied without a host sync."""
         if self._ring is None:
-            self._ring = torch.zeros((self.SLOTS, _HEADER + 2), dtype=torch.int64).pin_memory()
+            self._ring = torch.zeros((self.SLOTS, _HEADER + _VERDICTS), dtype=torch.int64).pin_memory()
             self._np = self._ring.numpy()
         k = self._next
         self._next = (k + 1) % self.SLOTS
@@ -69,18 +69,12 @@ class DeferredChecks:
         return self._ring[k, :_HEADER].to(device, non_blocking=True), k
 
     def add(self, gathered: torch.Tensor, counts: torch.Tensor, rank: int, seq: int, slot: int) -> None:
-        """Queue the verdict on ``gathered`` (every rank's metadata vector, ``[R, n]`` on the device)."""
-        if self._fields is None:
-            self._fields = torch.tensor(_FIELDS, dtype=torch.int64, device=gathered.device)
-        hdr = gathered[:, :_HEADER]
-        sel = hdr.index_select(1, self._fields)
-        mismatch = (sel != sel[rank]).any() | (hdr[:, _H_ERR] != 0).any()
-        worst = hdr[:, _H_WORST]
-        over = ((worst > 0) & (counts.sum(dim=0) > worst)).any()
-        self.queue(torch.stack([mismatch, over]).to(torch.int64), seq, slot)
+        """Queue the verdict on ``gathered`` (every rank's metadata vector, ``[R, n]`` on the device: the
+        header, the counts ``counts`` ``[R, R]``, then each rank's least and greatest expert id)."""
+        self.queue(torch_verdict(gathered, counts, rank), seq, slot)
 
     def queue(self, verdict: torch.Tensor, seq: int, slot: int) -> None:
-        """Queue a verdict already computed on the device (int64 ``[2]``: mismatch, over)."""
+        """Queue a verdict already computed on the device (int64 ``[3]``: mismatch, over, bad ids)."""
         self._ring[slot, _HEADER:].copy_(verdict, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
@@ -91,7 +85,7 @@ class DeferredChecks:
         """Raise for the first completed verdict that found a problem (drops the completed ones)."""
         while self.pending and self.pending[0][0].query():
             _, slot, seq = self.pending.popleft()
-            mismatch, over = (int(v) for v in self._np[slot, _HEADER:])
+            mismatch, over, bad_ids = (int(v) for v in self._np[slot, _HEADER:])
             if mismatch:
                 raise RankMismatchError(
                     f"deep_ep: in num_worst_tokens dispatch call #{seq}, the ranks disagreed on the operation, "
@@ -102,6 +96,30 @@ class DeferredChecks:
                     f"deep_ep: in num_worst_tokens dispatch call #{seq}, a rank received more tokens than its "
                     f"num_worst_tokens; the rows beyond it were dropped. Raise num_worst_tokens (at most "
                     f"num_ranks * num_tokens).")
+            if bad_ids:
+                raise DeepEPInputError(
+                    f"deep_ep: in num_worst_tokens dispatch call #{seq}, a rank's topk_idx held an expert id "
+                    f"outside [-1, num_experts); those (token, expert) entries were dropped (received as -1). "
+                    f"Check the router's output on every rank.")
+
+
+#: the deferred verdicts of a device plan: ranks disagree, a rank receives too many rows, bad expert ids
+_VERDICTS = 3
+
+
+def torch_verdict(gathered: torch.Tensor, counts: torch.Tensor, rank: int) -> torch.Tensor:
+    """The deferred checks' verdict (int64 ``[3]`` on the device) in plain torch, from every rank's
+    metadata vector ``gathered`` (header, counts ``[R, R]`` = ``counts``, then each rank's least and
+    greatest expert id); its kernel twin is :func:`deep_ep.kernels.plan.device_plan`."""
+    R = gathered.size(0)
+    hdr = gathered[:, :_HEADER]
+    sel = hdr[:, list(_FIELDS)]
+    mismatch = (sel != sel[rank]).any() | (hdr[:, _H_ERR] != 0).any()
+    worst = hdr[:, _H_WORST]
+    over = ((worst > 0) & (counts.sum(dim=0) > worst)).any()
+    e, lo, hi = hdr[:, _H_E], gathered[:, _HEADER + R], gathered[:, _HEADER + R + 1]
+    bad = ((e > 0) & ((lo < -1) | (hi >= e))).any()
+    return torch.stack([mismatch, over, bad]).to(torch.int64)
 
 
 def build_device_plan(transport, checks: DeferredChecks, header: List[int], payload: Sequence[torch.Tensor],
@@ -123,7 +141,8 @@ def build_device_plan(transport, checks: DeferredChecks, header: List[int], payl
     from . import kernels
     if kernels.available(is_token_in_rank):      # one kernel for the layout, prefix matrix and verdict
         from .kernels import plan as kplan
-        dl, rpm, verdict = kplan.device_plan(is_token_in_rank, gathered, me, _HEADER, _FIELDS, _H_ERR, _H_WORST)
+        dl, rpm, verdict = kplan.device_plan(is_token_in_rank, gathered, me, _HEADER, _FIELDS, _H_ERR, _H_WORST,
+                                             _H_E)
         if not capturing:
             checks.queue(verdict, seq, slot)
     else:

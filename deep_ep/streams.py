@@ -67,14 +67,18 @@ class StreamCall:
         comm = self.comm
         # Tensors made or used on the comm stream are also used on the compute stream (and the
         # reverse): tell the caching allocator, so neither stream's next allocation can reuse their
-        # memory while the other stream may still touch it.
+        # memory while the other stream may still touch it. Without async_finish the compute stream
+        # waits for the comm stream below, so whatever reuses memory of the compute stream's pool
+        # runs after this call's comm work: only tensors the comm stream made need recording (for
+        # the compute stream, which uses them next; recording a tensor for its own stream is free).
         # Under CUDA-graph capture the graph's memory pool keeps them alive instead (record_stream is
         # not for captured work).
         if not torch.cuda.is_current_stream_capturing():
             for t in keep:
                 if isinstance(t, torch.Tensor) and t.is_cuda:
                     t.record_stream(self.compute)
-                    t.record_stream(comm)
+                    if self.async_finish:
+                        t.record_stream(comm)
         if self.async_finish:
             ev = torch.cuda.Event()
             ev.record(comm)

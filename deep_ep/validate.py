@@ -68,17 +68,12 @@ def check_device(t: torch.Tensor, device: torch.device, what: str) -> None:
 def check_topk(topk_idx: torch.Tensor, num_experts: int, T: int, device: torch.device,
                values: str = "host") -> None:
     """Validate ``topk_idx``: type, dtype, shape, device and, by ``values``, the id range:
-    ``'host'`` (read back now), ``'async'`` (a device assert on CUDA, no sync) or ``'none'``
-    (the caller checks it another way, e.g. with the metadata exchange)."""
-    on_cpu = topk_idx.device.type == "cpu" if isinstance(topk_idx, torch.Tensor) else True
-    msg = layout.topk_problem(topk_idx, num_experts, num_tokens=T,
-                              check_values=values == "host" or (values == "async" and on_cpu))
+    ``'host'`` (read back now) or ``'none'`` (the caller checks it another way: the metadata
+    exchange carries every rank's id range)."""
+    msg = layout.topk_problem(topk_idx, num_experts, num_tokens=T, check_values=values == "host")
     if msg is not None:
         raise Problem(2, DeepEPTypeError(msg) if "dtype" in msg or "torch.Tensor" in msg else DeepEPInputError(msg))
     check_device(topk_idx, device, "topk_idx")
-    if values == "async" and not on_cpu and topk_idx.numel():
-        ok = ((topk_idx >= -1) & (topk_idx < num_experts)).all()
-        torch._assert_async(ok, f"deep_ep: topk_idx holds an expert id outside [-1, {num_experts})")
 
 def check_weights(topk_weights: Optional[torch.Tensor], shape: Tuple[int, int], what: str,
                   device: torch.device) -> Optional[torch.Tensor]:

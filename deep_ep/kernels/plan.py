@@ -20,7 +20,7 @@ import triton.language as tl
 def _plan_kernel(mask_ptr, meta_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret_ptr, rpm_ptr,
                  verdict_ptr, T, n_meta, RANK: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                  HDR: tl.constexpr, HP: tl.constexpr, FIELDS: tl.constexpr, H_ERR: tl.constexpr,
-                 H_WORST: tl.constexpr, BLOCK: tl.constexpr):
+                 H_WORST: tl.constexpr, H_E: tl.constexpr, BLOCK: tl.constexpr):
     d = tl.program_id(0)
     rr = tl.arange(0, RP)
     rin = rr < R
@@ -72,17 +72,25 @@ def _plan_kernel(mask_ptr, meta_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret
         worst = tl.load(meta_ptr + rr * n_meta + H_WORST, mask=rin, other=0)
         received = tl.sum(cnt, axis=0)                                   # rows each rank (column) receives
         over = tl.sum(tl.where(rin & (worst > 0) & (received > worst), 1, 0), axis=0) > 0
+        # a rank's expert ids outside [-1, E) (its id range follows the counts; E > 0 where top-k was given)
+        e = tl.load(meta_ptr + rr * n_meta + H_E, mask=rin, other=0)
+        lo = tl.load(meta_ptr + rr * n_meta + HDR + R, mask=rin, other=0)
+        hi = tl.load(meta_ptr + rr * n_meta + HDR + R + 1, mask=rin, other=0)
+        bad = tl.sum(tl.where(rin & (e > 0) & ((lo < -1) | (hi >= e)), 1, 0), axis=0) > 0
         tl.store(verdict_ptr + 0, mismatch.to(tl.int64))
         tl.store(verdict_ptr + 1, over.to(tl.int64))
+        tl.store(verdict_ptr + 2, bad.to(tl.int64))
 
 
 def device_plan(is_token_in_rank: torch.Tensor, meta: torch.Tensor, rank: int, header: int,
-                fields: Sequence[int], h_err: int, h_worst: int
+                fields: Sequence[int], h_err: int, h_worst: int, h_e: int
                 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``(layout, rank_prefix_matrix int32 [R, R], verdict int64 [2])`` of a device plan: ``layout`` as
+    """``(layout, rank_prefix_matrix int32 [R, R], verdict int64 [3])`` of a device plan: ``layout`` as
     :func:`deep_ep.layout.device_layout` returns it, from the mask ``[T, R]`` and the metadata ``meta``
-    ``[R, n]`` (int64; counts at columns ``header .. header + R``); ``verdict`` = (ranks disagree on a
-    header field in ``fields`` or one set ``h_err``, a rank receives more than its ``h_worst``)."""
+    ``[R, n]`` (int64; counts at columns ``header .. header + R``, then each rank's least and greatest
+    expert id); ``verdict`` = (ranks disagree on a header field in ``fields`` or one set ``h_err``, a
+    rank receives more than its ``h_worst``, a rank's ids lie outside ``[-1, E)`` with ``E`` its header
+    column ``h_e`` when positive)."""
     T, R = is_token_in_rank.shape
     dev = is_token_in_rank.device
     if any(not 0 <= f < header for f in fields) or header > 62:
@@ -93,12 +101,12 @@ def device_plan(is_token_in_rank: torch.Tensor, meta: torch.Tensor, rank: int, h
     slot = torch.empty((T, R), dtype=torch.int64, device=dev)
     send = torch.empty((T, R), dtype=torch.int64, device=dev)
     comb = torch.empty((T, R), dtype=torch.int64, device=dev)
-    small = torch.empty((3 + 3 * R + 2,), dtype=torch.int64, device=dev)      # recv | ret | verdict
+    small = torch.empty((3 + 3 * R + 3,), dtype=torch.int64, device=dev)      # recv | ret | verdict
     recv, ret, verdict = small[:3], small[3:3 + 3 * R].view(R, 3), small[3 + 3 * R:]
     rpm = torch.empty((R, R), dtype=torch.int32, device=dev)
     _plan_kernel[(R,)](mask, meta, slot, send, comb, recv, ret, rpm, verdict, T, meta.size(1),
                        RANK=rank, R=R, RP=max(triton.next_power_of_2(R), 2), HDR=header,
-                       HP=max(triton.next_power_of_2(header), 2), FIELDS=bits, H_ERR=h_err, H_WORST=h_worst,
+                       HP=max(triton.next_power_of_2(header), 2), FIELDS=bits, H_ERR=h_err, H_WORST=h_worst, H_E=h_e,
                        BLOCK=1024, num_warps=4)
     return dict(slot=slot, send_pos=send, recv=recv, ret=ret, combine_pos=comb), rpm, verdict
 

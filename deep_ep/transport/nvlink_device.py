@@ -112,26 +112,27 @@ class NVLinkDevicePath:
         start = self._begin_phase(True)
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
         slot = dl["slot"]
-        if fast:
+        if fast:                            # every row tensor in one launch
             from ..kernels import scatter
-        for sw, dw, w, o in zip(src, dst, widths, offsets):
-            if fast:
-                region = self._region(me, start + o, cap - 1, w, sw.dtype)
-                scatter.scatter_rows(sw, slot, dw, region, self._delta(sw.element_size()), me, self.num_sms)
-            elif sw.size(0):
-                for d in range(R):          # every row of every rank (own ones too) into the staging
-                    col = slot[:, d]
-                    idx = torch.where((col >= 0) & (col < cap - 1), col, cap - 1)
-                    self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, sw)
-        self._barrier()
-        for sw, dw, w, o in zip(src, dst, widths, offsets):
-            mine = self._region(me, start + o, cap, w, sw.dtype)
-            if fast:
-                scatter.copy_out(mine, dw, dl["recv"], self.num_sms)
-            elif dw.size(0):
-                keep = torch.arange(dw.size(0), device=dw.device) < dl["recv"][0]
-                torch.where(keep.unsqueeze(1), mine[:dw.size(0)], torch.zeros((), dtype=dw.dtype, device=dw.device),
-                            out=dw)
+            regions = [self._region(me, start + o, cap, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
+            scatter.scatter_rows(src, slot, dst, [r[:cap - 1] for r in regions],
+                                 [self._delta(sw.element_size()) for sw in src], me, self.num_sms)
+            self._barrier()
+            scatter.copy_out(regions, dst, dl["recv"], self.num_sms)
+        else:
+            for sw, w, o in zip(src, widths, offsets):
+                if sw.size(0):
+                    for d in range(R):      # every row of every rank (own ones too) into the staging
+                        col = slot[:, d]
+                        idx = torch.where((col >= 0) & (col < cap - 1), col, cap - 1)
+                        self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, sw)
+            self._barrier()
+            for sw, dw, w, o in zip(src, dst, widths, offsets):
+                if dw.size(0):
+                    mine = self._region(me, start + o, cap, w, sw.dtype)
+                    keep = torch.arange(dw.size(0), device=dw.device) < dl["recv"][0]
+                    torch.where(keep.unsqueeze(1), mine[:dw.size(0)],
+                                torch.zeros((), dtype=dw.dtype, device=dw.device), out=dw)
         self._end_call(True)
         return outs
 
@@ -147,13 +148,15 @@ class NVLinkDevicePath:
         start = self._begin_phase(True)
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
         ret = dl["ret"]
-        if fast:
+        if fast:                            # the rows and their weights in one launch
             from ..kernels import scatter
-        for sw, w, o in zip(src, widths, offsets):
-            if fast:
-                region = self._region(me, start + o, cap - 1, w, sw.dtype)
-                scatter.return_blocks(sw, ret, region, self._delta(sw.element_size()), me, self.num_sms)
-            elif sw.size(0):
+            scatter.return_blocks(src, ret, [self._region(me, start + o, cap - 1, w, sw.dtype)
+                                             for sw, w, o in zip(src, widths, offsets)],
+                                  [self._delta(sw.element_size()) for sw in src], me, self.num_sms)
+        else:
+            for sw, w, o in zip(src, widths, offsets):
+                if not sw.size(0):
+                    continue
                 i = torch.arange(sw.size(0), device=sw.device)
                 for d in range(R):
                     if d == me:

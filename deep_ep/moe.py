@@ -27,18 +27,23 @@ gradients that travel back (rows, routing weights); the expert weight
 gradients are formed once, after the last chunk, from every chunk's rows
 regrouped by expert (one grouped GEMM per weight, not one full-size
 gradient per chunk summed).
+With ``num_chunks == 1`` the same code runs as one chunk with nothing
+overlapped (the shared experts run before the dispatch; the dispatch reads its
+counts on the host, so a call larger than the nvlink staging runs in rounds).
 Chunking changes a token's result only by
 the rounding of matrix products over other batches of rows (each row meets
 the same experts and the sums run in a fixed order; measured: float64
 results equal to 1e-12 relative).
 
-**Statistics** (``record_stats=True``): :attr:`stats` after each forward:
-``step_us``, ``compute_us`` (router, experts, shared experts, weighting on the
-compute stream), ``exposed_comm_us = step_us - compute_us`` (time the compute
-stream waited for communication) and ``comm_us`` (time the communication
-stream was busy, from when its work was queued), so ``overlapped_comm_us =
-comm_us - exposed_comm_us``. CUDA events on GPU (one host sync per forward
-to read them), wall clock on CPU.
+**Statistics** (``record_stats=True``): :attr:`stats` after each forward and
+:attr:`backward_stats` after each backward (``stats + backward_stats``: the
+layer's share of a training step): ``step_us``, ``compute_us`` (router,
+experts, shared experts, weighting, gradients on the compute stream),
+``exposed_comm_us = step_us - compute_us`` (time the compute stream waited
+for communication, or the host for its metadata) and ``comm_us`` (time the
+communication stream was busy, from when its work was queued), so
+``overlapped_comm_us = comm_us - exposed_comm_us``. CUDA events on GPU (one
+host sync per forward and per backward to read them), wall clock on CPU.
 """
 from __future__ import annotations
 
@@ -52,7 +57,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import layout, ops
 from .buffer import Buffer
 from .errors import DeepEPInputError
 from .experts import _acc, _gmm, _gmm_weight_grad, _silu_grad, _swiglu, dense_moe_reference, route_tokens
@@ -79,6 +83,12 @@ class MoEStats:
     def overlapped_comm_us(self) -> float:
         """Communication time hidden behind compute: ``comm_us - exposed_comm_us`` (not below 0)."""
         return max(self.comm_us - self.exposed_comm_us, 0.0)
+
+    def __add__(self, other: "MoEStats") -> "MoEStats":
+        """The split of two spans run one after the other (e.g. a forward and its backward: a training
+        step's share of this layer): step, compute and communication times add."""
+        return MoEStats(step_us=self.step_us + other.step_us, compute_us=self.compute_us + other.compute_us,
+                        comm_us=self.comm_us + other.comm_us)
 
     def as_dict(self) -> dict:
         """All five figures as a plain dict (for JSON)."""
@@ -194,6 +204,7 @@ class ExpertParallelMoE(nn.Module):
         self.buffer = buffer if buffer is not None else Buffer(self.group, backend=backend)
         self.record_stats = record_stats
         self.stats: Optional[MoEStats] = None
+        self.backward_stats: Optional[MoEStats] = None
 
     # ------------------------------------------------------------------ routing
     def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -343,6 +354,10 @@ class ExpertParallelMoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on this rank's tokens ``x`` ``[T, hidden]`` (``T`` may differ between ranks, 0 too):
+        route, dispatch, local experts, combine, plus the shared experts; the same shape back. Every rank
+        of the group must call it (the dispatch and combine are collective). With ``record_stats`` the
+        time split lands in :attr:`stats` (and, after ``backward``, in :attr:`backward_stats`)."""
         if x.dim() != 2 or x.size(1) != self.hidden:
             raise DeepEPInputError(f"ExpertParallelMoE expects [tokens, {self.hidden}], got {list(x.shape)}")
         cuda = x.is_cuda
@@ -350,26 +365,18 @@ class ExpertParallelMoE(nn.Module):
         timer.start()
         with timer.span("compute"):
             idx, w = self.route(x)
+        # dispatch -> experts -> combine, one autograd node, forward and backward (chunked when num_chunks > 1)
         if self.num_chunks > 1:
-            # pipelined forward and backward (one autograd node for every chunk's dispatch, experts, combine)
             first = _record() if cuda else None              # x and the routing are ready: dispatch may start
             with timer.span("compute"):
                 shared = self.shared(x)                      # while the first dispatch is in flight
-            outs = [_Pipeline.apply(self, timer, idx, first, x, w, self.w_gate_up, self.w_down)]
-        else:
-            per_rank, _, per_expert, in_rank = layout.dispatch_layout(idx, self.num_experts, self.num_ranks)
-            with timer.span("comm"):
-                kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                              num_tokens_per_expert=per_expert, topk_idx=idx)
-                rx, ridx, rw, _, handle = ops._Dispatch.apply(self.buffer, kwargs, x, w, False)
+        else:                                                # no overlap: the shared experts first
             with timer.span("compute"):
                 shared = self.shared(x)
-                y = self.local_experts(rx, ridx, rw)
-            with timer.span("comm"):
-                outs = [ops._Combine.apply(self.buffer, handle, y, None, 0, None, None, False, None)[0]]
-        with timer.span("compute"):
-            y = torch.cat(outs) if len(outs) > 1 else outs[0]
-            if shared is not None:
+            first = _record() if cuda else None
+        y = _Pipeline.apply(self, timer, idx, first, x, w, self.w_gate_up, self.w_down)
+        if shared is not None:
+            with timer.span("compute"):
                 y = y + shared
         self.stats = timer.finish()
         return y

@@ -31,9 +31,10 @@ class _Pipeline(torch.autograd.Function):
         need = any(ctx.needs_input_grad)
         sent: List[tuple] = []
         worst = 0
-        if cuda and getattr(buf._transport, "device_layout", False):
+        if cuda and n > 1 and getattr(buf._transport, "device_layout", False):
             # nvlink: chunks dispatched with num_worst_tokens never wait for the host (one exchange of the
-            # largest token count per forward instead of one metadata read per chunk)
+            # largest token count per forward instead of one metadata read per chunk; one chunk reads its
+            # counts, which also lets a call larger than the staging run in rounds)
             with timer.span("comm"):
                 t_max = int(buf._transport.all_gather_ints(torch.tensor([x.size(0)]), "MoE tokens").max())
             worst = layer.num_ranks * -(-t_max // n)
@@ -72,7 +73,7 @@ class _Pipeline(torch.autograd.Function):
                 saved.append((h, st, ridx))
         for ev in pending:
             ev.current_stream_wait()
-        ctx.layer, ctx.saved, ctx.bounds, ctx.x_dtype = layer, saved, b, x.dtype
+        ctx.layer, ctx.saved, ctx.bounds, ctx.x_dtype, ctx.timer_type = layer, saved, b, x.dtype, type(timer)
         ctx.save_for_backward(w_gate_up, w_down)     # (autograd's version check: weights changed in place raise)
         return torch.cat(outs)
 
@@ -82,11 +83,15 @@ class _Pipeline(torch.autograd.Function):
         ctx.saved_tensors                           # raises if the weights were modified in place since forward
         weight_grads = ctx.needs_input_grad[6] or ctx.needs_input_grad[7]
         buf, n, cuda = layer.buffer, len(saved), grad_out.is_cuda
+        timer = ctx.timer_type(layer.record_stats, cuda, buf.get_comm_stream() if cuda else None)
+        timer.start()
         got: List[tuple] = []
 
         def issue(c: int) -> None:
-            g = grad_out[b[c]:b[c + 1]].to(ctx.x_dtype).contiguous()
-            G, _, _, _, _, ev = buf.dispatch(g, handle=saved[c][0], async_finish=cuda, compress=False)
+            with timer.span("compute"):
+                g = grad_out[b[c]:b[c + 1]].to(ctx.x_dtype).contiguous()
+            with timer.span("comm"):
+                G, _, _, _, _, ev = buf.dispatch(g, handle=saved[c][0], async_finish=cuda, compress=False)
             got.append((G, ev))
 
         issue(0)
@@ -99,20 +104,28 @@ class _Pipeline(torch.autograd.Function):
             h, st, ridx = saved[c]
             saved[c] = (h, None, None)                  # the chunk's rows are freed once differentiated
             st["weight_grads"] = weight_grads
-            gx, gw, part = layer._experts_backward(st, G[:st["N"]])
-            if part is not None:
-                parts.append(part)
-            gw = torch.where(ridx >= 0, gw.float(), 0.0)       # entries of other ranks' experts: constants
-            gxc, gwc, ev2 = buf.combine(gx.contiguous(), h, topk_weights=gw, async_finish=cuda,
-                                        previous_event=_record() if cuda else None, compress=False)
+            with timer.span("compute"):
+                gx, gw, part = layer._experts_backward(st, G[:st["N"]])
+                if part is not None:
+                    parts.append(part)
+                gw = torch.where(ridx >= 0, gw.float(), 0.0)       # entries of other ranks' experts: constants
+                gx = gx.contiguous()
+                prev = _record() if cuda else None
+            with timer.span("comm"):
+                gxc, gwc, ev2 = buf.combine(gx, h, topk_weights=gw, async_finish=cuda, previous_event=prev,
+                                            compress=False)
             gxs.append(gxc)
             gws.append(gwc)
             pending.append(ev2)
         # the experts' weight gradients once for every chunk (while the last gradient combines run)
-        g_gate_up, g_down = layer._expert_weight_grads(parts) if weight_grads else (None, None)
+        with timer.span("compute"):
+            g_gate_up, g_down = layer._expert_weight_grads(parts) if weight_grads else (None, None)
         for ev in pending:
             ev.current_stream_wait()
-        return (None, None, None, None, torch.cat(gxs).to(ctx.x_dtype), torch.cat(gws), g_gate_up, g_down)
+        with timer.span("compute"):
+            gx_all, gw_all = torch.cat(gxs).to(ctx.x_dtype), torch.cat(gws)
+        layer.backward_stats = timer.finish()
+        return (None, None, None, None, gx_all, gw_all, g_gate_up, g_down)
 
 
 def _record() -> EventOverlap:

@@ -55,8 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "collective", "nvlink", "hierarchical"),
                    help="the deep_ep setups' transport (default auto; the collective setup is always collective)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="FILE", help="write the result here")
-    p.add_argument("--png", metavar="FILE", help="write a chart here (needs matplotlib)")
+    p.add_argument("--json", metavar="FILE", default="deep_ep_demo.json",
+                   help="write the result here (default deep_ep_demo.json; '' for none)")
+    p.add_argument("--png", metavar="FILE", default="deep_ep_demo.png",
+                   help="write a chart here (needs matplotlib; default deep_ep_demo.png; '' for none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -163,7 +165,9 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             losses.append(float(loss))
-            st = [b.moe.stats for b in model.blocks if b.moe.stats is not None]
+            # each MoE layer's forward and backward: its share of the training step
+            st = [b.moe.stats + b.moe.backward_stats for b in model.blocks
+                  if b.moe.stats is not None and b.moe.backward_stats is not None]
             exposed.append(sum(s.exposed_comm_us for s in st))
             moe_fwd.append(sum(s.step_us for s in st))
             if bar is not None:
@@ -172,7 +176,7 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
         t = sum(times[warm:]) / max(len(times) - warm, 1)
         results[setup] = dict(step_s=t, tokens_per_s=int(x.numel()) * cfg["world_size"] / t, losses=losses,
                               exposed_comm_us=sum(exposed[warm:]) / max(len(exposed) - warm, 1),
-                              moe_forward_us=sum(moe_fwd[warm:]) / max(len(moe_fwd) - warm, 1),
+                              moe_step_us=sum(moe_fwd[warm:]) / max(len(moe_fwd) - warm, 1),
                               transport=model.blocks[0].moe.buffer.backend)
         del model, opt
     if bar is not None:
@@ -200,11 +204,11 @@ def run(cfg: dict) -> dict:
         per = [r[setup] for r in raw["ranks"]]
         step = max(p["step_s"] for p in per)
         exposed = max(p["exposed_comm_us"] for p in per)
-        fwd = max(p["moe_forward_us"] for p in per)
+        fwd = max(p["moe_step_us"] for p in per)
         rows.append(dict(setup=setup, transport=per[0]["transport"], step_ms=step * 1e3,
                          tokens_per_s=cfg["tokens"] * cfg["world_size"] / step,   # cfg["tokens"]: a multiple of 16
                          loss_first=per[0]["losses"][0], loss_last=per[0]["losses"][-1], losses=per[0]["losses"],
-                         moe_forward_us=fwd, exposed_comm_us=exposed,
+                         moe_step_us=fwd, exposed_comm_us=exposed,
                          exposed_comm_fraction=exposed / fwd if fwd else 0.0))
     return dict(workload="demo", card=raw["card"], num_ranks=cfg["world_size"],
                 date=datetime.date.today().isoformat(), torch=torch.__version__, config={
@@ -220,7 +224,8 @@ def format_result(res: dict) -> str:
     for r in res["rows"]:
         out.append(f"{r['setup']:18s} {r['transport']:10s} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} "
                    f"{r['loss_first']:6.3f} -> {r['loss_last']:5.3f} {100 * r['exposed_comm_fraction']:12.1f}%")
-    out.append("exposed comm: share of the MoE forward the compute stream waited for communication")
+    out.append("exposed comm: share of the MoE layers' forward + backward time in which the compute stream waited "
+               "for communication")
     return "\n".join(out)
 
 

@@ -232,3 +232,29 @@ def test_info_topology(monkeypatch, capsys):
     assert cli.main(["info", "--json"]) == 0
     topo = json.loads(capsys.readouterr().out)["topology"]
     assert topo["ranks_per_node"] == 8 and topo["nodes"] == 2 and "hierarchical" in topo["note"]
+
+
+def test_bench_num_sms_sweep_in_one_run(tmp_path, capsys):
+    """--num-sms 2,4: one row set per SM count in one result, the baselines once, every deep_ep row's ratio
+    against them; bad values exit 2."""
+    path = tmp_path / "sms.json"
+    assert cli.main(["bench", "--device", "cpu", "--world-size", "2", "--tokens", "16", "--hidden", "64",
+                     "--experts", "4", "--topk", "2", "--iters", "2", "--warmup", "0", "--no-progress",
+                     "--backend", "collective", "--num-sms", "2,4", "--json", str(path), "--png",
+                     str(tmp_path / "sms.png")]) == 0
+    res = json.loads(path.read_text())
+    assert res["num_sms_sweep"] == [2, 4]
+    coll = [r for r in res["rows"] if r["backend"] == "collective"]
+    assert sorted({r["num_sms"] for r in coll}) == [2, 4]
+    assert len(coll) == 2 * len([r for r in coll if r["num_sms"] == 2])
+    raw = [r for r in res["rows"] if r["backend"] == "gloo-raw"]
+    assert raw and all(r["num_sms"] is None for r in raw) and len({(r["op"], r["wire"]) for r in raw}) == len(raw)
+    assert all(r["ratio_vs"]["gloo-raw"] > 0 for r in coll)
+    assert " SMs " in capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "sms.png").stat().st_size > 1000
+    except ImportError:
+        pass
+    for bad in ("3", "2,x", "0"):
+        assert cli.main(["bench", "--device", "cpu", "--num-sms", bad]) == 2

@@ -32,7 +32,25 @@ __all__ = ["BenchConfig", "BenchOptionError", "add_arguments", "config_from_args
 
 
 def run(cfg: BenchConfig, command: str = "deep-ep bench") -> dict:
-    """Run the benchmark described by ``cfg``; returns the BENCH.md result object."""
+    """Run the benchmark described by ``cfg``; returns the BENCH.md result object. With
+    ``cfg.num_sms_sweep`` one run per SM count, merged into one result (the baselines from the first, every
+    row's ``ratio_vs`` against them; each row says its ``num_sms``)."""
+    if len(cfg.num_sms_sweep) > 1:
+        import dataclasses
+
+        from deep_ep.bench.report import add_ratios
+        merged = None
+        for i, sms in enumerate(cfg.num_sms_sweep):
+            one = run(dataclasses.replace(cfg, num_sms=sms, num_sms_sweep=(), baselines=cfg.baselines and i == 0),
+                      command)
+            if merged is None:
+                merged = one
+            else:
+                merged["rows"] += one["rows"]
+                merged["skipped"] += [s_ for s_ in one["skipped"] if s_ not in merged["skipped"]]
+        add_ratios(cfg, merged["rows"])
+        merged["num_sms_sweep"] = list(cfg.num_sms_sweep)
+        return merged
     with tempfile.TemporaryDirectory(prefix="deep_ep_bench_") as tmp:
         path = os.path.join(tmp, "raw.pkl")
         from deep_ep.bench.worker import spawn
@@ -64,6 +82,10 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
+    if getattr(args, "png", None):
+        from deep_ep.bench.plot import write_png
+        if write_png([result], args.png):
+            print(f"wrote {args.png}", file=sys.stderr)
     return 0
 
 

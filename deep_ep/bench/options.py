@@ -56,6 +56,7 @@ class BenchConfig:
     compression: tuple = ()          # levels timed as compressed dispatch of bf16 rows: 8, 4, 'auto'
     compression_ratio: float = 0.3   # the 'auto' byte target
     experts_given: bool = False      # --experts given (low-latency otherwise takes BENCH.md's 256 / 288)
+    num_sms_sweep: tuple = ()        # --num-sms with several values: num_sms of each run (num_sms: the first)
 
     @property
     def dist_backend(self) -> str:
@@ -96,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="deep_ep backend(s) to time, repeatable or comma list (default: all known; "
                         "those that cannot run are listed as skipped)")
     g.add_argument("--no-baselines", action="store_true", help="skip the raw and peer-copy baselines")
-    g.add_argument("--num-sms", type=int, help="Buffer.set_num_sms(N) before creating buffers")
+    g.add_argument("--num-sms", help="Buffer.set_num_sms(N) before creating buffers; a comma list (e.g. 16,24,32) "
+                                       "sweeps it in one run (one row set per value, the baselines once)")
     g = p.add_argument_group("timing and output")
     g.add_argument("--iters", type=int, help="timed runs per case, median reported (GPU 30, CPU 10)")
     g.add_argument("--warmup", type=int, help="untimed runs per case first (GPU 5, CPU 2)")
@@ -104,6 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds any collective may wait before the run fails")
     g.add_argument("--json", metavar="FILE",
                    help="write the BENCH.md result file; a directory gets <date>-<card>-<workload>.json")
+    g.add_argument("--png", metavar="FILE", help="also draw GB/s against tokens per rank (one line per backend, "
+                                                "op, wire and SM count; needs matplotlib)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -168,8 +172,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchOptionError(f"--topk {topk} > --experts {experts}")
     if "fp8" in wires and hidden % 128:
         raise BenchOptionError(f"fp8 needs --hidden a multiple of 128, got {hidden}")
-    if args.num_sms is not None and (args.num_sms < 2 or args.num_sms % 2):
-        raise BenchOptionError(f"--num-sms must be even and >= 2, got {args.num_sms}")
+    sms: tuple = ()
+    if args.num_sms is not None:
+        try:
+            sms = tuple(int(v) for v in _split([str(args.num_sms)]))
+        except ValueError:
+            raise BenchOptionError(f"--num-sms takes even ints >= 2 (a comma list sweeps), got {args.num_sms!r}") \
+                from None
+        if not sms or any(v < 2 or v % 2 for v in sms):
+            raise BenchOptionError(f"--num-sms must be even and >= 2, got {args.num_sms}")
     backends = tuple(dict.fromkeys(_split(args.backend))) if args.backend else None
     if backends:
         from deep_ep.transport import BACKENDS
@@ -179,7 +190,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                                    f"{', '.join(BACKENDS)}")
     return BenchConfig(
         device=device, world_size=world, tokens=tuple(tokens), hidden=hidden, topk=topk,
-        experts=experts, wires=tuple(wires), backends=backends, num_sms=args.num_sms,
+        experts=experts, wires=tuple(wires), backends=backends, num_sms=sms[0] if sms else None,
+        num_sms_sweep=tuple(dict.fromkeys(sms)) if len(set(sms)) > 1 else (),
         compression=_compression(args.compression), compression_ratio=args.compression_ratio,
         iters=iters, warmup=warmup, routing=args.skew,
         workload="low-latency" if low_latency else "sweep" if args.sweep else "normal",

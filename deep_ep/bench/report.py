@@ -67,6 +67,12 @@ def reduce_rows(cfg, per_rank: list) -> list:
         p = plain.get((r["tokens"], r["backend"], r["op"], r["timing"]))
         if "compression_level" in r and p is not None and p["time_us"]:
             r["time_vs_bf16"] = r["time_us"] / p["time_us"]
+    add_ratios(cfg, rows)
+    return rows
+
+
+def add_ratios(cfg, rows: list) -> None:
+    """Set each deep_ep row's ``ratio_vs``: the baseline's time (same tokens, op and wire) over its own."""
     baselines = {cfg.raw_name, "peer-copy"}
     base = {(r["tokens"], r["op"], r["wire"], r["backend"]): r for r in rows if r["backend"] in baselines}
     for r in rows:
@@ -75,7 +81,6 @@ def reduce_rows(cfg, per_rank: list) -> list:
         r["ratio_vs"] = {b: base[k]["time_us"] / r["time_us"]
                          for b in sorted(baselines)
                          if (k := (r["tokens"], r["op"], r["wire"], b)) in base and r["time_us"] > 0}
-    return rows
 
 
 def build_result(cfg, raw: dict, command: str) -> dict:
@@ -119,7 +124,9 @@ def format_table(result: dict) -> str:
     """The result as a fixed-width text table, then the skipped cases with their reasons."""
     raw_name = f"{result['dist_backend']}-raw"
     baselines = [raw_name] + (["peer-copy"] if result["device"] == "cuda" else [])
-    head = ["backend", "op", "timing", "wire", "tokens", "time_us", "GB/s logical", "GB/s link"]
+    sweep = len({r.get("num_sms") for r in result["rows"]} - {None}) > 1      # (baselines have None)
+    head = ["backend", "op", "timing", "wire", "tokens"] + (["SMs"] if sweep else []) + [
+        "time_us", "GB/s logical", "GB/s link"]
     head += [f"vs {b}" for b in baselines]
     errors = any("rel_err_mean" in r for r in result["rows"])
     if errors:
@@ -128,8 +135,8 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         name = r["backend"] if r.get("transport", r["backend"]) == r["backend"] else \
             f"{r['backend']} ({r['transport']})"
-        cells = [name, r["op"], r["timing"], r["wire"], str(r["tokens"]),
-                 _fmt(r["time_us"], ".1f"), _fmt(r["gbps_logical"], ".2f"), _fmt(r["gbps_link"], ".2f")]
+        cells = [name, r["op"], r["timing"], r["wire"], str(r["tokens"])] + (
+            [_fmt(r.get("num_sms"), "d")] if sweep else []) + [_fmt(r["time_us"], ".1f"), _fmt(r["gbps_logical"], ".2f"), _fmt(r["gbps_link"], ".2f")]
         cells += [_fmt(r.get("ratio_vs", {}).get(b), ".2f") for b in baselines]
         if errors:
             cells += [_fmt(r.get("rel_err_mean"), ".4f"), _fmt(r.get("time_vs_bf16"), ".2f")]

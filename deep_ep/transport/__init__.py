@@ -25,12 +25,12 @@ BACKENDS: Dict[str, Optional[str]] = {
 }
 
 
-#: whether 'auto' picks nvlink where it is usable. Off while the torch path of the nvlink
-#: transport is not faster than collective (benchmarks/results/2026-11-28-nvidia-h200-normal-*.json).
 #: 'auto' takes nvlink up to this many ranks: at 4 ranks NCCL was faster
 #: (benchmarks/results/2026-11-28-nvidia-h200-x4-normal-peer-streams.json)
 NVLINK_MAX_RANKS = 2
-NVLINK_PREFERRED = True   # measured faster than collective: benchmarks/results/*-nvidia-h200-normal*.json
+#: whether 'auto' picks nvlink where it is usable: on 2 x H200 it measured faster than collective
+#: (benchmarks/results/2026-12-01-nvidia-h200-normal.json)
+NVLINK_PREFERRED = True
 
 
 def _backend_str(group: Optional[dist.ProcessGroup] = None) -> str:

@@ -1,6 +1,7 @@
 """Where the host time of the nvlink device path goes, on one GPU (one rank): the host cost of single
-launches (torch ops, Triton kernels, events, record_stream, the device barrier), then a cumulative
-cProfile and a torch-profiler op count of a fresh ``num_worst_tokens`` dispatch and its combine.
+launches (torch ops, Triton kernels, events, record_stream, the device barrier) and of whole calls, the
+GPU time of the device path (graph-replayed), then a cumulative cProfile and a torch-profiler op count of a
+fresh ``num_worst_tokens`` dispatch and its combine.
 
     python scripts/host_breakdown.py [tokens] [hidden] > host.txt
 """
@@ -77,6 +78,23 @@ per_call("fresh dispatch, counts read on the host", lambda: fresh(0), n=100)
 per_call("cached dispatch (host handle)", lambda: buf.dispatch(x, handle=handle0))
 per_call("combine of a device-path handle", lambda: buf.combine(rx, handle, async_finish=True))
 per_call("combine of a host handle", lambda: buf.combine(rx0, handle0, async_finish=True))
+
+# GPU time of the device path (graph-replayed: no host time in it), median of 50 replays
+from deep_ep.bench.timing import capture  # noqa: E402
+
+for label, fn in (("fresh dispatch, num_worst_tokens", lambda: fresh(T)),
+                  ("get_dispatch_layout", lambda: buf.get_dispatch_layout(idx, E)),
+                  ("combine, device handle", lambda: buf.combine(rx, handle))):
+    graph, _ = capture(fn)
+    times = []
+    for _ in range(50):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000)
+    print(f"{'graph-replayed ' + label:58s} {sorted(times)[25]:8.1f} us GPU", flush=True)
 
 for label, fn in (("fresh dispatch, num_worst_tokens", lambda: fresh(T)),
                   ("fresh dispatch, host", lambda: fresh(0)),

@@ -20,8 +20,26 @@ level      packed row (uint8)                                                   
            blocks in order; the sign bit of a block's scale says int8. Each
            row upgrades the same number ``k`` of blocks, the ``k`` with the
            largest ``amax`` (ties: lower block first), so that rows have one
-           width: ``k`` is the most the target byte ratio allows
+           width; ``k`` comes from the byte target (below)
 =========  ====================================================================  ==========================
+
+The ``'auto'`` byte target is ``t = ratio * 2H`` bytes per row. Widths come in
+steps of 16 bytes (one block upgraded), so ``k`` is: the most upgrades that fit
+in ``t`` when that width is within 1% of ``t``; otherwise the fewest above ``t``
+when that width is within 1% of it; otherwise the width nearest ``t`` (ties:
+the smaller). Guarantee, for ``18*nb <= t <= 34*nb`` (``make_codec`` refuses
+``t < 18*nb``; above ``34*nb`` every block is int8 and the row is ``34*nb``):
+``|row_bytes - t| <= max(0.01 * t, 8)`` -- within 1% or within half a block
+step, whichever is larger -- and ``row_bytes <= t`` whenever a width within 1%
+below ``t`` exists. Half a step is at most 1% once ``t >= 800`` bytes, so every
+accepted ratio is met within 1% for ``H >= 1409`` (``18*nb >= 800``); at
+``H = 1024`` (a step is 16 / 614.4 = 2.6% of a 0.3 target) ratios below 0.39
+can miss by up to 8 bytes (0.3: 608 bytes, 1.04% under).
+
+At level 4's bytes (``18*nb`` when 32 divides ``H``) ``'auto'`` has no byte to
+spend on an upgrade: ``k = 0`` and its rows are level 4's, byte for byte, with
+the same error. (When the last block holds 30 values or fewer, level 4 packs
+it tighter than ``'auto'`` can, and ``'auto'`` cannot reach level 4's bytes.)
 
 Choosing the largest-``amax`` blocks minimises the row's squared error under
 the usual uniform-noise model (a block's error is proportional to its
@@ -138,12 +156,12 @@ class Codec:
 
     @property
     def upgrades(self) -> int:
-        """``'auto'``: int8 blocks per row (``k``)."""
+        """``'auto'``: int8 blocks per row (``k``), chosen from the byte target ``t = ratio * 2H`` as the module
+        docstring says: the most that fit in ``t`` when that width is within 1% of ``t``, else the fewest
+        above ``t`` when those are within 1% of it, else the nearest (ties: fewer); between 0 and ``nb``."""
         if self.level != "auto":
             return 0
-        nb = self.blocks
-        budget = self.ratio * 2 * self.hidden
-        return int(max(0, min(nb, math.floor((budget - 18 * nb) / 16))))
+        return _auto_upgrades(self.hidden, self.ratio)
 
     @property
     def row_bytes(self) -> int:
@@ -311,6 +329,25 @@ class Codec:
         v4 = _dequant_int(q4, scale, INT4_MAX)
         v8 = _dequant_int(q8, scale, INT8_MAX)
         return torch.where(wide.unsqueeze(2), v8, v4).reshape(N, nb * 32)[:, :H]
+
+
+def _auto_upgrades(hidden: int, ratio: float) -> int:
+    """The ``k`` of ``'auto'`` rows for a byte target of ``ratio * 2 * hidden`` (see :attr:`Codec.upgrades`)."""
+    nb = -(-hidden // _BLOCK4)
+    target = ratio * 2 * hidden
+    room = (target - 18 * nb) / 16                   # upgrades the target holds (fractional)
+    lo = math.floor(room + 1e-9)                     # 1e-9: a target that is exactly a width stays that width
+    if lo < 0:
+        return 0
+    if lo >= nb:
+        return nb                                    # every block int8: the widest row there is
+    width = lambda k: 18 * nb + 16 * k               # noqa: E731
+    tol = 0.01 * target
+    if target - width(lo) <= tol:
+        return lo                                    # within the target and within 1% of it
+    if width(lo + 1) - target <= tol:
+        return lo + 1                                # over the target by at most 1%
+    return lo if target - width(lo) <= width(lo + 1) - target else lo + 1   # neither: the nearest (<= 8 bytes)
 
 
 def view_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

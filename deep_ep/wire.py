@@ -124,12 +124,23 @@ class Wire:
             return 100000 + codec.upgrades
         return int(codec.level) * 10 + int(codec.round_scale) + 2 * int(codec.use_ue8m0)
 
-    def record(self, codec: Optional[Codec], x: torch.Tensor, remote_rows: Optional[int]) -> None:
-        """Opt-in statistics of one dispatch (a host sync): bytes sent to other ranks and the relative
-        L2 error of what was sent (mean / max over rows)."""
+    def record(self, codec: Optional[Codec], x: torch.Tensor, remote_rows: Optional[int],
+               sent: Optional[torch.Tensor] = None) -> None:
+        """Opt-in statistics of one dispatch (a host sync).
+
+        ``bytes_on_wire = remote_rows * row_bytes``: the rows sent to other ranks (a token counts once per
+        destination rank, not per expert) times the bytes of one row on the wire (``codec.row_bytes``; the
+        row's own bytes without a codec). Top-k ids, weights and fp8 scale columns are not counted.
+        ``rel_err_mean`` / ``rel_err_max``: :func:`~deep_ep.compress.relative_error` of
+        ``codec.roundtrip(row)`` against the row as given (float64 L2, finite entries), mean and max over
+        the rows of ``x`` selected by ``sent`` (bool ``[T]``: the tokens sent to at least one rank, this
+        one included, as every receiver gets the round trip; all rows when ``None``); 0.0 without a
+        codec or without such rows."""
         if not self.stats:
             return
         row_bytes = codec.row_bytes if codec is not None else x.size(1) * x.element_size()
+        if codec is not None and sent is not None:
+            x = x[sent.to(device=x.device, dtype=torch.bool)]
         if codec is not None and x.size(0):
             err = relative_error(x, codec.roundtrip(x))
             mean, mx = float(err.mean()), float(err.max())
@@ -164,16 +175,18 @@ class WireMethods:
     def _record_wire(self, codec, xv: torch.Tensor, plan: Plan) -> None:
         if not self._wire.stats:
             return
+        m = plan.is_token_in_rank
         if plan.send_counts is not None:
             remote = sum(plan.send_counts) - plan.send_counts[self.rank]
         else:
-            m = plan.is_token_in_rank
             remote = int(m.sum()) - int(m[:, self.rank].sum())
-        self._wire.record(codec, xv, remote)
+        self._wire.record(codec, xv, remote, m.any(dim=1) if codec is not None else None)
 
     @property
     def last_dispatch_stats(self) -> Optional[Dict[str, Any]]:
-        """With ``compression_stats=True`` (env ``DEEP_EP_COMPRESSION_STATS=1``): the last dispatch's level,
-        bytes per row, bytes sent to other ranks and the relative L2 error of what it sent (mean and max
-        over rows). Costs a host sync per dispatch; ``None`` when off."""
+        """With ``compression_stats=True`` (env ``DEEP_EP_COMPRESSION_STATS=1``): the last dispatch's
+        ``level``, ``row_bytes``, ``bf16_row_bytes``, ``bytes_on_wire`` (rows sent to other ranks x
+        ``row_bytes``) and ``rel_err_mean`` / ``rel_err_max`` (relative L2 error of the round trip of every
+        row sent to at least one rank; see :meth:`Wire.record`). Costs a host sync per dispatch; ``None``
+        when off."""
         return self._wire.last_stats

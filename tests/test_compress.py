@@ -25,8 +25,10 @@ def _gauss(T, H, seed, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("H", [7168, 2047])
 def test_error_on_gaussian_rows(H):
-    """Relative L2 error on Gaussian rows (measured: level 8 about 2.6%, level 4 about 9.7%, 'auto' at 0.3
-    about 9.0%); the issue's bounds are 4% and 12%."""
+    """Relative L2 error on 64 Gaussian rows (measured at H=7168: level 8 2.58%, level 4 9.69%, 'auto' at 0.3
+    8.99%, as README's Compression table states to 0.1%); the issue's bounds are 4% and 12%. 'auto' at 0.3
+    spends more bytes than level 4 (0.299 vs 0.281 of bf16) and has less error; at level 4's own bytes see
+    test_auto_at_level4_bytes_is_level4."""
     x = _gauss(64, H, H)
     errs = {}
     for level in LEVELS:
@@ -34,8 +36,12 @@ def test_error_on_gaussian_rows(H):
         errs[level] = relative_error(x.float(), c.roundtrip(x).float())
     assert float(errs[8].mean()) <= 0.04 and float(errs[8].max()) <= 0.04
     assert float(errs[4].mean()) <= 0.12 and float(errs[4].max()) <= 0.12
+    assert make_codec("auto", H, ratio=0.3).row_bytes > make_codec(4, H).row_bytes
     assert float(errs["auto"].mean()) < float(errs[4].mean())         # more bytes than level 4, less error
     assert 0.02 < float(errs[8].mean()) and 0.08 < float(errs[4].mean())   # the figures are what they are
+    if H == 7168:                                                      # README's figures, to their 0.1%
+        for level, readme in ((8, 0.026), (4, 0.097), ("auto", 0.090)):
+            assert abs(float(errs[level].mean()) - readme) < 0.0005, (level, float(errs[level].mean()))
 
 
 @pytest.mark.parametrize("H", [1, 31, 33, 128, 130, 2047, 7168])
@@ -55,7 +61,7 @@ def test_bytes_per_row_as_documented(H):
         return
     c = make_codec("auto", H, ratio=ratio)
     assert c.row_bytes == 18 * nb32 + 16 * c.upgrades and c.encode(x).shape == (3, c.row_bytes)
-    assert c.row_bytes <= ratio * 2 * H + 1e-9
+    assert abs(c.row_bytes - ratio * 2 * H) <= max(0.01 * ratio * 2 * H, 8) + 1e-9
 
 
 def _f64_bound(level, x, codec, packed):
@@ -146,22 +152,76 @@ def test_special_values(level):
         assert float(e[4]) <= bound
 
 
-def test_auto_byte_target_and_error_against_level4():
+def test_auto_error_below_level4_with_more_bytes():
+    """'auto' at ratios 0.30 / 0.35 / 0.45 (more bytes than level 4's 0.281) has less error than level 4; the
+    comparison at level 4's exact bytes is test_auto_at_level4_bytes_is_level4."""
     H = 7168
     x = _gauss(32, H, 5)
     four = make_codec(4, H)
     e4 = relative_error(x.float(), four.roundtrip(x).float()).mean()
     for ratio in (0.3, 0.35, 0.45):
         c = make_codec("auto", H, ratio=ratio)
-        assert abs(c.row_bytes / (2 * H) - ratio) <= 0.01 * ratio
+        assert abs(c.row_bytes / (2 * H) - ratio) <= 0.01 * ratio and c.row_bytes > four.row_bytes
         e = relative_error(x.float(), c.roundtrip(x).float()).mean()
         assert e < e4
-    # at level 4's own bytes 'auto' upgrades nothing and is level 4 (its header costs no byte)
-    same = make_codec("auto", H, ratio=four.row_bytes / (2 * H))
-    assert same.upgrades == 0 and same.row_bytes == four.row_bytes
-    assert torch.equal(same.roundtrip(x), four.roundtrip(x))
     with pytest.raises(deep_ep.DeepEPInputError, match="below what 'auto' can reach"):
         make_codec("auto", H, ratio=0.2)
+
+
+@pytest.mark.parametrize("H", [7168, 2047, 1024])
+def test_auto_at_level4_bytes_is_level4(H):
+    """At exactly level 4's bytes per row 'auto' has no byte to spend (its 18 bytes per block are level 4's
+    bf16 scale and 16 bytes of int4; the level bit rides in the scale's sign), so it upgrades nothing, writes
+    level 4's bytes and has level 4's error: no worse, and not better without a format change. One upgrade
+    more (16 bytes) already lowers the error."""
+    four = make_codec(4, H)
+    same = make_codec("auto", H, ratio=four.row_bytes / (2 * H))
+    assert same.upgrades == 0 and same.row_bytes == four.row_bytes
+    x = _gauss(16, H, H + 1)
+    assert torch.equal(same.encode(x), four.encode(x))
+    e4 = relative_error(x.float(), four.roundtrip(x).float())
+    ea = relative_error(x.float(), same.roundtrip(x).float())
+    assert torch.equal(ea, e4) and float(ea.mean()) <= float(e4.mean())
+    one = make_codec("auto", H, ratio=(four.row_bytes + 16) / (2 * H))
+    assert one.upgrades == 1
+    assert float(relative_error(x.float(), one.roundtrip(x).float()).mean()) < float(e4.mean())
+
+
+def test_auto_cannot_reach_level4_bytes_when_32_does_not_divide_h():
+    """H = 7000: level 4 packs the last block (24 values) in 12 bytes, 'auto' in 16, so level 4's ratio is
+    below every 'auto' width and is refused."""
+    four = make_codec(4, 7000)
+    assert four.row_bytes == 2 * 219 + 3500 < 18 * 219
+    with pytest.raises(deep_ep.DeepEPInputError, match="below what 'auto' can reach"):
+        make_codec("auto", 7000, ratio=four.row_bytes / (2 * 7000))
+
+
+@pytest.mark.parametrize("H", [1024, 2048, 4096, 7168, 7000])
+def test_auto_byte_target_guarantee(H):
+    """The documented guarantee (compress.py): for a target t = ratio * 2H between the all-int4 and all-int8
+    widths, |row_bytes - t| <= max(1% of t, 8 bytes), and row_bytes <= t whenever some width lies within 1%
+    below t; within 1% for every accepted ratio once 18 * ceil(H/32) >= 800 (H >= 1409); a target that is a
+    width gives that width; above the all-int8 width every block is int8."""
+    nb = math.ceil(H / 32)
+    lo_w, hi_w = 18 * nb, 34 * nb
+    widths = [lo_w + 16 * k for k in range(nb + 1)]
+    ratios = [lo_w / (2 * H) + i * (hi_w - lo_w) / (2 * H) / 997 for i in range(998)] + [0.3, 0.35, 0.45]
+    for ratio in ratios:
+        t = ratio * 2 * H
+        c = make_codec("auto", H, ratio=ratio)
+        w = c.row_bytes
+        assert w == lo_w + 16 * c.upgrades and 0 <= c.upgrades <= nb
+        assert abs(w - t) <= max(0.01 * t, 8) + 1e-6, (ratio, w, t)
+        if H >= 1409:
+            assert abs(w - t) <= 0.01 * t + 1e-6, (ratio, w, t)
+        if any(t - 0.01 * t - 1e-6 <= v <= t for v in widths):
+            assert w <= t + 1e-6, (ratio, w, t)
+    for k in range(nb + 1):                                       # a target that is a width: that width
+        assert make_codec("auto", H, ratio=widths[k] / (2 * H)).upgrades == k
+    assert make_codec("auto", H, ratio=1.0).upgrades == nb
+    if H == 1024:                                                  # the documented miss: 8 bytes, not 1%
+        c = make_codec("auto", H, ratio=0.3)
+        assert c.row_bytes == 608 and 0.01 < 1 - 608 / 614.4
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -237,6 +297,74 @@ def rank_dispatch_levels(rank, R, backend, worst):
     with pytest.raises(de.RankMismatchError, match="compression level"):
         b.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
                    compress=8 if rank == 0 else 4)
+
+
+def _documented_row_bytes(level, H, ratio):
+    """Bytes per row as compress.py's table documents them (for 'auto', ``k`` from the codec)."""
+    nb128, nb32 = math.ceil(H / 128), math.ceil(H / 32)
+    if level == 16:
+        return 2 * H
+    if level == 8:
+        return 4 * nb128 + H
+    if level == 4:
+        return 2 * nb32 + math.ceil(H / 2)
+    return 18 * nb32 + 16 * make_codec("auto", H, ratio=ratio).upgrades
+
+
+def rank_dispatch_stats(rank, R):
+    """``compression_stats=True``: ``bytes_on_wire`` = rows sent to other ranks (once per destination rank) x the
+    documented bytes per row, and ``rel_err_mean`` / ``rel_err_max`` = the relative L2 error, computed here in
+    float64 from encode / decode, of the rows this rank sends (to any rank). Rows routed nowhere are made to
+    have a larger error than any sent row (1e-12 x a spiky pattern: level 8 flushes them to zero, int4 zeroes
+    their small values), so counting them would change the max."""
+    H, E, ratio = 200, 8, 0.45
+    case = make_case(41, R, hidden=H, topk=2, num_experts=E, tokens=[23, 19], neg_frac=0.45)
+    x = case.xs[rank].clone()
+    idx = case.topk_idx[rank]
+    sent = (idx >= 0).any(dim=1)
+    assert 0 < int(sent.sum()) < x.size(0), "the case needs tokens routed nowhere"
+    spiky = torch.full((H,), 0.06)
+    spiky[::32] = 1.0
+    x[~sent] = (spiky * 1e-12).to(x.dtype)
+    dest = torch.zeros((x.size(0), R), dtype=torch.bool)        # token -> destination ranks
+    for t, e in (idx >= 0).nonzero().tolist():
+        dest[t, int(idx[t, e]) // (E // R)] = True
+    remote = int(dest.sum()) - int(dest[:, rank].sum())
+    assert remote > 0
+    buf = get_buffer("collective", compression_ratio=ratio, compression_stats=True)
+    _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    assert torch.equal(in_rank.cpu(), dest)
+    for level in (16, 8, 4, "auto"):
+        compress = False if level == 16 else level
+        handle = buf.dispatch(x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
+                              compress=compress)[4]
+        stats = [buf.last_dispatch_stats]
+        buf.dispatch(x, handle=handle, compress=compress)            # the cached dispatch reports alike
+        stats.append(buf.last_dispatch_stats)
+        row_bytes = _documented_row_bytes(level, H, ratio)
+        if level == 16:
+            want_mean = want_max = 0.0
+        else:
+            c = make_codec(level, H, ratio=ratio)
+            assert c.row_bytes == row_bytes
+            x64 = x.double()
+            y64 = c.decode(c.encode(x), x.dtype).double()            # what every receiver gets
+            err = (y64 - x64).norm(dim=1) / x64.norm(dim=1)
+            want_mean, want_max = float(err[sent].mean()), float(err[sent].max())
+            assert float(err[~sent].min()) > want_max, "rows routed nowhere must be the worst ones"
+            assert 0 < want_max < 0.2
+        for rec in stats:
+            assert rec["level"] == level and rec["row_bytes"] == row_bytes and rec["bf16_row_bytes"] == 2 * H
+            assert rec["bytes_on_wire"] == remote * row_bytes
+            assert rec["rel_err_mean"] == pytest.approx(want_mean, rel=1e-9, abs=1e-12)
+            assert rec["rel_err_max"] == pytest.approx(want_max, rel=1e-9, abs=1e-12)
+    assert get_buffer("collective").last_dispatch_stats is None        # off unless asked
+    return remote
+
+
+def test_dispatch_stats_cpu(rank_pool):
+    remote = rank_pool(2).run(rank_dispatch_stats)
+    assert all(r > 0 for r in remote)
 
 
 def test_dispatch_combine_with_each_level_cpu(rank_pool):

@@ -225,13 +225,6 @@ def test_reuse_shapes_gpu(rank_pool, backend):
     rank_pool(2, backend="nccl").run(run_reuse_shapes, backend, 99)
 
 
-@pytest.mark.parametrize("name", ["basic", "all_ranks", "bias2", "fp8", "empty_rank", "worst"])
-def test_conformance_hierarchical_3_nodes(rank_pool, name):
-    """Six CPU ranks as 3 emulated nodes x 2 ranks."""
-    seed = zlib.crc32(f"{name}/6".encode())
-    rank_pool(6).run(run_scenario, "hierarchical", seed, dict(SCENARIOS[name], ranks_per_node=2))
-
-
 @pytest.mark.gpu(1)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("name", ["basic", "fp8", "worst", "bias2", "nan"])

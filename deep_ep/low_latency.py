@@ -328,8 +328,11 @@ class LowLatencyMethods:
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """DeepEP's buffer reset; deep_ep's low-latency calls keep no state between calls, so this only checks
-        its arguments."""
+        its arguments (as low_latency_dispatch does: positive ints, ``num_experts`` a positive multiple of the
+        number of ranks; ``num_experts=0`` or negative multiples used to pass)."""
         self._check_alive()
-        if num_experts % self.num_ranks or num_max_dispatch_tokens_per_rank < 1 or hidden < 1:
-            raise DeepEPInputError(f"clean_low_latency_buffer: num_experts={num_experts} must be a multiple of "
-                                   f"{self.num_ranks}, num_max_dispatch_tokens_per_rank and hidden positive")
+        args = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        if not all(isinstance(a, int) and a >= 1 for a in args) or num_experts % self.num_ranks:
+            raise DeepEPInputError(f"clean_low_latency_buffer: num_experts={num_experts!r} must be a positive "
+                                   f"multiple of {self.num_ranks}, num_max_dispatch_tokens_per_rank="
+                                   f"{num_max_dispatch_tokens_per_rank!r} and hidden={hidden!r} positive ints")

@@ -53,6 +53,33 @@ def test_method_signatures():
     assert [p[0] for p in _params(B.get_local_buffer_tensor)] == ["dtype", "size", "offset", "use_rdma_buffer"]
 
 
+def test_low_latency_signatures():
+    """The low-latency methods exactly as DeepEP v1 (API.md 2.4): names, order, defaults, all positional-or-
+    keyword (DeepEP callers pass some positionally); the size hint a static method."""
+    B, req = deep_ep.Buffer, "<req>"
+    want = {
+        "low_latency_dispatch": [
+            ("x", req), ("topk_idx", req), ("num_max_dispatch_tokens_per_rank", req), ("num_experts", req),
+            ("cumulative_local_expert_recv_stats", None), ("dispatch_wait_recv_cost_stats", None), ("use_fp8", True),
+            ("round_scale", False), ("use_ue8m0", False), ("async_finish", False), ("return_recv_hook", False)],
+        "low_latency_combine": [
+            ("x", req), ("topk_idx", req), ("topk_weights", req), ("handle", req), ("use_logfmt", False),
+            ("zero_copy", False), ("async_finish", False), ("return_recv_hook", False), ("out", None),
+            ("combine_wait_recv_cost_stats", None)],
+        "get_next_low_latency_combine_buffer": [("handle", req)],
+        "clean_low_latency_buffer": [("num_max_dispatch_tokens_per_rank", req), ("hidden", req), ("num_experts", req)],
+        "get_low_latency_rdma_size_hint": [("num_max_dispatch_tokens_per_rank", req), ("hidden", req),
+                                           ("num_ranks", req), ("num_experts", req)],
+    }
+    for name, params in want.items():
+        got = _params(getattr(B, name))
+        assert [(n, d) for n, d, _ in got] == params, f"{name}: {got}"
+        assert all(k == "POSITIONAL_OR_KEYWORD" for _, _, k in got), f"{name}: {got}"
+    assert isinstance(inspect.getattr_static(B, "get_low_latency_rdma_size_hint"), staticmethod)
+    assert "self" in inspect.signature(B.low_latency_dispatch).parameters     # instance methods
+    assert B.get_low_latency_rdma_size_hint(128, 7168, 2, 288) >= B.get_low_latency_rdma_size_hint(64, 7168, 2, 288)
+
+
 def test_config_and_class_methods():
     c = deep_ep.Config()
     assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,

@@ -21,8 +21,18 @@ def _decoded(recv_x, use_fp8):
     return vals.float() * scales.repeat_interleave(128, dim=-1)
 
 
+def _fp8_error_bound(raw):
+    """Per-element bound on ``|dequantised - x|`` for DeepEP's fp8 cast of float32 rows ``raw`` [..., H]:
+    e4m3 keeps 3 mantissa bits, so a normal value rounds within ``|x| / 16``; a subnormal one within half
+    the subnormal step, ``2**-10 * scale``, with ``scale <= 2 * amax / 448`` (amax of its 128 values; the
+    factor 2 covers a scale rounded up to a power of two). Plus 1e-6 * amax for float32 rounding."""
+    amax = raw.unflatten(-1, (-1, 128)).abs().amax(dim=-1, keepdim=True).clamp(min=1e-4)
+    amax = amax.expand(*amax.shape[:-1], 128).flatten(-2)
+    return raw.abs() / 16 + amax * (2.0 ** -9 / 448 + 1e-6)
+
+
 def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed, pattern="random", tokens=None, M=24, H=512,
-                     epr=4, topk=3):
+                     epr=4, topk=3, round_scale=False):
     dev = device()
     E = epr * R
     tokens = (list(tokens) + [M] * R)[:R] if tokens else [M, max(M - 7, 1), 3, 0][:R]   # = M and < M, per rank
@@ -30,16 +40,17 @@ def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed, pattern="rand
     for idx, w in zip(case.topk_idx, case.topk_weights):
         w[idx < 0] = float("nan")                          # skipped entries: their weights must not count
     buf = get_buffer(backend, **({"ranks_per_node": max(R // 2, 1)} if backend == "hierarchical" else {}))
-    codec = make_codec(8, H, use_ue8m0=ue8m0) if use_fp8 else None
+    codec = make_codec(8, H, round_scale=round_scale, use_ue8m0=ue8m0) if use_fp8 else None
     sent = [codec.decode(codec.encode(x), torch.float32) if codec else x.float() for x in case.xs]
     exp = ref.low_latency_dispatch(sent, case.topk_idx, M, E)
+    raw = ref.low_latency_dispatch([x.float() for x in case.xs], case.topk_idx, M, E)[rank][0] if use_fp8 else None
     L = E // R
     stats = torch.zeros(L, dtype=torch.int32, device=dev)
     x, idx, w = case.xs[rank].to(dev), case.topk_idx[rank].to(dev), case.topk_weights[rank].to(dev)
     for rep in range(2):                                  # two calls on one Buffer: nothing carried over
         recv_x, count, handle, event, hk = buf.low_latency_dispatch(
             x, idx, M, E, cumulative_local_expert_recv_stats=stats, use_fp8=use_fp8, use_ue8m0=ue8m0,
-            return_recv_hook=hook)
+            round_scale=round_scale, return_recv_hook=hook)
         assert (hk is not None) == hook
         if hook:
             hk()
@@ -50,6 +61,13 @@ def rank_low_latency(rank, R, backend, use_fp8, ue8m0, hook, seed, pattern="rand
         for l in range(L):
             n = int(counts[l])
             assert_same(got[l, :n], rows[l, :n], f"expert {l} rows, rep {rep}")
+            if use_fp8:                                   # and within fp8 error of the bf16 input itself
+                over = (got[l, :n] - raw[l, :n]).abs() - _fp8_error_bound(raw[l, :n])
+                assert not (over > 0).any(), f"expert {l}: fp8 rows beyond the fp8 bound of the bf16 input by " \
+                                             f"{over.max():.3g}, rep {rep}"
+        if use_fp8 and round_scale and not ue8m0:         # float32 scales, each a power of two
+            valid = torch.cat([recv_x[1][l, :int(counts[l])].cpu() for l in range(L)])
+            assert valid.numel() and (torch.frexp(valid).mantissa == 0.5).all(), "round_scale: scales not 2**k"
         # a toy expert: scale rows by (local expert + 1)
         y = (got * torch.arange(1, L + 1).view(L, 1, 1)).to(torch.bfloat16).to(dev)
         ys = [(e[0] * torch.arange(1, L + 1).view(L, 1, 1)).to(torch.bfloat16) for e in exp]
@@ -73,6 +91,12 @@ def test_low_latency_cpu(rank_pool, use_fp8, ue8m0, hook, seed):
     rank_pool(2).run(rank_low_latency, "collective", use_fp8, ue8m0, hook, seed)
 
 
+def test_low_latency_cpu_round_scale(rank_pool):
+    """fp8 dispatch with ``round_scale=True``: rows equal the codec's power-of-two-scale round trip, scales
+    are powers of two, rows within fp8 error of the bf16 input."""
+    rank_pool(2).run(rank_low_latency, "collective", True, False, False, 13, round_scale=True)
+
+
 def test_low_latency_cpu_4_ranks(rank_pool):
     rank_pool(4).run(rank_low_latency, "collective", True, False, False, 4)
 
@@ -82,11 +106,160 @@ def test_low_latency_hierarchical_cpu(rank_pool):
     rank_pool(4).run(rank_low_latency, "hierarchical", True, False, False, 8)
 
 
+def _tagged_x(rank, T, H):
+    """DeepEP's own test inputs: a row holds -(its rank + 1) except its last 128 values, which hold its token
+    index + 1. Both are integers of at most 4 significant bits (M <= 16, R <= 4), exact in bf16 and in fp8
+    with any per-128 scale (amax / 448 or a power of two), so each received row names its source exactly.
+    (``make_case(rank_valued=True)``'s ``rank + t / 1024`` loses the token index in bf16 for rank >= 1; it is
+    used here for the routing only.)"""
+    x = torch.full((T, H), -(rank + 1.0))
+    x[:, -128:] = torch.arange(1, T + 1, dtype=torch.float32).unsqueeze(1)
+    return x.to(torch.bfloat16)
+
+
+def rank_low_latency_tagged(rank, R, backend, use_fp8, round_scale, ue8m0, seed, M=16, H=512, epr=3, topk=3):
+    """Every valid row of expert ``e`` is the token sent, in source-rank then token order, identified by its
+    rank and token tags alone (no reference); combine of ``(e + 1) * row`` gives ``x * sum_k w_k (e_k + 1)``."""
+    assert M <= 16 and R <= 4                              # the tags stay exact (see _tagged_x)
+    dev = device()
+    E, L = epr * R, epr
+    tokens = [M, M - 5, 4, 0][:R]                          # = M, < M, a rank with no tokens at 4 ranks
+    case = make_case(seed, R, hidden=H, topk=topk, num_experts=E, tokens=tokens, neg_frac=0.2, rank_valued=True)
+    xs = [_tagged_x(s, T, H) for s, T in enumerate(tokens)]
+    for idx, w in zip(case.topk_idx, case.topk_weights):
+        w[idx < 0] = float("nan")                          # skipped entries: their weights must not count
+    buf = get_buffer(backend)
+    x, idx, w = xs[rank].to(dev), case.topk_idx[rank].to(dev), case.topk_weights[rank].to(dev)
+    recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=use_fp8, round_scale=round_scale,
+                                                          use_ue8m0=ue8m0)
+    got, count = _decoded(recv_x, use_fp8).cpu(), count.cpu()
+    assert got.shape == (L, R * M, H)
+    total = 0
+    for l in range(L):
+        e = rank * L + l
+        src = [(s, t) for s in range(R) for t in (case.topk_idx[s] == e).any(dim=1).nonzero()[:, 0].tolist()]
+        assert int(count[l]) == len(src), f"expert {e}: recv_count {int(count[l])}, {len(src)} tokens chose it"
+        total += len(src)
+        rows = got[l, :len(src)]
+        want_rank = torch.tensor([-(s + 1.0) for s, _ in src]).unsqueeze(1).expand(-1, H - 128)
+        want_token = torch.tensor([t + 1.0 for _, t in src]).unsqueeze(1).expand(-1, 128)
+        torch.testing.assert_close(rows[:, :-128], want_rank, rtol=1e-5, atol=0,
+                                   msg=lambda m: f"expert {e}: rows' source-rank tags: {m}")
+        torch.testing.assert_close(rows[:, -128:], want_token, rtol=1e-5, atol=0,
+                                   msg=lambda m: f"expert {e}: rows' token tags: {m}")
+    assert total > 0 or not sum(tokens), "nothing received: the case tests nothing"
+    if use_fp8 and round_scale and not ue8m0:
+        sc = torch.cat([recv_x[1][l, :int(count[l])].cpu() for l in range(L)])
+        assert (torch.frexp(sc).mantissa == 0.5).all(), "round_scale=True: scales are not powers of two"
+    # toy expert: row * (global expert id + 1); exact in bf16 (integers <= 256)
+    y = (got * (rank * L + torch.arange(1, L + 1, dtype=torch.float32)).view(L, 1, 1)).to(torch.bfloat16)
+    out, _, _ = buf.low_latency_combine(y.to(dev), idx, w, handle)
+    ti, tw = case.topk_idx[rank], case.topk_weights[rank]
+    coef = torch.where(ti >= 0, tw * (ti + 1).float(), torch.zeros_like(tw)).sum(dim=1, keepdim=True)
+    assert_same(out.cpu(), (xs[rank].float() * coef).to(torch.bfloat16), "combine of tagged rows",
+                atol=1e-2, rtol=1e-2)
+
+
+_TAGGED = [  # R, use_fp8, round_scale, ue8m0
+    (2, False, False, False), (2, True, False, False), (2, True, True, False), (2, True, True, True),
+    (4, True, False, False)]
+
+
+@pytest.mark.parametrize("R,use_fp8,round_scale,ue8m0", _TAGGED)
+def test_low_latency_tagged_cpu(rank_pool, R, use_fp8, round_scale, ue8m0):
+    rank_pool(R).run(rank_low_latency_tagged, "collective", use_fp8, round_scale, ue8m0, 30 + R)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend,use_fp8,ue8m0,hook", [("nvlink", True, False, False), ("nvlink", False, False, True),
-                                                        ("nvlink", True, True, False), ("collective", True, False, True)])
-def test_low_latency_gpu(rank_pool, backend, use_fp8, ue8m0, hook):
-    rank_pool(2, backend="nccl").run(rank_low_latency, backend, use_fp8, ue8m0, hook, 5)
+@pytest.mark.parametrize("R,use_fp8,round_scale,ue8m0", _TAGGED[:4])
+def test_low_latency_tagged_gpu(rank_pool, R, use_fp8, round_scale, ue8m0):
+    rank_pool(R, backend="nccl").run(rank_low_latency_tagged, "nvlink", use_fp8, round_scale, ue8m0, 40)
+
+
+def rank_low_latency_modes(rank, R, backend, use_fp8, seed, M=16, H=256, epr=2, topk=2):
+    """With the same inputs, plain, ``return_recv_hook=True`` and ``async_finish=True`` calls give the same
+    bits (dispatch rows, counts, combine), the async events can be waited on, and calls after
+    ``clean_low_latency_buffer`` stay correct (against the reference)."""
+    dev = device()
+    E, L = epr * R, epr
+    buf = get_buffer(backend)
+    codec = make_codec(8, H) if use_fp8 else None
+
+    def inputs(s):
+        case = make_case(s, R, hidden=H, topk=topk, num_experts=E, tokens=[M, M - 3, 5, 1][:R], neg_frac=0.2)
+        for idx, w in zip(case.topk_idx, case.topk_weights):
+            w[idx < 0] = float("nan")
+        return case, case.xs[rank].to(dev), case.topk_idx[rank].to(dev), case.topk_weights[rank].to(dev)
+
+    def call(x, idx, w, hook=False, async_finish=False):
+        recv_x, count, handle, ev, hk = buf.low_latency_dispatch(x, idx, M, E, use_fp8=use_fp8,
+                                                                 async_finish=async_finish, return_recv_hook=hook)
+        assert isinstance(ev, deep_ep.EventOverlap) and (hk is not None) == hook
+        if hook:
+            hk()
+        if async_finish:                               # a CUDA event on GPU; nothing to wait for on CPU
+            assert (ev.event is not None) == (dev.type == "cuda")
+            ev.current_stream_wait()
+        got = _decoded(recv_x, use_fp8)
+        y = (got * 3).to(torch.bfloat16)               # toy expert
+        out, ev2, hk2 = buf.low_latency_combine(y, idx, w, handle, async_finish=async_finish, return_recv_hook=hook)
+        assert isinstance(ev2, deep_ep.EventOverlap) and (hk2 is not None) == hook
+        if hook:
+            hk2()
+        if async_finish:
+            assert (ev2.event is not None) == (dev.type == "cuda")
+            with ev2:
+                pass
+        count = count.cpu()
+        return count, [got[l, :int(count[l])].cpu() for l in range(L)], out.cpu()
+
+    def same(a, b, what):
+        assert_same(a[0], b[0], f"{what}: recv_count")
+        for l in range(L):
+            assert torch.equal(a[1][l], b[1][l]), f"{what}: expert {l}'s rows differ"
+        assert torch.equal(a[2].view(torch.int16), b[2].view(torch.int16)), f"{what}: combine differs"
+
+    def check_ref(case, res, what):
+        sent = [codec.decode(codec.encode(x), torch.float32) if codec else x.float() for x in case.xs]
+        exp = ref.low_latency_dispatch(sent, case.topk_idx, M, E)
+        assert_same(res[0], exp[rank][1], f"{what}: recv_count")
+        assert int(res[0].sum()) > 0, f"{what}: nothing received, the case tests nothing"
+        for l in range(L):
+            assert_same(res[1][l], exp[rank][0][l, :int(exp[rank][1][l])], f"{what}: expert {l} rows")
+        want = ref.low_latency_combine([(e[0] * 3).to(torch.bfloat16) for e in exp], exp, case.topk_idx,
+                                       case.topk_weights)[rank]
+        assert_same(res[2], want, f"{what}: combine", atol=2e-2, rtol=1e-2)
+
+    buf.clean_low_latency_buffer(M, H, E)              # DeepEP: clean before first use
+    case, x, idx, w = inputs(seed)
+    plain = call(x, idx, w)
+    check_ref(case, plain, "plain")
+    same(call(x, idx, w, hook=True), plain, "return_recv_hook=True vs plain")
+    same(call(x, idx, w, async_finish=True), plain, "async_finish=True vs plain")
+    buf.clean_low_latency_buffer(M, H, E)
+    case2, x2, idx2, w2 = inputs(seed + 1)
+    check_ref(case2, call(x2, idx2, w2, hook=True), "after clean_low_latency_buffer (hook)")
+    buf.clean_low_latency_buffer(M, H, E)
+    same(call(x, idx, w, async_finish=True), plain, "after clean_low_latency_buffer (async)")
+
+
+@pytest.mark.parametrize("use_fp8", [True, False])
+def test_low_latency_modes_cpu(rank_pool, use_fp8):
+    rank_pool(2).run(rank_low_latency_modes, "collective", use_fp8, 50)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_fp8", [True, False])
+def test_low_latency_modes_gpu(rank_pool, use_fp8):
+    rank_pool(2, backend="nccl").run(rank_low_latency_modes, "nvlink", use_fp8, 51)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,use_fp8,ue8m0,hook,round_scale", [
+    ("nvlink", True, False, False, False), ("nvlink", False, False, True, False), ("nvlink", True, True, False, False),
+    ("collective", True, False, True, False), ("nvlink", True, False, True, True)])
+def test_low_latency_gpu(rank_pool, backend, use_fp8, ue8m0, hook, round_scale):
+    rank_pool(2, backend="nccl").run(rank_low_latency, backend, use_fp8, ue8m0, hook, 5, round_scale=round_scale)
 
 
 def rank_low_latency_errors(rank, R):
@@ -113,6 +286,20 @@ def rank_low_latency_errors(rank, R):
         buf.low_latency_combine(y[:, :3], idx, torch.ones(5, 2), h)
     with pytest.raises(deep_ep.DeepEPInputError, match="get_next_low_latency_combine_buffer"):
         buf.low_latency_combine(None, idx, torch.ones(5, 2), h, zero_copy=True)
+    # a wrong hidden size on combine (expert outputs or out=) raises naming the dispatched shape
+    with pytest.raises(deep_ep.DeepEPInputError, match=rf"bfloat16 \[2, {8 * R}, 256\], got torch.bfloat16 "
+                                                       rf"\[2, {8 * R}, 128\]"):
+        buf.low_latency_combine(y[..., :128].contiguous(), idx, torch.ones(5, 2), h)
+    with pytest.raises(deep_ep.DeepEPInputError, match=r"out must be bfloat16 \[5, 256\]"):
+        buf.low_latency_combine(y, idx, torch.ones(5, 2), h, out=torch.empty((5, 512), dtype=torch.bfloat16))
+    out, _, _ = buf.low_latency_combine(y, idx, torch.ones(5, 2), h)     # the Buffer still works
+    assert out.shape == (5, 256) and not out.float().any()
+    # clean_low_latency_buffer: its arguments are checked; valid ones leave the Buffer usable
+    for bad in ((8, 256, 2 * R + 1), (0, 256, 2 * R), (8, 0, 2 * R), (8, 256, 0), (8, 256, -2 * R), (8.0, 256, 2 * R)):
+        with pytest.raises(deep_ep.DeepEPInputError, match="clean_low_latency_buffer"):
+            buf.clean_low_latency_buffer(*bad)
+            pytest.fail(f"clean_low_latency_buffer{bad} did not raise")
+    assert buf.clean_low_latency_buffer(8, 256, 2 * R) is None
     assert buf.get_low_latency_rdma_size_hint(128, 7168, 2, 288) > 0
 
 

@@ -60,7 +60,7 @@ from torch import nn
 from .buffer import Buffer
 from .errors import DeepEPInputError
 from .experts import _acc, _gmm, _gmm_weight_grad, _silu_grad, _swiglu, dense_moe_reference, route_tokens
-from .moe_pipeline import _Pipeline, _record
+from .moe_pipeline import _Pipeline, _record, chunk_layouts
 from .transport.base import reduce_rows
 
 __all__ = ["ExpertParallelMoE", "MoEStats", "route_tokens", "dense_moe_reference"]
@@ -365,7 +365,10 @@ class ExpertParallelMoE(nn.Module):
         timer.start()
         with timer.span("compute"):
             idx, w = self.route(x)
-        # dispatch -> experts -> combine, one autograd node, forward and backward (chunked when num_chunks > 1)
+        # dispatch -> experts -> combine, one autograd node, forward and backward (chunked when num_chunks > 1);
+        # the chunks' layouts before the event the first dispatch waits for (the dispatch reads them)
+        with timer.span("compute"):
+            chunks = chunk_layouts(self, idx, self.num_chunks)
         if self.num_chunks > 1:
             first = _record() if cuda else None              # x and the routing are ready: dispatch may start
             with timer.span("compute"):
@@ -374,7 +377,7 @@ class ExpertParallelMoE(nn.Module):
             with timer.span("compute"):
                 shared = self.shared(x)
             first = _record() if cuda else None
-        y = _Pipeline.apply(self, timer, idx, first, x, w, self.w_gate_up, self.w_down)
+        y = _Pipeline.apply(self, timer, chunks, first, x, w, self.w_gate_up, self.w_down)
         if shared is not None:
             with timer.span("compute"):
                 y = y + shared

@@ -25,9 +25,9 @@ class _Pipeline(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, layer, timer, idx, first, x, w, w_gate_up, w_down):
+    def forward(ctx, layer, timer, chunks, first, x, w, w_gate_up, w_down):
         buf, n, cuda = layer.buffer, layer.num_chunks, x.is_cuda
-        b = [x.size(0) * c // n for c in range(n + 1)]
+        b, lays, idx = chunks
         need = any(ctx.needs_input_grad)
         sent: List[tuple] = []
         worst = 0
@@ -40,8 +40,8 @@ class _Pipeline(torch.autograd.Function):
             worst = layer.num_ranks * -(-t_max // n)
 
         def issue(c: int) -> None:
-            per_rank, _, per_expert, in_rank = layout.dispatch_layout(idx[b[c]:b[c + 1]], layer.num_experts,
-                                                                      layer.num_ranks)
+            per_rank, _, per_expert, in_rank = lays[c]
+            lays[c] = None
             with timer.span("comm"):
                 rx, ridx, rw, _, h, ev = buf.dispatch(
                     x[b[c]:b[c + 1]], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
@@ -126,6 +126,14 @@ class _Pipeline(torch.autograd.Function):
             gx_all, gw_all = torch.cat(gxs).to(ctx.x_dtype), torch.cat(gws)
         layer.backward_stats = timer.finish()
         return (None, None, None, None, gx_all, gw_all, g_gate_up, g_down)
+
+
+def chunk_layouts(layer, idx: torch.Tensor, n: int) -> tuple:
+    """``(bounds, layouts, idx)`` of ``n`` chunks of the routed tokens ``idx``: the chunk bounds and each
+    chunk's dispatch layout. Computed on the compute stream *before* the event the first dispatch waits
+    for (the dispatch reads them on the communication stream)."""
+    b = [idx.size(0) * c // n for c in range(n + 1)]
+    return b, [layout.dispatch_layout(idx[b[c]:b[c + 1]], layer.num_experts, layer.num_ranks) for c in range(n)], idx
 
 
 def _record() -> EventOverlap:

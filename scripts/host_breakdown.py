@@ -30,16 +30,21 @@ idx = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)])
 w = torch.rand((T, K), device="cuda")
 
 
-def per_call(label, fn, n=200):
+def per_call(label, fn, n=200, batches=11):
+    """Host microseconds per call: the median over ``batches`` batches of ``n / batches`` calls (this
+    machine's host time jitters by tens of percent; a batch's mean with the GPU kept busy, then a sync)."""
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    print(f"{label:58s} {(t1 - t0) / n * 1e6:8.1f} us host per call", flush=True)
+    k = max(n // batches, 1)
+    means = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        means.append((time.perf_counter() - t0) / k * 1e6)
+        torch.cuda.synchronize()
+    print(f"{label:58s} {sorted(means)[len(means) // 2]:8.1f} us host per call", flush=True)
 
 
 small = torch.zeros(16, device="cuda")
@@ -82,7 +87,13 @@ per_call("combine of a host handle", lambda: buf.combine(rx0, handle0, async_fin
 # GPU time of the device path (graph-replayed: no host time in it), median of 50 replays
 from deep_ep.bench.timing import capture  # noqa: E402
 
-for label, fn in (("fresh dispatch, num_worst_tokens", lambda: fresh(T)),
+def fresh_sync(worst):
+    per_rank, _, per_expert, in_rank, _ = lay
+    return buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                        topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
+
+
+for label, fn in (("fresh dispatch, num_worst_tokens", lambda: fresh_sync(T)),
                   ("get_dispatch_layout", lambda: buf.get_dispatch_layout(idx, E)),
                   ("combine, device handle", lambda: buf.combine(rx, handle))):
     graph, _ = capture(fn)

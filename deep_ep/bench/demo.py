@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
     p.add_argument("--backend", default="auto", choices=("auto", "collective", "nvlink", "hierarchical"),
                    help="the deep_ep setups' transport (default auto; the collective setup is always collective)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-2 * min(1, 1024 / hidden): wider "
+                                          "models diverge at 1e-2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", default="deep_ep_demo.json",
                    help="write the result here (default deep_ep_demo.json; '' for none)")
@@ -140,7 +142,7 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
                     w.copy_(torch.randn(w.shape, generator=g, device=device, dtype=torch.float32) / fan ** 0.5)
         replicated = [p for n_, p in model.named_parameters() if "w_gate_up" not in n_ and "w_down" not in n_]
         experts = [p for n_, p in model.named_parameters() if "w_gate_up" in n_ or "w_down" in n_]
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
         losses: List[float] = []
         times, exposed, moe_fwd = [], [], []
         for step in range(cfg["steps"]):
@@ -273,9 +275,12 @@ def config_from_args(args: argparse.Namespace) -> dict:
                hidden=args.hidden or (2048 if gpu else 64), ffn=args.ffn or (1024 if gpu else 32),
                experts=args.experts or (64 if gpu else 8), topk=args.topk or (8 if gpu else 2),
                tokens=max(16, (args.tokens or (4096 if gpu else 128)) // 16 * 16), chunks=args.chunks, vocab=args.vocab, seed=args.seed,
+               lr=getattr(args, "lr", None),
                setups=setups, progress=not args.no_progress, backend=args.backend)
-    if cfg["experts"] % world or cfg["topk"] > cfg["experts"] or cfg["steps"] < 1:
-        raise ValueError("--experts must be a multiple of the ranks, --topk <= --experts, --steps >= 1")
+    if cfg["lr"] is None:
+        cfg["lr"] = 1e-2 * min(1.0, 1024 / cfg["hidden"])
+    if cfg["experts"] % world or cfg["topk"] > cfg["experts"] or cfg["steps"] < 1 or cfg["lr"] <= 0:
+        raise ValueError("--experts must be a multiple of the ranks, --topk <= --experts, --steps >= 1, --lr > 0")
     return cfg
 
 

@@ -8,14 +8,18 @@ int64 per rank, multiples of 64 bytes).
 
 - :func:`send`: per token, the fp8 cast (DeepEP's per-128 scales, the
   codec's bytes, :func:`deep_ep.kernels.quant.fp8_blocks`) or the bf16 row,
-  stored once per selected expert into the destination rank's block
-  ``[local expert, this rank, position]`` (position = the token's rank among
-  this rank's tokens of that expert, so the order is the token order), the
-  pair's ``t * K + k`` beside it, and every expert's token count into the
-  destination's count table. An expert id out of range or repeated in a
+  stored once per destination *rank* (however many of its experts are
+  there) into that rank's data row ``(this rank, t)``; per selected expert,
+  the pair's ``t * K + k`` into the destination's info block ``[local
+  expert, this rank, position]`` (position = the token's rank among this
+  rank's tokens of that expert, so the order is the token order); and every
+  expert's token count into the destination's count table. DeepEP sends one
+  message per (token, expert); with top-8 of 288 experts on 2 ranks a token
+  has ~4 experts per rank, so ~4x fewer bytes cross the link. An expert id out of range or repeated in a
   token is skipped and flagged in ``err`` (bit 2 / bit 1).
 - :func:`recv`: the received blocks packed per local expert (source rank
-  ascending), rows into the caller's ``[L, R * M, H]`` tensors, the
+  ascending), each row gathered from the data row of its (source, token)
+  into the caller's ``[L, R * M, H]`` tensors, the
   source of each row (``src * M * K + t * K + k``) and ``recv_count``.
 - :func:`combine_send`: each valid row of ``[L, R * M, H]`` back into its
   source's area at row ``t * K + k``.
@@ -68,6 +72,10 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
         es = tl.where(ok, e, 0)
         dst = es // L
         srow = ((es - dst * L) * R + ME).to(tl.int64) * M + pos
+        # the row crosses once per destination rank (its first valid entry there), into data row (ME, t)
+        samed = (dst[:, None] == dst[None, :]) & (ks[None, :] < ks[:, None]) & ok[None, :]
+        first = ok & (tl.max(samed.to(tl.int32), axis=1) == 0)
+        drow = ME * M + t
         dw = tl.multiple_of(tl.load(dwords + dst, mask=ok, other=0), 16)   # (distances: multiples of 64 bytes)
         if ch == 0:
             flags = 2 * tl.max(bad.to(tl.int32), axis=0) + tl.max(dup, axis=0)
@@ -76,32 +84,32 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
             tl.store(a32 + dw + INFO_W + srow, t * K + ks, mask=ok)
         if FP8:
             db = tl.multiple_of(tl.load(dbytes + dst, mask=ok, other=0), 64)
-            rowb = db + DATA_B + srow * ROWB                                               # [KP]
+            rowb = db + DATA_B + drow.to(tl.int64) * ROWB                                   # [KP]
             NB = H // 128
             blk = ch * BB + tl.arange(0, BB)
             bm = blk < NB
             col = blk[:, None] * 128 + tl.arange(0, 128)[None, :]
             xv = tl.load(x_ptr + t * H + col, mask=bm[:, None], other=0.0).to(tl.float32)
             qb, scale = fp8_blocks(xv, ROUND)
-            m3 = ok[:, None, None] & bm[None, :, None]
+            m3 = first[:, None, None] & bm[None, :, None]
             tl.store(a8 + rowb[:, None, None] + col[None, :, :], tl.broadcast_to(qb[None, :, :], (KP, BB, 128)),
                      mask=m3)
-            sm = ok[:, None] & bm[None, :]
+            sm = first[:, None] & bm[None, :]
             bits = scale.to(tl.int32, bitcast=True)
             if UE8M0:
                 tl.store(a8 + rowb[:, None] + H + blk[None, :],
                          tl.broadcast_to(((bits >> 23) & 0xFF).to(tl.uint8)[None, :], (KP, BB)), mask=sm)
             else:
-                roww = dw + DATA_W + srow * ROWW + H // 4
+                roww = dw + DATA_W + drow.to(tl.int64) * ROWW + H // 4
                 tl.store(a32 + roww[:, None] + blk[None, :], tl.broadcast_to(bits[None, :], (KP, BB)), mask=sm)
         else:
             HW = H // 2
-            roww = dw + DATA_W + srow * ROWW
+            roww = dw + DATA_W + drow.to(tl.int64) * ROWW
             offs = ch * BLOCK + tl.arange(0, BLOCK)
             cm = offs < HW
             v = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + t * HW + offs, mask=cm)
             tl.store(a32 + roww[:, None] + offs[None, :], tl.broadcast_to(v[None, :], (KP, BLOCK)),
-                     mask=ok[:, None] & cm[None, :])
+                     mask=first[:, None] & cm[None, :])
     else:
         # EPP experts' token counts (tokens naming the expert; a repeat counts once) into their ranks' tables
         ce = (pid - T * NCH) * EPP + tl.arange(0, EPP)        # (names differ from the branch above: shapes)
@@ -155,7 +163,8 @@ def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWQ, main_ptr, tail_ptr, count_ptr, sr
         info = tl.load(a32 + INFO_W + srow, mask=jv, other=0)
         orow = (l * RM + js).to(tl.int64)
         tl.store(src_ptr + orow, src * MK + info, mask=jv)
-        sw = DATA_W + srow * ROWQ * 4           # (rows are 16-byte multiples: ROWQ * 4 words, vector loads)
+        drow = src.to(tl.int64) * M + info // (MK // M)      # the token's row from its source: (src, t)
+        sw = DATA_W + drow * ROWQ * 4           # (rows are 16-byte multiples: ROWQ * 4 words, vector loads)
         for c0 in range(0, MW, BLOCK):
             offs = c0 + cols
             m = jv[:, None] & (offs < MW)[None, :]

@@ -25,8 +25,10 @@ num_max_dispatch_tokens_per_rank``, ``K`` top-k):
 
 - ``cnt``: int32 ``[R, L]``: tokens from source ``s`` for local expert ``l``;
 - ``info``: int32 ``[L, R, M]``: the pair ``t * K + k`` of each received row;
-- ``data``: ``[L, R, M]`` rows of ``rowb`` bytes: fp8 values then the
-  scales (float32 per 128, or UE8M0 bytes), padded to 16 bytes; or bf16;
+- ``data``: ``[R, M]`` rows of ``rowb`` bytes, one per (source, token) that
+  names at least one of this rank's experts (stored once, whatever the number
+  of those experts): fp8 values then the scales (float32 per 128, or UE8M0
+  bytes), padded to 16 bytes; or bf16;
 - ``comb`` (a combine's area, over ``info``/``data``): bf16 ``[M * K, H]``,
   the expert output of each of this rank's pairs.
 
@@ -71,7 +73,7 @@ def area_layout(R: int, E: int, M: int, K: int, H: int, fp8: bool, ue8m0: bool) 
     else:
         rowb = 2 * H
     comb = info
-    end = max(data + L * R * M * rowb, comb + M * K * 2 * H)
+    end = max(data + R * M * rowb, comb + M * K * 2 * H)
     return dict(L=L, E=E, M=M, K=K, H=H, fp8=fp8, ue8m0=ue8m0, cnt=0, info=info, data=data, rowb=rowb, comb=comb,
                 bytes=_up(end, 4096))
 

@@ -5,7 +5,6 @@ fresh ``num_worst_tokens`` dispatch and its combine.
 
     python scripts/host_breakdown.py [tokens] [hidden] > host.txt
 """
-import cProfile
 import os
 import pstats
 import sys
@@ -20,6 +19,7 @@ torch.cuda.set_device(0)
 dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
 import deep_ep  # noqa: E402
 from deep_ep.kernels import scatter  # noqa: E402
+from _timing import profile_calls  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
 H = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
@@ -111,12 +111,7 @@ for label, fn in (("fresh dispatch, num_worst_tokens", lambda: fresh(T)),
                   ("fresh dispatch, host", lambda: fresh(0)),
                   ("combine, device handle", lambda: buf.combine(rx, handle, async_finish=True))):
     n = 50
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(n):
-        fn()
-    pr.disable()
-    torch.cuda.synchronize()
+    pr = profile_calls(fn, n)
     print(f"\n===== cProfile, {label}, {n} calls, cumulative", flush=True)
     pstats.Stats(pr, stream=sys.stdout).sort_stats("cumulative").print_stats(45)
     print(f"\n===== cProfile, {label}, {n} calls, own time", flush=True)

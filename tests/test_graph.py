@@ -118,56 +118,37 @@ def test_graph_capture_fresh_dispatch_nvlink(rank_pool, seed):
     rank_pool(2, backend="nccl").run(rank_fresh_graph, seed)
 
 
-def rank_deferred_overflow(rank, R):
-    """A num_worst_tokens dispatch that receives more rows than num_worst_tokens cannot raise at once
-    (nothing waits for the host): the next call on the Buffer raises, on every rank."""
+def rank_deferred_check(rank, R, kind):
+    """What a num_worst_tokens dispatch cannot raise at once (nothing waits for the host) the next call on the
+    Buffer raises, on every rank: ``'overflow'``, a rank receives more rows than num_worst_tokens;
+    ``'bad_ids'``, an expert id outside [-1, E) on one rank (the entry is dropped: received as -1)."""
     import deep_ep
     dev = device()
     buf = get_buffer("nvlink")
     case = make_case(5, R, hidden=64, topk=2, num_experts=8, tokens=[40, 30][:R])
     idx = case.topk_idx[rank].to(dev)
-    _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, case.num_experts)
+    sent = idx.clone()
+    if kind == "bad_ids" and rank == R - 1:
+        sent[0, 0] = case.num_experts + 3                 # one bad entry on the last rank only
+    _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(sent, case.num_experts)
+    worst = 3 if kind == "overflow" else sum(case.tokens)
     out = buf.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                       topk_idx=idx, num_worst_tokens=3)
-    assert out[0].shape[0] == 3
+                       topk_idx=sent, topk_weights=torch.ones(sent.shape, dtype=torch.float32, device=dev),
+                       num_worst_tokens=worst)
     torch.cuda.synchronize()
-    with pytest.raises(deep_ep.DeepEPInputError, match="more tokens than its num_worst_tokens"):
-        buf.get_dispatch_layout(idx, case.num_experts)
-    buf.get_dispatch_layout(idx, case.num_experts)         # reported once; the Buffer still works
-
-
-@pytest.mark.gpu
-def test_num_worst_tokens_overflow_raises_at_next_call(rank_pool):
-    rank_pool(2, backend="nccl").run(rank_deferred_overflow)
-
-
-def rank_deferred_bad_ids(rank, R):
-    """An expert id outside [-1, E) in a num_worst_tokens dispatch: the entry is dropped (received as -1,
-    weight 0), the call does not wait for the host, and the next call raises on every rank."""
-    import deep_ep
-    dev = device()
-    buf = get_buffer("nvlink")
-    case = make_case(6, R, hidden=64, topk=2, num_experts=8, tokens=[12, 9][:R])
-    idx = case.topk_idx[rank].to(dev)
-    bad = idx.clone()
-    if rank == R - 1:
-        bad[0, 0] = case.num_experts + 3                 # one bad entry on the last rank only
-    _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(bad, case.num_experts)
-    w = torch.ones(bad.shape, dtype=torch.float32, device=dev)
-    out = buf.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                       topk_idx=bad, topk_weights=w, num_worst_tokens=sum(case.tokens))
-    torch.cuda.synchronize()
-    recv_idx = out[1]
+    assert out[0].shape[0] == worst
     L = case.num_experts // R
-    assert bool(((recv_idx >= -1) & (recv_idx < L)).all()), "received ids are local ids or -1"
-    with pytest.raises(deep_ep.DeepEPInputError, match="outside \\[-1, num_experts\\)"):
+    assert bool(((out[1] >= -1) & (out[1] < L)).all()), "received ids are local ids or -1"
+    match = "more tokens than its num_worst_tokens" if kind == "overflow" else "outside \\[-1, num_experts\\)"
+    with pytest.raises(deep_ep.DeepEPInputError, match=match):
         buf.get_dispatch_layout(idx, case.num_experts)
     buf.get_dispatch_layout(idx, case.num_experts)         # reported once; the Buffer still works
 
 
 @pytest.mark.gpu
-def test_num_worst_tokens_bad_expert_id_raises_at_next_call(rank_pool):
-    rank_pool(2, backend="nccl").run(rank_deferred_bad_ids)
+@pytest.mark.parametrize("kind", ["overflow", "bad_ids"])
+def test_num_worst_tokens_deferred_error_at_next_call(rank_pool, kind):
+    rank_pool(2, backend="nccl").run(rank_deferred_check, kind)
 
 
 @pytest.mark.gpu(1)

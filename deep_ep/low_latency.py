@@ -3,9 +3,13 @@
 On the nvlink transport with Triton (hidden a multiple of 8) each call is
 one send kernel, one device barrier and one receive kernel
 (:mod:`deep_ep.transport.nvlink_ll`): fp8 cast fused into the send, rows
-stored straight into the receivers' symmetric memory, no host sync (CUDA
-graphs), and ``return_recv_hook=True`` splits the call as DeepEP does (the
-call sends, the hook receives).
+stored straight into the receivers' symmetric memory (once per destination
+rank, not once per expert), no host sync (CUDA graphs), and
+``return_recv_hook=True`` splits the call as DeepEP does (the call sends,
+the hook receives). Its combine sums on the experts' side first (weights
+stored into every rank, a barrier, one bf16 row per (token, rank) home, a
+barrier, the source adds them): the result differs from the float32 sum of
+the expert rows by at most one bf16 rounding of each rank's partial sum.
 
 Elsewhere (collective, hierarchical, CPU, ``DEEP_EP_DISABLE_TRITON=1``,
 ``DEEP_EP_CHECK=1``) the same outputs come from the normal path: one

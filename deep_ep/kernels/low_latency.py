@@ -21,10 +21,14 @@ int64 per rank, multiples of 64 bytes).
   ascending), each row gathered from the data row of its (source, token)
   into the caller's ``[L, R * M, H]`` tensors, the
   source of each row (``src * M * K + t * K + k``) and ``recv_count``.
-- :func:`combine_send`: each valid row of ``[L, R * M, H]`` back into its
-  source's area at row ``t * K + k``.
-- :func:`combine_reduce`: ``out[t] = sum_k w[t, k] * row(t, k)`` in float32
-  over the valid ``k`` (``topk_idx >= 0``).
+- :func:`put_weights`: this rank's combine weights into every rank's table.
+- :func:`combine_send`: per (source, token) with experts here, the sum over
+  them of the source's weight times the expert's row (float32), one bf16
+  row into the source's area at row ``t * R + rank`` (the row of the token's
+  first expert here does it; the kernel finds the token's other rows through
+  ``inv``, the row of each received (source, token, k)).
+- :func:`combine_reduce`: ``out[t]`` = the sum (float32) of the partial rows
+  of the ranks its valid entries name.
 
 Grids are wide, many programs per SM, so memory latency overlaps: send has
 one program per (token, chunk of its row) plus the count programs, reduce
@@ -134,7 +138,7 @@ def _item(item, cum, nb, tot, ls):
 
 
 @triton.jit
-def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWQ, main_ptr, tail_ptr, count_ptr, src_ptr, L, M, MK, MW, SW,
+def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWQ, main_ptr, tail_ptr, count_ptr, src_ptr, inv_ptr, L, M, MK, MW, SW,
              R: tl.constexpr, RP: tl.constexpr, LP: tl.constexpr, JB: tl.constexpr, BLOCK: tl.constexpr,
              TBLOCK: tl.constexpr, HAS_TAIL: tl.constexpr):
     pid = tl.program_id(0)
@@ -163,6 +167,7 @@ def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWQ, main_ptr, tail_ptr, count_ptr, sr
         info = tl.load(a32 + INFO_W + srow, mask=jv, other=0)
         orow = (l * RM + js).to(tl.int64)
         tl.store(src_ptr + orow, src * MK + info, mask=jv)
+        tl.store(inv_ptr + src * MK + info, orow.to(tl.int32), mask=jv)       # (src, t, k) -> its row
         drow = src.to(tl.int64) * M + info // (MK // M)      # the token's row from its source: (src, t)
         sw = DATA_W + drow * ROWQ * 4           # (rows are 16-byte multiples: ROWQ * 4 words, vector loads)
         for c0 in range(0, MW, BLOCK):
@@ -180,8 +185,20 @@ def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWQ, main_ptr, tail_ptr, count_ptr, sr
 
 
 @triton.jit
-def _ll_combine_send(y_ptr, count_ptr, src_ptr, a32, dwords, COMB_W, L, RM, MK, HW,
-                     LP: tl.constexpr, JB: tl.constexpr, BLOCK: tl.constexpr):
+def _ll_put_weights(w_ptr, a32, dwords, WTS_W, N, MK, R: tl.constexpr, ME: tl.constexpr, BLOCK: tl.constexpr):
+    # this rank's combine weights (float32 bits, [T * K]) into slot ME of every rank's weight table
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    v = tl.load(w_ptr + i, mask=m)
+    for d in tl.static_range(R):
+        tl.store(a32 + tl.multiple_of(tl.load(dwords + d), 16) + WTS_W + ME * MK + i, v, mask=m)
+
+
+@triton.jit
+def _ll_combine_send(y_ptr, count_ptr, src_ptr, inv_ptr, a32, a16, dwords, WTS_W, PART_H, L, RM, MK, M, H,
+                     R: tl.constexpr, ME: tl.constexpr, LP: tl.constexpr, JB: tl.constexpr, KP: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    # per (source, token): the weighted sum over this rank's experts of the token, one bf16 row home
     pid = tl.program_id(0)
     NPROG = tl.num_programs(0)
     ls = tl.arange(0, LP)
@@ -190,6 +207,8 @@ def _ll_combine_send(y_ptr, count_ptr, src_ptr, a32, dwords, COMB_W, L, RM, MK, 
     cum = tl.cumsum(nb, axis=0)
     n_items = tl.sum(nb, axis=0)
     cols = tl.arange(0, BLOCK)
+    ks = tl.arange(0, KP)
+    K = MK // M
     for item in range(pid, n_items, NPROG):
         l, b, total = _item(item, cum, nb, tot, ls)
         js = b * JB + tl.arange(0, JB)
@@ -197,30 +216,44 @@ def _ll_combine_send(y_ptr, count_ptr, src_ptr, a32, dwords, COMB_W, L, RM, MK, 
         orow = (l * RM + js).to(tl.int64)
         v = tl.load(src_ptr + orow, mask=jv, other=0)
         src = v // MK
-        p = (v - src * MK).to(tl.int64)
-        drow = tl.multiple_of(tl.load(dwords + src, mask=jv, other=0), 16) + COMB_W + p * HW
-        for c0 in range(0, HW, BLOCK):
+        p = v - src * MK                                    # t * K + k
+        t = p // K
+        k = p - t * K
+        base = src * MK + t * K                             # (src, t, 0)
+        inv = tl.load(inv_ptr + base[:, None] + ks[None, :], mask=jv[:, None] & (ks < K)[None, :], other=-1)
+        # the row of the token's first expert here does the token's sum; the others have nothing to do
+        lead = jv & (tl.sum(((inv >= 0) & (ks[None, :] < k[:, None])).to(tl.int32), axis=1) == 0)
+        prow = tl.multiple_of(tl.load(dwords + src, mask=lead, other=0), 16).to(tl.int64) * 2 + PART_H \
+            + (t * R + ME).to(tl.int64) * H
+        for c0 in range(0, H, BLOCK):
             offs = c0 + cols
-            m = jv[:, None] & (offs < HW)[None, :]
-            tl.store(a32 + drow[:, None] + offs[None, :], tl.load(y_ptr + orow[:, None] * HW + offs[None, :], mask=m),
-                     mask=m)
+            cm = offs < H
+            acc = tl.zeros([JB, BLOCK], dtype=tl.float32)
+            for kk in tl.static_range(KP):
+                r = tl.load(inv_ptr + base + kk, mask=lead & (kk < K), other=-1)
+                wk = tl.load(a32 + WTS_W + base + kk, mask=r >= 0, other=0).to(tl.float32, bitcast=True)
+                yv = tl.load(y_ptr + r.to(tl.int64)[:, None] * H + offs[None, :], mask=(r >= 0)[:, None] & cm[None, :],
+                             other=0.0)
+                acc += wk[:, None] * yv.to(tl.float32)
+            tl.store(a16 + prow[:, None] + offs[None, :], acc.to(tl.bfloat16), mask=lead[:, None] & cm[None, :])
 
 
 @triton.jit
-def _ll_reduce(a16, COMB_H, idx_ptr, w_ptr, out_ptr, K, H, NCH, KP: tl.constexpr, BLOCK: tl.constexpr):
-    # one program per (token, BLOCK columns)
+def _ll_reduce(a16, PART_H, idx_ptr, out_ptr, K, H, NCH, L, R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
+               BLOCK: tl.constexpr):
+    # one program per (token, BLOCK columns): the sum of the token's partial rows from the ranks it went to
     pid = tl.program_id(0)
     t = pid // NCH
     ks = tl.arange(0, KP)
-    kin = ks < K
-    e = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1)
-    ok = kin & (e >= 0)
-    w = tl.load(w_ptr + t * K + ks, mask=ok, other=0.0).to(tl.float32)     # skipped entries add nothing
-    rows = COMB_H + (t * K + ks).to(tl.int64) * H
+    e = tl.load(idx_ptr + t * K + ks, mask=ks < K, other=-1)
+    rr = tl.arange(0, RP)
+    went = tl.max(((e[None, :] >= 0) & (e[None, :] // L == rr[:, None])).to(tl.int32), axis=1) > 0
+    went = went & (rr < R)
+    rows = PART_H + (t * R + rr).to(tl.int64) * H
     offs = (pid - t * NCH) * BLOCK + tl.arange(0, BLOCK)
     cm = offs < H
-    v = tl.load(a16 + rows[:, None] + offs[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
-    acc = tl.sum(v.to(tl.float32) * w[:, None], axis=0)
+    v = tl.load(a16 + rows[:, None] + offs[None, :], mask=went[:, None] & cm[None, :], other=0.0)
+    acc = tl.sum(v.to(tl.float32), axis=0)
     tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=cm)
 
 
@@ -250,34 +283,48 @@ def send(x, topk_idx, arena, area_off, lay, err, round_scale: bool, use_ue8m0: b
         UE8M0=bool(use_ue8m0), BB=BB, BLOCK=BLOCK, num_warps=4)
 
 
-def recv(arena, area_off, lay, main, tail, count, src, nsm: int) -> None:
+def recv(arena, area_off, lay, main, tail, count, src, inv, nsm: int) -> None:
     """Launch the receive kernel into ``main`` (int32 words ``[L * R * M, MW]``), ``tail`` (the scales,
-    ``[L * R * M, SW]``, or ``None``), ``count`` (int32 ``[L]``) and ``src`` (int32 ``[L * R * M]``)."""
+    ``[L * R * M, SW]``, or ``None``), ``count`` (int32 ``[L]``), ``src`` (int32 ``[L * R * M]``) and
+    ``inv`` (int32 ``[R * M * K]``, filled with -1 before: the row of each received (source, token, k))."""
     L, M, R = lay["L"], lay["M"], arena.num_ranks
     MW = main.size(1)
     SW = tail.size(1) if tail is not None else 0
     JB = 4
     _ll_recv[(_items(R, M, lay["K"], L, JB, 16 * nsm),)](
         arena.i32, (area_off + lay["cnt"]) // 4, (area_off + lay["info"]) // 4, (area_off + lay["data"]) // 4,
-        lay["rowb"] // 16, main, tail if tail is not None else main, count, src, L, M, M * lay["K"], MW, SW,
+        lay["rowb"] // 16, main, tail if tail is not None else main, count, src, inv, L, M, M * lay["K"], MW, SW,
         R=R, RP=_p2(R), LP=_p2(L), JB=JB, BLOCK=512, TBLOCK=_p2(min(max(SW, 1), 64)),
         HAS_TAIL=tail is not None, num_warps=4)
 
 
-def combine_send(y, count, src, arena, area_off, lay, nsm: int) -> None:
-    """Launch the combine-send kernel for ``y`` (bf16 ``[L, R * M, H]``, contiguous)."""
-    L, M, R, H = lay["L"], lay["M"], arena.num_ranks, lay["H"]
+def put_weights(topk_weights, arena, area_off, lay) -> None:
+    """Store this rank's combine weights (float32 ``[T, K]``, contiguous) into slot ``rank`` of every rank's
+    weight table (the combine's first step; a barrier must follow before :func:`combine_send`)."""
+    w = topk_weights.view(torch.int32).reshape(-1)
+    if w.numel():
+        BLOCK = 1024
+        _ll_put_weights[(-(-w.numel() // BLOCK),)](w, arena.i32, arena.dwords, (area_off + lay["wts"]) // 4, w.numel(),
+                                                   lay["M"] * lay["K"], R=arena.num_ranks, ME=arena.rank, BLOCK=BLOCK,
+                                                   num_warps=4)
+
+
+def combine_send(y, count, src, inv, arena, area_off, lay, nsm: int) -> None:
+    """The per-token weighted sums over this rank's experts of ``y`` (bf16 ``[L, R * M, H]``, contiguous),
+    one bf16 row per (token, rank) into the token's rank (after :func:`put_weights` and a barrier)."""
+    L, M, R, H, K = lay["L"], lay["M"], arena.num_ranks, lay["H"], lay["K"]
     JB = 4
-    _ll_combine_send[(_items(R, M, lay["K"], L, JB, 16 * nsm),)](
-        y.view(torch.int32), count, src, arena.i32, arena.dwords, (area_off + lay["comb"]) // 4, L, R * M,
-        M * lay["K"], H // 2, LP=_p2(L), JB=JB, BLOCK=512, num_warps=4)
+    _ll_combine_send[(_items(R, M, K, L, JB, 16 * nsm),)](
+        y, count, src, inv, arena.i32, arena.bf16, arena.dwords, (area_off + lay["wts"]) // 4,
+        (area_off + lay["part"]) // 2, L, R * M, M * K, M, H, R=R, ME=arena.rank, LP=_p2(L), JB=JB, KP=_p2(K),
+        BLOCK=512, num_warps=4)
 
 
-def combine_reduce(arena, area_off, lay, topk_idx, topk_weights, out) -> None:
-    """Launch the reduce kernel into ``out`` (``[T, H]``)."""
+def combine_reduce(arena, area_off, lay, topk_idx, out) -> None:
+    """Launch the reduce kernel into ``out`` (``[T, H]``): per token, the partial rows of its ranks."""
     T, K = topk_idx.shape
-    H = lay["H"]
+    H, R = lay["H"], arena.num_ranks
     BLOCK = 1024
     nch = -(-H // BLOCK)
-    _ll_reduce[(T * nch,)](arena.bf16, (area_off + lay["comb"]) // 2, topk_idx, topk_weights, out, K, H, nch,
-                           KP=_p2(K), BLOCK=BLOCK, num_warps=4)
+    _ll_reduce[(T * nch,)](arena.bf16, (area_off + lay["part"]) // 2, topk_idx, out, K, H, nch, lay["L"], R=R,
+                           RP=_p2(max(R, 2)), KP=_p2(K), BLOCK=BLOCK, num_warps=4)

@@ -18,8 +18,8 @@ from . import layout, validate
 from .config import (DEFAULT_EP_BUFFER_SIZE, DEFAULT_TIMEOUT_S, Config, EventOverlap, env_bool, env_float,
                      env_int, recommended_config)
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
-from .agreement import (_H_DTYPE, _H_HIDDEN, _H_LEVEL, _H_SCALES, _H_W, _OP_CACHED, _OP_COMBINE, _OP_DISPATCH,
-                        Problem, agree, make_header)
+from .agreement import (_H_DTYPE, _H_E, _H_HIDDEN, _H_K, _H_LEVEL, _H_SCALES, _H_W, _OP_CACHED, _OP_COMBINE,
+                        _OP_DISPATCH, Problem, agree, make_header)
 from .plans import _EXPERT_SLOTS, DeferredChecks, build_device_plan, build_host_plan, localize_received
 from .low_latency import LowLatencyMethods
 from .wire import Wire, WireMethods
@@ -34,6 +34,9 @@ _FP8 = validate.FP8_DTYPES
 _FLOAT_X = validate.FLOAT_DTYPES
 _COMPRESSION_LEVELS = (16, 8, 4, "auto")
 _buffer_counter: Dict[str, itertools.count] = {}
+#: the header fields a fresh dispatch's metadata exchange checks (plans.build_host_plan's)
+_DISPATCH_FIELDS = ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"), (_H_E, "num_experts"),
+                    (_H_SCALES, "fp8 scale columns"), (_H_W, "passing topk_weights"), (_H_LEVEL, "compression level"))
 
 
 class DispatchHandle(NamedTuple):
@@ -64,7 +67,10 @@ class Buffer(LowLatencyMethods, WireMethods):
     ``backend`` ('auto', 'collective', 'nvlink', 'hierarchical'),
     ``ep_buffer_size`` (pipelining chunk, bytes; env ``DEEP_EP_BUFFER_SIZE``,
     default 4 MiB), ``compression_level`` (16, 8, 4, 'auto'; env
-    ``DEEP_EP_COMPRESSION_LEVEL``), ``topology_aware`` (env
+    ``DEEP_EP_COMPRESSION_LEVEL``), ``compression_ratio`` (``'auto'``'s byte
+    target) or ``compression_tolerance`` (``'auto'``'s per-row error bound,
+    in (0, 1); env ``DEEP_EP_COMPRESSION_TOLERANCE``; one extra host-synced
+    exchange per dispatch, see :mod:`deep_ep.wire`), ``topology_aware`` (env
     ``DEEP_EP_TOPOLOGY_AWARE``; off: ``'auto'`` takes the flat ``collective``
     path across hosts), ``ranks_per_node`` (``hierarchical``: emulate nodes;
     env ``DEEP_EP_RANKS_PER_NODE``), ``timeout_s`` (bound of every host wait,
@@ -85,7 +91,7 @@ class Buffer(LowLatencyMethods, WireMethods):
                  compression_level: Union[int, str, None] = 16, topology_aware: Optional[bool] = None,
                  timeout_s: Optional[float] = None, compression_ratio: Optional[float] = None,
                  combine_compression_level: Union[int, str] = 16, compression_stats: Optional[bool] = None,
-                 ranks_per_node: Optional[int] = None) -> None:
+                 ranks_per_node: Optional[int] = None, compression_tolerance: Optional[float] = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise DeepEPError("deep_ep.Buffer needs torch.distributed initialised "
                               "(torch.distributed.init_process_group(...), e.g. under torchrun)")
@@ -113,7 +119,8 @@ class Buffer(LowLatencyMethods, WireMethods):
             env_int("DEEP_EP_BUFFER_SIZE", DEFAULT_EP_BUFFER_SIZE)
         if self.ep_buffer_size <= 0:
             raise DeepEPInputError(f"ep_buffer_size must be positive, got {self.ep_buffer_size}")
-        self._wire = Wire(compression_level, compression_ratio, combine_compression_level, compression_stats)
+        self._wire = Wire(compression_level, compression_ratio, combine_compression_level, compression_stats,
+                          tolerance=compression_tolerance)
         self.compression_level = self._wire.level
         self.topology_aware = env_bool("DEEP_EP_TOPOLOGY_AWARE", True) if topology_aware is None else bool(topology_aware)
         self.timeout_s = float(timeout_s) if timeout_s is not None else env_float("DEEP_EP_TIMEOUT_S", DEFAULT_TIMEOUT_S)
@@ -296,6 +303,8 @@ class Buffer(LowLatencyMethods, WireMethods):
         (``compress``: ``False`` = 16-bit, a level, or a float in (0, 1) =
         ``'auto'`` at that byte ratio, for this call; the same on every rank); ``recv_x`` is decoded to ``x.dtype``, or with
         ``return_compressed`` left encoded (:class:`~deep_ep.wire.CompressedRows`).
+        With ``compression_tolerance`` (``compress=True``) the ranks first agree on the call's ``'auto'``
+        upgrades from the rows they send (one extra host-synced exchange; :mod:`deep_ep.wire`).
         """
         self._check_alive()
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
@@ -310,6 +319,8 @@ class Buffer(LowLatencyMethods, WireMethods):
         problem: Optional[Problem] = None
         xv = scales = codec = None
         T = H = K = E = -1
+        tol = self._wire.call_tolerance(compress)       # from the Buffer and `compress` only: ranks agree
+        has_device = getattr(self._transport, "device_layout", False)
         try:
             # Argument problems travel through the metadata exchange too, so no rank is left waiting.
             if config is not None and not isinstance(config, Config):
@@ -318,6 +329,11 @@ class Buffer(LowLatencyMethods, WireMethods):
                 raise Problem(7, DeepEPInputError(f"expert_alignment must be an int >= 1, got {expert_alignment!r}"))
             if worst_arg is not num_worst_tokens:
                 raise Problem(7, DeepEPInputError(f"num_worst_tokens must be an int >= 0, got {worst_arg!r}"))
+            if tol is not None and num_worst_tokens > 0 and has_device and not self._check_every_call:
+                raise Problem(7, DeepEPInputError(
+                    "compression_tolerance needs a host exchange per dispatch, which the num_worst_tokens device "
+                    "path never waits for: use compression_ratio (a byte target) or compress=<level> for "
+                    "num_worst_tokens dispatches"))
             xv, scales = self._parse_x(x)
             T, H = xv.size(0), xv.size(1)
             codec = self._dispatch_codec(compress, xv, scales)
@@ -396,8 +412,11 @@ class Buffer(LowLatencyMethods, WireMethods):
                                   xv.dtype if xv is not None else None, K, E,
                                   scales.size(1) if scales is not None else -1,
                                   int(topk_weights is not None), num_worst_tokens, level=Wire.header_code(codec))
+            if tol is not None:             # every rank of the call, bad input or not (see _agree_upgrades)
+                codec = self._agree_upgrades(tol, codec, xv, is_token_in_rank, header, payload, problem,
+                                             _DISPATCH_FIELDS)
+                header[_H_LEVEL] = Wire.header_code(codec)
             R = self.num_ranks
-            has_device = getattr(self._transport, "device_layout", False)
             if num_worst_tokens > 0 and problem is None and has_device and not self._check_every_call:
                 # Nothing read on the host: the plan stays on the device (capturable; checks deferred).
                 plan = build_device_plan(self._transport, self._checks, header, payload, is_token_in_rank, T,
@@ -481,13 +500,19 @@ class Buffer(LowLatencyMethods, WireMethods):
         except Problem as p:
             problem = p
         self._waiter.seq += 1
+        tol = self._wire.call_tolerance(compress)
+        fields = ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_SCALES, "fp8 scale columns"),
+                  (_H_LEVEL, "compression level"))
         with call:
+            header = make_header(_OP_CACHED, self._waiter.seq, problem.code if problem else 0, H=H,
+                                 dtype=xv.dtype if xv is not None else None,
+                                 scales=scales.size(1) if scales is not None else -1, level=Wire.header_code(codec))
+            if tol is not None:             # every rank of the call, bad input or not (see _agree_upgrades)
+                codec = self._agree_upgrades(tol, codec, xv, handle.plan.is_token_in_rank if problem is None else None,
+                                             header, None, problem, fields)
+                header[_H_LEVEL] = Wire.header_code(codec)
             if self._check_every_call:
-                header = make_header(_OP_CACHED, self._waiter.seq, problem.code if problem else 0, H=H,
-                                      dtype=xv.dtype if xv is not None else None,
-                                      scales=scales.size(1) if scales is not None else -1, level=Wire.header_code(codec))
-                agree(self._transport, self.device, header, None, problem, ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"),
-                                                    (_H_SCALES, "fp8 scale columns"), (_H_LEVEL, "compression level")))
+                agree(self._transport, self.device, header, None, problem, fields)
             elif problem is not None:
                 raise problem.exc
             rows = [xv] + ([] if scales is None else [scales])

@@ -36,6 +36,14 @@ accepted ratio is met within 1% for ``H >= 1409`` (``18*nb >= 800``); at
 ``H = 1024`` (a step is 16 / 614.4 = 2.6% of a 0.3 target) ratios below 0.39
 can miss by up to 8 bytes (0.3: 608 bytes, 1.04% under).
 
+Tolerance mode (``make_codec(..., upgrades=k)``, chosen by
+:func:`tolerance_upgrades`): ``k`` is given instead of derived from a byte
+target; the format and the bytes are those of any ``'auto'`` codec with that
+``k``. :func:`tolerance_upgrades` gives per row the fewest upgrades (same
+order: largest ``amax`` first) that bring its relative L2 error under a
+tolerance; a Buffer with ``compression_tolerance`` agrees on the largest of
+them over every rank (:mod:`deep_ep.wire`).
+
 At level 4's bytes (``18*nb`` when 32 divides ``H``) ``'auto'`` has no byte to
 spend on an upgrade: ``k = 0`` and its rows are level 4's, byte for byte, with
 the same error. (When the last block holds 30 values or fewer, level 4 packs
@@ -71,7 +79,7 @@ import torch
 
 from .errors import DeepEPInputError, DeepEPTypeError
 
-__all__ = ["Codec", "make_codec", "relative_error", "view_rows", "FP8_MAX", "INT4_MAX", "INT8_MAX"]
+__all__ = ["Codec", "make_codec", "relative_error", "tolerance_upgrades", "view_rows", "FP8_MAX", "INT4_MAX", "INT8_MAX"]
 
 FP8_MAX = 448.0
 INT4_MAX = 7
@@ -147,6 +155,7 @@ class Codec:
     ratio: float = 0.3                 # 'auto': target bytes relative to bf16
     round_scale: bool = False          # level 8
     use_ue8m0: bool = False            # level 8
+    fixed_upgrades: Optional[int] = None   # 'auto': k given (tolerance mode) instead of derived from ratio
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -158,9 +167,12 @@ class Codec:
     def upgrades(self) -> int:
         """``'auto'``: int8 blocks per row (``k``), chosen from the byte target ``t = ratio * 2H`` as the module
         docstring says: the most that fit in ``t`` when that width is within 1% of ``t``, else the fewest
-        above ``t`` when those are within 1% of it, else the nearest (ties: fewer); between 0 and ``nb``."""
+        above ``t`` when those are within 1% of it, else the nearest (ties: fewer); between 0 and ``nb``.
+        ``fixed_upgrades`` (``make_codec(..., upgrades=k)``) when given."""
         if self.level != "auto":
             return 0
+        if self.fixed_upgrades is not None:
+            return self.fixed_upgrades
         return _auto_upgrades(self.hidden, self.ratio)
 
     @property
@@ -389,12 +401,24 @@ def _use_kernels(t: torch.Tensor) -> bool:
 
 
 def make_codec(level: Union[int, str], hidden: int, ratio: Optional[float] = None, round_scale: bool = False,
-               use_ue8m0: bool = False) -> Codec:
-    """A :class:`Codec`, validating the arguments (``ratio`` only for ``'auto'``, default 0.3)."""
+               use_ue8m0: bool = False, upgrades: Optional[int] = None) -> Codec:
+    """A :class:`Codec`, validating the arguments (``ratio`` only for ``'auto'``, default 0.3).
+
+    ``upgrades`` (``'auto'`` only, instead of ``ratio``): the number ``k`` of int8 blocks per row, an int in
+    ``[0, ceil(hidden / 32)]``; the codec's ``ratio`` is then that width's (``row_bytes / (2 hidden)``)."""
     if level not in LEVELS:
         raise DeepEPInputError(f"compression level must be one of 16, 8, 4, 'auto'; got {level!r}")
     if not isinstance(hidden, int) or hidden < 1:
         raise DeepEPInputError(f"hidden must be a positive int, got {hidden!r}")
+    if upgrades is not None:
+        nb = -(-hidden // _BLOCK4)
+        if level != "auto":
+            raise DeepEPInputError(f"upgrades is for level 'auto', got level {level!r}")
+        if ratio is not None:
+            raise DeepEPInputError("give 'auto' a byte ratio or a number of upgrades, not both")
+        if isinstance(upgrades, bool) or not isinstance(upgrades, int) or not 0 <= upgrades <= nb:
+            raise DeepEPInputError(f"upgrades must be an int in [0, {nb}] for hidden={hidden}, got {upgrades!r}")
+        return Codec(level, hidden, (18 * nb + 16 * upgrades) / (2 * hidden), False, False, upgrades)
     if ratio is None:
         ratio = float(os.environ.get("DEEP_EP_COMPRESSION_RATIO", "0.3"))
     if not (0 < ratio <= 1):
@@ -406,6 +430,73 @@ def make_codec(level: Union[int, str], hidden: int, ratio: Optional[float] = Non
             raise DeepEPInputError(f"compression ratio {ratio} is below what 'auto' can reach for hidden={hidden} "
                                    f"(every block at 4 bits: {floor:.4f}); use a ratio >= {floor:.4f}")
     return codec
+
+
+def tolerance_upgrades(x: torch.Tensor, tol: float, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Per row of ``x`` (floating ``[T, H]``): the fewest ``'auto'`` upgrades ``k_row`` that meet ``tol``.
+
+    ``err_row(k)`` is the error of the row sent with ``k`` upgrades (its ``k`` largest-``amax`` blocks of
+    32 values int8, the others int4: the format's own choice and order) and decoded to ``dtype`` (default
+    ``x.dtype``, what the receiver gets), measured as :func:`relative_error` does (float64 L2 over the
+    entries finite in both, ``|y - x| / |x|``, the absolute error for a zero row). The int4 and int8 error
+    of every block comes from the codec's own quantisation code (scales rounded to bf16, round half to
+    even, saturation), so the errors are exactly the format's; each ``err_row(k)`` is then a sum over
+    blocks, equal to :func:`relative_error` of that round trip up to the float64 rounding of the
+    summation order (about 1e-16 relative).
+
+    ``k_row`` is the smallest ``k`` with ``err_row(k') <= tol`` for every ``k' >= k``: the smallest
+    ``k`` meeting ``tol`` in the usual case where the error falls with every upgrade; the condition on
+    the larger ``k'`` guarantees that any ``k >= k_row`` (a call sends every row with the largest
+    ``k_row``) meets it too, which a block whose int4 error happens to be below its int8 error could
+    otherwise break. A row that misses ``tol`` even with every block int8 gets ``nb = ceil(H / 32)``.
+
+    Returns int64 ``[T]`` on ``x``'s device (plain torch, vectorised over rows and blocks, in row
+    chunks of bounded memory; no host sync).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise DeepEPTypeError(f"tolerance_upgrades needs floating rows [T, H], got "
+                              f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise DeepEPInputError(f"the tolerance must be in (0, 1), got {tol!r}")
+    dtype = x.dtype if dtype is None else dtype
+    T, H = x.shape
+    nb = -(-H // _BLOCK4)
+    out = torch.empty((T,), dtype=torch.int64, device=x.device)
+    step = max(1, (1 << 22) // (nb * _BLOCK4))            # rows per chunk: ~4M values at a time
+    for a in range(0, T, step):
+        out[a:a + step] = _tolerance_rows(x[a:a + step], float(tol), dtype)
+    return out
+
+
+def _tolerance_rows(x: torch.Tensor, tol: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`tolerance_upgrades` of one chunk of rows."""
+    T = x.size(0)
+    b = _blocks(x.float(), _BLOCK4)                                   # [T, nb, 32], as the codec sees it
+    nb = b.size(1)
+    x64 = _blocks(x.double(), _BLOCK4)                                # the rows as given
+    amax = _finite_abs(b).amax(dim=2).clamp(min=_INT_FLOOR)
+    num, den = [], []                                                 # per block and level: sum d^2, sum x^2
+    for qmax in (INT4_MAX, INT8_MAX):
+        scale = _bits_bf16(_bf16_bits(_div(amax, qmax))).unsqueeze(2)
+        y64 = _saturate(_dequant_int(_quant_int(b, scale, qmax), scale, qmax), dtype).to(dtype).double()
+        ok = torch.isfinite(x64) & torch.isfinite(y64)
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        num.append(torch.where(ok, y64 - x64, zero).square().sum(dim=2))
+        den.append(torch.where(ok, x64, zero).square().sum(dim=2))
+    order = torch.sort(amax, dim=1, descending=True, stable=True).indices   # the format's upgrade order
+
+    def total(per_level):          # [T, nb + 1]: k = 0..nb upgrades; int4 blocks after the k-th, int8 up to it
+        p4, p8 = (v.gather(1, order) for v in per_level)
+        z = torch.zeros((T, 1), dtype=torch.float64, device=x.device)
+        suffix4 = torch.cat([p4.flip(1).cumsum(1).flip(1), z], dim=1)
+        prefix8 = torch.cat([z, p8.cumsum(1)], dim=1)
+        return suffix4 + prefix8
+
+    n, d = total(num).sqrt(), total(den).sqrt()
+    err = torch.where(d > 0, n / d.clamp(min=1e-300), n)
+    k = torch.arange(nb + 1, device=x.device)
+    last_bad = torch.where(err > tol, k, torch.full_like(k, -1)).amax(dim=1)   # -1: every k meets tol
+    return (last_bad + 1).clamp(max=nb)
 
 
 def relative_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

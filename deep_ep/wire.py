@@ -7,6 +7,16 @@ token before it is sent and decoded after it arrives (or handed over
 encoded, :class:`CompressedRows`); a combine is encoded only when the Buffer
 opted into 8 bits. A per-call ``compress`` argument overrides the Buffer's
 level (``False`` = 16-bit, e.g. for gradients).
+
+Tolerance mode (``compression_level='auto', compression_tolerance=tol``, env
+``DEEP_EP_COMPRESSION_TOLERANCE``): each dispatch with ``compress=True`` (or
+``'auto'``) picks its ``k`` from its rows instead of from a byte target. Each
+rank computes :func:`~deep_ep.compress.tolerance_upgrades` of the rows it
+sends (to any rank) and the ranks agree on the largest (:meth:`WireMethods.
+_agree_upgrades`: one extra metadata-sized all-gather, a host sync, before the
+call's metadata exchange); every row then travels with that ``k``, so every
+row meets ``tol`` (unless even all-int8 misses it). The metadata header
+carries the agreed ``k`` as any ``'auto'`` call's does.
 """
 from __future__ import annotations
 
@@ -16,14 +26,18 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from .agreement import Problem
-from .compress import LEVELS, Codec, make_codec, relative_error, view_rows
+from .agreement import _H_LEVEL, _HEADER, Problem, agree_rows
+from .compress import LEVELS, Codec, make_codec, relative_error, tolerance_upgrades, view_rows
 from .errors import DeepEPInputError
 from .transport import Plan
 
 __all__ = ["Wire", "WireMethods", "CompressedRows", "parse_level"]
 
 Level = Union[int, str]
+
+#: header slot of the tolerance exchange carrying a rank's own ``k`` (unused by the metadata header)
+_H_UPGRADES = 13
+assert _H_UPGRADES < _HEADER
 
 
 def parse_level(level: Any, what: str = "compression_level") -> Level:
@@ -75,7 +89,7 @@ class Wire:
     """A Buffer's wire settings (see the module docstring)."""
 
     def __init__(self, level: Any, ratio: Optional[float], combine_level: Any, stats: Optional[bool],
-                 round_scale: bool = False, use_ue8m0: bool = False) -> None:
+                 round_scale: bool = False, use_ue8m0: bool = False, tolerance: Optional[float] = None) -> None:
         env = os.environ.get("DEEP_EP_COMPRESSION_LEVEL")
         if env and parse_level(level) == 16:
             level = env
@@ -83,6 +97,24 @@ class Wire:
         self.ratio = ratio
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
             raise DeepEPInputError(f"compression_ratio must be in (0, 1], got {ratio!r}")
+        if tolerance is not None and ratio is not None:
+            raise DeepEPInputError("compression_tolerance and compression_ratio are exclusive: 'auto' takes a "
+                                   "byte target or an error tolerance, not both")
+        env_tol = os.environ.get("DEEP_EP_COMPRESSION_TOLERANCE")
+        if tolerance is None and ratio is None and env_tol and self.level == "auto":
+            try:
+                tolerance = float(env_tol)
+            except ValueError:
+                raise DeepEPInputError(f"DEEP_EP_COMPRESSION_TOLERANCE must be a number in (0, 1), "
+                                       f"got {env_tol!r}") from None
+        if tolerance is not None:
+            if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+                raise DeepEPInputError(f"compression_tolerance must be in (0, 1), got {tolerance!r}")
+            if self.level != "auto":
+                raise DeepEPInputError(f"compression_tolerance needs compression_level='auto', got "
+                                       f"{self.level!r}")
+            tolerance = float(tolerance)
+        self.tolerance: Optional[float] = tolerance
         self.combine_level = parse_level(combine_level, "combine_compression_level")
         if self.combine_level not in (16, 8):
             raise DeepEPInputError(f"combine_compression_level must be 16 or 8, got {combine_level!r}")
@@ -103,6 +135,32 @@ class Wire:
                 raise DeepEPInputError(f"compress as a byte ratio must be in (0, 1), got {compress!r}")
             return "auto", compress
         return parse_level(compress, "compress"), self.ratio
+
+    def call_tolerance(self, compress: Any) -> Optional[float]:
+        """The error tolerance of a dispatch called with ``compress``: the Buffer's ``compression_tolerance``
+        when the call uses the Buffer's level (``True``) or ``'auto'``, else ``None``. Depends only on the
+        Buffer and ``compress`` (never on the rows), so every rank making the same call decides the same."""
+        if self.tolerance is None:
+            return None
+        if compress is True or (isinstance(compress, str) and compress.strip().lower() == "auto"):
+            return self.tolerance
+        return None
+
+    def upgrades_codec(self, hidden: int, k: Optional[int] = None) -> Codec:
+        """The ``'auto'`` codec with ``k`` upgrades per row (``None``: every block) for rows of ``hidden``."""
+        if k is None:
+            k = -(-hidden // 32)
+        key = ("auto", hidden, "k", k)
+        c = self._codecs.get(key)
+        if c is None:
+            c = self._codecs[key] = make_codec("auto", hidden, upgrades=k)
+        return c
+
+    @staticmethod
+    def tolerance_code(tol: float) -> int:
+        """The header level code of the tolerance exchange: minus the tolerance in units of 1e-9 (readable in
+        a mismatch error), never one of :meth:`header_code`'s (all positive)."""
+        return -round(float(tol) * 1e9)
 
     def codec(self, level: Level, hidden: int, ratio: Optional[float] = None) -> Optional[Codec]:
         """The codec of ``level`` for rows of ``hidden`` values (``None`` for 16)."""
@@ -153,7 +211,8 @@ class Wire:
 
 
 class WireMethods:
-    """The compression helpers of :class:`deep_ep.Buffer` (a mixin; needs ``_wire``, ``rank``)."""
+    """The compression helpers of :class:`deep_ep.Buffer` (a mixin; needs ``_wire``, ``rank``, ``device``,
+    ``_transport``)."""
 
     def _dispatch_codec(self, compress: Any, xv: torch.Tensor, scales: Optional[torch.Tensor]):
         """The codec of this call's rows (``None``: they travel as they are), or a Problem."""
@@ -161,9 +220,42 @@ class WireMethods:
             level, ratio = self._wire.call_level(compress)
             if level == 16 or scales is not None or not xv.is_floating_point() or xv.dtype == torch.float64:
                 return None        # an fp8 pair is already in its wire format; float64 rows travel exact
+            if self._wire.call_tolerance(compress) is not None:
+                return self._wire.upgrades_codec(xv.size(1))      # k: agreed in _agree_upgrades
             return self._wire.codec(level, xv.size(1), ratio)
         except DeepEPInputError as e:
             raise Problem(7, e) from None
+
+    def _agree_upgrades(self, tol: float, codec: Optional[Codec], xv: Optional[torch.Tensor],
+                        is_token_in_rank: Optional[torch.Tensor], header: list, payload: Any,
+                        problem: Optional[Problem], fields) -> Optional[Codec]:
+        """Tolerance mode: this rank's ``k`` (the largest :func:`~deep_ep.compress.tolerance_upgrades` of
+        the rows it sends; 0 without a codec or with a ``problem``), exchanged with every rank's; returns the
+        codec of the largest (``None`` when ``codec`` is). Every rank of a tolerance call makes this
+        exchange, whatever its input (a rank with bad input sends 0 and its error code).
+
+        The exchange is :func:`~deep_ep.agreement.agree_rows` of the call's own metadata ``header`` (level:
+        :meth:`Wire.tolerance_code`, own ``k`` in a spare slot) and ``payload``, so it has exactly the
+        length of the metadata exchange that follows, and reaches the same verdict on every rank: a rank
+        with bad input raises its error and the others ``RemoteInputError``; ranks that disagree on the
+        shapes, or on the tolerance, raise ``RankMismatchError``. A rank not in tolerance mode for this
+        call (other ``compress``, other Buffer settings) is in its metadata exchange meanwhile: same length,
+        its level code differs, so it raises ``RankMismatchError`` there and the others here; no rank
+        waits for an exchange the others skipped. Cost: this all-gather (a host sync) and the float64 error
+        of every sent row (:func:`~deep_ep.compress.tolerance_upgrades`)."""
+        k = 0
+        if codec is not None and problem is None and xv.size(0):
+            ks = tolerance_upgrades(xv, tol)
+            if is_token_in_rank is not None:
+                ks = torch.where(is_token_in_rank.any(dim=1).to(ks.device), ks, torch.zeros_like(ks))
+            k = int(ks.max())
+        h = list(header)
+        h[_H_LEVEL] = Wire.tolerance_code(tol)
+        h[_H_UPGRADES] = k
+        _, rows = agree_rows(self._transport, self.device, h, payload, problem, fields, head=_HEADER)
+        if codec is None:
+            return None
+        return self._wire.upgrades_codec(codec.hidden, max(row[_H_UPGRADES] for row in rows))
 
     def _decode(self, codec, packed: torch.Tensor, dtype: torch.dtype, return_compressed: bool):
         if codec is None:

@@ -31,7 +31,8 @@ def test_buffer_signature():
     assert names == ["group", "num_nvl_bytes", "num_rdma_bytes", "low_latency_mode", "num_qps_per_rank",
                      "allow_nvlink_for_low_latency_mode", "allow_mnnvl", "use_fabric", "explicitly_destroy",
                      "enable_shrink", "comm", "backend", "ep_buffer_size", "compression_level", "topology_aware",
-                     "timeout_s", "compression_ratio", "combine_compression_level", "compression_stats", "ranks_per_node"]
+                     "timeout_s", "compression_ratio", "combine_compression_level", "compression_stats", "ranks_per_node",
+                     "compression_tolerance"]
     p = {n: (d, k) for n, d, k in _params(deep_ep.Buffer.__init__)}
     assert p["num_nvl_bytes"][0] == 0 and p["num_qps_per_rank"][0] == 24 and p["low_latency_mode"][0] is False
     assert p["backend"] == ("auto", "KEYWORD_ONLY") and p["compression_level"][0] == 16

@@ -504,3 +504,263 @@ def test_encode_gathered_into_out_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_encode_gathered_into_out_gpu():
     _gather_into("cuda")
+
+
+# ------------------------------------------------------------------------------------------ tolerance mode
+def _blocky(T, H, seed, spread, dtype=torch.bfloat16):
+    """Gaussian rows whose blocks of 32 values have scales ``exp(spread * N(0, 1))`` (``spread=0``: plain
+    Gaussian rows): the larger the spread, the fewer upgrades bring a row under a tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    nb = math.ceil(H / 32)
+    scale = torch.exp(torch.randn((T, nb), generator=g) * spread).repeat_interleave(32, dim=1)[:, :H]
+    return (torch.randn((T, H), generator=g) * scale).to(dtype)
+
+
+def _roundtrip_errors(x):
+    """``[T, nb + 1]``: relative_error of the round trip of every 'auto' codec k = 0..nb."""
+    H = x.size(1)
+    return torch.stack([relative_error(x, make_codec("auto", H, upgrades=k).roundtrip(x))
+                        for k in range(math.ceil(H / 32) + 1)], 1)
+
+
+def _brute_force_upgrades(errs, tol):
+    """k_row from the errors of every k: the smallest k with err(k') <= tol for all k' >= k (nb when all-int8
+    misses tol)."""
+    nb = errs.size(1) - 1
+    want = []
+    for row in (errs <= tol).tolist():
+        k = nb
+        while k > 0 and row[k - 1] and row[k]:
+            k -= 1
+        want.append(k)
+    return torch.tensor(want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("H", [256, 200])
+def test_tolerance_upgrades_against_brute_force(H, dtype):
+    """compress.tolerance_upgrades equals the brute force over every k (exact ints), on rows of mixed block
+    scales plus a zero row, NaN, Inf and tiny rows; a tiny tolerance upgrades every block."""
+    from deep_ep.compress import tolerance_upgrades
+    x = torch.cat([_blocky(20, H, H, 0.0), _blocky(20, H, H + 1, 2.0)]).to(dtype)
+    x[0] = 0
+    x[1, 5] = float("nan")
+    x[2, 9] = float("inf")
+    x[3] *= 1e-3
+    nb = math.ceil(H / 32)
+    errs = _roundtrip_errors(x)
+    for tol in (0.09, 0.05, 0.02, 0.005, 1e-6):
+        got = tolerance_upgrades(x, tol)
+        want = _brute_force_upgrades(errs, tol)
+        assert torch.equal(got.cpu(), want), (tol, got.tolist(), want.tolist())
+        met = errs.gather(1, got.unsqueeze(1)).squeeze(1) <= tol
+        assert bool((met | (got == nb)).all())
+    assert bool((tolerance_upgrades(x[4:], 1e-6) == nb).all())
+    assert int(tolerance_upgrades(x[:1], 1e-6)[0]) == 0                 # a zero row is exact at any k
+    assert tolerance_upgrades(x[:0], 0.05).shape == (0,)
+    with pytest.raises(deep_ep.DeepEPInputError, match=r"\(0, 1\)"):
+        tolerance_upgrades(x, 1.0)
+
+
+def test_tolerance_upgrades_when_an_upgrade_adds_error():
+    """A block of values on the int4 grid (amax 7: int4 is exact, int8's bf16 scale is not) upgraded first makes
+    err(1) > err(0): a tolerance between them is met at k = 0 but not at k = 1, so the row asks for k = 2 (any
+    k >= k_row must meet it, as the call sends every row with the largest k_row)."""
+    from deep_ep.compress import tolerance_upgrades
+    g = torch.Generator().manual_seed(0)
+    b0 = torch.randint(-7, 8, (32,), generator=g).float()
+    b0[0] = 7
+    x = torch.cat([b0, torch.randn(32, generator=g) * 2]).unsqueeze(0).to(torch.bfloat16)
+    errs = _roundtrip_errors(x)[0].tolist()
+    assert errs[0] < errs[1] and errs[2] < errs[0]
+    tol = (errs[0] + errs[1]) / 2
+    assert int(tolerance_upgrades(x, tol)[0]) == 2 == int(_brute_force_upgrades(_roundtrip_errors(x), tol)[0])
+
+
+def test_upgrades_codec_same_bytes_as_ratio_codec():
+    """make_codec('auto', H, upgrades=k) is the 'auto' format with that k: the bytes of the ratio codec whose
+    target is that width; bad upgrade arguments raise."""
+    H = 1000
+    nb = math.ceil(H / 32)
+    x = _blocky(9, H, 3, 1.0)
+    for k in (0, 1, 7, nb):
+        c = make_codec("auto", H, upgrades=k)
+        r = make_codec("auto", H, ratio=(18 * nb + 16 * k) / (2 * H))
+        assert c.upgrades == r.upgrades == k and c.row_bytes == r.row_bytes == 18 * nb + 16 * k
+        assert torch.equal(c.encode(x), r.encode(x))
+    for bad in (dict(level=4, upgrades=1), dict(level="auto", upgrades=nb + 1), dict(level="auto", upgrades=-1),
+                dict(level="auto", upgrades=True), dict(level="auto", upgrades=2, ratio=0.3)):
+        with pytest.raises(deep_ep.DeepEPInputError):
+            make_codec(bad.pop("level"), H, **bad)
+
+
+def test_wire_tolerance_settings(monkeypatch):
+    """compression_tolerance: in (0, 1), with level 'auto' only, exclusive with compression_ratio; env
+    DEEP_EP_COMPRESSION_TOLERANCE when neither is given; applies to compress=True / 'auto' calls only."""
+    from deep_ep.wire import Wire
+    monkeypatch.delenv("DEEP_EP_COMPRESSION_TOLERANCE", raising=False)
+    monkeypatch.delenv("DEEP_EP_COMPRESSION_LEVEL", raising=False)
+    w = Wire("auto", None, 16, None, tolerance=0.05)
+    assert w.tolerance == 0.05 and w.call_tolerance(True) == 0.05 and w.call_tolerance("auto") == 0.05
+    assert w.call_tolerance(False) is None and w.call_tolerance(8) is None and w.call_tolerance(0.3) is None
+    assert Wire("auto", 0.3, 16, None).tolerance is None
+    with pytest.raises(deep_ep.DeepEPInputError, match="exclusive"):
+        Wire("auto", 0.3, 16, None, tolerance=0.05)
+    for bad in (0, 1, 1.0, -0.1, 1.5, float("nan"), True, "0.1"):
+        with pytest.raises(deep_ep.DeepEPInputError, match=r"\(0, 1\)"):
+            Wire("auto", None, 16, None, tolerance=bad)
+    with pytest.raises(deep_ep.DeepEPInputError, match="compression_level='auto'"):
+        Wire(8, None, 16, None, tolerance=0.05)
+    monkeypatch.setenv("DEEP_EP_COMPRESSION_TOLERANCE", "0.04")
+    assert Wire("auto", None, 16, None).tolerance == 0.04
+    assert Wire("auto", 0.3, 16, None).tolerance is None                 # an explicit ratio wins over the env
+    assert Wire(8, None, 16, None).tolerance is None                     # the env only concerns 'auto'
+    monkeypatch.setenv("DEEP_EP_COMPRESSION_TOLERANCE", "lots")
+    with pytest.raises(deep_ep.DeepEPInputError, match="DEEP_EP_COMPRESSION_TOLERANCE"):
+        Wire("auto", None, 16, None)
+
+
+_TOL_H, _TOL_E = 256, 8
+
+
+def _tol_case(seed):
+    """Two ranks whose rows want different k: rank 0 plain Gaussian rows, rank 1 rows of spread block scales."""
+    case = make_case(seed, 2, hidden=_TOL_H, topk=2, num_experts=_TOL_E, tokens=[24, 20])
+    case.xs = [_blocky(t, _TOL_H, seed + r, (0.0, 2.0)[r]) for r, t in enumerate(case.tokens)]
+    return case
+
+
+def _want_k(xs, idx, tol):
+    """Every rank's own k (largest k_row of the rows it sends) and the agreed one."""
+    from deep_ep.compress import tolerance_upgrades
+    own = [int(tolerance_upgrades(x, tol)[(i >= 0).any(dim=1)].max()) for x, i in zip(xs, idx)]
+    return own, max(own)
+
+
+def rank_dispatch_tolerance(rank, R):
+    """compression_tolerance on two ranks whose rows want different k: the call uses the largest, every
+    received row meets the tolerance, recv_x is the reference dispatch of the decoded rows, a smaller
+    tolerance spends more bytes, a tiny one upgrades every block; a cached dispatch agrees on its own k."""
+    import time
+
+    import torch.distributed as dist
+    dev = device()
+    case = _tol_case(51)
+    H, E, nb = _TOL_H, _TOL_E, math.ceil(_TOL_H / 32)
+    idx = case.topk_idx[rank].to(dev)
+    plain = ref.dispatch(case.xs, case.topk_idx, E, case.topk_weights)
+    xs2 = [_blocky(t, H, 70 + r, (2.0, 0.0)[r]) * 3 for r, t in enumerate(case.tokens)]   # the cached call's
+    row_bytes, differ = [], False
+    for tol in (0.09, 0.05, 0.035, 1e-6):                              # k = 2, 6, 7, 8 (rank 0's)
+        buf = get_buffer("collective", compression_level="auto", compression_tolerance=tol, compression_stats=True)
+        own, k = _want_k(case.xs, case.topk_idx, tol)
+        differ |= own[0] != own[1]
+        codec = make_codec("auto", H, upgrades=k)
+        exp = ref.dispatch([codec.roundtrip(x) for x in case.xs], case.topk_idx, E, case.topk_weights)
+        _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        out = buf.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                           topk_idx=idx, topk_weights=case.topk_weights[rank].to(dev))
+        assert_same(out[0].cpu(), exp[rank].recv_x, f"tol {tol} recv_x")
+        assert_same(out[1].cpu(), exp[rank].recv_topk_idx, f"tol {tol} recv_topk_idx")
+        st = buf.last_dispatch_stats
+        assert st["level"] == "auto" and st["row_bytes"] == 18 * nb + 16 * k
+        row_bytes.append(st["row_bytes"])
+        err = relative_error(plain[rank].recv_x, out[0].cpu())
+        if tol > 1e-3:
+            assert float(err.max()) <= tol, (tol, float(err.max()))
+        else:
+            assert k == nb and st["row_bytes"] == 34 * nb                 # nothing meets 1e-6: all int8
+        # cached dispatch: k from the rows it sends, agreed again
+        own2, k2 = _want_k(xs2, case.topk_idx, tol)
+        enc = buf.dispatch(xs2[rank].to(dev), handle=out[4], return_compressed=True)[0]
+        assert enc.codec.upgrades == k2
+        c2 = make_codec("auto", H, upgrades=k2)
+        exp2 = ref.dispatch([c2.roundtrip(x) for x in xs2], case.topk_idx, E)
+        assert_same(enc.decode(torch.bfloat16).cpu(), exp2[rank].recv_x, f"tol {tol} cached")
+        if tol > 1e-3:
+            err2 = relative_error(ref.dispatch(xs2, case.topk_idx, E)[rank].recv_x, enc.decode(torch.bfloat16).cpu())
+            assert float(err2.max()) <= tol
+    assert differ, "the ranks should want different k"
+    assert all(a < b for a, b in zip(row_bytes, row_bytes[1:])), row_bytes   # smaller tolerance, more bytes
+    # ranks that disagree raise on every rank, without a hang: one rank in tolerance mode and one at level 8
+    # (per call, and per Buffer), or two tolerances
+    buf = get_buffer("collective", compression_level="auto", compression_tolerance=0.05)
+    _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    lay = dict(is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx)
+    x = case.xs[rank].to(dev)
+    start = time.monotonic()
+    with pytest.raises(deep_ep.RankMismatchError, match="compression level"):
+        buf.dispatch(x, compress=True if rank == 0 else 8, **lay)
+    for kw in (dict(compression_tolerance=0.05) if rank == 0 else dict(compression_ratio=0.4),
+               dict(compression_tolerance=0.05 if rank == 0 else 0.02)):
+        other = deep_ep.Buffer(dist.group.WORLD, compression_level="auto", **kw)      # fresh on both ranks
+        with pytest.raises(deep_ep.RankMismatchError, match="compression level"):
+            other.dispatch(x, **lay)
+        other.destroy()
+    assert time.monotonic() - start < 10
+    out = buf.dispatch(x, **lay)                                        # still in step
+    k = _want_k(case.xs, case.topk_idx, 0.05)[1]
+    c = make_codec("auto", H, upgrades=k)
+    assert_same(out[0].cpu(), ref.dispatch([c.roundtrip(v) for v in case.xs], case.topk_idx, E)[rank].recv_x,
+                "after the mismatches")
+
+
+def test_dispatch_tolerance_cpu(rank_pool):
+    rank_pool(2).run(rank_dispatch_tolerance, timeout=120)
+
+
+def rank_tolerance_bad_input(rank, R):
+    """Tolerance mode: a rank with bad input raises its error and the other RemoteInputError (fresh and
+    cached dispatch), no hang; bad settings raise at construction; a num_worst_tokens call on a device-path
+    transport raises DeepEPInputError naming compression_ratio on every rank."""
+    import time
+
+    import torch.distributed as dist
+    from tests.test_errors import _expect
+    dev = device()
+    case = _tol_case(61)
+    E = _TOL_E
+    buf = get_buffer("collective", compression_level="auto", compression_tolerance=0.05)
+    idx = case.topk_idx[rank].to(dev)
+    x = case.xs[rank].to(dev)
+    _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    lay = dict(is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx)
+    w = case.topk_weights[rank].to(dev)
+    bad = rank == 1
+    start = time.monotonic()
+    fn = lambda: buf.dispatch(x, topk_weights=w[:, :1] if bad else w, **lay)  # noqa: E731
+    if bad:
+        _expect(deep_ep.DeepEPInputError, fn, "topk_weights")
+    else:
+        _expect(deep_ep.RemoteInputError, fn, "rank 1")
+    handle = buf.dispatch(x, **lay)[4]
+    fn = lambda: buf.dispatch(x[:3] if bad else x, handle=handle)  # noqa: E731
+    if bad:
+        _expect(deep_ep.DeepEPInputError, fn, "tokens")
+    else:
+        _expect(deep_ep.RemoteInputError, fn, "rank 1")
+    assert time.monotonic() - start < 10
+    buf.dispatch(x, handle=handle)                                      # still in step
+    for kw, words in ((dict(compression_tolerance=0.05, compression_ratio=0.3), "exclusive"),
+                      (dict(compression_tolerance=1.0), "(0, 1)"), (dict(compression_tolerance=0.0), "(0, 1)"),
+                      (dict(compression_level=8, compression_tolerance=0.05), "'auto'")):
+        kw.setdefault("compression_level", "auto")
+        _expect(deep_ep.DeepEPInputError, lambda: deep_ep.Buffer(dist.group.WORLD, **kw), words)
+    # the num_worst_tokens device path (nvlink) never waits for the host: emulated on this CPU Buffer
+    dbuf = deep_ep.Buffer(dist.group.WORLD, compression_level="auto", compression_tolerance=0.05)
+    dbuf._transport.device_layout = True
+    dbuf._check_every_call = False
+    try:
+        _expect(deep_ep.DeepEPInputError, lambda: dbuf.dispatch(x, num_worst_tokens=64, **lay), "compression_ratio")
+        fn = lambda: dbuf.dispatch(x, num_worst_tokens=64 if bad else 0, **lay)  # noqa: E731
+        if bad:
+            _expect(deep_ep.DeepEPInputError, fn, "compression_ratio")
+        else:
+            _expect(deep_ep.RemoteInputError, fn, "rank 1")
+    finally:
+        dbuf.destroy()
+    assert time.monotonic() - start < 20
+
+
+def test_tolerance_bad_input_cpu(rank_pool):
+    rank_pool(2).run(rank_tolerance_bad_input, timeout=60)

@@ -10,10 +10,12 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 BASE=$1; NAME=$2; RUNS=$3; shift 3
 OUT=${OUT:-/tmp/deep_ep_out}; mkdir -p "$OUT"
-for i in $(seq 1 "$RUNS"); do
+ROOT=$PWD
+[ -e "$BASE/scripts" ] || ln -s "$ROOT/scripts" "$BASE/scripts"     # (the base runs in its own root: python -m
+for i in $(seq 1 "$RUNS"); do                                        #  and scripts put their own folder first)
   for v in base new; do
-    if [ $v = base ]; then P=$PWD/$BASE; else P=$PWD; fi
-    PYTHONPATH=$P "$@" > "$OUT/${NAME}_${v}_$i.txt" 2>&1
+    if [ $v = base ]; then P=$ROOT/$BASE; else P=$ROOT; fi
+    (cd "$P" && PYTHONPATH=$P "$@") > "$OUT/${NAME}_${v}_$i.txt" 2>&1
     echo "== $NAME $v run $i rc=$?"; grep -E "us (host|GPU)|^nvlink|dispatch|combine" "$OUT/${NAME}_${v}_$i.txt" | grep -v "^\s*$" | tail -8
   done
 done

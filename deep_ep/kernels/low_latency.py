@@ -209,7 +209,10 @@ def _ll_combine_send(y_ptr, count_ptr, src_ptr, inv_ptr, a32, a16, dwords, WTS_W
     cols = tl.arange(0, BLOCK)
     ks = tl.arange(0, KP)
     K = MK // M
-    for item in range(pid, n_items, NPROG):
+    NCH = (H + BLOCK - 1) // BLOCK
+    for unit in range(pid, n_items * NCH, NPROG):          # (block of rows, chunk of columns): wide grid
+        item = unit // NCH
+        c0 = (unit - item * NCH) * BLOCK
         l, b, total = _item(item, cum, nb, tot, ls)
         js = b * JB + tl.arange(0, JB)
         jv = js < total
@@ -225,17 +228,16 @@ def _ll_combine_send(y_ptr, count_ptr, src_ptr, inv_ptr, a32, a16, dwords, WTS_W
         lead = jv & (tl.sum(((inv >= 0) & (ks[None, :] < k[:, None])).to(tl.int32), axis=1) == 0)
         prow = tl.multiple_of(tl.load(dwords + src, mask=lead, other=0), 16).to(tl.int64) * 2 + PART_H \
             + (t * R + ME).to(tl.int64) * H
-        for c0 in range(0, H, BLOCK):
-            offs = c0 + cols
-            cm = offs < H
-            acc = tl.zeros([JB, BLOCK], dtype=tl.float32)
-            for kk in tl.static_range(KP):
-                r = tl.load(inv_ptr + base + kk, mask=lead & (kk < K), other=-1)
-                wk = tl.load(a32 + WTS_W + base + kk, mask=r >= 0, other=0).to(tl.float32, bitcast=True)
-                yv = tl.load(y_ptr + r.to(tl.int64)[:, None] * H + offs[None, :], mask=(r >= 0)[:, None] & cm[None, :],
-                             other=0.0)
-                acc += wk[:, None] * yv.to(tl.float32)
-            tl.store(a16 + prow[:, None] + offs[None, :], acc.to(tl.bfloat16), mask=lead[:, None] & cm[None, :])
+        offs = c0 + cols
+        cm = offs < H
+        acc = tl.zeros([JB, BLOCK], dtype=tl.float32)
+        for kk in tl.static_range(KP):
+            r = tl.load(inv_ptr + base + kk, mask=lead & (kk < K), other=-1)
+            wk = tl.load(a32 + WTS_W + base + kk, mask=r >= 0, other=0).to(tl.float32, bitcast=True)
+            yv = tl.load(y_ptr + r.to(tl.int64)[:, None] * H + offs[None, :], mask=(r >= 0)[:, None] & cm[None, :],
+                         other=0.0)
+            acc += wk[:, None] * yv.to(tl.float32)
+        tl.store(a16 + prow[:, None] + offs[None, :], acc.to(tl.bfloat16), mask=lead[:, None] & cm[None, :])
 
 
 @triton.jit

@@ -81,7 +81,7 @@ def run(R, use_fp8, ue8m0, seed, pattern="random", tokens=None):
     for r in range(R):                      # (program order stands for the barriers)
         k.put_weights(case.topk_weights[r].float().contiguous(), arenas[r], N // 2, lay)
     for r in range(R):
-        k.combine_send(ys[r].contiguous(), *states[r], arenas[r], N // 2, lay, 4)
+        k.combine_send(ys[r].contiguous(), states[r][2], arenas[r], N // 2, lay, 4)
     for r in range(R):
         out = torch.empty((tokens[r], H), dtype=torch.bfloat16)
         if tokens[r]:

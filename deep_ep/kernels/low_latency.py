@@ -24,9 +24,9 @@ int64 per rank, multiples of 64 bytes).
 - :func:`put_weights`: this rank's combine weights into every rank's table.
 - :func:`combine_send`: per (source, token) with experts here, the sum over
   them of the source's weight times the expert's row (float32), one bf16
-  row into the source's area at row ``t * R + rank`` (the row of the token's
-  first expert here does it; the kernel finds the token's other rows through
-  ``inv``, the row of each received (source, token, k)).
+  row into the source's area at row ``t * R + rank``; the rows of a token are
+  found through ``inv``, the row of each received (source, token, k), and
+  the programs walk (block of tokens, chunk of columns) units.
 - :func:`combine_reduce`: ``out[t]`` = the sum (float32) of the partial rows
   of the ranks its valid entries name.
 
@@ -195,49 +195,39 @@ def _ll_put_weights(w_ptr, a32, dwords, WTS_W, N, MK, R: tl.constexpr, ME: tl.co
 
 
 @triton.jit
-def _ll_combine_send(y_ptr, count_ptr, src_ptr, inv_ptr, a32, a16, dwords, WTS_W, PART_H, L, RM, MK, M, H,
-                     R: tl.constexpr, ME: tl.constexpr, LP: tl.constexpr, JB: tl.constexpr, KP: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    # per (source, token): the weighted sum over this rank's experts of the token, one bf16 row home
+def _ll_combine_send(y_ptr, inv_ptr, a32, a16, dwords, WTS_W, PART_H, RM, MK, M, H, R: tl.constexpr,
+                     ME: tl.constexpr, TB: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+    # per (source, token) with experts here, a chunk of columns of the sum over them of the source's weight
+    # times the expert's row (float32), one bf16 row into the source's ``part`` at row t * R + ME
     pid = tl.program_id(0)
     NPROG = tl.num_programs(0)
-    ls = tl.arange(0, LP)
-    tot = tl.load(count_ptr + ls, mask=ls < L, other=0)
-    nb = (tot + JB - 1) // JB
-    cum = tl.cumsum(nb, axis=0)
-    n_items = tl.sum(nb, axis=0)
-    cols = tl.arange(0, BLOCK)
-    ks = tl.arange(0, KP)
     K = MK // M
     NCH = (H + BLOCK - 1) // BLOCK
-    for unit in range(pid, n_items * NCH, NPROG):          # (block of rows, chunk of columns): wide grid
-        item = unit // NCH
-        c0 = (unit - item * NCH) * BLOCK
-        l, b, total = _item(item, cum, nb, tot, ls)
-        js = b * JB + tl.arange(0, JB)
-        jv = js < total
-        orow = (l * RM + js).to(tl.int64)
-        v = tl.load(src_ptr + orow, mask=jv, other=0)
-        src = v // MK
-        p = v - src * MK                                    # t * K + k
-        t = p // K
-        k = p - t * K
-        base = src * MK + t * K                             # (src, t, 0)
-        inv = tl.load(inv_ptr + base[:, None] + ks[None, :], mask=jv[:, None] & (ks < K)[None, :], other=-1)
-        # the row of the token's first expert here does the token's sum; the others have nothing to do
-        lead = jv & (tl.sum(((inv >= 0) & (ks[None, :] < k[:, None])).to(tl.int32), axis=1) == 0)
-        prow = tl.multiple_of(tl.load(dwords + src, mask=lead, other=0), 16).to(tl.int64) * 2 + PART_H \
-            + (t * R + ME).to(tl.int64) * H
-        offs = c0 + cols
+    n_units = (RM + TB - 1) // TB * NCH
+    ks = tl.arange(0, KP)
+    tb = tl.arange(0, TB)
+    cols = tl.arange(0, BLOCK)
+    for unit in range(pid, n_units, NPROG):
+        blk = unit // NCH
+        offs = (unit - blk * NCH) * BLOCK + cols
         cm = offs < H
-        acc = tl.zeros([JB, BLOCK], dtype=tl.float32)
+        st = blk * TB + tb                                  # s * M + t
+        sv = st < RM
+        src = st // M
+        t = st - src * M
+        base = st * K                                       # (src, t, 0) in inv and in the weight table
+        inv = tl.load(inv_ptr + base[:, None] + ks[None, :], mask=sv[:, None] & (ks < K)[None, :], other=-1)
+        here = tl.max((inv >= 0).to(tl.int32), axis=1) > 0
+        acc = tl.zeros([TB, BLOCK], dtype=tl.float32)
         for kk in tl.static_range(KP):
-            r = tl.load(inv_ptr + base + kk, mask=lead & (kk < K), other=-1)
+            r = tl.load(inv_ptr + base + kk, mask=sv & (kk < K), other=-1)
             wk = tl.load(a32 + WTS_W + base + kk, mask=r >= 0, other=0).to(tl.float32, bitcast=True)
             yv = tl.load(y_ptr + r.to(tl.int64)[:, None] * H + offs[None, :], mask=(r >= 0)[:, None] & cm[None, :],
                          other=0.0)
             acc += wk[:, None] * yv.to(tl.float32)
-        tl.store(a16 + prow[:, None] + offs[None, :], acc.to(tl.bfloat16), mask=lead[:, None] & cm[None, :])
+        prow = tl.multiple_of(tl.load(dwords + src, mask=here, other=0), 16).to(tl.int64) * 2 + PART_H \
+            + (t * R + ME).to(tl.int64) * H
+        tl.store(a16 + prow[:, None] + offs[None, :], acc.to(tl.bfloat16), mask=here[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -311,15 +301,16 @@ def put_weights(topk_weights, arena, area_off, lay) -> None:
                                                    num_warps=4)
 
 
-def combine_send(y, count, src, inv, arena, area_off, lay, nsm: int) -> None:
+def combine_send(y, inv, arena, area_off, lay, nsm: int) -> None:
     """The per-token weighted sums over this rank's experts of ``y`` (bf16 ``[L, R * M, H]``, contiguous),
-    one bf16 row per (token, rank) into the token's rank (after :func:`put_weights` and a barrier)."""
-    L, M, R, H, K = lay["L"], lay["M"], arena.num_ranks, lay["H"], lay["K"]
-    JB = 4
-    _ll_combine_send[(_items(R, M, K, L, JB, 16 * nsm),)](
-        y, count, src, inv, arena.i32, arena.bf16, arena.dwords, (area_off + lay["wts"]) // 4,
-        (area_off + lay["part"]) // 2, L, R * M, M * K, M, H, R=R, ME=arena.rank, LP=_p2(L), JB=JB, KP=_p2(K),
-        BLOCK=512, num_warps=4)
+    one bf16 row per (token, rank) into the token's rank (after :func:`put_weights` and a barrier); ``inv``:
+    the row of each received (source, token, k), -1 where none (from :func:`recv`)."""
+    M, R, H, K = lay["M"], arena.num_ranks, lay["H"], lay["K"]
+    TB, BLOCK = 4, 512
+    units = -(-R * M // TB) * -(-H // BLOCK)
+    _ll_combine_send[(max(1, min(units, 16 * nsm)),)](
+        y, inv, arena.i32, arena.bf16, arena.dwords, (area_off + lay["wts"]) // 4, (area_off + lay["part"]) // 2,
+        R * M, M * K, M, H, R=R, ME=arena.rank, TB=TB, KP=_p2(K), BLOCK=BLOCK, num_warps=4)
 
 
 def combine_reduce(arena, area_off, lay, topk_idx, out) -> None:

@@ -259,7 +259,7 @@ class NVLinkLowLatency:
         w = topk_weights.to(torch.float32).contiguous()
         k.put_weights(w, a, off, lay)
         a.barrier()                         # every rank's weights are in every table
-        k.combine_send(y.contiguous(), state["count"], state["src"], state["inv"], a, off, lay, self.nprog)
+        k.combine_send(y.contiguous(), state["inv"], a, off, lay, self.nprog)
 
         def receive() -> None:
             a.barrier()

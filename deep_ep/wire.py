@@ -73,6 +73,8 @@ class CompressedRows:
         return self.codec.decode(self.packed, dtype)
 
     def fp8(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Level-8 rows as DeepEP's fp8 pair ``(float8_e4m3fn [N, H], float32 scales [N, H / 128])`` (views of
+        the packed bytes, no copy; other levels and UE8M0 scales raise)."""
         c = self.codec
         if c.level != 8 or c.use_ue8m0:
             raise DeepEPInputError("fp8() needs level 8 with float32 scales")

@@ -89,6 +89,7 @@ class DemoModel(nn.Module):
         self.head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False, dtype=dtype, device=device)
 
     def forward(self, tokens):
+        """Logits ``[B, S, vocab]`` of token ids ``[B, S]``."""
         x = self.embed(tokens)
         for b in self.blocks:
             x = b(x)

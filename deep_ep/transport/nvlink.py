@@ -534,6 +534,7 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         return out, out_w
 
     def destroy(self) -> None:
+        """Drop the staging and its peers' views (the symmetric memory is freed with them)."""
         self.peers = []
         self.hdl = None
         self.buf = None

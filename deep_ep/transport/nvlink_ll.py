@@ -117,6 +117,7 @@ class LowLatencyArena:
         self.timeout_ms = int(transport.timeout_s * 1000) + 10_000
 
     def barrier(self) -> None:
+        """A device barrier of every rank of the group (on the current stream)."""
         self.hdl.barrier(channel=0, timeout_ms=self.timeout_ms)
 
     def next_area(self) -> int:
@@ -272,6 +273,7 @@ class NVLinkLowLatency:
         return None
 
     def destroy(self) -> None:
+        """Drop the arenas (the symmetric memory is freed with them)."""
         self.arena = None
         self.retired = []
 

@@ -89,6 +89,8 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     """
     num_local_experts(num_experts, num_ranks)       # validates num_experts
     nodes = 0
+    if ranks_per_node is not None and (not isinstance(ranks_per_node, int) or ranks_per_node < 1):
+        raise DeepEPInputError(f"ranks_per_node must be an int >= 1, got {ranks_per_node!r}")
     if ranks_per_node is not None and ranks_per_node < num_ranks:
         if num_ranks % ranks_per_node != 0:
             raise DeepEPInputError(f"ranks_per_node={ranks_per_node} does not divide num_ranks={num_ranks}")

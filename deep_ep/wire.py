@@ -16,7 +16,11 @@ sends (to any rank) and the ranks agree on the largest (:meth:`WireMethods.
 _agree_upgrades`: one extra metadata-sized all-gather, a host sync, before the
 call's metadata exchange); every row then travels with that ``k``, so every
 row meets ``tol`` (unless even all-int8 misses it). The metadata header
-carries the agreed ``k`` as any ``'auto'`` call's does.
+carries the agreed ``k`` as any ``'auto'`` call's does. Every rank must make
+the same call (the same ``compress``, cached or not, ``num_worst_tokens`` or
+not): on the host path a rank that skips the exchange raises through the
+metadata check, but a rank on the nvlink device path or an unchecked cached
+dispatch skips both, and the others then wait out ``timeout_s``.
 """
 from __future__ import annotations
 

@@ -258,3 +258,8 @@ def test_bench_num_sms_sweep_in_one_run(tmp_path, capsys):
         pass
     for bad in ("3", "2,x", "0"):
         assert cli.main(["bench", "--device", "cpu", "--num-sms", bad]) == 2
+
+
+def test_bench_num_sms_sweep_rejected_for_low_latency(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--mode", "low-latency", "--num-sms", "2,4"]) == 2
+    assert "one value with --mode low-latency" in capsys.readouterr().err

@@ -84,3 +84,11 @@ def test_check_topk_idx_messages():
     with pytest.raises(ValueError, match="not divisible"):
         layout.num_local_experts(6, 4)
     layout.check_topk_idx(torch.tensor([[-1, 3]]), 4)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0])
+def test_dispatch_layout_rejects_bad_ranks_per_node(bad):
+    from deep_ep.errors import DeepEPInputError
+    idx = torch.zeros((3, 2), dtype=torch.int64)
+    with pytest.raises(DeepEPInputError, match="ranks_per_node"):
+        layout.dispatch_layout(idx, 4, 2, ranks_per_node=bad)

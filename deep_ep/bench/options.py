@@ -181,6 +181,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 from None
         if not sms or any(v < 2 or v % 2 for v in sms):
             raise BenchOptionError(f"--num-sms must be even and >= 2, got {args.num_sms}")
+        if low_latency and len(set(sms)) > 1:
+            raise BenchOptionError("--num-sms takes one value with --mode low-latency (its kernels size their "
+                                   "grids from the GPU, not from the SM count)")
     backends = tuple(dict.fromkeys(_split(args.backend))) if args.backend else None
     if backends:
         from deep_ep.transport import BACKENDS

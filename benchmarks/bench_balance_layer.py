@@ -35,6 +35,7 @@ a step's time is the slowest rank's; median over ``--iters`` steps after
 pairs each rank computes (max/mean over ranks) and a check that both policies
 give the same layer output. Writes the BENCH.md result JSON with ``--json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ SMALL = dict(tokens=64, hidden=32, ffn=32, experts=8, topk=2, iters=5, warmup=2,
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node 2 benchmarks/bench_balance_layer.py",
-                                 description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="torchrun --nproc-per-node 2 benchmarks/bench_balance_layer.py", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=1408, help="expert FFN width (SwiGLU)")
@@ -75,8 +77,11 @@ def parse_args(argv=None):
     ap.add_argument("--plan-steps", type=int, default=20, help="routed steps the balanced policy plans from")
     ap.add_argument("--backend", default="auto", help="deep_ep.Buffer backend")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--small", action="store_true", help="tiny shapes for a CPU/gloo check: " +
-                    ", ".join(f"{k}={v}" for k, v in SMALL.items()))
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="tiny shapes for a CPU/gloo check: " + ", ".join(f"{k}={v}" for k, v in SMALL.items()),
+    )
     ap.add_argument("--json", default=None, help="write the result file here (rank 0)")
     ap.add_argument("--quiet", action="store_true", help="print nothing (the result file and return value only)")
     args = ap.parse_args(argv)
@@ -118,8 +123,8 @@ def expert_weights(slot_experts: torch.Tensor, hidden: int, ffn: int, dtype, dev
     w1, w2 = [], []
     for e in slot_experts.tolist():
         g = torch.Generator(device=dev).manual_seed(seed * 100003 + e)
-        w1.append((torch.randn(hidden, 2 * ffn, generator=g, device=dev) / hidden ** 0.5).to(dtype))
-        w2.append((torch.randn(ffn, hidden, generator=g, device=dev) / ffn ** 0.5).to(dtype))
+        w1.append((torch.randn(hidden, 2 * ffn, generator=g, device=dev) / hidden**0.5).to(dtype))
+        w2.append((torch.randn(ffn, hidden, generator=g, device=dev) / ffn**0.5).to(dtype))
     return torch.stack(w1), torch.stack(w2)
 
 
@@ -129,14 +134,14 @@ def run_experts(recv_x, recv_idx, recv_w, counts, W1, W2, impl: str) -> torch.Te
     S = W1.size(0)
     rows, ks = (recv_idx >= 0).nonzero(as_tuple=True)
     slots = recv_idx[rows, ks]
-    order = torch.argsort(slots, stable=True)                      # pairs grouped by slot
+    order = torch.argsort(slots, stable=True)  # pairs grouped by slot
     rows, ks, slots = rows[order], ks[order], slots[order]
     xin = recv_x.index_select(0, rows)
     if impl == "grouped":
         outs, off = [], 0
         for s, c in enumerate(counts):
             if c:
-                g, u = (xin[off:off + c] @ W1[s]).chunk(2, dim=-1)
+                g, u = (xin[off : off + c] @ W1[s]).chunk(2, dim=-1)
                 outs.append((F.silu(g) * u) @ W2[s])
                 off += c
         out = torch.cat(outs) if outs else xin.new_zeros((0, H))
@@ -190,7 +195,7 @@ def run(args, argv=None) -> dict:
     logpop[order] = -args.zipf * torch.log(torch.arange(1, E + 1, dtype=torch.float64))
     n_steps = args.plan_steps + args.warmup + args.iters
     gr = torch.Generator().manual_seed(args.seed * 1000 + 1 + rank)
-    trace = sample_topk(logpop.view(1, E).expand(n_steps, E).contiguous(), T, K, gr)     # [steps, T, K]
+    trace = sample_topk(logpop.view(1, E).expand(n_steps, E).contiguous(), T, K, gr)  # [steps, T, K]
     idx_steps = [trace[s].to(dev) for s in range(n_steps)]
     w_steps = [torch.softmax(torch.randn(T, K, generator=gr), dim=1).to(dev) for _ in range(n_steps)]
     x = (torch.randn(T, Hd, generator=gr) * 0.5).to(dev, dtype)
@@ -214,8 +219,13 @@ def run(args, argv=None) -> dict:
         if policy == "static":
             per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(ti, E)
             recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
-                x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                topk_idx=ti, topk_weights=w)
+                x,
+                num_tokens_per_rank=per_rank,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=ti,
+                topk_weights=w,
+            )
             W1, W2 = static_w
         else:
             recv_x, recv_idx, recv_w, counts, handle, _ = bd.dispatch(x, ti, w)
@@ -239,8 +249,11 @@ def run(args, argv=None) -> dict:
     rel_diff = float(diff_t)
 
     policies = ("static", "balanced")
-    samples = {(p, i): {"total": [], "dispatch": [], "experts": [], "combine": [], "pairs": []}
-               for p in policies for i in impls}
+    samples = {
+        (p, i): {"total": [], "dispatch": [], "experts": [], "combine": [], "pairs": []}
+        for p in policies
+        for i in impls
+    }
     timer = Timer(dev)
     with torch.no_grad():
         for _ in range(args.rounds):
@@ -282,53 +295,88 @@ def run(args, argv=None) -> dict:
     card = torch.cuda.get_device_name(dev) if use_cuda else "cpu"
     rows = []
     for (pol, impl), rec in samples.items():
-        pairs = torch.stack(rec["pairs"])                                   # [iters, R]
+        pairs = torch.stack(rec["pairs"])  # [iters, R]
         mom = (pairs.max(1).values / pairs.mean(1).clamp(min=1e-9)).mean()
-        rows.append(dict(
-            backend="deep_ep-balanced" if pol == "balanced" else "static", op="step", impl=impl,
-            transport=buf.backend, wire="bf16" if dtype == torch.bfloat16 else "fp32",
-            tokens=T, hidden=Hd, ffn=args.ffn, topk=K, experts=E,
-            num_slots=bd.num_slots if pol == "balanced" else E, zipf=args.zipf,
-            time_us=statistics.median(rec["total"]) * 1e3,
-            time_us_p10=sorted(rec["total"])[len(rec["total"]) // 10] * 1e3,
-            time_us_p90=sorted(rec["total"])[(len(rec["total"]) * 9) // 10] * 1e3,
-            dispatch_us=statistics.median(rec["dispatch"]) * 1e3,
-            experts_us=statistics.median(rec["experts"]) * 1e3,
-            combine_us=statistics.median(rec["combine"]) * 1e3,
-            pairs_per_rank=pairs.mean(0).tolist(), pairs_max_over_mean=float(mom),
-            samples=len(rec["total"])))
+        rows.append(
+            dict(
+                backend="deep_ep-balanced" if pol == "balanced" else "static",
+                op="step",
+                impl=impl,
+                transport=buf.backend,
+                wire="bf16" if dtype == torch.bfloat16 else "fp32",
+                tokens=T,
+                hidden=Hd,
+                ffn=args.ffn,
+                topk=K,
+                experts=E,
+                num_slots=bd.num_slots if pol == "balanced" else E,
+                zipf=args.zipf,
+                time_us=statistics.median(rec["total"]) * 1e3,
+                time_us_p10=sorted(rec["total"])[len(rec["total"]) // 10] * 1e3,
+                time_us_p90=sorted(rec["total"])[(len(rec["total"]) * 9) // 10] * 1e3,
+                dispatch_us=statistics.median(rec["dispatch"]) * 1e3,
+                experts_us=statistics.median(rec["experts"]) * 1e3,
+                combine_us=statistics.median(rec["combine"]) * 1e3,
+                pairs_per_rank=pairs.mean(0).tolist(),
+                pairs_max_over_mean=float(mom),
+                samples=len(rec["total"]),
+            )
+        )
     speedup = {}
     for impl in impls:
         st = next(r for r in rows if r["impl"] == impl and r["backend"] == "static")
         ba = next(r for r in rows if r["impl"] == impl and r["backend"] == "deep_ep-balanced")
         speedup[impl] = st["time_us"] / ba["time_us"]
     if rank == 0 and not args.quiet:
-        print(f"{R} ranks, {card}, transport {buf.backend}: {T} tokens/rank, hidden {Hd}, ffn {args.ffn}, "
-              f"top-{K} of {E} experts, Zipf {args.zipf}; balanced: {bd.num_slots} slots, "
-              f"{bd.last_moves} expert copies moved at the plan ({plan_ms:.0f} ms incl. {args.plan_steps} routes)")
-        print(f"{'policy':<17} {'impl':<8} {'step us':>9} {'dispatch':>9} {'experts':>9} {'combine':>9} "
-              f"{'pairs max/mean':>14}")
+        print(
+            f"{R} ranks, {card}, transport {buf.backend}: {T} tokens/rank, hidden {Hd}, ffn {args.ffn}, "
+            f"top-{K} of {E} experts, Zipf {args.zipf}; balanced: {bd.num_slots} slots, "
+            f"{bd.last_moves} expert copies moved at the plan ({plan_ms:.0f} ms incl. {args.plan_steps} routes)"
+        )
+        print(
+            f"{'policy':<17} {'impl':<8} {'step us':>9} {'dispatch':>9} {'experts':>9} {'combine':>9} "
+            f"{'pairs max/mean':>14}"
+        )
         for r in rows:
-            print(f"{r['backend']:<17} {r['impl']:<8} {r['time_us']:>9.0f} {r['dispatch_us']:>9.0f} "
-                  f"{r['experts_us']:>9.0f} {r['combine_us']:>9.0f} {r['pairs_max_over_mean']:>14.3f}")
+            print(
+                f"{r['backend']:<17} {r['impl']:<8} {r['time_us']:>9.0f} {r['dispatch_us']:>9.0f} "
+                f"{r['experts_us']:>9.0f} {r['combine_us']:>9.0f} {r['pairs_max_over_mean']:>14.3f}"
+            )
         print("speedup (static / balanced): " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()))
-        print(f"route alone: {route_us['host']:.0f} us (quotas on the host, used above), {route_us['device']:.0f} us "
-              f"(on the device); outputs agree: max rel diff {rel_diff:.2e}")
+        print(
+            f"route alone: {route_us['host']:.0f} us (quotas on the host, used above), {route_us['device']:.0f} us "
+            f"(on the device); outputs agree: max rel diff {rel_diff:.2e}"
+        )
     out = {
-        "workload": "balance-layer", "card": card, "num_ranks": R,
-        "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "workload": "balance-layer",
+        "card": card,
+        "num_ranks": R,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
         "command": "torchrun --nproc-per-node {} benchmarks/bench_balance_layer.py {}".format(
-            R, " ".join(sys.argv[1:] if argv is None else argv)),
-        "device": str(dev), "dist_backend": dist.get_backend(), "transport": buf.backend,
-        "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds, "plan_steps": args.plan_steps,
+            R, " ".join(sys.argv[1:] if argv is None else argv)
+        ),
+        "device": str(dev),
+        "dist_backend": dist.get_backend(),
+        "transport": buf.backend,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "plan_steps": args.plan_steps,
         "routing": f"zipf{args.zipf} over a random expert order, top-{K} distinct, new sample per step",
-        "timing": ("CUDA events" if use_cuda else "perf_counter") +
-                  ", slowest rank per step, median over steps",
-        "balanced": dict(num_slots=bd.num_slots, spare_per_rank=args.spare, moved_at_plan=bd.last_moves,
-                         plan_ms=plan_ms, phy2log=bd.phy2log.tolist(),
-                         planned_from=dict(before=plan_figs_before, after=plan_figs_after),
-                         route_us=route_us),
-        "outputs_max_rel_diff": rel_diff, "speedup": speedup, "rows": rows,
+        "timing": ("CUDA events" if use_cuda else "perf_counter") + ", slowest rank per step, median over steps",
+        "balanced": dict(
+            num_slots=bd.num_slots,
+            spare_per_rank=args.spare,
+            moved_at_plan=bd.last_moves,
+            plan_ms=plan_ms,
+            phy2log=bd.phy2log.tolist(),
+            planned_from=dict(before=plan_figs_before, after=plan_figs_after),
+            route_us=route_us,
+        ),
+        "outputs_max_rel_diff": rel_diff,
+        "speedup": speedup,
+        "rows": rows,
     }
     if rank == 0 and args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -15,6 +15,7 @@ wall clock after a barrier on CPU; a call's time is the slowest rank's, the medi
 
 Outputs of the decode cases are checked against each other (same routing: equal to bf16 rounding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,15 +60,22 @@ def run(args) -> dict:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     dev = deep_ep.transport.group_device()
-    layer = deep_ep.ExpertParallelMoE(args.hidden, args.ffn, args.experts, args.topk,
-                                      num_shared_experts=args.shared, backend=args.backend, dtype=torch.bfloat16,
-                                      device=dev).requires_grad_(False)
+    layer = deep_ep.ExpertParallelMoE(
+        args.hidden,
+        args.ffn,
+        args.experts,
+        args.topk,
+        num_shared_experts=args.shared,
+        backend=args.backend,
+        dtype=torch.bfloat16,
+        device=dev,
+    ).requires_grad_(False)
     g = torch.Generator().manual_seed(1000 + rank)
     x = (torch.randn(args.tokens, args.hidden, generator=g) * 0.5).to(dev, torch.bfloat16)
     fp8 = not args.no_fp8
     cases = {"forward": lambda: layer(x)}
     for mb in (1, 2):
-        cases[f"decode-{mb}"] = (lambda mb=mb: layer.decode(x, args.tokens, micro_batches=mb, use_fp8=fp8))
+        cases[f"decode-{mb}"] = lambda mb=mb: layer.decode(x, args.tokens, micro_batches=mb, use_fp8=fp8)
     outs = {}
     with torch.no_grad():
         for mb in (1, 2):
@@ -81,7 +89,7 @@ def run(args) -> dict:
                 outs[f"graph-{mb}"] = y.float()
                 cases[f"decode-{mb}-graph"] = replay
         rows = []
-        timer = CudaTimer(dev) if cuda else CpuTimer(dist.group.WORLD)     # (BENCH.md's timing, L2 flushed)
+        timer = CudaTimer(dev) if cuda else CpuTimer(dist.group.WORLD)  # (BENCH.md's timing, L2 flushed)
         for name, fn in cases.items():
             mine = torch.tensor(timer(fn, args.iters, args.warmup), dtype=torch.float64)
             allr = [torch.zeros_like(mine) for _ in range(R)]
@@ -90,12 +98,26 @@ def run(args) -> dict:
             rows.append(dict(case=name, us=statistics.median(slowest), us_min=min(slowest)))
     ref = outs[1]
     agree = {k: float(((v - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()) for k, v in outs.items()}
-    return dict(benchmark="decode", card=torch.cuda.get_device_name(dev) if cuda else "cpu", num_ranks=R,
-                date=datetime.date.today().isoformat(), torch=torch.__version__, transport=layer.buffer.backend,
-                command="torchrun --nproc-per-node %d benchmarks/bench_decode.py %s" % (R, " ".join(sys.argv[1:])),
-                shape=dict(tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, experts=args.experts,
-                           topk=args.topk, shared=args.shared, fp8=fp8),
-                rows=rows, max_rel_diff_vs_decode_1=agree)
+    return dict(
+        benchmark="decode",
+        card=torch.cuda.get_device_name(dev) if cuda else "cpu",
+        num_ranks=R,
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        transport=layer.buffer.backend,
+        command=f"torchrun --nproc-per-node {R} benchmarks/bench_decode.py {' '.join(sys.argv[1:])}",
+        shape=dict(
+            tokens=args.tokens,
+            hidden=args.hidden,
+            ffn=args.ffn,
+            experts=args.experts,
+            topk=args.topk,
+            shared=args.shared,
+            fp8=fp8,
+        ),
+        rows=rows,
+        max_rel_diff_vs_decode_1=agree,
+    )
 
 
 def main(argv=None) -> int:

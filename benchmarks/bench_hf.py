@@ -20,6 +20,7 @@ Time per step is the slowest rank's, median over ``--iters`` steps after
 ``--warmup``; ``tokens_per_s`` counts distinct tokens of the whole group per
 second. Writes ``--json`` (with the card name) on rank 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,14 +66,39 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--backend", default="auto", help="deep_ep.Buffer backend for the deep_ep mode")
-    p.add_argument("--experts-implementation", default=None,
-                   help="transformers experts implementation (default: transformers' choice, e.g. grouped_mm)")
+    p.add_argument(
+        "--experts-implementation",
+        default=None,
+        help="transformers experts implementation (default: transformers' choice, e.g. grouped_mm)",
+    )
     p.add_argument("--tmpdir", default=None, help="where hf_ep modes save the random checkpoint (default: /tmp)")
     a = p.parse_args(argv)
-    big = dict(hidden=2048, experts=64, topk=8, intermediate=768, layers=4, heads=16, vocab=32000, tokens=8192,
-               seq=2048, iters=10, warmup=3)
-    small = dict(hidden=64, experts=8, topk=2, intermediate=32, layers=2, heads=4, vocab=256, tokens=64, seq=32,
-                 iters=3, warmup=1)
+    big = dict(
+        hidden=2048,
+        experts=64,
+        topk=8,
+        intermediate=768,
+        layers=4,
+        heads=16,
+        vocab=32000,
+        tokens=8192,
+        seq=2048,
+        iters=10,
+        warmup=3,
+    )
+    small = dict(
+        hidden=64,
+        experts=8,
+        topk=2,
+        intermediate=32,
+        layers=2,
+        heads=4,
+        vocab=256,
+        tokens=64,
+        seq=32,
+        iters=3,
+        warmup=1,
+    )
     for k, v in (small if a.small else big).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -86,9 +112,18 @@ def parse_args(argv=None):
 
 
 def config(a):
-    return moe_config(a.family, hidden=a.hidden, layers=a.layers, experts=a.experts, topk=a.topk,
-                      intermediate=a.intermediate, heads=a.heads, kv_heads=max(1, a.heads // 4), vocab=a.vocab,
-                      max_positions=max(a.seq, 128))
+    return moe_config(
+        a.family,
+        hidden=a.hidden,
+        layers=a.layers,
+        experts=a.experts,
+        topk=a.topk,
+        intermediate=a.intermediate,
+        heads=a.heads,
+        kv_heads=max(1, a.heads // 4),
+        vocab=a.vocab,
+        max_positions=max(a.seq, 128),
+    )
 
 
 def build(a, dev, dtype):
@@ -97,7 +132,7 @@ def build(a, dev, dtype):
     kw = dict(dtype=dtype)
     if a.experts_implementation:
         kw["experts_implementation"] = a.experts_implementation
-    torch.manual_seed(0)                                    # the same weights on every rank
+    torch.manual_seed(0)  # the same weights on every rank
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config(a), **kw)
     return model
@@ -112,14 +147,23 @@ def hf_distributed_config(world, implementation):
     fields = {f.name for f in dataclasses.fields(DistributedConfig)}
     if "ep_size" in fields and "ep_implementation" in fields:
         cfg = DistributedConfig(fsdp_size=world, ep_size=world, ep_implementation=implementation)
-        return cfg, False, (f"DistributedConfig(fsdp_size={world}, ep_size={world}, "
-                            f"ep_implementation={implementation!r}); dense weights FSDP-sharded")
+        return (
+            cfg,
+            False,
+            (
+                f"DistributedConfig(fsdp_size={world}, ep_size={world}, "
+                f"ep_implementation={implementation!r}); dense weights FSDP-sharded"
+            ),
+        )
     if implementation != "all_to_all":
         return None, False, "this transformers has no ep_implementation registry"
     if "enable_expert_parallel" in fields:
         cfg = DistributedConfig(tp_size=world, enable_expert_parallel=True)
-        return cfg, True, (f"DistributedConfig(tp_size={world}, enable_expert_parallel=True); "
-                           f"every rank computes the same batch")
+        return (
+            cfg,
+            True,
+            (f"DistributedConfig(tp_size={world}, enable_expert_parallel=True); every rank computes the same batch"),
+        )
     return None, False, "this transformers has no expert parallelism in DistributedConfig"
 
 
@@ -177,24 +221,31 @@ def run_mode(mode, a, rank, world, dev, dtype, ckpt):
             return row
         if mode == "hf_ep_deep_ep":
             from deep_ep.integrations.hf_ep import register_ep_implementation
+
             register_ep_implementation(backend=a.backend)
         kw = dict(distributed_config=cfg, dtype=dtype)
         if a.experts_implementation:
             kw["experts_implementation"] = a.experts_implementation
         model = AutoModelForCausalLM.from_pretrained(ckpt, **kw)
     model.train()
-    experts_mine = sum(p.numel() if not hasattr(p, "to_local") else p.to_local().numel()
-                       for _, p in expert_parameters(model))
+    experts_mine = sum(
+        p.numel() if not hasattr(p, "to_local") else p.to_local().numel() for _, p in expert_parameters(model)
+    )
     ids = make_batch(a, 0 if shares_batch else rank, dev, a.vocab)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     med, times = time_steps(model, ids, a, dev)
     distinct = ids.numel() * (1 if shares_batch else world)
-    row.update(step_ms=med * 1e3, step_ms_all=[t * 1e3 for t in times], tokens_per_step=distinct,
-               tokens_per_s=distinct / med, every_rank_same_batch=shares_batch,
-               expert_params_per_rank=experts_mine)
+    row.update(
+        step_ms=med * 1e3,
+        step_ms_all=[t * 1e3 for t in times],
+        tokens_per_step=distinct,
+        tokens_per_s=distinct / med,
+        every_rank_same_batch=shares_batch,
+        expert_params_per_rank=experts_mine,
+    )
     if dev.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     del model
     gc.collect()
     if dev.type == "cuda":
@@ -246,8 +297,11 @@ def main(argv=None):
         rows.append(row)
         if rank == 0:
             if "tokens_per_s" in row:
-                print(f"{mode:>14}: {row['step_ms']:9.2f} ms/step  {row['tokens_per_s']:12.0f} tokens/s  "
-                      f"({row['setup']})", flush=True)
+                print(
+                    f"{mode:>14}: {row['step_ms']:9.2f} ms/step  {row['tokens_per_s']:12.0f} tokens/s  "
+                    f"({row['setup']})",
+                    flush=True,
+                )
             else:
                 print(f"{mode:>14}: {row.get('skipped') or row.get('error')}", flush=True)
         dist.barrier()
@@ -256,19 +310,34 @@ def main(argv=None):
         if ckpt:
             shutil.rmtree(ckpt, ignore_errors=True)
         import deep_ep
+
         result = dict(
             benchmark="hf_moe_forward_backward",
             date=datetime.date.today().isoformat(),
             card=torch.cuda.get_device_name(dev) if cuda else f"cpu ({platform.processor() or platform.machine()})",
-            world_size=world, dtype=str(dtype).replace("torch.", ""),
-            torch=torch.__version__, transformers=transformers.__version__,
+            world_size=world,
+            dtype=str(dtype).replace("torch.", ""),
+            torch=torch.__version__,
+            transformers=transformers.__version__,
             deep_ep=getattr(deep_ep, "__version__", "?"),
-            model=dict(family=a.family, hidden=a.hidden, experts=a.experts, topk=a.topk,
-                       expert_intermediate=a.intermediate, layers=a.layers, heads=a.heads, vocab=a.vocab,
-                       experts_implementation=a.experts_implementation or "transformers default"),
-            tokens_per_rank=a.tokens, seq=a.seq, iters=a.iters, warmup=a.warmup,
+            model=dict(
+                family=a.family,
+                hidden=a.hidden,
+                experts=a.experts,
+                topk=a.topk,
+                expert_intermediate=a.intermediate,
+                layers=a.layers,
+                heads=a.heads,
+                vocab=a.vocab,
+                experts_implementation=a.experts_implementation or "transformers default",
+            ),
+            tokens_per_rank=a.tokens,
+            seq=a.seq,
+            iters=a.iters,
+            warmup=a.warmup,
             timing="slowest rank per step, median over iters; tokens_per_s = distinct tokens of the group / step",
-            results=rows)
+            results=rows,
+        )
         if a.json:
             os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
             with open(a.json, "w") as f:

@@ -3,6 +3,7 @@
 A thin wrapper: the benchmark lives in :mod:`deep_ep.bench` so that an installed
 ``deep-ep bench`` runs the same code. ``--help`` lists the options.
 """
+
 import os
 import sys
 

@@ -18,6 +18,7 @@ DeepSeek-V3 ranks them by the sum of their top-2 scores; with these logits that 
 every figure below by at most 0.01 row). Each token's own node is uniform. Counted by
 sampling tokens; no GPU needed.
 """
+
 import argparse
 import json
 import os
@@ -29,15 +30,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deep_ep.moe import route_tokens  # noqa: E402
 
-N_GROUP, TOPK_GROUP = 8, 4            # DeepSeek-V3: 256 routed experts in 8 groups, top-4 groups per token
+N_GROUP, TOPK_GROUP = 8, 4  # DeepSeek-V3: 256 routed experts in 8 groups, top-4 groups per token
 
 
-def route(experts: int, topk: int, limited: bool, tokens: int, g: torch.Generator,
-          n_group: int = N_GROUP, topk_group: int = TOPK_GROUP) -> torch.Tensor:
+def route(
+    experts: int,
+    topk: int,
+    limited: bool,
+    tokens: int,
+    g: torch.Generator,
+    n_group: int = N_GROUP,
+    topk_group: int = TOPK_GROUP,
+) -> torch.Tensor:
     """``[tokens, topk]`` expert ids: top-k of i.i.d. logits, group-limited (``topk_group`` of ``n_group``)
     when ``limited``."""
     logits = torch.randn(tokens, experts, generator=g)
-    eye = torch.eye(experts)                                           # router = identity: the logits as drawn
+    eye = torch.eye(experts)  # router = identity: the logits as drawn
     if limited:
         idx, _ = route_tokens(logits, eye, topk, n_group=n_group, topk_group=topk_group)
     else:
@@ -45,15 +53,24 @@ def route(experts: int, topk: int, limited: bool, tokens: int, g: torch.Generato
     return idx
 
 
-def rows_per_token(nodes: int, gpus: int, experts: int, topk: int, limited: bool, tokens: int, seed: int,
-                   n_group: int = N_GROUP, topk_group: int = TOPK_GROUP):
+def rows_per_token(
+    nodes: int,
+    gpus: int,
+    experts: int,
+    topk: int,
+    limited: bool,
+    tokens: int,
+    seed: int,
+    n_group: int = N_GROUP,
+    topk_group: int = TOPK_GROUP,
+):
     """Mean rows per token sent to other nodes: ``(flat all-to-all, hierarchical)``."""
     g = torch.Generator().manual_seed(seed)
     idx = route(experts, topk, limited, tokens, g, n_group, topk_group)
     R = nodes * gpus
     L = experts // R
-    rank = idx // L                                                    # [T, k] destination rank
-    src_node = torch.randint(0, nodes, (tokens,), generator=g)         # each token's own node
+    rank = idx // L  # [T, k] destination rank
+    src_node = torch.randint(0, nodes, (tokens,), generator=g)  # each token's own node
     in_rank = torch.zeros(tokens, R, dtype=torch.bool).scatter_(1, rank, True)
     per_node = in_rank.view(tokens, nodes, gpus)
     other_rank = per_node.sum(dim=2).scatter(1, src_node[:, None], 0).sum(dim=1)
@@ -74,28 +91,53 @@ def main():
     a = ap.parse_args()
     rows = []
     limited_name = f"group-limited ({a.topk_group} of {a.n_group} groups)"
-    print(f"top-{a.topk} of {a.experts} experts, {a.gpus_per_node} GPUs per node, {a.tokens} sampled tokens; "
-          f"group-limited = DeepSeek-V3 routing: {a.n_group} groups of {a.experts // a.n_group} experts, "
-          f"top-{a.topk_group} groups per token, then top-{a.topk} experts inside them\n")
+    print(
+        f"top-{a.topk} of {a.experts} experts, {a.gpus_per_node} GPUs per node, {a.tokens} sampled tokens; "
+        f"group-limited = DeepSeek-V3 routing: {a.n_group} groups of {a.experts // a.n_group} experts, "
+        f"top-{a.topk_group} groups per token, then top-{a.topk} experts inside them\n"
+    )
     print("| nodes x GPUs | routing | flat rows / token | hierarchical rows / token | saved |")
     print("| --- | --- | ---: | ---: | ---: |")
     for nodes in (2, 4, 8):
         for limited in (False, True):
-            flat, hier = rows_per_token(nodes, a.gpus_per_node, a.experts, a.topk, limited, a.tokens, a.seed,
-                                        a.n_group, a.topk_group)
+            flat, hier = rows_per_token(
+                nodes, a.gpus_per_node, a.experts, a.topk, limited, a.tokens, a.seed, a.n_group, a.topk_group
+            )
             name = limited_name if limited else f"top-{a.topk} of {a.experts}"
-            rows.append(dict(nodes=nodes, gpus_per_node=a.gpus_per_node, routing=name, flat_rows_per_token=flat,
-                             hierarchical_rows_per_token=hier, saved=1 - hier / flat if flat else 0.0))
-            print(f"| {nodes} x {a.gpus_per_node} | {name} | {flat:.2f} | {hier:.2f} | {100 * rows[-1]['saved']:.0f}% |")
+            rows.append(
+                dict(
+                    nodes=nodes,
+                    gpus_per_node=a.gpus_per_node,
+                    routing=name,
+                    flat_rows_per_token=flat,
+                    hierarchical_rows_per_token=hier,
+                    saved=1 - hier / flat if flat else 0.0,
+                )
+            )
+            print(
+                f"| {nodes} x {a.gpus_per_node} | {name} | {flat:.2f} | {hier:.2f} | {100 * rows[-1]['saved']:.0f}% |"
+            )
     if a.json:
-        cmd = shlex.join(["python"] + sys.argv)                          # the command as run
+        cmd = shlex.join(["python"] + sys.argv)  # the command as run
         with open(a.json, "w") as f:
-            json.dump(dict(workload="internode-savings", experts=a.experts, topk=a.topk, tokens=a.tokens,
-                           n_group=a.n_group, topk_group=a.topk_group, seed=a.seed,
-                           routing="i.i.d. Gaussian router logits, softmax; group-limited as DeepSeek-V3 "
-                                   f"({a.n_group} groups of {a.experts // a.n_group} experts, top-{a.topk_group} "
-                                   f"groups per token, groups ranked by their best score)",
-                           command=cmd, rows=rows), f, indent=1)
+            json.dump(
+                dict(
+                    workload="internode-savings",
+                    experts=a.experts,
+                    topk=a.topk,
+                    tokens=a.tokens,
+                    n_group=a.n_group,
+                    topk_group=a.topk_group,
+                    seed=a.seed,
+                    routing="i.i.d. Gaussian router logits, softmax; group-limited as DeepSeek-V3 "
+                    f"({a.n_group} groups of {a.experts // a.n_group} experts, top-{a.topk_group} "
+                    f"groups per token, groups ranked by their best score)",
+                    command=cmd,
+                    rows=rows,
+                ),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ One line per (backend, op, wire, SM count) of one timing over every file given; 
 the title (:func:`deep_ep.bench.plot.write_png`; ``deep-ep bench --png`` draws the same for one run).
 Needs matplotlib (``pip install matplotlib``); not a dependency of deep_ep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="result JSON files (BENCH.md format)")
     p.add_argument("-o", "--output", required=True, help="PNG to write")
-    p.add_argument("--gbps", choices=("link", "logical"), default="link",
-                   help="bytes that crossed to another GPU (default) or bytes of recv_x, per second")
+    p.add_argument(
+        "--gbps",
+        choices=("link", "logical"),
+        default="link",
+        help="bytes that crossed to another GPU (default) or bytes of recv_x, per second",
+    )
     p.add_argument("--timing", default="cached", help="which dispatch timing to draw (cached or fresh)")
     args = p.parse_args(argv)
     results = []

@@ -5,6 +5,7 @@ The DeepEP v1 Python API (``Buffer``, ``Config``, ``EventOverlap``,
 wrappers (:mod:`deep_ep.ops`) and the seed's :class:`SparseCollective`.
 See API.md for the contract.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -12,13 +13,35 @@ __version__ = "0.1.0"
 from . import layout, ops, reference
 from .buffer import Buffer, DispatchHandle
 from .config import Config, EventOverlap, topk_idx_t
-from .errors import (BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTimeoutError, DeepEPTypeError,
-                     RankMismatchError, RemoteInputError)
+from .errors import (
+    BufferDestroyedError,
+    DeepEPError,
+    DeepEPInputError,
+    DeepEPTimeoutError,
+    DeepEPTypeError,
+    RankMismatchError,
+    RemoteInputError,
+)
 from .moe import ExpertParallelMoE
 from .sparse import SparseCollective
 
 __all__ = [
-    "Buffer", "Config", "EventOverlap", "topk_idx_t", "SparseCollective", "ExpertParallelMoE", "DispatchHandle", "ops", "layout",
-    "reference", "DeepEPError", "DeepEPInputError", "DeepEPTypeError", "DeepEPTimeoutError", "RankMismatchError",
-    "RemoteInputError", "BufferDestroyedError", "__version__",
+    "Buffer",
+    "Config",
+    "EventOverlap",
+    "topk_idx_t",
+    "SparseCollective",
+    "ExpertParallelMoE",
+    "DispatchHandle",
+    "ops",
+    "layout",
+    "reference",
+    "DeepEPError",
+    "DeepEPInputError",
+    "DeepEPTypeError",
+    "DeepEPTimeoutError",
+    "RankMismatchError",
+    "RemoteInputError",
+    "BufferDestroyedError",
+    "__version__",
 ]

@@ -1,4 +1,5 @@
 """``python -m deep_ep``: the ``deep-ep`` command line."""
+
 import sys
 
 from deep_ep.cli import main

@@ -6,6 +6,7 @@ reaches the same verdict from the same gathered data, so that ranks which
 disagree, or a rank whose input is bad, make *every* rank raise a clear
 error instead of leaving the others waiting in a collective.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -21,8 +22,15 @@ _H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALE
 _HEADER = 16
 _OP_DISPATCH, _OP_CACHED, _OP_COMBINE = 1, 2, 3
 _OP_NAMES = {_OP_DISPATCH: "dispatch", _OP_CACHED: "cached dispatch", _OP_COMBINE: "combine"}
-_ERR_NAMES = {1: "invalid x", 2: "invalid topk_idx", 3: "invalid topk_weights", 4: "invalid handle",
-              5: "invalid layout arguments", 6: "invalid bias", 7: "invalid argument"}
+_ERR_NAMES = {
+    1: "invalid x",
+    2: "invalid topk_idx",
+    3: "invalid topk_weights",
+    4: "invalid handle",
+    5: "invalid layout arguments",
+    6: "invalid bias",
+    7: "invalid argument",
+}
 DTYPE_CODES: Dict[Any, int] = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4}
 for _i, _d in enumerate((getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))):
     if _d is not None:
@@ -39,8 +47,20 @@ class Problem(Exception):
         self.exc = exc
 
 
-def make_header(op: int, seq: int, err: int = 0, T: int = -1, H: int = -1, dtype: Any = None, K: int = -1,
-                E: int = -1, scales: int = -1, has_w: int = 0, worst: int = 0, level: int = 16) -> List[int]:
+def make_header(
+    op: int,
+    seq: int,
+    err: int = 0,
+    T: int = -1,
+    H: int = -1,
+    dtype: Any = None,
+    K: int = -1,
+    E: int = -1,
+    scales: int = -1,
+    has_w: int = 0,
+    worst: int = 0,
+    level: int = 16,
+) -> List[int]:
     """The fixed-size header of one call: operation, call number, verdict on the local input, shapes."""
     h = [0] * _HEADER
     h[_H_MAGIC], h[_H_OP], h[_H_SEQ], h[_H_ERR] = _MAGIC, op, seq, err
@@ -50,17 +70,27 @@ def make_header(op: int, seq: int, err: int = 0, T: int = -1, H: int = -1, dtype
     return h
 
 
-def agree(transport: Any, device: torch.device, header: List[int],
-          payload: Union[torch.Tensor, Sequence[torch.Tensor], None],
-          problem: Optional[Problem], fields: Sequence[Tuple[int, str]]) -> torch.Tensor:
+def agree(
+    transport: Any,
+    device: torch.device,
+    header: List[int],
+    payload: Union[torch.Tensor, Sequence[torch.Tensor], None],
+    problem: Optional[Problem],
+    fields: Sequence[Tuple[int, str]],
+) -> torch.Tensor:
     """Exchange headers (+ a payload of int64 of the same length everywhere); raise consistently on every rank."""
     return agree_rows(transport, device, header, payload, problem, fields)[0]
 
 
-def agree_rows(transport: Any, device: torch.device, header: List[int],
-               payload: Union[torch.Tensor, Sequence[torch.Tensor], None],
-               problem: Optional[Problem], fields: Sequence[Tuple[int, str]],
-               head: int = _HEADER) -> Tuple[torch.Tensor, List[List[int]]]:
+def agree_rows(
+    transport: Any,
+    device: torch.device,
+    header: List[int],
+    payload: Union[torch.Tensor, Sequence[torch.Tensor], None],
+    problem: Optional[Problem],
+    fields: Sequence[Tuple[int, str]],
+    head: int = _HEADER,
+) -> Tuple[torch.Tensor, List[List[int]]]:
     """:func:`agree`, also returning the first ``head`` columns of every rank's vector as Python ints.
 
     ``payload``: one int tensor or several 1-D int tensors (int32 or int64; concatenated as int64
@@ -72,7 +102,7 @@ def agree_rows(transport: Any, device: torch.device, header: List[int],
         for i, p in enumerate(parts):
             if p.device != vec.device or p.dtype not in (torch.int64, torch.int32) or p.dim() != 1:
                 parts[i] = p.to(device=device, dtype=torch.int64).reshape(-1)
-        vec = torch.cat([vec] + parts)        # int32 parts are promoted to int64
+        vec = torch.cat([vec] + parts)  # int32 parts are promoted to int64
     gathered = transport.all_gather_ints(vec, f"{_OP_NAMES.get(header[_H_OP], '?')} metadata")
     rows = (gathered if head >= gathered.size(1) else gathered[:, :head]).tolist()
     R = len(rows)
@@ -81,8 +111,10 @@ def agree_rows(transport: Any, device: torch.device, header: List[int],
         if problem is not None:
             raise problem.exc
         desc = "; ".join(f"rank {r}: {_ERR_NAMES.get(c, 'invalid input')}" for r, c in sorted(errs.items()))
-        raise RemoteInputError(f"deep_ep {_OP_NAMES.get(header[_H_OP], '')}: another rank rejected its input "
-                               f"({desc}); see that rank's error. Nothing was sent.")
+        raise RemoteInputError(
+            f"deep_ep {_OP_NAMES.get(header[_H_OP], '')}: another rank rejected its input "
+            f"({desc}); see that rank's error. Nothing was sent."
+        )
     if problem is not None:  # pragma: no cover - err slot always set with a problem
         raise problem.exc
     bad = [r for r, row in enumerate(rows) if row[_H_MAGIC] != _MAGIC]
@@ -104,7 +136,8 @@ def agree_rows(transport: Any, device: torch.device, header: List[int],
             raise RankMismatchError(
                 f"deep_ep: ranks disagree on {name} in {_OP_NAMES.get(header[_H_OP], 'a call')} "
                 f"(disagreeing rank(s): {odd}; {detail}). Every rank must call with the same "
-                f"{name}. Nothing was sent.")
+                f"{name}. Nothing was sent."
+            )
     return gathered, rows
 
 
@@ -114,14 +147,18 @@ def check_id_ranges(ranges: Union[torch.Tensor, Sequence[Sequence[int]]], num_ex
     ``ranges``: ``[R, >= 2]`` (a tensor or lists of ints), columns 0 and 1 are each rank's min and max."""
     if isinstance(ranges, torch.Tensor):
         ranges = ranges[:, :2].tolist()
-    bad = {r: (int(row[0]), int(row[1])) for r, row in enumerate(ranges)
-           if int(row[0]) < -1 or int(row[1]) >= num_experts}
+    bad = {
+        r: (int(row[0]), int(row[1])) for r, row in enumerate(ranges) if int(row[0]) < -1 or int(row[1]) >= num_experts
+    }
     if not bad:
         return
     if rank in bad:
         lo, hi = bad[rank]
-        raise DeepEPInputError(f"topk_idx holds expert id {lo if lo < -1 else hi}, outside [-1, {num_experts}) "
-                               f"(num_experts={num_experts}; -1 means no expert). Nothing was sent.")
+        raise DeepEPInputError(
+            f"topk_idx holds expert id {lo if lo < -1 else hi}, outside [-1, {num_experts}) "
+            f"(num_experts={num_experts}; -1 means no expert). Nothing was sent."
+        )
     desc = "; ".join(f"rank {r}: invalid topk_idx" for r in sorted(bad))
-    raise RemoteInputError(f"deep_ep dispatch: another rank rejected its input ({desc}); see that rank's "
-                           f"error. Nothing was sent.")
+    raise RemoteInputError(
+        f"deep_ep dispatch: another rank rejected its input ({desc}); see that rank's error. Nothing was sent."
+    )

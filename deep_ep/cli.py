@@ -4,6 +4,7 @@
 benchmark) are imported only by the subcommand that needs them, so ``info``
 works on a machine where the rest of the package cannot run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,28 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-
 #: Environment variables that change how deep_ep or its transports behave.
-RELEVANT_ENV = ("DEEP_EP_BUFFER_SIZE", "DEEP_EP_COMPRESSION_LEVEL", "DEEP_EP_COMPRESSION_RATIO",
-                "DEEP_EP_TOPOLOGY_AWARE", "DEEP_EP_RANKS_PER_NODE", "DEEP_EP_TIMEOUT_S", "DEEP_EP_CHECK",
-                "DEEP_EP_DISABLE_TRITON", "DEEP_EP_NVLINK_CHUNKS", "DEEP_EP_NVLINK_PULL", "DEEP_EP_NVLINK_DISPATCH",
-                "DEEP_EP_NVLINK_PUSH_CHUNKS",
-                "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "CUDA_VISIBLE_DEVICES",
-                "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK")
+RELEVANT_ENV = (
+    "DEEP_EP_BUFFER_SIZE",
+    "DEEP_EP_COMPRESSION_LEVEL",
+    "DEEP_EP_COMPRESSION_RATIO",
+    "DEEP_EP_TOPOLOGY_AWARE",
+    "DEEP_EP_RANKS_PER_NODE",
+    "DEEP_EP_TIMEOUT_S",
+    "DEEP_EP_CHECK",
+    "DEEP_EP_DISABLE_TRITON",
+    "DEEP_EP_NVLINK_CHUNKS",
+    "DEEP_EP_NVLINK_PULL",
+    "DEEP_EP_NVLINK_DISPATCH",
+    "DEEP_EP_NVLINK_PUSH_CHUNKS",
+    "NCCL_NVLS_ENABLE",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+    "CUDA_VISIBLE_DEVICES",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+)
 
 
 def _import_error(module: str) -> Optional[str]:
@@ -62,13 +77,19 @@ def machine() -> dict:
         "cuda_available": cuda,
         "device_count": count,
         "device_names": [torch.cuda.get_device_name(i) for i in range(count)],
-        "peer_access": [[i == j or bool(torch.cuda.can_device_access_peer(i, j)) for j in range(count)]
-                        for i in range(count)],
+        "peer_access": [
+            [i == j or bool(torch.cuda.can_device_access_peer(i, j)) for j in range(count)] for i in range(count)
+        ],
         "symm_mem_error": _import_error("torch.distributed._symmetric_memory"),
         "triton_error": _import_error("triton"),
-        "dist_backends": [name for name, ok in (("gloo", dist.is_available() and dist.is_gloo_available()),
-                                                ("nccl", dist.is_available() and dist.is_nccl_available()))
-                          if ok],
+        "dist_backends": [
+            name
+            for name, ok in (
+                ("gloo", dist.is_available() and dist.is_gloo_available()),
+                ("nccl", dist.is_available() and dist.is_nccl_available()),
+            )
+            if ok
+        ],
     }
 
 
@@ -79,23 +100,28 @@ def info_report() -> dict:
     and :func:`deep_ep.transport.select_backend`, the rule ``Buffer(backend='auto')``
     follows), evaluated for this machine rather than for a process group.
     """
+    import socket
+
     from deep_ep import transport
 
-    import socket
     auto, why = transport.select_backend(None)
     world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
     per_node = os.environ.get("DEEP_EP_RANKS_PER_NODE") or local
-    topo = {"hostname": socket.gethostname(), "ranks_per_node": int(per_node) if per_node else None,
-            "nodes": (int(world) // int(per_node)) if world and per_node and int(per_node) else None}
+    topo = {
+        "hostname": socket.gethostname(),
+        "ranks_per_node": int(per_node) if per_node else None,
+        "nodes": (int(world) // int(per_node)) if world and per_node and int(per_node) else None,
+    }
     if topo["nodes"] and topo["nodes"] > 1:
-        topo["note"] = ("the job spans several nodes: backend='auto' takes 'hierarchical' (one copy of a token "
-                        "per node across nodes) unless DEEP_EP_TOPOLOGY_AWARE=0")
+        topo["note"] = (
+            "the job spans several nodes: backend='auto' takes 'hierarchical' (one copy of a token "
+            "per node across nodes) unless DEEP_EP_TOPOLOGY_AWARE=0"
+        )
     return {
         "versions": versions(),
         "machine": machine(),
         "topology": topo,
-        "backends": {name: {"supported": ok, "reason": reason}
-                     for name, ok, reason in transport.backend_support(None)},
+        "backends": {name: {"supported": ok, "reason": reason} for name, ok, reason in transport.backend_support(None)},
         "auto": {"backend": auto, "reason": why},
         "env": {k: os.environ.get(k) for k in RELEVANT_ENV},
     }
@@ -124,15 +150,19 @@ def _print_info(rep: dict) -> None:
     print("topology")
     print(f"  hostname                {t.get('hostname')}")
     if t.get("ranks_per_node"):
-        print(f"  ranks per node          {t['ranks_per_node']} (from DEEP_EP_RANKS_PER_NODE or torchrun's "
-              f"LOCAL_WORLD_SIZE)")
+        print(
+            f"  ranks per node          {t['ranks_per_node']} (from DEEP_EP_RANKS_PER_NODE or torchrun's "
+            f"LOCAL_WORLD_SIZE)"
+        )
     if t.get("nodes"):
         print(f"  nodes                   {t['nodes']}")
     if t.get("note"):
         print(f"  {t['note']}")
     if not t.get("ranks_per_node"):
-        print("  (run under torchrun, or set DEEP_EP_RANKS_PER_NODE, to see the node layout; a Buffer finds it "
-              "from the hostnames of its ranks)")
+        print(
+            "  (run under torchrun, or set DEEP_EP_RANKS_PER_NODE, to see the node layout; a Buffer finds it "
+            "from the hostnames of its ranks)"
+        )
     print("deep_ep backends")
     for name, b in rep["backends"].items():
         print(f"  {name:<13} {'yes' if b['supported'] else 'no':<4} {b['reason']}")
@@ -172,26 +202,34 @@ def build_parser(prog: str = "deep-ep") -> argparse.ArgumentParser:
     """The argument parser of the ``deep-ep`` command and its subcommands."""
     from deep_ep.bench.options import add_arguments
 
-    parser = argparse.ArgumentParser(
-        prog=prog, description="deep_ep: expert-parallel dispatch/combine for MoE models.")
+    parser = argparse.ArgumentParser(prog=prog, description="deep_ep: expert-parallel dispatch/combine for MoE models.")
     sub = parser.add_subparsers(dest="command", metavar="{info,bench,demo}")
     sub.required = True
 
-    p = sub.add_parser("info", help="versions, GPUs, peer access, supported backends",
-                       description="Show what this machine offers deep_ep and which backend "
-                                   "backend='auto' picks.")
+    p = sub.add_parser(
+        "info",
+        help="versions, GPUs, peer access, supported backends",
+        description="Show what this machine offers deep_ep and which backend backend='auto' picks.",
+    )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("bench", help="benchmark dispatch/combine against the BENCH.md baselines",
-                       description="Spawn ranks on this host (all GPUs over NCCL, or 2 CPU ranks "
-                                   "over gloo) and time dispatch/combine per BENCH.md.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark dispatch/combine against the BENCH.md baselines",
+        description="Spawn ranks on this host (all GPUs over NCCL, or 2 CPU ranks "
+        "over gloo) and time dispatch/combine per BENCH.md.",
+    )
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     from deep_ep.bench import demo
-    p = sub.add_parser("demo", help="train a small MoE transformer: collective vs deep_ep vs deep_ep with overlap",
-                       description=demo.__doc__.split("\n\n")[0])
+
+    p = sub.add_parser(
+        "demo",
+        help="train a small MoE transformer: collective vs deep_ep vs deep_ep with overlap",
+        description=demo.__doc__.split("\n\n")[0],
+    )
     demo.add_arguments(p)
     p.set_defaults(func=cmd_demo)
     return parser

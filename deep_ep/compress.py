@@ -68,6 +68,7 @@ This module is the CPU reference (plain torch, any device); on CUDA
 :mod:`deep_ep.kernels.quant` produces the same bytes in one Triton kernel
 per call (tested against it).
 """
+
 from __future__ import annotations
 
 import math
@@ -79,7 +80,16 @@ import torch
 
 from .errors import DeepEPInputError, DeepEPTypeError
 
-__all__ = ["Codec", "make_codec", "relative_error", "tolerance_upgrades", "view_rows", "FP8_MAX", "INT4_MAX", "INT8_MAX"]
+__all__ = [
+    "Codec",
+    "make_codec",
+    "relative_error",
+    "tolerance_upgrades",
+    "view_rows",
+    "FP8_MAX",
+    "INT4_MAX",
+    "INT8_MAX",
+]
 
 FP8_MAX = 448.0
 INT4_MAX = 7
@@ -152,10 +162,10 @@ class Codec:
 
     level: Union[int, str]
     hidden: int
-    ratio: float = 0.3                 # 'auto': target bytes relative to bf16
-    round_scale: bool = False          # level 8
-    use_ue8m0: bool = False            # level 8
-    fixed_upgrades: Optional[int] = None   # 'auto': k given (tolerance mode) instead of derived from ratio
+    ratio: float = 0.3  # 'auto': target bytes relative to bf16
+    round_scale: bool = False  # level 8
+    use_ue8m0: bool = False  # level 8
+    fixed_upgrades: Optional[int] = None  # 'auto': k given (tolerance mode) instead of derived from ratio
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -195,13 +205,15 @@ class Codec:
         return 2 * self.blocks
 
     # ------------------------------------------------------------------ codec
-    def encode(self, x: torch.Tensor, index: Optional[torch.Tensor] = None,
-               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode(
+        self, x: torch.Tensor, index: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``[T, H]`` floating rows (``x[index]`` when ``index`` is given) -> packed ``uint8 [T, row_bytes]``,
         written into ``out`` when given (Triton on CUDA, same bytes)."""
         self._check(x)
         if self.level != 16 and x.is_cuda and _use_kernels(x):
             from .kernels import quant
+
             return quant.encode(self, x, index, out)
         if index is not None:
             x = x.index_select(0, index)
@@ -211,15 +223,18 @@ class Codec:
         out.copy_(got)
         return out
 
-    def decode(self, packed: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
-               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode(
+        self, packed: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Packed rows -> ``[N, H]`` of ``dtype``, written into ``out`` when given (Triton on CUDA, same
         values)."""
         if packed.dim() != 2 or packed.size(1) != self.row_bytes or packed.dtype != torch.uint8:
-            raise DeepEPInputError(f"packed rows must be uint8 [N, {self.row_bytes}] for {self}, got "
-                                   f"{packed.dtype} {list(packed.shape)}")
+            raise DeepEPInputError(
+                f"packed rows must be uint8 [N, {self.row_bytes}] for {self}, got {packed.dtype} {list(packed.shape)}"
+            )
         if self.level != 16 and packed.is_cuda and _use_kernels(packed) and (out is None or out.is_contiguous()):
             from .kernels import quant
+
             return quant.decode(self, packed, dtype, out)
         if self.level == 16:
             got = view_rows(packed, torch.bfloat16).to(dtype)
@@ -236,8 +251,10 @@ class Codec:
 
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-            raise DeepEPTypeError(f"compression needs floating rows [T, H], got "
-                                  f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+            raise DeepEPTypeError(
+                f"compression needs floating rows [T, H], got "
+                f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}"
+            )
         if x.size(1) != self.hidden:
             raise DeepEPInputError(f"rows have {x.size(1)} values, the codec was made for hidden={self.hidden}")
 
@@ -258,14 +275,14 @@ class Codec:
             inv = _rdiv(FP8_MAX, amax)
             if self.round_scale or self.use_ue8m0:
                 scale = _pow2_ceil(scale)
-                inv = _rdiv(1.0, scale)                       # exact: a power of two
+                inv = _rdiv(1.0, scale)  # exact: a power of two
             q = b * inv.unsqueeze(2)
             q = torch.where(q > FP8_MAX, torch.full_like(q, FP8_MAX), q)
             q = torch.where(q < -FP8_MAX, torch.full_like(q, -FP8_MAX), q)
-            q = torch.where(torch.isnan(q), torch.full_like(q, float("nan")), q)   # one NaN code (0x7f)
+            q = torch.where(torch.isnan(q), torch.full_like(q, float("nan")), q)  # one NaN code (0x7f)
             vals = q.to(torch.float8_e4m3fn).view(torch.uint8).reshape(T, q.size(1) * q.size(2))[:, :H]
             if self.use_ue8m0:
-                sbytes = (scale.view(torch.int32) >> 23).to(torch.uint8)      # the biased exponent
+                sbytes = (scale.view(torch.int32) >> 23).to(torch.uint8)  # the biased exponent
             else:
                 sbytes = scale.contiguous().view(torch.uint8).reshape(T, 4 * scale.size(1))
             return torch.cat([sbytes, vals], dim=1)
@@ -289,14 +306,14 @@ class Codec:
         scale = _bits_bf16(bits).unsqueeze(2)
         q4 = _quant_int(b, scale, INT4_MAX)
         q8 = _quant_int(b, scale, INT8_MAX)
-        bytes4 = _u8_to_bytes((q4[:, :, 0::2] & 0xF) | ((q4[:, :, 1::2] & 0xF) << 4))      # [T, nb, 16]
-        bytes8 = _u8_to_bytes(q8)                                                          # [T, nb, 32]
+        bytes4 = _u8_to_bytes((q4[:, :, 0::2] & 0xF) | ((q4[:, :, 1::2] & 0xF) << 4))  # [T, nb, 16]
+        bytes8 = _u8_to_bytes(q8)  # [T, nb, 32]
         size = 16 + 16 * wide.to(torch.int64)
-        start = torch.cumsum(size, dim=1) - size                                           # [T, nb]
+        start = torch.cumsum(size, dim=1) - size  # [T, nb]
         j = torch.arange(32, device=x.device)
         P = 16 * nb + 16 * k
-        pos = start.unsqueeze(2) + j                                                       # [T, nb, 32]
-        pos = torch.where(wide.unsqueeze(2) | (j < 16), pos, torch.full_like(pos, P))      # int4: 16 bytes
+        pos = start.unsqueeze(2) + j  # [T, nb, 32]
+        pos = torch.where(wide.unsqueeze(2) | (j < 16), pos, torch.full_like(pos, P))  # int4: 16 bytes
         vals = torch.where(wide.unsqueeze(2), bytes8, torch.nn.functional.pad(bytes4, (0, 16)))
         payload = torch.zeros((T, P + 1), dtype=torch.uint8, device=x.device)
         payload.scatter_(1, pos.reshape(T, nb * 32), vals.reshape(T, nb * 32))
@@ -332,7 +349,7 @@ class Codec:
         size = 16 + 16 * wide.to(torch.int64)
         start = torch.cumsum(size, dim=1) - size
         j = torch.arange(32, device=packed.device)
-        idx = start.unsqueeze(2) + torch.where(wide.unsqueeze(2), j, j // 2)                # [N, nb, 32]
+        idx = start.unsqueeze(2) + torch.where(wide.unsqueeze(2), j, j // 2)  # [N, nb, 32]
         byte = body.to(torch.int32).gather(1, idx.reshape(N, nb * 32).clamp(max=max(body.size(1) - 1, 0)))
         byte = byte.view(N, nb, 32)
         nib = (byte >> (4 * (j % 2))) & 0xF
@@ -347,19 +364,19 @@ def _auto_upgrades(hidden: int, ratio: float) -> int:
     """The ``k`` of ``'auto'`` rows for a byte target of ``ratio * 2 * hidden`` (see :attr:`Codec.upgrades`)."""
     nb = -(-hidden // _BLOCK4)
     target = ratio * 2 * hidden
-    room = (target - 18 * nb) / 16                   # upgrades the target holds (fractional)
-    lo = math.floor(room + 1e-9)                     # 1e-9: a target that is exactly a width stays that width
+    room = (target - 18 * nb) / 16  # upgrades the target holds (fractional)
+    lo = math.floor(room + 1e-9)  # 1e-9: a target that is exactly a width stays that width
     if lo < 0:
         return 0
     if lo >= nb:
-        return nb                                    # every block int8: the widest row there is
-    width = lambda k: 18 * nb + 16 * k               # noqa: E731
+        return nb  # every block int8: the widest row there is
+    width = lambda k: 18 * nb + 16 * k  # noqa: E731
     tol = 0.01 * target
     if target - width(lo) <= tol:
-        return lo                                    # within the target and within 1% of it
+        return lo  # within the target and within 1% of it
     if width(lo + 1) - target <= tol:
-        return lo + 1                                # over the target by at most 1%
-    return lo if target - width(lo) <= width(lo + 1) - target else lo + 1   # neither: the nearest (<= 8 bytes)
+        return lo + 1  # over the target by at most 1%
+    return lo if target - width(lo) <= width(lo + 1) - target else lo + 1  # neither: the nearest (<= 8 bytes)
 
 
 def view_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -368,8 +385,11 @@ def view_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     which ``Tensor.view(dtype)`` rejects)."""
     N = t.size(0)
     if N == 0:
-        return torch.empty((0, t.size(1) * t.element_size() // torch.empty((), dtype=dtype).element_size()),
-                           dtype=dtype, device=t.device)
+        return torch.empty(
+            (0, t.size(1) * t.element_size() // torch.empty((), dtype=dtype).element_size()),
+            dtype=dtype,
+            device=t.device,
+        )
     return t.contiguous().reshape(-1).view(dtype).view(N, -1)
 
 
@@ -392,16 +412,25 @@ def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
 
 def _scale_bytes(bits: torch.Tensor) -> torch.Tensor:
     """bf16 bit patterns ``[T, nb]`` -> little-endian bytes ``[T, 2 nb]``."""
-    return torch.stack([_u8_to_bytes(bits & 0xFF), _u8_to_bytes(bits >> 8)], dim=2).reshape(bits.size(0), 2 * bits.size(1))
+    return torch.stack([_u8_to_bytes(bits & 0xFF), _u8_to_bytes(bits >> 8)], dim=2).reshape(
+        bits.size(0), 2 * bits.size(1)
+    )
 
 
 def _use_kernels(t: torch.Tensor) -> bool:
     from . import kernels
+
     return kernels.available(t)
 
 
-def make_codec(level: Union[int, str], hidden: int, ratio: Optional[float] = None, round_scale: bool = False,
-               use_ue8m0: bool = False, upgrades: Optional[int] = None) -> Codec:
+def make_codec(
+    level: Union[int, str],
+    hidden: int,
+    ratio: Optional[float] = None,
+    round_scale: bool = False,
+    use_ue8m0: bool = False,
+    upgrades: Optional[int] = None,
+) -> Codec:
     """A :class:`Codec`, validating the arguments (``ratio`` only for ``'auto'``, default 0.3).
 
     ``upgrades`` (``'auto'`` only, instead of ``ratio``): the number ``k`` of int8 blocks per row, an int in
@@ -427,8 +456,10 @@ def make_codec(level: Union[int, str], hidden: int, ratio: Optional[float] = Non
     if level == "auto":
         floor = 18 * codec.blocks / (2 * hidden)
         if ratio < floor - 1e-9:
-            raise DeepEPInputError(f"compression ratio {ratio} is below what 'auto' can reach for hidden={hidden} "
-                                   f"(every block at 4 bits: {floor:.4f}); use a ratio >= {floor:.4f}")
+            raise DeepEPInputError(
+                f"compression ratio {ratio} is below what 'auto' can reach for hidden={hidden} "
+                f"(every block at 4 bits: {floor:.4f}); use a ratio >= {floor:.4f}"
+            )
     return codec
 
 
@@ -454,28 +485,30 @@ def tolerance_upgrades(x: torch.Tensor, tol: float, dtype: Optional[torch.dtype]
     chunks of bounded memory; no host sync).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise DeepEPTypeError(f"tolerance_upgrades needs floating rows [T, H], got "
-                              f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        raise DeepEPTypeError(
+            f"tolerance_upgrades needs floating rows [T, H], got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}"
+        )
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
         raise DeepEPInputError(f"the tolerance must be in (0, 1), got {tol!r}")
     dtype = x.dtype if dtype is None else dtype
     T, H = x.shape
     nb = -(-H // _BLOCK4)
     out = torch.empty((T,), dtype=torch.int64, device=x.device)
-    step = max(1, (1 << 22) // (nb * _BLOCK4))            # rows per chunk: ~4M values at a time
+    step = max(1, (1 << 22) // (nb * _BLOCK4))  # rows per chunk: ~4M values at a time
     for a in range(0, T, step):
-        out[a:a + step] = _tolerance_rows(x[a:a + step], float(tol), dtype)
+        out[a : a + step] = _tolerance_rows(x[a : a + step], float(tol), dtype)
     return out
 
 
 def _tolerance_rows(x: torch.Tensor, tol: float, dtype: torch.dtype) -> torch.Tensor:
     """:func:`tolerance_upgrades` of one chunk of rows."""
     T = x.size(0)
-    b = _blocks(x.float(), _BLOCK4)                                   # [T, nb, 32], as the codec sees it
+    b = _blocks(x.float(), _BLOCK4)  # [T, nb, 32], as the codec sees it
     nb = b.size(1)
-    x64 = _blocks(x.double(), _BLOCK4)                                # the rows as given
+    x64 = _blocks(x.double(), _BLOCK4)  # the rows as given
     amax = _finite_abs(b).amax(dim=2).clamp(min=_INT_FLOOR)
-    num, den = [], []                                                 # per block and level: sum d^2, sum x^2
+    num, den = [], []  # per block and level: sum d^2, sum x^2
     for qmax in (INT4_MAX, INT8_MAX):
         scale = _bits_bf16(_bf16_bits(_div(amax, qmax))).unsqueeze(2)
         y64 = _saturate(_dequant_int(_quant_int(b, scale, qmax), scale, qmax), dtype).to(dtype).double()
@@ -483,9 +516,9 @@ def _tolerance_rows(x: torch.Tensor, tol: float, dtype: torch.dtype) -> torch.Te
         zero = torch.zeros((), dtype=torch.float64, device=x.device)
         num.append(torch.where(ok, y64 - x64, zero).square().sum(dim=2))
         den.append(torch.where(ok, x64, zero).square().sum(dim=2))
-    order = torch.sort(amax, dim=1, descending=True, stable=True).indices   # the format's upgrade order
+    order = torch.sort(amax, dim=1, descending=True, stable=True).indices  # the format's upgrade order
 
-    def total(per_level):          # [T, nb + 1]: k = 0..nb upgrades; int4 blocks after the k-th, int8 up to it
+    def total(per_level):  # [T, nb + 1]: k = 0..nb upgrades; int4 blocks after the k-th, int8 up to it
         p4, p8 = (v.gather(1, order) for v in per_level)
         z = torch.zeros((T, 1), dtype=torch.float64, device=x.device)
         suffix4 = torch.cat([p4.flip(1).cumsum(1).flip(1), z], dim=1)
@@ -495,7 +528,7 @@ def _tolerance_rows(x: torch.Tensor, tol: float, dtype: torch.dtype) -> torch.Te
     n, d = total(num).sqrt(), total(den).sqrt()
     err = torch.where(d > 0, n / d.clamp(min=1e-300), n)
     k = torch.arange(nb + 1, device=x.device)
-    last_bad = torch.where(err > tol, k, torch.full_like(k, -1)).amax(dim=1)   # -1: every k meets tol
+    last_bad = torch.where(err > tol, k, torch.full_like(k, -1)).amax(dim=1)  # -1: every k meets tol
     return (last_bad + 1).clamp(max=nb)
 
 

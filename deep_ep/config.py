@@ -1,4 +1,5 @@
 """Tuning knobs (:class:`Config`), events (:class:`EventOverlap`) and environment settings."""
+
 from __future__ import annotations
 
 import os
@@ -31,14 +32,21 @@ class Config:
     transport accepts and ignores them.
     """
 
-    def __init__(self, num_sms: int = 20, num_max_nvl_chunked_send_tokens: int = 6,
-                 num_max_nvl_chunked_recv_tokens: int = 256, num_max_rdma_chunked_send_tokens: int = 6,
-                 num_max_rdma_chunked_recv_tokens: int = 256) -> None:
-        for name, value in (("num_sms", num_sms),
-                            ("num_max_nvl_chunked_send_tokens", num_max_nvl_chunked_send_tokens),
-                            ("num_max_nvl_chunked_recv_tokens", num_max_nvl_chunked_recv_tokens),
-                            ("num_max_rdma_chunked_send_tokens", num_max_rdma_chunked_send_tokens),
-                            ("num_max_rdma_chunked_recv_tokens", num_max_rdma_chunked_recv_tokens)):
+    def __init__(
+        self,
+        num_sms: int = 20,
+        num_max_nvl_chunked_send_tokens: int = 6,
+        num_max_nvl_chunked_recv_tokens: int = 256,
+        num_max_rdma_chunked_send_tokens: int = 6,
+        num_max_rdma_chunked_recv_tokens: int = 256,
+    ) -> None:
+        for name, value in (
+            ("num_sms", num_sms),
+            ("num_max_nvl_chunked_send_tokens", num_max_nvl_chunked_send_tokens),
+            ("num_max_nvl_chunked_recv_tokens", num_max_nvl_chunked_recv_tokens),
+            ("num_max_rdma_chunked_send_tokens", num_max_rdma_chunked_send_tokens),
+            ("num_max_rdma_chunked_recv_tokens", num_max_rdma_chunked_recv_tokens),
+        ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"Config.{name} must be a positive int, got {value!r}")
         self.num_sms = num_sms
@@ -74,10 +82,12 @@ class Config:
         return _align(nbytes, 128)
 
     def __repr__(self) -> str:
-        return (f"Config(num_sms={self.num_sms}, num_max_nvl_chunked_send_tokens={self.num_max_nvl_chunked_send_tokens}, "
-                f"num_max_nvl_chunked_recv_tokens={self.num_max_nvl_chunked_recv_tokens}, "
-                f"num_max_rdma_chunked_send_tokens={self.num_max_rdma_chunked_send_tokens}, "
-                f"num_max_rdma_chunked_recv_tokens={self.num_max_rdma_chunked_recv_tokens})")
+        return (
+            f"Config(num_sms={self.num_sms}, num_max_nvl_chunked_send_tokens={self.num_max_nvl_chunked_send_tokens}, "
+            f"num_max_nvl_chunked_recv_tokens={self.num_max_nvl_chunked_recv_tokens}, "
+            f"num_max_rdma_chunked_send_tokens={self.num_max_rdma_chunked_send_tokens}, "
+            f"num_max_rdma_chunked_recv_tokens={self.num_max_rdma_chunked_recv_tokens})"
+        )
 
 
 class EventOverlap:
@@ -127,8 +137,17 @@ def env_int(name: str, default: int) -> int:
         return default
     text = raw.strip().upper()
     mult = 1
-    for suffix, m in (("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("KB", 1 << 10), ("MB", 1 << 20),
-                      ("GB", 1 << 30), ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+    for suffix, m in (
+        ("KIB", 1 << 10),
+        ("MIB", 1 << 20),
+        ("GIB", 1 << 30),
+        ("KB", 1 << 10),
+        ("MB", 1 << 20),
+        ("GB", 1 << 30),
+        ("K", 1 << 10),
+        ("M", 1 << 20),
+        ("G", 1 << 30),
+    ):
         if text.endswith(suffix):
             text, mult = text[: -len(suffix)], m
             break
@@ -153,18 +172,41 @@ def env_bool(name: str, default: bool) -> bool:
 
 #: DeepEP's recommended (num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens,
 #: num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens) per rank count.
-_DISPATCH_TABLE = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
-                 24: (8, 288, 32, 128), 32: (32, 288, 32, 128), 48: (32, 288, 32, 128), 64: (32, 288, 32, 128),
-                 96: (20, 480, 32, 128), 128: (20, 560, 32, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128)}
-_COMBINE_TABLE = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
-                 24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128), 64: (1, 288, 8, 128),
-                 96: (1, 480, 8, 128), 128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128)}
+_DISPATCH_TABLE = {
+    2: (24, 256, 6, 128),
+    4: (6, 256, 6, 128),
+    8: (6, 256, 6, 128),
+    16: (36, 288, 20, 128),
+    24: (8, 288, 32, 128),
+    32: (32, 288, 32, 128),
+    48: (32, 288, 32, 128),
+    64: (32, 288, 32, 128),
+    96: (20, 480, 32, 128),
+    128: (20, 560, 32, 128),
+    144: (32, 720, 12, 128),
+    160: (28, 720, 12, 128),
+}
+_COMBINE_TABLE = {
+    2: (10, 256, 6, 128),
+    4: (9, 256, 6, 128),
+    8: (4, 256, 6, 128),
+    16: (4, 288, 12, 128),
+    24: (1, 288, 8, 128),
+    32: (1, 288, 8, 128),
+    48: (1, 288, 8, 128),
+    64: (1, 288, 8, 128),
+    96: (1, 480, 8, 128),
+    128: (1, 560, 8, 128),
+    144: (2, 720, 8, 128),
+    160: (2, 720, 8, 128),
+}
 
 
 def recommended_config(op: str, num_ranks: int, num_sms: int) -> Config:
     """DeepEP's recommended :class:`Config` for ``op`` ('dispatch' or 'combine') at ``num_ranks`` ranks;
     other rank counts take the entry of the nearest tabulated size above (or the largest)."""
     from .errors import DeepEPInputError
+
     if not isinstance(num_ranks, int) or num_ranks <= 0:
         raise DeepEPInputError(f"num_ranks must be a positive int, got {num_ranks!r}")
     table = _DISPATCH_TABLE if op == "dispatch" else _COMBINE_TABLE

@@ -4,6 +4,7 @@ Every error deep_ep raises on purpose derives from :class:`DeepEPError`, so a
 caller can catch them in one place. Errors about a caller's arguments also
 derive from :class:`ValueError` / :class:`TypeError`, as Python users expect.
 """
+
 from __future__ import annotations
 
 

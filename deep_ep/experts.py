@@ -1,6 +1,7 @@
 """The expert math of :class:`~deep_ep.moe.ExpertParallelMoE`: routing, SwiGLU experts over rows grouped by
 expert (one ``torch._grouped_mm`` per projection where it applies, a loop elsewhere), their weight
 gradients, and the single-process dense reference the tests compare the layer with."""
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -20,8 +21,9 @@ def _swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> t
     return F.linear(F.silu(gate) * up, w_down)
 
 
-def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: Optional[List[int]], grouped: bool
-         ) -> torch.Tensor:
+def _gmm(
+    x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: Optional[List[int]], grouped: bool
+) -> torch.Tensor:
     """Rows grouped by expert (``offs``: int32 ends of each expert's rows) times ``w[e]^T``: ``[P, in]`` x
     ``[L, out, in]`` -> ``[P, out]``. One ``torch._grouped_mm`` when ``grouped``, else a loop over the host
     ``counts``."""
@@ -30,13 +32,14 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: Optional[
     parts, s = [], 0
     for e, n in enumerate(counts):
         if n:
-            parts.append(x[s:s + n] @ w[e].t())
+            parts.append(x[s : s + n] @ w[e].t())
         s += n
     return torch.cat(parts) if parts else x.new_zeros((0, w.size(1)))
 
 
-def _gmm_weight_grad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, counts: Optional[List[int]],
-                     grouped: bool, L: int) -> torch.Tensor:
+def _gmm_weight_grad(
+    dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, counts: Optional[List[int]], grouped: bool, L: int
+) -> torch.Tensor:
     """The weight gradient of :func:`_gmm`: ``dW[e] = dy_e^T x_e`` -> ``[L, out, in]`` (zero for an expert
     without rows)."""
     if grouped:
@@ -47,7 +50,7 @@ def _gmm_weight_grad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, coun
     s = 0
     for e, n in enumerate(counts):
         if n:
-            out[e] = dy[s:s + n].t() @ x[s:s + n]
+            out[e] = dy[s : s + n].t() @ x[s : s + n]
         s += n
     return out
 
@@ -58,9 +61,16 @@ def _silu_grad(g: torch.Tensor) -> torch.Tensor:
     return sg * (1 + g * (1 - sg))
 
 
-def route_tokens(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
-                 score_func: str = "softmax", norm_topk_prob: bool = False, routed_scaling_factor: float = 1.0
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+def route_tokens(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    score_func: str = "softmax",
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing as :class:`ExpertParallelMoE` does it: float32 scores (softmax or sigmoid), the best
     ``topk_group`` of ``n_group`` groups by their best score, top-k, weights from the scores (renormalised
     if asked) times the scaling factor."""
@@ -80,9 +90,14 @@ def route_tokens(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, n_gro
     return idx, w * routed_scaling_factor
 
 
-def dense_moe_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                        shared: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+def dense_moe_reference(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    shared: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
     """The layer's output computed in one process with every expert local (weights ``[E, 2F, H]`` /
     ``[E, H, F]``), for the given routing: the oracle the tests compare against (differentiable)."""
     T, K = topk_idx.shape
@@ -91,7 +106,9 @@ def dense_moe_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
         acc = torch.zeros((x.size(1),), dtype=_acc(x.dtype), device=x.device)
         for k in range(K):
             e = int(topk_idx[t, k])
-            acc = acc + topk_weights[t, k].to(acc.dtype) * _swiglu(x[t:t + 1], w_gate_up[e], w_down[e])[0].to(acc.dtype)
+            acc = acc + topk_weights[t, k].to(acc.dtype) * _swiglu(x[t : t + 1], w_gate_up[e], w_down[e])[0].to(
+                acc.dtype
+            )
         rows.append(acc)
     y = (torch.stack(rows) if rows else x.new_zeros((0, x.size(1)), dtype=_acc(x.dtype))).to(x.dtype)
     if shared is not None:

@@ -9,6 +9,7 @@ Conventions (API.md): ``T`` tokens on this rank, ``K`` top-k, ``E`` experts,
 ``R`` ranks, ``L = E // R`` experts per rank; expert ``e`` lives on rank
 ``e // L``; ``-1`` in ``topk_idx`` means "no expert".
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -19,8 +20,16 @@ from .config import topk_idx_t
 from .errors import DeepEPInputError, DeepEPTypeError
 
 __all__ = [
-    "check_topk_idx", "topk_problem", "dispatch_layout", "dispatch_layout_torch", "rank_prefix_matrix", "token_slots",
-    "send_order", "localize_topk", "aligned_expert_counts", "num_local_experts",
+    "check_topk_idx",
+    "topk_problem",
+    "dispatch_layout",
+    "dispatch_layout_torch",
+    "rank_prefix_matrix",
+    "token_slots",
+    "send_order",
+    "localize_topk",
+    "aligned_expert_counts",
+    "num_local_experts",
 ]
 
 
@@ -31,12 +40,14 @@ def num_local_experts(num_experts: int, num_ranks: int) -> int:
     if num_experts % num_ranks != 0:
         raise DeepEPInputError(
             f"num_experts={num_experts} is not divisible by the number of ranks {num_ranks}; "
-            f"every rank must hold the same number of experts")
+            f"every rank must hold the same number of experts"
+        )
     return num_experts // num_ranks
 
 
-def topk_problem(topk_idx: torch.Tensor, num_experts: int, *, num_tokens: Optional[int] = None,
-                 check_values: bool = True) -> Optional[str]:
+def topk_problem(
+    topk_idx: torch.Tensor, num_experts: int, *, num_tokens: Optional[int] = None, check_values: bool = True
+) -> Optional[str]:
     """Return a message describing what is wrong with ``topk_idx``, or ``None`` if it is valid.
 
     Checks type, dtype (``topk_idx_t``), rank 2, the number of rows (when
@@ -58,13 +69,16 @@ def topk_problem(topk_idx: torch.Tensor, num_experts: int, *, num_tokens: Option
         lo, hi = int(lo), int(hi)
         if lo < -1 or hi >= num_experts:
             bad = lo if lo < -1 else hi
-            return (f"topk_idx holds expert id {bad}, outside [-1, {num_experts}) "
-                    f"(num_experts={num_experts}; -1 means no expert)")
+            return (
+                f"topk_idx holds expert id {bad}, outside [-1, {num_experts}) "
+                f"(num_experts={num_experts}; -1 means no expert)"
+            )
     return None
 
 
-def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, *, num_tokens: Optional[int] = None,
-                   check_values: bool = True) -> None:
+def check_topk_idx(
+    topk_idx: torch.Tensor, num_experts: int, *, num_tokens: Optional[int] = None, check_values: bool = True
+) -> None:
     """Raise :class:`DeepEPInputError` / :class:`DeepEPTypeError` if ``topk_idx`` is invalid (see :func:`topk_problem`)."""
     msg = topk_problem(topk_idx, num_experts, num_tokens=num_tokens, check_values=check_values)
     if msg is not None:
@@ -73,9 +87,9 @@ def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, *, num_tokens: Opti
         raise DeepEPInputError(msg)
 
 
-def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
-                    ranks_per_node: Optional[int] = None
-                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+def dispatch_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ranks_per_node: Optional[int] = None
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``get_dispatch_layout`` semantics (API.md 2.1): one Triton launch on CUDA
     (:mod:`deep_ep.kernels.layout`), else :func:`dispatch_layout_torch`.
 
@@ -87,7 +101,7 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
     (validate with :func:`check_topk_idx`; this function never indexes out
     of bounds). No host synchronisation.
     """
-    num_local_experts(num_experts, num_ranks)       # validates num_experts
+    num_local_experts(num_experts, num_ranks)  # validates num_experts
     nodes = 0
     if ranks_per_node is not None and (not isinstance(ranks_per_node, int) or ranks_per_node < 1):
         raise DeepEPInputError(f"ranks_per_node must be an int >= 1, got {ranks_per_node!r}")
@@ -96,15 +110,17 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
             raise DeepEPInputError(f"ranks_per_node={ranks_per_node} does not divide num_ranks={num_ranks}")
         nodes = num_ranks // ranks_per_node
     from . import kernels
-    if kernels.available(topk_idx):          # the same integers in one launch
+
+    if kernels.available(topk_idx):  # the same integers in one launch
         from .kernels import layout as klayout
+
         return klayout.dispatch_layout(topk_idx, num_experts, num_ranks, nodes, ranks_per_node or num_ranks)
     return dispatch_layout_torch(topk_idx, num_experts, num_ranks, ranks_per_node)
 
 
-def dispatch_layout_torch(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
-                          ranks_per_node: Optional[int] = None
-                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+def dispatch_layout_torch(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ranks_per_node: Optional[int] = None
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """:func:`dispatch_layout` in plain torch (any device; the reference of its kernel)."""
     device = topk_idx.device
     num_tokens = topk_idx.size(0)
@@ -179,8 +195,8 @@ def device_layout(is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: in
     """
     counts = counts.to(torch.int64)
     inclusive = token_cumsum(is_token_in_rank, torch.int64)
-    before_src = torch.cumsum(counts, dim=0) - counts          # [s][d]: rows ranks < s send to d
-    before_dst = torch.cumsum(counts, dim=1) - counts          # [s][d]: rows s sends to ranks < d
+    before_src = torch.cumsum(counts, dim=0) - counts  # [s][d]: rows ranks < s send to d
+    before_dst = torch.cumsum(counts, dim=1) - counts  # [s][d]: rows s sends to ranks < d
     slot = torch.where(is_token_in_rank, inclusive - 1 + before_src[rank], -1)
     send_pos = torch.where(is_token_in_rank, inclusive - 1 + before_dst[rank], -1)
     own_lo = before_src[rank, rank]
@@ -188,8 +204,9 @@ def device_layout(is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: in
     ret = torch.stack([before_src[:, rank], counts[:, rank], before_dst[:, rank]], dim=1).contiguous()
     combine_pos = send_pos.clone()
     combine_pos[:, rank] = slot[:, rank]
-    return dict(slot=slot.contiguous(), send_pos=send_pos.contiguous(), recv=recv, ret=ret,
-                combine_pos=combine_pos.contiguous())
+    return dict(
+        slot=slot.contiguous(), send_pos=send_pos.contiguous(), recv=recv, ret=ret, combine_pos=combine_pos.contiguous()
+    )
 
 
 def send_order(is_token_in_rank: torch.Tensor) -> torch.Tensor:
@@ -202,8 +219,9 @@ def send_order(is_token_in_rank: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(is_token_in_rank.t(), as_tuple=False)[:, 1].contiguous()
 
 
-def localize_topk(topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], rank: int,
-                  num_local: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def localize_topk(
+    topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], rank: int, num_local: int
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Rewrite global expert ids to this rank's local ids (``0..L-1``), others to ``-1``.
 
     Weights of entries that become ``-1`` are set to 0. Returns new tensors.

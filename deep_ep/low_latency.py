@@ -42,6 +42,7 @@ pending hooks, as DeepEP); ``dispatch_wait_recv_cost_stats`` and
 ``combine_wait_recv_cost_stats`` are accepted and left unchanged;
 ``use_logfmt`` raises.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -61,15 +62,15 @@ __all__ = ["LowLatencyHandle", "LowLatencyMethods", "low_latency_dispatch", "low
 class LowLatencyHandle:
     """What a low-latency combine needs from its dispatch (opaque to callers)."""
 
-    inner: Any                       # the pair dispatch's DispatchHandle
-    slot: torch.Tensor               # int64 [N]: row of each received pair in [L * R * M] (-1: none)
+    inner: Any  # the pair dispatch's DispatchHandle
+    slot: torch.Tensor  # int64 [N]: row of each received pair in [L * R * M] (-1: none)
     num_max_dispatch_tokens_per_rank: int
     hidden: int
     num_experts: int
     num_tokens: int
     topk: int
     combine_buffer: Optional[torch.Tensor] = field(default=None, repr=False)
-    fast: Optional[dict] = field(default=None, repr=False)   # the nvlink kernel path's state (else None)
+    fast: Optional[dict] = field(default=None, repr=False)  # the nvlink kernel path's state (else None)
 
 
 def _noop() -> None:
@@ -80,6 +81,7 @@ def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks
     """Staging bytes low-latency calls may need: the nvlink kernel path's two areas for bf16 rows (the
     widest; fp8 needs less), which also bound the pair rows of the other paths."""
     from .transport.nvlink_ll import area_layout
+
     R = max(num_ranks, 1)
     E = max(num_experts // R, 1) * R
     return 2 * area_layout(R, E, num_max_dispatch_tokens_per_rank, 1, hidden, False, False)["bytes"] + (1 << 20)
@@ -88,8 +90,10 @@ def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks
 def _check(buf, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int) -> Tuple[int, int, int]:
     R = buf.num_ranks
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype != torch.bfloat16:
-        raise DeepEPTypeError(f"low_latency_dispatch x must be bfloat16 [num_tokens, hidden], got "
-                              f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        raise DeepEPTypeError(
+            f"low_latency_dispatch x must be bfloat16 [num_tokens, hidden], got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}"
+        )
     if not isinstance(M, int) or M < 1:
         raise DeepEPInputError(f"num_max_dispatch_tokens_per_rank must be a positive int, got {M!r}")
     T, H = x.shape
@@ -97,11 +101,17 @@ def _check(buf, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int) -> Tupl
         raise DeepEPInputError(f"low_latency_dispatch got {T} tokens, more than num_max_dispatch_tokens_per_rank={M}")
     if not isinstance(E, int) or E < 1 or E % R:
         raise DeepEPInputError(f"num_experts={E!r} must be a positive multiple of the number of ranks {R}")
-    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.size(0) != T \
-            or topk_idx.dtype not in (torch.int64, torch.int32):
-        raise DeepEPInputError(f"topk_idx must be an int64 (or int32) tensor [{T}, num_topk], got "
-                               f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} "
-                               f"{list(getattr(topk_idx, 'shape', []))}")
+    if (
+        not isinstance(topk_idx, torch.Tensor)
+        or topk_idx.dim() != 2
+        or topk_idx.size(0) != T
+        or topk_idx.dtype not in (torch.int64, torch.int32)
+    ):
+        raise DeepEPInputError(
+            f"topk_idx must be an int64 (or int32) tensor [{T}, num_topk], got "
+            f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} "
+            f"{list(getattr(topk_idx, 'shape', []))}"
+        )
     buf._check_device(x, "x")
     buf._check_device(topk_idx, "topk_idx")
     return T, H, topk_idx.size(1)
@@ -127,15 +137,26 @@ def _check_distinct(topk_idx: torch.Tensor) -> None:
     if topk_idx.is_cuda:
         torch._assert_async(~dup, "low_latency_dispatch: a token names the same expert twice")
     elif bool(dup):
-        raise DeepEPInputError("low_latency_dispatch: a token names the same expert twice; the experts of a "
-                               "token must be distinct (-1 may repeat)")
+        raise DeepEPInputError(
+            "low_latency_dispatch: a token names the same expert twice; the experts of a "
+            "token must be distinct (-1 may repeat)"
+        )
 
 
-def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                         num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-                         dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
-                         round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
-                         return_recv_hook: bool = False):
+def low_latency_dispatch(
+    buf,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    num_max_dispatch_tokens_per_rank: int,
+    num_experts: int,
+    cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+    dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+    use_fp8: bool = True,
+    round_scale: bool = False,
+    use_ue8m0: bool = False,
+    async_finish: bool = False,
+    return_recv_hook: bool = False,
+):
     """See :meth:`deep_ep.Buffer.low_latency_dispatch` and the module docstring."""
     M, E, R = num_max_dispatch_tokens_per_rank, num_experts, buf.num_ranks
     try:
@@ -145,38 +166,46 @@ def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_d
         if use_ue8m0 and not use_fp8:
             raise DeepEPInputError("use_ue8m0 needs use_fp8=True")
         if use_fp8 and H % (512 if use_ue8m0 else 128):
-            raise DeepEPInputError(f"fp8 low-latency dispatch needs hidden divisible by {512 if use_ue8m0 else 128} "
-                                   f"(one scale per 128 values{', four per int32' if use_ue8m0 else ''}), got {H}")
+            raise DeepEPInputError(
+                f"fp8 low-latency dispatch needs hidden divisible by {512 if use_ue8m0 else 128} "
+                f"(one scale per 128 values{', four per int32' if use_ue8m0 else ''}), got {H}"
+            )
         topk_idx = topk_idx.to(torch.int64)
         if not topk_idx.is_cuda:
             layout.check_topk_idx(topk_idx, E)
             _check_distinct(topk_idx)
     except (DeepEPInputError, DeepEPTypeError) as exc:
-        if not _kernel_path_possible(buf):   # the other ranks, inside their pair dispatch, learn it and raise
-            _reject_everywhere(buf)          # (on the kernel path nothing can tell them: they time out)
+        if not _kernel_path_possible(buf):  # the other ranks, inside their pair dispatch, learn it and raise
+            _reject_everywhere(buf)  # (on the kernel path nothing can tell them: they time out)
         raise exc
     L = E // R
     fast = _fast_path(buf, H)
-    if fast is not None:                 # invalid ids are skipped and flagged by the kernel (no host sync)
-        recv_x, recv_count, state, hk = fast.dispatch(x, topk_idx, M, E, use_fp8, round_scale, use_ue8m0,
-                                                      cumulative_local_expert_recv_stats, return_recv_hook)
+    if fast is not None:  # invalid ids are skipped and flagged by the kernel (no host sync)
+        recv_x, recv_count, state, hk = fast.dispatch(
+            x, topk_idx, M, E, use_fp8, round_scale, use_ue8m0, cumulative_local_expert_recv_stats, return_recv_hook
+        )
         handle = LowLatencyHandle(None, None, M, H, E, T, K, fast=state)
         return recv_x, recv_count, handle, _event(async_finish, x), hk
     if topk_idx.is_cuda:
-        _check_distinct(topk_idx)        # (a device assertion: nothing waits for the host)
+        _check_distinct(topk_idx)  # (a device assertion: nothing waits for the host)
     codec = make_codec(8, H, round_scale=round_scale, use_ue8m0=use_ue8m0) if use_fp8 else None
-    rows = codec.encode(x) if codec is not None else x.contiguous().view(torch.uint8)     # once per token
+    rows = codec.encode(x) if codec is not None else x.contiguous().view(torch.uint8)  # once per token
     pair_rows = rows.repeat_interleave(K, dim=0) if K != 1 else rows
     pair_idx = topk_idx.to(torch.int64).reshape(T * K, 1)
     worst = R * M * min(K, L)
     _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(pair_idx, E)
     # the encoded rows travel as opaque 16-bit words (their byte width is even: H is a multiple of 128)
     recv, recv_idx, _, _, inner, _ = buf.dispatch(
-        pair_rows.view(torch.bfloat16), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=pair_idx, num_worst_tokens=worst, compress=False)
+        pair_rows.view(torch.bfloat16),
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=pair_idx,
+        num_worst_tokens=worst,
+        compress=False,
+    )
     recv = recv.view(torch.uint8)
-    local = recv_idx[:, 0]                                           # local expert, -1 for padding
-    onehot = local.unsqueeze(1) == torch.arange(L, device=local.device)   # [N, L]; padding (-1) matches none
+    local = recv_idx[:, 0]  # local expert, -1 for padding
+    onehot = local.unsqueeze(1) == torch.arange(L, device=local.device)  # [N, L]; padding (-1) matches none
     pos = layout.token_cumsum(onehot, torch.int64).gather(1, local.clamp(min=0).unsqueeze(1))[:, 0] - 1
     dump = L * R * M
     slot = torch.where(local >= 0, local * (R * M) + pos, torch.full_like(pos, -1))
@@ -202,32 +231,53 @@ def low_latency_dispatch(buf, x: torch.Tensor, topk_idx: torch.Tensor, num_max_d
     return recv_x, recv_count, handle, _event(async_finish, x), (_noop if return_recv_hook else None)
 
 
-def low_latency_combine(buf, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
-                        async_finish: bool = False, return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
-                        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+def low_latency_combine(
+    buf,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    handle: LowLatencyHandle,
+    use_logfmt: bool = False,
+    zero_copy: bool = False,
+    async_finish: bool = False,
+    return_recv_hook: bool = False,
+    out: Optional[torch.Tensor] = None,
+    combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+):
     """See :meth:`deep_ep.Buffer.low_latency_combine` and the module docstring."""
     if not isinstance(handle, LowLatencyHandle):
         raise DeepEPTypeError(f"handle must be the one low_latency_dispatch returned, got {type(handle).__name__}")
     if use_logfmt:
-        raise DeepEPInputError("use_logfmt is not implemented by deep_ep (combine sends bf16 rows); pass "
-                               "use_logfmt=False")
+        raise DeepEPInputError(
+            "use_logfmt is not implemented by deep_ep (combine sends bf16 rows); pass use_logfmt=False"
+        )
     if async_finish and return_recv_hook:
         raise DeepEPInputError("async_finish and return_recv_hook are exclusive")
-    R, M, H, T, K = buf.num_ranks, handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_tokens, \
-        handle.topk
+    R, M, H, T, K = (
+        buf.num_ranks,
+        handle.num_max_dispatch_tokens_per_rank,
+        handle.hidden,
+        handle.num_tokens,
+        handle.topk,
+    )
     L = handle.num_experts // R
     if zero_copy:
         if handle.combine_buffer is None:
-            raise DeepEPInputError("zero_copy=True needs the buffer from get_next_low_latency_combine_buffer(handle), "
-                                   "filled with the expert outputs")
+            raise DeepEPInputError(
+                "zero_copy=True needs the buffer from get_next_low_latency_combine_buffer(handle), "
+                "filled with the expert outputs"
+            )
         x = handle.combine_buffer
     if not isinstance(x, torch.Tensor) or tuple(x.shape) != (L, R * M, H) or x.dtype != torch.bfloat16:
-        raise DeepEPInputError(f"low_latency_combine x must be bfloat16 [{L}, {R * M}, {H}], got "
-                               f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        raise DeepEPInputError(
+            f"low_latency_combine x must be bfloat16 [{L}, {R * M}, {H}], got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}"
+        )
     if tuple(topk_idx.shape) != (T, K) or tuple(topk_weights.shape) != (T, K):
-        raise DeepEPInputError(f"topk_idx and topk_weights must be [{T}, {K}] (as dispatched), got "
-                               f"{list(topk_idx.shape)} and {list(topk_weights.shape)}")
+        raise DeepEPInputError(
+            f"topk_idx and topk_weights must be [{T}, {K}] (as dispatched), got "
+            f"{list(topk_idx.shape)} and {list(topk_weights.shape)}"
+        )
     if out is not None and (tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16):
         raise DeepEPInputError(f"out must be bfloat16 [{T}, {H}], got {out.dtype} {list(out.shape)}")
     if handle.fast is not None:
@@ -237,7 +287,7 @@ def low_latency_combine(buf, x: torch.Tensor, topk_idx: torch.Tensor, topk_weigh
         res = out if out is not None else torch.empty((T, H), dtype=torch.bfloat16, device=x.device)
         hk = fast.combine(x, topk_idx, topk_weights, handle.fast, res, return_recv_hook)
         return res, _event(async_finish, x), hk
-    rows = x.reshape(L * R * M, H).index_select(0, handle.slot.clamp(min=0))     # back into pair order
+    rows = x.reshape(L * R * M, H).index_select(0, handle.slot.clamp(min=0))  # back into pair order
     pairs, _, _ = buf.combine(rows, handle.inner, compress=False)
     w = torch.where(topk_idx >= 0, topk_weights.float(), 0.0)
     y = pairs.view(T, K, H).float()
@@ -255,8 +305,9 @@ def next_combine_buffer(handle: LowLatencyHandle, num_ranks: int, device: torch.
     """The ``[L, R * M, H]`` bf16 buffer a ``zero_copy`` combine of ``handle`` reads (made once per handle)."""
     if handle.combine_buffer is None:
         L = handle.num_experts // num_ranks
-        handle.combine_buffer = torch.zeros((L, num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden),
-                                            dtype=torch.bfloat16, device=device)
+        handle.combine_buffer = torch.zeros(
+            (L, num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden), dtype=torch.bfloat16, device=device
+        )
     return handle.combine_buffer
 
 
@@ -264,8 +315,12 @@ def _kernel_path_possible(buf) -> bool:
     """Whether low-latency calls of this Buffer take the kernel path for a hidden size that allows it
     (nvlink transport, Triton on its device, not ``DEEP_EP_CHECK``)."""
     from . import kernels
-    return getattr(buf._transport, "name", "") == "nvlink" and not buf._check_every_call and \
-        kernels.available_on(buf.device)
+
+    return (
+        getattr(buf._transport, "name", "") == "nvlink"
+        and not buf._check_every_call
+        and kernels.available_on(buf.device)
+    )
 
 
 def _fast_path(buf, hidden: int):
@@ -278,6 +333,7 @@ def _fast_path(buf, hidden: int):
     st = buf._ll_nvlink
     if st is None:
         from .transport.nvlink_ll import NVLinkLowLatency
+
         st = buf._ll_nvlink = NVLinkLowLatency(t, buf.num_rdma_bytes)
     return st if st.usable else None
 
@@ -294,11 +350,20 @@ def _event(async_finish: bool, t: torch.Tensor) -> EventOverlap:
 class LowLatencyMethods:
     """The low-latency methods of :class:`deep_ep.Buffer` (API.md 2.4; a mixin, see the module docstring)."""
 
-    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
-                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
-                             return_recv_hook: bool = False):
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
         """Low-latency dispatch (API.md 2.4): one message per (token, selected expert), fixed shapes.
 
         Returns ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is
@@ -309,19 +374,50 @@ class LowLatencyMethods:
         :mod:`deep_ep.low_latency` for how it differs from DeepEP's kernels.
         """
         self._check_alive()
-        return low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                    cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
-                                    round_scale, use_ue8m0, async_finish, return_recv_hook)
+        return low_latency_dispatch(
+            self,
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            async_finish,
+            return_recv_hook,
+        )
 
-    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: Any,
-                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
-                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
-                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: Any,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+    ):
         """Low-latency combine (API.md 2.4): ``out[t] = sum_k topk_weights[t, k] * x[expert k, slot of t]``
         (float32 sum, bf16 result; -1 entries skipped). Returns ``(combined_x, event, hook)``."""
         self._check_alive()
-        return low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
-                                   return_recv_hook, out, combine_wait_recv_cost_stats)
+        return low_latency_combine(
+            self,
+            x,
+            topk_idx,
+            topk_weights,
+            handle,
+            use_logfmt,
+            zero_copy,
+            async_finish,
+            return_recv_hook,
+            out,
+            combine_wait_recv_cost_stats,
+        )
 
     def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:
         """The bf16 ``[L, R*M, H]`` buffer a ``zero_copy`` low-latency combine of ``handle`` reads: write the
@@ -337,6 +433,8 @@ class LowLatencyMethods:
         self._check_alive()
         args = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
         if not all(isinstance(a, int) and a >= 1 for a in args) or num_experts % self.num_ranks:
-            raise DeepEPInputError(f"clean_low_latency_buffer: num_experts={num_experts!r} must be a positive "
-                                   f"multiple of {self.num_ranks}, num_max_dispatch_tokens_per_rank="
-                                   f"{num_max_dispatch_tokens_per_rank!r} and hidden={hidden!r} positive ints")
+            raise DeepEPInputError(
+                f"clean_low_latency_buffer: num_experts={num_experts!r} must be a positive "
+                f"multiple of {self.num_ranks}, num_max_dispatch_tokens_per_rank="
+                f"{num_max_dispatch_tokens_per_rank!r} and hidden={hidden!r} positive ints"
+            )

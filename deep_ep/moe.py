@@ -45,6 +45,7 @@ communication stream was busy, from when its work was queued), so
 ``overlapped_comm_us = comm_us - exposed_comm_us``. CUDA events on GPU (one
 host sync per forward and per backward to read them), wall clock on CPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,13 +88,21 @@ class MoEStats:
     def __add__(self, other: "MoEStats") -> "MoEStats":
         """The split of two spans run one after the other (e.g. a forward and its backward: a training
         step's share of this layer): step, compute and communication times add."""
-        return MoEStats(step_us=self.step_us + other.step_us, compute_us=self.compute_us + other.compute_us,
-                        comm_us=self.comm_us + other.comm_us)
+        return MoEStats(
+            step_us=self.step_us + other.step_us,
+            compute_us=self.compute_us + other.compute_us,
+            comm_us=self.comm_us + other.comm_us,
+        )
 
     def as_dict(self) -> dict:
         """All five figures as a plain dict (for JSON)."""
-        return dict(step_us=self.step_us, compute_us=self.compute_us, comm_us=self.comm_us,
-                    exposed_comm_us=self.exposed_comm_us, overlapped_comm_us=self.overlapped_comm_us)
+        return dict(
+            step_us=self.step_us,
+            compute_us=self.compute_us,
+            comm_us=self.comm_us,
+            exposed_comm_us=self.exposed_comm_us,
+            overlapped_comm_us=self.overlapped_comm_us,
+        )
 
 
 class _Timer:
@@ -122,7 +131,7 @@ class _Timer:
 
         class _Span:
             def __enter__(self_):
-                if timer.enabled:       # (no stream dependency added: that would change what overlaps)
+                if timer.enabled:  # (no stream dependency added: that would change what overlaps)
                     self_.a = timer._mark(timer.comm if kind == "comm" and timer.cuda else None)
                 return self_
 
@@ -130,6 +139,7 @@ class _Timer:
                 if timer.enabled:
                     b = timer._mark(timer.comm if kind == "comm" and timer.cuda else None)
                     (timer.compute if kind == "compute" else timer.comms).append((self_.a, b))
+
         return _Span()
 
     def finish(self) -> Optional[MoEStats]:
@@ -143,10 +153,15 @@ class _Timer:
             def us(a, b):
                 return a.elapsed_time(b) * 1000.0
         else:
+
             def us(a, b):
                 return (b - a) * 1e6
-        return MoEStats(step_us=us(self._t0, end), compute_us=sum(us(a, b) for a, b in self.compute),
-                        comm_us=sum(us(a, b) for a, b in self.comms))
+
+        return MoEStats(
+            step_us=us(self._t0, end),
+            compute_us=sum(us(a, b) for a, b in self.compute),
+            comm_us=sum(us(a, b) for a, b in self.comms),
+        )
 
 
 class ExpertParallelMoE(nn.Module):
@@ -162,12 +177,27 @@ class ExpertParallelMoE(nn.Module):
     ``dtype``, ``device``. ``forward(x [T, hidden]) -> [T, hidden]``.
     """
 
-    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, *,
-                 group: Optional[dist.ProcessGroup] = None, num_shared_experts: int = 0, num_chunks: int = 1,
-                 n_group: int = 1, topk_group: int = 1, score_func: str = "softmax", norm_topk_prob: bool = False,
-                 routed_scaling_factor: float = 1.0, buffer: Optional[Buffer] = None, backend: str = "auto",
-                 record_stats: bool = False, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        ffn_hidden: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        group: Optional[dist.ProcessGroup] = None,
+        num_shared_experts: int = 0,
+        num_chunks: int = 1,
+        n_group: int = 1,
+        topk_group: int = 1,
+        score_func: str = "softmax",
+        norm_topk_prob: bool = False,
+        routed_scaling_factor: float = 1.0,
+        buffer: Optional[Buffer] = None,
+        backend: str = "auto",
+        record_stats: bool = False,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
         super().__init__()
         self.group = group if group is not None else dist.group.WORLD
         self.num_ranks = dist.get_world_size(self.group)
@@ -179,15 +209,20 @@ class ExpertParallelMoE(nn.Module):
         if num_chunks < 1:
             raise DeepEPInputError(f"num_chunks must be >= 1, got {num_chunks}")
         if num_experts % n_group or not 1 <= topk_group <= n_group or top_k > topk_group * (num_experts // n_group):
-            raise DeepEPInputError(f"group-limited routing needs n_group | num_experts and top_k <= topk_group * "
-                                   f"experts per group (n_group={n_group}, topk_group={topk_group})")
+            raise DeepEPInputError(
+                f"group-limited routing needs n_group | num_experts and top_k <= topk_group * "
+                f"experts per group (n_group={n_group}, topk_group={topk_group})"
+            )
         if score_func not in ("softmax", "sigmoid"):
             raise DeepEPInputError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
         self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
         self.num_local = num_experts // self.num_ranks
         self.num_chunks, self.n_group, self.topk_group = num_chunks, n_group, topk_group
-        self.score_func, self.norm_topk_prob, self.routed_scaling_factor = score_func, norm_topk_prob, \
-            routed_scaling_factor
+        self.score_func, self.norm_topk_prob, self.routed_scaling_factor = (
+            score_func,
+            norm_topk_prob,
+            routed_scaling_factor,
+        )
         kw = dict(dtype=dtype, device=device)
         self.router = nn.Linear(hidden, num_experts, bias=False, **kw)
         L = self.num_local
@@ -209,14 +244,27 @@ class ExpertParallelMoE(nn.Module):
     # ------------------------------------------------------------------ routing
     def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(topk_idx int64 [T, k], topk_weights float32 [T, k])`` of the tokens ``x``."""
-        return route_tokens(x, self.router.weight, self.top_k, self.n_group, self.topk_group, self.score_func,
-                            self.norm_topk_prob, self.routed_scaling_factor)
+        return route_tokens(
+            x,
+            self.router.weight,
+            self.top_k,
+            self.n_group,
+            self.topk_group,
+            self.score_func,
+            self.norm_topk_prob,
+            self.routed_scaling_factor,
+        )
 
     # ------------------------------------------------------------------ experts
     def _grouped(self, x: torch.Tensor) -> bool:
-        return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-                and self.hidden % 8 == 0 and self.ffn_hidden % 8 == 0        # 16-byte strides
-                and torch.cuda.get_device_capability(x.device) >= (9, 0))
+        return (
+            x.is_cuda
+            and x.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm")
+            and self.hidden % 8 == 0
+            and self.ffn_hidden % 8 == 0  # 16-byte strides
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        )
 
     def local_experts(self, rx: torch.Tensor, ridx: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
         """Rows ``[N, H]`` received with local expert ids ``[N, k]`` (-1 = none) and weights: for each row,
@@ -266,7 +314,7 @@ class ExpertParallelMoE(nn.Module):
     def _pack_finish(pk: dict):
         """``(pairs, counts, offs)`` of a :meth:`_pack_start` (waits for its event on CUDA)."""
         if pk["event"] is not None:
-            pk["event"].synchronize()                               # (the rows to compute: a host read)
+            pk["event"].synchronize()  # (the rows to compute: a host read)
             torch.cuda.current_stream().wait_event(pk["event"])
             P = int(pk["host"][0])
         else:
@@ -280,8 +328,9 @@ class ExpertParallelMoE(nn.Module):
         pass on CUDA; no ``[N, K, H]`` intermediate, no atomics)."""
         pos = torch.full((N * K,), -1, dtype=torch.int64, device=o.device)
         pos.index_copy_(0, pairs, torch.arange(pairs.numel(), device=o.device))
-        return reduce_rows(o, pos.view(N, K), (), out_dtype,
-                           lambda shape, dtype: torch.empty(shape, dtype=dtype, device=o.device))
+        return reduce_rows(
+            o, pos.view(N, K), (), out_dtype, lambda shape, dtype: torch.empty(shape, dtype=dtype, device=o.device)
+        )
 
     def _experts_forward(self, rx: torch.Tensor, ridx: torch.Tensor, rw: torch.Tensor, pk: Optional[dict] = None):
         """:meth:`local_experts` without autograd, keeping what :meth:`_experts_backward` needs (``pk``: a
@@ -298,8 +347,21 @@ class ExpertParallelMoE(nn.Module):
         acc = _acc(rx.dtype)
         wsel = rw.reshape(-1).to(acc).index_select(0, pairs)
         y = self._weighted_sum(o.to(acc) * wsel.unsqueeze(1), pairs, N, K, rx.dtype)
-        return y, dict(pairs=pairs, counts=counts, offs=offs, host=host, grouped=grouped, tok=tok, xs=xs, h=h, o=o,
-                       wsel=wsel, N=N, K=K, w_dtype=rw.dtype)
+        return y, dict(
+            pairs=pairs,
+            counts=counts,
+            offs=offs,
+            host=host,
+            grouped=grouped,
+            tok=tok,
+            xs=xs,
+            h=h,
+            o=o,
+            wsel=wsel,
+            N=N,
+            K=K,
+            w_dtype=rw.dtype,
+        )
 
     def _experts_backward(self, st: dict, g: torch.Tensor):
         """Gradients of :meth:`_experts_forward` for the rows and their weights, given ``g`` (``[N, H]``);
@@ -308,21 +370,24 @@ class ExpertParallelMoE(nn.Module):
         pairs, offs, host, grouped, tok = st["pairs"], st["offs"], st["host"], st["grouped"], st["tok"]
         N, K, xs, h, o, wsel = st["N"], st["K"], st["xs"], st["h"], st["o"], st["wsel"]
         acc = wsel.dtype
-        gt = g.to(acc).index_select(0, tok)                          # [P, H]
+        gt = g.to(acc).index_select(0, tok)  # [P, H]
         d_o = (gt * wsel.unsqueeze(1)).to(o.dtype)
-        d_w = (gt * o.to(acc)).sum(dim=1)                            # [P]
+        d_w = (gt * o.to(acc)).sum(dim=1)  # [P]
         grad_w = torch.zeros(N * K, dtype=acc, device=g.device).index_copy(0, pairs, d_w).view(N, K)
-        gate, up = (t.to(acc) for t in h.chunk(2, dim=-1))       # the activation's gradient in float32
-        d_a = _gmm(d_o, self.w_down.transpose(1, 2), offs, host, grouped).to(acc)      # [P, F]
+        gate, up = (t.to(acc) for t in h.chunk(2, dim=-1))  # the activation's gradient in float32
+        d_a = _gmm(d_o, self.w_down.transpose(1, 2), offs, host, grouped).to(acc)  # [P, F]
         sg = F.silu(gate)
-        dh = torch.cat([d_a * up * _silu_grad(gate), d_a * sg], dim=1).to(h.dtype)    # one rounding
-        d_xs = _gmm(dh, self.w_gate_up.transpose(1, 2), offs, host, grouped)   # [P, H]
+        dh = torch.cat([d_a * up * _silu_grad(gate), d_a * sg], dim=1).to(h.dtype)  # one rounding
+        d_xs = _gmm(dh, self.w_gate_up.transpose(1, 2), offs, host, grouped)  # [P, H]
         grad_x = self._weighted_sum(d_xs, pairs, N, K, xs.dtype)
         if not st.get("weight_grads", True):
             return grad_x, grad_w.to(st["w_dtype"]), None
         a = (sg * up).to(h.dtype)
-        return grad_x, grad_w.to(st["w_dtype"]), dict(d_o=d_o, a=a, dh=dh, xs=xs, counts=st["counts"], offs=offs,
-                                                      host=host, grouped=grouped)
+        return (
+            grad_x,
+            grad_w.to(st["w_dtype"]),
+            dict(d_o=d_o, a=a, dh=dh, xs=xs, counts=st["counts"], offs=offs, host=host, grouped=grouped),
+        )
 
     def _expert_weight_grads(self, parts: List[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(grad w_gate_up, grad w_down)`` from every chunk's weight-gradient parts at once: the chunks'
@@ -335,15 +400,14 @@ class ExpertParallelMoE(nn.Module):
             d_o, a, dh, xs, offs, host = q["d_o"], q["a"], q["dh"], q["xs"], q["offs"], q["host"]
         else:
             experts = torch.arange(L, device=parts[0]["xs"].device)
-            key = torch.cat([torch.repeat_interleave(experts, q["counts"], output_size=q["xs"].size(0))
-                             for q in parts])
+            key = torch.cat([torch.repeat_interleave(experts, q["counts"], output_size=q["xs"].size(0)) for q in parts])
             order = torch.sort(key, stable=True).indices
             d_o, a, dh, xs = (torch.cat([q[n] for q in parts]).index_select(0, order) for n in ("d_o", "a", "dh", "xs"))
             counts = sum(q["counts"] for q in parts)
             offs = torch.cumsum(counts, 0).to(torch.int32)
             host = None if grouped else counts.tolist()
-        g_down = _gmm_weight_grad(d_o, a, offs, host, grouped, L)        # [L, H, F]
-        g_gate_up = _gmm_weight_grad(dh, xs, offs, host, grouped, L)     # [L, 2F, H]
+        g_down = _gmm_weight_grad(d_o, a, offs, host, grouped, L)  # [L, H, F]
+        g_gate_up = _gmm_weight_grad(dh, xs, offs, host, grouped, L)  # [L, 2F, H]
         return g_gate_up, g_down
 
     def shared(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -370,10 +434,10 @@ class ExpertParallelMoE(nn.Module):
         with timer.span("compute"):
             chunks = chunk_layouts(self, idx, self.num_chunks)
         if self.num_chunks > 1:
-            first = _record() if cuda else None              # x and the routing are ready: dispatch may start
+            first = _record() if cuda else None  # x and the routing are ready: dispatch may start
             with timer.span("compute"):
-                shared = self.shared(x)                      # while the first dispatch is in flight
-        else:                                                # no overlap: the shared experts first
+                shared = self.shared(x)  # while the first dispatch is in flight
+        else:  # no overlap: the shared experts first
             with timer.span("compute"):
                 shared = self.shared(x)
             first = _record() if cuda else None
@@ -383,7 +447,6 @@ class ExpertParallelMoE(nn.Module):
                 y = y + shared
         self.stats = timer.finish()
         return y
-
 
     # ------------------------------------------------------------------ decoding (low-latency mode)
     def experts_low_latency(self, recv_x, recv_count: torch.Tensor) -> torch.Tensor:
@@ -403,14 +466,17 @@ class ExpertParallelMoE(nn.Module):
             x = recv_x
         L, RM, H = x.shape
         if L != self.num_local or H != self.hidden:
-            raise DeepEPInputError(f"experts_low_latency expects [{self.num_local}, R*M, {self.hidden}], got "
-                                   f"{list(x.shape)}")
+            raise DeepEPInputError(
+                f"experts_low_latency expects [{self.num_local}, R*M, {self.hidden}], got {list(x.shape)}"
+            )
         if self.w_gate_up.dtype != torch.bfloat16:
-            raise DeepEPInputError(f"experts_low_latency needs bfloat16 expert weights (the low-latency rows are "
-                                   f"bf16), this layer has {self.w_gate_up.dtype}")
+            raise DeepEPInputError(
+                f"experts_low_latency needs bfloat16 expert weights (the low-latency rows are "
+                f"bf16), this layer has {self.w_gate_up.dtype}"
+            )
         counts = recv_count.to(torch.int64)
         j = torch.arange(RM, device=x.device)
-        valid = j.unsqueeze(0) < counts.unsqueeze(1)                       # [L, RM]
+        valid = j.unsqueeze(0) < counts.unsqueeze(1)  # [L, RM]
         y = torch.zeros_like(x)
         if self._grouped(x) and L * RM:
             # the most rows a rank can receive from a dispatch with this layer's top-k (distinct experts per
@@ -419,7 +485,7 @@ class ExpertParallelMoE(nn.Module):
             ends = torch.cumsum(counts, 0)
             at = (ends - counts).unsqueeze(1) + j
             valid = valid & (at < P)
-            dest = torch.where(valid, at, P).reshape(-1)                 # packed row, P: none
+            dest = torch.where(valid, at, P).reshape(-1)  # packed row, P: none
             packed = x.new_zeros((P + 1, H)).index_copy_(0, dest, x.reshape(-1, H))[:P]
             offs = ends.clamp(max=P).to(torch.int32)
             h = torch._grouped_mm(packed, self.w_gate_up.transpose(1, 2), offs=offs)
@@ -433,8 +499,15 @@ class ExpertParallelMoE(nn.Module):
                     y[e, :n] = _swiglu(x[e, :n], self.w_gate_up[e], self.w_down[e]).to(x.dtype)
         return y
 
-    def decode(self, x: torch.Tensor, max_tokens_per_rank: int, *, micro_batches: int = 2, use_fp8: bool = True,
-               round_scale: bool = False) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        max_tokens_per_rank: int,
+        *,
+        micro_batches: int = 2,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+    ) -> torch.Tensor:
         """Inference forward through the low-latency kernels (DeepEP's decoding mode; no autograd).
 
         ``x`` bf16 ``[T, hidden]`` with ``T <= max_tokens_per_rank`` (the same value on every rank: it
@@ -449,35 +522,39 @@ class ExpertParallelMoE(nn.Module):
         if x.dim() != 2 or x.size(1) != self.hidden or x.dtype != torch.bfloat16:
             raise DeepEPInputError(f"decode expects bfloat16 [tokens, {self.hidden}], got {x.dtype} {list(x.shape)}")
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            raise DeepEPInputError("decode is inference only (the low-latency kernels have no backward): call it "
-                                   "under torch.no_grad() or torch.inference_mode()")
+            raise DeepEPInputError(
+                "decode is inference only (the low-latency kernels have no backward): call it "
+                "under torch.no_grad() or torch.inference_mode()"
+            )
         if micro_batches not in (1, 2):
-            raise DeepEPInputError(f"micro_batches must be 1 or 2 (a Buffer holds two pending receive hooks), "
-                                   f"got {micro_batches}")
+            raise DeepEPInputError(
+                f"micro_batches must be 1 or 2 (a Buffer holds two pending receive hooks), got {micro_batches}"
+            )
         T = x.size(0)
         if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < max(T, 1):
             raise DeepEPInputError(f"max_tokens_per_rank={max_tokens_per_rank!r} must be an int >= the {T} tokens")
-        M = -(-max_tokens_per_rank // micro_batches)             # tokens per micro-batch, the same on every rank
+        M = -(-max_tokens_per_rank // micro_batches)  # tokens per micro-batch, the same on every rank
         cuda = x.is_cuda
         timer = _Timer(self.record_stats, cuda, None)
         timer.start()
         bounds = [T * i // micro_batches for i in range(micro_batches + 1)]
-        parts = [x[bounds[i]:bounds[i + 1]] for i in range(micro_batches)]
+        parts = [x[bounds[i] : bounds[i + 1]] for i in range(micro_batches)]
         buf = self.buffer
         with timer.span("compute"):
             routes = [self.route(p) for p in parts]
         sent = []
         with timer.span("comm"):
-            for p, (idx, _) in zip(parts, routes):                # every dispatch sends; nothing received yet
-                rx, cnt, handle, _, hook = buf.low_latency_dispatch(p, idx, M, self.num_experts, use_fp8=use_fp8,
-                                                                    round_scale=round_scale, return_recv_hook=True)
+            for p, (idx, _) in zip(parts, routes):  # every dispatch sends; nothing received yet
+                rx, cnt, handle, _, hook = buf.low_latency_dispatch(
+                    p, idx, M, self.num_experts, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=True
+                )
                 sent.append((rx, cnt, handle, hook))
         with timer.span("compute"):
-            shared = self.shared(x)                                 # while the rows travel
+            shared = self.shared(x)  # while the rows travel
         combines = []
         for (rx, cnt, handle, hook), (idx, w) in zip(sent, routes):
             with timer.span("comm"):
-                hook()                                              # this micro-batch's rows arrive
+                hook()  # this micro-batch's rows arrive
             with timer.span("compute"):
                 y = self.experts_low_latency(rx, cnt)
             with timer.span("comm"):

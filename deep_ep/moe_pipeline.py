@@ -1,5 +1,6 @@
 """The chunked dispatch -> experts -> combine pipeline of :class:`~deep_ep.moe.ExpertParallelMoE` (forward
 and backward; see that module's docstring)."""
+
 from __future__ import annotations
 
 from typing import List
@@ -44,11 +45,18 @@ class _Pipeline(torch.autograd.Function):
             lays[c] = None
             with timer.span("comm"):
                 rx, ridx, rw, _, h, ev = buf.dispatch(
-                    x[b[c]:b[c + 1]], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                    num_tokens_per_expert=per_expert, topk_idx=idx[b[c]:b[c + 1]], topk_weights=w[b[c]:b[c + 1]],
-                    num_worst_tokens=worst, async_finish=cuda, previous_event=first if c == 0 else None)
+                    x[b[c] : b[c + 1]],
+                    num_tokens_per_rank=per_rank,
+                    is_token_in_rank=in_rank,
+                    num_tokens_per_expert=per_expert,
+                    topk_idx=idx[b[c] : b[c + 1]],
+                    topk_weights=w[b[c] : b[c + 1]],
+                    num_worst_tokens=worst,
+                    async_finish=cuda,
+                    previous_event=first if c == 0 else None,
+                )
             pk = None
-            if cuda:       # sort the chunk's pairs by expert on the comm stream, right after its dispatch
+            if cuda:  # sort the chunk's pairs by expert on the comm stream, right after its dispatch
                 compute = torch.cuda.current_stream()
                 with torch.cuda.stream(buf.get_comm_stream()):
                     ev.current_stream_wait()
@@ -74,13 +82,13 @@ class _Pipeline(torch.autograd.Function):
         for ev in pending:
             ev.current_stream_wait()
         ctx.layer, ctx.saved, ctx.bounds, ctx.x_dtype, ctx.timer_type = layer, saved, b, x.dtype, type(timer)
-        ctx.save_for_backward(w_gate_up, w_down)     # (autograd's version check: weights changed in place raise)
+        ctx.save_for_backward(w_gate_up, w_down)  # (autograd's version check: weights changed in place raise)
         return torch.cat(outs)
 
     @staticmethod
     def backward(ctx, grad_out):
         layer, saved, b = ctx.layer, ctx.saved, ctx.bounds
-        ctx.saved_tensors                           # raises if the weights were modified in place since forward
+        _ = ctx.saved_tensors  # raises if the weights were modified in place since forward
         weight_grads = ctx.needs_input_grad[6] or ctx.needs_input_grad[7]
         buf, n, cuda = layer.buffer, len(saved), grad_out.is_cuda
         timer = ctx.timer_type(layer.record_stats, cuda, buf.get_comm_stream() if cuda else None)
@@ -89,7 +97,7 @@ class _Pipeline(torch.autograd.Function):
 
         def issue(c: int) -> None:
             with timer.span("compute"):
-                g = grad_out[b[c]:b[c + 1]].to(ctx.x_dtype).contiguous()
+                g = grad_out[b[c] : b[c + 1]].to(ctx.x_dtype).contiguous()
             with timer.span("comm"):
                 G, _, _, _, _, ev = buf.dispatch(g, handle=saved[c][0], async_finish=cuda, compress=False)
             got.append((G, ev))
@@ -102,18 +110,19 @@ class _Pipeline(torch.autograd.Function):
             G, ev = got[c]
             ev.current_stream_wait()
             h, st, ridx = saved[c]
-            saved[c] = (h, None, None)                  # the chunk's rows are freed once differentiated
+            saved[c] = (h, None, None)  # the chunk's rows are freed once differentiated
             st["weight_grads"] = weight_grads
             with timer.span("compute"):
-                gx, gw, part = layer._experts_backward(st, G[:st["N"]])
+                gx, gw, part = layer._experts_backward(st, G[: st["N"]])
                 if part is not None:
                     parts.append(part)
-                gw = torch.where(ridx >= 0, gw.float(), 0.0)       # entries of other ranks' experts: constants
+                gw = torch.where(ridx >= 0, gw.float(), 0.0)  # entries of other ranks' experts: constants
                 gx = gx.contiguous()
                 prev = _record() if cuda else None
             with timer.span("comm"):
-                gxc, gwc, ev2 = buf.combine(gx, h, topk_weights=gw, async_finish=cuda, previous_event=prev,
-                                            compress=False)
+                gxc, gwc, ev2 = buf.combine(
+                    gx, h, topk_weights=gw, async_finish=cuda, previous_event=prev, compress=False
+                )
             gxs.append(gxc)
             gws.append(gwc)
             pending.append(ev2)
@@ -133,7 +142,7 @@ def chunk_layouts(layer, idx: torch.Tensor, n: int) -> tuple:
     chunk's dispatch layout. Computed on the compute stream *before* the event the first dispatch waits
     for (the dispatch reads them on the communication stream)."""
     b = [idx.size(0) * c // n for c in range(n + 1)]
-    return b, [layout.dispatch_layout(idx[b[c]:b[c + 1]], layer.num_experts, layer.num_ranks) for c in range(n)], idx
+    return b, [layout.dispatch_layout(idx[b[c] : b[c + 1]], layer.num_experts, layer.num_ranks) for c in range(n)], idx
 
 
 def _record() -> EventOverlap:

@@ -8,6 +8,7 @@ quantisation is treated as the identity: a straight-through gradient);
 gradients happen to be ``None`` locally (missing ones are zeros), so ranks
 never wait on each other.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
@@ -22,9 +23,10 @@ __all__ = ["dispatch", "combine"]
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buffer: Buffer, kwargs: dict, x: torch.Tensor, topk_weights: Optional[torch.Tensor],
-                grad_level=False):
-        events = kwargs.pop("_events", None)       # (internal) where an async call leaves its event
+    def forward(
+        ctx, buffer: Buffer, kwargs: dict, x: torch.Tensor, topk_weights: Optional[torch.Tensor], grad_level=False
+    ):
+        events = kwargs.pop("_events", None)  # (internal) where an async call leaves its event
         recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(x, topk_weights=topk_weights, **kwargs)
         if events is not None:
             events.append(event)
@@ -56,12 +58,21 @@ class _Dispatch(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buffer: Buffer, handle: DispatchHandle, x: torch.Tensor, topk_weights: Optional[torch.Tensor],
-                num_bias: int, b0: Optional[torch.Tensor], b1: Optional[torch.Tensor], grad_level=False,
-                opts: Optional[dict] = None):
+    def forward(
+        ctx,
+        buffer: Buffer,
+        handle: DispatchHandle,
+        x: torch.Tensor,
+        topk_weights: Optional[torch.Tensor],
+        num_bias: int,
+        b0: Optional[torch.Tensor],
+        b1: Optional[torch.Tensor],
+        grad_level=False,
+        opts: Optional[dict] = None,
+    ):
         bias = tuple(b for b in (b0, b1)[:num_bias])
         opts = dict(opts or {})
-        events = opts.pop("_events", None)         # (internal) previous_event / async_finish, and the event back
+        events = opts.pop("_events", None)  # (internal) previous_event / async_finish, and the event back
         out, out_w, event = buffer.combine(x, handle, topk_weights=topk_weights, bias=bias if bias else None, **opts)
         if events is not None:
             events.append(event)
@@ -85,8 +96,7 @@ class _Combine(torch.autograd.Function):
         if ctx.has_w:
             if grad_w is None:
                 grad_w = torch.zeros((plan.num_tokens, ctx.w_width), dtype=torch.float32, device=buffer.device)
-            gw = _fit_rows(buffer.dispatch(grad_w.float().contiguous(), handle=handle, compress=False)[0],
-                           ctx.x_rows)
+            gw = _fit_rows(buffer.dispatch(grad_w.float().contiguous(), handle=handle, compress=False)[0], ctx.x_rows)
         gb = [grad_out.to(d) for d in ctx.bias_dtypes] + [None] * (2 - len(ctx.bias_dtypes))
         return None, None, gx, gw, None, gb[0], gb[1], None, None
 
@@ -101,11 +111,19 @@ def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, pad])
 
 
-def dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: Optional[torch.Tensor] = None,
-             topk_weights: Optional[torch.Tensor] = None, *, num_experts: Optional[int] = None,
-             is_token_in_rank: Optional[torch.Tensor] = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
-             config: Optional[Config] = None, grad_compression: Union[bool, int] = False
-             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], List[int], DispatchHandle]:
+def dispatch(
+    buffer: Buffer,
+    x: torch.Tensor,
+    topk_idx: Optional[torch.Tensor] = None,
+    topk_weights: Optional[torch.Tensor] = None,
+    *,
+    num_experts: Optional[int] = None,
+    is_token_in_rank: Optional[torch.Tensor] = None,
+    expert_alignment: int = 1,
+    num_worst_tokens: int = 0,
+    config: Optional[Config] = None,
+    grad_compression: Union[bool, int] = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], List[int], DispatchHandle]:
     """Differentiable :meth:`Buffer.dispatch` of a floating-point ``x`` (and ``topk_weights``).
 
     Give ``topk_idx`` with ``num_experts`` (the layout is computed here), or
@@ -122,16 +140,23 @@ def dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: Optional[torch.Tensor] =
         if num_experts is None:
             raise ValueError("deep_ep.ops.dispatch with topk_idx needs num_experts")
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-        kwargs.update(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                      topk_idx=topk_idx)
+        kwargs.update(
+            num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=topk_idx
+        )
     else:
         kwargs.update(is_token_in_rank=is_token_in_rank)
     return _Dispatch.apply(buffer, kwargs, x, topk_weights, _grad_level(grad_compression))
 
 
-def combine(buffer: Buffer, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
-            bias: Union[torch.Tensor, Sequence[torch.Tensor], None] = None, config: Optional[Config] = None,
-            grad_compression: Union[bool, int] = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def combine(
+    buffer: Buffer,
+    x: torch.Tensor,
+    handle: DispatchHandle,
+    topk_weights: Optional[torch.Tensor] = None,
+    bias: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
+    config: Optional[Config] = None,
+    grad_compression: Union[bool, int] = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Differentiable :meth:`Buffer.combine`; returns ``(combined_x, combined_topk_weights)``.
 
     Backward: the gradient of ``x`` (and of ``topk_weights``) is a cached

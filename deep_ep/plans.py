@@ -20,6 +20,7 @@ receives more than its ``num_worst_tokens``, every expert id lies in
 ``num_worst_tokens`` are dropped, and so are (token, expert) entries whose id
 is out of range (the layout skips them; the receiver sees them as ``-1``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,8 +29,23 @@ from typing import Deque, List, Optional, Sequence, Tuple
 import torch
 
 from . import layout
-from .agreement import (_H_DTYPE, _H_E, _H_ERR, _H_HIDDEN, _H_K, _H_LEVEL, _H_MAGIC, _H_OP, _H_SCALES, _H_SEQ,
-                        _H_W, _H_WORST, _HEADER, agree_rows, check_id_ranges)
+from .agreement import (
+    _H_DTYPE,
+    _H_E,
+    _H_ERR,
+    _H_HIDDEN,
+    _H_K,
+    _H_LEVEL,
+    _H_MAGIC,
+    _H_OP,
+    _H_SCALES,
+    _H_SEQ,
+    _H_W,
+    _H_WORST,
+    _HEADER,
+    agree_rows,
+    check_id_ranges,
+)
 from .errors import DeepEPInputError, RankMismatchError
 from .transport import Plan
 
@@ -63,7 +79,7 @@ class DeferredChecks:
         self._next = (k + 1) % self.SLOTS
         ev = self._events[k]
         if ev is not None:
-            ev.synchronize()                    # that call's copies are done (64 calls ago: never waits)
+            ev.synchronize()  # that call's copies are done (64 calls ago: never waits)
             self.raise_ready()
         self._np[k, :_HEADER] = header
         return self._ring[k, :_HEADER].to(device, non_blocking=True), k
@@ -90,17 +106,20 @@ class DeferredChecks:
                 raise RankMismatchError(
                     f"deep_ep: in num_worst_tokens dispatch call #{seq}, the ranks disagreed on the operation, "
                     f"the call number or the shapes / dtypes of x, topk_idx, topk_weights (or a rank rejected "
-                    f"its input); its results are garbage. Every rank must make the same calls.")
+                    f"its input); its results are garbage. Every rank must make the same calls."
+                )
             if over:
                 raise DeepEPInputError(
                     f"deep_ep: in num_worst_tokens dispatch call #{seq}, a rank received more tokens than its "
                     f"num_worst_tokens; the rows beyond it were dropped. Raise num_worst_tokens (at most "
-                    f"num_ranks * num_tokens).")
+                    f"num_ranks * num_tokens)."
+                )
             if bad_ids:
                 raise DeepEPInputError(
                     f"deep_ep: in num_worst_tokens dispatch call #{seq}, a rank's topk_idx held an expert id "
                     f"outside [-1, num_experts); those (token, expert) entries were dropped (received as -1). "
-                    f"Check the router's output on every rank.")
+                    f"Check the router's output on every rank."
+                )
 
 
 #: the deferred verdicts of a device plan: ranks disagree, a rank receives too many rows, bad expert ids
@@ -122,9 +141,17 @@ def torch_verdict(gathered: torch.Tensor, counts: torch.Tensor, rank: int) -> to
     return torch.stack([mismatch, over, bad]).to(torch.int64)
 
 
-def build_device_plan(transport, checks: DeferredChecks, header: List[int], payload: Sequence[torch.Tensor],
-                      is_token_in_rank: torch.Tensor, num_tokens: int, num_worst_tokens: int, seq: int,
-                      capturing: bool) -> Plan:
+def build_device_plan(
+    transport,
+    checks: DeferredChecks,
+    header: List[int],
+    payload: Sequence[torch.Tensor],
+    is_token_in_rank: torch.Tensor,
+    num_tokens: int,
+    num_worst_tokens: int,
+    seq: int,
+    capturing: bool,
+) -> Plan:
     """Publish this rank's metadata through ``transport.publish_meta`` and build the plan on the device.
 
     Under CUDA-graph capture the header is published as zeros (no host memory in the graph; no
@@ -139,21 +166,31 @@ def build_device_plan(transport, checks: DeferredChecks, header: List[int], payl
     parts = [head] + [p.to(torch.int64).reshape(-1) for p in payload]
     gathered = transport.publish_meta(torch.cat(parts))
     from . import kernels
-    if kernels.available(is_token_in_rank):      # one kernel for the layout, prefix matrix and verdict
+
+    if kernels.available(is_token_in_rank):  # one kernel for the layout, prefix matrix and verdict
         from .kernels import plan as kplan
-        dl, rpm, verdict = kplan.device_plan(is_token_in_rank, gathered, me, _HEADER, _FIELDS, _H_ERR, _H_WORST,
-                                             _H_E)
+
+        dl, rpm, verdict = kplan.device_plan(is_token_in_rank, gathered, me, _HEADER, _FIELDS, _H_ERR, _H_WORST, _H_E)
         if not capturing:
             checks.queue(verdict, seq, slot)
     else:
-        counts = gathered[:, _HEADER:_HEADER + R].clone()
+        counts = gathered[:, _HEADER : _HEADER + R].clone()
         if not capturing:
             checks.add(gathered, counts, me, seq, slot)
         rpm = torch.cumsum(counts, dim=0).to(torch.int32)
         dl = layout.device_layout(is_token_in_rank, counts, me)
-    plan = Plan(rank=me, num_ranks=R, num_tokens=num_tokens, is_token_in_rank=is_token_in_rank,
-                rank_prefix_matrix=rpm, send_counts=None, recv_counts=None,
-                num_recv_tokens=-1, num_out_rows=num_worst_tokens, counts=None)
+    plan = Plan(
+        rank=me,
+        num_ranks=R,
+        num_tokens=num_tokens,
+        is_token_in_rank=is_token_in_rank,
+        rank_prefix_matrix=rpm,
+        send_counts=None,
+        recv_counts=None,
+        num_recv_tokens=-1,
+        num_out_rows=num_worst_tokens,
+        counts=None,
+    )
     plan.extra["device"] = dl
     return plan
 
@@ -167,25 +204,28 @@ def valid_rows(plan: Plan) -> Optional[torch.Tensor]:
     return torch.arange(plan.num_out_rows, device=n.device) < n
 
 
-def localize_received(plan: Plan, recv_idx: torch.Tensor, recv_w: Optional[torch.Tensor], rank: int,
-                      num_local: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def localize_received(
+    plan: Plan, recv_idx: torch.Tensor, recv_w: Optional[torch.Tensor], rank: int, num_local: int
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The received top-k ids as this rank's local ids (others -1, their weights 0) with the rows past the
     received count (``num_worst_tokens`` padding) set to -1 / 0: one Triton launch when the count is on the
     device (:func:`deep_ep.kernels.plan.localize_rows`), else :func:`deep_ep.layout.localize_topk` and a mask."""
     from . import kernels
+
     if plan.num_recv_tokens < 0 and kernels.available(recv_idx):
         from .kernels import plan as kplan
+
         return kplan.localize_rows(recv_idx, recv_w, plan.extra["device"]["recv"][:1], rank, num_local)
     idx, w = layout.localize_topk(recv_idx, recv_w, rank, num_local)
     valid = valid_rows(plan)
-    if valid is not None:                     # the count is on the device
+    if valid is not None:  # the count is on the device
         idx = torch.where(valid.unsqueeze(1), idx, -1)
         if w is not None:
             w = torch.where(valid.unsqueeze(1), w, 0.0)
     elif plan.num_out_rows > plan.num_recv_tokens:
-        idx[plan.num_recv_tokens:] = -1
+        idx[plan.num_recv_tokens :] = -1
         if w is not None:
-            w[plan.num_recv_tokens:] = 0
+            w[plan.num_recv_tokens :] = 0
     return idx, w
 
 
@@ -194,22 +234,46 @@ def localize_received(plan: Plan, recv_idx: torch.Tensor, recv_w: Optional[torch
 _EXPERT_SLOTS = 256
 
 
-def build_host_plan(buf, header, payload, problem, merged, per_expert, is_token_in_rank, topk_idx, T, E,
-                num_worst_tokens, expert_alignment):
+def build_host_plan(
+    buf,
+    header,
+    payload,
+    problem,
+    merged,
+    per_expert,
+    is_token_in_rank,
+    topk_idx,
+    T,
+    E,
+    num_worst_tokens,
+    expert_alignment,
+):
     """Agree on the metadata of a fresh dispatch of Buffer ``buf`` (read on the host: every rank raises the
     same error for bad or mismatched inputs) and build its plan; ``(plan, L, expert_list)``. A plan of a
     call where any rank passed ``num_worst_tokens`` also gets the device layout (those ranks move rows so)."""
     R, me = buf.num_ranks, buf.rank
     has_device = getattr(buf._transport, "device_layout", False)
     # The header, the counts and the id ranges are read on the host once, as Python ints.
-    gathered, g = agree_rows(buf._transport, buf.device, header, payload, problem,
-                             ((_H_HIDDEN, "hidden size"), (_H_DTYPE, "x dtype"), (_H_K, "num_topk"),
-                              (_H_E, "num_experts"), (_H_SCALES, "fp8 scale columns"),
-                              (_H_W, "passing topk_weights"), (_H_LEVEL, "compression level")),
-                             head=_HEADER + R + 2)
-    C = [row[_HEADER:_HEADER + R] for row in g]                   # C[s][d]: rows s sends to d
+    gathered, g = agree_rows(
+        buf._transport,
+        buf.device,
+        header,
+        payload,
+        problem,
+        (
+            (_H_HIDDEN, "hidden size"),
+            (_H_DTYPE, "x dtype"),
+            (_H_K, "num_topk"),
+            (_H_E, "num_experts"),
+            (_H_SCALES, "fp8 scale columns"),
+            (_H_W, "passing topk_weights"),
+            (_H_LEVEL, "compression level"),
+        ),
+        head=_HEADER + R + 2,
+    )
+    C = [row[_HEADER : _HEADER + R] for row in g]  # C[s][d]: rows s sends to d
     if E > 0:
-        check_id_ranges([row[_HEADER + R:] for row in g], E, me)
+        check_id_ranges([row[_HEADER + R :] for row in g], E, me)
     recv_totals = [sum(col) for col in zip(*C)]
     worst = [row[_H_WORST] for row in g]
     for d in range(R):
@@ -217,30 +281,38 @@ def build_host_plan(buf, header, payload, problem, merged, per_expert, is_token_
         if w > 0 and recv_totals[d] > w:
             raise DeepEPInputError(
                 f"deep_ep dispatch: rank {d} receives {recv_totals[d]} tokens but its num_worst_tokens is "
-                f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent.")
+                f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent."
+            )
     expert_list: Optional[List[int]] = None
     L = E // R if E > 0 else 0
     # Expert counts are needed when any rank makes a synchronised call (num_worst_tokens may
     # differ between ranks; the decision must be the same everywhere).
     if topk_idx is not None and 0 in worst:
-        if merged or E <= _EXPERT_SLOTS:        # E is the same on every rank here
+        if merged or E <= _EXPERT_SLOTS:  # E is the same on every rank here
             pe, first = gathered, _HEADER + R + 2
         else:
             pe = buf._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
             first = 0
         if num_worst_tokens == 0:
-            mine = pe[:, first + me * L:first + (me + 1) * L].sum(dim=0).tolist()
+            mine = pe[:, first + me * L : first + (me + 1) * L].sum(dim=0).tolist()
             expert_list = layout.aligned_expert_counts(mine, expert_alignment)
     n_recv = recv_totals[me]
     prefix, acc = [], [0] * R
     for row in C:
         acc = [a + c for a, c in zip(acc, row)]
         prefix.append(acc)
-    plan = Plan(rank=me, num_ranks=R, num_tokens=T, is_token_in_rank=is_token_in_rank,
-                rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=buf.device),
-                send_counts=C[me], recv_counts=[row[me] for row in C],
-                num_recv_tokens=n_recv, num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv,
-                counts=torch.tensor(C, dtype=torch.int64))
+    plan = Plan(
+        rank=me,
+        num_ranks=R,
+        num_tokens=T,
+        is_token_in_rank=is_token_in_rank,
+        rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=buf.device),
+        send_counts=C[me],
+        recv_counts=[row[me] for row in C],
+        num_recv_tokens=n_recv,
+        num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv,
+        counts=torch.tensor(C, dtype=torch.int64),
+    )
     if has_device and any(w > 0 for w in worst):
         # Some rank builds its plan on the device: move the rows its way (every rank decides the same).
         plan.extra["device"] = layout.device_layout(is_token_in_rank, plan.counts.to(buf.device), me)

@@ -7,6 +7,7 @@ compare every transport with it. Everything here is differentiable where the
 inputs are floating point, so gradients of the real ops can be checked against
 autograd through the oracle.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,16 +44,23 @@ def expert_rank_mask(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -
     cols = []
     for r in range(num_ranks):
         on_r = (topk_idx >= r * L) & (topk_idx < (r + 1) * L)
-        cols.append(on_r.any(dim=1) if topk_idx.size(1) > 0 else torch.zeros(topk_idx.size(0), dtype=torch.bool, device="cpu"))
+        cols.append(
+            on_r.any(dim=1) if topk_idx.size(1) > 0 else torch.zeros(topk_idx.size(0), dtype=torch.bool, device="cpu")
+        )
     if not cols:
         return torch.zeros((topk_idx.size(0), 0), dtype=torch.bool, device="cpu")
     return torch.stack(cols, dim=1)
 
 
-def dispatch(xs: Sequence[XType], topk_idx: Optional[Sequence[torch.Tensor]], num_experts: int,
-             topk_weights: Optional[Sequence[torch.Tensor]] = None,
-             is_token_in_rank: Optional[Sequence[torch.Tensor]] = None,
-             expert_alignment: int = 1, num_worst_tokens: int = 0) -> List[RefDispatch]:
+def dispatch(
+    xs: Sequence[XType],
+    topk_idx: Optional[Sequence[torch.Tensor]],
+    num_experts: int,
+    topk_weights: Optional[Sequence[torch.Tensor]] = None,
+    is_token_in_rank: Optional[Sequence[torch.Tensor]] = None,
+    expert_alignment: int = 1,
+    num_worst_tokens: int = 0,
+) -> List[RefDispatch]:
     """Expected ``Buffer.dispatch`` outputs of every rank.
 
     ``xs[r]`` is rank r's input (a tensor ``[T_r, H]`` or the fp8 pair
@@ -71,7 +79,9 @@ def dispatch(xs: Sequence[XType], topk_idx: Optional[Sequence[torch.Tensor]], nu
             masks.append(expert_rank_mask(topk_idx[r].cpu(), num_experts, R))
         else:
             masks.append(is_token_in_rank[r].cpu().bool())
-    counts = torch.tensor([[int(masks[s][:, d].sum()) for d in range(R)] for s in range(R)], dtype=torch.int64, device="cpu")
+    counts = torch.tensor(
+        [[int(masks[s][:, d].sum()) for d in range(R)] for s in range(R)], dtype=torch.int64, device="cpu"
+    )
     prefix = torch.cumsum(counts, dim=0).to(torch.int32)
     out = []
     for d in range(R):
@@ -108,30 +118,45 @@ def dispatch(xs: Sequence[XType], topk_idx: Optional[Sequence[torch.Tensor]], nu
             if n > num_worst_tokens:
                 raise ValueError(f"rank {d} receives {n} rows > num_worst_tokens={num_worst_tokens}")
             pad = num_worst_tokens - n
-            recv_x = torch.cat([recv_x, torch.zeros((pad,) + tuple(recv_x.shape[1:]), dtype=recv_x.dtype,
-                                                    device=recv_x.device)])
+            recv_x = torch.cat(
+                [recv_x, torch.zeros((pad,) + tuple(recv_x.shape[1:]), dtype=recv_x.dtype, device=recv_x.device)]
+            )
             if recv_s is not None:
-                recv_s = torch.cat([recv_s, torch.zeros((pad, recv_s.size(1)), dtype=recv_s.dtype, device=recv_s.device)])
+                recv_s = torch.cat(
+                    [recv_s, torch.zeros((pad, recv_s.size(1)), dtype=recv_s.dtype, device=recv_s.device)]
+                )
             if recv_idx is not None:
-                recv_idx = torch.cat([recv_idx, torch.full((pad, recv_idx.size(1)), -1, dtype=recv_idx.dtype,
-                                                           device=recv_idx.device)])
+                recv_idx = torch.cat(
+                    [recv_idx, torch.full((pad, recv_idx.size(1)), -1, dtype=recv_idx.dtype, device=recv_idx.device)]
+                )
             if recv_w is not None:
-                recv_w = torch.cat([recv_w, torch.zeros((pad, recv_w.size(1)), dtype=recv_w.dtype, device=recv_w.device)])
+                recv_w = torch.cat(
+                    [recv_w, torch.zeros((pad, recv_w.size(1)), dtype=recv_w.dtype, device=recv_w.device)]
+                )
             per_expert = []
-        out.append(RefDispatch(
-            recv_x=(recv_x, recv_s) if recv_s is not None else recv_x,
-            recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
-            num_recv_tokens_per_expert_list=per_expert, rank_prefix_matrix=prefix.clone(),
-            recv_src_rank=torch.cat(src_rank) if src_rank else torch.zeros(0, dtype=torch.int64, device="cpu"),
-            recv_src_token=torch.cat(src_tok) if src_tok else torch.zeros(0, dtype=torch.int64, device="cpu"),
-            num_recv_tokens=n))
+        out.append(
+            RefDispatch(
+                recv_x=(recv_x, recv_s) if recv_s is not None else recv_x,
+                recv_topk_idx=recv_idx,
+                recv_topk_weights=recv_w,
+                num_recv_tokens_per_expert_list=per_expert,
+                rank_prefix_matrix=prefix.clone(),
+                recv_src_rank=torch.cat(src_rank) if src_rank else torch.zeros(0, dtype=torch.int64, device="cpu"),
+                recv_src_token=torch.cat(src_tok) if src_tok else torch.zeros(0, dtype=torch.int64, device="cpu"),
+                num_recv_tokens=n,
+            )
+        )
     return out
 
 
-def combine(ys: Sequence[torch.Tensor], dispatched: Sequence[RefDispatch], num_tokens: Sequence[int],
-            topk_weights: Optional[Sequence[torch.Tensor]] = None,
-            biases: Optional[Sequence[Sequence[torch.Tensor]]] = None, ranks_per_node: int = 0
-            ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def combine(
+    ys: Sequence[torch.Tensor],
+    dispatched: Sequence[RefDispatch],
+    num_tokens: Sequence[int],
+    topk_weights: Optional[Sequence[torch.Tensor]] = None,
+    biases: Optional[Sequence[Sequence[torch.Tensor]]] = None,
+    ranks_per_node: int = 0,
+) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Expected ``Buffer.combine`` outputs of every rank.
 
     ``ys[d]`` holds rank d's rows, laid out as its ``recv_x`` (extra padding
@@ -179,8 +204,12 @@ def combine(ys: Sequence[torch.Tensor], dispatched: Sequence[RefDispatch], num_t
     return out
 
 
-def low_latency_dispatch(xs: Sequence[torch.Tensor], topk_idx: Sequence[torch.Tensor], num_max_dispatch_tokens_per_rank: int,
-                         num_experts: int) -> List[Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int, int]]]]:
+def low_latency_dispatch(
+    xs: Sequence[torch.Tensor],
+    topk_idx: Sequence[torch.Tensor],
+    num_max_dispatch_tokens_per_rank: int,
+    num_experts: int,
+) -> List[Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int, int]]]]:
     """Expected low-latency dispatch of every rank: ``(rows float32 [L, R*M, H], counts int32 [L],
     sources)``. Expert ``l``'s valid rows come in source-rank then token order (then ``k``), one per
     (token, selected expert); ``sources[l * R * M + i]`` is ``(src rank, token, k)`` of row ``i`` of
@@ -209,8 +238,9 @@ def low_latency_dispatch(xs: Sequence[torch.Tensor], topk_idx: Sequence[torch.Te
     return out
 
 
-def low_latency_combine(ys: Sequence[torch.Tensor], dispatched, topk_idx: Sequence[torch.Tensor],
-                        topk_weights: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+def low_latency_combine(
+    ys: Sequence[torch.Tensor], dispatched, topk_idx: Sequence[torch.Tensor], topk_weights: Sequence[torch.Tensor]
+) -> List[torch.Tensor]:
     """Expected low-latency combine of every rank: ``out[t] = sum_k w[t, k] * ys[d][l, i]`` in float32
     (``(d, l, i)`` where pair ``(t, k)`` landed; -1 skipped), cast to bf16. ``ys[d]`` ``[L, R*M, H]``."""
     R = len(ys)

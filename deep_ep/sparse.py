@@ -10,6 +10,7 @@
 Only (source, destination) pairs that carry rows move data. Both directions
 are differentiable.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -54,9 +55,15 @@ class SparseCollective:
     received row), ``num_recv_tokens_per_expert`` and ``handle``.
     """
 
-    def __init__(self, route_table: torch.Tensor, num_experts: Optional[int] = None,
-                 compression_ratio: Optional[float] = None, group: Optional[dist.ProcessGroup] = None, *,
-                 buffer: Optional[Buffer] = None) -> None:
+    def __init__(
+        self,
+        route_table: torch.Tensor,
+        num_experts: Optional[int] = None,
+        compression_ratio: Optional[float] = None,
+        group: Optional[dist.ProcessGroup] = None,
+        *,
+        buffer: Optional[Buffer] = None,
+    ) -> None:
         if compression_ratio is not None:
             if not isinstance(compression_ratio, (int, float)) or not (0 < compression_ratio <= 1):
                 raise DeepEPInputError(f"compression_ratio must be in (0, 1] or None, got {compression_ratio!r}")
@@ -77,7 +84,9 @@ class SparseCollective:
             raise DeepEPInputError(f"route_table must be [N] or [N, K], got shape {tuple(route_table.shape)}")
         route = route_table.to(device=self.buffer.device, dtype=topk_idx_t).contiguous()
         if num_experts is None:
-            top = torch.tensor([int(route.max()) if route.numel() else -1], dtype=torch.int64, device=self.buffer.device)
+            top = torch.tensor(
+                [int(route.max()) if route.numel() else -1], dtype=torch.int64, device=self.buffer.device
+            )
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
             num_experts = max((int(top.item()) + 1 + R - 1) // R * R, R)
         layout.num_local_experts(num_experts, R)
@@ -100,9 +109,17 @@ class SparseCollective:
         """
         per_rank, per_expert, in_rank = self._layout
         recv_x, recv_idx, _, counts, handle = ops._Dispatch.apply(
-            self.buffer, dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                              num_tokens_per_expert=per_expert, topk_idx=self.route_table, compress=self.compress),
-            x, None)
+            self.buffer,
+            dict(
+                num_tokens_per_rank=per_rank,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=self.route_table,
+                compress=self.compress,
+            ),
+            x,
+            None,
+        )
         self.handle, self.recv_expert_idx, self.num_recv_tokens_per_expert = handle, recv_idx, counts
         return recv_x
 

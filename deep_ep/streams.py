@@ -1,4 +1,5 @@
 """DeepEP's stream discipline for one call: work on the Buffer's comm stream, then an event or a wait."""
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
@@ -14,8 +15,14 @@ __all__ = ["StreamCall"]
 class StreamCall:
     """Stream discipline of one call (DeepEP's): work on the comm stream, then event or wait."""
 
-    def __init__(self, device: torch.device, comm_stream: Optional[torch.cuda.Stream],
-                 previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        comm_stream: Optional[torch.cuda.Stream],
+        previous_event: Optional[EventOverlap],
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+    ) -> None:
         if allocate_on_comm_stream and not (previous_event is not None and async_finish):
             raise DeepEPInputError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
@@ -37,7 +44,7 @@ class StreamCall:
                 comm.wait_event(self.previous_event.event)
             else:
                 comm.wait_stream(self.compute)
-            torch.cuda.set_stream(comm)      # (cheaper than the torch.cuda.stream context manager)
+            torch.cuda.set_stream(comm)  # (cheaper than the torch.cuda.stream context manager)
             self._ctx = True
         return self
 

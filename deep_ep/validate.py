@@ -4,6 +4,7 @@ Problems are raised as :class:`~deep_ep.agreement.Problem` so that a collective
 call can carry them through the metadata exchange (every rank then raises)
 before raising the precise error on the rank whose input was bad.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
@@ -25,8 +26,9 @@ def parse_x(x: Any, device: torch.device, what: str = "x") -> Tuple[torch.Tensor
     """Validate ``x`` (tensor or fp8 pair); returns contiguous ``(values, scales or None)``."""
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
-            raise Problem(1, DeepEPTypeError(f"{what} as a tuple must be (fp8 values, float32 scales), "
-                                              f"got {len(x)} elements"))
+            raise Problem(
+                1, DeepEPTypeError(f"{what} as a tuple must be (fp8 values, float32 scales), got {len(x)} elements")
+            )
         v, s = x
         if not isinstance(v, torch.Tensor) or not isinstance(s, torch.Tensor):
             raise Problem(1, DeepEPTypeError(f"{what} must be (Tensor, Tensor)"))
@@ -38,12 +40,20 @@ def parse_x(x: Any, device: torch.device, what: str = "x") -> Tuple[torch.Tensor
             raise Problem(1, DeepEPInputError(f"{what}[0] must be 2-D [num_tokens, hidden], got {tuple(v.shape)}"))
         H = v.size(1)
         if H % 128 != 0:
-            raise Problem(1, DeepEPInputError(
-                f"fp8 {what} needs hidden divisible by 128 (one scale per 128 columns), got hidden={H}"))
+            raise Problem(
+                1,
+                DeepEPInputError(
+                    f"fp8 {what} needs hidden divisible by 128 (one scale per 128 columns), got hidden={H}"
+                ),
+            )
         if tuple(s.shape) != (v.size(0), H // 128):
-            raise Problem(1, DeepEPInputError(
-                f"{what}[1] (scales) must be [num_tokens, hidden // 128] = [{v.size(0)}, {H // 128}], "
-                f"got {tuple(s.shape)}"))
+            raise Problem(
+                1,
+                DeepEPInputError(
+                    f"{what}[1] (scales) must be [num_tokens, hidden // 128] = [{v.size(0)}, {H // 128}], "
+                    f"got {tuple(s.shape)}"
+                ),
+            )
         check_device(v, device, what)
         check_device(s, device, what + " scales")
         return v.contiguous(), s.contiguous()
@@ -60,13 +70,14 @@ def parse_x(x: Any, device: torch.device, what: str = "x") -> Tuple[torch.Tensor
     check_device(x, device, what)
     return x.contiguous(), None
 
+
 def check_device(t: torch.Tensor, device: torch.device, what: str) -> None:
     """Reject a tensor that is not on the Buffer's device."""
     if t.device.type != device.type or (t.is_cuda and t.device.index != device.index):
         raise Problem(1, DeepEPInputError(f"{what} is on {t.device}, this Buffer's group works on {device}"))
 
-def check_topk(topk_idx: torch.Tensor, num_experts: int, T: int, device: torch.device,
-               values: str = "host") -> None:
+
+def check_topk(topk_idx: torch.Tensor, num_experts: int, T: int, device: torch.device, values: str = "host") -> None:
     """Validate ``topk_idx``: type, dtype, shape, device and, by ``values``, the id range:
     ``'host'`` (read back now) or ``'none'`` (the caller checks it another way: the metadata
     exchange carries every rank's id range)."""
@@ -75,8 +86,10 @@ def check_topk(topk_idx: torch.Tensor, num_experts: int, T: int, device: torch.d
         raise Problem(2, DeepEPTypeError(msg) if "dtype" in msg or "torch.Tensor" in msg else DeepEPInputError(msg))
     check_device(topk_idx, device, "topk_idx")
 
-def check_weights(topk_weights: Optional[torch.Tensor], shape: Tuple[int, int], what: str,
-                  device: torch.device) -> Optional[torch.Tensor]:
+
+def check_weights(
+    topk_weights: Optional[torch.Tensor], shape: Tuple[int, int], what: str, device: torch.device
+) -> Optional[torch.Tensor]:
     """Validate float32 ``[T, K]`` weights (``None`` passes); returns them contiguous."""
     if topk_weights is None:
         return None
@@ -88,5 +101,6 @@ def check_weights(topk_weights: Optional[torch.Tensor], shape: Tuple[int, int], 
         raise Problem(3, DeepEPInputError(f"{what} must have shape {list(shape)}, got {list(topk_weights.shape)}"))
     check_device(topk_weights, device, what)
     return topk_weights.contiguous()
+
 
 # ------------------------------------------------------------------ metadata agreement

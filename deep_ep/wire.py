@@ -22,6 +22,7 @@ not): on the host path a rank that skips the exchange raises through the
 metadata check, but a rank on the nvlink device path or an unchecked cached
 dispatch skips both, and the others then wait out ``timeout_s``.
 """
+
 from __future__ import annotations
 
 import os
@@ -94,8 +95,16 @@ class CompressedRows:
 class Wire:
     """A Buffer's wire settings (see the module docstring)."""
 
-    def __init__(self, level: Any, ratio: Optional[float], combine_level: Any, stats: Optional[bool],
-                 round_scale: bool = False, use_ue8m0: bool = False, tolerance: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        level: Any,
+        ratio: Optional[float],
+        combine_level: Any,
+        stats: Optional[bool],
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        tolerance: Optional[float] = None,
+    ) -> None:
         env = os.environ.get("DEEP_EP_COMPRESSION_LEVEL")
         if env and parse_level(level) == 16:
             level = env
@@ -104,27 +113,31 @@ class Wire:
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
             raise DeepEPInputError(f"compression_ratio must be in (0, 1], got {ratio!r}")
         if tolerance is not None and ratio is not None:
-            raise DeepEPInputError("compression_tolerance and compression_ratio are exclusive: 'auto' takes a "
-                                   "byte target or an error tolerance, not both")
+            raise DeepEPInputError(
+                "compression_tolerance and compression_ratio are exclusive: 'auto' takes a "
+                "byte target or an error tolerance, not both"
+            )
         env_tol = os.environ.get("DEEP_EP_COMPRESSION_TOLERANCE")
         if tolerance is None and ratio is None and env_tol and self.level == "auto":
             try:
                 tolerance = float(env_tol)
             except ValueError:
-                raise DeepEPInputError(f"DEEP_EP_COMPRESSION_TOLERANCE must be a number in (0, 1), "
-                                       f"got {env_tol!r}") from None
+                raise DeepEPInputError(
+                    f"DEEP_EP_COMPRESSION_TOLERANCE must be a number in (0, 1), got {env_tol!r}"
+                ) from None
         if tolerance is not None:
             if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
                 raise DeepEPInputError(f"compression_tolerance must be in (0, 1), got {tolerance!r}")
             if self.level != "auto":
-                raise DeepEPInputError(f"compression_tolerance needs compression_level='auto', got "
-                                       f"{self.level!r}")
+                raise DeepEPInputError(f"compression_tolerance needs compression_level='auto', got {self.level!r}")
             tolerance = float(tolerance)
         self.tolerance: Optional[float] = tolerance
         self.combine_level = parse_level(combine_level, "combine_compression_level")
         if self.combine_level not in (16, 8):
             raise DeepEPInputError(f"combine_compression_level must be 16 or 8, got {combine_level!r}")
-        self.stats = bool(stats) if stats is not None else os.environ.get("DEEP_EP_COMPRESSION_STATS", "") not in ("", "0")
+        self.stats = (
+            bool(stats) if stats is not None else os.environ.get("DEEP_EP_COMPRESSION_STATS", "") not in ("", "0")
+        )
         self.round_scale, self.use_ue8m0 = round_scale, use_ue8m0
         self._codecs: Dict[tuple, Codec] = {}
         self.last_stats: Optional[Dict[str, Any]] = None
@@ -188,8 +201,9 @@ class Wire:
             return 100000 + codec.upgrades
         return int(codec.level) * 10 + int(codec.round_scale) + 2 * int(codec.use_ue8m0)
 
-    def record(self, codec: Optional[Codec], x: torch.Tensor, remote_rows: Optional[int],
-               sent: Optional[torch.Tensor] = None) -> None:
+    def record(
+        self, codec: Optional[Codec], x: torch.Tensor, remote_rows: Optional[int], sent: Optional[torch.Tensor] = None
+    ) -> None:
         """Opt-in statistics of one dispatch (a host sync).
 
         ``bytes_on_wire = remote_rows * row_bytes``: the rows sent to other ranks (a token counts once per
@@ -210,10 +224,14 @@ class Wire:
             mean, mx = float(err.mean()), float(err.max())
         else:
             mean = mx = 0.0
-        self.last_stats = dict(level=codec.level if codec is not None else 16, row_bytes=row_bytes,
-                               bf16_row_bytes=2 * x.size(1),
-                               bytes_on_wire=None if remote_rows is None else int(remote_rows) * row_bytes,
-                               rel_err_mean=mean, rel_err_max=mx)
+        self.last_stats = dict(
+            level=codec.level if codec is not None else 16,
+            row_bytes=row_bytes,
+            bf16_row_bytes=2 * x.size(1),
+            bytes_on_wire=None if remote_rows is None else int(remote_rows) * row_bytes,
+            rel_err_mean=mean,
+            rel_err_max=mx,
+        )
 
 
 class WireMethods:
@@ -225,16 +243,24 @@ class WireMethods:
         try:
             level, ratio = self._wire.call_level(compress)
             if level == 16 or scales is not None or not xv.is_floating_point() or xv.dtype == torch.float64:
-                return None        # an fp8 pair is already in its wire format; float64 rows travel exact
+                return None  # an fp8 pair is already in its wire format; float64 rows travel exact
             if self._wire.call_tolerance(compress) is not None:
-                return self._wire.upgrades_codec(xv.size(1))      # k: agreed in _agree_upgrades
+                return self._wire.upgrades_codec(xv.size(1))  # k: agreed in _agree_upgrades
             return self._wire.codec(level, xv.size(1), ratio)
         except DeepEPInputError as e:
             raise Problem(7, e) from None
 
-    def _agree_upgrades(self, tol: float, codec: Optional[Codec], xv: Optional[torch.Tensor],
-                        is_token_in_rank: Optional[torch.Tensor], header: list, payload: Any,
-                        problem: Optional[Problem], fields) -> Optional[Codec]:
+    def _agree_upgrades(
+        self,
+        tol: float,
+        codec: Optional[Codec],
+        xv: Optional[torch.Tensor],
+        is_token_in_rank: Optional[torch.Tensor],
+        header: list,
+        payload: Any,
+        problem: Optional[Problem],
+        fields,
+    ) -> Optional[Codec]:
         """Tolerance mode: this rank's ``k`` (the largest :func:`~deep_ep.compress.tolerance_upgrades` of
         the rows it sends; 0 without a codec or with a ``problem``), exchanged with every rank's; returns the
         codec of the largest (``None`` when ``codec`` is). Every rank of a tolerance call makes this

@@ -13,6 +13,7 @@ averages the gradients as data parallelism does (``average_gradients``;
 not DistributedDataParallel, which would mix different ranks' experts), and
 generates greedily.
 """
+
 import argparse
 import copy
 import os
@@ -40,8 +41,11 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()) if cuda \
+    dev = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        if cuda
         else torch.device("cpu")
+    )
     if cuda:
         torch.cuda.set_device(dev)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -50,7 +54,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev)
         reference = None
     else:
-        torch.manual_seed(0)                                   # the same weights on every rank
+        torch.manual_seed(0)  # the same weights on every rank
         config = moe_config(args.family, hidden=64, layers=2, experts=4 * world, initializer_range=0.1)
         model = AutoModelForCausalLM.from_config(config).to(dev, dtype)
         reference = copy.deepcopy(model)
@@ -59,8 +63,11 @@ def main() -> None:
     patch_moe_model(model, num_gpus=args.num_gpus, use_deep_ep=not args.no_deep_ep)
     info = model.deep_ep_info
     mine = sum(p.numel() for _, p in expert_parameters(model))
-    print(f"rank {rank}: {len(info.blocks)} MoE blocks ({info.families[0]}), EP group of {info.size}, "
-          f"expert parameters {mine} of {total}", flush=True)
+    print(
+        f"rank {rank}: {len(info.blocks)} MoE blocks ({info.families[0]}), EP group of {info.size}, "
+        f"expert parameters {mine} of {total}",
+        flush=True,
+    )
 
     # Forward/backward on this rank's own batch.
     vocab = model.config.vocab_size
@@ -68,7 +75,7 @@ def main() -> None:
     ids = torch.randint(3, vocab, (2, 16), generator=g).to(dev)
     out = model(ids, labels=ids)
     out.loss.backward()
-    average_gradients(model)         # data parallelism: replicated params over all ranks, experts over replicas
+    average_gradients(model)  # data parallelism: replicated params over all ranks, experts over replicas
     grads = sum(1 for p in model.parameters() if p.grad is not None)
     print(f"rank {rank}: loss {out.loss.item():.4f}, {grads} parameters got gradients", flush=True)
     if reference is not None:
@@ -78,8 +85,14 @@ def main() -> None:
 
     # Greedy generation; ranks hold different prompts, synced_gpus keeps them stepping together.
     with torch.no_grad():
-        gen = model.generate(ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), max_new_tokens=8,
-                             do_sample=False, synced_gpus=True, pad_token_id=model.config.pad_token_id or 0)
+        gen = model.generate(
+            ids[:, :8],
+            attention_mask=torch.ones_like(ids[:, :8]),
+            max_new_tokens=8,
+            do_sample=False,
+            synced_gpus=True,
+            pad_token_id=model.config.pad_token_id or 0,
+        )
     print(f"rank {rank}: generated {gen[0, 8:].tolist()}", flush=True)
     dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
 """Shared by the host-time probes (scripts/ll_probe.py, scripts/host_breakdown.py)."""
+
 import cProfile
 import pstats
 import time
@@ -17,8 +18,11 @@ def host_profile(label, fn, n=50, rows=18):
         fn()
     t1 = time.perf_counter()
     torch.cuda.synchronize()
-    print(f"== {label}: {(t1 - t0) / n * 1e6:.0f} us host per call ({(time.perf_counter() - t0) / n * 1e6:.0f} "
-          f"with the GPU)", flush=True)
+    print(
+        f"== {label}: {(t1 - t0) / n * 1e6:.0f} us host per call ({(time.perf_counter() - t0) / n * 1e6:.0f} "
+        f"with the GPU)",
+        flush=True,
+    )
     pstats.Stats(profile_calls(fn, n)).sort_stats("tottime").print_stats(rows)
 
 

@@ -3,6 +3,7 @@
 torchrun --nproc-per-node N scripts/check_ranks.py [backend] [scenario ...]
 Each scenario is checked against the oracle on every rank (tests/test_conformance.py).
 """
+
 import os
 import sys
 import zlib
@@ -18,6 +19,7 @@ def main() -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     from tests.test_conformance import GPU_SCENARIOS, run_scenario
+
     backend = sys.argv[1] if len(sys.argv) > 1 else "nvlink"
     names = sys.argv[2:] or list(GPU_SCENARIOS)
     for name in names:

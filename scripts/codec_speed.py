@@ -1,5 +1,6 @@
 """Time of the Triton codecs on one GPU at the normal workload (encode 4096 x 7168 bf16 rows, decode the
 8192 rows a rank receives): python scripts/codec_speed.py OUT.json"""
+
 import json
 import statistics
 import sys
@@ -33,12 +34,27 @@ def main():
         packed = c.encode(x)
         recv = torch.cat([packed, packed])
         err = relative_error(x.float(), c.decode(packed, torch.float32))
-        rows.append(dict(level=level, row_bytes=c.row_bytes, ratio_of_bf16=c.row_bytes / (2 * H),
-                         encode_us=timed(lambda: c.encode(x)), decode_us=timed(lambda: c.decode(recv)),
-                         rel_err_mean=float(err.mean()), rel_err_max=float(err.max())))
+        rows.append(
+            dict(
+                level=level,
+                row_bytes=c.row_bytes,
+                ratio_of_bf16=c.row_bytes / (2 * H),
+                encode_us=timed(lambda: c.encode(x)),
+                decode_us=timed(lambda: c.decode(recv)),
+                rel_err_mean=float(err.mean()),
+                rel_err_max=float(err.max()),
+            )
+        )
         print(rows[-1])
-    out = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, tokens=T, hidden=H, decode_rows=2 * T,
-               rows=rows, command="python scripts/codec_speed.py")
+    out = dict(
+        card=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        tokens=T,
+        hidden=H,
+        decode_rows=2 * T,
+        rows=rows,
+        command="python scripts/codec_speed.py",
+    )
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f, indent=1)

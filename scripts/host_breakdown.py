@@ -5,6 +5,7 @@ fresh ``num_worst_tokens`` dispatch and its combine.
 
     python scripts/host_breakdown.py [tokens] [hidden] > host.txt
 """
+
 import os
 import pstats
 import sys
@@ -17,9 +18,10 @@ os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("MASTER_PORT", "29549")
 torch.cuda.set_device(0)
 dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+from _timing import profile_calls  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
 import deep_ep  # noqa: E402
 from deep_ep.kernels import scatter  # noqa: E402
-from _timing import profile_calls  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
 H = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
@@ -64,16 +66,26 @@ per_call("Event() + record", lambda: torch.cuda.Event().record())
 per_call("torch.cuda.is_current_stream_capturing()", torch.cuda.is_current_stream_capturing)
 per_call("symm-mem barrier", tr._barrier)
 per_call("triton copy_out (3 tensor args, 2 ints, 3 constexpr)", lambda: scatter.copy_out(srcw, dst, bounds, 24))
-per_call("triton scatter_rows (5 tensors, 4 ints, 5 constexpr)",
-         lambda: scatter.scatter_rows(srcw, slot, dst, region, delta, 0, 24))
+per_call(
+    "triton scatter_rows (5 tensors, 4 ints, 5 constexpr)",
+    lambda: scatter.scatter_rows(srcw, slot, dst, region, delta, 0, 24),
+)
 per_call("get_dispatch_layout", lambda: buf.get_dispatch_layout(idx, E))
 lay = buf.get_dispatch_layout(idx, E)
 
 
 def fresh(worst):
     per_rank, _, per_expert, in_rank, _ = lay
-    return buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                        topk_idx=idx, topk_weights=w, num_worst_tokens=worst, async_finish=True)
+    return buf.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx,
+        topk_weights=w,
+        num_worst_tokens=worst,
+        async_finish=True,
+    )
 
 
 rx, _, _, _, handle, _ = fresh(T)
@@ -87,15 +99,25 @@ per_call("combine of a host handle", lambda: buf.combine(rx0, handle0, async_fin
 # GPU time of the device path (graph-replayed: no host time in it), median of 50 replays
 from deep_ep.bench.timing import capture  # noqa: E402
 
+
 def fresh_sync(worst):
     per_rank, _, per_expert, in_rank, _ = lay
-    return buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                        topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
+    return buf.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx,
+        topk_weights=w,
+        num_worst_tokens=worst,
+    )
 
 
-for label, fn in (("fresh dispatch, num_worst_tokens", lambda: fresh_sync(T)),
-                  ("get_dispatch_layout", lambda: buf.get_dispatch_layout(idx, E)),
-                  ("combine, device handle", lambda: buf.combine(rx, handle))):
+for label, fn in (
+    ("fresh dispatch, num_worst_tokens", lambda: fresh_sync(T)),
+    ("get_dispatch_layout", lambda: buf.get_dispatch_layout(idx, E)),
+    ("combine, device handle", lambda: buf.combine(rx, handle)),
+):
     graph, _ = capture(fn)
     times = []
     for _ in range(50):
@@ -107,9 +129,11 @@ for label, fn in (("fresh dispatch, num_worst_tokens", lambda: fresh_sync(T)),
         times.append(a.elapsed_time(b) * 1000)
     print(f"{'graph-replayed ' + label:58s} {sorted(times)[25]:8.1f} us GPU", flush=True)
 
-for label, fn in (("fresh dispatch, num_worst_tokens", lambda: fresh(T)),
-                  ("fresh dispatch, host", lambda: fresh(0)),
-                  ("combine, device handle", lambda: buf.combine(rx, handle, async_finish=True))):
+for label, fn in (
+    ("fresh dispatch, num_worst_tokens", lambda: fresh(T)),
+    ("fresh dispatch, host", lambda: fresh(0)),
+    ("combine, device handle", lambda: buf.combine(rx, handle, async_finish=True)),
+):
     n = 50
     pr = profile_calls(fn, n)
     print(f"\n===== cProfile, {label}, {n} calls, cumulative", flush=True)
@@ -117,6 +141,7 @@ for label, fn in (("fresh dispatch, num_worst_tokens", lambda: fresh(T)),
     print(f"\n===== cProfile, {label}, {n} calls, own time", flush=True)
     pstats.Stats(pr, stream=sys.stdout).sort_stats("tottime").print_stats(30)
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             fn()

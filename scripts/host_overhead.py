@@ -18,6 +18,7 @@ state) it prints, on rank 0:
 ``--check`` picks ``Buffer._check_every_call`` (on by default on CPU: cached dispatch and combine
 then exchange metadata too, as with ``DEEP_EP_CHECK=1`` on CUDA).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ class _OpCounter(TorchDispatchMode):
 
 def _top_level_ops(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = prof.events()
@@ -60,6 +62,7 @@ def _worker(rank: int, world: int, args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import deep_ep
+
     buf = deep_ep.Buffer(dist.group.WORLD, backend="collective")
     g = torch.Generator().manual_seed(1 + rank)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
@@ -68,25 +71,31 @@ def _worker(rank: int, world: int, args) -> None:
 
     def fresh():
         a, _, c, d, _ = buf.get_dispatch_layout(idx, E)
-        return buf.dispatch(x, num_tokens_per_rank=a, is_token_in_rank=d, num_tokens_per_expert=c, topk_idx=idx,
-                            topk_weights=w)
+        return buf.dispatch(
+            x, num_tokens_per_rank=a, is_token_in_rank=d, num_tokens_per_expert=c, topk_idx=idx, topk_weights=w
+        )
 
     def step():  # a layer's forward: a fresh dispatch, then the first combine of its handle
         rx_, _, _, _, h_, _ = fresh()
         return buf.combine(rx_, h_)
 
     rx, ri, rw, lst, h, _ = fresh()
-    ops = {"fresh dispatch": fresh,
-           "layout only": lambda: buf.get_dispatch_layout(idx, E),
-           "cached dispatch": lambda: buf.dispatch(x, handle=h),
-           "combine": lambda: buf.combine(rx, h),
-           "fresh+combine": step}
+    ops = {
+        "fresh dispatch": fresh,
+        "layout only": lambda: buf.get_dispatch_layout(idx, E),
+        "cached dispatch": lambda: buf.dispatch(x, handle=h),
+        "combine": lambda: buf.combine(rx, h),
+        "fresh+combine": step,
+    }
     checks = {"both": (True, False), "on": (True,), "off": (False,)}[args.check]
     for check in checks:
         buf._check_every_call = check
         if rank == 0:
-            print(f"--- world={world} _check_every_call={check} (T={T} H={H} E={E} K={K}; "
-                  f"median of {args.repeats} x {args.calls} calls)", flush=True)
+            print(
+                f"--- world={world} _check_every_call={check} (T={T} H={H} E={E} K={K}; "
+                f"median of {args.repeats} x {args.calls} calls)",
+                flush=True,
+            )
         for name, fn in ops.items():
             for _ in range(20):
                 fn()
@@ -113,8 +122,11 @@ def _worker(rank: int, world: int, args) -> None:
             top = _top_level_ops(fn)
             dist.barrier()
             if rank == 0:
-                print(f"{name:16s} {statistics.median(ts):8.1f} us/call (min {min(ts):7.1f})  "
-                      f"{ncalls:6.0f} py calls  {counter.n:4d} aten ops  {top:4d} top-level ops", flush=True)
+                print(
+                    f"{name:16s} {statistics.median(ts):8.1f} us/call (min {min(ts):7.1f})  "
+                    f"{ncalls:6.0f} py calls  {counter.n:4d} aten ops  {top:4d} top-level ops",
+                    flush=True,
+                )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -10,6 +10,7 @@ Triton 3.6's interpreter cannot run a loop whose range starts at ``tl.program_id
 The interpreter's fp8 casts differ from the GPU's, so the fp8 rows are compared with the codec kernel
 run under the interpreter too (the GPU tests compare against the CPU reference).
 """
+
 import sys
 
 import torch
@@ -25,7 +26,7 @@ from tests._cases import make_case
 class FakeArena:
     def __init__(self, big, rank, R, N):
         self.rank, self.num_ranks, self.nbytes = rank, R, N
-        self.u8 = big[rank * N:(rank + 1) * N]
+        self.u8 = big[rank * N : (rank + 1) * N]
         self.i32, self.bf16 = self.u8.view(torch.int32), self.u8.view(torch.bfloat16)
         self.dbytes = torch.tensor([(p - rank) * N for p in range(R)], dtype=torch.int64)
         self.dwords = self.dbytes // 4
@@ -78,7 +79,7 @@ def run(R, use_fp8, ue8m0, seed, pattern="random", tokens=None):
     ys = [(e[0] * torch.arange(1, L + 1).view(L, 1, 1)).to(torch.bfloat16) for e in exp]
     want = ref.low_latency_combine(ys, exp, case.topk_idx, case.topk_weights)
     mags = ref.low_latency_combine([y.abs() for y in ys], exp, case.topk_idx, [w.abs() for w in case.topk_weights])
-    for r in range(R):                      # (program order stands for the barriers)
+    for r in range(R):  # (program order stands for the barriers)
         k.put_weights(case.topk_weights[r].float().contiguous(), arenas[r], N // 2, lay)
     for r in range(R):
         k.combine_send(ys[r].contiguous(), states[r][2], arenas[r], N // 2, lay, 4)
@@ -87,7 +88,7 @@ def run(R, use_fp8, ue8m0, seed, pattern="random", tokens=None):
         if tokens[r]:
             k.combine_reduce(arenas[r], N // 2, lay, case.topk_idx[r].contiguous(), out)
         # each rank's partial sum is rounded to bf16 once: unit 2**-8 of at most sum |w| |y|
-        lim = 2e-2 + 1e-2 * want[r].float().abs() + 2.0 ** -8 * mags[r].float()
+        lim = 2e-2 + 1e-2 * want[r].float().abs() + 2.0**-8 * mags[r].float()
         assert not ((out.float() - want[r].float()).abs() > lim).any(), (r, float((out.float() - want[r]).abs().max()))
     print("ok", R, use_fp8, ue8m0, seed, pattern)
 

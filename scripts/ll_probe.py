@@ -1,5 +1,6 @@
 """Where the time of a low-latency call goes on one GPU: host profile (cProfile) of eager calls and the
 kernels' GPU times (torch.profiler). python scripts/ll_probe.py [tokens]"""
+
 import os
 import sys
 
@@ -25,11 +26,11 @@ for _ in range(5):
 torch.cuda.synchronize()
 from _timing import host_profile as host  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
-
 host("dispatch", lambda: buf.low_latency_dispatch(x, idx, M, E))
 h_keep = buf.low_latency_dispatch(x, idx, M, E)[2]
 host("combine", lambda: buf.low_latency_combine(y, idx, w, h_keep))
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     for _ in range(20):
         rx, cnt, h, _, _ = buf.low_latency_dispatch(x, idx, M, E)

@@ -8,6 +8,7 @@ variant at the normal-workload volume (4096 rows of 7168 bf16 to the peer, both 
 - the Buffer's own cached dispatch / combine on the nvlink backend: event time, host time per call,
   and the CUDA kernels of one call (torch.profiler).
 """
+
 import json
 import os
 import sys
@@ -16,7 +17,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from nvlink_probe import timed  # same folder: the shared CUDA-event timing of the probes
 
 
@@ -26,6 +26,7 @@ def worker(rank, world, out_path):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     import torch.distributed._symmetric_memory as symm_mem
+
     info = {"torch": torch.__version__}
     T, H = 4096, 7168
     nbytes = 512 << 20
@@ -38,13 +39,13 @@ def worker(rank, world, out_path):
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
     xw = x.view(torch.int64)
     W = xw.size(1)
-    idx = torch.randperm(T, device="cuda").sort().values        # rows that go to the peer (all, shuffled order)
+    idx = torch.randperm(T, device="cuda").sort().values  # rows that go to the peer (all, shuffled order)
     half = T * W * 8
-    mine = buf[:half].view(torch.int64).view(T, W)               # my staging
-    theirs = pbuf[:half].view(torch.int64).view(T, W)            # peer's staging
+    mine = buf[:half].view(torch.int64).view(T, W)  # my staging
+    theirs = pbuf[:half].view(torch.int64).view(T, W)  # peer's staging
     recv = torch.empty((2 * T, W), dtype=torch.int64, device="cuda")
-    lo_rows = recv[rank * T:(rank + 1) * T] if rank == 0 else recv[T:]
-    remote_rows = recv[peer * T:(peer + 1) * T]
+    lo_rows = recv[rank * T : (rank + 1) * T] if rank == 0 else recv[T:]
+    remote_rows = recv[peer * T : (peer + 1) * T]
     s_a, s_b = torch.cuda.Stream(), torch.cuda.Stream()
     rows = []
 
@@ -112,6 +113,7 @@ def worker(rank, world, out_path):
 
     # The Buffer itself.
     import deep_ep
+
     buffer = deep_ep.Buffer(dist.group.WORLD, backend="nvlink")
     E, K = 256, 8
     scores = torch.rand(T, E, device="cuda")
@@ -119,8 +121,14 @@ def worker(rank, world, out_path):
     topk_w = torch.rand(T, K, device="cuda")
     lay = buffer.get_dispatch_layout(topk_idx, E)
     recv_x, r_idx, r_w, nlist, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1], is_token_in_rank=lay[3],
-        num_tokens_per_expert=lay[2], topk_idx=topk_idx, topk_weights=topk_w)
+        x,
+        num_tokens_per_rank=lay[0],
+        num_tokens_per_rdma_rank=lay[1],
+        is_token_in_rank=lay[3],
+        num_tokens_per_expert=lay[2],
+        topk_idx=topk_idx,
+        topk_weights=topk_w,
+    )
     cfg = deep_ep.Config(24)
 
     def cached():
@@ -139,9 +147,11 @@ def worker(rank, world, out_path):
             fn()
         host = (time.perf_counter() - t0) / 20 * 1e6
         torch.cuda.synchronize()
-        rows.append((f"Buffer nvlink cached {name}: host us/call {host:.0f}",
-                     t_disp if name == "dispatch" else t_comb, True))
+        rows.append(
+            (f"Buffer nvlink cached {name}: host us/call {host:.0f}", t_disp if name == "dispatch" else t_comb, True)
+        )
     from torch.profiler import ProfilerActivity, profile
+
     tables = {}
     for fn, name in ((cached, "dispatch"), (comb, "combine")):
         dist.barrier()

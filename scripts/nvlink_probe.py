@@ -3,6 +3,7 @@
 python scripts/nvlink_probe.py  -> rank 0 prints the median time (us) and GB/s of each piece for the
 normal-workload volume (4096 rows of 7168 bf16 to the peer), both ranks sending at once.
 """
+
 import os
 import statistics
 
@@ -34,6 +35,7 @@ def worker(rank, world):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     import torch.distributed._symmetric_memory as symm_mem
+
     T, H = 4096, 7168
     nbytes = 512 << 20
     buf = symm_mem.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -41,7 +43,7 @@ def worker(rank, world):
     peer = 1 - rank
     pbuf = hdl.get_buffer(peer, (nbytes,), torch.uint8, 0)
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-    xw = x.view(torch.int64)                       # [T, 1792]
+    xw = x.view(torch.int64)  # [T, 1792]
     W = xw.size(1)
     idx = torch.randperm(T, device="cuda").sort().values
     region = pbuf[: T * W * 8].view(torch.int64).view(T, W)

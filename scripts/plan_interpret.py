@@ -1,12 +1,14 @@
 """The fused device-plan, localise, layout and scatter kernels against the torch paths in the Triton interpreter (no GPU):
 TRITON_INTERPRET=1 python scripts/plan_interpret.py"""
+
 import itertools
 
 from tests.test_kernels import check_plan_kernel
 
 for (T, R, rank), (dis, over, bad) in itertools.product(
-        [(0, 2, 0), (1, 1, 0), (37, 2, 1), (1500, 3, 2), (300, 8, 7)],
-        [(False, False, False), (True, False, False), (False, True, False), (False, False, True)]):
+    [(0, 2, 0), (1, 1, 0), (37, 2, 1), (1500, 3, 2), (300, 8, 7)],
+    [(False, False, False), (True, False, False), (False, True, False), (False, False, True)],
+):
     check_plan_kernel("cpu", T, R, rank, T * 7 + R, dis, over, bad)
     print("ok", T, R, rank, dis, over, bad, flush=True)
 

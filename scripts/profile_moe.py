@@ -4,6 +4,7 @@ N chunks, host time per step, and torch.profiler's top CPU and CUDA ops.
     python scripts/profile_moe.py [--backend nvlink] [--chunks 4] [--hidden 2048] [--ffn 1024] [--experts 64]
                                   [--topk 8] [--tokens 4096] [--steps 6]
 """
+
 import argparse
 import os
 import time
@@ -29,14 +30,25 @@ def main():
     a = p.parse_args()
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    import deep_ep
     from torch.profiler import ProfilerActivity, profile
+
+    import deep_ep
+
     buf = deep_ep.Buffer(dist.group.WORLD, backend=a.backend)
     x = torch.randn((a.tokens, a.hidden), device="cuda", dtype=torch.bfloat16)
     go = torch.randn_like(x)
     for chunks in (1, a.chunks):
-        layer = deep_ep.ExpertParallelMoE(a.hidden, a.ffn, a.experts, a.topk, num_chunks=chunks, buffer=buf,
-                                          record_stats=True, dtype=torch.bfloat16, device="cuda")
+        layer = deep_ep.ExpertParallelMoE(
+            a.hidden,
+            a.ffn,
+            a.experts,
+            a.topk,
+            num_chunks=chunks,
+            buffer=buf,
+            record_stats=True,
+            dtype=torch.bfloat16,
+            device="cuda",
+        )
         xi = x.clone().requires_grad_()
 
         def step():
@@ -58,13 +70,17 @@ def main():
             fw += s1 - s0
             bw += time.perf_counter() - s1
         t = (time.perf_counter() - t0) / a.steps
-        print(f"=== chunks={chunks}: step {t * 1e3:.2f} ms (forward {fw / a.steps * 1e3:.2f}, backward "
-              f"{bw / a.steps * 1e3:.2f}); stats {layer.stats}", flush=True)
+        print(
+            f"=== chunks={chunks}: step {t * 1e3:.2f} ms (forward {fw / a.steps * 1e3:.2f}, backward "
+            f"{bw / a.steps * 1e3:.2f}); stats {layer.stats}",
+            flush=True,
+        )
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
             step()
             torch.cuda.synchronize()
         import cProfile
         import pstats
+
         pr = cProfile.Profile()
         pr.enable()
         step()

@@ -5,6 +5,7 @@ dispatch at the normal workload, with staging sized as the bench does (DeepEP's 
 CUDA-event time (L2 flushed first, as the bench), host time per call, GPU kernel time per call, and the
 top host functions of a fresh dispatch (cProfile). Writes the profiler tables under OUT_DIR.
 """
+
 import cProfile
 import io
 import os
@@ -49,6 +50,7 @@ def host_time(fn, iters=20):
 
 def kernel_time(fn, iters=5):
     from torch.profiler import ProfilerActivity, profile
+
     torch.cuda.synchronize()
     dist.barrier()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -66,6 +68,7 @@ def worker(rank, world, out_dir):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     import deep_ep
+
     T, H, E, K = 4096, 7168, 256, 8
     g = torch.Generator(device="cuda").manual_seed(rank)
     x = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16)
@@ -80,16 +83,17 @@ def worker(rank, world, out_dir):
     tr = probe._transport
     peer = 1 - rank
     rows = 4096 * 1792
-    mine = tr.peers[rank][tr.halves[0]:tr.halves[0] + rows * 8].view(torch.int64)
-    theirs = tr.peers[peer][tr.halves[0]:tr.halves[0] + rows * 8].view(torch.int64)
+    mine = tr.peers[rank][tr.halves[0] : tr.halves[0] + rows * 8].view(torch.int64)
+    theirs = tr.peers[peer][tr.halves[0] : tr.halves[0] + rows * 8].view(torch.int64)
     local = torch.empty(rows, dtype=torch.int64, device="cuda")
     idx = torch.arange(4096, device="cuda")
-    ops = {"symm barrier": lambda: tr._barrier(),
-           "pull copy_ 58 MB": lambda: local.copy_(theirs),
-           "push copy_ 58 MB": lambda: theirs.copy_(local),
-           "local copy_ 58 MB": lambda: local.copy_(mine),
-           "index_select local": lambda: torch.index_select(local.view(4096, 1792), 0, idx,
-                                                            out=mine.view(4096, 1792))}
+    ops = {
+        "symm barrier": lambda: tr._barrier(),
+        "pull copy_ 58 MB": lambda: local.copy_(theirs),
+        "push copy_ 58 MB": lambda: theirs.copy_(local),
+        "local copy_ 58 MB": lambda: local.copy_(mine),
+        "index_select local": lambda: torch.index_select(local.view(4096, 1792), 0, idx, out=mine.view(4096, 1792)),
+    }
     for name, fn in ops.items():
         for _ in range(3):
             fn()
@@ -101,8 +105,10 @@ def worker(rank, world, out_dir):
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        lines.append(f"host cost of {name:22s}: {(t1 - t0) / 10 * 1e6:8.1f} us/launch, "
-                     f"{(t2 - t0) / 10 * 1e6:8.1f} us/op incl. GPU")
+        lines.append(
+            f"host cost of {name:22s}: {(t1 - t0) / 10 * 1e6:8.1f} us/launch, "
+            f"{(t2 - t0) / 10 * 1e6:8.1f} us/op incl. GPU"
+        )
     probe.destroy()
     dist.barrier()
     for nbytes in (hint, 256 << 20):
@@ -110,22 +116,33 @@ def worker(rank, world, out_dir):
 
         def fresh(inp=x):
             a, b, c, d, _ = buf.get_dispatch_layout(topk_idx, E)
-            return buf.dispatch(inp, num_tokens_per_rank=a, num_tokens_per_rdma_rank=b, is_token_in_rank=d,
-                                num_tokens_per_expert=c, topk_idx=topk_idx, topk_weights=topk_w)
+            return buf.dispatch(
+                inp,
+                num_tokens_per_rank=a,
+                num_tokens_per_rdma_rank=b,
+                is_token_in_rank=d,
+                num_tokens_per_expert=c,
+                topk_idx=topk_idx,
+                topk_weights=topk_w,
+            )
 
         out = fresh()
         recv_x, handle = out[0], out[4]
         handle8 = fresh(x8)[4]
-        cases = {"cached bf16": lambda: buf.dispatch(x, handle=handle),
-                 "cached fp8": lambda: buf.dispatch(x8, handle=handle8),
-                 "combine": lambda: buf.combine(recv_x, handle),
-                 "fresh bf16": fresh}
+        cases = {
+            "cached bf16": lambda: buf.dispatch(x, handle=handle),
+            "cached fp8": lambda: buf.dispatch(x8, handle=handle8),
+            "combine": lambda: buf.combine(recv_x, handle),
+            "fresh bf16": fresh,
+        }
         for name, fn in cases.items():
             ev = event_time(fn)
             host = host_time(fn)
             gpu, tab = kernel_time(fn)
-            lines.append(f"staging {nbytes / 2**20:6.1f} MiB {name:12s} event {ev:8.1f} us  host {host:8.1f} us  "
-                         f"gpu kernels {gpu:8.1f} us")
+            lines.append(
+                f"staging {nbytes / 2**20:6.1f} MiB {name:12s} event {ev:8.1f} us  host {host:8.1f} us  "
+                f"gpu kernels {gpu:8.1f} us"
+            )
             tables.append(f"=== staging {nbytes / 2**20:.1f} MiB, {name}\n{tab}")
         for name in ("cached bf16", "combine", "fresh bf16"):
             prof = cProfile.Profile()

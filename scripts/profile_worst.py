@@ -3,6 +3,7 @@
 python scripts/profile_worst.py OUT_DIR -> rank 0 prints CUDA-event, host and GPU-kernel time of the layout,
 the dispatch and both, the kernel table and the top host functions; writes them to OUT_DIR/profile_worst.txt.
 """
+
 import cProfile
 import io
 import os
@@ -19,6 +20,7 @@ from profile_nvlink import event_time, host_time  # noqa: E402
 
 def kernel_table(fn, iters=5, rows=30):
     from torch.profiler import ProfilerActivity, profile
+
     torch.cuda.synchronize()
     dist.barrier()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -36,6 +38,7 @@ def worker(rank, world, out_dir):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     import deep_ep
+
     T, H, E, K = 4096, 7168, 256, 8
     g = torch.Generator(device="cuda").manual_seed(rank)
     x = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16)
@@ -51,8 +54,16 @@ def worker(rank, world, out_dir):
 
     def dispatch_only():
         a, b, c, d, _ = lay
-        return buf.dispatch(x, num_tokens_per_rank=a, num_tokens_per_rdma_rank=b, is_token_in_rank=d,
-                            num_tokens_per_expert=c, topk_idx=topk_idx, topk_weights=topk_w, num_worst_tokens=worst)
+        return buf.dispatch(
+            x,
+            num_tokens_per_rank=a,
+            num_tokens_per_rdma_rank=b,
+            is_token_in_rank=d,
+            num_tokens_per_expert=c,
+            topk_idx=topk_idx,
+            topk_weights=topk_w,
+            num_worst_tokens=worst,
+        )
 
     def x_only():
         a, b, c, d, _ = lay
@@ -63,8 +74,14 @@ def worker(rank, world, out_dir):
         return dispatch_only()
 
     h = dispatch_only()[4]
-    cases = {"layout": layout_only, "dispatch": dispatch_only, "dispatch x only": x_only, "both": both,
-             "cached": lambda: buf.dispatch(x, handle=h), "combine": lambda: buf.combine(dispatch_only()[0], h)}
+    cases = {
+        "layout": layout_only,
+        "dispatch": dispatch_only,
+        "dispatch x only": x_only,
+        "both": both,
+        "cached": lambda: buf.dispatch(x, handle=h),
+        "combine": lambda: buf.combine(dispatch_only()[0], h),
+    }
     lines, tables = [], []
     for name, fn in cases.items():
         ev = event_time(fn)

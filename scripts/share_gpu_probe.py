@@ -5,6 +5,7 @@
 Each check prints ok / FAIL with the error; the exit status is the number of failures on rank 0.
 This is how ``DEEP_EP_TEST_SHARE_GPU=N`` (tests/conftest.py) runs the 2-rank GPU tests on a one-GPU machine.
 """
+
 import datetime
 import os
 import sys
@@ -31,8 +32,9 @@ def worker(rank, world, port, q):
     torch.cuda.set_device(rank % torch.cuda.device_count())
     dev = torch.device("cuda", torch.cuda.current_device())
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group("cpu:gloo,cuda:gloo", store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "cpu:gloo,cuda:gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     fails = []
 
     def all_reduce():
@@ -46,7 +48,7 @@ def worker(rank, world, port, q):
         assert out.view(world, 3)[:, 0].tolist() == list(range(world))
 
     def all_to_all_uneven():
-        ins = [r + 1 for r in range(world)]                # to rank r: r + 1 rows
+        ins = [r + 1 for r in range(world)]  # to rank r: r + 1 rows
         x = torch.full((sum(ins), 4), float(rank), device=dev)
         outs = [rank + 1] * world
         y = torch.empty(sum(outs), 4, device=dev)
@@ -60,6 +62,7 @@ def worker(rank, world, port, q):
 
     def symm_mem():
         import torch.distributed._symmetric_memory as sm
+
         buf = sm.empty(1 << 20, dtype=torch.uint8, device=dev)
         hdl = sm.rendezvous(buf, dist.group.WORLD)
         buf.fill_(rank + 1)
@@ -68,15 +71,19 @@ def worker(rank, world, port, q):
         view = hdl.get_buffer(peer, (1 << 20,), torch.uint8, 0)
         assert int(view[123].item()) == peer + 1
         mine = hdl.get_buffer(rank, (16,), torch.uint8, 0)
-        view[:16].copy_(torch.full((16,), 200 + rank, dtype=torch.uint8, device=dev))   # store into the peer
+        view[:16].copy_(torch.full((16,), 200 + rank, dtype=torch.uint8, device=dev))  # store into the peer
         torch.cuda.synchronize()
         hdl.barrier(channel=0)
         src = (rank - 1) % world
         assert int(mine[3].item()) == 200 + src, int(mine[3].item())
 
-    for name, fn in [("gloo all_reduce cuda", all_reduce), ("gloo all_gather_into_tensor cuda", all_gather_into_tensor),
-                     ("gloo all_to_all_single cuda uneven", all_to_all_uneven), ("broadcast_object_list", broadcast_object),
-                     ("symmetric memory rendezvous/peer store/barrier", symm_mem)]:
+    for name, fn in [
+        ("gloo all_reduce cuda", all_reduce),
+        ("gloo all_gather_into_tensor cuda", all_gather_into_tensor),
+        ("gloo all_to_all_single cuda uneven", all_to_all_uneven),
+        ("broadcast_object_list", broadcast_object),
+        ("symmetric memory rendezvous/peer store/barrier", symm_mem),
+    ]:
         _check(rank, name, fn, fails)
     if rank == 0:
         q.put(len(fails))
@@ -86,10 +93,11 @@ def worker(rank, world, port, q):
 def main():
     world = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")   # else rendezvous refuses a shared GPU
+    os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")  # else rendezvous refuses a shared GPU
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     import random
+
     port = random.randint(20000, 40000)
     procs = [ctx.Process(target=worker, args=(r, world, port, q)) for r in range(world)]
     for p in procs:

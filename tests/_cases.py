@@ -4,6 +4,7 @@ Every rank generates the inputs of *all* ranks from one seed, so each rank
 can run the single-process oracle (:mod:`deep_ep.reference`) for itself and
 compare with what the real collective returned, with no extra communication.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -53,9 +54,20 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
-def make_case(seed: int, num_ranks: int, *, num_experts: int = 8, hidden: int = 64, topk: int = 3,
-              tokens=None, pattern: str = "random", dtype=torch.bfloat16, neg_frac: float = 0.1,
-              fp8: bool = False, rank_valued: bool = False) -> Case:
+def make_case(
+    seed: int,
+    num_ranks: int,
+    *,
+    num_experts: int = 8,
+    hidden: int = 64,
+    topk: int = 3,
+    tokens=None,
+    pattern: str = "random",
+    dtype=torch.bfloat16,
+    neg_frac: float = 0.1,
+    fp8: bool = False,
+    rank_valued: bool = False,
+) -> Case:
     """Random routing for ``num_ranks`` ranks.
 
     ``pattern``: ``random`` (top-k of random scores, no repeats, some -1),
@@ -72,8 +84,10 @@ def make_case(seed: int, num_ranks: int, *, num_experts: int = 8, hidden: int = 
     for r in range(num_ranks):
         T = tokens[r]
         if rank_valued:
-            x = torch.full((T, hidden), float(r), dtype=torch.float32, device="cpu") + \
-                torch.arange(T, dtype=torch.float32, device="cpu").unsqueeze(1) / 1024.0
+            x = (
+                torch.full((T, hidden), float(r), dtype=torch.float32, device="cpu")
+                + torch.arange(T, dtype=torch.float32, device="cpu").unsqueeze(1) / 1024.0
+            )
         else:
             x = torch.randn((T, hidden), generator=g, dtype=torch.float32, device="cpu")
         xs.append(x.to(dtype))
@@ -90,11 +104,17 @@ def make_case(seed: int, num_ranks: int, *, num_experts: int = 8, hidden: int = 
             lo = min(L, num_experts - 1)
             scores = torch.rand((T, num_experts), generator=g, device="cpu")
             scores[:, :L] = -1.0
-            ti = scores.topk(min(k, num_experts - lo), dim=1).indices if T else torch.zeros((0, min(k, num_experts - lo)), dtype=torch.int64, device="cpu")
+            ti = (
+                scores.topk(min(k, num_experts - lo), dim=1).indices
+                if T
+                else torch.zeros((0, min(k, num_experts - lo)), dtype=torch.int64, device="cpu")
+            )
             if ti.size(1) < topk:
                 ti = torch.cat([ti, torch.full((T, topk - ti.size(1)), -1, dtype=torch.int64, device="cpu")], dim=1)
         elif pattern == "all_ranks":
-            ti = torch.stack([torch.full((T,), j * L, dtype=torch.int64, device="cpu") for j in range(num_ranks)], dim=1)
+            ti = torch.stack(
+                [torch.full((T,), j * L, dtype=torch.int64, device="cpu") for j in range(num_ranks)], dim=1
+            )
         else:
             scores = torch.rand((T, num_experts), generator=g, device="cpu")
             ti = scores.topk(k, dim=1).indices if T else torch.zeros((0, k), dtype=torch.int64, device="cpu")

@@ -253,13 +253,11 @@ def _worker_main(rank, world_size, backend, store_port, conn, stack_path, pg_tim
         if "nccl" in backend:
             torch.cuda.set_device(rank)
             kwargs["device_id"] = torch.device("cuda", rank)
-        elif "cuda:" in backend:      # e.g. 'cpu:gloo,cuda:gloo': ranks may share GPUs
+        elif "cuda:" in backend:  # e.g. 'cpu:gloo,cuda:gloo': ranks may share GPUs
             torch.cuda.set_device(rank % torch.cuda.device_count())
             # symmetric memory refuses two ranks on one GPU unless told (this also turns multicast off)
             os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
-        )
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     except BaseException:
         send(("init_error", traceback.format_exc()))
         return
@@ -709,8 +707,7 @@ class RankPool:
             parts.append(f"===== rank {r} traceback =====\n{failures[r].rstrip()}")
         for r in sorted(crashed):
             parts.append(
-                f"===== rank {r} worker process died ({_describe_exit(crashed[r])}) ====="
-                + self._stack_text(r)
+                f"===== rank {r} worker process died ({_describe_exit(crashed[r])}) =====" + self._stack_text(r)
             )
         if unfinished and (failures or crashed):
             parts.append(
@@ -718,7 +715,9 @@ class RankPool:
                 "failure (probably blocked in a collective)"
             )
         for r in unfinished:
-            parts.append(f"===== rank {r} stack (did not finish) =====\n{stacks.get(r, '').rstrip() or '<no stack captured>'}")
+            parts.append(
+                f"===== rank {r} stack (did not finish) =====\n{stacks.get(r, '').rstrip() or '<no stack captured>'}"
+            )
         if self._needs_restart:
             parts.append("(worker processes killed; the pool restarts on the next run)")
             self._kill()

@@ -68,9 +68,7 @@ def pytest_collection_modifyitems(config, items):
     ~2 s import overlaps with the rest of the session instead of delaying the
     first multi-rank test.
     """
-    if not config.option.collectonly and any(
-        "rank_pool" in getattr(item, "fixturenames", ()) for item in items
-    ):
+    if not config.option.collectonly and any("rank_pool" in getattr(item, "fixturenames", ()) for item in items):
         try:
             prestart_forkserver()
         except Exception:  # pragma: no cover - the pool reports real problems later
@@ -104,7 +102,7 @@ def rank_pool():
                 pytest.skip(f"nccl pool of {world_size} ranks needs {world_size} CUDA GPUs")
             real = backend
             if "nccl" in backend and _real_cuda_device_count() < world_size:
-                real = "cpu:gloo,cuda:gloo"      # DEEP_EP_TEST_SHARE_GPU: ranks share a GPU
+                real = "cpu:gloo,cuda:gloo"  # DEEP_EP_TEST_SHARE_GPU: ranks share a GPU
             pool = pools[key] = RankPool(world_size, backend=real)
         return pool
 

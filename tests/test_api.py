@@ -1,4 +1,5 @@
 """The public surface: names, signatures and defaults exactly as API.md (DeepEP v1 compatible)."""
+
 from __future__ import annotations
 
 import inspect
@@ -9,13 +10,15 @@ import torch.distributed as dist
 
 import deep_ep
 from deep_ep.errors import BufferDestroyedError, DeepEPInputError
-
 from tests._cases import device, get_buffer
 
 
 def _params(fn):
-    return [(p.name, p.default if p.default is not inspect.Parameter.empty else "<req>", p.kind.name)
-            for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    return [
+        (p.name, p.default if p.default is not inspect.Parameter.empty else "<req>", p.kind.name)
+        for p in inspect.signature(fn).parameters.values()
+        if p.name != "self"
+    ]
 
 
 def test_module_names():
@@ -23,16 +26,35 @@ def test_module_names():
         assert hasattr(deep_ep, name), name
     assert deep_ep.topk_idx_t is torch.int64
     from deep_ep.integrations import patch_moe_model  # noqa: F401
+
     assert callable(deep_ep.ops.dispatch) and callable(deep_ep.ops.combine)
 
 
 def test_buffer_signature():
     names = [p[0] for p in _params(deep_ep.Buffer.__init__)]
-    assert names == ["group", "num_nvl_bytes", "num_rdma_bytes", "low_latency_mode", "num_qps_per_rank",
-                     "allow_nvlink_for_low_latency_mode", "allow_mnnvl", "use_fabric", "explicitly_destroy",
-                     "enable_shrink", "comm", "backend", "ep_buffer_size", "compression_level", "topology_aware",
-                     "timeout_s", "compression_ratio", "combine_compression_level", "compression_stats", "ranks_per_node",
-                     "compression_tolerance"]
+    assert names == [
+        "group",
+        "num_nvl_bytes",
+        "num_rdma_bytes",
+        "low_latency_mode",
+        "num_qps_per_rank",
+        "allow_nvlink_for_low_latency_mode",
+        "allow_mnnvl",
+        "use_fabric",
+        "explicitly_destroy",
+        "enable_shrink",
+        "comm",
+        "backend",
+        "ep_buffer_size",
+        "compression_level",
+        "topology_aware",
+        "timeout_s",
+        "compression_ratio",
+        "combine_compression_level",
+        "compression_stats",
+        "ranks_per_node",
+        "compression_tolerance",
+    ]
     p = {n: (d, k) for n, d, k in _params(deep_ep.Buffer.__init__)}
     assert p["num_nvl_bytes"][0] == 0 and p["num_qps_per_rank"][0] == 24 and p["low_latency_mode"][0] is False
     assert p["backend"] == ("auto", "KEYWORD_ONLY") and p["compression_level"][0] == 16
@@ -42,14 +64,41 @@ def test_buffer_signature():
 def test_method_signatures():
     B = deep_ep.Buffer
     assert [p[0] for p in _params(B.get_dispatch_layout)] == [
-        "topk_idx", "num_experts", "previous_event", "async_finish", "allocate_on_comm_stream"]
+        "topk_idx",
+        "num_experts",
+        "previous_event",
+        "async_finish",
+        "allocate_on_comm_stream",
+    ]
     assert [p[0] for p in _params(B.dispatch)] == [
-        "x", "handle", "num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank", "num_tokens_per_expert",
-        "topk_idx", "topk_weights", "expert_alignment", "num_worst_tokens", "config", "previous_event", "async_finish",
-        "allocate_on_comm_stream", "compress", "return_compressed"]          # deep_ep's, keyword-only
+        "x",
+        "handle",
+        "num_tokens_per_rank",
+        "num_tokens_per_rdma_rank",
+        "is_token_in_rank",
+        "num_tokens_per_expert",
+        "topk_idx",
+        "topk_weights",
+        "expert_alignment",
+        "num_worst_tokens",
+        "config",
+        "previous_event",
+        "async_finish",
+        "allocate_on_comm_stream",
+        "compress",
+        "return_compressed",
+    ]  # deep_ep's, keyword-only
     assert [p[0] for p in _params(B.combine)] == [
-        "x", "handle", "topk_weights", "bias", "config", "previous_event", "async_finish", "allocate_on_comm_stream",
-        "compress"]
+        "x",
+        "handle",
+        "topk_weights",
+        "bias",
+        "config",
+        "previous_event",
+        "async_finish",
+        "allocate_on_comm_stream",
+        "compress",
+    ]
     assert {p[0]: p[2] for p in _params(B.dispatch)}["compress"] == "KEYWORD_ONLY"
     assert [p[0] for p in _params(B.get_local_buffer_tensor)] == ["dtype", "size", "offset", "use_rdma_buffer"]
 
@@ -60,31 +109,57 @@ def test_low_latency_signatures():
     B, req = deep_ep.Buffer, "<req>"
     want = {
         "low_latency_dispatch": [
-            ("x", req), ("topk_idx", req), ("num_max_dispatch_tokens_per_rank", req), ("num_experts", req),
-            ("cumulative_local_expert_recv_stats", None), ("dispatch_wait_recv_cost_stats", None), ("use_fp8", True),
-            ("round_scale", False), ("use_ue8m0", False), ("async_finish", False), ("return_recv_hook", False)],
+            ("x", req),
+            ("topk_idx", req),
+            ("num_max_dispatch_tokens_per_rank", req),
+            ("num_experts", req),
+            ("cumulative_local_expert_recv_stats", None),
+            ("dispatch_wait_recv_cost_stats", None),
+            ("use_fp8", True),
+            ("round_scale", False),
+            ("use_ue8m0", False),
+            ("async_finish", False),
+            ("return_recv_hook", False),
+        ],
         "low_latency_combine": [
-            ("x", req), ("topk_idx", req), ("topk_weights", req), ("handle", req), ("use_logfmt", False),
-            ("zero_copy", False), ("async_finish", False), ("return_recv_hook", False), ("out", None),
-            ("combine_wait_recv_cost_stats", None)],
+            ("x", req),
+            ("topk_idx", req),
+            ("topk_weights", req),
+            ("handle", req),
+            ("use_logfmt", False),
+            ("zero_copy", False),
+            ("async_finish", False),
+            ("return_recv_hook", False),
+            ("out", None),
+            ("combine_wait_recv_cost_stats", None),
+        ],
         "get_next_low_latency_combine_buffer": [("handle", req)],
         "clean_low_latency_buffer": [("num_max_dispatch_tokens_per_rank", req), ("hidden", req), ("num_experts", req)],
-        "get_low_latency_rdma_size_hint": [("num_max_dispatch_tokens_per_rank", req), ("hidden", req),
-                                           ("num_ranks", req), ("num_experts", req)],
+        "get_low_latency_rdma_size_hint": [
+            ("num_max_dispatch_tokens_per_rank", req),
+            ("hidden", req),
+            ("num_ranks", req),
+            ("num_experts", req),
+        ],
     }
     for name, params in want.items():
         got = _params(getattr(B, name))
         assert [(n, d) for n, d, _ in got] == params, f"{name}: {got}"
         assert all(k == "POSITIONAL_OR_KEYWORD" for _, _, k in got), f"{name}: {got}"
     assert isinstance(inspect.getattr_static(B, "get_low_latency_rdma_size_hint"), staticmethod)
-    assert "self" in inspect.signature(B.low_latency_dispatch).parameters     # instance methods
+    assert "self" in inspect.signature(B.low_latency_dispatch).parameters  # instance methods
     assert B.get_low_latency_rdma_size_hint(128, 7168, 2, 288) >= B.get_low_latency_rdma_size_hint(64, 7168, 2, 288)
 
 
 def test_config_and_class_methods():
     c = deep_ep.Config()
-    assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
-            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (20, 6, 256, 6, 256)
+    assert (
+        c.num_sms,
+        c.num_max_nvl_chunked_send_tokens,
+        c.num_max_nvl_chunked_recv_tokens,
+        c.num_max_rdma_chunked_send_tokens,
+        c.num_max_rdma_chunked_recv_tokens,
+    ) == (20, 6, 256, 6, 256)
     a = c.get_nvl_buffer_size_hint(7168 * 2, 8)
     assert a > 0 and a % 128 == 0 and c.get_nvl_buffer_size_hint(7168 * 2, 8) > c.get_nvl_buffer_size_hint(1024, 8)
     assert c.get_rdma_buffer_size_hint(7168 * 2, 8) == 0 and c.get_rdma_buffer_size_hint(7168 * 2, 16) > 0
@@ -118,6 +193,7 @@ def rank_buffer_utilities(rank, R):
         with pytest.raises(DeepEPInputError, match="num_nvl_bytes"):
             deep_ep.Buffer(None, num_nvl_bytes=1024, backend="nvlink")
         from deep_ep.transport import select_backend
+
         assert deep_ep.Buffer(None).backend == select_backend(dist.group.WORLD)[0]
     t = buf.get_local_buffer_tensor(torch.float32)
     assert t.numel() == 256 and t.device.type == dev.type
@@ -138,6 +214,7 @@ def rank_buffer_utilities(rank, R):
 
 def rank_env_knobs(rank, R):
     import os
+
     os.environ["DEEP_EP_BUFFER_SIZE"] = "8M"
     os.environ["DEEP_EP_TIMEOUT_S"] = "12.5"
     os.environ["DEEP_EP_TOPOLOGY_AWARE"] = "0"
@@ -148,7 +225,7 @@ def rank_env_knobs(rank, R):
         assert buf2.ep_buffer_size == 1 << 20 and buf2.timeout_s == 3 and buf2.topology_aware is True
         os.environ["DEEP_EP_COMPRESSION_LEVEL"] = "8"
         assert deep_ep.Buffer(None).compression_level == 8
-        assert deep_ep.Buffer(None, compression_level=4).compression_level == 4     # the argument wins
+        assert deep_ep.Buffer(None, compression_level=4).compression_level == 4  # the argument wins
         os.environ["DEEP_EP_COMPRESSION_LEVEL"] = "3"
         with pytest.raises(deep_ep.DeepEPInputError, match="compression_level"):
             deep_ep.Buffer(None)
@@ -167,6 +244,7 @@ def test_env_knobs(rank_pool):
 
 def test_buffer_needs_distributed():
     import torch.distributed as dist
+
     if dist.is_initialized():  # pragma: no cover
         pytest.skip("a default group exists in this process")
     with pytest.raises(deep_ep.DeepEPError, match="init_process_group"):
@@ -178,13 +256,22 @@ def test_buffer_utilities_gpu(rank_pool):
     rank_pool(2, backend="nccl").run(rank_buffer_utilities)
 
 
-@pytest.mark.parametrize("be,cfg,want", [("nccl", None, True), ("gloo", None, False),
-                                         ("cpu:gloo,cuda:nccl", None, True), ("cpu:gloo,cuda:gloo", None, True),
-                                         ("undefined", "cpu:gloo", False), ("undefined", "cpu:gloo,cuda:nccl", True)])
+@pytest.mark.parametrize(
+    "be,cfg,want",
+    [
+        ("nccl", None, True),
+        ("gloo", None, False),
+        ("cpu:gloo,cuda:nccl", None, True),
+        ("cpu:gloo,cuda:gloo", None, True),
+        ("undefined", "cpu:gloo", False),
+        ("undefined", "cpu:gloo,cuda:nccl", True),
+    ],
+)
 def test_group_on_cuda_backend_strings(monkeypatch, be, cfg, want):
     """Which groups work on CUDA: NCCL, a gloo group mapped to CUDA, and a group made without naming a
     backend (its per-device configuration decides)."""
     import deep_ep.transport as tr
+
     monkeypatch.setattr(tr.dist, "get_backend", lambda group=None: be)
     monkeypatch.setattr(tr.dist, "get_backend_config", lambda group=None: cfg)
     assert tr.group_on_cuda() is want

@@ -1,4 +1,5 @@
 """deep_ep.balance: planner invariants, replica routing, quotas across ranks, forecast, simulation (issue 8)."""
+
 from __future__ import annotations
 
 import inspect
@@ -18,8 +19,10 @@ from deep_ep.balance.router import waterfill
 from deep_ep.balance.simulate import TraceConfig, eplb_reference, make_trace, sample_topk, simulate
 from deep_ep.errors import DeepEPInputError
 
-README_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-                 [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+README_WEIGHT = [
+    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,12 +42,12 @@ def _check_plan(phy2log, log2phy, logcnt, num_experts, num_replicas, num_gpus, g
     assert phy2log.dtype == log2phy.dtype == logcnt.dtype == torch.int64
     assert phy2log.shape == (layers, num_replicas) and logcnt.shape == (layers, num_experts)
     assert log2phy.shape[:2] == (layers, num_experts) and log2phy.shape[2] == int(logcnt.max())
-    assert num_replicas % num_gpus == 0                                  # equal slots per GPU
+    assert num_replicas % num_gpus == 0  # equal slots per GPU
     for layer in range(layers):
         p = phy2log[layer]
         assert ((p >= 0) & (p < num_experts)).all()
         cnt = torch.bincount(p, minlength=num_experts)
-        assert torch.equal(cnt, logcnt[layer]) and (cnt >= 1).all()        # every expert has a replica
+        assert torch.equal(cnt, logcnt[layer]) and (cnt >= 1).all()  # every expert has a replica
         assert int(cnt.sum()) == num_replicas
         for e in range(num_experts):
             slots = log2phy[layer, e]
@@ -63,6 +66,7 @@ def _check_plan(phy2log, log2phy, logcnt, num_experts, num_replicas, num_gpus, g
 # ---------------------------------------------------------------------------------------------- API
 def test_public_names_and_docstrings():
     import deep_ep.balance as bal
+
     for name in bal.__all__:
         obj = getattr(bal, name)
         assert obj.__doc__ and obj.__doc__.strip(), name
@@ -71,7 +75,12 @@ def test_public_names_and_docstrings():
             if not name.startswith("_"):
                 assert member.__doc__, f"{cls.__name__}.{name}"
     assert list(inspect.signature(rebalance_experts).parameters)[:5] == [
-        "weight", "num_replicas", "num_groups", "num_nodes", "num_gpus"]
+        "weight",
+        "num_replicas",
+        "num_groups",
+        "num_nodes",
+        "num_gpus",
+    ]
     assert list(inspect.signature(ReplicaRouter.route).parameters)[1:3] == ["topk_idx", "global_counts"]
     assert inspect.signature(LoadMonitor).parameters["window"].default == 100
 
@@ -80,9 +89,12 @@ def test_names_importable_from_their_modules():
     """Public names stay importable from the modules that first held them (and the modules stay short)."""
     import deep_ep.balance as bal
     from deep_ep.balance import migrate, migration_plan, placement, planner, simulate
-    for mod, names in ((planner, ["rebalance_experts", "replica_counts", "moved_experts", "gpu_loads"]),
-                       (migrate, ["MigrationPlan", "plan_migration", "placement_moves", "migrate_experts"]),
-                       (simulate, ["contiguous_phy2log"])):
+
+    for mod, names in (
+        (planner, ["rebalance_experts", "replica_counts", "moved_experts", "gpu_loads"]),
+        (migrate, ["MigrationPlan", "plan_migration", "placement_moves", "migrate_experts"]),
+        (simulate, ["contiguous_phy2log"]),
+    ):
         for name in names:
             assert getattr(mod, name) is getattr(bal, name), f"{mod.__name__}.{name}"
     assert migrate.MigrationPlan is migration_plan.MigrationPlan and planner.gpu_loads is placement.gpu_loads
@@ -94,9 +106,19 @@ def test_names_importable_from_their_modules():
 
 
 # ---------------------------------------------------------------------------------------------- planner
-@pytest.mark.parametrize("experts,replicas,groups,nodes,gpus", [
-    (12, 16, 4, 2, 8), (12, 16, 1, 1, 8), (256, 320, 1, 1, 64), (256, 264, 8, 1, 8), (256, 288, 8, 2, 16),
-    (64, 64, 1, 1, 8), (64, 96, 4, 3, 12), (32, 48, 8, 4, 8)])
+@pytest.mark.parametrize(
+    "experts,replicas,groups,nodes,gpus",
+    [
+        (12, 16, 4, 2, 8),
+        (12, 16, 1, 1, 8),
+        (256, 320, 1, 1, 64),
+        (256, 264, 8, 1, 8),
+        (256, 288, 8, 2, 16),
+        (64, 64, 1, 1, 8),
+        (64, 96, 4, 3, 12),
+        (32, 48, 8, 4, 8),
+    ],
+)
 def test_planner_invariants(experts, replicas, groups, nodes, gpus):
     w = _zipf_weight(2, experts, seed=experts + replicas)
     for headroom in (0.0, 0.5):
@@ -113,9 +135,9 @@ def test_replicas_on_distinct_gpus_and_spread():
     p, _, cnt = rebalance_experts(w, 320, 1, 1, 64)
     per_gpu = p[0].view(64, 5)
     for row in per_gpu.tolist():
-        assert len(set(row)) == len(row)                  # no GPU holds two replicas of one expert
+        assert len(set(row)) == len(row)  # no GPU holds two replicas of one expert
     flexible = cnt[0][per_gpu] > 1
-    assert flexible.any(1).all()                          # every GPU holds load the router can move
+    assert flexible.any(1).all()  # every GPU holds load the router can move
 
 
 def test_replica_counts_is_greedy():
@@ -137,9 +159,9 @@ def test_readme_example_at_least_as_good_as_eplb():
     _check_plan(p, l2p, cnt, 12, 16, 8, 4, 2)
     ours = gpu_loads(w, p, 8)
     ref = gpu_loads(w, eplb_reference(w, 16, 4, 2, 8), 8)
-    ours_r = (ours.max(1).values / ours.mean(1))
-    ref_r = (ref.max(1).values / ref.mean(1))
-    assert abs(float(ref_r.max()) - 1.2422) < 1e-3           # EPLB's worst layer on its own example: 1.24
+    ours_r = ours.max(1).values / ours.mean(1)
+    ref_r = ref.max(1).values / ref.mean(1)
+    assert abs(float(ref_r.max()) - 1.2422) < 1e-3  # EPLB's worst layer on its own example: 1.24
     assert float(ours_r.max()) <= float(ref_r.max()) + 1e-9
     # the load-aware split does better than any even split on the same placement
     worst = 0.0
@@ -182,12 +204,12 @@ def test_replan_moves_few_experts():
 def test_planner_input_errors():
     w = torch.ones(1, 16)
     with pytest.raises(DeepEPInputError):
-        rebalance_experts(w, 18, 1, 1, 4)          # slots not a multiple of GPUs
+        rebalance_experts(w, 18, 1, 1, 4)  # slots not a multiple of GPUs
     with pytest.raises(DeepEPInputError):
-        rebalance_experts(w, 8, 1, 1, 4)           # fewer slots than experts
+        rebalance_experts(w, 8, 1, 1, 4)  # fewer slots than experts
     with pytest.raises(DeepEPInputError):
         rebalance_experts(-w, 16, 1, 1, 4)
-    p, _, cnt = rebalance_experts(torch.zeros(16), 20, 1, 1, 4)          # all-zero loads are fine
+    p, _, cnt = rebalance_experts(torch.zeros(16), 20, 1, 1, 4)  # all-zero loads are fine
     assert (cnt >= 1).all() and p.shape == (1, 20)
 
 
@@ -197,7 +219,7 @@ def _plan_and_routing(seed=0, experts=64, gpus=8, spare=2, tokens=512, topk=4):
     p, _, cnt = rebalance_experts(w, experts + spare * gpus, 1, 1, gpus, headroom=0.5)
     g = torch.Generator().manual_seed(seed + 100)
     idx = sample_topk(torch.log(w), tokens, topk, g)[0]
-    idx[torch.rand(idx.shape, generator=g) < 0.05] = -1                 # some empty slots
+    idx[torch.rand(idx.shape, generator=g) < 0.05] = -1  # some empty slots
     return p, cnt, idx
 
 
@@ -205,7 +227,7 @@ def _assert_valid_routing(router, topk_idx, out):
     assert out.shape == topk_idx.shape and out.dtype == torch.int64
     assert torch.equal(out < 0, topk_idx < 0)
     ok = topk_idx >= 0
-    assert torch.equal(router.phy2log[out[ok]], topk_idx[ok])         # a replica of its own expert
+    assert torch.equal(router.phy2log[out[ok]], topk_idx[ok])  # a replica of its own expert
 
 
 def test_waterfill_levels():
@@ -214,7 +236,7 @@ def test_waterfill_levels():
     counts = torch.tensor([15, 7, 50], dtype=torch.int64)
     share = waterfill(counts, base, valid)
     assert torch.equal(share.sum(1), counts) and (share >= 0).all() and (share[~valid] == 0).all()
-    assert share[0].tolist() == [13, 2, 0, 0]                        # level 12.5: 0+13, 10+2
+    assert share[0].tolist() == [13, 2, 0, 0]  # level 12.5: 0+13, 10+2
     assert sorted(share[1].tolist()) == [1, 2, 2, 2]
     assert share[2].tolist() == [0, 50, 0, 0]
 
@@ -260,7 +282,7 @@ def test_quotas_balance_and_determinism():
     bal = r.gpu_load(q).double()
     assert float(bal.max()) <= float(even.max())
     lower = max(float(bal.mean()), 0.0)
-    rigid = torch.zeros(8, dtype=torch.float64)                      # single-replica load is fixed
+    rigid = torch.zeros(8, dtype=torch.float64)  # single-replica load is fixed
     for e in range(64):
         if int(cnt[0, e]) == 1:
             rigid[int(r.replicas[e, 0]) // r.slots_per_gpu] += float(gc[e])
@@ -277,7 +299,7 @@ def test_quotas_balance_and_determinism():
 def test_quotas_fill_exactly_across_simulated_ranks():
     p, cnt, idx = _plan_and_routing(seed=3, tokens=1200)
     r = ReplicaRouter(p, cnt, 8)
-    chunks = idx.chunk(4)                                              # 4 ranks with different tokens
+    chunks = idx.chunk(4)  # 4 ranks with different tokens
     per_rank = torch.stack([torch.bincount(c[c >= 0], minlength=64) for c in chunks])
     outs = [r.route(c, per_rank, rank=i) for i, c in enumerate(chunks)]
     for c, o in zip(chunks, outs):
@@ -311,8 +333,8 @@ def _rank_route(rank, world, seed):
     # every rank gets different tokens
     g = torch.Generator().manual_seed(1000 + rank)
     local = idx[torch.randperm(idx.shape[0], generator=g)[: 300 + 100 * rank]]
-    counts = r.exchange_counts(local)                                   # all_gather [R, E]
-    out = r.route(local, counts)                                        # rank from torch.distributed
+    counts = r.exchange_counts(local)  # all_gather [R, E]
+    out = r.route(local, counts)  # rank from torch.distributed
     _assert_valid_routing(r, local, out)
     q = r.quotas(counts)
     mine = torch.bincount(out[out >= 0], minlength=r.num_slots)
@@ -326,19 +348,27 @@ def _rank_route(rank, world, seed):
     dist.all_reduce(mine_e)
     mon = LoadMonitor(64, window=4, group=dist.group.WORLD)
     rec = mon.update(torch.bincount(local[local >= 0], minlength=64))
-    return dict(q=q, total=total, counts=counts, q_e=r.quotas(tot_e), total_e=mine_e, rec=rec, tot_e=tot_e,
-                imb=mon.imbalance(p, cnt, num_gpus=8, balanced=True))
+    return dict(
+        q=q,
+        total=total,
+        counts=counts,
+        q_e=r.quotas(tot_e),
+        total_e=mine_e,
+        rec=rec,
+        tot_e=tot_e,
+        imb=mon.imbalance(p, cnt, num_gpus=8, balanced=True),
+    )
 
 
 def test_quotas_identical_on_gloo_ranks(rank_pool):
     res = rank_pool(2).run(_rank_route, 7)
     a, b = res
     assert torch.equal(a["counts"], b["counts"]) and a["counts"].shape == (2, 64)
-    assert torch.equal(a["q"], b["q"])                                   # same quotas on every rank
-    assert torch.equal(a["total"], a["q"])                               # ranks together fill them exactly
+    assert torch.equal(a["q"], b["q"])  # same quotas on every rank
+    assert torch.equal(a["total"], a["q"])  # ranks together fill them exactly
     assert torch.equal(a["q_e"], b["q_e"])
     assert int((a["total_e"] - a["q_e"]).abs().max()) <= 2
-    assert torch.equal(a["rec"], a["tot_e"]) and torch.equal(b["rec"], a["tot_e"])   # monitor all-reduced
+    assert torch.equal(a["rec"], a["tot_e"]) and torch.equal(b["rec"], a["tot_e"])  # monitor all-reduced
     assert a["imb"] == b["imb"] and a["imb"]["max_over_mean"] >= 1.0
 
 
@@ -361,7 +391,7 @@ def test_monitor_history_window():
 def _trend_trace(steps=300, experts=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = 50 + 400 * torch.rand(experts, dtype=torch.float64, generator=g)
-    slope = (torch.rand(experts, dtype=torch.float64, generator=g) - 0.5) * 0.02      # +-1% per step
+    slope = (torch.rand(experts, dtype=torch.float64, generator=g) - 0.5) * 0.02  # +-1% per step
     t = torch.arange(steps, dtype=torch.float64).view(-1, 1)
     rate = base * torch.exp(slope * t)
     return torch.poisson(rate, generator=g), rate
@@ -372,9 +402,9 @@ def test_forecast_beats_window_mean_on_trend():
     w, horizon = 50, 25
     err_f = err_m = 0.0
     for t in range(w, counts.shape[0] - horizon, 10):
-        truth = rate[t:t + horizon].mean(0)
+        truth = rate[t : t + horizon].mean(0)
         mon = LoadMonitor(64, window=w, horizon=horizon)
-        for row in counts[t - w:t]:
+        for row in counts[t - w : t]:
             mon.update(row)
         err_f += float((mon.forecast() - truth).abs().sum() / truth.sum())
         err_m += float((mon.window_mean() - truth).abs().sum() / truth.sum())
@@ -386,22 +416,22 @@ def test_forecast_beats_window_mean_on_drifting_trace():
     c = tr.counts.to(torch.float64)
     err_f = err_m = 0.0
     for t in range(50, 210, 10):
-        truth = c[t:t + 50].mean(0)
-        err_f += float((forecast_counts(c[t - 50:t], 50) - truth).abs().sum() / truth.sum())
-        err_m += float((c[t - 50:t].mean(0) - truth).abs().sum() / truth.sum())
+        truth = c[t : t + 50].mean(0)
+        err_f += float((forecast_counts(c[t - 50 : t], 50) - truth).abs().sum() / truth.sum())
+        err_m += float((c[t - 50 : t].mean(0) - truth).abs().sum() / truth.sum())
     assert err_f < err_m, (err_f, err_m)
 
 
 def test_imbalance_figures():
     mon = LoadMonitor(4, window=10)
-    mon.update(torch.tensor([3, 1, 2, 2]))                    # contiguous on 2 GPUs: 4 and 4
-    mon.update(torch.tensor([6, 0, 1, 1]))                    # 6 and 2
+    mon.update(torch.tensor([3, 1, 2, 2]))  # contiguous on 2 GPUs: 4 and 4
+    mon.update(torch.tensor([6, 0, 1, 1]))  # 6 and 2
     fig = mon.imbalance(num_gpus=2)
     assert fig["steps"] == 2
     assert fig["max_over_mean"] == pytest.approx((1.0 + 1.5) / 2)
     assert fig["std_over_mean"] == pytest.approx((0.0 + 0.5) / 2)
     # expert 0 replicated on both GPUs: even split evens the second step out completely
-    p = torch.tensor([0, 1, 2, 0, 3, 3])                      # 3 slots per GPU
+    p = torch.tensor([0, 1, 2, 0, 3, 3])  # 3 slots per GPU
     cnt = torch.bincount(p, minlength=4)
     fig2 = mon.imbalance(p, cnt, num_gpus=2, counts=torch.tensor([6, 0, 1, 1]))
     assert fig2["max_over_mean"] == pytest.approx(1.0)
@@ -410,7 +440,7 @@ def test_imbalance_figures():
     assert imbalance_figures(torch.tensor([[1.0, 3.0]]))["max_over_mean"] == pytest.approx(1.5)
     assert per_gpu_loads(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 2).tolist() == [[3.0, 7.0]]
     with pytest.raises(DeepEPInputError):
-        LoadMonitor(4).imbalance()                            # no group, no num_gpus
+        LoadMonitor(4).imbalance()  # no group, no num_gpus
 
 
 # ---------------------------------------------------------------------------------------------- simulation
@@ -420,9 +450,10 @@ def test_sample_topk_distinct_and_unbiased():
     x = sample_topk(lp, 20000, 4, g)[0]
     s = x.sort(1).values
     assert not (s[:, 1:] == s[:, :-1]).any() and x.min() >= 0 and x.max() < 16
-    y = torch.multinomial(torch.softmax(lp, 1).expand(20000, 16), 4, replacement=False,
-                          generator=torch.Generator().manual_seed(1))
-    for k in range(4):                                        # successive-sampling marginals per position
+    y = torch.multinomial(
+        torch.softmax(lp, 1).expand(20000, 16), 4, replacement=False, generator=torch.Generator().manual_seed(1)
+    )
+    for k in range(4):  # successive-sampling marginals per position
         a = torch.bincount(x[:, k], minlength=16).double() / 20000
         b = torch.bincount(y[:, k], minlength=16).double() / 20000
         assert float((a - b).abs().max()) < 0.02
@@ -443,9 +474,28 @@ def test_simulation_small_deep_ep_beats_eplb():
 
 def test_benchmark_script_small(tmp_path):
     out = tmp_path / "balance.json"
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_balance.py"), "--steps", "120", "--tokens", "512",
-           "--gpus", "8", "--spare", "1", "--policies", "static,eplb,deep_ep", "--timing-iters", "2", "--seeds", "0,1",
-           "--timing-tokens", "1024", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "bench_balance.py"),
+        "--steps",
+        "120",
+        "--tokens",
+        "512",
+        "--gpus",
+        "8",
+        "--spare",
+        "1",
+        "--policies",
+        "static,eplb,deep_ep",
+        "--timing-iters",
+        "2",
+        "--seeds",
+        "0,1",
+        "--timing-tokens",
+        "1024",
+        "--json",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
     data = json.loads(out.read_text())
     assert data["workload"] == "balance" and data["card"] == "cpu"
@@ -457,7 +507,7 @@ def test_benchmark_script_small(tmp_path):
 @pytest.mark.slow
 def test_simulation_issue_sizes():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)      # small ops: one thread is several times faster on a busy 2-core box
+    torch.set_num_threads(1)  # small ops: one thread is several times faster on a busy 2-core box
     try:
         tr = make_trace(TraceConfig(steps=400, tokens=8192, seed=1))
     finally:

@@ -5,6 +5,7 @@ single-process oracle (:mod:`deep_ep.reference`, logical expert ids, no
 replicas) for itself. The layer: ``out[t] = sum_k w[t, k] * tanh(x[t] @ W[e_k])``
 with the expert sum done by combine.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,11 +16,10 @@ from deep_ep import ops
 from deep_ep import reference as ref
 from deep_ep.balance import BalancedDispatch, ReplicaRouter, rebalance_experts
 from deep_ep.errors import DeepEPInputError, RemoteInputError
-
 from tests._cases import device, get_buffer
 
-H = 8          # hidden size
-K = 2          # top-k
+H = 8  # hidden size
+K = 2  # top-k
 
 
 def zipf_logpop(g: torch.Generator, num_experts: int, s: float = 1.2) -> torch.Tensor:
@@ -34,7 +34,7 @@ def make_step(seed: int, R: int, E: int, tokens=None, neg: bool = True):
     """Inputs of every rank for one step: x (float64), skewed top-K routing (a few -1), gate weights, and the
     target ``tanh(x @ teacher)`` of a fixed teacher."""
     g = torch.Generator().manual_seed(seed)
-    lp = zipf_logpop(torch.Generator().manual_seed(1234), E)          # the same popularity every step
+    lp = zipf_logpop(torch.Generator().manual_seed(1234), E)  # the same popularity every step
     teacher = torch.randn((H, H), generator=torch.Generator().manual_seed(4321), dtype=torch.float64)
     tokens = tokens or [int(torch.randint(6, 30, (1,), generator=g)) for _ in range(R)]
     xs, idx, ws, tg = [], [], [], []
@@ -55,9 +55,9 @@ def experts(recv_x, recv_idx, recv_w, W):
     """``sum_k w_k * tanh(x @ W[slot_k])`` over this rank's slots (``recv_idx`` local, -1 = not here)."""
     y = torch.zeros(recv_x.shape, dtype=W.dtype, device=recv_x.device)
     for k in range(recv_idx.size(1)):
-        for s in range(W.size(0)):       # also with no rows: y then still depends on W (autograd on every rank)
+        for s in range(W.size(0)):  # also with no rows: y then still depends on W (autograd on every rank)
             rows = torch.nonzero(recv_idx[:, k] == s).flatten()
-            y = y.index_add(0, rows, recv_w[rows, k:k + 1].to(W.dtype) * torch.tanh(recv_x[rows].to(W.dtype) @ W[s]))
+            y = y.index_add(0, rows, recv_w[rows, k : k + 1].to(W.dtype) * torch.tanh(recv_x[rows].to(W.dtype) @ W[s]))
     return y
 
 
@@ -66,12 +66,14 @@ def oracle(xs, idx, ws, W_table, E):
     R = len(xs)
     L = E // R
     exp = ref.dispatch(xs, idx, E, ws)
-    ys = [experts(d.recv_x, d.recv_topk_idx, d.recv_topk_weights, W_table[r * L:(r + 1) * L])
-          for r, d in enumerate(exp)]
+    ys = [
+        experts(d.recv_x, d.recv_topk_idx, d.recv_topk_weights, W_table[r * L : (r + 1) * L]) for r, d in enumerate(exp)
+    ]
     return [o for o, _ in ref.combine(ys, exp, [x.size(0) for x in xs])]
 
 
 # ------------------------------------------------------------------------------------------------ forward
+
 
 def rank_layer_output(rank, R, seed, host_quotas=True):
     dev = device()
@@ -138,6 +140,7 @@ def test_balanced_layer_equals_oracle(rank_pool, R):
 
 # ------------------------------------------------------------------------------------------------ training
 
+
 def _train(rank, R, seed, steps, balanced, every):
     """fp32 expert weights trained with Adam; the layer runs in float64 and the loss and gradients are rounded
     to fp32 once, so the fp32 numbers do not depend on where an expert's tokens were computed."""
@@ -145,16 +148,16 @@ def _train(rank, R, seed, steps, balanced, every):
     buf = get_buffer()
     E = 2 * R
     L = E // R
-    W_table = torch.randn((E, H, H), generator=torch.Generator().manual_seed(seed)) * 0.5     # float32
+    W_table = torch.randn((E, H, H), generator=torch.Generator().manual_seed(seed)) * 0.5  # float32
     if balanced:
-        bd = BalancedDispatch(buf, E, num_slots=E + R, window=every)   # contiguous start, 1 spare slot per rank
+        bd = BalancedDispatch(buf, E, num_slots=E + R, window=every)  # contiguous start, 1 spare slot per rank
         W = torch.nn.Parameter(W_table[bd.local_experts].to(dev))
     else:
-        W = torch.nn.Parameter(W_table[rank * L:(rank + 1) * L].to(dev))
+        W = torch.nn.Parameter(W_table[rank * L : (rank + 1) * L].to(dev))
     opt = torch.optim.Adam([W], lr=2e-2)
     losses, moves = [], []
     for t in range(steps):
-        xs, idx, ws, tg = make_step(seed + 10 + t % 2, R, E, neg=False)     # two batches in turn
+        xs, idx, ws, tg = make_step(seed + 10 + t % 2, R, E, neg=False)  # two batches in turn
         x, ti, w, target = xs[rank].to(dev), idx[rank].to(dev), ws[rank].to(dev), tg[rank].to(dev)
         W64 = W.detach().double().requires_grad_()
         if balanced:
@@ -169,9 +172,9 @@ def _train(rank, R, seed, steps, balanced, every):
         dist.all_reduce(total)
         losses.append(total.float().cpu())
         if balanced:
-            bd.sum_replica_grads([W], [W64.grad])      # replicas: the expert's gradient, summed in float64
+            bd.sum_replica_grads([W], [W64.grad])  # replicas: the expert's gradient, summed in float64
         else:
-            W.grad = W64.grad.float()                  # one slot per expert: its gradient is complete here
+            W.grad = W64.grad.float()  # one slot per expert: its gradient is complete here
         opt.step()
         opt.zero_grad()
         if balanced and bd.maybe_replan(every, [W], opt):
@@ -187,7 +190,7 @@ def _train(rank, R, seed, steps, balanced, every):
         if p // S == rank:
             table[e] = W.detach()[p - rank * S]
     dist.all_reduce(table)
-    assert torch.equal(W.detach(), table[p2l[rank * S:(rank + 1) * S].to(dev)]), "replicas diverged"
+    assert torch.equal(W.detach(), table[p2l[rank * S : (rank + 1) * S].to(dev)]), "replicas diverged"
     return torch.stack(losses), table.cpu(), moves
 
 
@@ -198,7 +201,7 @@ def rank_training(rank, R, seed):
     assert moves and max(moves) > 0, "the skewed routing should make the planner move experts"
     assert torch.equal(loss_u, loss_b), f"fp32 losses differ: {loss_u.tolist()} vs {loss_b.tolist()}"
     assert torch.equal(w_u, w_b), "final expert weights differ"
-    assert loss_u[-1] < loss_u[0], "the layer should learn"        # steps 0 and 6: the same batch
+    assert loss_u[-1] < loss_u[0], "the layer should learn"  # steps 0 and 6: the same batch
     return loss_b.tolist(), moves
 
 
@@ -227,6 +230,7 @@ def test_route_with_precomputed_quotas():
 
 # ------------------------------------------------------------------------------------------------ errors
 
+
 def rank_errors(rank, R):
     dev = device()
     buf = get_buffer()
@@ -238,14 +242,14 @@ def rank_errors(rank, R):
     with pytest.raises(DeepEPInputError, match="num_slots"):
         BalancedDispatch(buf, E, num_slots=E + R, phy2log=torch.arange(E))
     bd = BalancedDispatch(buf, E, num_slots=E + R, load_aware=False)
-    assert torch.equal(bd.phy2log[:E // R], torch.arange(E // R)), "contiguous start"
+    assert torch.equal(bd.phy2log[: E // R], torch.arange(E // R)), "contiguous start"
     W = torch.zeros((bd.slots_per_rank, 3), device=dev)
     with pytest.raises(DeepEPInputError, match="every"):
         bd.maybe_replan(0, [W])
     assert not bd.maybe_replan(5, [W]), "nothing recorded yet"
     x = torch.randn((4, H), dtype=torch.float64, device=dev)
     ti = torch.tensor([[0, 1], [2, -1], [E - 1, 0], [-1, -1]], device=dev)
-    if dev.type == "cpu":      # CUDA skips the host check (the Buffer rejects the invalid slot instead)
+    if dev.type == "cpu":  # CUDA skips the host check (the Buffer rejects the invalid slot instead)
         bad = ti.clone()
         if rank == R - 1:
             bad[1, 1] = E
@@ -255,7 +259,7 @@ def rank_errors(rank, R):
         assert bd.steps == 0 and len(bd.monitor) == 0, "a rejected step is not recorded"
     ones = torch.ones(ti.shape, dtype=torch.float32, device=dev)
     recv_x, recv_idx, recv_w, per_slot, handle, _ = bd.dispatch(x, ti, ones)
-    out, _, _ = bd.combine(recv_x * recv_w.sum(1, keepdim=True).to(x.dtype), handle)   # every pair once
+    out, _, _ = bd.combine(recv_x * recv_w.sum(1, keepdim=True).to(x.dtype), handle)  # every pair once
     torch.testing.assert_close(out, x * (ti >= 0).sum(1, keepdim=True), atol=0, rtol=0)
     assert bd.steps == 1 and bd.monitor.history().shape == (1, E)
     fig = bd.imbalance()
@@ -270,24 +274,27 @@ def test_balanced_dispatch_errors(rank_pool, R):
 
 # ------------------------------------------------------------------------------------------------ GPU
 
+
 @pytest.mark.gpu
 def test_balanced_layer_gpu(rank_pool):
     pool = rank_pool(2, backend="nccl")
     pool.run(rank_layer_output, 5)
-    pool.run(rank_layer_output, 5, False)         # quotas solved on the GPU
+    pool.run(rank_layer_output, 5, False)  # quotas solved on the GPU
     pool.run(rank_training, 6)
     pool.run(rank_errors)
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
 
+
 def rank_layer_benchmark(rank, R, json_path):
     """``run`` of ``benchmarks/bench_balance_layer.py --small`` on the pool's gloo group (what torchrun runs)."""
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "bench_balance_layer.py")
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_balance_layer.py"
+    )
     spec = importlib.util.spec_from_file_location("bench_balance_layer", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -3,6 +3,7 @@
 The CLI runs in subprocesses (as a user runs it); the benchmark's pure parts
 (options, workload, reduction) are checked in-process. Everything runs on CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,28 @@ from deep_ep import cli
 from deep_ep.bench import options, report, workload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROW_KEYS = {"backend", "op", "wire", "tokens", "hidden", "topk", "experts", "num_sms", "time_us",
-            "gbps_logical", "gbps_link", "graph"}
+ROW_KEYS = {
+    "backend",
+    "op",
+    "wire",
+    "tokens",
+    "hidden",
+    "topk",
+    "experts",
+    "num_sms",
+    "time_us",
+    "gbps_logical",
+    "gbps_link",
+    "graph",
+}
 TOP_KEYS = {"workload", "card", "num_ranks", "date", "torch", "triton", "command", "rows"}
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "deep_ep", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "deep_ep", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _bench_args(*argv: str) -> argparse.Namespace:
@@ -55,9 +69,28 @@ def test_info_text_and_json():
 
 def test_bench_cpu_writes_bench_md_json(tmp_path):
     path = tmp_path / "res.json"
-    out = _run("bench", "--device", "cpu", "--world-size", "2", "--tokens", "32", "--hidden", "256",
-               "--experts", "8", "--topk", "2", "--iters", "3", "--warmup", "1", "--no-progress",
-               "--json", str(path))
+    out = _run(
+        "bench",
+        "--device",
+        "cpu",
+        "--world-size",
+        "2",
+        "--tokens",
+        "32",
+        "--hidden",
+        "256",
+        "--experts",
+        "8",
+        "--topk",
+        "2",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--no-progress",
+        "--json",
+        str(path),
+    )
     assert out.returncode == 0, out.stderr
     res = json.loads(path.read_text())
     assert TOP_KEYS <= set(res)
@@ -72,9 +105,13 @@ def test_bench_cpu_writes_bench_md_json(tmp_path):
         assert row["graph"] is False and row["timing"] in ("cached", "fresh")
         assert row["gbps_logical"] > 0 and row["gbps_link"] >= 0 and row["rows_match"]
         cases.add((row["backend"], row["op"], row["timing"]))
-    assert {("collective", "dispatch", "cached"), ("collective", "dispatch", "fresh"),
-            ("collective", "combine", "cached"), ("gloo-raw", "dispatch", "cached"),
-            ("gloo-raw", "combine", "cached")} <= cases
+    assert {
+        ("collective", "dispatch", "cached"),
+        ("collective", "dispatch", "fresh"),
+        ("collective", "combine", "cached"),
+        ("gloo-raw", "dispatch", "cached"),
+        ("gloo-raw", "combine", "cached"),
+    } <= cases
     coll = [r for r in res["rows"] if r["backend"] == "collective"]
     assert all(r["ratio_vs"]["gloo-raw"] > 0 for r in coll)
     # Backends that cannot run here are listed with a reason, not silently dropped.
@@ -88,7 +125,7 @@ def test_demo_and_bad_mode_exit_2(capsys):
     assert cli.main(["demo", "--device", "cpu", "--experts", "3"]) == 2
     assert "--experts must be a multiple" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--mode", "decode"])          # not a mode: argparse rejects it
+        cli.main(["bench", "--mode", "decode"])  # not a mode: argparse rejects it
 
 
 def test_bench_normal_wrapper_help(monkeypatch, capsys):
@@ -103,12 +140,14 @@ def test_options_defaults_and_errors():
     cfg = options.config_from_args(_bench_args("--device", "cpu"))
     assert (cfg.world_size, cfg.tokens, cfg.hidden, cfg.topk, cfg.experts) == (2, (256,), 1024, 4, 32)
     assert cfg.wires == ("bf16",) and cfg.raw_name == "gloo-raw" and cfg.backends is None
-    cfg = options.config_from_args(_bench_args("--device", "cpu", "--sweep", "--backend", "collective,nvlink",
-                                               "--backend", "collective", "--dtype", "both"))
+    cfg = options.config_from_args(
+        _bench_args(
+            "--device", "cpu", "--sweep", "--backend", "collective,nvlink", "--backend", "collective", "--dtype", "both"
+        )
+    )
     assert cfg.tokens == options.SWEEP_TOKENS and cfg.workload == "sweep"
     assert cfg.backends == ("collective", "nvlink") and cfg.wires == ("bf16", "fp8")
-    for bad in (["--experts", "7"], ["--topk", "64"], ["--dtype", "fp8", "--hidden", "100"],
-                ["--num-sms", "3"]):
+    for bad in (["--experts", "7"], ["--topk", "64"], ["--dtype", "fp8", "--hidden", "100"], ["--num-sms", "3"]):
         with pytest.raises(options.BenchOptionError):
             options.config_from_args(_bench_args("--device", "cpu", *bad))
 
@@ -130,12 +169,25 @@ def test_reduce_rows_max_over_ranks_and_ratios():
     cfg = options.config_from_args(_bench_args("--device", "cpu", "--tokens", "8", "--hidden", "128"))
 
     def rec(backend, times, rows, remote):
-        return dict(backend=backend, op="dispatch", wire="bf16", tokens=8, timing="cached", times_us=times,
-                    bytes_logical=rows * 256, bytes_link=remote * 256, recv_rows=rows, remote_rows=remote,
-                    num_sms=None, expected_rows=rows)
+        return dict(
+            backend=backend,
+            op="dispatch",
+            wire="bf16",
+            tokens=8,
+            timing="cached",
+            times_us=times,
+            bytes_logical=rows * 256,
+            bytes_link=remote * 256,
+            recv_rows=rows,
+            remote_rows=remote,
+            num_sms=None,
+            expected_rows=rows,
+        )
 
-    per_rank = [[rec("collective", [10, 20, 30], 10, 5), rec("gloo-raw", [5, 5, 5], 10, 5)],
-                [rec("collective", [40, 40, 40], 12, 6), rec("gloo-raw", [8, 8, 8], 12, 6)]]
+    per_rank = [
+        [rec("collective", [10, 20, 30], 10, 5), rec("gloo-raw", [5, 5, 5], 10, 5)],
+        [rec("collective", [40, 40, 40], 12, 6), rec("gloo-raw", [8, 8, 8], 12, 6)],
+    ]
     rows = {r["backend"]: r for r in report.reduce_rows(cfg, per_rank)}
     c = rows["collective"]
     assert c["time_us"] == 40 and c["time_us_per_rank"] == [20, 40]
@@ -147,18 +199,35 @@ def test_reduce_rows_max_over_ranks_and_ratios():
 
 def test_graph_cases_on_cuda_only_and_flagged_in_rows():
     import dataclasses
+
     from deep_ep.bench import cases
+
     cpu = options.config_from_args(_bench_args("--device", "cpu", "--tokens", "8", "--hidden", "128"))
     assert not any(c[4] == "graph" for c in cases.plan(cpu, ["collective"]))
     cuda = dataclasses.replace(cpu, device="cuda", wires=("bf16", "fp8"))
     planned = cases.plan(cuda, ["nvlink"])
     graphs = [c for c in planned if c[4] == "graph"]
-    assert graphs == [(8, "nvlink", "dispatch", "bf16", "graph"), (8, "nvlink", "dispatch", "fp8", "graph"),
-                      (8, "nvlink", "combine", "bf16", "graph")]
+    assert graphs == [
+        (8, "nvlink", "dispatch", "bf16", "graph"),
+        (8, "nvlink", "dispatch", "fp8", "graph"),
+        (8, "nvlink", "combine", "bf16", "graph"),
+    ]
     worst = [c[3:] for c in planned if c[4].startswith("worst")]
     assert worst == [("bf16", "worst"), ("bf16", "worst-graph"), ("fp8", "worst"), ("fp8", "worst-graph")]
-    rec = dict(backend="nvlink", op="dispatch", wire="bf16", tokens=8, timing="graph", times_us=[3.0],
-               bytes_logical=256, bytes_link=128, recv_rows=1, remote_rows=1, num_sms=24, expected_rows=1)
+    rec = dict(
+        backend="nvlink",
+        op="dispatch",
+        wire="bf16",
+        tokens=8,
+        timing="graph",
+        times_us=[3.0],
+        bytes_logical=256,
+        bytes_link=128,
+        recv_rows=1,
+        remote_rows=1,
+        num_sms=24,
+        expected_rows=1,
+    )
     row = report.reduce_rows(cuda, [[rec], [dict(rec, times_us=[5.0])]])[0]
     assert row["graph"] is True and row["timing"] == "graph" and row["time_us"] == 5.0
     row = report.reduce_rows(cuda, [[dict(rec, timing="worst-graph")]])[0]
@@ -169,23 +238,63 @@ def test_bench_compression_rows():
     """--compression adds cached dispatches of the bf16 rows compressed by deep_ep, each row with the
     codec's error and its time over the bf16 dispatch's."""
     from deep_ep.bench import cases
-    cfg = options.config_from_args(_bench_args("--device", "cpu", "--tokens", "8", "--hidden", "128",
-                                               "--compression", "8,auto", "--compression-ratio", "0.4"))
+
+    cfg = options.config_from_args(
+        _bench_args(
+            "--device",
+            "cpu",
+            "--tokens",
+            "8",
+            "--hidden",
+            "128",
+            "--compression",
+            "8,auto",
+            "--compression-ratio",
+            "0.4",
+        )
+    )
     assert cfg.compression == (8, "auto") and cfg.compression_ratio == 0.4
     planned = [c for c in cases.plan(cfg, ["collective"]) if c[3] in ("c8", "auto")]
     assert planned == [(8, "collective", "dispatch", "c8", "cached"), (8, "collective", "dispatch", "auto", "cached")]
     with pytest.raises(options.BenchOptionError, match="--compression"):
         options.config_from_args(_bench_args("--device", "cpu", "--compression", "2"))
-    base = dict(backend="collective", op="dispatch", tokens=8, timing="cached", bytes_logical=1, bytes_link=1,
-                recv_rows=1, remote_rows=1)
-    recs = [dict(base, wire="bf16", times_us=[10.0]),
-            dict(base, wire="c8", times_us=[5.0], compression_level=8, rel_err_mean=0.02, rel_err_max=0.03,
-                 wire_row_bytes=132)]
+    base = dict(
+        backend="collective",
+        op="dispatch",
+        tokens=8,
+        timing="cached",
+        bytes_logical=1,
+        bytes_link=1,
+        recv_rows=1,
+        remote_rows=1,
+    )
+    recs = [
+        dict(base, wire="bf16", times_us=[10.0]),
+        dict(
+            base,
+            wire="c8",
+            times_us=[5.0],
+            compression_level=8,
+            rel_err_mean=0.02,
+            rel_err_max=0.03,
+            wire_row_bytes=132,
+        ),
+    ]
     rows = {r["wire"]: r for r in report.reduce_rows(cfg, [recs])}
     assert rows["c8"]["time_vs_bf16"] == 0.5 and rows["c8"]["rel_err_mean"] == 0.02
-    assert "rel err" in report.format_table(dict(workload="normal", num_ranks=2, card="cpu", dist_backend="gloo",
-                                                 routing="uniform", iters=1, device="cpu",
-                                                 rows=list(rows.values()), skipped=[]))
+    assert "rel err" in report.format_table(
+        dict(
+            workload="normal",
+            num_ranks=2,
+            card="cpu",
+            dist_backend="gloo",
+            routing="uniform",
+            iters=1,
+            device="cpu",
+            rows=list(rows.values()),
+            skipped=[],
+        )
+    )
 
 
 def test_bench_low_latency_cpu(capsys, tmp_path):
@@ -196,22 +305,46 @@ def test_bench_low_latency_cpu(capsys, tmp_path):
     cfg = options.config_from_args(_bench_args("--device", "cpu", "--mode", "low-latency", "--sweep"))
     assert cfg.tokens == options.LL_SWEEP
     out = tmp_path / "ll.json"
-    assert cli.main(["bench", "--device", "cpu", "--mode", "low-latency", "--tokens", "8", "--hidden", "256",
-                     "--iters", "2", "--warmup", "1", "--backend", "collective", "--no-progress",
-                     "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--device",
+                "cpu",
+                "--mode",
+                "low-latency",
+                "--tokens",
+                "8",
+                "--hidden",
+                "256",
+                "--iters",
+                "2",
+                "--warmup",
+                "1",
+                "--backend",
+                "collective",
+                "--no-progress",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["workload"] == "low-latency" and res["num_ranks"] == 2
     rows = {(r["op"], r["wire"]): r for r in res["rows"]}
     assert set(rows) == {("dispatch", "fp8"), ("combine", "bf16")} and rows[("dispatch", "fp8")]["experts"] == 256
-    assert rows[("dispatch", "fp8")]["pairs_per_rank"] == 8 * 4            # top-4 of 256, distinct
+    assert rows[("dispatch", "fp8")]["pairs_per_rank"] == 8 * 4  # top-4 of 256, distinct
     assert "low-latency on 2 x cpu" in capsys.readouterr().out
 
 
 def test_demo_cpu(tmp_path, capsys):
     """deep-ep demo on 2 CPU ranks: every setup trains (the loss falls), JSON rows, and a chart."""
     out, png = tmp_path / "demo.json", tmp_path / "demo.png"
-    assert cli.main(["demo", "--device", "cpu", "--steps", "12", "--no-progress", "--json", str(out),
-                     "--png", str(png)]) == 0
+    assert (
+        cli.main(["demo", "--device", "cpu", "--steps", "12", "--no-progress", "--json", str(out), "--png", str(png)])
+        == 0
+    )
     res = json.loads(out.read_text())
     assert [r["setup"] for r in res["rows"]] == ["collective", "deep_ep", "deep_ep-overlap"]
     for r in res["rows"]:
@@ -220,6 +353,7 @@ def test_demo_cpu(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
     try:
         import matplotlib  # noqa: F401
+
         assert png.exists() and png.stat().st_size > 1000
     except ImportError:
         pass
@@ -238,10 +372,39 @@ def test_bench_num_sms_sweep_in_one_run(tmp_path, capsys):
     """--num-sms 2,4: one row set per SM count in one result, the baselines once, every deep_ep row's ratio
     against them; bad values exit 2."""
     path = tmp_path / "sms.json"
-    assert cli.main(["bench", "--device", "cpu", "--world-size", "2", "--tokens", "16", "--hidden", "64",
-                     "--experts", "4", "--topk", "2", "--iters", "2", "--warmup", "0", "--no-progress",
-                     "--backend", "collective", "--num-sms", "2,4", "--json", str(path), "--png",
-                     str(tmp_path / "sms.png")]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--device",
+                "cpu",
+                "--world-size",
+                "2",
+                "--tokens",
+                "16",
+                "--hidden",
+                "64",
+                "--experts",
+                "4",
+                "--topk",
+                "2",
+                "--iters",
+                "2",
+                "--warmup",
+                "0",
+                "--no-progress",
+                "--backend",
+                "collective",
+                "--num-sms",
+                "2,4",
+                "--json",
+                str(path),
+                "--png",
+                str(tmp_path / "sms.png"),
+            ]
+        )
+        == 0
+    )
     res = json.loads(path.read_text())
     assert res["num_sms_sweep"] == [2, 4]
     coll = [r for r in res["rows"] if r["backend"] == "collective"]
@@ -253,6 +416,7 @@ def test_bench_num_sms_sweep_in_one_run(tmp_path, capsys):
     assert " SMs " in capsys.readouterr().out
     try:
         import matplotlib  # noqa: F401
+
         assert (tmp_path / "sms.png").stat().st_size > 1000
     except ImportError:
         pass

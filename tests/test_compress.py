@@ -1,6 +1,7 @@
 """Wire compression (deep_ep.compress, issue 4): codecs against float64 math, exact byte layouts, special
 values, 'auto' byte targets; dispatch / combine with each level against the reference of the decoded rows
 (CPU ranks), and the GPU paths (kernels byte-identical to the reference, nvlink transport)."""
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,9 @@ def test_error_on_gaussian_rows(H):
     assert float(errs[8].mean()) <= 0.04 and float(errs[8].max()) <= 0.04
     assert float(errs[4].mean()) <= 0.12 and float(errs[4].max()) <= 0.12
     assert make_codec("auto", H, ratio=0.3).row_bytes > make_codec(4, H).row_bytes
-    assert float(errs["auto"].mean()) < float(errs[4].mean())         # more bytes than level 4, less error
-    assert 0.02 < float(errs[8].mean()) and 0.08 < float(errs[4].mean())   # the figures are what they are
-    if H == 7168:                                                      # README's figures, to their 0.1%
+    assert float(errs["auto"].mean()) < float(errs[4].mean())  # more bytes than level 4, less error
+    assert 0.02 < float(errs[8].mean()) and 0.08 < float(errs[4].mean())  # the figures are what they are
+    if H == 7168:  # README's figures, to their 0.1%
         for level, readme in ((8, 0.026), (4, 0.097), ("auto", 0.090)):
             assert abs(float(errs[level].mean()) - readme) < 0.0005, (level, float(errs[level].mean()))
 
@@ -55,7 +56,7 @@ def test_bytes_per_row_as_documented(H):
     c = make_codec(8, H, use_ue8m0=True)
     assert c.row_bytes == nb128 + H and c.encode(x).shape == (3, nb128 + H)
     ratio = max(0.3, 18 * nb32 / (2 * H))
-    if ratio > 1:                                   # a block header and scale cost more than bf16 itself
+    if ratio > 1:  # a block header and scale cost more than bf16 itself
         with pytest.raises(deep_ep.DeepEPInputError, match="below what 'auto' can reach"):
             make_codec("auto", H, ratio=1.0)
         return
@@ -76,16 +77,16 @@ def _f64_bound(level, x, codec, packed):
         scale = (amax / 448).repeat_interleave(128, dim=1)[:, :H]
         if codec.round_scale:
             scale = torch.exp2(torch.ceil(torch.log2(scale)))
-        return torch.maximum(x64.abs() * 2.0 ** -4, scale * 2.0 ** -9) * (1 + 1e-6)
+        return torch.maximum(x64.abs() * 2.0**-4, scale * 2.0**-9) * (1 + 1e-6)
     nb = codec.blocks
     amax = torch.nn.functional.pad(fin, (0, nb * 32 - H)).view(T, nb, 32).amax(2).clamp(min=1e-30)
     wide = torch.zeros((T, nb), dtype=torch.bool)
     if level == "auto":
-        bits = packed[:, :2 * nb].to(torch.int32).view(T, nb, 2)
+        bits = packed[:, : 2 * nb].to(torch.int32).view(T, nb, 2)
         wide = ((bits[:, :, 1] >> 7) & 1) == 1
     qmax = torch.where(wide, 127.0, 7.0).double()
     step = (amax / qmax).repeat_interleave(32, dim=1)[:, :H]
-    return step * 0.5 * (1 + 2.0 ** -7) + 1e-300        # the bf16 scale may be rounded either way
+    return step * 0.5 * (1 + 2.0**-7) + 1e-300  # the bf16 scale may be rounded either way
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -103,11 +104,11 @@ def test_codecs_against_float64(level, H):
     if level == "auto":
         nb, k = c.blocks, c.upgrades
         assert 0 < k < nb
-        bits = packed[:, :2 * nb].to(torch.int32).view(16, nb, 2)
+        bits = packed[:, : 2 * nb].to(torch.int32).view(16, nb, 2)
         wide = ((bits[:, :, 1] >> 7) & 1) == 1
         amax = torch.nn.functional.pad(x.abs(), (0, nb * 32 - H)).view(16, nb, 32).amax(2)
         assert bool((wide.sum(1) == k).all())
-        kth = amax.sort(dim=1, descending=True).values[:, k - 1:k]
+        kth = amax.sort(dim=1, descending=True).values[:, k - 1 : k]
         assert bool((amax[wide] >= kth.expand(-1, nb)[wide]).all())
 
 
@@ -116,13 +117,13 @@ def test_fp8_scale_options():
     plain = make_codec(8, 384).encode(x)
     scales = plain[:, :12].contiguous().view(torch.float32)
     amax = x.abs().view(8, 3, 128).amax(2).clamp(min=1e-4)
-    assert torch.equal(scales, amax / 448)                                  # DeepEP's scale
+    assert torch.equal(scales, amax / 448)  # DeepEP's scale
     r = make_codec(8, 384, round_scale=True)
     rs = r.encode(x)[:, :12].contiguous().view(torch.float32)
     assert bool((torch.log2(rs) == torch.log2(rs).round()).all()) and bool((rs >= amax / 448).all())
     u = make_codec(8, 384, use_ue8m0=True)
     up = u.encode(x)
-    assert torch.equal(torch.exp2(up[:, :3].float() - 127), rs)           # UE8M0: the biased exponent
+    assert torch.equal(torch.exp2(up[:, :3].float() - 127), rs)  # UE8M0: the biased exponent
     assert torch.equal(u.decode(up, torch.float32), r.decode(r.encode(x), torch.float32))
 
 
@@ -147,7 +148,7 @@ def test_special_values(level):
     bound = 0.04 if level == 8 else 0.12
     assert float(e[1]) <= bound and float(e[3]) <= bound and float(e[5]) <= bound
     if level == 8:
-        assert float(e[4]) == 1.0                  # below the 1e-4 floor nothing is left (DeepEP's format)
+        assert float(e[4]) == 1.0  # below the 1e-4 floor nothing is left (DeepEP's format)
     else:
         assert float(e[4]) <= bound
 
@@ -216,10 +217,10 @@ def test_auto_byte_target_guarantee(H):
             assert abs(w - t) <= 0.01 * t + 1e-6, (ratio, w, t)
         if any(t - 0.01 * t - 1e-6 <= v <= t for v in widths):
             assert w <= t + 1e-6, (ratio, w, t)
-    for k in range(nb + 1):                                       # a target that is a width: that width
+    for k in range(nb + 1):  # a target that is a width: that width
         assert make_codec("auto", H, ratio=widths[k] / (2 * H)).upgrades == k
     assert make_codec("auto", H, ratio=1.0).upgrades == nb
-    if H == 1024:                                                  # the documented miss: 8 bytes, not 1%
+    if H == 1024:  # the documented miss: 8 bytes, not 1%
         c = make_codec("auto", H, ratio=0.3)
         assert c.row_bytes == 608 and 0.01 < 1 - 608 / 614.4
 
@@ -256,20 +257,32 @@ def test_bad_arguments():
 # ------------------------------------------------------------------------------------------ through a Buffer
 def rank_dispatch_levels(rank, R, backend, worst):
     import deep_ep as de
+
     dev = device()
     case = make_case(21, R, hidden=200, topk=3, num_experts=8, tokens=[30, 17, 25, 9][:R])
     E = case.num_experts
     for level in LEVELS:
-        buf = get_buffer(backend, compression_level=level, compression_ratio=0.45, combine_compression_level=8,
-                         compression_stats=True)
+        buf = get_buffer(
+            backend,
+            compression_level=level,
+            compression_ratio=0.45,
+            combine_compression_level=8,
+            compression_stats=True,
+        )
         codec = make_codec(level, case.hidden, ratio=0.45)
         xs_q = [codec.roundtrip(x) for x in case.xs]
         w = sum(case.tokens) if worst else 0
         exp = ref.dispatch(xs_q, case.topk_idx, E, case.topk_weights, num_worst_tokens=w)
         idx = case.topk_idx[rank].to(dev)
         _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-        out = buf.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                           topk_idx=idx, topk_weights=case.topk_weights[rank].to(dev), num_worst_tokens=w)
+        out = buf.dispatch(
+            case.xs[rank].to(dev),
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idx,
+            topk_weights=case.topk_weights[rank].to(dev),
+            num_worst_tokens=w,
+        )
         n = exp[rank].num_recv_tokens
         assert_same(out[0][:n].cpu(), exp[rank].recv_x[:n], f"level {level} recv_x")
         st = buf.last_dispatch_stats
@@ -278,7 +291,7 @@ def rank_dispatch_levels(rank, R, backend, worst):
         enc = buf.dispatch(case.xs[rank].to(dev), handle=h, return_compressed=True)[0]
         assert isinstance(enc, de.wire.CompressedRows)
         assert_same(enc.decode(torch.bfloat16)[:n].cpu(), exp[rank].recv_x[:n], f"level {level} encoded")
-        plain = buf.dispatch(case.xs[rank].to(dev), handle=h, compress=False)[0]     # this call in 16 bits
+        plain = buf.dispatch(case.xs[rank].to(dev), handle=h, compress=False)[0]  # this call in 16 bits
         assert_same(plain[:n].cpu(), ref.dispatch(case.xs, case.topk_idx, E)[rank].recv_x[:n], "compress=False")
         # combine in 8 bits: the reference combine of what every rank decodes
         ys = [e.recv_x * (r + 2) for r, e in enumerate(exp)]
@@ -295,8 +308,13 @@ def rank_dispatch_levels(rank, R, backend, worst):
     idx = case.topk_idx[rank].to(dev)
     _, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, E)
     with pytest.raises(de.RankMismatchError, match="compression level"):
-        b.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
-                   compress=8 if rank == 0 else 4)
+        b.dispatch(
+            case.xs[rank].to(dev),
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idx,
+            compress=8 if rank == 0 else 4,
+        )
 
 
 def _documented_row_bytes(level, H, ratio):
@@ -326,7 +344,7 @@ def rank_dispatch_stats(rank, R):
     spiky = torch.full((H,), 0.06)
     spiky[::32] = 1.0
     x[~sent] = (spiky * 1e-12).to(x.dtype)
-    dest = torch.zeros((x.size(0), R), dtype=torch.bool)        # token -> destination ranks
+    dest = torch.zeros((x.size(0), R), dtype=torch.bool)  # token -> destination ranks
     for t, e in (idx >= 0).nonzero().tolist():
         dest[t, int(idx[t, e]) // (E // R)] = True
     remote = int(dest.sum()) - int(dest[:, rank].sum())
@@ -336,10 +354,11 @@ def rank_dispatch_stats(rank, R):
     assert torch.equal(in_rank.cpu(), dest)
     for level in (16, 8, 4, "auto"):
         compress = False if level == 16 else level
-        handle = buf.dispatch(x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
-                              compress=compress)[4]
+        handle = buf.dispatch(
+            x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx, compress=compress
+        )[4]
         stats = [buf.last_dispatch_stats]
-        buf.dispatch(x, handle=handle, compress=compress)            # the cached dispatch reports alike
+        buf.dispatch(x, handle=handle, compress=compress)  # the cached dispatch reports alike
         stats.append(buf.last_dispatch_stats)
         row_bytes = _documented_row_bytes(level, H, ratio)
         if level == 16:
@@ -348,7 +367,7 @@ def rank_dispatch_stats(rank, R):
             c = make_codec(level, H, ratio=ratio)
             assert c.row_bytes == row_bytes
             x64 = x.double()
-            y64 = c.decode(c.encode(x), x.dtype).double()            # what every receiver gets
+            y64 = c.decode(c.encode(x), x.dtype).double()  # what every receiver gets
             err = (y64 - x64).norm(dim=1) / x64.norm(dim=1)
             want_mean, want_max = float(err[sent].mean()), float(err[sent].max())
             assert float(err[~sent].min()) > want_max, "rows routed nowhere must be the worst ones"
@@ -358,7 +377,7 @@ def rank_dispatch_stats(rank, R):
             assert rec["bytes_on_wire"] == remote * row_bytes
             assert rec["rel_err_mean"] == pytest.approx(want_mean, rel=1e-9, abs=1e-12)
             assert rec["rel_err_max"] == pytest.approx(want_max, rel=1e-9, abs=1e-12)
-    assert get_buffer("collective").last_dispatch_stats is None        # off unless asked
+    assert get_buffer("collective").last_dispatch_stats is None  # off unless asked
     return remote
 
 
@@ -389,8 +408,17 @@ def test_dispatch_combine_with_each_level_one_gpu(rank_pool, worst):
 
 @pytest.mark.gpu(1)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("level,opts", [(8, {}), (8, {"round_scale": True}), (8, {"use_ue8m0": True}), (4, {}),
-                                        ("auto", {"ratio": 0.3}), ("auto", {"ratio": 0.6})])
+@pytest.mark.parametrize(
+    "level,opts",
+    [
+        (8, {}),
+        (8, {"round_scale": True}),
+        (8, {"use_ue8m0": True}),
+        (4, {}),
+        ("auto", {"ratio": 0.3}),
+        ("auto", {"ratio": 0.6}),
+    ],
+)
 @pytest.mark.parametrize("H", [7168, 2047, 33])
 def test_kernels_same_bytes_as_reference(level, opts, H):
     """The Triton codecs write the same bytes and decode to the same values as the torch reference."""
@@ -407,8 +435,9 @@ def test_kernels_same_bytes_as_reference(level, opts, H):
     want = c.encode_reference(x)
     assert torch.equal(got, want), int((got != want).sum())
     assert torch.equal(got.cpu(), c.encode_reference(x.cpu())), "CPU reference bytes"
-    assert torch.equal(c.decode_reference(want).cpu().nan_to_num(123.0),
-                       c.decode_reference(want.cpu()).nan_to_num(123.0)), "CPU reference values"
+    assert torch.equal(
+        c.decode_reference(want).cpu().nan_to_num(123.0), c.decode_reference(want.cpu()).nan_to_num(123.0)
+    ), "CPU reference values"
     dec = c.decode(got, torch.float32)
     ref_dec = c.decode_reference(want)
     assert torch.equal(torch.nan_to_num(dec, nan=123.0), torch.nan_to_num(ref_dec, nan=123.0))
@@ -419,6 +448,7 @@ def test_kernels_same_bytes_as_reference(level, opts, H):
 def rank_grad_compression(rank, R):
     """Gradients travel in 16 bits whatever the Buffer's level; grad_compression=8 sends them in 8."""
     from deep_ep import ops
+
     case = make_case(31, R, hidden=256, topk=2, num_experts=4, tokens=[11, 6])
     E = case.num_experts
     buf = get_buffer("collective", compression_level=4)
@@ -457,7 +487,7 @@ def _codec_cases(draw):
             opts = {"ratio": draw(st.floats(floor, 1.0))}
     scale = draw(st.sampled_from([1e-3, 1.0, 37.0, 1e4]))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-    return level, H, T, opts, scale, dtype, draw(st.integers(0, 2 ** 31 - 1))
+    return level, H, T, opts, scale, dtype, draw(st.integers(0, 2**31 - 1))
 
 
 @settings(max_examples=60, deadline=None)
@@ -475,7 +505,6 @@ def test_fuzz_codecs(case):
     if T:
         err = (y - x.double()).abs()
         assert bool((err <= _f64_bound(level, x.float(), c, packed)).all())
-
 
 
 def _gather_into(dev):
@@ -519,8 +548,9 @@ def _blocky(T, H, seed, spread, dtype=torch.bfloat16):
 def _roundtrip_errors(x):
     """``[T, nb + 1]``: relative_error of the round trip of every 'auto' codec k = 0..nb."""
     H = x.size(1)
-    return torch.stack([relative_error(x, make_codec("auto", H, upgrades=k).roundtrip(x))
-                        for k in range(math.ceil(H / 32) + 1)], 1)
+    return torch.stack(
+        [relative_error(x, make_codec("auto", H, upgrades=k).roundtrip(x)) for k in range(math.ceil(H / 32) + 1)], 1
+    )
 
 
 def _brute_force_upgrades(errs, tol):
@@ -542,6 +572,7 @@ def test_tolerance_upgrades_against_brute_force(H, dtype):
     """compress.tolerance_upgrades equals the brute force over every k (exact ints), on rows of mixed block
     scales plus a zero row, NaN, Inf and tiny rows; a tiny tolerance upgrades every block."""
     from deep_ep.compress import tolerance_upgrades
+
     x = torch.cat([_blocky(20, H, H, 0.0), _blocky(20, H, H + 1, 2.0)]).to(dtype)
     x[0] = 0
     x[1, 5] = float("nan")
@@ -556,7 +587,7 @@ def test_tolerance_upgrades_against_brute_force(H, dtype):
         met = errs.gather(1, got.unsqueeze(1)).squeeze(1) <= tol
         assert bool((met | (got == nb)).all())
     assert bool((tolerance_upgrades(x[4:], 1e-6) == nb).all())
-    assert int(tolerance_upgrades(x[:1], 1e-6)[0]) == 0                 # a zero row is exact at any k
+    assert int(tolerance_upgrades(x[:1], 1e-6)[0]) == 0  # a zero row is exact at any k
     assert tolerance_upgrades(x[:0], 0.05).shape == (0,)
     with pytest.raises(deep_ep.DeepEPInputError, match=r"\(0, 1\)"):
         tolerance_upgrades(x, 1.0)
@@ -567,6 +598,7 @@ def test_tolerance_upgrades_when_an_upgrade_adds_error():
     err(1) > err(0): a tolerance between them is met at k = 0 but not at k = 1, so the row asks for k = 2 (any
     k >= k_row must meet it, as the call sends every row with the largest k_row)."""
     from deep_ep.compress import tolerance_upgrades
+
     g = torch.Generator().manual_seed(0)
     b0 = torch.randint(-7, 8, (32,), generator=g).float()
     b0[0] = 7
@@ -588,8 +620,13 @@ def test_upgrades_codec_same_bytes_as_ratio_codec():
         r = make_codec("auto", H, ratio=(18 * nb + 16 * k) / (2 * H))
         assert c.upgrades == r.upgrades == k and c.row_bytes == r.row_bytes == 18 * nb + 16 * k
         assert torch.equal(c.encode(x), r.encode(x))
-    for bad in (dict(level=4, upgrades=1), dict(level="auto", upgrades=nb + 1), dict(level="auto", upgrades=-1),
-                dict(level="auto", upgrades=True), dict(level="auto", upgrades=2, ratio=0.3)):
+    for bad in (
+        dict(level=4, upgrades=1),
+        dict(level="auto", upgrades=nb + 1),
+        dict(level="auto", upgrades=-1),
+        dict(level="auto", upgrades=True),
+        dict(level="auto", upgrades=2, ratio=0.3),
+    ):
         with pytest.raises(deep_ep.DeepEPInputError):
             make_codec(bad.pop("level"), H, **bad)
 
@@ -598,6 +635,7 @@ def test_wire_tolerance_settings(monkeypatch):
     """compression_tolerance: in (0, 1), with level 'auto' only, exclusive with compression_ratio; env
     DEEP_EP_COMPRESSION_TOLERANCE when neither is given; applies to compress=True / 'auto' calls only."""
     from deep_ep.wire import Wire
+
     monkeypatch.delenv("DEEP_EP_COMPRESSION_TOLERANCE", raising=False)
     monkeypatch.delenv("DEEP_EP_COMPRESSION_LEVEL", raising=False)
     w = Wire("auto", None, 16, None, tolerance=0.05)
@@ -613,8 +651,8 @@ def test_wire_tolerance_settings(monkeypatch):
         Wire(8, None, 16, None, tolerance=0.05)
     monkeypatch.setenv("DEEP_EP_COMPRESSION_TOLERANCE", "0.04")
     assert Wire("auto", None, 16, None).tolerance == 0.04
-    assert Wire("auto", 0.3, 16, None).tolerance is None                 # an explicit ratio wins over the env
-    assert Wire(8, None, 16, None).tolerance is None                     # the env only concerns 'auto'
+    assert Wire("auto", 0.3, 16, None).tolerance is None  # an explicit ratio wins over the env
+    assert Wire(8, None, 16, None).tolerance is None  # the env only concerns 'auto'
     monkeypatch.setenv("DEEP_EP_COMPRESSION_TOLERANCE", "lots")
     with pytest.raises(deep_ep.DeepEPInputError, match="DEEP_EP_COMPRESSION_TOLERANCE"):
         Wire("auto", None, 16, None)
@@ -633,6 +671,7 @@ def _tol_case(seed):
 def _want_k(xs, idx, tol):
     """Every rank's own k (largest k_row of the rows it sends) and the agreed one."""
     from deep_ep.compress import tolerance_upgrades
+
     own = [int(tolerance_upgrades(x, tol)[(i >= 0).any(dim=1)].max()) for x, i in zip(xs, idx)]
     return own, max(own)
 
@@ -644,22 +683,28 @@ def rank_dispatch_tolerance(rank, R):
     import time
 
     import torch.distributed as dist
+
     dev = device()
     case = _tol_case(51)
     H, E, nb = _TOL_H, _TOL_E, math.ceil(_TOL_H / 32)
     idx = case.topk_idx[rank].to(dev)
     plain = ref.dispatch(case.xs, case.topk_idx, E, case.topk_weights)
-    xs2 = [_blocky(t, H, 70 + r, (2.0, 0.0)[r]) * 3 for r, t in enumerate(case.tokens)]   # the cached call's
+    xs2 = [_blocky(t, H, 70 + r, (2.0, 0.0)[r]) * 3 for r, t in enumerate(case.tokens)]  # the cached call's
     row_bytes, differ = [], False
-    for tol in (0.09, 0.05, 0.035, 1e-6):                              # k = 2, 6, 7, 8 (rank 0's)
+    for tol in (0.09, 0.05, 0.035, 1e-6):  # k = 2, 6, 7, 8 (rank 0's)
         buf = get_buffer("collective", compression_level="auto", compression_tolerance=tol, compression_stats=True)
         own, k = _want_k(case.xs, case.topk_idx, tol)
         differ |= own[0] != own[1]
         codec = make_codec("auto", H, upgrades=k)
         exp = ref.dispatch([codec.roundtrip(x) for x in case.xs], case.topk_idx, E, case.topk_weights)
         _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-        out = buf.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                           topk_idx=idx, topk_weights=case.topk_weights[rank].to(dev))
+        out = buf.dispatch(
+            case.xs[rank].to(dev),
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idx,
+            topk_weights=case.topk_weights[rank].to(dev),
+        )
         assert_same(out[0].cpu(), exp[rank].recv_x, f"tol {tol} recv_x")
         assert_same(out[1].cpu(), exp[rank].recv_topk_idx, f"tol {tol} recv_topk_idx")
         st = buf.last_dispatch_stats
@@ -669,7 +714,7 @@ def rank_dispatch_tolerance(rank, R):
         if tol > 1e-3:
             assert float(err.max()) <= tol, (tol, float(err.max()))
         else:
-            assert k == nb and st["row_bytes"] == 34 * nb                 # nothing meets 1e-6: all int8
+            assert k == nb and st["row_bytes"] == 34 * nb  # nothing meets 1e-6: all int8
         # cached dispatch: k from the rows it sends, agreed again
         own2, k2 = _want_k(xs2, case.topk_idx, tol)
         enc = buf.dispatch(xs2[rank].to(dev), handle=out[4], return_compressed=True)[0]
@@ -681,7 +726,7 @@ def rank_dispatch_tolerance(rank, R):
             err2 = relative_error(ref.dispatch(xs2, case.topk_idx, E)[rank].recv_x, enc.decode(torch.bfloat16).cpu())
             assert float(err2.max()) <= tol
     assert differ, "the ranks should want different k"
-    assert all(a < b for a, b in zip(row_bytes, row_bytes[1:])), row_bytes   # smaller tolerance, more bytes
+    assert all(a < b for a, b in zip(row_bytes, row_bytes[1:])), row_bytes  # smaller tolerance, more bytes
     # ranks that disagree raise on every rank, without a hang: one rank in tolerance mode and one at level 8
     # (per call, and per Buffer), or two tolerances
     buf = get_buffer("collective", compression_level="auto", compression_tolerance=0.05)
@@ -691,18 +736,23 @@ def rank_dispatch_tolerance(rank, R):
     start = time.monotonic()
     with pytest.raises(deep_ep.RankMismatchError, match="compression level"):
         buf.dispatch(x, compress=True if rank == 0 else 8, **lay)
-    for kw in (dict(compression_tolerance=0.05) if rank == 0 else dict(compression_ratio=0.4),
-               dict(compression_tolerance=0.05 if rank == 0 else 0.02)):
-        other = deep_ep.Buffer(dist.group.WORLD, compression_level="auto", **kw)      # fresh on both ranks
+    for kw in (
+        dict(compression_tolerance=0.05) if rank == 0 else dict(compression_ratio=0.4),
+        dict(compression_tolerance=0.05 if rank == 0 else 0.02),
+    ):
+        other = deep_ep.Buffer(dist.group.WORLD, compression_level="auto", **kw)  # fresh on both ranks
         with pytest.raises(deep_ep.RankMismatchError, match="compression level"):
             other.dispatch(x, **lay)
         other.destroy()
     assert time.monotonic() - start < 10
-    out = buf.dispatch(x, **lay)                                        # still in step
+    out = buf.dispatch(x, **lay)  # still in step
     k = _want_k(case.xs, case.topk_idx, 0.05)[1]
     c = make_codec("auto", H, upgrades=k)
-    assert_same(out[0].cpu(), ref.dispatch([c.roundtrip(v) for v in case.xs], case.topk_idx, E)[rank].recv_x,
-                "after the mismatches")
+    assert_same(
+        out[0].cpu(),
+        ref.dispatch([c.roundtrip(v) for v in case.xs], case.topk_idx, E)[rank].recv_x,
+        "after the mismatches",
+    )
 
 
 def test_dispatch_tolerance_cpu(rank_pool):
@@ -716,7 +766,9 @@ def rank_tolerance_bad_input(rank, R):
     import time
 
     import torch.distributed as dist
+
     from tests.test_errors import _expect
+
     dev = device()
     case = _tol_case(61)
     E = _TOL_E
@@ -740,10 +792,13 @@ def rank_tolerance_bad_input(rank, R):
     else:
         _expect(deep_ep.RemoteInputError, fn, "rank 1")
     assert time.monotonic() - start < 10
-    buf.dispatch(x, handle=handle)                                      # still in step
-    for kw, words in ((dict(compression_tolerance=0.05, compression_ratio=0.3), "exclusive"),
-                      (dict(compression_tolerance=1.0), "(0, 1)"), (dict(compression_tolerance=0.0), "(0, 1)"),
-                      (dict(compression_level=8, compression_tolerance=0.05), "'auto'")):
+    buf.dispatch(x, handle=handle)  # still in step
+    for kw, words in (
+        (dict(compression_tolerance=0.05, compression_ratio=0.3), "exclusive"),
+        (dict(compression_tolerance=1.0), "(0, 1)"),
+        (dict(compression_tolerance=0.0), "(0, 1)"),
+        (dict(compression_level=8, compression_tolerance=0.05), "'auto'"),
+    ):
         kw.setdefault("compression_level", "auto")
         _expect(deep_ep.DeepEPInputError, lambda: deep_ep.Buffer(dist.group.WORLD, **kw), words)
     # the num_worst_tokens device path (nvlink) never waits for the host: emulated on this CPU Buffer

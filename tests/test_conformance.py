@@ -5,6 +5,7 @@ A new transport joins by adding its name to ``BACKENDS`` (CPU, gloo) or
 (seeded per test) and checks every output of dispatch, cached dispatch and
 combine on every rank.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -14,7 +15,6 @@ import torch
 
 import deep_ep
 from deep_ep import reference as ref
-
 from tests._cases import assert_same, device, get_buffer, make_case, to
 
 BACKENDS = ["collective", "hierarchical"]
@@ -52,12 +52,15 @@ SCENARIOS = {
     "small_staging": dict(tokens=[64, 50, 37, 80], staging_data_bytes=3072),
 }
 # Issue 3's hidden sizes, and a staging buffer 8x smaller than the call at a real size (GPU only).
-GPU_SCENARIOS = dict(SCENARIOS, **{
-    "hidden2048": dict(hidden=2048, tokens=[300, 211, 5, 90]),
-    "hidden4096": dict(hidden=4096, tokens=[128, 77, 64, 9]),
-    "hidden7168": dict(hidden=7168, tokens=[96, 50, 33, 12]),
-    "staging_8x_smaller": dict(hidden=2048, tokens=[512, 480, 0, 0], staging_data_bytes=512 * 2048 * 2 // 8),
-})
+GPU_SCENARIOS = dict(
+    SCENARIOS,
+    **{
+        "hidden2048": dict(hidden=2048, tokens=[300, 211, 5, 90]),
+        "hidden4096": dict(hidden=4096, tokens=[128, 77, 64, 9]),
+        "hidden7168": dict(hidden=7168, tokens=[96, 50, 33, 12]),
+        "staging_8x_smaller": dict(hidden=2048, tokens=[512, 480, 0, 0], staging_data_bytes=512 * 2048 * 2 // 8),
+    },
+)
 
 
 def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
@@ -69,9 +72,18 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     elif tokens is not None:
         tokens = list(tokens)[:R]
     num_experts = sc.get("num_experts", 4 * R if R > 2 else 8)
-    case = make_case(seed, R, num_experts=num_experts, hidden=sc.get("hidden", 64), topk=sc.get("topk", 3),
-                     tokens=tokens, pattern=sc.get("pattern", "random"), dtype=sc.get("dtype", torch.bfloat16),
-                     fp8=sc.get("fp8", False), rank_valued=sc.get("rank_valued", False))
+    case = make_case(
+        seed,
+        R,
+        num_experts=num_experts,
+        hidden=sc.get("hidden", 64),
+        topk=sc.get("topk", 3),
+        tokens=tokens,
+        pattern=sc.get("pattern", "random"),
+        dtype=sc.get("dtype", torch.bfloat16),
+        fp8=sc.get("fp8", False),
+        rank_valued=sc.get("rank_valued", False),
+    )
     if sc.get("nan"):
         for x in case.xs:
             if x.size(0):
@@ -79,10 +91,10 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
                 x[-1, -1] = float("inf")
     E = case.num_experts
     kw = {}
-    if sc.get("staging_data_bytes"):   # metadata area (2 x R x 4096 int64) + a small data area
+    if sc.get("staging_data_bytes"):  # metadata area (2 x R x 4096 int64) + a small data area
         kw["num_nvl_bytes"] = 2 * R * 4096 * 8 + sc["staging_data_bytes"]
     P = 0
-    if backend == "hierarchical":       # emulated nodes: 2 of R/2 ranks (2 x 1 on two ranks)
+    if backend == "hierarchical":  # emulated nodes: 2 of R/2 ranks (2 x 1 on two ranks)
         P = kw["ranks_per_node"] = sc.get("ranks_per_node") or (max(R // 2, 1) if R % 2 == 0 else 1)
         kw.pop("num_nvl_bytes", None)
     buf = get_buffer(backend, **kw)
@@ -91,13 +103,18 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     xs = case.fp8 if case.fp8 is not None else case.xs
     in_rank_all = [ref.expert_rank_mask(t, E, R) for t in case.topk_idx]
     worst = sum(case.tokens) if sc.get("worst") else 0
-    if sc.get("worst") == "rank0" and rank != 0:   # ranks may choose differently
+    if sc.get("worst") == "rank0" and rank != 0:  # ranks may choose differently
         worst = 0
     align = sc.get("expert_alignment", 1)
-    exp = ref.dispatch(xs, case.topk_idx if use_topk else None, E,
-                       case.topk_weights if use_w else None,
-                       is_token_in_rank=None if use_topk else in_rank_all,
-                       expert_alignment=align, num_worst_tokens=worst)
+    exp = ref.dispatch(
+        xs,
+        case.topk_idx if use_topk else None,
+        E,
+        case.topk_weights if use_w else None,
+        is_token_in_rank=None if use_topk else in_rank_all,
+        expert_alignment=align,
+        num_worst_tokens=worst,
+    )
     e = exp[rank]
     x = to(xs[rank], dev)
     if sc.get("colmajor"):
@@ -110,7 +127,7 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     prev = buf.capture() if sc.get("previous_event") else None
 
     per_rank, per_node, per_expert, in_rank, ev = buf.get_dispatch_layout(idx, E)
-    if P and P < R:                     # num_tokens_per_rdma_rank: tokens per node
+    if P and P < R:  # num_tokens_per_rdma_rank: tokens per node
         want_node = in_rank_all[rank].view(-1, R // P, P).any(dim=2).sum(0).to(torch.int32)
         assert_same(per_node, want_node, "num_tokens_per_rdma_rank (per node)")
     else:
@@ -123,9 +140,15 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
             exp_pe[v] += 1
     assert_same(per_expert, exp_pe, "num_tokens_per_expert")
 
-    kwargs = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, expert_alignment=align,
-                  num_worst_tokens=worst, previous_event=prev, async_finish=async_finish,
-                  allocate_on_comm_stream=sc.get("allocate_on_comm_stream", False))
+    kwargs = dict(
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        expert_alignment=align,
+        num_worst_tokens=worst,
+        previous_event=prev,
+        async_finish=async_finish,
+        allocate_on_comm_stream=sc.get("allocate_on_comm_stream", False),
+    )
     if use_topk:
         kwargs.update(num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
     recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(x, **kwargs)
@@ -154,14 +177,23 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
 
     # Combine: each rank returns a function of what it received (rank-dependent), plus biases.
     if isinstance(e.recv_x, tuple):
-        ys = [d.recv_x[0].float().view(d.recv_x[0].size(0), -1, 128).mul(d.recv_x[1].unsqueeze(2))
-              .view(d.recv_x[0].size(0), -1).to(torch.bfloat16) for d in exp]
+        ys = [
+            d.recv_x[0]
+            .float()
+            .view(d.recv_x[0].size(0), -1, 128)
+            .mul(d.recv_x[1].unsqueeze(2))
+            .view(d.recv_x[0].size(0), -1)
+            .to(torch.bfloat16)
+            for d in exp
+        ]
     else:
         ys = [(d.recv_x.float() * (1.0 + 0.5 * r)).to(d.recv_x.dtype) for r, d in enumerate(exp)]
     nbias = sc.get("nbias", 0)
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
-    biases = [[torch.randn((case.tokens[s], ys[0].size(1)), generator=g, device="cpu").to(ys[0].dtype) for _ in range(nbias)]
-              for s in range(R)]
+    biases = [
+        [torch.randn((case.tokens[s], ys[0].size(1)), generator=g, device="cpu").to(ys[0].dtype) for _ in range(nbias)]
+        for s in range(R)
+    ]
     ws = [d.recv_topk_weights for d in exp] if use_w else None
     exp_c = ref.combine(ys, exp, case.tokens, ws, biases, ranks_per_node=P)
     bias_arg = None
@@ -170,9 +202,15 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
     elif nbias == 2:
         bias_arg = tuple(b.to(dev) for b in biases[rank])
     prev2 = buf.capture() if sc.get("previous_event") else None
-    out, out_w, cev2 = buf.combine(ys[rank].to(dev), handle, topk_weights=recv_w if use_w else None, bias=bias_arg,
-                                   previous_event=prev2, async_finish=async_finish,
-                                   allocate_on_comm_stream=sc.get("allocate_on_comm_stream", False))
+    out, out_w, cev2 = buf.combine(
+        ys[rank].to(dev),
+        handle,
+        topk_weights=recv_w if use_w else None,
+        bias=bias_arg,
+        previous_event=prev2,
+        async_finish=async_finish,
+        allocate_on_comm_stream=sc.get("allocate_on_comm_stream", False),
+    )
     if async_finish:
         cev2.current_stream_wait()
     assert_same(out, exp_c[rank][0], "combined_x")
@@ -188,8 +226,9 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
 
 def run_reuse_shapes(rank: int, R: int, backend: str, seed: int) -> None:
     """One Buffer, several calls with different shapes and dtypes in a row."""
-    for i, (hidden, topk, dtype) in enumerate([(32, 2, torch.bfloat16), (130, 4, torch.float32),
-                                               (8, 1, torch.bfloat16), (256, 3, torch.float16)]):
+    for i, (hidden, topk, dtype) in enumerate(
+        [(32, 2, torch.bfloat16), (130, 4, torch.float32), (8, 1, torch.bfloat16), (256, 3, torch.float16)]
+    ):
         run_scenario(rank, R, backend, seed + 17 * i, dict(hidden=hidden, topk=topk, dtype=dtype))
 
 
@@ -239,6 +278,7 @@ def run_scenarios_pushed(rank: int, R: int, names: list) -> None:
     import os
 
     from tests._cases import WORKER_CACHE
+
     for chunks in ("2", "1"):
         os.environ.update(DEEP_EP_NVLINK_DISPATCH="push", DEEP_EP_NVLINK_PUSH_CHUNKS=chunks)
         saved = dict(WORKER_CACHE)
@@ -259,9 +299,23 @@ def run_scenarios_pushed(rank: int, R: int, names: list) -> None:
 
 @pytest.mark.gpu
 def test_conformance_push_dispatch_gpu(rank_pool):
-    rank_pool(2, backend="nccl").run(run_scenarios_pushed, ["basic", "fp8", "hidden7168", "empty_rank", "all_ranks",
-                                                            "small_staging", "staging_8x_smaller", "async",
-                                                            "previous_event", "worst", "nan", "odd_hidden_130"])
+    rank_pool(2, backend="nccl").run(
+        run_scenarios_pushed,
+        [
+            "basic",
+            "fp8",
+            "hidden7168",
+            "empty_rank",
+            "all_ranks",
+            "small_staging",
+            "staging_8x_smaller",
+            "async",
+            "previous_event",
+            "worst",
+            "nan",
+            "odd_hidden_130",
+        ],
+    )
 
 
 @pytest.mark.gpu(4)
@@ -277,5 +331,6 @@ def test_conformance_gpu_more_ranks(rank_pool, world, backend, name):
 
 @pytest.mark.gpu(4)
 def test_conformance_push_dispatch_gpu_4_ranks(rank_pool):
-    rank_pool(4, backend="nccl").run(run_scenarios_pushed, ["basic", "fp8", "empty_rank", "staging_8x_smaller",
-                                                            "worst"])
+    rank_pool(4, backend="nccl").run(
+        run_scenarios_pushed, ["basic", "fp8", "empty_rank", "staging_8x_smaller", "worst"]
+    )

@@ -1,4 +1,5 @@
 """Bad input and faults: clear errors on every rank, never a hang, never a silent wrong answer."""
+
 from __future__ import annotations
 
 import datetime
@@ -10,17 +11,21 @@ import torch.distributed as dist
 
 import deep_ep
 from deep_ep import reference as ref
-from deep_ep.errors import (BufferDestroyedError, DeepEPInputError, DeepEPTimeoutError, DeepEPTypeError,
-                            RankMismatchError, RemoteInputError)
-
+from deep_ep.errors import (
+    BufferDestroyedError,
+    DeepEPInputError,
+    DeepEPTimeoutError,
+    DeepEPTypeError,
+    RankMismatchError,
+    RemoteInputError,
+)
 from tests._cases import assert_same, device, get_buffer, make_case
 from tests.test_conformance import run_scenario
 
 
 def _layout(buf, idx, E):
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-    return dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                topk_idx=idx)
+    return dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx)
 
 
 def _expect(exc_type, fn, *words):
@@ -41,27 +46,48 @@ def rank_local_errors(rank, R):
     dev = device()
     buf = get_buffer()
     E = 8
-    _expect(DeepEPTypeError, lambda: buf.get_dispatch_layout(torch.zeros((4, 2), dtype=torch.int32, device=dev), E),
-            "int64")
-    _expect(DeepEPInputError, lambda: buf.get_dispatch_layout(torch.zeros((4,), dtype=torch.int64, device=dev), E),
-            "2-D")
+    _expect(
+        DeepEPTypeError, lambda: buf.get_dispatch_layout(torch.zeros((4, 2), dtype=torch.int32, device=dev), E), "int64"
+    )
+    _expect(
+        DeepEPInputError, lambda: buf.get_dispatch_layout(torch.zeros((4,), dtype=torch.int64, device=dev), E), "2-D"
+    )
     if dev.type == "cpu":  # on CUDA the value check is an asynchronous device assert
-        _expect(DeepEPInputError, lambda: buf.get_dispatch_layout(torch.full((4, 2), E, dtype=torch.int64), E),
-                f"expert id {E}")
-        _expect(DeepEPInputError, lambda: buf.get_dispatch_layout(torch.full((4, 2), -2, dtype=torch.int64), E),
-                "expert id -2")
-    _expect(DeepEPInputError, lambda: buf.get_dispatch_layout(torch.zeros((4, 2), dtype=torch.int64, device=dev), 7),
-            "not divisible")
+        _expect(
+            DeepEPInputError,
+            lambda: buf.get_dispatch_layout(torch.full((4, 2), E, dtype=torch.int64), E),
+            f"expert id {E}",
+        )
+        _expect(
+            DeepEPInputError,
+            lambda: buf.get_dispatch_layout(torch.full((4, 2), -2, dtype=torch.int64), E),
+            "expert id -2",
+        )
+    _expect(
+        DeepEPInputError,
+        lambda: buf.get_dispatch_layout(torch.zeros((4, 2), dtype=torch.int64, device=dev), 7),
+        "not divisible",
+    )
     _expect(DeepEPInputError, lambda: deep_ep.Buffer.set_num_sms(3), "even")
     _expect(DeepEPInputError, lambda: deep_ep.Buffer(dist.group.WORLD, compression_level=5), "compression_level")
-    _expect(DeepEPInputError, lambda: deep_ep.Buffer(dist.group.WORLD, backend="hierarchical", ranks_per_node=5),
-            "must divide")
+    _expect(
+        DeepEPInputError,
+        lambda: deep_ep.Buffer(dist.group.WORLD, backend="hierarchical", ranks_per_node=5),
+        "must divide",
+    )
     _expect(ValueError, lambda: deep_ep.Buffer(dist.group.WORLD, backend="bogus"), "unknown backend")
-    _expect(DeepEPInputError, lambda: buf.dispatch(torch.zeros((2, 8), dtype=torch.bfloat16, device=dev),
-                                                   expert_alignment=0), "expert_alignment")
-    _expect(DeepEPInputError, lambda: buf.dispatch(torch.zeros((2, 8), dtype=torch.bfloat16, device=dev),
-                                                   async_finish=False, allocate_on_comm_stream=True),
-            "allocate_on_comm_stream")
+    _expect(
+        DeepEPInputError,
+        lambda: buf.dispatch(torch.zeros((2, 8), dtype=torch.bfloat16, device=dev), expert_alignment=0),
+        "expert_alignment",
+    )
+    _expect(
+        DeepEPInputError,
+        lambda: buf.dispatch(
+            torch.zeros((2, 8), dtype=torch.bfloat16, device=dev), async_finish=False, allocate_on_comm_stream=True
+        ),
+        "allocate_on_comm_stream",
+    )
 
 
 def rank_bad_input_everywhere(rank, R, what):
@@ -80,16 +106,26 @@ def rank_bad_input_everywhere(rank, R, what):
         v = torch.zeros((T, 100), dtype=torch.float8_e4m3fn, device=dev)
         _expect(DeepEPInputError, lambda: buf.dispatch((v, torch.ones((T, 1), device=dev)), **lay), "128")
     elif what == "fp8_no_scales":
-        _expect(DeepEPTypeError, lambda: buf.dispatch(torch.zeros((T, 128), dtype=torch.float8_e4m3fn, device=dev),
-                                                      **lay), "scales")
+        _expect(
+            DeepEPTypeError,
+            lambda: buf.dispatch(torch.zeros((T, 128), dtype=torch.float8_e4m3fn, device=dev), **lay),
+            "scales",
+        )
     elif what == "weights_shape":
-        _expect(DeepEPInputError, lambda: buf.dispatch(x, topk_weights=torch.ones((T, 3), device=dev), **lay),
-                "topk_weights", "[6, 2]")
+        _expect(
+            DeepEPInputError,
+            lambda: buf.dispatch(x, topk_weights=torch.ones((T, 3), device=dev), **lay),
+            "topk_weights",
+            "[6, 2]",
+        )
     elif what == "weights_dtype":
-        _expect(DeepEPTypeError, lambda: buf.dispatch(x, topk_weights=torch.ones((T, 2), dtype=torch.float64,
-                                                                                   device=dev), **lay), "float32")
+        _expect(
+            DeepEPTypeError,
+            lambda: buf.dispatch(x, topk_weights=torch.ones((T, 2), dtype=torch.float64, device=dev), **lay),
+            "float32",
+        )
     elif what == "rows":
-        _expect(DeepEPInputError, lambda: buf.dispatch(x[:T - 1], **lay), "5 tokens", "6 rows")
+        _expect(DeepEPInputError, lambda: buf.dispatch(x[: T - 1], **lay), "5 tokens", "6 rows")
     elif what == "no_layout":
         _expect(DeepEPInputError, lambda: buf.dispatch(x), "topk_idx")
     elif what == "no_expert_counts":
@@ -163,8 +199,12 @@ def rank_worst_too_small(rank, R):
     idx = torch.arange(E, device=dev).repeat(T, 1)[:, :4]  # every token to rank 0 (and 1 if R == 2)
     x = torch.randn((T, 16), device=dev).to(torch.bfloat16)
     lay = _layout(buf, idx, E)
-    _expect(DeepEPInputError, lambda: buf.dispatch(x, num_worst_tokens=2 if rank == 0 else 100, **lay),
-            "rank 0 receives", "num_worst_tokens is 2")
+    _expect(
+        DeepEPInputError,
+        lambda: buf.dispatch(x, num_worst_tokens=2 if rank == 0 else 100, **lay),
+        "rank 0 receives",
+        "num_worst_tokens is 2",
+    )
 
 
 def rank_noncontiguous(rank, R):
@@ -250,8 +290,20 @@ def test_local_errors(rank_pool):
     rank_pool(2).run(rank_local_errors)
 
 
-@pytest.mark.parametrize("what", ["dtype", "rank3", "fp8_hidden", "fp8_no_scales", "weights_shape", "weights_dtype",
-                                  "rows", "no_layout", "no_expert_counts"])
+@pytest.mark.parametrize(
+    "what",
+    [
+        "dtype",
+        "rank3",
+        "fp8_hidden",
+        "fp8_no_scales",
+        "weights_shape",
+        "weights_dtype",
+        "rows",
+        "no_layout",
+        "no_expert_counts",
+    ],
+)
 def test_bad_input_everywhere(rank_pool, what):
     rank_pool(2).run(rank_bad_input_everywhere, what)
 

@@ -1,4 +1,5 @@
 """The README quickstart runs as written under torchrun (2 ranks; gloo on CPU, NCCL on GPUs)."""
+
 from __future__ import annotations
 
 import os
@@ -10,9 +11,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quickstart_under_torchrun():
     env = dict(os.environ, OMP_NUM_THREADS="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29655", os.path.join(ROOT, "examples", "quickstart.py")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29655",
+            os.path.join(ROOT, "examples", "quickstart.py"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("combine OK") == 2, proc.stdout
 
@@ -20,15 +35,17 @@ def test_quickstart_under_torchrun():
 def test_quickstart_notebook_runs_on_cpu(tmp_path):
     """examples/quickstart.ipynb executes top to bottom on the CPU (nbclient, a fresh kernel)."""
     import pytest
+
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     nb = nbformat.read(os.path.join(ROOT, "examples", "quickstart.ipynb"), as_version=4)
     env_keep = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""          # the notebook's CPU path, even on a GPU machine
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the notebook's CPU path, even on a GPU machine
     try:
-        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+        nbclient.NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         if env_keep is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)

@@ -1,4 +1,5 @@
 """CUDA-graph capture and replay of the nvlink transport's cached dispatch and combine (GPU only)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ from tests._cases import assert_same, device, get_buffer, make_case
 def _capture(step):
     """``(graph, its outputs)`` of ``step`` (warmed up twice on a side stream first)."""
     from deep_ep.bench.timing import capture
+
     return capture(step)
 
 
@@ -17,6 +19,7 @@ def rank_graph_replay(rank, R, seed, worst_extra):
     """Capture cached dispatch + combine of a num_worst_tokens handle once, replay on fresh data."""
     import deep_ep
     from deep_ep import reference as ref
+
     dev = device()
     buf = get_buffer("nvlink")
     case = make_case(seed, R, hidden=256, topk=4, num_experts=16, tokens=[96, 64, 80, 40][:R])
@@ -26,8 +29,15 @@ def rank_graph_replay(rank, R, seed, worst_extra):
     w = case.topk_weights[rank].to(dev)
     x_static = case.xs[rank].to(dev).clone()
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-    out = buf.dispatch(x_static, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                       num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
+    out = buf.dispatch(
+        x_static,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx,
+        topk_weights=w,
+        num_worst_tokens=worst,
+    )
     handle = out[4]
     exp = ref.dispatch(case.xs, case.topk_idx, E, case.topk_weights, num_worst_tokens=worst)
     n_recv = exp[rank].num_recv_tokens
@@ -42,9 +52,9 @@ def rank_graph_replay(rank, R, seed, worst_extra):
     g, (rx_static, comb_static) = _capture(step)
     for trial in range(3):
         fresh = make_case(seed + 100 + trial, R, hidden=256, topk=4, num_experts=16, tokens=case.tokens)
-        xs_new = [torch.randn_like(t.float()).to(t.dtype) for t in fresh.xs]     # new data, same routing
+        xs_new = [torch.randn_like(t.float()).to(t.dtype) for t in fresh.xs]  # new data, same routing
         x_static.copy_(xs_new[rank].to(dev))
-        rx_static.fill_(7)                                                      # poison the outputs
+        rx_static.fill_(7)  # poison the outputs
         comb_static.fill_(7)
         g.replay()
         torch.cuda.synchronize()
@@ -71,6 +81,7 @@ def rank_fresh_graph(rank, R, seed):
     routing and new data every time (the plan is built on the device, nothing waits for the host)."""
     import deep_ep
     from deep_ep import reference as ref
+
     dev = device()
     buf = get_buffer("nvlink")
     tokens = [96, 64, 80, 40][:R]
@@ -82,8 +93,14 @@ def rank_fresh_graph(rank, R, seed):
 
     def step():
         _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_s, E)
-        rx, ridx, rw, counts, h, _ = buf.dispatch(x_s, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                                                  topk_idx=idx_s, topk_weights=w_s, num_worst_tokens=worst)
+        rx, ridx, rw, counts, h, _ = buf.dispatch(
+            x_s,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idx_s,
+            topk_weights=w_s,
+            num_worst_tokens=worst,
+        )
         assert counts == [] and h.num_recv_tokens == -1
         y = rx * (rank + 2)
         comb, comb_w, _ = buf.combine(y, h, topk_weights=rw)
@@ -123,18 +140,24 @@ def rank_deferred_check(rank, R, kind):
     Buffer raises, on every rank: ``'overflow'``, a rank receives more rows than num_worst_tokens;
     ``'bad_ids'``, an expert id outside [-1, E) on one rank (the entry is dropped: received as -1)."""
     import deep_ep
+
     dev = device()
     buf = get_buffer("nvlink")
     case = make_case(5, R, hidden=64, topk=2, num_experts=8, tokens=[40, 30][:R])
     idx = case.topk_idx[rank].to(dev)
     sent = idx.clone()
     if kind == "bad_ids" and rank == R - 1:
-        sent[0, 0] = case.num_experts + 3                 # one bad entry on the last rank only
+        sent[0, 0] = case.num_experts + 3  # one bad entry on the last rank only
     _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(sent, case.num_experts)
     worst = 3 if kind == "overflow" else sum(case.tokens)
-    out = buf.dispatch(case.xs[rank].to(dev), is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                       topk_idx=sent, topk_weights=torch.ones(sent.shape, dtype=torch.float32, device=dev),
-                       num_worst_tokens=worst)
+    out = buf.dispatch(
+        case.xs[rank].to(dev),
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=sent,
+        topk_weights=torch.ones(sent.shape, dtype=torch.float32, device=dev),
+        num_worst_tokens=worst,
+    )
     torch.cuda.synchronize()
     assert out[0].shape[0] == worst
     L = case.num_experts // R
@@ -142,7 +165,7 @@ def rank_deferred_check(rank, R, kind):
     match = "more tokens than its num_worst_tokens" if kind == "overflow" else "outside \\[-1, num_experts\\)"
     with pytest.raises(deep_ep.DeepEPInputError, match=match):
         buf.get_dispatch_layout(idx, case.num_experts)
-    buf.get_dispatch_layout(idx, case.num_experts)         # reported once; the Buffer still works
+    buf.get_dispatch_layout(idx, case.num_experts)  # reported once; the Buffer still works
 
 
 @pytest.mark.gpu

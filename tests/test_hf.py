@@ -7,6 +7,7 @@ experts, this rank's slice of the sum over all ranks' batches, since experts
 see every rank's tokens), greedy generation, and that the expert parameters
 per rank are 1/R of the total.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,10 +20,8 @@ import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
-from deep_ep.integrations import (UnsupportedMoEError, average_gradients, expert_parameters,  # noqa: E402
-                                  patch_moe_model)
+from deep_ep.integrations import UnsupportedMoEError, average_gradients, expert_parameters, patch_moe_model  # noqa: E402
 from deep_ep.integrations.hf_configs import FAMILIES, moe_config  # noqa: E402
-
 from tests._cases import device  # noqa: E402
 
 
@@ -52,14 +51,15 @@ def _close(a, b, what, atol, rtol):
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
         return
-    a, b = a.float(), b.float()       # bf16: the error relative to the tensor's scale
+    a, b = a.float(), b.float()  # bf16: the error relative to the tensor's scale
     scale = b.abs().max().clamp_min(1e-6)
     err = (a - b).abs().max() / scale
     assert err <= rtol, f"{what}: max error {err:.3g} of the scale {scale:.3g} exceeds {rtol}"
 
 
-def rank_family(rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtype=torch.float32,
-                backend="auto", check_generate=True):
+def rank_family(
+    rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtype=torch.float32, backend="auto", check_generate=True
+):
     fp32 = dtype == torch.float32
     atol, rtol = (1e-5, 1e-5) if fp32 else (3e-2, 3e-2)
     ref = _model(family, impl, dtype)
@@ -92,7 +92,7 @@ def rank_family(rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtyp
     ref_loss.backward()
     g_local = _grads(ref)
     for s in range(world):
-        if s // R == rank // R and s != rank:      # ranks of this EP group send tokens to these experts
+        if s // R == rank // R and s != rank:  # ranks of this EP group send tokens to these experts
             ref(batches[s], labels=batches[s]).loss.backward()
     g_all = _grads(ref)
 
@@ -109,7 +109,7 @@ def rank_family(rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtyp
     for name, g in mine.items():
         if name in expert_names:
             L = g.size(0)
-            want = g_all[name][r * L:(r + 1) * L]
+            want = g_all[name][r * L : (r + 1) * L]
         else:
             want = g_local[name]
             checked_router |= (".gate." in name or ".router." in name) and want.abs().sum() > 0
@@ -123,7 +123,7 @@ def rank_family(rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtyp
     g_mean = _grads(ref)
     average_gradients(model)
     for name, g in _grads(model).items():
-        want = g_mean[name][r * g.size(0):(r + 1) * g.size(0)] if name in expert_names else g_mean[name]
+        want = g_mean[name][r * g.size(0) : (r + 1) * g.size(0)] if name in expert_names else g_mean[name]
         _close(g, want, f"{family} averaged grad of {name}", atol=1e-4 if fp32 else 0.1, rtol=1e-4 if fp32 else 0.1)
 
     if check_generate:
@@ -135,8 +135,8 @@ def rank_family(rank, world, family, use_deep_ep, impl=None, num_gpus=None, dtyp
                 assert torch.equal(out, ref.generate(ids, **kw)), f"{family}: greedy generation differs"
             else:
                 # bf16: near-ties may flip; each token chosen must be (nearly) the reference's best at that step.
-                scores = ref(out).logits[:, ids.size(1) - 1:-1].float()
-                chosen = scores.gather(-1, out[:, ids.size(1):, None]).squeeze(-1)
+                scores = ref(out).logits[:, ids.size(1) - 1 : -1].float()
+                chosen = scores.gather(-1, out[:, ids.size(1) :, None]).squeeze(-1)
                 gap = scores.max(-1).values - chosen
                 assert gap.max() <= 0.05 * scores.abs().max(), f"{family}: generated tokens far from greedy"
     return E_mine
@@ -148,8 +148,9 @@ def test_family_matches_unpatched(rank_pool, family, use_deep_ep):
     rank_pool(2).run(rank_family, family, use_deep_ep)
 
 
-@pytest.mark.parametrize("family,impl", [("mixtral", "eager"), ("gpt_oss", "eager"), ("qwen3_moe", "batched_mm"),
-                                         ("gpt_oss", "batched_mm")])
+@pytest.mark.parametrize(
+    "family,impl", [("mixtral", "eager"), ("gpt_oss", "eager"), ("qwen3_moe", "batched_mm"), ("gpt_oss", "batched_mm")]
+)
 def test_experts_implementations(rank_pool, family, impl):
     rank_pool(2).run(rank_family, family, True, impl, None, torch.float32, "auto", False)
 
@@ -175,7 +176,7 @@ def rank_idle_rank(rank, world, use_deep_ep, train):
     ref = _model("gpt_oss")
     with torch.no_grad():
         for layer in ref.model.layers:
-            layer.mlp.router.bias[2:] = -1e4               # experts 2, 3 (rank 1's) never win
+            layer.mlp.router.bias[2:] = -1e4  # experts 2, 3 (rank 1's) never win
     model = copy.deepcopy(ref)
     patch_moe_model(model, use_deep_ep=use_deep_ep)
     for m in (ref, model):
@@ -190,7 +191,7 @@ def rank_idle_rank(rank, world, use_deep_ep, train):
     loss.backward()
     for name, p in expert_parameters(model):
         L = p.size(0)
-        want = dict(ref.named_parameters())[name].grad[rank * L:(rank + 1) * L]
+        want = dict(ref.named_parameters())[name].grad[rank * L : (rank + 1) * L]
         got = p.grad if p.grad is not None else torch.zeros_like(p)
         _close(got, want, f"grad of {name}", 1e-4, 1e-4)
         assert (rank == 1) == (want.abs().sum() == 0)
@@ -249,14 +250,13 @@ def test_family_gpu_bf16_all_to_all(rank_pool, family):
 
 
 def _local(t):
-    t = t.to_local() if hasattr(t, "to_local") else t      # both runs shard alike: compare this rank's shard
+    t = t.to_local() if hasattr(t, "to_local") else t  # both runs shard alike: compare this rank's shard
     return t.detach().clone()
 
 
 def rank_transformers_ep(rank, world, path):
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
-
     from transformers.utils import logging as hf_logging
 
     from deep_ep.integrations.hf_ep import register_ep_implementation
@@ -298,7 +298,7 @@ def rank_family_compressed(rank, world):
     want, got = ref(ids).logits, model(ids).logits
     err = float(((got - want).abs().max() / want.abs().max()).detach())
     assert 0 < err <= 0.08, f"fp8-wire logits: max error {err:.3g} of the scale"
-    model(ids, labels=ids).loss.backward()                 # gradients flow (16-bit)
+    model(ids, labels=ids).loss.backward()  # gradients flow (16-bit)
 
 
 def test_patch_with_compression(rank_pool):

@@ -1,4 +1,5 @@
 """examples/hf_moe.py and benchmarks/bench_hf.py --small run under torchrun (2 CPU ranks with gloo)."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _torchrun(script, *args, port):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(port), os.path.join(ROOT, script), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(port),
+            os.path.join(ROOT, script),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -32,8 +48,17 @@ def test_example_under_torchrun():
 
 def test_benchmark_small(tmp_path):
     path = tmp_path / "bench_hf.json"
-    _torchrun("benchmarks/bench_hf.py", "--small", "--modes", "deep_ep,all_to_all", "--iters", "2",
-              "--json", str(path), port=29672)
+    _torchrun(
+        "benchmarks/bench_hf.py",
+        "--small",
+        "--modes",
+        "deep_ep,all_to_all",
+        "--iters",
+        "2",
+        "--json",
+        str(path),
+        port=29672,
+    )
     result = json.loads(path.read_text())
     assert result["card"].startswith("cpu") and result["world_size"] == 2
     assert [r["mode"] for r in result["results"]] == ["deep_ep", "all_to_all"]

@@ -2,6 +2,7 @@
 routed to every rank of a node crosses once, auto / topology_aware selection, bad node layouts; the full
 conformance suite at 6 ranks as 3 x 2 emulated nodes (tests/test_conformance.py runs it at 4 ranks as 2 x 2);
 each compression level over 2 x 2 emulated nodes; benchmarks/internode_savings.py and its result."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,12 +25,12 @@ def rank_internode_rows(rank, R, pattern):
     mask = ref.expert_rank_mask(idx, E, R)
     node_mask = mask.view(-1, R // P, P).any(dim=2)
     my_node = rank // P
-    unique = int(node_mask.sum()) - int(node_mask[:, my_node].sum())          # (token, other node) pairs
+    unique = int(node_mask.sum()) - int(node_mask[:, my_node].sum())  # (token, other node) pairs
     st = buf._transport.last_stats
     assert st["internode_rows"] == unique
-    assert st["internode_bytes"] == unique * (2 * 32 + 8 * 4 + P)            # x bf16 + topk_idx int64 + target mask
-    flat = int(mask.sum()) - int(mask[:, my_node * P:(my_node + 1) * P].sum())
-    if pattern == "all_ranks":                                            # every rank of every node: P x fewer
+    assert st["internode_bytes"] == unique * (2 * 32 + 8 * 4 + P)  # x bf16 + topk_idx int64 + target mask
+    flat = int(mask.sum()) - int(mask[:, my_node * P : (my_node + 1) * P].sum())
+    if pattern == "all_ranks":  # every rank of every node: P x fewer
         assert flat == P * unique
     assert unique <= flat
 
@@ -41,16 +42,18 @@ def test_internode_rows_are_unique_token_node_pairs(rank_pool, pattern):
 
 def rank_selection(rank, R):
     import torch.distributed as dist
-    assert ranks_per_node(dist.group.WORLD) == R                       # one host: one node of every rank
+
+    assert ranks_per_node(dist.group.WORLD) == R  # one host: one node of every rank
     assert ranks_per_node(dist.group.WORLD, 2) == 2
     with pytest.raises(deep_ep.DeepEPInputError, match="must divide"):
         ranks_per_node(dist.group.WORLD, 3)
-    assert deep_ep.Buffer(dist.group.WORLD).backend == "collective"   # one host, CPU: the flat path
+    assert deep_ep.Buffer(dist.group.WORLD).backend == "collective"  # one host, CPU: the flat path
     buf = deep_ep.Buffer(dist.group.WORLD, backend="hierarchical")
     assert buf._transport.P == R and buf._transport.N == 1
     from deep_ep import transport
+
     real = transport._one_host
-    transport._one_host = lambda group: False                            # as if the ranks were on 2 hosts
+    transport._one_host = lambda group: False  # as if the ranks were on 2 hosts
     try:
         assert transport.select_backend(dist.group.WORLD)[0] == "hierarchical"
         name, why = transport.select_backend(dist.group.WORLD, topology_aware=False)
@@ -66,8 +69,10 @@ def test_node_layout_and_selection(rank_pool):
 def _savings_module():
     import importlib.util
     import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "internode_savings.py")
+
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "internode_savings.py"
+    )
     spec = importlib.util.spec_from_file_location("internode_savings", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -81,11 +86,12 @@ def test_internode_savings_table():
     4 nodes at 8; the committed result is what the script computes."""
     import json
     import os
+
     mod = _savings_module()
     assert (mod.N_GROUP, mod.TOPK_GROUP) == (8, 4)
     idx = mod.route(256, 8, True, 4096, torch.Generator().manual_seed(1))
     groups = torch.zeros(4096, 8, dtype=torch.bool).scatter_(1, idx // 32, True).sum(dim=1)
-    assert int(groups.max()) == 4 and int(groups.min()) >= 1          # at most 4 of the 8 groups per token
+    assert int(groups.max()) == 4 and int(groups.min()) >= 1  # at most 4 of the 8 groups per token
     free = mod.route(256, 8, False, 4096, torch.Generator().manual_seed(1))
     assert int(torch.zeros(4096, 8, dtype=torch.bool).scatter_(1, free // 32, True).sum(dim=1).max()) > 4
     flat, hier = mod.rows_per_token(2, 8, 256, 8, False, 2048, 0)
@@ -94,7 +100,7 @@ def test_internode_savings_table():
     for nodes in (2, 4, 8):
         for limited in (False, True):
             got[nodes, limited] = mod.rows_per_token(nodes, 8, 256, 8, limited, 2048, 0)
-    for nodes in (2, 4):                                             # the group limit acts below 8 nodes too
+    for nodes in (2, 4):  # the group limit acts below 8 nodes too
         assert got[nodes, True][0] < got[nodes, False][0] - 0.2, (nodes, got)
     assert got[4, True][1] < got[4, False][1] - 0.2, got
     assert got[8, True][1] <= 4.0 and got[8, True][0] > got[8, True][1]
@@ -104,16 +110,20 @@ def test_internode_savings_table():
     assert (saved["n_group"], saved["topk_group"], saved["experts"], saved["topk"]) == (8, 4, 256, 8)
     assert saved["command"].startswith("python benchmarks/internode_savings.py")
     assert len(saved["rows"]) == 6
-    for row in saved["rows"]:                                        # 65536 tokens there, 2048 here
+    for row in saved["rows"]:  # 65536 tokens there, 2048 here
         flat, hier = got[row["nodes"], row["routing"].startswith("group-limited")]
-        assert abs(row["flat_rows_per_token"] - flat) < 0.1 and abs(row["hierarchical_rows_per_token"] - hier) < 0.1, \
-            (row, flat, hier)
+        assert abs(row["flat_rows_per_token"] - flat) < 0.1 and abs(row["hierarchical_rows_per_token"] - hier) < 0.1, (
+            row,
+            flat,
+            hier,
+        )
         assert row["saved"] == pytest.approx(1 - row["hierarchical_rows_per_token"] / row["flat_rows_per_token"])
 
 
 # ------------------------------------------------------------------ full conformance suite at 3 nodes x 2 ranks
 def _conformance():
     from tests import test_conformance
+
     return test_conformance
 
 
@@ -138,6 +148,7 @@ def test_conformance_3x2(rank_pool, name):
     """Every CPU conformance scenario on six ranks as 3 emulated nodes x 2 ranks (tests/test_conformance.py
     runs them all at 4 ranks as 2 x 2)."""
     import zlib
+
     seed = zlib.crc32(f"{name}/3x2".encode())
     rank_pool(6).run(_conformance().run_scenario, "hierarchical", seed, _scenario_3x2(name))
 
@@ -149,6 +160,7 @@ def rank_compressed_2x2(rank, R):
     compressed row (plus top-k ids, weights and the node's target mask)."""
     from deep_ep.compress import make_codec
     from tests._cases import assert_same
+
     P, H, K = 2, 200, 3
     case = make_case(29, R, num_experts=4 * R, hidden=H, topk=K, tokens=[30, 17, 25, 9])
     E, node, local = case.num_experts, rank // P, rank % P
@@ -159,17 +171,23 @@ def rank_compressed_2x2(rank, R):
     back = sum(int(node_masks[m * P + local][:, node].sum()) for m in range(R // P) if m != node)
     c8 = make_codec(8, H)
     for level in (16, 8, 4, "auto"):
-        buf = get_buffer("hierarchical", ranks_per_node=P, compression_level=level, compression_ratio=0.45,
-                         combine_compression_level=8, compression_stats=True)
+        buf = get_buffer(
+            "hierarchical",
+            ranks_per_node=P,
+            compression_level=level,
+            compression_ratio=0.45,
+            combine_compression_level=8,
+            compression_stats=True,
+        )
         codec = None if level == 16 else make_codec(level, H, ratio=0.45)
         xs_q = [x if codec is None else codec.roundtrip(x) for x in case.xs]
         exp = ref.dispatch(xs_q, case.topk_idx, E, case.topk_weights)
         e = exp[rank]
         _, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
         assert per_node.tolist() == node_masks[rank].sum(0).tolist()
-        recv_x, recv_idx, recv_w, counts, h, _ = buf.dispatch(case.xs[rank], is_token_in_rank=in_rank,
-                                                              num_tokens_per_expert=per_expert, topk_idx=idx,
-                                                              topk_weights=w)
+        recv_x, recv_idx, recv_w, counts, h, _ = buf.dispatch(
+            case.xs[rank], is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w
+        )
         assert_same(recv_x, e.recv_x, f"level {level} recv_x")
         assert_same(recv_idx, e.recv_topk_idx, f"level {level} recv_topk_idx")
         assert_same(recv_w, e.recv_topk_weights, f"level {level} recv_topk_weights")

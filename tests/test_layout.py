@@ -1,4 +1,5 @@
 """Layout math (deep_ep.layout) against brute force and the oracle, on fresh random inputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,7 +40,7 @@ def test_layout_per_node_counts():
     idx = torch.tensor([[0, 1], [2, 7], [-1, -1], [6, 4]])
     per_rank, per_node, _, in_rank = layout.dispatch_layout(idx, 8, 4, ranks_per_node=2)
     assert per_rank.tolist() == [1, 1, 1, 2]
-    assert per_node.tolist() == [2, 2]   # token 3 counted once on node 1 though it has two ranks there
+    assert per_node.tolist() == [2, 2]  # token 3 counted once on node 1 though it has two ranks there
 
 
 def test_layout_ignores_out_of_range_ids():
@@ -89,6 +90,7 @@ def test_check_topk_idx_messages():
 @pytest.mark.parametrize("bad", [0, -1, 2.0])
 def test_dispatch_layout_rejects_bad_ranks_per_node(bad):
     from deep_ep.errors import DeepEPInputError
+
     idx = torch.zeros((3, 2), dtype=torch.int64)
     with pytest.raises(DeepEPInputError, match="ranks_per_node"):
         layout.dispatch_layout(idx, 4, 2, ranks_per_node=bad)

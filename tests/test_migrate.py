@@ -3,6 +3,7 @@
 Every rank builds the global per-expert tables from one seed, so it can
 check its own slots after a migration without further communication.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,8 @@ from deep_ep.balance.migrate import MigrationPlan, migrate_experts, placement_mo
 from deep_ep.balance.planner import moved_experts
 from deep_ep.errors import DeepEPInputError, DeepEPTypeError, RankMismatchError, RemoteInputError
 
-
 # ------------------------------------------------------------------------------------------------ helpers
+
 
 def rand_placement(g: torch.Generator, num_experts: int, num_slots: int) -> torch.Tensor:
     """Every expert at least once, the spare slots random replicas, shuffled."""
@@ -48,7 +49,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def local_rows(table: torch.Tensor, phy2log: torch.Tensor, rank: int, R: int) -> torch.Tensor:
     """This rank's slots of ``phy2log`` ([P] or [layers, P]) gathered from ``table`` ([E, ...] or [layers, E, ...])."""
     S = phy2log.shape[-1] // R
-    mine = phy2log[..., rank * S:(rank + 1) * S]
+    mine = phy2log[..., rank * S : (rank + 1) * S]
     if phy2log.dim() == 1:
         return table[mine].clone()
     return table[torch.arange(phy2log.shape[0]).unsqueeze(1), mine].clone()
@@ -58,16 +59,26 @@ def brute_moves(old: torch.Tensor, new: torch.Tensor, R: int) -> int:
     """Per layer and rank: experts the rank needs in ``new`` that it did not hold in ``old``."""
     old, new = old.reshape(-1, old.shape[-1]), new.reshape(-1, new.shape[-1])
     so, sn = old.shape[1] // R, new.shape[1] // R
-    return sum(len(set(new[l, d * sn:(d + 1) * sn].tolist()) - set(old[l, d * so:(d + 1) * so].tolist()))
-               for l in range(old.shape[0]) for d in range(R))
+    return sum(
+        len(set(new[l, d * sn : (d + 1) * sn].tolist()) - set(old[l, d * so : (d + 1) * so].tolist()))
+        for l in range(old.shape[0])
+        for d in range(R)
+    )
 
 
-SPECS = {"w": ((3, 5), torch.float32), "b": ((4,), torch.bfloat16), "i": ((2,), torch.int64),
-         "q": ((8,), torch.float8_e4m3fn), "m": ((3,), torch.bool), "z": ((0,), torch.float32),
-         "d": ((2, 2), torch.float64)}
+SPECS = {
+    "w": ((3, 5), torch.float32),
+    "b": ((4,), torch.bfloat16),
+    "i": ((2,), torch.int64),
+    "q": ((8,), torch.float8_e4m3fn),
+    "m": ((3,), torch.bool),
+    "z": ((0,), torch.float32),
+    "d": ((2, 2), torch.float64),
+}
 
 
 # ------------------------------------------------------------------------------------------------ (1) weights
+
 
 def rank_random_migration(rank, R, seed, layered, bucket_bytes):
     g = torch.Generator().manual_seed(seed)
@@ -105,20 +116,22 @@ def rank_random_migration(rank, R, seed, layered, bucket_bytes):
     # The move count is what must cross ranks, and the same on every rank.
     n = placement_moves(old, new, R)
     assert n == brute_moves(old, new, R) == plan_migration(old, new, R).send_counts().sum()
-    if P_old == P_new:                          # the planner's count assumes one slot count
+    if P_old == P_new:  # the planner's count assumes one slot count
         assert n <= moved_experts(old, new, R)
     assert placement_moves(old, old, R) == 0
     return n
 
 
-@pytest.mark.parametrize("R,seed,layered,bucket", [(2, 1, False, 1 << 28), (2, 2, True, 1), (4, 3, False, 64),
-                                                    (4, 4, True, 1 << 28)])
+@pytest.mark.parametrize(
+    "R,seed,layered,bucket", [(2, 1, False, 1 << 28), (2, 2, True, 1), (4, 3, False, 64), (4, 4, True, 1 << 28)]
+)
 def test_migrate_random_placements(rank_pool, R, seed, layered, bucket):
     moves = rank_pool(R).run(rank_random_migration, seed, layered, bucket)
     assert len(set(moves)) == 1 and moves[0] > 0
 
 
 # ------------------------------------------------------------------------------------------------ (2) optimizer
+
 
 def rank_optimizer_state(rank, R, seed):
     g = torch.Generator().manual_seed(seed)
@@ -132,19 +145,25 @@ def rank_optimizer_state(rank, R, seed):
         b = torch.nn.Parameter(local_rows(bw, phy, rank, R))
         p.grad, b.grad = local_rows(gr, phy, rank, R), local_rows(bg, phy, rank, R)
         opt = torch.optim.Adam([p, b], lr=1e-2, amsgrad=True)
-        opt.state[p] = {"step": torch.tensor(7.0), "exp_avg": local_rows(m, phy, rank, R),
-                        "exp_avg_sq": local_rows(v, phy, rank, R).abs(),
-                        "max_exp_avg_sq": local_rows(vmax, phy, rank, R).abs() + 1}
-        opt.state[b] = {"step": torch.tensor(7.0), "exp_avg": local_rows(bm, phy, rank, R),
-                        "exp_avg_sq": local_rows(bv, phy, rank, R).abs(),
-                        "max_exp_avg_sq": local_rows(bv, phy, rank, R).abs() + 1}
+        opt.state[p] = {
+            "step": torch.tensor(7.0),
+            "exp_avg": local_rows(m, phy, rank, R),
+            "exp_avg_sq": local_rows(v, phy, rank, R).abs(),
+            "max_exp_avg_sq": local_rows(vmax, phy, rank, R).abs() + 1,
+        }
+        opt.state[b] = {
+            "step": torch.tensor(7.0),
+            "exp_avg": local_rows(bm, phy, rank, R),
+            "exp_avg_sq": local_rows(bv, phy, rank, R).abs(),
+            "max_exp_avg_sq": local_rows(bv, phy, rank, R).abs() + 1,
+        }
         return p, b, opt
 
     p, b, opt = build(old)
     step_obj = opt.state[p]["step"]
     res = migrate_experts({"w": p, "b": b}, old, new, optimizer=opt)
     assert res["w"] is p and res["b"] is b, "in place: the parameter objects stay"
-    rp, rb, ropt = build(new)                    # what a run that started on the new placement holds
+    rp, rb, ropt = build(new)  # what a run that started on the new placement holds
     for mine, ref in ((p, rp), (b, rb)):
         assert bits_equal(mine.data, ref.data) and bits_equal(mine.grad, ref.grad)
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
@@ -174,8 +193,8 @@ def test_migrate_optimizer_state(rank_pool, R):
 
 # ------------------------------------------------------------------------------------------------ (3) training
 
-D_IN, D_HID = 8, 16          # 8 * 16 fp32 = 512 bytes per slot: every slot 64-byte aligned and a whole
-                             # number of SIMD vectors, so an expert's arithmetic does not depend on its slot
+D_IN, D_HID = 8, 16  # 8 * 16 fp32 = 512 bytes per slot: every slot 64-byte aligned and a whole
+# number of SIMD vectors, so an expert's arithmetic does not depend on its slot
 
 
 def _train(rank, R, W1, W2, opt, phy2log, steps, data, losses):
@@ -196,7 +215,7 @@ def _train(rank, R, W1, W2, opt, phy2log, steps, data, losses):
     for p, e in enumerate(phy2log.tolist()):
         first.setdefault(e, p)
     mine = [(e, first[e] - rank * S) for e in range(E) if first[e] // S == rank]
-    local_log = phy2log[rank * S:(rank + 1) * S]
+    local_log = phy2log[rank * S : (rank + 1) * S]
     for _ in range(steps):
         opt.zero_grad(set_to_none=False)
         vec = torch.zeros(E, dtype=torch.float32)
@@ -215,7 +234,7 @@ def _train(rank, R, W1, W2, opt, phy2log, steps, data, losses):
             for e, s in mine:
                 table[e] = prm.grad[s]
             dist.all_reduce(table)
-            prm.grad = table[local_log]           # also where this rank computed no expert
+            prm.grad = table[local_log]  # also where this rank computed no expert
         opt.step()
 
 
@@ -231,7 +250,7 @@ def _global_table(rank, R, prm, phy2log):
             if p // S == rank:
                 table[e] = prm.data[p - rank * S]
     dist.all_reduce(table)
-    local = phy2log[rank * S:(rank + 1) * S]
+    local = phy2log[rank * S : (rank + 1) * S]
     assert bits_equal(prm.data, table[local]), "replicas of one expert diverged"
     return table
 
@@ -239,10 +258,10 @@ def _global_table(rank, R, prm, phy2log):
 def rank_training(rank, R, seed):
     g = torch.Generator().manual_seed(seed)
     E = 2 * R
-    P = 3 * R                                  # R spare slots: replicas
+    P = 3 * R  # R spare slots: replicas
     old = rand_placement(g, E, P)
     new = rand_placement(g, E, P)
-    while brute_moves(old, new, R) < R:       # make sure experts really change ranks
+    while brute_moves(old, new, R) < R:  # make sure experts really change ranks
         new = rand_placement(g, E, P)
     W1_t = torch.randn((E, D_IN, D_HID), generator=g) * 0.3
     W2_t = torch.randn((E, D_HID, D_IN), generator=g) * 0.3
@@ -287,6 +306,7 @@ def test_training_continues_across_migration(rank_pool, R):
 
 # ------------------------------------------------------------------------------------------------ (4) errors
 
+
 def rank_errors(rank, R):
     g = torch.Generator().manual_seed(5)
     E = 2 * R
@@ -326,8 +346,11 @@ def rank_errors(rank, R):
     # Optimizer problems.
     p = torch.nn.Parameter(good.clone())
     opt = torch.optim.Adam([p])
-    opt.state[p] = {"step": torch.tensor(3.0 if rank == R - 1 else 4.0), "exp_avg": torch.zeros_like(good),
-                    "exp_avg_sq": torch.zeros_like(good)}
+    opt.state[p] = {
+        "step": torch.tensor(3.0 if rank == R - 1 else 4.0),
+        "exp_avg": torch.zeros_like(good),
+        "exp_avg_sq": torch.zeros_like(good),
+    }
     with pytest.raises(RankMismatchError, match=rf"scalar state.*disagreeing rank\(s\) \[{R - 1}\]"):
         migrate_experts([p], old, new, optimizer=opt)
     opt.state[p]["step"] = torch.tensor(4.0)
@@ -359,21 +382,21 @@ def test_single_process_and_plan():
     old, new = rand_placement(g, 6, 9), rand_placement(g, 6, 9)
     w = torch.randn((6, 3), generator=g)
     assert bits_equal(migrate_experts({"w": w[old]}, old, new)["w"], w[new])
-    assert placement_moves(old, new, 1) == 0            # one rank holds every expert
+    assert placement_moves(old, new, 1) == 0  # one rank holds every expert
 
     # Local copies are preferred; one copy per (rank, expert); sources spread over holders.
-    old = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])        # rank 0: 0 1 2 3 | rank 1: 0 1 2 3 (2 ranks)
-    new = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])        # every expert is on both ranks already
+    old = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])  # rank 0: 0 1 2 3 | rank 1: 0 1 2 3 (2 ranks)
+    new = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # every expert is on both ranks already
     assert placement_moves(old, new, 2) == 0
-    old = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])        # 4 ranks: rank r holds expert r twice
+    old = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # 4 ranks: rank r holds expert r twice
     new = torch.tensor([3, 3, 0, 0, 1, 1, 2, 2])
     plan = plan_migration(old, new, 4)
     assert isinstance(plan, MigrationPlan) and plan.num_moves == 4 == placement_moves(old, new, 4)
-    assert moved_experts(old, new, 4) == 8               # replicas, not copies on the wire
+    assert moved_experts(old, new, 4) == 8  # replicas, not copies on the wire
     assert plan.send_counts().tolist() == [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
     assert plan.targets.shape == (8, 2) and plan.local.shape == (0, 4)
-    old = torch.tensor([0, 1, 0, 1, 2, 3, 2, 3])         # 2 ranks; each wants the other's experts, twice each:
-    new = torch.tensor([2, 3, 2, 3, 0, 1, 0, 1])         # one copy per (rank, expert) crosses, sources spread
+    old = torch.tensor([0, 1, 0, 1, 2, 3, 2, 3])  # 2 ranks; each wants the other's experts, twice each:
+    new = torch.tensor([2, 3, 2, 3, 0, 1, 0, 1])  # one copy per (rank, expert) crosses, sources spread
     plan = plan_migration(old, new, 2)
     assert plan.send_counts().tolist() == [[0, 2], [2, 0]] and moved_experts(old, new, 2) == 8
     assert plan.transfers.tolist() == plan_migration(old.numpy(), new.tolist(), 2).transfers.tolist()

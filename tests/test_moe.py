@@ -1,5 +1,6 @@
 """ExpertParallelMoE against a single-process dense reference (all experts local): outputs and gradients, for
 1, 2 and 4 chunks, group-limited routing, shared experts, stats; CPU ranks and 2 GPUs."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,11 +14,17 @@ from tests._cases import assert_same, device, get_buffer
 
 def _full_weights(E, H, F, shared, seed, dtype):
     g = torch.Generator().manual_seed(seed)
-    router = torch.randn((E, H), generator=g) / H ** 0.5
-    gu = torch.randn((E, 2 * F, H), generator=g) / H ** 0.5
-    down = torch.randn((E, H, F), generator=g) / F ** 0.5
-    sh = (torch.randn((2 * F * shared, H), generator=g) / H ** 0.5,
-          torch.randn((H, F * shared), generator=g) / (F * shared) ** 0.5) if shared else None
+    router = torch.randn((E, H), generator=g) / H**0.5
+    gu = torch.randn((E, 2 * F, H), generator=g) / H**0.5
+    down = torch.randn((E, H, F), generator=g) / F**0.5
+    sh = (
+        (
+            torch.randn((2 * F * shared, H), generator=g) / H**0.5,
+            torch.randn((H, F * shared), generator=g) / (F * shared) ** 0.5,
+        )
+        if shared
+        else None
+    )
     to = lambda t: t.to(dtype)  # noqa: E731
     return to(router), to(gu), to(down), tuple(to(t) for t in sh) if sh else None
 
@@ -27,8 +34,8 @@ def _load(layer, rank, router, gu, down, sh):
     L = layer.num_local
     with torch.no_grad():
         layer.router.weight.copy_(router)
-        layer.w_gate_up.copy_(gu[rank * L:(rank + 1) * L])
-        layer.w_down.copy_(down[rank * L:(rank + 1) * L])
+        layer.w_gate_up.copy_(gu[rank * L : (rank + 1) * L])
+        layer.w_down.copy_(down[rank * L : (rank + 1) * L])
         if sh:
             layer.shared_gate_up.copy_(sh[0])
             layer.shared_down.copy_(sh[1])
@@ -40,9 +47,21 @@ def rank_moe(rank, R, backend, num_chunks, shared, n_group, dtype_name, tol):
     E, H, F, K = 4 * R, 64, 48, 3
     router, gu, down, sh = _full_weights(E, H, F, shared, 11, torch.float32)
     L = E // R
-    layer = ExpertParallelMoE(H, F, E, K, num_shared_experts=shared, num_chunks=num_chunks, n_group=n_group,
-                              topk_group=2 if n_group > 1 else 1, norm_topk_prob=n_group > 1,
-                              buffer=get_buffer(backend), record_stats=True, dtype=dtype, device=dev)
+    layer = ExpertParallelMoE(
+        H,
+        F,
+        E,
+        K,
+        num_shared_experts=shared,
+        num_chunks=num_chunks,
+        n_group=n_group,
+        topk_group=2 if n_group > 1 else 1,
+        norm_topk_prob=n_group > 1,
+        buffer=get_buffer(backend),
+        record_stats=True,
+        dtype=dtype,
+        device=dev,
+    )
     _load(layer, rank, router, gu, down, sh)
     g = torch.Generator().manual_seed(100 + rank)
     T = [13, 9, 0, 17][rank]
@@ -58,15 +77,15 @@ def rank_moe(rank, R, backend, num_chunks, shared, n_group, dtype_name, tol):
     want = dense_moe_reference(xr, idx, w, refs[1], refs[2], tuple(shr) if shr else None)
     (want.float() * go.float()).sum().backward()
     assert_same(y, want, f"output ({num_chunks} chunks)", atol=tol, rtol=tol)
-    if T:                                             # (a rank without tokens has no input gradients)
+    if T:  # (a rank without tokens has no input gradients)
         assert_same(x.grad, xr.grad, "grad x", atol=tol, rtol=tol)
         assert_same(layer.router.weight.grad, refs[0].grad, "grad router (this rank's tokens)", atol=tol, rtol=tol)
     # expert weights: the sum over all ranks' tokens of the dense gradients of this rank's experts
     gsum = [r.grad.clone() if r.grad is not None else torch.zeros_like(r) for r in refs[1:]]
     for t in gsum:
         dist.all_reduce(t)
-    assert_same(layer.w_gate_up.grad, gsum[0][rank * L:(rank + 1) * L], "grad w_gate_up", atol=tol, rtol=tol)
-    assert_same(layer.w_down.grad, gsum[1][rank * L:(rank + 1) * L], "grad w_down", atol=tol, rtol=tol)
+    assert_same(layer.w_gate_up.grad, gsum[0][rank * L : (rank + 1) * L], "grad w_gate_up", atol=tol, rtol=tol)
+    assert_same(layer.w_down.grad, gsum[1][rank * L : (rank + 1) * L], "grad w_down", atol=tol, rtol=tol)
     if shr and T:
         assert_same(layer.shared_gate_up.grad, shr[0].grad, "grad shared (this rank's tokens)", atol=tol, rtol=tol)
     check_stats(layer, dev)
@@ -79,6 +98,7 @@ def check_stats(layer, dev) -> None:
     measured around another forward + backward (on CPU the spans are disjoint wall-clock intervals: compute +
     comm <= step)."""
     import time
+
     x = torch.randn((6, layer.hidden), dtype=layer.w_down.dtype, device=dev, requires_grad=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -96,7 +116,7 @@ def check_stats(layer, dev) -> None:
         assert abs(st.compute_us + st.exposed_comm_us - st.step_us) <= 1e-6 * st.step_us, st
         assert st.overlapped_comm_us == max(st.comm_us - st.exposed_comm_us, 0.0)
         if dev.type == "cpu":
-            assert st.compute_us + st.comm_us <= st.step_us * (1 + 1e-9), st     # disjoint spans
+            assert st.compute_us + st.comm_us <= st.step_us * (1 + 1e-9), st  # disjoint spans
             assert st.overlapped_comm_us == 0.0
     total = fwd + bwd
     assert total.step_us == fwd.step_us + bwd.step_us and total.comm_us == fwd.comm_us + bwd.comm_us
@@ -172,11 +192,13 @@ def rank_moe_decode(rank, R, backend, micro_batches, use_fp8, shared, graph=Fals
     the dense reference on the same routing, the reference reading the rows as they crossed the wire
     (fp8 round trip with use_fp8). bf16 experts on both sides: equal to bf16 rounding."""
     from deep_ep.compress import make_codec
+
     dev = device()
     E, H, F, K = 4 * R, 128, 48, 3
     router, gu, down, sh = _full_weights(E, H, F, shared, 21, torch.bfloat16)
-    layer = ExpertParallelMoE(H, F, E, K, num_shared_experts=shared, buffer=get_buffer(backend),
-                              dtype=torch.bfloat16, device=dev).requires_grad_(False)
+    layer = ExpertParallelMoE(
+        H, F, E, K, num_shared_experts=shared, buffer=get_buffer(backend), dtype=torch.bfloat16, device=dev
+    ).requires_grad_(False)
     _load(layer, rank, router, gu, down, sh)
     T, Mx = [7, 0, 5, 8][rank], 8
     g = torch.Generator().manual_seed(300 + rank)
@@ -190,18 +212,23 @@ def rank_moe_decode(rank, R, backend, micro_batches, use_fp8, shared, graph=Fals
     x = torch.randn((T, H), generator=g).to(torch.bfloat16).to(dev)
     y = layer.decode(x, Mx, micro_batches=micro_batches, use_fp8=use_fp8)
     assert y.shape == (T, H) and y.dtype == torch.bfloat16
-    assert_same(y.float(), want(x).float(), f"decode ({micro_batches} micro-batches, fp8={use_fp8})",
-                atol=2e-2, rtol=2e-2)
-    if graph:            # the whole decode captured once, replayed on fresh tokens: equal to eager each time
+    assert_same(
+        y.float(), want(x).float(), f"decode ({micro_batches} micro-batches, fp8={use_fp8})", atol=2e-2, rtol=2e-2
+    )
+    if graph:  # the whole decode captured once, replayed on fresh tokens: equal to eager each time
         from tests.test_graph import _capture
+
         x_s = x.clone()
         g_, y_s = _capture(lambda: layer.decode(x_s, Mx, micro_batches=micro_batches, use_fp8=use_fp8))
         for trial in range(3):
             x_s.copy_(torch.randn((T, H), generator=g).to(torch.bfloat16))
             g_.replay()
             torch.cuda.synchronize()
-            assert_same(y_s, layer.decode(x_s, Mx, micro_batches=micro_batches, use_fp8=use_fp8),
-                        f"replayed decode, trial {trial}")
+            assert_same(
+                y_s,
+                layer.decode(x_s, Mx, micro_batches=micro_batches, use_fp8=use_fp8),
+                f"replayed decode, trial {trial}",
+            )
     with pytest.raises(deep_ep.DeepEPInputError, match="max_tokens_per_rank"):
         layer.decode(x, T - 1 if T > 1 else 0)
     with pytest.raises(deep_ep.DeepEPInputError, match="inference only"):
@@ -243,6 +270,7 @@ def test_grouped_helpers_match_loop_gpu():
     if torch.cuda.get_device_capability() < (9, 0) or not hasattr(torch, "_grouped_mm"):
         pytest.skip("needs torch._grouped_mm on a Hopper GPU")
     from deep_ep.experts import _gmm, _gmm_weight_grad
+
     g = torch.Generator(device="cuda").manual_seed(5)
     L, H, F = 4, 64, 48
     counts = [5, 0, 17, 3]
@@ -251,20 +279,31 @@ def test_grouped_helpers_match_loop_gpu():
     x = torch.randn((P, H), device="cuda", generator=g).to(torch.bfloat16)
     w = torch.randn((L, F, H), device="cuda", generator=g).to(torch.bfloat16)
     dy = torch.randn((P, F), device="cuda", generator=g).to(torch.bfloat16)
-    assert_same(_gmm(x, w, offs, None, True).float(), _gmm(x, w, offs, counts, False).float(), "grouped matmul",
-                atol=2e-2, rtol=2e-2)
+    assert_same(
+        _gmm(x, w, offs, None, True).float(),
+        _gmm(x, w, offs, counts, False).float(),
+        "grouped matmul",
+        atol=2e-2,
+        rtol=2e-2,
+    )
     junk = torch.full((L * F * H * 4,), float("nan"), device="cuda")  # leave NaN in the allocator's free memory
     del junk
     dw = _gmm_weight_grad(dy, x, offs, None, True, L)
     assert bool((dw[1] == 0).all()), "an expert without rows must get a zero weight gradient"
-    assert_same(dw.float(), _gmm_weight_grad(dy, x, offs, counts, False, L).float(), "grouped weight gradient",
-                atol=5e-2, rtol=2e-2)
+    assert_same(
+        dw.float(),
+        _gmm_weight_grad(dy, x, offs, counts, False, L).float(),
+        "grouped weight gradient",
+        atol=5e-2,
+        rtol=2e-2,
+    )
 
 
 def rank_decode_benchmark(rank, R):
     """``run`` of ``benchmarks/bench_decode.py --small`` on the pool's group (what torchrun runs)."""
     import importlib.util
     import os
+
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_decode.py")
     spec = importlib.util.spec_from_file_location("bench_decode", path)
     mod = importlib.util.module_from_spec(spec)
@@ -302,9 +341,15 @@ def rank_manual_experts_match_autograd(rank, R, grouped):
             N = [0, 5, 11][(seed + c) % 3]
             ridx = torch.randint(-1, L, (N, K), generator=g)
             if seed == 4:
-                ridx[ridx == L - 1] = -1                      # an expert without rows
-            chunks.append((torch.randn(N, H, generator=g).to(dtype), ridx,
-                           torch.rand(N, K, generator=g), torch.randn(N, H, generator=g).to(dtype)))
+                ridx[ridx == L - 1] = -1  # an expert without rows
+            chunks.append(
+                (
+                    torch.randn(N, H, generator=g).to(dtype),
+                    ridx,
+                    torch.rand(N, K, generator=g),
+                    torch.randn(N, H, generator=g).to(dtype),
+                )
+            )
         parts, want_gu, want_d = [], torch.zeros_like(layer.w_gate_up), torch.zeros_like(layer.w_down)
         for rx, ridx, rw, gy in chunks:
             y, st = layer._experts_forward(rx, ridx, rw)
@@ -316,13 +361,20 @@ def rank_manual_experts_match_autograd(rank, R, grouped):
                 ya = layer.local_experts(rx_a, ridx, rw_a)
                 layer._grouped = (lambda x: True) if grouped else (lambda x: False)
                 ins = (rx_a, rw_a, layer.w_gate_up, layer.w_down)
-                ga = [gr if gr is not None else torch.zeros_like(t)
-                      for gr, t in zip(torch.autograd.grad(ya, ins, gy, allow_unused=True), ins)]
+                ga = [
+                    gr if gr is not None else torch.zeros_like(t)
+                    for gr, t in zip(torch.autograd.grad(ya, ins, gy, allow_unused=True), ins)
+                ]
             assert_same(y, ya.detach(), f"forward, seed {seed}", atol=tol, rtol=tol)
-            if grouped:                  # local_experts (the one-chunk autograd path) on the grouped GEMM too
+            if grouped:  # local_experts (the one-chunk autograd path) on the grouped GEMM too
                 with torch.no_grad():
-                    assert_same(layer.local_experts(rx, ridx, rw), ya.detach(), f"grouped local_experts, seed {seed}",
-                                atol=tol, rtol=tol)
+                    assert_same(
+                        layer.local_experts(rx, ridx, rw),
+                        ya.detach(),
+                        f"grouped local_experts, seed {seed}",
+                        atol=tol,
+                        rtol=tol,
+                    )
             assert_same(gx, ga[0], f"grad rows, seed {seed}", atol=tol, rtol=tol)
             assert_same(gw, torch.where(ridx >= 0, ga[1], 0.0), f"grad weights, seed {seed}", atol=tol, rtol=tol)
             want_gu += ga[2]
@@ -347,8 +399,8 @@ def rank_ll_experts_grouped_match_loop(rank, R):
     layer = ExpertParallelMoE(H, F, L * R, K, buffer=get_buffer(), dtype=torch.bfloat16).requires_grad_(False)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        layer.w_gate_up.copy_(torch.randn(layer.w_gate_up.shape, generator=g) / H ** 0.5)
-        layer.w_down.copy_(torch.randn(layer.w_down.shape, generator=g) / F ** 0.5)
+        layer.w_gate_up.copy_(torch.randn(layer.w_gate_up.shape, generator=g) / H**0.5)
+        layer.w_down.copy_(torch.randn(layer.w_down.shape, generator=g) / F**0.5)
     x = torch.randn(L, RM, H, generator=g).to(torch.bfloat16)
     count = torch.tensor([2, 0, RM], dtype=torch.int32)
     for e, n in enumerate(count.tolist()):
@@ -363,8 +415,13 @@ def rank_ll_experts_grouped_match_loop(rank, R):
     # DeepEP's fp8 pair: values and one float32 scale per 128
     vals = x.nan_to_num(0).to(torch.float8_e4m3fn)
     pair = (vals, torch.ones(L, RM, H // 128))
-    assert_same(layer.experts_low_latency(pair, count).float(),
-                layer.experts_low_latency(vals.to(torch.bfloat16), count).float(), "fp8 pair", atol=1e-6, rtol=0)
+    assert_same(
+        layer.experts_low_latency(pair, count).float(),
+        layer.experts_low_latency(vals.to(torch.bfloat16), count).float(),
+        "fp8 pair",
+        atol=1e-6,
+        rtol=0,
+    )
     with pytest.raises(deep_ep.DeepEPInputError, match="bfloat16"):
         ExpertParallelMoE(H, F, L * R, K, buffer=get_buffer(), dtype=torch.float32).experts_low_latency(x, count)
 

@@ -1,4 +1,5 @@
 """Autograd: gradients of deep_ep.ops.dispatch / combine against autograd through the reference oracle."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,6 @@ import torch
 
 from deep_ep import ops
 from deep_ep import reference as ref
-
 from tests._cases import assert_same, device, get_buffer, make_case
 
 
@@ -43,8 +43,9 @@ def rank_autograd(rank, R, seed, worst, nbias, use_out_w, backend="collective"):
     w = case.topk_weights[rank].to(dev).requires_grad_()
     b = [t.to(dev).requires_grad_() for t in B[rank]]
     worst_rows = sum(case.tokens) if worst else 0
-    recv_x, recv_idx, recv_w, counts, handle = ops.dispatch(buf, x, case.topk_idx[rank].to(dev), w, num_experts=E,
-                                                            num_worst_tokens=worst_rows)
+    recv_x, recv_idx, recv_w, counts, handle = ops.dispatch(
+        buf, x, case.topk_idx[rank].to(dev), w, num_experts=E, num_worst_tokens=worst_rows
+    )
     y = _expert(recv_x, recv_w, rank)
     out, out_w = ops.combine(buf, y, handle, topk_weights=2 * recv_w, bias=b if b else None)
     assert_same(out, outs[rank][0], "combined", atol=1e-12, rtol=1e-12)

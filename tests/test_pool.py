@@ -95,8 +95,10 @@ def _noop(rank, world_size):
 
 
 #: the pool's NCCL tests need one GPU per rank (DEEP_EP_TEST_SHARE_GPU pools are gloo on a shared GPU)
-_two_real_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                                    reason="needs 2 real GPUs (an NCCL pool, not a shared-GPU one)")
+_two_real_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="needs 2 real GPUs (an NCCL pool, not a shared-GPU one)",
+)
 
 
 def _nccl_all_reduce(rank, world_size):

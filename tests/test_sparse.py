@@ -1,4 +1,5 @@
 """SparseCollective (the seed's API) against the reference oracle."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,6 @@ import torch
 
 import deep_ep
 from deep_ep import reference as ref
-
 from tests._cases import assert_same, device, get_buffer
 
 
@@ -22,13 +22,12 @@ def rank_sparse(rank, R, seed, k, infer_experts):
         E_used = max(int(t.max()) if t.numel() else -1 for t in tables) + 1
         E = max((E_used + R - 1) // R * R, R)
     exp = ref.dispatch(xs, idx2, E)
-    op = deep_ep.SparseCollective(tables[rank].to(dev), num_experts=None if infer_experts else E,
-                                  buffer=get_buffer())
+    op = deep_ep.SparseCollective(tables[rank].to(dev), num_experts=None if infer_experts else E, buffer=get_buffer())
     assert op.num_experts == E
     masks = [ref.expert_rank_mask(t, E, R) for t in idx2]
     traffic = torch.tensor([[int(m[:, j].sum()) for j in range(R)] for m in masks], dtype=torch.int64)
     assert torch.equal(op.traffic, traffic), (op.traffic, traffic)
-    assert op.density == pytest.approx(float((traffic > 0).sum()) / R ** 2)
+    assert op.density == pytest.approx(float((traffic > 0).sum()) / R**2)
     x = xs[rank].to(dev).requires_grad_()
     recv = op.all_to_all(x)
     assert_same(recv, exp[rank].recv_x, "all_to_all rows")
@@ -44,6 +43,7 @@ def rank_sparse_compressed(rank, R):
     """compression_ratio: rows cross in the 'auto' format at that ratio (what arrives is the reference
     dispatch of the decoded rows); the reverse and the gradient stay 16-bit (straight through)."""
     from deep_ep.compress import make_codec
+
     dev = device()
     g = torch.Generator().manual_seed(5)
     E, H = 2 * R, 256

@@ -21,16 +21,28 @@ Modules: ``monitor``, ``planner`` (with its packing core in ``packing``),
 ``migrate`` and ``balanced``. :mod:`deep_ep.balance.simulate` holds the drifting-popularity
 trace and the policy simulation used by ``benchmarks/bench_balance.py``.
 """
+
 from __future__ import annotations
 
+from .balanced import BalancedDispatch
+from .migrate import migrate_experts
+from .migration_plan import MigrationPlan, placement_moves, plan_migration
 from .monitor import LoadMonitor
 from .placement import contiguous_phy2log, gpu_loads, moved_experts
 from .planner import rebalance_experts, replica_counts
-from .migration_plan import MigrationPlan, placement_moves, plan_migration
-from .migrate import migrate_experts
 from .router import ReplicaRouter
-from .balanced import BalancedDispatch
 
-__all__ = ["LoadMonitor", "rebalance_experts", "ReplicaRouter", "replica_counts", "moved_experts",
-           "gpu_loads", "contiguous_phy2log", "migrate_experts", "placement_moves", "plan_migration",
-           "MigrationPlan", "BalancedDispatch"]
+__all__ = [
+    "LoadMonitor",
+    "rebalance_experts",
+    "ReplicaRouter",
+    "replica_counts",
+    "moved_experts",
+    "gpu_loads",
+    "contiguous_phy2log",
+    "migrate_experts",
+    "placement_moves",
+    "plan_migration",
+    "MigrationPlan",
+    "BalancedDispatch",
+]

@@ -40,6 +40,7 @@ are the expert's gradient split by tokens: sum them over the replicas of each
 expert before the optimizer step, e.g. with :meth:`BalancedDispatch.sum_replica_grads`).
 One ``BalancedDispatch`` per MoE layer.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -111,9 +112,20 @@ class BalancedDispatch:
     change).
     """
 
-    def __init__(self, buffer, num_experts: int, *, num_slots: Optional[int] = None, phy2log=None,
-                 window: int = 100, load_aware: bool = True, headroom: float = 0.5,
-                 move_slack: float = 0.05, differentiable: Optional[bool] = None, host_quotas: bool = True) -> None:
+    def __init__(
+        self,
+        buffer,
+        num_experts: int,
+        *,
+        num_slots: Optional[int] = None,
+        phy2log=None,
+        window: int = 100,
+        load_aware: bool = True,
+        headroom: float = 0.5,
+        move_slack: float = 0.05,
+        differentiable: Optional[bool] = None,
+        host_quotas: bool = True,
+    ) -> None:
         self.buffer = buffer
         self.group = buffer.group
         self.num_ranks = int(buffer.num_ranks)
@@ -130,8 +142,9 @@ class BalancedDispatch:
         elif num_slots is None:
             num_slots = num_experts
         if not isinstance(num_slots, int) or num_slots < num_experts or num_slots % R:
-            raise DeepEPInputError(f"num_slots={num_slots!r} must be an int >= num_experts={num_experts} and a "
-                                   f"multiple of the {R} ranks")
+            raise DeepEPInputError(
+                f"num_slots={num_slots!r} must be an int >= num_experts={num_experts} and a multiple of the {R} ranks"
+            )
         if phy2log is None:
             if num_experts % R == 0:
                 p2l = contiguous_phy2log(num_experts, R, (num_slots - num_experts) // R)
@@ -144,7 +157,7 @@ class BalancedDispatch:
         self.move_slack = float(move_slack)
         self.differentiable = differentiable
         self.host_quotas = bool(host_quotas)
-        self._set_placement(p2l)             # validates (every expert needs a slot)
+        self._set_placement(p2l)  # validates (every expert needs a slot)
         self.monitor = LoadMonitor(num_experts, window=window)
         self.steps = 0
         self.replans = 0
@@ -178,7 +191,7 @@ class BalancedDispatch:
     def local_experts(self) -> torch.Tensor:
         """int64 ``[P // R]`` (CPU): the logical expert of each of this rank's slots."""
         s = self.slots_per_rank
-        return self.phy2log[self.rank * s:(self.rank + 1) * s].clone()
+        return self.phy2log[self.rank * s : (self.rank + 1) * s].clone()
 
     # ------------------------------------------------------------------ per step
     def route(self, topk_idx: torch.Tensor) -> torch.Tensor:
@@ -206,21 +219,29 @@ class BalancedDispatch:
             if n_bad:
                 if n_mine:
                     raise DeepEPInputError(f"rank {self.rank}: topk_idx holds {n_mine} id(s) outside [-1, {E})")
-                raise RemoteInputError(f"BalancedDispatch: other rank(s) passed {n_bad} expert id(s) outside "
-                                       f"[-1, {E}); see their error")
+                raise RemoteInputError(
+                    f"BalancedDispatch: other rank(s) passed {n_bad} expert id(s) outside [-1, {E}); see their error"
+                )
         global_counts = vec[:E]
         self.monitor.update(global_counts)
         self.steps += 1
         quotas = None
         if self.load_aware and self.host_quotas and global_counts.device.type != "cpu":
-            quotas = self.router.quotas(global_counts.cpu())     # one copy of E ints; numpy solve
+            quotas = self.router.quotas(global_counts.cpu())  # one copy of E ints; numpy solve
         phys = self.router.route(safe, global_counts if self.load_aware else None, rank=self.rank, quotas=quotas)
         if topk_idx.device.type != "cpu":
             phys = torch.where(bad.view(topk_idx.shape), torch.full_like(phys, self.num_slots), phys)
         return phys
 
-    def dispatch(self, x, topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None, *,
-                 handle=None, **kwargs):
+    def dispatch(
+        self,
+        x,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        *,
+        handle=None,
+        **kwargs,
+    ):
         """:meth:`Buffer.dispatch` with logical ``topk_idx`` (mapped by :meth:`route`).
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights,
@@ -241,12 +262,19 @@ class BalancedDispatch:
         phys = self.route(topk_idx)
         if _needs_grad(self.differentiable, x, topk_weights):
             from .. import ops
+
             self._check_autograd_kwargs(kwargs)
             return ops.dispatch(self.buffer, x, phys, topk_weights, num_experts=self.num_slots, **kwargs) + (None,)
         per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(phys, self.num_slots)
-        return self.buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                    num_tokens_per_expert=per_expert, topk_idx=phys, topk_weights=topk_weights,
-                                    **kwargs)
+        return self.buffer.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=phys,
+            topk_weights=topk_weights,
+            **kwargs,
+        )
 
     def combine(self, x: torch.Tensor, handle, topk_weights: Optional[torch.Tensor] = None, bias=None, **kwargs):
         """:meth:`Buffer.combine` (returns ``(combined_x, combined_topk_weights, event)``); differentiable
@@ -254,6 +282,7 @@ class BalancedDispatch:
         ``x``, ``topk_weights`` or a bias requires grad)."""
         if _needs_grad(self.differentiable, x, topk_weights, *(bias if isinstance(bias, (list, tuple)) else (bias,))):
             from .. import ops
+
             extra = {k: v for k, v in kwargs.items() if k != "config"}
             if extra:
                 raise DeepEPInputError(f"differentiable combine takes only config, got {sorted(extra)}")
@@ -279,8 +308,11 @@ class BalancedDispatch:
         and every replica's ``.grad`` becomes that sum in the parameter's
         dtype, so replicas stay identical after the optimizer step.
         """
-        items = list(params.values()) if isinstance(params, dict) else (
-            [params] if isinstance(params, torch.Tensor) else list(params))
+        items = (
+            list(params.values())
+            if isinstance(params, dict)
+            else ([params] if isinstance(params, torch.Tensor) else list(params))
+        )
         grads = [p.grad for p in items] if grads is None else list(grads)
         if len(grads) != len(items):
             raise DeepEPInputError(f"got {len(grads)} gradients for {len(items)} tensors")
@@ -301,15 +333,24 @@ class BalancedDispatch:
         out = torch.empty(self.num_slots, dtype=torch.int64, device=dev)
         if self.rank == 0:
             weight = self.monitor.forecast(horizon).view(1, -1)
-            new = rebalance_experts(weight, self.num_slots, 1, 1, self.num_ranks, headroom=self.headroom,
-                                    move_slack=self.move_slack, prev_phy2log=self.phy2log.view(1, -1))[0][0]
+            new = rebalance_experts(
+                weight,
+                self.num_slots,
+                1,
+                1,
+                self.num_ranks,
+                headroom=self.headroom,
+                move_slack=self.move_slack,
+                prev_phy2log=self.phy2log.view(1, -1),
+            )[0][0]
             out.copy_(new)
         src = 0 if self.group in (None, dist.group.WORLD) else dist.get_global_rank(self.group, 0)
         self._collective(dist.broadcast, out, src, stage="plan broadcast")
         return out.cpu()
 
-    def maybe_replan(self, every: int, params, optimizer: Optional[torch.optim.Optimizer] = None, *,
-                     force: bool = False) -> bool:
+    def maybe_replan(
+        self, every: int, params, optimizer: Optional[torch.optim.Optimizer] = None, *, force: bool = False
+    ) -> bool:
         """Every ``every`` routed steps: re-plan from the forecast and migrate the experts if the placement changed.
 
         Collective over the group (call it at the same point on every rank,
@@ -335,8 +376,12 @@ class BalancedDispatch:
         self.last_moves = placement_moves(old, new, self.num_ranks)
         self._set_placement(new)
         self.replans += 1
-        log.debug("BalancedDispatch rank %d: re-plan at step %d moved %d expert copies", self.rank, self.steps,
-                  self.last_moves)
+        log.debug(
+            "BalancedDispatch rank %d: re-plan at step %d moved %d expert copies",
+            self.rank,
+            self.steps,
+            self.last_moves,
+        )
         return True
 
     def imbalance(self) -> Dict[str, float]:

@@ -33,6 +33,7 @@ slot ``rank * S + i``); for a 2-D placement ``[layers, P]`` each tensor is
 ``[layers, S, ...]``. The new tensors have ``S' = P' // R`` slots (the number
 of physical slots may change between the placements).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,10 +60,13 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 
 _MAGIC = 0x3E16
 _F_MAGIC, _F_ERR, _F_OLD, _F_NEW, _F_PARAMS, _F_STATE, _F_SCALARS = range(7)
-_FIELD_NAMES = {_F_OLD: "the old placement (old_phy2log)", _F_NEW: "the new placement (new_phy2log)",
-                _F_PARAMS: "the expert tensors (names, count, per-slot shapes, dtypes, whether grads are present)",
-                _F_STATE: "the optimizer state layout (which parameters have state, its keys, shapes, dtypes)",
-                _F_SCALARS: "the optimizer's scalar state (e.g. Adam's 'step' counters, which are not per slot)"}
+_FIELD_NAMES = {
+    _F_OLD: "the old placement (old_phy2log)",
+    _F_NEW: "the new placement (new_phy2log)",
+    _F_PARAMS: "the expert tensors (names, count, per-slot shapes, dtypes, whether grads are present)",
+    _F_STATE: "the optimizer state layout (which parameters have state, its keys, shapes, dtypes)",
+    _F_SCALARS: "the optimizer's scalar state (e.g. Adam's 'step' counters, which are not per slot)",
+}
 
 _migration_calls = itertools.count()
 
@@ -89,7 +93,7 @@ def _items(local_params: Any) -> Tuple[str, List[Tuple[str, torch.Tensor]]]:
         return "tensor", [("0", local_params)]
     if isinstance(local_params, Mapping):
         items = list(local_params.items())
-        for k, v in items:
+        for k, _v in items:
             if not isinstance(k, str):
                 raise DeepEPTypeError(f"local_params keys must be str, got {type(k).__name__} ({k!r})")
         kind = "mapping"
@@ -97,8 +101,10 @@ def _items(local_params: Any) -> Tuple[str, List[Tuple[str, torch.Tensor]]]:
         items = [(str(i), v) for i, v in enumerate(local_params)]
         kind = type(local_params).__name__
     else:
-        raise DeepEPTypeError(f"local_params must be a dict name -> tensor, a list/tuple of tensors or one tensor, "
-                              f"got {type(local_params).__name__}")
+        raise DeepEPTypeError(
+            f"local_params must be a dict name -> tensor, a list/tuple of tensors or one tensor, "
+            f"got {type(local_params).__name__}"
+        )
     if not items:
         raise DeepEPInputError("local_params is empty: nothing to migrate")
     for k, v in items:
@@ -169,20 +175,24 @@ def _collect(items, optimizer, inplace: bool, lead: int, s_old: int, layers: int
             dims = "[layers, slots_per_rank, ...]" if layered else "[slots_per_rank, ...]"
             raise DeepEPInputError(
                 f"local_params[{name!r}] has shape {tuple(t.shape)}; expected {dims} with leading dims {want} "
-                f"(the old placement gives this rank {s_old} slots)")
+                f"(the old placement gives this rank {s_old} slots)"
+            )
         if device is None:
             device = t.device
         elif t.device != device:
-            raise DeepEPInputError(f"local_params[{name!r}] is on {t.device}, others on {device}: all must share one "
-                                   f"device")
+            raise DeepEPInputError(
+                f"local_params[{name!r}] is on {t.device}, others on {device}: all must share one device"
+            )
         units.append(_Unit(name, t, lead))
         has_grad = inplace and t.grad is not None
         p_parts.append((name, tuple(t.shape[lead:]), str(t.dtype), has_grad))
         if has_grad:
             g = t.grad
             if tuple(g.shape) != tuple(t.shape) or g.layout != torch.strided or g.device != device:
-                raise DeepEPInputError(f"local_params[{name!r}].grad has shape {tuple(g.shape)} on {g.device}; "
-                                       f"expected a dense gradient like the parameter")
+                raise DeepEPInputError(
+                    f"local_params[{name!r}].grad has shape {tuple(g.shape)} on {g.device}; "
+                    f"expected a dense gradient like the parameter"
+                )
             units.append(_Unit(name + ".grad", g, lead))
         if optimizer is None:
             continue
@@ -197,21 +207,28 @@ def _collect(items, optimizer, inplace: bool, lead: int, s_old: int, layers: int
             v = state[key]
             if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(t.shape) and v.dim() > 0:
                 if v.layout != torch.strided or v.device != device:
-                    raise DeepEPInputError(f"optimizer state {key!r} of local_params[{name!r}] is on {v.device} "
-                                           f"({v.layout}); expected a dense tensor on {device}")
+                    raise DeepEPInputError(
+                        f"optimizer state {key!r} of local_params[{name!r}] is on {v.device} "
+                        f"({v.layout}); expected a dense tensor on {device}"
+                    )
                 units.append(_Unit(f"{name}.state[{key!r}]", v, lead))
                 st_parts.append((name, str(key), "per-slot", str(v.dtype)))
-            elif (isinstance(v, torch.Tensor) and v.numel() == 1 and v.dim() <= 1) or \
-                    isinstance(v, (int, float, bool)) or v is None:
-                st_parts.append((name, str(key), "scalar", str(v.dtype) if isinstance(v, torch.Tensor) else
-                                 type(v).__name__))
+            elif (
+                (isinstance(v, torch.Tensor) and v.numel() == 1 and v.dim() <= 1)
+                or isinstance(v, (int, float, bool))
+                or v is None
+            ):
+                st_parts.append(
+                    (name, str(key), "scalar", str(v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__)
+                )
                 sc_parts.append((name, str(key), _scalar_repr(v)))
             else:
                 desc = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"type {type(v).__name__}"
                 raise DeepEPInputError(
                     f"optimizer state {key!r} of local_params[{name!r}] has {desc}: migrate_experts moves only "
                     f"state shaped like its parameter {tuple(t.shape)} (moved per slot) and scalars (kept; they "
-                    f"must agree on every rank), so this optimizer is not supported")
+                    f"must agree on every rank), so this optimizer is not supported"
+                )
     return units, p_parts, st_parts, sc_parts, device
 
 
@@ -238,19 +255,22 @@ def _verdict(gathered: torch.Tensor, rank: int, problem: Optional[Exception]) ->
     if errs:
         if problem is not None:
             raise problem
-        raise RemoteInputError(f"deep_ep migrate_experts: rank(s) {errs} rejected their input; see that rank's "
-                               f"error. Nothing was moved.")
+        raise RemoteInputError(
+            f"deep_ep migrate_experts: rank(s) {errs} rejected their input; see that rank's error. Nothing was moved."
+        )
     bad = [r for r in range(R) if int(gathered[r, _F_MAGIC]) != _MAGIC]
     if bad:
-        raise RankMismatchError(f"deep_ep migrate_experts: rank(s) {bad} sent garbage metadata: they are running a "
-                                f"different collective. Nothing was moved.")
+        raise RankMismatchError(
+            f"deep_ep migrate_experts: rank(s) {bad} sent garbage metadata: they are running a "
+            f"different collective. Nothing was moved."
+        )
     for f in (_F_OLD, _F_NEW, _F_PARAMS, _F_STATE, _F_SCALARS):
         vals = [int(gathered[r, f]) for r in range(R)]
         if len(set(vals)) > 1:
             groups: Dict[int, List[int]] = {}
             for r, v in enumerate(vals):
                 groups.setdefault(v, []).append(r)
-            majority = max(groups.values(), key=len)     # ties: the group of the lowest rank
+            majority = max(groups.values(), key=len)  # ties: the group of the lowest rank
             odd = [r for r in range(R) if r not in majority]
             sets = "; ".join(f"ranks {g}" for g in groups.values())
             if sum(len(g) == len(majority) for g in groups.values()) > 1:
@@ -258,7 +278,8 @@ def _verdict(gathered: torch.Tensor, rank: int, problem: Optional[Exception]) ->
             raise RankMismatchError(
                 f"deep_ep migrate_experts: ranks disagree on {_FIELD_NAMES[f]}: disagreeing rank(s) {odd} "
                 f"(ranks that agree with each other: {sets}). Every rank must pass the same placements and "
-                f"tensors of the same layout. Nothing was moved.")
+                f"tensors of the same layout. Nothing was moved."
+            )
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -311,9 +332,17 @@ def _columns(units: Sequence["_Unit"], bucket: List[int]) -> Iterator[Tuple[int,
         off += units[i].row_bytes
 
 
-def migrate_experts(local_params: Params, old_phy2log: Any, new_phy2log: Any, group: Optional[Any] = None,
-                    optimizer: Optional[torch.optim.Optimizer] = None, *, inplace: Optional[bool] = None,
-                    bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: Optional[float] = None) -> Params:
+def migrate_experts(
+    local_params: Params,
+    old_phy2log: Any,
+    new_phy2log: Any,
+    group: Optional[Any] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    *,
+    inplace: Optional[bool] = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    timeout_s: Optional[float] = None,
+) -> Params:
     """Lay this rank's expert tensors out for ``new_phy2log``, fetching missing experts from other ranks.
 
     Collective over ``group`` (default: the default process group; without an
@@ -383,7 +412,7 @@ def migrate_experts(local_params: Params, old_phy2log: Any, new_phy2log: Any, gr
     if distributed and R > 1:
         try:
             t_s = float(timeout_s) if timeout_s is not None else env_float("DEEP_EP_TIMEOUT_S", DEFAULT_TIMEOUT_S)
-        except (TypeError, ValueError):   # reported below, after the ranks have agreed
+        except (TypeError, ValueError):  # reported below, after the ranks have agreed
             t_s = DEFAULT_TIMEOUT_S
         waiter = Waiter(group, f"deep_ep/migrate/{next(_migration_calls)}", t_s if t_s > 0 else DEFAULT_TIMEOUT_S)
 
@@ -398,8 +427,10 @@ def migrate_experts(local_params: Params, old_phy2log: Any, new_phy2log: Any, gr
         if inplace is None:
             inplace = optimizer is not None
         if optimizer is not None and not inplace:
-            raise DeepEPInputError("migrate_experts with an optimizer works in place (the optimizer refers to the "
-                                   "parameter objects); do not pass inplace=False")
+            raise DeepEPInputError(
+                "migrate_experts with an optimizer works in place (the optimizer refers to the "
+                "parameter objects); do not pass inplace=False"
+            )
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise DeepEPInputError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
         kind, items = _items(local_params)
@@ -407,8 +438,9 @@ def migrate_experts(local_params: Params, old_phy2log: Any, new_phy2log: Any, gr
         old_np = _as_placement(old_phy2log, "old_phy2log")
         new_np = _as_placement(new_phy2log, "new_phy2log")
         lead = 2 if plan.layered else 1
-        units, p_parts, st_parts, sc_parts, device = _collect(items, optimizer, inplace, lead,
-                                                              plan.old_slots_per_rank, plan.num_layers, plan.layered)
+        units, p_parts, st_parts, sc_parts, device = _collect(
+            items, optimizer, inplace, lead, plan.old_slots_per_rank, plan.num_layers, plan.layered
+        )
         h = [_digest(old_np), _digest(new_np), _digest(*p_parts), _digest(*st_parts), _digest(*sc_parts)]
     except (DeepEPInputError, DeepEPTypeError) as e:
         problem = e
@@ -447,26 +479,38 @@ def migrate_experts(local_params: Params, old_phy2log: Any, new_phy2log: Any, gr
                 send = torch.empty((send_src.numel(), width), dtype=torch.uint8, device=dev)
                 for i, off, rb in _columns(units, b):
                     if send_src.numel():
-                        send[:, off:off + rb] = _words(srcs[i]).index_select(0, send_src).view(torch.uint8)
+                        send[:, off : off + rb] = _words(srcs[i]).index_select(0, send_src).view(torch.uint8)
                 recv = torch.empty((idx["num_recv"], width), dtype=torch.uint8, device=dev)
-                if dev.type == "cuda":   # ordered on the current stream, no host wait
+                if dev.type == "cuda":  # ordered on the current stream, no host wait
                     dist.all_to_all_single(recv, send, idx["out_splits"], idx["in_splits"], group=group)
                 else:
-                    work = dist.all_to_all_single(recv, send, idx["out_splits"], idx["in_splits"], group=group,
-                                                  async_op=True)
+                    work = dist.all_to_all_single(
+                        recv, send, idx["out_splits"], idx["in_splits"], group=group, async_op=True
+                    )
                     _wait(work, waiter, "migrate_experts all-to-all")
                 moved_bytes += send.numel()
                 for i, off, rb in _columns(units, b):
                     if recv_dst.numel():
-                        rows = _words(recv[:, off:off + rb])
+                        rows = _words(recv[:, off : off + rb])
                         _words(outs[i]).index_copy_(0, recv_dst, rows.index_select(0, recv_row))
 
         lead_shape = (plan.num_layers, s_new) if plan.layered else (s_new,)
-        shaped = [o.view(u.dtype).view(lead_shape + u.shape_tail) if u.row_bytes else
-                  torch.empty(lead_shape + u.shape_tail, dtype=u.dtype, device=dev) for u, o in zip(units, outs)]
+        shaped = [
+            o.view(u.dtype).view(lead_shape + u.shape_tail)
+            if u.row_bytes
+            else torch.empty(lead_shape + u.shape_tail, dtype=u.dtype, device=dev)
+            for u, o in zip(units, outs)
+        ]
 
-    log.debug("migrate_experts rank %d/%d: %d expert copies cross ranks in total, %d local slot copies here, "
-              "%d bytes sent by this rank", rank, R, plan.num_moves, int(idx["local_dst"].size), moved_bytes)
+    log.debug(
+        "migrate_experts rank %d/%d: %d expert copies cross ranks in total, %d local slot copies here, "
+        "%d bytes sent by this rank",
+        rank,
+        R,
+        plan.num_moves,
+        int(idx["local_dst"].size),
+        moved_bytes,
+    )
 
     # Put the results back.
     by_name = {u.name: o for u, o in zip(units, shaped)}

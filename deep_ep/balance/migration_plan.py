@@ -12,6 +12,7 @@ slot) is filled by a local copy; otherwise one copy crosses ranks per
 copies so far (ties to the lowest old slot). Slot ``p`` of a placement of
 ``P`` slots lives on rank ``p // (P // num_ranks)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -117,8 +118,9 @@ def _as_placement(x: Any, what: str) -> np.ndarray:
     if a.shape[-1] == 0 or a.shape[0] == 0:
         raise DeepEPInputError(f"{what} is empty (shape {tuple(a.shape)})")
     if a.min() < 0:
-        raise DeepEPInputError(f"{what} holds a negative expert id ({int(a.min())}); every physical slot must hold "
-                               f"a logical expert")
+        raise DeepEPInputError(
+            f"{what} holds a negative expert id ({int(a.min())}); every physical slot must hold a logical expert"
+        )
     return a
 
 
@@ -128,14 +130,18 @@ def _normalise(old_phy2log: Any, new_phy2log: Any, num_ranks: int) -> Tuple[np.n
     old = _as_placement(old_phy2log, "old_phy2log")
     new = _as_placement(new_phy2log, "new_phy2log")
     if old.ndim != new.ndim:
-        raise DeepEPInputError(f"old_phy2log {tuple(old.shape)} and new_phy2log {tuple(new.shape)} must both be 1-D "
-                               f"or both [layers, num_replicas]")
+        raise DeepEPInputError(
+            f"old_phy2log {tuple(old.shape)} and new_phy2log {tuple(new.shape)} must both be 1-D "
+            f"or both [layers, num_replicas]"
+        )
     if old.ndim == 2 and old.shape[0] != new.shape[0]:
         raise DeepEPInputError(f"old_phy2log has {old.shape[0]} layers, new_phy2log {new.shape[0]}")
     for a, what in ((old, "old_phy2log"), (new, "new_phy2log")):
         if a.shape[-1] % num_ranks:
-            raise DeepEPInputError(f"{what} has {a.shape[-1]} physical slots, not a multiple of the {num_ranks} "
-                                   f"ranks (each rank holds num_replicas // num_ranks consecutive slots)")
+            raise DeepEPInputError(
+                f"{what} has {a.shape[-1]} physical slots, not a multiple of the {num_ranks} "
+                f"ranks (each rank holds num_replicas // num_ranks consecutive slots)"
+            )
     layered = old.ndim == 2
     return old.reshape(-1, old.shape[-1]), new.reshape(-1, new.shape[-1]), layered
 
@@ -160,19 +166,20 @@ def plan_migration(old_phy2log: Any, new_phy2log: Any, num_ranks: int) -> Migrat
     for layer in range(old.shape[0]):
         holders: Dict[int, List[int]] = {}
         for p, e in enumerate(old[layer].tolist()):
-            holders.setdefault(e, []).append(p)          # ascending old slots
+            holders.setdefault(e, []).append(p)  # ascending old slots
         missing = sorted(set(new[layer].tolist()) - set(holders))
         if missing:
             where = f" of layer {layer}" if layered else ""
             raise DeepEPInputError(
                 f"new_phy2log{where} places logical expert(s) {missing[:8]}{'...' if len(missing) > 8 else ''} that "
-                f"no slot of old_phy2log{where} holds: their weights exist nowhere to migrate from")
+                f"no slot of old_phy2log{where} holds: their weights exist nowhere to migrate from"
+            )
         row = new[layer].tolist()
         for d in range(R):
             lo = d * s_old
             held = {}
-            for i, e in enumerate(old[layer, lo:lo + s_old].tolist()):
-                held.setdefault(e, i)                     # lowest local slot holding e
+            for i, e in enumerate(old[layer, lo : lo + s_old].tolist()):
+                held.setdefault(e, i)  # lowest local slot holding e
             pending: Dict[int, int] = {}
             for j in range(s_new):
                 e = row[d * s_new + j]

@@ -31,6 +31,7 @@ sampling noise of cold experts. On the drifting trace of
 next 50 steps' mean load is 0.128 against the 50-step window mean's 0.166;
 with 16x fewer tokens per step (noisier counts) 0.147 against 0.169.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,9 +65,18 @@ class LoadMonitor:
         device: device of the history (default: that of the first update).
     """
 
-    def __init__(self, num_experts: int, window: int = 100, *, group=None, horizon: Optional[int] = None,
-                 damping: float = 0.8, trend_gain: float = 0.05, drift: Optional[float] = None,
-                 device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        window: int = 100,
+        *,
+        group=None,
+        horizon: Optional[int] = None,
+        damping: float = 0.8,
+        trend_gain: float = 0.05,
+        drift: Optional[float] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
         if not isinstance(num_experts, int) or num_experts <= 0:
             raise DeepEPInputError(f"num_experts must be a positive int, got {num_experts!r}")
         if not isinstance(window, int) or window < 2:
@@ -80,7 +90,7 @@ class LoadMonitor:
         self.drift = drift
         self._device = torch.device(device) if device is not None else None
         self._buf: Optional[torch.Tensor] = None
-        self.steps = 0                       # updates so far (all of them, not only the window)
+        self.steps = 0  # updates so far (all of them, not only the window)
 
     # ------------------------------------------------------------------ recording
     def update(self, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -129,12 +139,24 @@ class LoadMonitor:
         docstring). Falls back to zeros before the first update.
         """
         h = self.history()
-        return forecast_counts(h, self.horizon if horizon is None else int(horizon),
-                               damping=self.damping, trend_gain=self.trend_gain, drift=self.drift)
+        return forecast_counts(
+            h,
+            self.horizon if horizon is None else int(horizon),
+            damping=self.damping,
+            trend_gain=self.trend_gain,
+            drift=self.drift,
+        )
 
     # ------------------------------------------------------------------ figures
-    def imbalance(self, phy2log=None, logcnt=None, num_gpus: Optional[int] = None, *,
-                  counts: Optional[torch.Tensor] = None, balanced: bool = False) -> Dict[str, float]:
+    def imbalance(
+        self,
+        phy2log=None,
+        logcnt=None,
+        num_gpus: Optional[int] = None,
+        *,
+        counts: Optional[torch.Tensor] = None,
+        balanced: bool = False,
+    ) -> Dict[str, float]:
         """Per-GPU load figures of a placement (reads back to the host).
 
         Args:
@@ -159,14 +181,25 @@ class LoadMonitor:
         if c.dim() == 1:
             c = c.unsqueeze(0)
         if c.shape[0] == 0:
-            return dict(max_over_mean=float("nan"), std_over_mean=float("nan"),
-                        max_over_mean_p99=float("nan"), std_over_mean_p99=float("nan"), steps=0)
+            return dict(
+                max_over_mean=float("nan"),
+                std_over_mean=float("nan"),
+                max_over_mean_p99=float("nan"),
+                std_over_mean_p99=float("nan"),
+                steps=0,
+            )
         loads = per_gpu_loads(c, num_gpus, phy2log, logcnt, balanced=balanced)
         return imbalance_figures(loads)
 
 
-def forecast_counts(history: torch.Tensor, horizon: int, *, damping: float = 0.8, trend_gain: float = 0.05,
-                    drift: Optional[float] = None) -> torch.Tensor:
+def forecast_counts(
+    history: torch.Tensor,
+    horizon: int,
+    *,
+    damping: float = 0.8,
+    trend_gain: float = 0.05,
+    drift: Optional[float] = None,
+) -> torch.Tensor:
     """The forecast of :class:`LoadMonitor` for a ``[n, E]`` history (oldest first): float64 ``[E]``.
 
     Per-expert Kalman filter on the counts (module docstring): level ``x``
@@ -208,8 +241,9 @@ def forecast_counts(history: torch.Tensor, horizon: int, *, damping: float = 0.8
     return (x.view(-1, 1) * growth).mean(1)
 
 
-def per_gpu_loads(counts: torch.Tensor, num_gpus: int, phy2log=None, logcnt=None, *,
-                  balanced: bool = False) -> torch.Tensor:
+def per_gpu_loads(
+    counts: torch.Tensor, num_gpus: int, phy2log=None, logcnt=None, *, balanced: bool = False
+) -> torch.Tensor:
     """float64 ``[steps, num_gpus]`` per-GPU loads of ``counts [steps, E]`` under a placement.
 
     ``phy2log=None``: contiguous placement. Else replicated experts are split
@@ -226,6 +260,7 @@ def per_gpu_loads(counts: torch.Tensor, num_gpus: int, phy2log=None, logcnt=None
     p2l = torch.as_tensor(phy2log).detach().to("cpu", torch.int64).reshape(-1)
     if balanced:
         from .router import ReplicaRouter
+
         cnt = logcnt if logcnt is not None else torch.bincount(p2l, minlength=num_experts)
         router = ReplicaRouter(p2l, torch.as_tensor(cnt).reshape(-1), num_gpus)
         rows = [router.gpu_load(router.quotas(ci.round().to(torch.int64))) for ci in c]
@@ -242,7 +277,10 @@ def imbalance_figures(loads: torch.Tensor) -> Dict[str, float]:
     mx = loads.max(1).values / mean
     sd = loads.std(1, unbiased=False) / mean
     q = 0.99 if loads.shape[0] > 1 else 0.5
-    return dict(max_over_mean=float(mx.mean()), std_over_mean=float(sd.mean()),
-                max_over_mean_p99=float(torch.quantile(mx, q)), std_over_mean_p99=float(torch.quantile(sd, q)),
-                steps=int(loads.shape[0]))
-
+    return dict(
+        max_over_mean=float(mx.mean()),
+        std_over_mean=float(sd.mean()),
+        max_over_mean_p99=float(torch.quantile(mx, q)),
+        std_over_mean_p99=float(torch.quantile(sd, q)),
+        steps=int(loads.shape[0]),
+    )

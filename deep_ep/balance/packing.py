@@ -20,6 +20,7 @@ All of it is deterministic (ties by index) and works in place on numpy
 arrays: ``pack [n]`` (the pack of every item), ``loads [packs]`` and ``has
 [packs, keys]`` (items of each key in each pack).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -28,6 +29,7 @@ from typing import Optional
 import numpy as np
 
 _EPS = 1e-9
+
 
 def _pop_preferred(heap: list, tests) -> tuple:
     """Pop the lightest entry ``(load, pack)`` whose pack passes ``tests[0]``; if none does, the lightest
@@ -39,9 +41,10 @@ def _pop_preferred(heap: list, tests) -> tuple:
         if tests[0](popped[-1][1]):
             break
     if not popped:
-        raise RuntimeError("no pack has room")     # cannot happen: items == free slots
-    choice = popped[-1] if tests[0](popped[-1][1]) else \
-        next((e for t in tests[1:] for e in popped if t(e[1])), popped[0])
+        raise RuntimeError("no pack has room")  # cannot happen: items == free slots
+    choice = (
+        popped[-1] if tests[0](popped[-1][1]) else next((e for t in tests[1:] for e in popped if t(e[1])), popped[0])
+    )
     for entry in popped:
         if entry is not choice:
             heapq.heappush(heap, entry)
@@ -57,8 +60,15 @@ def _tally(item_w: np.ndarray, item_key: np.ndarray, pack: np.ndarray, num_packs
     return loads, has
 
 
-def _pack(item_w: np.ndarray, item_key: np.ndarray, num_packs: int, per_pack: int,
-          num_keys: int, refine: bool = True, max_swaps: Optional[int] = None) -> np.ndarray:
+def _pack(
+    item_w: np.ndarray,
+    item_key: np.ndarray,
+    num_packs: int,
+    per_pack: int,
+    num_keys: int,
+    refine: bool = True,
+    max_swaps: Optional[int] = None,
+) -> np.ndarray:
     """Pack items into ``num_packs`` packs of exactly ``per_pack`` items, balancing the pack sums.
 
     Items with the same ``item_key`` avoid sharing a pack while any other pack
@@ -72,9 +82,10 @@ def _pack(item_w: np.ndarray, item_key: np.ndarray, num_packs: int, per_pack: in
         return pack
     # Greedy (LPT with equal cardinality): heaviest item first onto the lightest pack with room
     # that does not hold the same key yet.
-    order = np.lexsort((np.arange(n), -item_w)).tolist()   # heaviest first, ties by index
-    _greedy_fill(item_w, item_key, order, [per_pack] * num_packs, [0.0] * num_packs,
-                 [set() for _ in range(num_packs)], pack)
+    order = np.lexsort((np.arange(n), -item_w)).tolist()  # heaviest first, ties by index
+    _greedy_fill(
+        item_w, item_key, order, [per_pack] * num_packs, [0.0] * num_packs, [set() for _ in range(num_packs)], pack
+    )
     loads, has = _tally(item_w, item_key, pack, num_packs, num_keys)
     if refine:
         _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack)
@@ -114,15 +125,15 @@ def _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack, round
     for _ in range(rounds):
         order = np.argsort(loads, kind="stable")
         heavy, light = order[::-1][:k], order[:k]
-        a_items, b_items = members[heavy], members[light]                 # [k, s]
+        a_items, b_items = members[heavy], members[light]  # [k, s]
         wa, wb = item_w[a_items], item_w[b_items]
-        delta = wa[:, :, None] - wb[:, None, :]                            # [k, s, s]
+        delta = wa[:, :, None] - wb[:, None, :]  # [k, s, s]
         gap = (loads[heavy] - loads[light])[:, None, None]
         score = np.minimum(delta, gap - delta)
         ka, kb = item_key[a_items], item_key[b_items]
         if replicated.any():
-            bad_b = (has[heavy[:, None], kb] > 0) & replicated[kb]          # b's key already on heavy
-            bad_a = (has[light[:, None], ka] > 0) & replicated[ka]          # a's key already on light
+            bad_b = (has[heavy[:, None], kb] > 0) & replicated[kb]  # b's key already on heavy
+            bad_a = (has[light[:, None], ka] > 0) & replicated[ka]  # a's key already on light
             score = np.where(bad_a[:, :, None] | bad_b[:, None, :], -np.inf, score)
         flat = score.reshape(k, -1).argmax(1)
         best = score.reshape(k, -1)[rows, flat]
@@ -133,12 +144,11 @@ def _pair_balance(item_w, item_key, pack, loads, has, num_packs, per_pack, round
         sel = rows[go]
         h, l = heavy[sel], light[sel]
         i, j = a_items[sel, ia], b_items[sel, ib]
-        _swap(item_w, item_key, pack, loads, has, i, j, h, l)   # packs are distinct within a round
+        _swap(item_w, item_key, pack, loads, has, i, j, h, l)  # packs are distinct within a round
         members[h, ia], members[l, ib] = j, i
 
 
-def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=None,
-            stop_at: float = -np.inf) -> None:
+def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=None, stop_at: float = -np.inf) -> None:
     """Swap local search on the heaviest pack (in place): stop when no swap lowers it.
 
     Swapping item ``i`` of the heaviest pack ``h`` with item ``j`` of pack ``g``
@@ -149,12 +159,12 @@ def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=N
     n = item_w.shape[0]
     if max_swaps is None:
         max_swaps = 4 * n
-    members = np.argsort(pack, kind="stable").reshape(num_packs, per_pack)   # items of each pack
+    members = np.argsort(pack, kind="stable").reshape(num_packs, per_pack)  # items of each pack
     pos = np.empty(n, dtype=np.int64)
     pos[members.ravel()] = np.arange(n)
     tol = 1e-9 * max(float(loads.max()), _EPS)
-    replicated = np.bincount(item_key, minlength=has.shape[1])[item_key] > 1    # [n]
-    has_t = has.T.copy()                                                         # [keys, packs]
+    replicated = np.bincount(item_key, minlength=has.shape[1])[item_key] > 1  # [n]
+    has_t = has.T.copy()  # [keys, packs]
     any_rep = bool(replicated.any())
     near = min(num_packs - 1, 8)
     full = near == num_packs - 1
@@ -162,17 +172,17 @@ def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=N
         h = int(np.argmax(loads))
         if loads[h] <= stop_at:
             break
-        mine = members[h]                                    # [s]
+        mine = members[h]  # [s]
         # First look at the lightest few packs only (cheap); fall back to all packs.
-        for wide in ((False, True) if not full else (True,)):
+        for wide in (False, True) if not full else (True,):
             if wide:
                 cand = np.arange(n)
             else:
                 light = np.argpartition(loads, near)[:near]
                 cand = members[light].ravel()
             cpack = pack[cand]
-            gap = loads[h] - loads[cpack]                    # [c], 0 on h itself
-            delta = item_w[mine][:, None] - item_w[cand][None, :]     # [s, c]
+            gap = loads[h] - loads[cpack]  # [c], 0 on h itself
+            delta = item_w[mine][:, None] - item_w[cand][None, :]  # [s, c]
             score = np.minimum(delta, gap[None, :] - delta)
             if any_rep:
                 # j's key must not be on h; i's key must not be on j's pack (replicated keys only)
@@ -180,7 +190,7 @@ def _refine(item_w, item_key, pack, loads, has, num_packs, per_pack, max_swaps=N
                 score[:, has[h, ckey] > 0] = -np.inf
                 rep_rows = np.nonzero(replicated[mine])[0]
                 if rep_rows.size:
-                    clash = has_t[item_key[mine[rep_rows]]][:, cpack] > 0   # [r, c]
+                    clash = has_t[item_key[mine[rep_rows]]][:, cpack] > 0  # [r, c]
                     sub = score[rep_rows]
                     sub[clash] = -np.inf
                     score[rep_rows] = sub
@@ -213,7 +223,7 @@ def _greedy_fill(item_w, item_key, order, cap, loads, keys_in, pack, bridge=None
     wl = item_w.tolist()
     kl = item_key.tolist()
     if bridge is not None:
-        comp = [int(x) for x in bridge]                # component label of every pack
+        comp = [int(x) for x in bridge]  # component label of every pack
         members: dict = {}
         for g, c in enumerate(comp):
             members.setdefault(c, []).append(g)
@@ -236,7 +246,7 @@ def _greedy_fill(item_w, item_key, order, cap, loads, keys_in, pack, bridge=None
             hosts = hosts_of.setdefault(k, [])
             linked = {comp[h] for h in hosts}
             load, g = _pop_preferred(heap, (lambda g: free(g) and comp[g] not in linked, free))
-            if hosts and comp[hosts[0]] != comp[g]:     # join the two components
+            if hosts and comp[hosts[0]] != comp[g]:  # join the two components
                 a, b = comp[hosts[0]], comp[g]
                 for x in members.pop(b):
                     comp[x] = a
@@ -250,4 +260,3 @@ def _greedy_fill(item_w, item_key, order, cap, loads, keys_in, pack, bridge=None
             heapq.heappush(heap, (loads[g], g))
     if bridge is not None:
         bridge[:] = comp
-

@@ -13,6 +13,7 @@ the planner, the router, the monitor, the simulation and the wrapper:
   among its replicas;
 * :func:`moved_experts` -- replicas a re-plan must copy onto GPUs.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -36,7 +37,7 @@ def replica_table(phy2log: np.ndarray, counts: np.ndarray, width: Optional[int] 
     ``counts [E]`` is ``bincount(phy2log)``; ``width`` defaults to its maximum.
     """
     num_slots = phy2log.shape[0]
-    order = np.argsort(phy2log, kind="stable")                 # slots grouped by expert, ascending
+    order = np.argsort(phy2log, kind="stable")  # slots grouped by expert, ascending
     experts = phy2log[order]
     first = np.concatenate(([0], np.cumsum(counts)[:-1]))
     rank_in = np.arange(num_slots) - first[experts]
@@ -85,8 +86,14 @@ def moved_experts(prev_phy2log, phy2log, num_gpus: int) -> int:
     a = a.reshape(-1, a.shape[-1])
     b = b.reshape(-1, b.shape[-1])
     num_experts = int(max(a.max(), b.max())) + 1
-    return sum(int(np.maximum(gpu_expert_counts(lb, num_gpus, num_experts)
-                              - gpu_expert_counts(la, num_gpus, num_experts), 0).sum()) for la, lb in zip(a, b))
+    return sum(
+        int(
+            np.maximum(
+                gpu_expert_counts(lb, num_gpus, num_experts) - gpu_expert_counts(la, num_gpus, num_experts), 0
+            ).sum()
+        )
+        for la, lb in zip(a, b)
+    )
 
 
 def gpu_expert_counts(phy2log: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:

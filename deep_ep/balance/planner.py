@@ -51,6 +51,7 @@ GPUs):
 
 Everything is deterministic: the same inputs give the same plan on every rank.
 """
+
 from __future__ import annotations
 
 import logging
@@ -87,12 +88,12 @@ def replica_counts(load, num_slots: int) -> np.ndarray:
     # {w_e / j : j = 1 .. spare}, ties to the lower expert id.
     w = np.maximum(w, 0.0)
     js = np.arange(1, spare + 1, dtype=np.float64)
-    vals = (w[:, None] / js[None, :]).ravel()              # [E * spare], row-major (e, j)
+    vals = (w[:, None] / js[None, :]).ravel()  # [E * spare], row-major (e, j)
     e_idx = np.repeat(np.arange(n), spare)
     if spare < vals.size:
-        thr = np.partition(vals, vals.size - spare)[vals.size - spare]   # spare-th largest value
+        thr = np.partition(vals, vals.size - spare)[vals.size - spare]  # spare-th largest value
         above = np.nonzero(vals > thr)[0]
-        tied = np.nonzero(vals == thr)[0][:spare - above.size]          # (e, j) order: lower e first
+        tied = np.nonzero(vals == thr)[0][: spare - above.size]  # (e, j) order: lower e first
         order = np.concatenate((above, tied))
     else:
         order = np.arange(vals.size)
@@ -100,8 +101,7 @@ def replica_counts(load, num_slots: int) -> np.ndarray:
     return cnt
 
 
-
-_GOOD_ENOUGH = 2e-3     # refinement stops within this fraction of the lower bound of the maximum
+_GOOD_ENOUGH = 2e-3  # refinement stops within this fraction of the lower bound of the maximum
 
 
 def _replica_weight(w: np.ndarray, num_gpus: int, headroom: float) -> np.ndarray:
@@ -131,8 +131,16 @@ def _plan_flat(w: np.ndarray, num_slots: int, num_gpus: int, headroom: float = 0
         keys_in = [set() for _ in range(num_gpus)]
         fi = np.nonzero(flex)[0]
         cap = [min(-(-fi.size // num_gpus), per_gpu)] * num_gpus
-        _greedy_fill(item_w, item_key, fi[np.lexsort((fi, item_key[fi], -item_w[fi]))].tolist(), cap, loads,
-                     keys_in, pack, bridge=np.arange(num_gpus))
+        _greedy_fill(
+            item_w,
+            item_key,
+            fi[np.lexsort((fi, item_key[fi], -item_w[fi]))].tolist(),
+            cap,
+            loads,
+            keys_in,
+            pack,
+            bridge=np.arange(num_gpus),
+        )
         cap = [per_gpu - len(k) for k in keys_in]
         ri = np.nonzero(~flex)[0]
         _greedy_fill(item_w, item_key, ri[np.lexsort((ri, -item_w[ri]))].tolist(), cap, loads, keys_in, pack)
@@ -147,8 +155,9 @@ def _plan_flat(w: np.ndarray, num_slots: int, num_gpus: int, headroom: float = 0
     return item_key[order]
 
 
-def _plan_incremental(w: np.ndarray, prev: np.ndarray, num_gpus: int, target: float,
-                      headroom: float = 0.0) -> np.ndarray:
+def _plan_incremental(
+    w: np.ndarray, prev: np.ndarray, num_gpus: int, target: float, headroom: float = 0.0
+) -> np.ndarray:
     """Adapt the previous placement ``prev`` (local expert per slot) to ``w`` moving few replicas.
 
     Keeps every replica whose expert keeps its count (surplus replicas leave
@@ -166,9 +175,9 @@ def _plan_incremental(w: np.ndarray, prev: np.ndarray, num_gpus: int, target: fl
     loads = np.zeros(num_gpus)
     np.add.at(loads, slot_gpu, share[prev])
     keep = np.ones(num_slots, dtype=bool)
-    for e in np.nonzero(old_cnt > cnt)[0].tolist():          # drop surplus replicas, busiest GPU first
+    for e in np.nonzero(old_cnt > cnt)[0].tolist():  # drop surplus replicas, busiest GPU first
         slots = np.nonzero(prev == e)[0]
-        drop = slots[np.argsort(-loads[slot_gpu[slots]], kind="stable")[:old_cnt[e] - cnt[e]]]
+        drop = slots[np.argsort(-loads[slot_gpu[slots]], kind="stable")[: old_cnt[e] - cnt[e]]]
         keep[drop] = False
         np.subtract.at(loads, slot_gpu[drop], share[e])
     need = np.maximum(cnt - np.minimum(old_cnt, cnt), 0)
@@ -193,15 +202,23 @@ def _plan_incremental(w: np.ndarray, prev: np.ndarray, num_gpus: int, target: fl
                 bridge[bridge == b] = a
         else:
             first_g[e] = g
-    _greedy_fill(item_w, item_key, idx_new[np.lexsort((idx_new, item_key[idx_new], -item_w[idx_new]))].tolist(),
-                 cap, loads_l, keys_in, pack, bridge=bridge)
+    _greedy_fill(
+        item_w,
+        item_key,
+        idx_new[np.lexsort((idx_new, item_key[idx_new], -item_w[idx_new]))].tolist(),
+        cap,
+        loads_l,
+        keys_in,
+        pack,
+        bridge=bridge,
+    )
     loads, has = _tally(item_w, item_key, pack, num_gpus, n)
     _refine(item_w, item_key, pack, loads, has, num_gpus, per_gpu, stop_at=target)
     out = np.empty(num_slots, dtype=np.int64)
     order = np.lexsort((item_key, -item_w, pack))
     for g in range(num_gpus):
-        mine = item_key[order[g * per_gpu:(g + 1) * per_gpu]]
-        out[g * per_gpu:(g + 1) * per_gpu] = _align_slots(mine, prev[g * per_gpu:(g + 1) * per_gpu])
+        mine = item_key[order[g * per_gpu : (g + 1) * per_gpu]]
+        out[g * per_gpu : (g + 1) * per_gpu] = _align_slots(mine, prev[g * per_gpu : (g + 1) * per_gpu])
     return out
 
 
@@ -210,8 +227,7 @@ def _max_load(w: np.ndarray, slots: np.ndarray, num_gpus: int) -> float:
     return float((w[slots] / cnt[slots]).reshape(num_gpus, -1).sum(1).max())
 
 
-def _match_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int,
-                    num_experts: int) -> np.ndarray:
+def _match_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: int, num_experts: int) -> np.ndarray:
     """Relabel GPUs (within nodes) and order slots so that ``new`` moves as few weights from ``old``."""
     per_gpu = new.shape[0] // num_gpus
     gpn = num_gpus // num_nodes
@@ -222,8 +238,8 @@ def _match_previous(new: np.ndarray, old: np.ndarray, num_gpus: int, num_nodes: 
     out = np.empty_like(new_g)
     for node in range(num_nodes):
         sl = slice(node * gpn, (node + 1) * gpn)
-        overlap = np.minimum(cn[sl, None, :], co[None, sl, :]).sum(-1)     # [new, old]
-        assign = _max_assignment(overlap)                                  # new gpu -> old gpu (local)
+        overlap = np.minimum(cn[sl, None, :], co[None, sl, :]).sum(-1)  # [new, old]
+        assign = _max_assignment(overlap)  # new gpu -> old gpu (local)
         for a in range(gpn):
             src = new_g[node * gpn + a]
             b = node * gpn + int(assign[a])
@@ -261,8 +277,16 @@ def _align_slots(new_slots: np.ndarray, old_slots: np.ndarray) -> np.ndarray:
     return out
 
 
-def _plan_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
-                prev: Optional[np.ndarray] = None, move_slack: float = 0.0, headroom: float = 0.0) -> np.ndarray:
+def _plan_layer(
+    w: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    prev: Optional[np.ndarray] = None,
+    move_slack: float = 0.0,
+    headroom: float = 0.0,
+) -> np.ndarray:
     """One layer's ``phy2log``. With ``prev``: reuse the previous placement where the planned
     maximum stays within ``1 + move_slack`` of a fresh plan's, else relabel the fresh plan."""
     num_experts = w.shape[0]
@@ -281,8 +305,9 @@ def _plan_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: in
             first = np.full(num_experts, -1, dtype=np.int64)
             first[prev[::-1]] = prev_node[::-1]
             old_map = first[np.arange(num_groups) * group_size]
-            consistent = (first.reshape(num_groups, group_size) == old_map[:, None]).all() and \
-                (np.bincount(old_map, minlength=num_nodes) == num_groups // num_nodes).all()
+            consistent = (first.reshape(num_groups, group_size) == old_map[:, None]).all() and (
+                np.bincount(old_map, minlength=num_nodes) == num_groups // num_nodes
+            ).all()
             if consistent:
                 new_max = np.bincount(node_of_group, weights=group_w, minlength=num_nodes).max()
                 old_max = np.bincount(old_map, weights=group_w, minlength=num_nodes).max()
@@ -308,7 +333,7 @@ def _plan_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: in
                 inc_max = _max_load(wn, inc, gpus_per_node)
                 if inc_max <= target + _EPS * max(target, 1.0):
                     local = inc
-                else:               # compare with a fresh plan before paying for its moves
+                else:  # compare with a fresh plan before paying for its moves
                     fresh = _plan_flat(wn, slots_per_node, gpus_per_node, headroom)
                     fresh_max = _max_load(wn, fresh, gpus_per_node)
                     if inc_max <= fresh_max * (1 + move_slack) + _EPS * max(fresh_max, 1.0):
@@ -325,10 +350,17 @@ def _plan_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: in
     return out
 
 
-def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
-                      num_gpus: int, *, prev_phy2log: Optional[torch.Tensor] = None,
-                      move_slack: float = 0.05, headroom: float = 0.0
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rebalance_experts(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    prev_phy2log: Optional[torch.Tensor] = None,
+    move_slack: float = 0.05,
+    headroom: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Replicate and place experts so that the per-GPU load of ``weight`` is even.
 
     Args:
@@ -362,15 +394,18 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     if weight.dim() != 2:
         raise DeepEPInputError(f"weight must be [layers, num_experts], got shape {tuple(weight.shape)}")
     num_layers, num_experts = weight.shape
-    for name, v in (("num_replicas", num_replicas), ("num_groups", num_groups),
-                    ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
+    for name, v in (
+        ("num_replicas", num_replicas),
+        ("num_groups", num_groups),
+        ("num_nodes", num_nodes),
+        ("num_gpus", num_gpus),
+    ):
         if not isinstance(v, int) or v <= 0:
             raise DeepEPInputError(f"{name} must be a positive int, got {v!r}")
     if num_replicas % num_gpus:
         raise DeepEPInputError(f"num_replicas={num_replicas} must be a multiple of num_gpus={num_gpus}")
     if num_replicas < num_experts:
-        raise DeepEPInputError(f"num_replicas={num_replicas} < num_experts={num_experts}: every expert "
-                               f"needs a slot")
+        raise DeepEPInputError(f"num_replicas={num_replicas} < num_experts={num_experts}: every expert needs a slot")
     if num_gpus % num_nodes:
         raise DeepEPInputError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
     if num_experts % num_groups:
@@ -388,17 +423,26 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
         prev = host_int64(prev_phy2log)
         prev = prev.reshape(-1, prev.shape[-1])
         if prev.shape != (num_layers, num_replicas):
-            log.warning("prev_phy2log has shape %s, expected %s; ignored", prev.shape,
-                        (num_layers, num_replicas))
+            log.warning("prev_phy2log has shape %s, expected %s; ignored", prev.shape, (num_layers, num_replicas))
             prev = None
     phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
     for layer in range(num_layers):
-        phy2log[layer] = _plan_layer(w_all[layer], num_replicas, num_groups, num_nodes, num_gpus,
-                                     None if prev is None else prev[layer], move_slack, headroom)
+        phy2log[layer] = _plan_layer(
+            w_all[layer],
+            num_replicas,
+            num_groups,
+            num_nodes,
+            num_gpus,
+            None if prev is None else prev[layer],
+            move_slack,
+            headroom,
+        )
     logcnt = np.stack([np.bincount(row, minlength=num_experts) for row in phy2log])
     max_rep = int(logcnt.max())
     log2phy = np.stack([replica_table(row, cnt, max_rep) for row, cnt in zip(phy2log, logcnt)])
     dev = weight.device
-    return (torch.as_tensor(phy2log, dtype=torch.int64).to(dev),
-            torch.as_tensor(log2phy, dtype=torch.int64).to(dev),
-            torch.as_tensor(logcnt, dtype=torch.int64).to(dev))
+    return (
+        torch.as_tensor(phy2log, dtype=torch.int64).to(dev),
+        torch.as_tensor(log2phy, dtype=torch.int64).to(dev),
+        torch.as_tensor(logcnt, dtype=torch.int64).to(dev),
+    )

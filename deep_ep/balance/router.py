@@ -51,6 +51,7 @@ to the replica whose cumulative quota range ``[Q_<j, Q_<=j)`` contains it.
   proportion to the quotas (largest remainder, rotated by rank); per-replica
   totals then match the quotas up to about one pair per rank.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,8 @@ __all__ = ["ReplicaRouter", "waterfill", "local_counts"]
 
 log = logging.getLogger("deep_ep.balance")
 
-_BIG = 1 << 40          # padding level for absent replicas in water-filling (int64-safe)
-_KEY = 1 << 32          # per-expert stride of the searchsorted key (counts < 2**32)
+_BIG = 1 << 40  # padding level for absent replicas in water-filling (int64-safe)
+_KEY = 1 << 32  # per-expert stride of the searchsorted key (counts < 2**32)
 
 
 def waterfill(counts: torch.Tensor, base: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ def waterfill(counts: torch.Tensor, base: torch.Tensor, valid: torch.Tensor) -> 
     bs, perm = torch.sort(b, dim=1, stable=True)
     csum = torch.cumsum(bs, dim=1)
     k = torch.arange(1, m + 1, dtype=torch.int64, device=dev)
-    need = k * bs - csum                                   # units to raise the first k bins to bs[k-1]
+    need = k * bs - csum  # units to raise the first k bins to bs[k-1]
     c = counts.view(n, 1)
     kk = (need <= c).sum(dim=1, keepdim=True).clamp(min=1)  # number of bins that get water
     s_kk = torch.gather(csum, 1, kk - 1)
@@ -155,8 +156,7 @@ class ReplicaRouter:
     slots of every expert, ascending, ``-1`` padded).
     """
 
-    def __init__(self, phy2log, logcnt, num_gpus: int, *, layer: Optional[int] = None,
-                 sweeps: int = 8) -> None:
+    def __init__(self, phy2log, logcnt, num_gpus: int, *, layer: Optional[int] = None, sweeps: int = 8) -> None:
         p2l = torch.as_tensor(phy2log)
         cnt = torch.as_tensor(logcnt)
         if p2l.dim() == 2:
@@ -175,8 +175,7 @@ class ReplicaRouter:
         num_experts = int(cnt.numel())
         num_slots = int(host.shape[0])
         if not isinstance(num_gpus, int) or num_gpus <= 0 or num_slots % num_gpus:
-            raise DeepEPInputError(f"num_gpus={num_gpus!r} must be a positive divisor of the "
-                                   f"{num_slots} slots")
+            raise DeepEPInputError(f"num_gpus={num_gpus!r} must be a positive divisor of the {num_slots} slots")
         if host.size and (host.min() < 0 or host.max() >= num_experts):
             raise DeepEPInputError("phy2log holds expert ids outside [0, num_experts)")
         counts = np.bincount(host, minlength=num_experts)
@@ -225,7 +224,7 @@ class ReplicaRouter:
         row_of = np.full(E, -1, dtype=np.int64)
         row_of[rep_experts] = np.arange(nr)
         if nr:
-            sel = np.nonzero(~rigid[unit_expert])[0]                  # units of replicated experts (sorted)
+            sel = np.nonzero(~rigid[unit_expert])[0]  # units of replicated experts (sorted)
             r = row_of[unit_expert[sel]]
             first = np.concatenate(([0], np.cumsum(np.bincount(r, minlength=nr))[:-1]))
             col = np.arange(sel.shape[0]) - first[r]
@@ -308,7 +307,7 @@ class ReplicaRouter:
     def _quotas_numpy(self, c: np.ndarray, n_sweeps: int) -> np.ndarray:
         G = self.num_gpus
         load = np.zeros(G + 1, dtype=np.int64)
-        np.add.at(load, self._rigid_gpu, c)                          # single-unit experts
+        np.add.at(load, self._rigid_gpu, c)  # single-unit experts
         rep_gpu = self._rep_gpu
         valid = rep_gpu < G
         nr, mu = rep_gpu.shape
@@ -329,12 +328,12 @@ class ReplicaRouter:
                     others = load[g] - old
                     new = _waterfill_np(crep[rows], others, valid[rows])
                     d = new - old
-                    d[np.abs(d).max(1) <= 1] = 0                # +-1 moves only shuffle remainders: skip
+                    d[np.abs(d).max(1) <= 1] = 0  # +-1 moves only shuffle remainders: skip
                     new = old + d
-                    load[g.ravel()] += d.ravel()        # GPUs of one colour are distinct (pad: delta 0)
+                    load[g.ravel()] += d.ravel()  # GPUs of one colour are distinct (pad: delta 0)
                     q[rows] = new
                     moved = moved or bool(d.any())
-                if not moved:                           # a fixed point: further sweeps change nothing
+                if not moved:  # a fixed point: further sweeps change nothing
                     break
         uq = np.concatenate((c, q.ravel()))[self._unit_src]
         per = uq // self._unit_slots
@@ -347,18 +346,21 @@ class ReplicaRouter:
         G = self.num_gpus
         dev = c.device
         load = torch.zeros(G + 1, dtype=torch.int64, device=dev)
-        load.scatter_add_(0, t["rigid_gpu"], c)                      # single-unit experts
+        load.scatter_add_(0, t["rigid_gpu"], c)  # single-unit experts
         rep_gpu, valid = t["rep_gpu"], t["rep_valid"]
         nr, mu = rep_gpu.shape
         q = torch.zeros(nr, mu, dtype=torch.int64, device=dev)
         if nr:
-            crep = c.index_select(0, t["rep_experts"])               # [nr]
+            crep = c.index_select(0, t["rep_experts"])  # [nr]
             nunits = valid.sum(1)
             base = torch.div(crep, nunits, rounding_mode="floor")
             extra = crep - base * nunits
             col = torch.arange(mu, dtype=torch.int64, device=dev).view(1, mu)
-            q = torch.where(valid, base.view(-1, 1) + (col < extra.view(-1, 1)).to(torch.int64),
-                            torch.zeros(1, dtype=torch.int64, device=dev))
+            q = torch.where(
+                valid,
+                base.view(-1, 1) + (col < extra.view(-1, 1)).to(torch.int64),
+                torch.zeros(1, dtype=torch.int64, device=dev),
+            )
             load.scatter_add_(0, rep_gpu.reshape(-1), q.reshape(-1))
             on_cpu = dev.type == "cpu"
             for _ in range(n_sweeps):
@@ -376,7 +378,7 @@ class ReplicaRouter:
                     q.index_copy_(0, rows, new)
                     if on_cpu and not moved:
                         moved = not torch.equal(new, old)
-                if on_cpu and not moved:      # a fixed point: further sweeps change nothing
+                if on_cpu and not moved:  # a fixed point: further sweeps change nothing
                     break
         uq = torch.cat((c, q.reshape(-1))).index_select(0, t["unit_src"])
         nslots = t["unit_slots"]
@@ -415,8 +417,15 @@ class ReplicaRouter:
         return torch.as_tensor(slot_counts).view(self.num_gpus, self.slots_per_gpu).sum(1)
 
     # ------------------------------------------------------------------ routing
-    def route(self, topk_idx: torch.Tensor, global_counts: Optional[torch.Tensor] = None, *,
-              rank: Optional[int] = None, group=None, quotas: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def route(
+        self,
+        topk_idx: torch.Tensor,
+        global_counts: Optional[torch.Tensor] = None,
+        *,
+        rank: Optional[int] = None,
+        group=None,
+        quotas: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Physical slot of every (token, expert) pair: int64 ``[T, K]``, ``-1`` kept.
 
         Args:
@@ -442,7 +451,7 @@ class ReplicaRouter:
         t = self._tables(dev)
         E = self.num_experts
         flat = topk_idx.reshape(-1).to(torch.int64)
-        if dev.type == "cpu" and flat.numel():                 # cheap here; skipped on GPU (no sync)
+        if dev.type == "cpu" and flat.numel():  # cheap here; skipped on GPU (no sync)
             lo, hi = torch.aminmax(flat)
             if int(lo) < -1 or int(hi) >= E:
                 raise DeepEPInputError(f"topk_idx values must lie in [-1, {E}), got [{int(lo)}, {int(hi)}]")
@@ -463,8 +472,9 @@ class ReplicaRouter:
                 offset[:E] = gc[:rank].sum(0)
                 table = self._slot_table(self._given_or_solved(quotas, gc.sum(0), dev), t)
             elif gc.dim() == 1 and gc.shape[0] == E:
-                table = self._proportional(self._slot_table(self._given_or_solved(quotas, gc, dev), t), gc, n_local,
-                                           mask, int(rank))
+                table = self._proportional(
+                    self._slot_table(self._given_or_solved(quotas, gc, dev), t), gc, n_local, mask, int(rank)
+                )
             else:
                 raise DeepEPInputError(f"global_counts must be [{E}] or [R, {E}], got {tuple(gc.shape)}")
         # position of every pair among this rank's pairs of its expert (token order), plus the
@@ -480,7 +490,7 @@ class ReplicaRouter:
         cum = torch.cumsum(table, 1)
         # the last replica of every expert also takes any pair beyond the quotas (only with
         # inconsistent global_counts), so a pair can never fall into another expert's range
-        last = (mask.sum(1, keepdim=True) - 1)
+        last = mask.sum(1, keepdim=True) - 1
         col = torch.arange(m, dtype=torch.int64, device=dev).view(1, m)
         cum = torch.where(col >= last, torch.full_like(cum, _KEY - 1), cum)
         dummy = torch.full((1, m), _KEY - 1, dtype=torch.int64, device=dev)
@@ -509,16 +519,17 @@ class ReplicaRouter:
         qt = q.index_select(0, reps.clamp(min=0).reshape(-1)).view(reps.shape)
         return torch.where(mask, qt, torch.zeros_like(qt))
 
-    def _proportional(self, qt: torch.Tensor, total: torch.Tensor, local: torch.Tensor, mask: torch.Tensor,
-                      rank: int) -> torch.Tensor:
+    def _proportional(
+        self, qt: torch.Tensor, total: torch.Tensor, local: torch.Tensor, mask: torch.Tensor, rank: int
+    ) -> torch.Tensor:
         """This rank's share of the quota table ``qt [E, m]``: ``local * qt / total``, rounded so that
         rows sum to ``local`` (largest remainder, ties rotated by ``rank``)."""
         E, m = qt.shape
         tot = total.clamp(min=1).view(-1, 1)
         num = local.view(-1, 1) * qt
         base = torch.div(num, tot, rounding_mode="floor")
-        frac = num - base * tot                                            # remainder numerators
-        short = local - base.sum(1)                                        # units still to place
+        frac = num - base * tot  # remainder numerators
+        short = local - base.sum(1)  # units still to place
         col = torch.arange(m, dtype=torch.int64, device=qt.device).view(1, m)
         rot = torch.remainder(col - rank, m)
         # rank by (remainder desc, rotated column asc); invalid columns last

@@ -37,6 +37,7 @@ All policies start from the static contiguous placement and (except
 The per-GPU load of a step is the number of (token, expert) pairs its slots
 receive; max/mean and std/mean are over GPUs, then mean / p99 over steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,16 @@ from .placement import contiguous_phy2log, gpu_loads, moved_experts
 from .planner import rebalance_experts
 from .router import ReplicaRouter
 
-__all__ = ["TraceConfig", "Trace", "make_trace", "sample_topk", "eplb_reference", "simulate",
-           "POLICIES", "contiguous_phy2log"]
+__all__ = [
+    "TraceConfig",
+    "Trace",
+    "make_trace",
+    "sample_topk",
+    "eplb_reference",
+    "simulate",
+    "POLICIES",
+    "contiguous_phy2log",
+]
 
 log = logging.getLogger("deep_ep.balance")
 
@@ -98,7 +107,7 @@ def sample_topk(logpop: torch.Tensor, tokens: int, topk: int, gen: torch.Generat
     intervals of the CDF (vectorised over rows and tokens, no rejection loop).
     """
     steps, num_experts = logpop.shape
-    p = torch.softmax(logpop.to(torch.float64), dim=1)                # [S, E]
+    p = torch.softmax(logpop.to(torch.float64), dim=1)  # [S, E]
     cdf = torch.cumsum(p, dim=1)
     cdf[:, -1] = 1.0
     lo = cdf - p
@@ -108,11 +117,11 @@ def sample_topk(logpop: torch.Tensor, tokens: int, topk: int, gen: torch.Generat
     for k in range(topk):
         u = torch.rand(steps, tokens, dtype=torch.float64, generator=gen)
         if k:
-            taken = torch.sort(out[:, :, :k], dim=2).values + base     # ascending = CDF order
-            pt = flat_p[taken]                                         # [S, T, k]
+            taken = torch.sort(out[:, :, :k], dim=2).values + base  # ascending = CDF order
+            pt = flat_p[taken]  # [S, T, k]
             lt = flat_lo[taken]
             u = u * (1.0 - pt.sum(2))
-            for j in range(k):                                         # step over taken intervals
+            for j in range(k):  # step over taken intervals
                 u = u + pt[:, :, j] * (u >= lt[:, :, j])
         d = torch.searchsorted(cdf, u, right=True).clamp_(max=num_experts - 1)
         if k:
@@ -145,16 +154,16 @@ def make_trace(cfg: TraceConfig, chunk: int = 8) -> Trace:
         off = int(torch.randint(0, span + 1, (1,), generator=gen))
         e = int(torch.randint(0, E, (1,), generator=gen))
         s0 = start0 + off
-        boost[s0:s0 + cfg.burst_len, e] = np.log(cfg.burst_factor)
+        boost[s0 : s0 + cfg.burst_len, e] = np.log(cfg.burst_factor)
         bursts.append((s0, e))
     logpop = walk + boost
     counts = torch.empty(cfg.steps, E, dtype=torch.int64)
     for s0 in range(0, cfg.steps, chunk):
-        lp = logpop[s0:s0 + chunk]
+        lp = logpop[s0 : s0 + chunk]
         idx = sample_topk(lp, cfg.tokens, cfg.topk, gen)
         rows = lp.shape[0]
         flat = (idx + torch.arange(rows).view(-1, 1, 1) * E).reshape(-1)
-        counts[s0:s0 + rows] = torch.bincount(flat, minlength=rows * E).view(rows, E)
+        counts[s0 : s0 + rows] = torch.bincount(flat, minlength=rows * E).view(rows, E)
     return Trace(cfg, counts, logpop, bursts)
 
 
@@ -177,7 +186,7 @@ def _eplb_pack(weight: np.ndarray, num_packs: int) -> np.ndarray:
 def _eplb_flat(w: np.ndarray, num_slots: int, num_gpus: int) -> np.ndarray:
     n = w.shape[0]
     cnt = np.ones(n, dtype=np.int64)
-    for _ in range(num_slots - n):                      # spare slot to the largest load per replica
+    for _ in range(num_slots - n):  # spare slot to the largest load per replica
         cnt[int(np.argmax(w / cnt))] += 1
     key = np.repeat(np.arange(n), cnt)
     pack = _eplb_pack((w / cnt)[key], num_gpus)
@@ -215,15 +224,24 @@ def eplb_reference(weight, num_replicas: int, num_groups: int, num_nodes: int, n
         for node in range(num_nodes):
             groups = np.nonzero(node_of_group == node)[0]
             experts = (groups[:, None] * gs + np.arange(gs)[None, :]).ravel()
-            out[layer, node * spn:(node + 1) * spn] = experts[_eplb_flat(w[experts], spn, num_gpus // num_nodes)]
+            out[layer, node * spn : (node + 1) * spn] = experts[_eplb_flat(w[experts], spn, num_gpus // num_nodes)]
     return torch.as_tensor(out, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------- simulation
-def simulate(counts: torch.Tensor, num_gpus: int, spare_per_gpu: int, policy: str, *,
-             replan_every: int = 50, window: int = 50, horizon: Optional[int] = None,
-             headroom: float = 0.5, move_slack: float = 0.05,
-             monitor_kwargs: Optional[dict] = None) -> Dict[str, object]:
+def simulate(
+    counts: torch.Tensor,
+    num_gpus: int,
+    spare_per_gpu: int,
+    policy: str,
+    *,
+    replan_every: int = 50,
+    window: int = 50,
+    horizon: Optional[int] = None,
+    headroom: float = 0.5,
+    move_slack: float = 0.05,
+    monitor_kwargs: Optional[dict] = None,
+) -> Dict[str, object]:
     """Run one policy over a trace's counts ``[S, E]``; return figures and per-step loads.
 
     Returns a dict with ``loads`` (float64 ``[S', G]`` for the measured steps),
@@ -259,8 +277,16 @@ def simulate(counts: torch.Tensor, num_gpus: int, spare_per_gpu: int, policy: st
         if policy in ("eplb", "eplb+steal"):
             phy2log = eplb_reference(weight, P, 1, 1, num_gpus)[0]
         else:
-            phy2log = rebalance_experts(weight, P, 1, 1, num_gpus, headroom=headroom, move_slack=move_slack,
-                                        prev_phy2log=None if prev is None else prev.view(1, -1))[0][0]
+            phy2log = rebalance_experts(
+                weight,
+                P,
+                1,
+                1,
+                num_gpus,
+                headroom=headroom,
+                move_slack=move_slack,
+                prev_phy2log=None if prev is None else prev.view(1, -1),
+            )[0][0]
         plan_times.append((time.perf_counter() - t0) * 1e3)
         if prev is not None:
             moved.append(moved_experts(prev, phy2log, num_gpus))
@@ -276,6 +302,10 @@ def simulate(counts: torch.Tensor, num_gpus: int, spare_per_gpu: int, policy: st
         t = end
     loads = torch.cat(segments, 0)
     out = imbalance_figures(loads)
-    out.update(loads=loads, moved_per_replan=float(np.mean(moved)) if moved else 0.0,
-               plan_ms=float(np.mean(plan_times)), replans=len(plan_times))
+    out.update(
+        loads=loads,
+        moved_per_replan=float(np.mean(moved)) if moved else 0.0,
+        plan_ms=float(np.mean(plan_times)),
+        replans=len(plan_times),
+    )
     return out

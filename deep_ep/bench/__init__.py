@@ -14,6 +14,7 @@ Programmatic use::
                              experts=8, wires=("bf16",), backends=None, num_sms=None,
                              iters=3, warmup=1))
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,10 @@ import sys
 import tempfile
 from typing import Optional, Sequence
 
-from deep_ep.bench.options import (BenchConfig, BenchOptionError, add_arguments,
-                                   config_from_args)
+from deep_ep.bench.options import BenchConfig, BenchOptionError, add_arguments, config_from_args
 from deep_ep.bench.report import build_result, format_table, write_json
 
-__all__ = ["BenchConfig", "BenchOptionError", "add_arguments", "config_from_args", "run",
-           "run_from_args", "main"]
+__all__ = ["BenchConfig", "BenchOptionError", "add_arguments", "config_from_args", "run", "run_from_args", "main"]
 
 
 def run(cfg: BenchConfig, command: str = "deep-ep bench") -> dict:
@@ -39,10 +38,12 @@ def run(cfg: BenchConfig, command: str = "deep-ep bench") -> dict:
         import dataclasses
 
         from deep_ep.bench.report import add_ratios
+
         merged = None
         for i, sms in enumerate(cfg.num_sms_sweep):
-            one = run(dataclasses.replace(cfg, num_sms=sms, num_sms_sweep=(), baselines=cfg.baselines and i == 0),
-                      command)
+            one = run(
+                dataclasses.replace(cfg, num_sms=sms, num_sms_sweep=(), baselines=cfg.baselines and i == 0), command
+            )
             if merged is None:
                 merged = one
             else:
@@ -68,11 +69,15 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
     except BenchOptionError as exc:
         print(f"deep-ep bench: error: {exc}", file=sys.stderr)
         return 2
-    print(f"deep-ep bench: {cfg.world_size} {cfg.device} ranks ({cfg.dist_backend}), "
-          f"tokens {','.join(map(str, cfg.tokens))}, hidden {cfg.hidden}, top-{cfg.topk} of "
-          f"{cfg.experts} experts, wire {'+'.join(cfg.wires)}, {cfg.iters} iters", file=sys.stderr)
+    print(
+        f"deep-ep bench: {cfg.world_size} {cfg.device} ranks ({cfg.dist_backend}), "
+        f"tokens {','.join(map(str, cfg.tokens))}, hidden {cfg.hidden}, top-{cfg.topk} of "
+        f"{cfg.experts} experts, wire {'+'.join(cfg.wires)}, {cfg.iters} iters",
+        file=sys.stderr,
+    )
     if cfg.workload == "low-latency":
         from deep_ep.bench.low_latency import format_low_latency, run_low_latency
+
         result = run_low_latency(cfg, command)
         print(format_low_latency(result))
         if args.json:
@@ -84,6 +89,7 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
         write_json(result, args.json)
     if getattr(args, "png", None):
         from deep_ep.bench.plot import write_png
+
         if write_png([result], args.png):
             print(f"wrote {args.png}", file=sys.stderr)
     return 0

@@ -6,6 +6,7 @@ cannot run (a backend not implemented, a wire format not supported, symmetric
 memory unavailable) is agreed on by every rank, then skipped with its reason:
 no rank is left waiting in a collective the others never enter.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,7 +66,7 @@ class RankRunner:
         self.records: list = []
         self.skipped: list = []
         self.buffers: dict = {}
-        self._symm = None          # (handle, slot_bytes) once peer-copy is set up
+        self._symm = None  # (handle, slot_bytes) once peer-copy is set up
         self._symm_error: Optional[str] = None
 
     # -- agreement ---------------------------------------------------------------------------
@@ -91,18 +92,29 @@ class RankRunner:
     def skip(self, cases: list, reason: str) -> None:
         """Record ``cases`` (tuples of :func:`plan`) as skipped and advance the progress bar."""
         for tokens, backend, op, wire, timing in cases:
-            self.skipped.append(dict(backend=backend, op=op, wire=wire, tokens=tokens,
-                                     timing=timing, reason=reason))
+            self.skipped.append(dict(backend=backend, op=op, wire=wire, tokens=tokens, timing=timing, reason=reason))
         self.progress(len(cases))
 
-    def record(self, case: tuple, times: list, rows: int, remote_rows: Optional[int],
-               link_rows: int, rb: int, **extra) -> None:
+    def record(
+        self, case: tuple, times: list, rows: int, remote_rows: Optional[int], link_rows: int, rb: int, **extra
+    ) -> None:
         """Store one measured case of this rank and advance the progress bar."""
         tokens, backend, op, wire, timing = case
-        self.records.append(dict(
-            backend=backend, op=op, wire=wire, tokens=tokens, timing=timing, times_us=times,
-            bytes_logical=None if rows is None else rows * rb, bytes_link=link_rows * rb,
-            recv_rows=rows, remote_rows=remote_rows, **extra))
+        self.records.append(
+            dict(
+                backend=backend,
+                op=op,
+                wire=wire,
+                tokens=tokens,
+                timing=timing,
+                times_us=times,
+                bytes_logical=None if rows is None else rows * rb,
+                bytes_link=link_rows * rb,
+                recv_rows=rows,
+                remote_rows=remote_rows,
+                **extra,
+            )
+        )
         self.progress(1)
 
     def time(self, fn: Callable[[], object]) -> list:
@@ -114,15 +126,17 @@ class RankRunner:
         """``num_nvl_bytes`` as DeepEP users size it (max of the dispatch/combine config hints)."""
         R, hidden_bytes = self.cfg.world_size, 2 * self.cfg.hidden
         try:
-            return max(c.get_nvl_buffer_size_hint(hidden_bytes, R)
-                       for c in (deep_ep.Buffer.get_dispatch_config(R),
-                                 deep_ep.Buffer.get_combine_config(R)))
+            return max(
+                c.get_nvl_buffer_size_hint(hidden_bytes, R)
+                for c in (deep_ep.Buffer.get_dispatch_config(R), deep_ep.Buffer.get_combine_config(R))
+            )
         except Exception as exc:
             logger.debug("no nvl size hint (%s); using 1e9 bytes", exc)
             return int(1e9)
 
-    def open_backend(self, name: str, unsupported: Optional[str], nvl_bytes: Optional[int] = None,
-                     key: Optional[str] = None):
+    def open_backend(
+        self, name: str, unsupported: Optional[str], nvl_bytes: Optional[int] = None, key: Optional[str] = None
+    ):
         """Create (once) the ``Buffer`` of backend ``name`` on every rank; ``(buffer, skip reason)``.
         ``nvl_bytes`` / ``key``: a second Buffer of that size, kept under ``key``."""
         key = key or name
@@ -134,6 +148,7 @@ class RankRunner:
 
         def make():
             import deep_ep
+
             if self.cfg.num_sms is not None:
                 deep_ep.Buffer.set_num_sms(self.cfg.num_sms)
             return deep_ep.Buffer(self.group, nvl_bytes or self._nvl_bytes(deep_ep), 0, backend=name)
@@ -158,6 +173,7 @@ class RankRunner:
             self.skip(cases, reason)
             return
         import deep_ep
+
         num_sms = getattr(deep_ep.Buffer, "num_sms", None)
         transport = getattr(buf, "backend", name)  # what 'auto' resolved to
         expected = sum(wl.recv_counts)
@@ -167,9 +183,15 @@ class RankRunner:
 
             def fresh(x=x):
                 ntpr, ntpr_rdma, ntpe, in_rank, _ = buf.get_dispatch_layout(wl.topk_idx, cfg.experts)
-                return buf.dispatch(x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntpr_rdma,
-                                    is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
-                                    topk_idx=wl.topk_idx, topk_weights=wl.topk_weights)
+                return buf.dispatch(
+                    x,
+                    num_tokens_per_rank=ntpr,
+                    num_tokens_per_rdma_rank=ntpr_rdma,
+                    is_token_in_rank=in_rank,
+                    num_tokens_per_expert=ntpe,
+                    topk_idx=wl.topk_idx,
+                    topk_weights=wl.topk_weights,
+                )
 
             out, reason = self.try_agreed(fresh)
             wire_cases = [c for c in cases if c[2] == "dispatch" and c[3] == wire]
@@ -179,8 +201,9 @@ class RankRunner:
             recv_x, handle = out[0], out[4]
             rows, remote = self._rows(recv_x, handle)
             if rows != expected:
-                logger.warning("%s %s dispatch on rank %d received %d rows, expected %d",
-                               name, wire, self.rank, rows, expected)
+                logger.warning(
+                    "%s %s dispatch on rank %d received %d rows, expected %d", name, wire, self.rank, rows, expected
+                )
             rb = row_bytes(wire, cfg.hidden)
             extra = dict(num_sms=num_sms, expected_rows=expected, transport=transport)
             cached_case, fresh_case = wire_cases[:2]
@@ -189,19 +212,26 @@ class RankRunner:
             times = self.time(fresh)
             self.record(fresh_case, times, rows, remote, remote, rb, **extra)
             if len(wire_cases) > 2:
-                self.run_graph(name, wire_cases[2], lambda: buf.dispatch(x, handle=handle), rows, remote, rb,
-                               extra)
+                self.run_graph(name, wire_cases[2], lambda: buf.dispatch(x, handle=handle), rows, remote, rb, extra)
             if len(wire_cases) > 4:
                 # DeepEP's worst case (every token of every rank), in a Buffer whose staging holds it
                 worst = cfg.world_size * wl.tokens
-                wbuf, reason = self.open_backend(name, None, (worst + 2) * (rb + 24 * cfg.topk + 1024) + (64 << 20),
-                                                 key=name + ":worst")
+                wbuf, reason = self.open_backend(
+                    name, None, (worst + 2) * (rb + 24 * cfg.topk + 1024) + (64 << 20), key=name + ":worst"
+                )
 
                 def fresh_worst(x=x, buf=wbuf):
                     ntpr, ntpr_rdma, ntpe, in_rank, _ = buf.get_dispatch_layout(wl.topk_idx, cfg.experts)
-                    return buf.dispatch(x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntpr_rdma,
-                                        is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
-                                        topk_idx=wl.topk_idx, topk_weights=wl.topk_weights, num_worst_tokens=worst)
+                    return buf.dispatch(
+                        x,
+                        num_tokens_per_rank=ntpr,
+                        num_tokens_per_rdma_rank=ntpr_rdma,
+                        is_token_in_rank=in_rank,
+                        num_tokens_per_expert=ntpe,
+                        topk_idx=wl.topk_idx,
+                        topk_weights=wl.topk_weights,
+                        num_worst_tokens=worst,
+                    )
 
                 if not reason:
                     _, reason = self.try_agreed(fresh_worst)
@@ -214,12 +244,17 @@ class RankRunner:
                 bf16_out = (recv_x, handle, rows, remote)
             del out
         if cfg.compression:
-            self.run_compressed(name, cases, bf16_out, wl, extra_base=dict(num_sms=num_sms, expected_rows=expected,
-                                                                         transport=transport))
+            self.run_compressed(
+                name, cases, bf16_out, wl, extra_base=dict(num_sms=num_sms, expected_rows=expected, transport=transport)
+            )
         combine_cases = [c for c in cases if c[2] == "combine"]
         if bf16_out is None:
-            self.skip(combine_cases, "no bf16 dispatch to combine" if "bf16" in cfg.wires
-                      else "combine is timed with the bf16 dispatch (add --dtype both)")
+            self.skip(
+                combine_cases,
+                "no bf16 dispatch to combine"
+                if "bf16" in cfg.wires
+                else "combine is timed with the bf16 dispatch (add --dtype both)",
+            )
             return
         recv_x, handle, rows, remote = bf16_out
         _, reason = self.try_agreed(lambda: buf.combine(recv_x, handle))
@@ -237,6 +272,7 @@ class RankRunner:
         """Cached dispatch of the bf16 rows compressed by deep_ep at each ``--compression`` level (the wire
         bytes per row are the codec's); each row carries the codec's relative L2 error on these rows."""
         from deep_ep.compress import make_codec, relative_error
+
         cfg, buf = self.cfg, self.buffers[name][0]
         for level in cfg.compression:
             wire = COMPRESSED_WIRES[level]
@@ -248,8 +284,13 @@ class RankRunner:
             compress = cfg.compression_ratio if level == "auto" else level
             codec = make_codec(level, cfg.hidden, ratio=cfg.compression_ratio)
             err = relative_error(wl.x.float(), codec.roundtrip(wl.x).float())
-            extra = dict(extra_base, compression_level=level, rel_err_mean=float(err.mean()),
-                         rel_err_max=float(err.max()), wire_row_bytes=codec.row_bytes)
+            extra = dict(
+                extra_base,
+                compression_level=level,
+                rel_err_mean=float(err.mean()),
+                rel_err_max=float(err.max()),
+                wire_row_bytes=codec.row_bytes,
+            )
 
             def fn(compress=compress):
                 return buf.dispatch(wl.x, handle=handle, compress=compress)
@@ -283,10 +324,8 @@ class RankRunner:
         """``nccl-raw`` / ``gloo-raw``: one all_to_all_single of exactly the rows that move."""
         cfg, name = self.cfg, self.cfg.raw_name
         recv_rows, remote = sum(wl.recv_counts), wl.remote_recv_rows(self.rank)
-        jobs = [((wl.tokens, name, "dispatch", w, "cached"), w, wl.send_counts, wl.recv_counts)
-                for w in cfg.wires]
-        jobs.append(((wl.tokens, name, "combine", "bf16", "cached"), "bf16",
-                     wl.recv_counts, wl.send_counts))
+        jobs = [((wl.tokens, name, "dispatch", w, "cached"), w, wl.send_counts, wl.recv_counts) for w in cfg.wires]
+        jobs.append(((wl.tokens, name, "combine", "bf16", "cached"), "bf16", wl.recv_counts, wl.send_counts))
         for case, wire, send, recv in jobs:
             rb = row_bytes(wire, cfg.hidden)
             inp = torch.empty(sum(send) * rb, dtype=torch.uint8, device=self.device)
@@ -305,6 +344,7 @@ class RankRunner:
     def _peer_setup(self, slot_bytes: int):
         """Symmetric-memory buffer of ``R * slot_bytes`` bytes on every rank, rendezvoused."""
         import torch.distributed._symmetric_memory as symm_mem
+
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
         if enable is not None:  # needed by older torch; deprecated (a no-op) since
             with warnings.catch_warnings():
@@ -333,15 +373,14 @@ class RankRunner:
             rb = row_bytes(wire, cfg.hidden)
             counts = wl.send_counts if case[2] == "dispatch" else wl.recv_counts
             peers = [j for j in range(cfg.world_size) if j != r and counts[j] > 0]
-            src = torch.empty(max(1, sum(counts[j] for j in peers) * rb), dtype=torch.uint8,
-                              device=self.device)
+            src = torch.empty(max(1, sum(counts[j] for j in peers) * rb), dtype=torch.uint8, device=self.device)
 
             def views():
                 pairs, off = [], 0
                 for j in peers:
                     n = counts[j] * rb
                     dst = hdl.get_buffer(j, (n,), torch.uint8, r * slot)
-                    pairs.append((dst, src[off:off + n]))
+                    pairs.append((dst, src[off : off + n]))
                     off += n
                 return pairs
 

@@ -18,6 +18,7 @@ stream spent waiting for communication, and writes a JSON result and a PNG
 chart (matplotlib). Replicated parameters (embedding, router, norms, head)
 are averaged across ranks each step, as data parallelism does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,22 +46,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", type=int, help="expert width (GPU 1024, CPU 32)")
     p.add_argument("--experts", type=int, help="experts per layer (GPU 64, CPU 8)")
     p.add_argument("--topk", type=int, help="experts per token (GPU 8, CPU 2)")
-    p.add_argument("--tokens", type=int, help="tokens per rank per step, rounded down to sequences of 16 "
-                                              "(GPU 4096, CPU 128)")
+    p.add_argument(
+        "--tokens", type=int, help="tokens per rank per step, rounded down to sequences of 16 (GPU 4096, CPU 128)"
+    )
     p.add_argument("--chunks", type=int, default=4, help="chunks of the overlapped setup (default 4)")
     p.add_argument("--vocab", type=int, default=64, help="vocabulary of the synthetic task (default 64)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="GPUs over NCCL or CPU ranks over gloo")
     p.add_argument("--world-size", type=int, help="ranks (GPU: all local GPUs, CPU: 2)")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
-    p.add_argument("--backend", default="auto", choices=("auto", "collective", "nvlink", "hierarchical"),
-                   help="the deep_ep setups' transport (default auto; the collective setup is always collective)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-2 * min(1, 1024 / hidden): wider "
-                                          "models diverge at 1e-2)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "collective", "nvlink", "hierarchical"),
+        help="the deep_ep setups' transport (default auto; the collective setup is always collective)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="AdamW learning rate (default 1e-2 * min(1, 1024 / hidden): wider models diverge at 1e-2)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="FILE", default="deep_ep_demo.json",
-                   help="write the result here (default deep_ep_demo.json; '' for none)")
-    p.add_argument("--png", metavar="FILE", default="deep_ep_demo.png",
-                   help="write a chart here (needs matplotlib; default deep_ep_demo.png; '' for none)")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        default="deep_ep_demo.json",
+        help="write the result here (default deep_ep_demo.json; '' for none)",
+    )
+    p.add_argument(
+        "--png",
+        metavar="FILE",
+        default="deep_ep_demo.png",
+        help="write a chart here (needs matplotlib; default deep_ep_demo.png; '' for none)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -68,10 +85,21 @@ class _Block(nn.Module):
     def __init__(self, hidden, ffn, experts, topk, group, backend, chunks, dtype, device):
         super().__init__()
         from deep_ep.moe import ExpertParallelMoE
+
         self.norm = nn.RMSNorm(hidden, dtype=dtype, device=device)
-        self.moe = ExpertParallelMoE(hidden, ffn, experts, topk, group=group, num_shared_experts=1,
-                                     num_chunks=chunks, backend=backend, record_stats=True, dtype=dtype,
-                                     device=device)
+        self.moe = ExpertParallelMoE(
+            hidden,
+            ffn,
+            experts,
+            topk,
+            group=group,
+            num_shared_experts=1,
+            num_chunks=chunks,
+            backend=backend,
+            record_stats=True,
+            dtype=dtype,
+            device=device,
+        )
 
     def forward(self, x):
         return x + self.moe(self.norm(x))
@@ -83,8 +111,10 @@ class DemoModel(nn.Module):
     def __init__(self, cfg, backend: str, chunks: int, device, dtype):
         super().__init__()
         self.embed = nn.Embedding(cfg["vocab"], cfg["hidden"], dtype=dtype, device=device)
-        self.blocks = nn.ModuleList(_Block(cfg["hidden"], cfg["ffn"], cfg["experts"], cfg["topk"], None, backend,
-                                           chunks, dtype, device) for _ in range(cfg["layers"]))
+        self.blocks = nn.ModuleList(
+            _Block(cfg["hidden"], cfg["ffn"], cfg["experts"], cfg["topk"], None, backend, chunks, dtype, device)
+            for _ in range(cfg["layers"])
+        )
         self.norm = nn.RMSNorm(cfg["hidden"], dtype=dtype, device=device)
         self.head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False, dtype=dtype, device=device)
 
@@ -105,7 +135,7 @@ def _batch(cfg, step: int, rank: int, device) -> tuple:
     toks = [t0]
     for _ in range(seq):
         nxt = (5 * toks[-1] + 3) % V
-        noise = torch.rand((n, 1), generator=g) < 0.1              # 10% of the tokens are random
+        noise = torch.rand((n, 1), generator=g) < 0.1  # 10% of the tokens are random
         toks.append(torch.where(noise, torch.randint(0, V, (n, 1), generator=g), nxt))
     s = torch.cat(toks, dim=1)
     return s[:, :-1].reshape(-1).to(device), s[:, 1:].reshape(-1).to(device)
@@ -118,17 +148,29 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg["world_size"]))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=cfg["world_size"], timeout=datetime.timedelta(seconds=300),
-                            **(dict(device_id=device) if cuda else {}))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=cfg["world_size"],
+        timeout=datetime.timedelta(seconds=300),
+        **(dict(device_id=device) if cuda else {}),
+    )
     dtype = torch.bfloat16 if cuda else torch.float32
     results = {}
     bar = None
     if rank == 0 and cfg["progress"]:
         try:
             from tqdm import tqdm
-            bar = tqdm(total=cfg["steps"] * len(cfg["setups"]), desc="deep-ep demo", unit="step", file=sys.stderr,
-                       leave=False, disable=None)
+
+            bar = tqdm(
+                total=cfg["steps"] * len(cfg["setups"]),
+                desc="deep-ep demo",
+                unit="step",
+                file=sys.stderr,
+                leave=False,
+                disable=None,
+            )
         except ImportError:
             bar = None
     for setup in cfg["setups"]:
@@ -136,11 +178,11 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
         backend = "collective" if setup == "collective" else cfg.get("backend", "auto")
         chunks = cfg["chunks"] if setup == "deep_ep-overlap" else 1
         model = DemoModel(cfg, backend, chunks, device, dtype)
-        g = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + 1 + rank)   # each rank its own experts
+        g = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + 1 + rank)  # each rank its own experts
         with torch.no_grad():
             for b in model.blocks:
                 for w, fan in ((b.moe.w_gate_up, cfg["hidden"]), (b.moe.w_down, cfg["ffn"])):
-                    w.copy_(torch.randn(w.shape, generator=g, device=device, dtype=torch.float32) / fan ** 0.5)
+                    w.copy_(torch.randn(w.shape, generator=g, device=device, dtype=torch.float32) / fan**0.5)
         replicated = [p for n_, p in model.named_parameters() if "w_gate_up" not in n_ and "w_down" not in n_]
         experts = [p for n_, p in model.named_parameters() if "w_gate_up" in n_ or "w_down" in n_]
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
@@ -156,11 +198,11 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
             loss = nn.functional.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for p in replicated:                       # data-parallel average of replicated parameters
+            for p in replicated:  # data-parallel average of replicated parameters
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= cfg["world_size"]
-            for p in experts:                          # their gradients already sum over every rank's tokens
+            for p in experts:  # their gradients already sum over every rank's tokens
                 if p.grad is not None:
                     p.grad /= cfg["world_size"]
             opt.step()
@@ -169,18 +211,25 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
             times.append(time.perf_counter() - t0)
             losses.append(float(loss))
             # each MoE layer's forward and backward: its share of the training step
-            st = [b.moe.stats + b.moe.backward_stats for b in model.blocks
-                  if b.moe.stats is not None and b.moe.backward_stats is not None]
+            st = [
+                b.moe.stats + b.moe.backward_stats
+                for b in model.blocks
+                if b.moe.stats is not None and b.moe.backward_stats is not None
+            ]
             exposed.append(sum(s.exposed_comm_us for s in st))
             moe_fwd.append(sum(s.step_us for s in st))
             if bar is not None:
                 bar.update(1)
-        warm = max(1, len(times) // 4)                 # the first steps compile and warm caches
+        warm = max(1, len(times) // 4)  # the first steps compile and warm caches
         t = sum(times[warm:]) / max(len(times) - warm, 1)
-        results[setup] = dict(step_s=t, tokens_per_s=int(x.numel()) * cfg["world_size"] / t, losses=losses,
-                              exposed_comm_us=sum(exposed[warm:]) / max(len(exposed) - warm, 1),
-                              moe_step_us=sum(moe_fwd[warm:]) / max(len(moe_fwd) - warm, 1),
-                              transport=model.blocks[0].moe.buffer.backend)
+        results[setup] = dict(
+            step_s=t,
+            tokens_per_s=int(x.numel()) * cfg["world_size"] / t,
+            losses=losses,
+            exposed_comm_us=sum(exposed[warm:]) / max(len(exposed) - warm, 1),
+            moe_step_us=sum(moe_fwd[warm:]) / max(len(moe_fwd) - warm, 1),
+            transport=model.blocks[0].moe.buffer.backend,
+        )
         del model, opt
     if bar is not None:
         bar.close()
@@ -197,6 +246,7 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
 def run(cfg: dict) -> dict:
     """Spawn the ranks and train every setup; the result object (also what ``--json`` writes)."""
     from deep_ep.bench.worker import launch
+
     with tempfile.TemporaryDirectory(prefix="deep_ep_demo_") as tmp:
         path = os.path.join(tmp, "raw.pkl")
         launch(_rank, (cfg,), path, cfg["world_size"], cfg["device"], fork_ok=False)
@@ -208,27 +258,48 @@ def run(cfg: dict) -> dict:
         step = max(p["step_s"] for p in per)
         exposed = max(p["exposed_comm_us"] for p in per)
         fwd = max(p["moe_step_us"] for p in per)
-        rows.append(dict(setup=setup, transport=per[0]["transport"], step_ms=step * 1e3,
-                         tokens_per_s=cfg["tokens"] * cfg["world_size"] / step,   # cfg["tokens"]: a multiple of 16
-                         loss_first=per[0]["losses"][0], loss_last=per[0]["losses"][-1], losses=per[0]["losses"],
-                         moe_step_us=fwd, exposed_comm_us=exposed,
-                         exposed_comm_fraction=exposed / fwd if fwd else 0.0))
-    return dict(workload="demo", card=raw["card"], num_ranks=cfg["world_size"],
-                date=datetime.date.today().isoformat(), torch=torch.__version__, config={
-                    k: v for k, v in cfg.items() if k not in ("progress",)}, rows=rows)
+        rows.append(
+            dict(
+                setup=setup,
+                transport=per[0]["transport"],
+                step_ms=step * 1e3,
+                tokens_per_s=cfg["tokens"] * cfg["world_size"] / step,  # cfg["tokens"]: a multiple of 16
+                loss_first=per[0]["losses"][0],
+                loss_last=per[0]["losses"][-1],
+                losses=per[0]["losses"],
+                moe_step_us=fwd,
+                exposed_comm_us=exposed,
+                exposed_comm_fraction=exposed / fwd if fwd else 0.0,
+            )
+        )
+    return dict(
+        workload="demo",
+        card=raw["card"],
+        num_ranks=cfg["world_size"],
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        config={k: v for k, v in cfg.items() if k not in ("progress",)},
+        rows=rows,
+    )
 
 
 def format_result(res: dict) -> str:
     """The demo result as a text table (one row per setup)."""
-    out = [f"deep-ep demo on {res['num_ranks']} x {res['card']}: {res['config']['layers']} MoE layers, "
-           f"{res['config']['experts']} experts top-{res['config']['topk']}, {res['config']['tokens']} tokens/rank, "
-           f"{res['config']['steps']} steps",
-           f"{'setup':18s} {'transport':10s} {'step ms':>9s} {'tokens/s':>10s} {'loss':>15s} {'exposed comm':>13s}"]
+    out = [
+        f"deep-ep demo on {res['num_ranks']} x {res['card']}: {res['config']['layers']} MoE layers, "
+        f"{res['config']['experts']} experts top-{res['config']['topk']}, {res['config']['tokens']} tokens/rank, "
+        f"{res['config']['steps']} steps",
+        f"{'setup':18s} {'transport':10s} {'step ms':>9s} {'tokens/s':>10s} {'loss':>15s} {'exposed comm':>13s}",
+    ]
     for r in res["rows"]:
-        out.append(f"{r['setup']:18s} {r['transport']:10s} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} "
-                   f"{r['loss_first']:6.3f} -> {r['loss_last']:5.3f} {100 * r['exposed_comm_fraction']:12.1f}%")
-    out.append("exposed comm: share of the MoE layers' forward + backward time in which the compute stream waited "
-               "for communication")
+        out.append(
+            f"{r['setup']:18s} {r['transport']:10s} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} "
+            f"{r['loss_first']:6.3f} -> {r['loss_last']:5.3f} {100 * r['exposed_comm_fraction']:12.1f}%"
+        )
+    out.append(
+        "exposed comm: share of the MoE layers' forward + backward time in which the compute stream waited "
+        "for communication"
+    )
     return "\n".join(out)
 
 
@@ -236,6 +307,7 @@ def write_png(res: dict, path: str) -> Optional[str]:
     """Loss curves and tokens/s of every setup (``None`` if matplotlib is missing)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -248,11 +320,17 @@ def write_png(res: dict, path: str) -> Optional[str]:
     a.set_ylabel("loss")
     a.legend()
     names = [r["setup"] for r in res["rows"]]
-    b.bar(names, [r["tokens_per_s"] for r in res["rows"]], color=["#999999", "#4a7ab8", "#2b9e5c"][:len(names)])
+    b.bar(names, [r["tokens_per_s"] for r in res["rows"]], color=["#999999", "#4a7ab8", "#2b9e5c"][: len(names)])
     b.set_ylabel("tokens / s")
     for i, r in enumerate(res["rows"]):
-        b.text(i, r["tokens_per_s"], f"{100 * r['exposed_comm_fraction']:.0f}% exposed", ha="center", va="bottom",
-               fontsize=8)
+        b.text(
+            i,
+            r["tokens_per_s"],
+            f"{100 * r['exposed_comm_fraction']:.0f}% exposed",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     fig.suptitle(f"deep-ep demo, {res['num_ranks']} x {res['card']}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -272,12 +350,24 @@ def config_from_args(args: argparse.Namespace) -> dict:
     bad = [s for s in setups if s not in SETUPS]
     if bad:
         raise ValueError(f"unknown setup(s) {bad}; choose from {', '.join(SETUPS)}")
-    cfg = dict(device=device, world_size=world, steps=args.steps or (30 if gpu else 20), layers=args.layers,
-               hidden=args.hidden or (2048 if gpu else 64), ffn=args.ffn or (1024 if gpu else 32),
-               experts=args.experts or (64 if gpu else 8), topk=args.topk or (8 if gpu else 2),
-               tokens=max(16, (args.tokens or (4096 if gpu else 128)) // 16 * 16), chunks=args.chunks, vocab=args.vocab, seed=args.seed,
-               lr=getattr(args, "lr", None),
-               setups=setups, progress=not args.no_progress, backend=args.backend)
+    cfg = dict(
+        device=device,
+        world_size=world,
+        steps=args.steps or (30 if gpu else 20),
+        layers=args.layers,
+        hidden=args.hidden or (2048 if gpu else 64),
+        ffn=args.ffn or (1024 if gpu else 32),
+        experts=args.experts or (64 if gpu else 8),
+        topk=args.topk or (8 if gpu else 2),
+        tokens=max(16, (args.tokens or (4096 if gpu else 128)) // 16 * 16),
+        chunks=args.chunks,
+        vocab=args.vocab,
+        seed=args.seed,
+        lr=getattr(args, "lr", None),
+        setups=setups,
+        progress=not args.no_progress,
+        backend=args.backend,
+    )
     if cfg["lr"] is None:
         cfg["lr"] = 1e-2 * min(1.0, 1024 / cfg["hidden"])
     if cfg["experts"] % world or cfg["topk"] > cfg["experts"] or cfg["steps"] < 1 or cfg["lr"] <= 0:

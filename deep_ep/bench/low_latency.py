@@ -8,6 +8,7 @@ valid (token, expert) pair ``H + 4H/128 + 16`` for fp8 dispatch, ``2H`` for
 combine. ``--sweep`` runs 1..512 tokens. The ``collective`` backend is the
 baseline (same outputs, a host synchronisation per call).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -38,11 +39,17 @@ def _rank(rank: int, cfg, port: int, path: str) -> None:
     if cuda:
         torch.cuda.set_device(rank)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    dist.init_process_group(cfg.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=cfg.timeout_s),
-                            **(dict(device_id=device) if cuda else {}))
+    dist.init_process_group(
+        cfg.dist_backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=cfg.timeout_s),
+        **(dict(device_id=device) if cuda else {}),
+    )
     import deep_ep
     from deep_ep.bench.worker import backends_to_run
+
     ctrl = dist.new_group(backend="gloo")
     timer = CudaTimer(device, cfg.flush_bytes) if cuda else CpuTimer(ctrl)
     E, H, K = _experts(cfg), cfg.hidden, cfg.topk
@@ -64,11 +71,14 @@ def _rank(rank: int, cfg, port: int, path: str) -> None:
             L = E // world
             y = torch.randn((L, world * M, H), device=device).to(torch.bfloat16)
             pairs = int((idx >= 0).sum())
-            cases = [("dispatch", "fp8", lambda: buf.low_latency_dispatch(x, idx, M, E), H + 4 * H // 128 + 16),
-                     ("combine", "bf16", lambda: buf.low_latency_combine(y, idx, w, handle), 2 * H)]
+            cases = [
+                ("dispatch", "fp8", lambda: buf.low_latency_dispatch(x, idx, M, E), H + 4 * H // 128 + 16),
+                ("combine", "bf16", lambda: buf.low_latency_combine(y, idx, w, handle), 2 * H),
+            ]
             for op, wire, fn, per_pair in cases:
-                base = dict(backend=name, op=op, wire=wire, tokens=T, pairs=pairs, bytes=pairs * per_pair,
-                            transport=buf.backend)
+                base = dict(
+                    backend=name, op=op, wire=wire, tokens=T, pairs=pairs, bytes=pairs * per_pair, transport=buf.backend
+                )
                 records.append(dict(base, timing="eager", times_us=timer(fn, cfg.iters, cfg.warmup)))
                 if cuda and buf.backend == "nvlink":
                     g = capture_graph(fn)
@@ -89,6 +99,7 @@ def run_low_latency(cfg, command: str) -> dict:
     """Spawn the ranks, time every case, return the BENCH.md result object (workload ``low-latency``)."""
     from deep_ep.bench.worker import launch
     from deep_ep.cli import versions
+
     with tempfile.TemporaryDirectory(prefix="deep_ep_ll_") as tmp:
         path = os.path.join(tmp, "raw.pkl")
         launch(_rank, (cfg,), path, cfg.world_size, cfg.device, fork_ok=False)
@@ -102,24 +113,54 @@ def run_low_latency(cfg, command: str) -> dict:
     for (T, backend, op, wire, timing), recs in by_case.items():
         t = max(median(r["times_us"]) for r in recs)
         nbytes = _mean(r["bytes"] for r in recs)
-        rows.append(dict(backend=backend, op=op, wire=wire, tokens=T, hidden=cfg.hidden, topk=cfg.topk,
-                         experts=raw["experts"], num_sms=None, time_us=t, gbps_logical=_gbps(nbytes, t),
-                         gbps_link=None, graph=timing == "graph", timing=timing, transport=recs[0]["transport"],
-                         pairs_per_rank=_mean(r["pairs"] for r in recs),
-                         time_us_per_rank=[median(r["times_us"]) for r in recs]))
+        rows.append(
+            dict(
+                backend=backend,
+                op=op,
+                wire=wire,
+                tokens=T,
+                hidden=cfg.hidden,
+                topk=cfg.topk,
+                experts=raw["experts"],
+                num_sms=None,
+                time_us=t,
+                gbps_logical=_gbps(nbytes, t),
+                gbps_link=None,
+                graph=timing == "graph",
+                timing=timing,
+                transport=recs[0]["transport"],
+                pairs_per_rank=_mean(r["pairs"] for r in recs),
+                time_us_per_rank=[median(r["times_us"]) for r in recs],
+            )
+        )
     base = {(r["tokens"], r["op"], r["timing"]): r for r in rows if r["backend"] == "collective"}
     for r in rows:
         b = base.get((r["tokens"], r["op"], "eager"))
         if b is not None and r["backend"] != "collective" and r["time_us"]:
             r["ratio_vs"] = {"collective": b["time_us"] / r["time_us"]}
     v = versions()
-    return {"workload": "low-latency", "card": raw["card"], "num_ranks": cfg.world_size,
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": v["triton"],
-            "command": command, "rows": rows, "deep_ep": v["deep_ep"], "mode": "low-latency", "device": cfg.device,
-            "dist_backend": cfg.dist_backend, "routing": cfg.routing, "iters": cfg.iters, "warmup": cfg.warmup,
-            "num_max_dispatch_tokens_per_rank": raw["M"], "reduce": REDUCE,
-            "bytes": "per valid (token, expert) pair: fp8 dispatch H + 4H/128 + 16, bf16 combine 2H (DeepEP's)",
-            "skipped": raw["skipped"], "l2_flush_bytes": cfg.flush_bytes if cfg.device == "cuda" else 0}
+    return {
+        "workload": "low-latency",
+        "card": raw["card"],
+        "num_ranks": cfg.world_size,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": v["triton"],
+        "command": command,
+        "rows": rows,
+        "deep_ep": v["deep_ep"],
+        "mode": "low-latency",
+        "device": cfg.device,
+        "dist_backend": cfg.dist_backend,
+        "routing": cfg.routing,
+        "iters": cfg.iters,
+        "warmup": cfg.warmup,
+        "num_max_dispatch_tokens_per_rank": raw["M"],
+        "reduce": REDUCE,
+        "bytes": "per valid (token, expert) pair: fp8 dispatch H + 4H/128 + 16, bf16 combine 2H (DeepEP's)",
+        "skipped": raw["skipped"],
+        "l2_flush_bytes": cfg.flush_bytes if cfg.device == "cuda" else 0,
+    }
 
 
 def format_low_latency(result: dict) -> str:
@@ -128,15 +169,26 @@ def format_low_latency(result: dict) -> str:
     lines = [head]
     for r in result["rows"]:
         ratio = r.get("ratio_vs", {}).get("collective")
-        lines.append([f"{r['backend']} ({r['transport']})" if r["transport"] != r["backend"] else r["backend"],
-                      r["op"], r["timing"], r["wire"], str(r["tokens"]), f"{r['time_us']:.1f}",
-                      f"{r['gbps_logical']:.2f}" if r["gbps_logical"] is not None else "-",
-                      f"{ratio:.2f}" if ratio else "-"])
+        lines.append(
+            [
+                f"{r['backend']} ({r['transport']})" if r["transport"] != r["backend"] else r["backend"],
+                r["op"],
+                r["timing"],
+                r["wire"],
+                str(r["tokens"]),
+                f"{r['time_us']:.1f}",
+                f"{r['gbps_logical']:.2f}" if r["gbps_logical"] is not None else "-",
+                f"{ratio:.2f}" if ratio else "-",
+            ]
+        )
     widths = [max(len(c[i]) for c in lines) for i in range(len(head))]
-    out = [f"low-latency on {result['num_ranks']} x {result['card']} ({result['dist_backend']}, "
-           f"M = {result['num_max_dispatch_tokens_per_rank']}, median of {result['iters']}, time = slowest rank)"]
-    out += ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-            for cells in lines]
+    out = [
+        f"low-latency on {result['num_ranks']} x {result['card']} ({result['dist_backend']}, "
+        f"M = {result['num_max_dispatch_tokens_per_rank']}, median of {result['iters']}, time = slowest rank)"
+    ]
+    out += [
+        "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) for cells in lines
+    ]
     for s in result["skipped"]:
         out.append(f"skipped {s['backend']}: {s['reason']}")
     return "\n".join(out)

@@ -4,6 +4,7 @@ Defaults follow BENCH.md on GPU (the ``normal`` workload: 4096 tokens per rank,
 hidden 7168, top-8 of 256 experts, bf16 and fp8 dispatch) and shrink on CPU so
 that two gloo ranks finish in seconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,28 +36,28 @@ class BenchOptionError(ValueError):
 class BenchConfig:
     """A fully resolved benchmark run (picklable: it is sent to every spawned rank)."""
 
-    device: str                      # 'cuda' or 'cpu'
+    device: str  # 'cuda' or 'cpu'
     world_size: int
-    tokens: tuple                    # tokens per rank, one case each
+    tokens: tuple  # tokens per rank, one case each
     hidden: int
     topk: int
     experts: int
-    wires: tuple                     # subset of WIRES
-    backends: Optional[tuple]        # None: every known backend the machine supports
+    wires: tuple  # subset of WIRES
+    backends: Optional[tuple]  # None: every known backend the machine supports
     num_sms: Optional[int]
     iters: int
     warmup: int
-    routing: str = "uniform"         # one of SKEWS
-    workload: str = "normal"         # 'normal' or 'sweep' (BENCH.md names)
+    routing: str = "uniform"  # one of SKEWS
+    workload: str = "normal"  # 'normal' or 'sweep' (BENCH.md names)
     baselines: bool = True
-    flush_bytes: int = 256 << 20     # L2 flush scratch on GPU
+    flush_bytes: int = 256 << 20  # L2 flush scratch on GPU
     seed: int = 0
     timeout_s: float = 300.0
     progress: bool = True
-    compression: tuple = ()          # levels timed as compressed dispatch of bf16 rows: 8, 4, 'auto'
-    compression_ratio: float = 0.3   # the 'auto' byte target
-    experts_given: bool = False      # --experts given (low-latency otherwise takes BENCH.md's 256 / 288)
-    num_sms_sweep: tuple = ()        # --num-sms with several values: num_sms of each run (num_sms: the first)
+    compression: tuple = ()  # levels timed as compressed dispatch of bf16 rows: 8, 4, 'auto'
+    compression_ratio: float = 0.3  # the 'auto' byte target
+    experts_given: bool = False  # --experts given (low-latency otherwise takes BENCH.md's 256 / 288)
+    num_sms_sweep: tuple = ()  # --num-sms with several values: num_sms of each run (num_sms: the first)
 
     @property
     def dist_backend(self) -> str:
@@ -72,42 +73,61 @@ class BenchConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``deep-ep bench`` options to ``p`` (shared by the CLI and benchmarks/)."""
     g = p.add_argument_group("workload (defaults: BENCH.md 'normal' on GPU, a small one on CPU)")
-    g.add_argument("--mode", default="normal", choices=MODES,
-                   help="BENCH.md workload: normal (default) or low-latency (128 tokens, fp8 dispatch, bf16 combine; "
-                        "--sweep: 1..512 tokens)")
+    g.add_argument(
+        "--mode",
+        default="normal",
+        choices=MODES,
+        help="BENCH.md workload: normal (default) or low-latency (128 tokens, fp8 dispatch, bf16 combine; "
+        "--sweep: 1..512 tokens)",
+    )
     g.add_argument("--tokens", type=int, help="tokens per rank (GPU 4096, CPU 256)")
     g.add_argument("--hidden", type=int, help="hidden size (GPU 7168, CPU 1024)")
     g.add_argument("--topk", type=int, help="experts per token (GPU 8, CPU 4)")
     g.add_argument("--experts", type=int, help="global experts (GPU 256, CPU 32)")
-    g.add_argument("--skew", default="uniform", choices=SKEWS,
-                   help="routing: top-k of uniform random scores, or Zipf over experts")
-    g.add_argument("--sweep", action="store_true",
-                   help=f"BENCH.md token sweep {','.join(map(str, SWEEP_TOKENS))} (bf16 unless --dtype)")
-    g.add_argument("--dtype", choices=("bf16", "fp8", "both"),
-                   help="dispatch wire format (GPU: both, CPU: bf16)")
-    g.add_argument("--compression", default="",
-                   help="also time the cached dispatch of the bf16 rows compressed by deep_ep at these levels "
-                        "(comma list of 8, 4, auto; wires c8 / int4 / auto, with the codec's error in the row)")
+    g.add_argument(
+        "--skew", default="uniform", choices=SKEWS, help="routing: top-k of uniform random scores, or Zipf over experts"
+    )
+    g.add_argument(
+        "--sweep",
+        action="store_true",
+        help=f"BENCH.md token sweep {','.join(map(str, SWEEP_TOKENS))} (bf16 unless --dtype)",
+    )
+    g.add_argument("--dtype", choices=("bf16", "fp8", "both"), help="dispatch wire format (GPU: both, CPU: bf16)")
+    g.add_argument(
+        "--compression",
+        default="",
+        help="also time the cached dispatch of the bf16 rows compressed by deep_ep at these levels "
+        "(comma list of 8, 4, auto; wires c8 / int4 / auto, with the codec's error in the row)",
+    )
     g.add_argument("--compression-ratio", type=float, default=0.3, help="byte target of 'auto' (default 0.3)")
     g.add_argument("--seed", type=int, default=0, help="routing/data seed (rank r uses seed+r)")
     g = p.add_argument_group("ranks and backends")
     g.add_argument("--world-size", type=int, help="ranks to spawn (GPU: all local GPUs, CPU: 2)")
     g.add_argument("--device", choices=("cuda", "cpu"), help="force CPU/gloo or CUDA/NCCL ranks")
-    g.add_argument("--backend", action="append",
-                   help="deep_ep backend(s) to time, repeatable or comma list (default: all known; "
-                        "those that cannot run are listed as skipped)")
+    g.add_argument(
+        "--backend",
+        action="append",
+        help="deep_ep backend(s) to time, repeatable or comma list (default: all known; "
+        "those that cannot run are listed as skipped)",
+    )
     g.add_argument("--no-baselines", action="store_true", help="skip the raw and peer-copy baselines")
-    g.add_argument("--num-sms", help="Buffer.set_num_sms(N) before creating buffers; a comma list (e.g. 16,24,32) "
-                                       "sweeps it in one run (one row set per value, the baselines once)")
+    g.add_argument(
+        "--num-sms",
+        help="Buffer.set_num_sms(N) before creating buffers; a comma list (e.g. 16,24,32) "
+        "sweeps it in one run (one row set per value, the baselines once)",
+    )
     g = p.add_argument_group("timing and output")
     g.add_argument("--iters", type=int, help="timed runs per case, median reported (GPU 30, CPU 10)")
     g.add_argument("--warmup", type=int, help="untimed runs per case first (GPU 5, CPU 2)")
-    g.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds any collective may wait before the run fails")
-    g.add_argument("--json", metavar="FILE",
-                   help="write the BENCH.md result file; a directory gets <date>-<card>-<workload>.json")
-    g.add_argument("--png", metavar="FILE", help="also draw GB/s against tokens per rank (one line per backend, "
-                                                "op, wire and SM count; needs matplotlib)")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait before the run fails")
+    g.add_argument(
+        "--json", metavar="FILE", help="write the BENCH.md result file; a directory gets <date>-<card>-<workload>.json"
+    )
+    g.add_argument(
+        "--png",
+        metavar="FILE",
+        help="also draw GB/s against tokens per rank (one line per backend, op, wire and SM count; needs matplotlib)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -164,8 +184,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     warmup = args.warmup if args.warmup is not None else d["warmup"]
 
     if min(tokens) < 1 or hidden < 1 or topk < 1 or experts < 1 or iters < 1 or warmup < 0:
-        raise BenchOptionError("--tokens, --hidden, --topk, --experts, --iters must be >= 1 "
-                               "and --warmup >= 0")
+        raise BenchOptionError("--tokens, --hidden, --topk, --experts, --iters must be >= 1 and --warmup >= 0")
     if experts % world:
         raise BenchOptionError(f"--experts {experts} is not a multiple of --world-size {world}")
     if topk > experts:
@@ -177,26 +196,43 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         try:
             sms = tuple(int(v) for v in _split([str(args.num_sms)]))
         except ValueError:
-            raise BenchOptionError(f"--num-sms takes even ints >= 2 (a comma list sweeps), got {args.num_sms!r}") \
-                from None
+            raise BenchOptionError(
+                f"--num-sms takes even ints >= 2 (a comma list sweeps), got {args.num_sms!r}"
+            ) from None
         if not sms or any(v < 2 or v % 2 for v in sms):
             raise BenchOptionError(f"--num-sms must be even and >= 2, got {args.num_sms}")
         if low_latency and len(set(sms)) > 1:
-            raise BenchOptionError("--num-sms takes one value with --mode low-latency (its kernels size their "
-                                   "grids from the GPU, not from the SM count)")
+            raise BenchOptionError(
+                "--num-sms takes one value with --mode low-latency (its kernels size their "
+                "grids from the GPU, not from the SM count)"
+            )
     backends = tuple(dict.fromkeys(_split(args.backend))) if args.backend else None
     if backends:
         from deep_ep.transport import BACKENDS
+
         unknown = [b for b in backends if b != "auto" and b not in BACKENDS]
         if unknown:
-            raise BenchOptionError(f"unknown --backend {', '.join(unknown)}; deep_ep knows auto, "
-                                   f"{', '.join(BACKENDS)}")
+            raise BenchOptionError(f"unknown --backend {', '.join(unknown)}; deep_ep knows auto, {', '.join(BACKENDS)}")
     return BenchConfig(
-        device=device, world_size=world, tokens=tuple(tokens), hidden=hidden, topk=topk,
-        experts=experts, wires=tuple(wires), backends=backends, num_sms=sms[0] if sms else None,
+        device=device,
+        world_size=world,
+        tokens=tuple(tokens),
+        hidden=hidden,
+        topk=topk,
+        experts=experts,
+        wires=tuple(wires),
+        backends=backends,
+        num_sms=sms[0] if sms else None,
         num_sms_sweep=tuple(dict.fromkeys(sms)) if len(set(sms)) > 1 else (),
-        compression=_compression(args.compression), compression_ratio=args.compression_ratio,
-        iters=iters, warmup=warmup, routing=args.skew,
+        compression=_compression(args.compression),
+        compression_ratio=args.compression_ratio,
+        iters=iters,
+        warmup=warmup,
+        routing=args.skew,
         workload="low-latency" if low_latency else "sweep" if args.sweep else "normal",
-        baselines=not args.no_baselines, seed=args.seed, timeout_s=args.timeout, progress=not args.no_progress,
-        experts_given=args.experts is not None)
+        baselines=not args.no_baselines,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        progress=not args.no_progress,
+        experts_given=args.experts is not None,
+    )

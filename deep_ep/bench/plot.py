@@ -1,5 +1,6 @@
 """GB/s against tokens per rank, from ``deep-ep bench`` results (``deep-ep bench --png``,
 ``benchmarks/plot_sweep.py``). Needs matplotlib, which is not a dependency of deep_ep."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ def series(results: Sequence[dict], gbps: str) -> dict:
             value = row.get(key)
             if value is None:
                 continue
-            out[(row["backend"], row["op"], row.get("timing", "cached"), row.get("wire", "bf16"),
-                 row.get("num_sms"))].append((row["tokens"], value))
+            out[
+                (row["backend"], row["op"], row.get("timing", "cached"), row.get("wire", "bf16"), row.get("num_sms"))
+            ].append((row["tokens"], value))
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -30,6 +32,7 @@ def write_png(results: Sequence[dict], path: str, gbps: str = "link", timing: st
     ``None`` (and a message) when matplotlib is missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -48,8 +51,10 @@ def write_png(results: Sequence[dict], path: str, gbps: str = "link", timing: st
     ax.set_xlabel("tokens per rank")
     ax.set_ylabel(f"GB/s ({gbps})")
     first = results[0]
-    ax.set_title(f"deep_ep {first.get('workload', '')}: {first.get('num_ranks')} x {first.get('card')}, "
-                 f"{timing} timing, {first.get('date', '')}")
+    ax.set_title(
+        f"deep_ep {first.get('workload', '')}: {first.get('num_ranks')} x {first.get('card')}, "
+        f"{timing} timing, {first.get('date', '')}"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -7,6 +7,7 @@ row is baseline ``b``'s time over the row's time for the same op, wire and
 tokens (> 1: faster than the baseline). For ``peer-copy``, which moves only the
 remote bytes, that equals the ratio of link bandwidths.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -21,7 +22,7 @@ import torch
 
 from deep_ep.bench.timing import median
 
-REDUCE = ("time_us: max over ranks of each rank's median; gbps: mean bytes per rank / time_us")
+REDUCE = "time_us: max over ranks of each rank's median; gbps: mean bytes per rank / time_us"
 RATIO = "baseline time_us / row time_us for the same op, wire and tokens (>1: faster than baseline)"
 
 
@@ -50,20 +51,42 @@ def reduce_rows(cfg, per_rank: list) -> list:
         medians = [median(r["times_us"]) for r in recs]
         t = max(medians)
         bytes_logical, bytes_link = _mean(r["bytes_logical"] for r in recs), _mean(r["bytes_link"] for r in recs)
-        rows.append(dict(
-            backend=backend, op=op, wire=wire, tokens=tokens, hidden=cfg.hidden, topk=cfg.topk,
-            experts=cfg.experts, num_sms=recs[0].get("num_sms"), time_us=t,
-            gbps_logical=_gbps(bytes_logical, t), gbps_link=_gbps(bytes_link, t), graph=timing.endswith("graph"),
-            timing=timing, routing=cfg.routing, iters=cfg.iters,
-            time_us_per_rank=medians, bytes_logical=bytes_logical, bytes_link=bytes_link,
-            recv_rows=_mean(r["recv_rows"] for r in recs),
-            **({"transport": recs[0]["transport"]} if "transport" in recs[0] else {}),
-            **{k: recs[0][k] for k in ("compression_level", "wire_row_bytes") if k in recs[0]},
-            **({"rel_err_mean": _mean(r["rel_err_mean"] for r in recs),
-                "rel_err_max": max(r["rel_err_max"] for r in recs)} if "rel_err_mean" in recs[0] else {}),
-            rows_match=all(r.get("expected_rows") in (None, r["recv_rows"]) for r in recs)))
+        rows.append(
+            dict(
+                backend=backend,
+                op=op,
+                wire=wire,
+                tokens=tokens,
+                hidden=cfg.hidden,
+                topk=cfg.topk,
+                experts=cfg.experts,
+                num_sms=recs[0].get("num_sms"),
+                time_us=t,
+                gbps_logical=_gbps(bytes_logical, t),
+                gbps_link=_gbps(bytes_link, t),
+                graph=timing.endswith("graph"),
+                timing=timing,
+                routing=cfg.routing,
+                iters=cfg.iters,
+                time_us_per_rank=medians,
+                bytes_logical=bytes_logical,
+                bytes_link=bytes_link,
+                recv_rows=_mean(r["recv_rows"] for r in recs),
+                **({"transport": recs[0]["transport"]} if "transport" in recs[0] else {}),
+                **{k: recs[0][k] for k in ("compression_level", "wire_row_bytes") if k in recs[0]},
+                **(
+                    {
+                        "rel_err_mean": _mean(r["rel_err_mean"] for r in recs),
+                        "rel_err_max": max(r["rel_err_max"] for r in recs),
+                    }
+                    if "rel_err_mean" in recs[0]
+                    else {}
+                ),
+                rows_match=all(r.get("expected_rows") in (None, r["recv_rows"]) for r in recs),
+            )
+        )
     plain = {(r["tokens"], r["backend"], r["op"], r["timing"]): r for r in rows if r["wire"] == "bf16"}
-    for r in rows:                                  # compressed dispatch: its time over the bf16 dispatch's
+    for r in rows:  # compressed dispatch: its time over the bf16 dispatch's
         p = plain.get((r["tokens"], r["backend"], r["op"], r["timing"]))
         if "compression_level" in r and p is not None and p["time_us"]:
             r["time_vs_bf16"] = r["time_us"] / p["time_us"]
@@ -78,9 +101,11 @@ def add_ratios(cfg, rows: list) -> None:
     for r in rows:
         if r["backend"] in baselines:
             continue
-        r["ratio_vs"] = {b: base[k]["time_us"] / r["time_us"]
-                         for b in sorted(baselines)
-                         if (k := (r["tokens"], r["op"], r["wire"], b)) in base and r["time_us"] > 0}
+        r["ratio_vs"] = {
+            b: base[k]["time_us"] / r["time_us"]
+            for b in sorted(baselines)
+            if (k := (r["tokens"], r["op"], r["wire"], b)) in base and r["time_us"] > 0
+        }
 
 
 def build_result(cfg, raw: dict, command: str) -> dict:
@@ -124,19 +149,26 @@ def format_table(result: dict) -> str:
     """The result as a fixed-width text table, then the skipped cases with their reasons."""
     raw_name = f"{result['dist_backend']}-raw"
     baselines = [raw_name] + (["peer-copy"] if result["device"] == "cuda" else [])
-    sweep = len({r.get("num_sms") for r in result["rows"]} - {None}) > 1      # (baselines have None)
-    head = ["backend", "op", "timing", "wire", "tokens"] + (["SMs"] if sweep else []) + [
-        "time_us", "GB/s logical", "GB/s link"]
+    sweep = len({r.get("num_sms") for r in result["rows"]} - {None}) > 1  # (baselines have None)
+    head = (
+        ["backend", "op", "timing", "wire", "tokens"]
+        + (["SMs"] if sweep else [])
+        + ["time_us", "GB/s logical", "GB/s link"]
+    )
     head += [f"vs {b}" for b in baselines]
     errors = any("rel_err_mean" in r for r in result["rows"])
     if errors:
         head += ["rel err", "time / bf16"]
     lines = []
     for r in result["rows"]:
-        name = r["backend"] if r.get("transport", r["backend"]) == r["backend"] else \
-            f"{r['backend']} ({r['transport']})"
-        cells = [name, r["op"], r["timing"], r["wire"], str(r["tokens"])] + (
-            [_fmt(r.get("num_sms"), "d")] if sweep else []) + [_fmt(r["time_us"], ".1f"), _fmt(r["gbps_logical"], ".2f"), _fmt(r["gbps_link"], ".2f")]
+        name = (
+            r["backend"] if r.get("transport", r["backend"]) == r["backend"] else f"{r['backend']} ({r['transport']})"
+        )
+        cells = (
+            [name, r["op"], r["timing"], r["wire"], str(r["tokens"])]
+            + ([_fmt(r.get("num_sms"), "d")] if sweep else [])
+            + [_fmt(r["time_us"], ".1f"), _fmt(r["gbps_logical"], ".2f"), _fmt(r["gbps_link"], ".2f")]
+        )
         cells += [_fmt(r.get("ratio_vs", {}).get(b), ".2f") for b in baselines]
         if errors:
             cells += [_fmt(r.get("rel_err_mean"), ".4f"), _fmt(r.get("time_vs_bf16"), ".2f")]
@@ -147,9 +179,13 @@ def format_table(result: dict) -> str:
     def fmt_line(cells):
         return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    out = [f"{result['workload']} on {result['num_ranks']} x {result['card']} "
-           f"({result['dist_backend']}, routing {result['routing']}, median of {result['iters']}, "
-           f"time = slowest rank)", fmt_line(head), fmt_line(["-" * w for w in widths])]
+    out = [
+        f"{result['workload']} on {result['num_ranks']} x {result['card']} "
+        f"({result['dist_backend']}, routing {result['routing']}, median of {result['iters']}, "
+        f"time = slowest rank)",
+        fmt_line(head),
+        fmt_line(["-" * w for w in widths]),
+    ]
     out += [fmt_line(c) for c in lines]
     skipped = {}
     for s in result["skipped"]:

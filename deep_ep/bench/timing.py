@@ -6,6 +6,7 @@ default, larger than any L2 of the cards we use). CPU: ``perf_counter`` around
 the call, every rank leaving a barrier together before each run.
 Both return per-run times in microseconds; the caller takes the median.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -27,8 +28,7 @@ class CudaTimer:
     def __init__(self, device: torch.device, flush_bytes: int = 256 << 20):
         """Allocate the flush scratch buffer on ``device`` (``flush_bytes`` 0 disables flushing)."""
         self.device = device
-        self.scratch = (torch.empty(flush_bytes // 4, dtype=torch.int32, device=device)
-                        if flush_bytes > 0 else None)
+        self.scratch = torch.empty(flush_bytes // 4, dtype=torch.int32, device=device) if flush_bytes > 0 else None
 
     def flush(self) -> None:
         """Overwrite the scratch buffer so that no input of the next run sits in L2."""

@@ -4,6 +4,7 @@
 over NCCL, or CPU ranks over gloo). Rank 0 shows the progress bar and writes
 every rank's raw measurements to a pickle the parent reads.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,8 +36,15 @@ def _progress_bar(total: int, enabled: bool):
         except ImportError:
             tqdm = None
         if tqdm is not None:
-            bar = tqdm(total=total, desc="deep-ep bench", unit="case", file=sys.stderr,
-                       dynamic_ncols=True, leave=False, disable=None)  # None: off when not a TTY
+            bar = tqdm(
+                total=total,
+                desc="deep-ep bench",
+                unit="case",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=False,
+                disable=None,
+            )  # None: off when not a TTY
             return bar.update, bar.close
     return (lambda n=1: None), (lambda: None)
 
@@ -68,9 +76,14 @@ def rank_main(rank: int, cfg, port: int, result_path: str) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         device = torch.device("cpu")
     kwargs = dict(device_id=device) if cfg.device == "cuda" else {}
-    dist.init_process_group(cfg.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=cfg.timeout_s),
-                            **kwargs)
+    dist.init_process_group(
+        cfg.dist_backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=cfg.timeout_s),
+        **kwargs,
+    )
     try:
         group = dist.group.WORLD
         ctrl = dist.new_group(backend="gloo")
@@ -95,8 +108,7 @@ def rank_main(rank: int, cfg, port: int, result_path: str) -> None:
         if rank == 0:
             card = torch.cuda.get_device_name(device) if cfg.device == "cuda" else "cpu"
             with open(result_path, "wb") as f:
-                pickle.dump(dict(records=per_rank, skipped=runner.skipped, card=card,
-                                 backends=backends), f)
+                pickle.dump(dict(records=per_rank, skipped=runner.skipped, card=card, backends=backends), f)
         dist.barrier(group=ctrl)
         runner.buffers.clear()
     finally:
@@ -146,8 +158,13 @@ def launch(target, args: tuple, result_path: str, nprocs: int, device: str, fork
     method = "fork" if device != "cuda" and fork_ok and not dist.is_initialized() else "spawn"
     for attempt in range(2):
         try:
-            mp.start_processes(_run_then_exit, args=(target,) + args + (free_port(), result_path), nprocs=nprocs,
-                               join=True, start_method=method)
+            mp.start_processes(
+                _run_then_exit,
+                args=(target,) + args + (free_port(), result_path),
+                nprocs=nprocs,
+                join=True,
+                start_method=method,
+            )
             return
         except mp.ProcessRaisedException as exc:
             text = str(exc).lower()

@@ -7,6 +7,7 @@ shared by all ranks (so the hot experts are spread over ranks, not all on rank
 0). The traffic counts are computed here with plain torch, independently of
 the library under test, so the baselines need nothing from it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,10 +38,10 @@ class Workload:
 
     tokens: int
     hidden: int
-    topk_idx: torch.Tensor           # int64 [T, K]
-    topk_weights: torch.Tensor       # float32 [T, K]
-    x: torch.Tensor                  # bf16 [T, H]
-    x_fp8: Optional[tuple]           # (float8_e4m3fn [T, H], float32 [T, H/128]) or None
+    topk_idx: torch.Tensor  # int64 [T, K]
+    topk_weights: torch.Tensor  # float32 [T, K]
+    x: torch.Tensor  # bf16 [T, H]
+    x_fp8: Optional[tuple]  # (float8_e4m3fn [T, H], float32 [T, H/128]) or None
     send_counts: list
     recv_counts: list
 
@@ -53,8 +54,7 @@ class Workload:
         return sum(self.recv_counts) - self.recv_counts[rank]
 
 
-def make_routing(tokens: int, experts: int, topk: int, routing: str, seed: int,
-                 rank: int) -> tuple:
+def make_routing(tokens: int, experts: int, topk: int, routing: str, seed: int, rank: int) -> tuple:
     """``(topk_idx int64 [T, K], topk_weights float32 [T, K])`` on CPU, distinct experts per token."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     if routing == "uniform":
@@ -84,7 +84,7 @@ def quantize_fp8(x: torch.Tensor) -> tuple:
 def send_counts_of(topk_idx: torch.Tensor, experts: int, world: int) -> torch.Tensor:
     """int64 [R]: tokens whose top-k names at least one expert of each rank."""
     per_rank = experts // world
-    owner = torch.where(topk_idx >= 0, topk_idx // per_rank, world)      # [T, K]; world = none
+    owner = torch.where(topk_idx >= 0, topk_idx // per_rank, world)  # [T, K]; world = none
     hit = torch.zeros(topk_idx.shape[0], world + 1, dtype=torch.bool)
     hit.scatter_(1, owner.cpu(), True)
     return hit[:, :world].sum(dim=0)
@@ -94,8 +94,7 @@ def make_workload(cfg, tokens: int, rank: int, device: torch.device, group) -> W
     """Build this rank's inputs for ``tokens`` and exchange the per-rank counts (collective)."""
     idx, w = make_routing(tokens, cfg.experts, cfg.topk, cfg.routing, cfg.seed, rank)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
-    x = torch.randn(tokens, cfg.hidden, generator=gen, device=device,
-                    dtype=torch.float32).to(torch.bfloat16)
+    x = torch.randn(tokens, cfg.hidden, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)
     x_fp8 = quantize_fp8(x) if "fp8" in cfg.wires else None
     send = send_counts_of(idx, cfg.experts, cfg.world_size)
     recv = torch.empty_like(send)
@@ -105,6 +104,13 @@ def make_workload(cfg, tokens: int, rank: int, device: torch.device, group) -> W
         recv = recv_d.cpu()
     else:
         dist.all_to_all_single(recv, send, group=group)
-    return Workload(tokens=tokens, hidden=cfg.hidden, topk_idx=idx.to(device),
-                    topk_weights=w.to(device), x=x, x_fp8=x_fp8,
-                    send_counts=send.tolist(), recv_counts=recv.tolist())
+    return Workload(
+        tokens=tokens,
+        hidden=cfg.hidden,
+        topk_idx=idx.to(device),
+        topk_weights=w.to(device),
+        x=x,
+        x_fp8=x_fp8,
+        send_counts=send.tolist(),
+        recv_counts=recv.tolist(),
+    )

@@ -4,6 +4,7 @@
 expert-parallel group (:mod:`deep_ep.integrations.hf`). Importing this
 package does not import transformers.
 """
+
 from __future__ import annotations
 
 from .hf import EPInfo, UnsupportedMoEError, average_gradients, expert_parameters, patch_moe_model

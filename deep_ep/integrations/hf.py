@@ -25,6 +25,7 @@ as in the unpatched model. With ``use_deep_ep=False`` the same happens over a
 plain :func:`torch.distributed.all_to_all_single` (one row per (token,
 expert) pair, no deduplication), for A/B comparisons.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -42,8 +43,15 @@ from ..errors import DeepEPError
 
 log = logging.getLogger("deep_ep")
 
-__all__ = ["patch_moe_model", "UnsupportedMoEError", "EPInfo", "SUPPORTED_FAMILIES", "expert_parameters",
-           "deep_ep_experts", "average_gradients"]
+__all__ = [
+    "patch_moe_model",
+    "UnsupportedMoEError",
+    "EPInfo",
+    "SUPPORTED_FAMILIES",
+    "expert_parameters",
+    "deep_ep_experts",
+    "average_gradients",
+]
 
 #: MoE block classes known to work, by family (tested on CPU against the unpatched model).
 #: Any other block whose ``experts`` module follows the transformers experts interface works the same way.
@@ -95,6 +103,7 @@ class EPInfo:
 
 # ---------------------------------------------------------------------------- discovery
 
+
 def _follows_experts_interface(experts: nn.Module) -> Optional[str]:
     """``None`` when ``experts`` follows the transformers experts interface, else why not."""
     E = getattr(experts, "num_experts", None)
@@ -116,6 +125,7 @@ def _follows_experts_interface(experts: nn.Module) -> Optional[str]:
 
 def _expert_tensors(experts: nn.Module, num_experts: int) -> List[Tuple[str, bool]]:
     """Names of the experts module's own parameters / buffers whose first dimension is the expert index."""
+
     def first_dim(t: torch.Tensor) -> int:
         # A DTensor (transformers' own expert parallelism) counts its local shard.
         return t.to_local().size(0) if hasattr(t, "to_local") else t.size(0)
@@ -136,8 +146,9 @@ def _find_moe_blocks(model: nn.Module) -> List[Tuple[str, nn.Module, nn.Module]]
     for path, module in model.named_modules():
         cls = type(module).__name__
         if cls in _KNOWN_UNSUPPORTED:
-            raise UnsupportedMoEError(f"patch_moe_model does not support {cls} (at '{path}'): "
-                                      f"{_KNOWN_UNSUPPORTED[cls]}")
+            raise UnsupportedMoEError(
+                f"patch_moe_model does not support {cls} (at '{path}'): {_KNOWN_UNSUPPORTED[cls]}"
+            )
         experts = getattr(module, "experts", None)
         if not isinstance(experts, nn.Module):
             continue
@@ -145,10 +156,15 @@ def _find_moe_blocks(model: nn.Module) -> List[Tuple[str, nn.Module, nn.Module]]
             raise UnsupportedMoEError(f"{cls} at '{path}' is already patched by patch_moe_model")
         why = _follows_experts_interface(experts)
         if why is not None:
-            hint = " (transformers >= 5 stores experts as one fused module; 4.x ModuleList experts are not supported)" \
-                if isinstance(experts, nn.ModuleList) else ""
-            raise UnsupportedMoEError(f"patch_moe_model does not support {cls} (at '{path}'): its experts "
-                                      f"{type(experts).__name__} cannot be sharded because {why}{hint}")
+            hint = (
+                " (transformers >= 5 stores experts as one fused module; 4.x ModuleList experts are not supported)"
+                if isinstance(experts, nn.ModuleList)
+                else ""
+            )
+            raise UnsupportedMoEError(
+                f"patch_moe_model does not support {cls} (at '{path}'): its experts "
+                f"{type(experts).__name__} cannot be sharded because {why}{hint}"
+            )
         found.append((path, module, experts))
     return found
 
@@ -162,12 +178,15 @@ _buffers: Dict[Tuple[Any, ...], Buffer] = {}
 def _resolve_group(num_gpus: Optional[int], group: Any) -> Any:
     """The expert-parallel group of this rank: ``group``, the world, or one of ``world // num_gpus`` groups."""
     if not dist.is_available() or not dist.is_initialized():
-        raise DeepEPError("patch_moe_model needs torch.distributed initialised "
-                          "(torch.distributed.init_process_group(...), e.g. under torchrun)")
+        raise DeepEPError(
+            "patch_moe_model needs torch.distributed initialised "
+            "(torch.distributed.init_process_group(...), e.g. under torchrun)"
+        )
     if group is not None:
         if num_gpus is not None and num_gpus != dist.get_world_size(group):
-            raise ValueError(f"num_gpus={num_gpus} disagrees with the size of the given group "
-                             f"({dist.get_world_size(group)})")
+            raise ValueError(
+                f"num_gpus={num_gpus} disagrees with the size of the given group ({dist.get_world_size(group)})"
+            )
         return group
     world, rank = dist.get_world_size(), dist.get_rank()
     n = world if num_gpus is None else num_gpus
@@ -193,18 +212,25 @@ def _replica_group(num_gpus: Optional[int], group: Any) -> Any:
     return _ep_groups[(world, num_gpus)][1][dist.get_rank() % num_gpus]
 
 
-def _get_buffer(group: Any, backend: str, ep_buffer_size: Optional[int], compression_level: Any,
-                topology_aware: bool) -> Buffer:
+def _get_buffer(
+    group: Any, backend: str, ep_buffer_size: Optional[int], compression_level: Any, topology_aware: bool
+) -> Buffer:
     """One :class:`deep_ep.Buffer` per (group, settings), shared by every layer and every patched model."""
     key = (id(group), backend, ep_buffer_size, compression_level, topology_aware)
     buf = _buffers.get(key)
     if buf is None or buf._destroyed or buf._waiter.broken:
-        buf = _buffers[key] = Buffer(group, backend=backend, ep_buffer_size=ep_buffer_size,
-                                     compression_level=compression_level, topology_aware=topology_aware)
+        buf = _buffers[key] = Buffer(
+            group,
+            backend=backend,
+            ep_buffer_size=ep_buffer_size,
+            compression_level=compression_level,
+            topology_aware=topology_aware,
+        )
     return buf
 
 
 # ---------------------------------------------------------------------------- the expert-parallel forward
+
 
 @dataclass
 class _EPState:
@@ -238,8 +264,7 @@ def _empty_result(x: torch.Tensor, weights: Optional[torch.Tensor], forward) -> 
     return y
 
 
-def _run_local_experts(forward, x: torch.Tensor, local_idx: torch.Tensor,
-                       weights: torch.Tensor) -> torch.Tensor:
+def _run_local_experts(forward, x: torch.Tensor, local_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The module's own forward on received rows: ``local_idx`` ``[N, K]`` (``-1`` = not here), weights ``[N, K]``.
 
     Every (row, local expert) pair becomes a top-1 row, so any experts
@@ -277,8 +302,14 @@ class _AllToAll(torch.autograd.Function):
         return g, None, None, None
 
 
-def deep_ep_experts(buffer: Buffer, num_experts: int, forward, hidden_states: torch.Tensor,
-                    top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def deep_ep_experts(
+    buffer: Buffer,
+    num_experts: int,
+    forward,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
     """Expert-parallel MoE step over ``buffer``: dispatch, this rank's experts, combine; differentiable.
 
     ``hidden_states`` ``[T, H]`` and ``top_k_index`` / ``top_k_weights``
@@ -290,8 +321,8 @@ def deep_ep_experts(buffer: Buffer, num_experts: int, forward, hidden_states: to
     """
     w_dtype = top_k_weights.dtype
     recv_x, recv_idx, recv_w, _, handle = ops.dispatch(
-        buffer, hidden_states, top_k_index.to(torch.int64), top_k_weights.to(torch.float32),
-        num_experts=num_experts)
+        buffer, hidden_states, top_k_index.to(torch.int64), top_k_weights.to(torch.float32), num_experts=num_experts
+    )
     y = _run_local_experts(forward, recv_x, recv_idx, recv_w.to(w_dtype))
     out, _ = ops.combine(buffer, y, handle)
     return out.to(hidden_states.dtype)
@@ -302,11 +333,11 @@ def _forward_all_to_all(state: _EPState, forward, hidden_states, top_k_index, to
     R, L = state.size, state.num_local
     dev = hidden_states.device
     flat = top_k_index.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat, stable=True)              # pairs grouped by expert, hence by owner rank
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert, hence by owner rank
     send_x = hidden_states.index_select(0, order // K)
     per_expert = torch.bincount(flat, minlength=R * L).to(torch.int64)
     recv_per_expert = torch.empty_like(per_expert)
-    dist.all_to_all_single(recv_per_expert, per_expert, group=state.group)   # [R*L]: counts of each source rank
+    dist.all_to_all_single(recv_per_expert, per_expert, group=state.group)  # [R*L]: counts of each source rank
     both = torch.stack([per_expert.view(R, L).sum(1), recv_per_expert.view(R, L).sum(1)]).tolist()
     send_splits, recv_splits = both
     recv_x = _AllToAll.apply(send_x, recv_splits, send_splits, state.group)
@@ -319,7 +350,7 @@ def _forward_all_to_all(state: _EPState, forward, hidden_states, top_k_index, to
         y = _empty_result(recv_x, None, forward)
     back = _AllToAll.apply(y, send_splits, recv_splits, state.group)
     pairs = torch.empty_like(back)
-    pairs = pairs.index_copy(0, order, back)                # back to (token, k) order
+    pairs = pairs.index_copy(0, order, back)  # back to (token, k) order
     out = (pairs.view(T, K, back.size(-1)).float() * top_k_weights.unsqueeze(-1).float()).sum(dim=1)
     return out.to(hidden_states.dtype)
 
@@ -329,8 +360,9 @@ def _ep_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=Non
     state: _EPState = self._deep_ep_state
     forward = super(type(self), self).forward
     if args or kwargs or top_k_index is None or top_k_weights is None:
-        raise TypeError(f"{type(self).__name__} patched by deep_ep takes (hidden_states, top_k_index, "
-                        f"top_k_weights) only")
+        raise TypeError(
+            f"{type(self).__name__} patched by deep_ep takes (hidden_states, top_k_index, top_k_weights) only"
+        )
     shape = hidden_states.shape
     hidden_states = hidden_states.reshape(-1, shape[-1])
     top_k_index = top_k_index.reshape(hidden_states.size(0), -1)
@@ -349,11 +381,15 @@ def _ep_class(cls: type) -> type:
     """A subclass of the experts class whose forward is the expert-parallel one (made once per class)."""
     sub = _patched_classes.get(cls)
     if sub is None:
-        sub = type(f"DeepEP{cls.__name__}", (cls,), {
-            "forward": _ep_experts_forward,
-            "__doc__": f"{cls.__name__} sharded over an expert-parallel group by deep_ep.patch_moe_model.",
-            "__module__": __name__,
-        })
+        sub = type(
+            f"DeepEP{cls.__name__}",
+            (cls,),
+            {
+                "forward": _ep_experts_forward,
+                "__doc__": f"{cls.__name__} sharded over an expert-parallel group by deep_ep.patch_moe_model.",
+                "__module__": __name__,
+            },
+        )
         _patched_classes[cls] = sub
     return sub
 
@@ -367,7 +403,7 @@ def _shard(experts: nn.Module, rank: int, num_local: int) -> None:
             old = experts._parameters[name]
             with torch.no_grad():
                 new = nn.Parameter(old.data[lo:hi].clone(), requires_grad=old.requires_grad)
-            for attr, value in vars(old).items():        # keep markers such as _is_hf_initialized
+            for attr, value in vars(old).items():  # keep markers such as _is_hf_initialized
                 if not attr.startswith("_grad") and attr not in vars(new):
                     try:
                         setattr(new, attr, value)
@@ -381,9 +417,18 @@ def _shard(experts: nn.Module, rank: int, num_local: int) -> None:
 
 # ---------------------------------------------------------------------------- public entry point
 
-def patch_moe_model(model: nn.Module, num_gpus: Optional[int] = None, use_deep_ep: bool = True, *,
-                    group: Any = None, ep_buffer_size: Optional[int] = None, compression_level: Any = 16,
-                    topology_aware: bool = True, backend: str = "auto") -> nn.Module:
+
+def patch_moe_model(
+    model: nn.Module,
+    num_gpus: Optional[int] = None,
+    use_deep_ep: bool = True,
+    *,
+    group: Any = None,
+    ep_buffer_size: Optional[int] = None,
+    compression_level: Any = 16,
+    topology_aware: bool = True,
+    backend: str = "auto",
+) -> nn.Module:
     """Shard a Hugging Face MoE model's experts over an expert-parallel group; returns the model, patched in place.
 
     Every MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, OLMoE,
@@ -423,32 +468,48 @@ def patch_moe_model(model: nn.Module, num_gpus: Optional[int] = None, use_deep_e
         raise TypeError(f"patch_moe_model takes a torch.nn.Module, got {type(model).__name__}")
     blocks = _find_moe_blocks(model)
     if not blocks:
-        raise UnsupportedMoEError(f"patch_moe_model found no MoE block in {type(model).__name__} (looked for "
-                                  f"modules with an 'experts' child following the transformers experts interface)")
+        raise UnsupportedMoEError(
+            f"patch_moe_model found no MoE block in {type(model).__name__} (looked for "
+            f"modules with an 'experts' child following the transformers experts interface)"
+        )
     user_group = group
     group = _resolve_group(num_gpus, group)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     for path, block, experts in blocks:
         if experts.num_experts % size != 0:
-            raise ValueError(f"{type(block).__name__} at '{path}' has {experts.num_experts} experts, not a multiple "
-                             f"of the expert-parallel group size {size}")
+            raise ValueError(
+                f"{type(block).__name__} at '{path}' has {experts.num_experts} experts, not a multiple "
+                f"of the expert-parallel group size {size}"
+            )
     buffer = _get_buffer(group, backend, ep_buffer_size, compression_level, topology_aware) if use_deep_ep else None
-    info = EPInfo(group=group, rank=rank, size=size, use_deep_ep=bool(use_deep_ep), buffer=buffer,
-                  replica_group=_replica_group(num_gpus, user_group))
+    info = EPInfo(
+        group=group,
+        rank=rank,
+        size=size,
+        use_deep_ep=bool(use_deep_ep),
+        buffer=buffer,
+        replica_group=_replica_group(num_gpus, user_group),
+    )
     for path, block, experts in blocks:
         E = experts.num_experts
         L = E // size
         _shard(experts, rank, L)
-        experts._deep_ep_state = _EPState(group=group, rank=rank, size=size, num_local=L, num_experts=E,
-                                          buffer=buffer, path=path)
+        experts._deep_ep_state = _EPState(
+            group=group, rank=rank, size=size, num_local=L, num_experts=E, buffer=buffer, path=path
+        )
         experts.__class__ = _ep_class(type(experts))
         info.blocks.append(path)
         info.families.append(SUPPORTED_FAMILIES.get(type(block).__name__, type(block).__name__))
         info.num_local_experts[path] = L
     model.deep_ep_info = info
-    log.info("deep_ep.patch_moe_model: %d MoE blocks, rank %d/%d of the EP group keeps %s experts each (%s)",
-             len(blocks), rank, size, sorted(set(info.num_local_experts.values())),
-             "deep_ep" if use_deep_ep else "all_to_all_single")
+    log.info(
+        "deep_ep.patch_moe_model: %d MoE blocks, rank %d/%d of the EP group keeps %s experts each (%s)",
+        len(blocks),
+        rank,
+        size,
+        sorted(set(info.num_local_experts.values())),
+        "deep_ep" if use_deep_ep else "all_to_all_single",
+    )
     return model
 
 
@@ -484,7 +545,7 @@ def _all_reduce_flat(grads: List[torch.Tensor], group: Any) -> None:
         dist.all_reduce(flat, group=group)
         offset = 0
         for t in ts:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
 
@@ -507,8 +568,10 @@ def average_gradients(model: nn.Module, replica_group: Any = None) -> None:
     world = dist.get_world_size()
     replicas = replica_group if replica_group is not None else info.replica_group
     if replicas is None and info.size != world:
-        raise ValueError(f"the EP group has {info.size} of {world} ranks: pass replica_group (the ranks holding "
-                         f"the same experts as this one)")
+        raise ValueError(
+            f"the EP group has {info.size} of {world} ranks: pass replica_group (the ranks holding "
+            f"the same experts as this one)"
+        )
     experts = {id(p) for _, p in expert_parameters(model)}
     dense, expert = [], []
     for p in model.parameters():

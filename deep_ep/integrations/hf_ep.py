@@ -16,6 +16,7 @@ tokens with :class:`deep_ep.Buffer` instead of transformers' own all-to-all::
 For a model already loaded (any transformers 5.x), use
 :func:`deep_ep.integrations.patch_moe_model` instead.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -25,8 +26,14 @@ from .hf import _get_buffer, deep_ep_experts
 __all__ = ["register_ep_implementation"]
 
 
-def register_ep_implementation(name: str = "deep_ep", *, backend: str = "auto", ep_buffer_size: Optional[int] = None,
-                               compression_level: Any = 16, topology_aware: bool = True) -> type:
+def register_ep_implementation(
+    name: str = "deep_ep",
+    *,
+    backend: str = "auto",
+    ep_buffer_size: Optional[int] = None,
+    compression_level: Any = 16,
+    topology_aware: bool = True,
+) -> type:
     """Register deep_ep under ``name`` in transformers' ``EPImplementationInterface``; returns the class.
 
     The keyword arguments configure the :class:`deep_ep.Buffer` (one per
@@ -36,9 +43,11 @@ def register_ep_implementation(name: str = "deep_ep", *, backend: str = "auto", 
     try:
         from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
     except ImportError as e:  # pragma: no cover - depends on the installed transformers
-        raise ImportError("this transformers has no expert-parallel registry "
-                          "(transformers.distributed.expert_parallel, 5.21 and later); use "
-                          "deep_ep.integrations.patch_moe_model on the loaded model instead") from e
+        raise ImportError(
+            "this transformers has no expert-parallel registry "
+            "(transformers.distributed.expert_parallel, 5.21 and later); use "
+            "deep_ep.integrations.patch_moe_model on the loaded model instead"
+        ) from e
 
     class DeepEPImplementation(EPImplementation):
         """Tokens reach the experts through deep_ep dispatch/combine over the EP mesh's group.
@@ -50,15 +59,17 @@ def register_ep_implementation(name: str = "deep_ep", *, backend: str = "auto", 
         def __init__(self, experts, ep_mesh, tp_mesh):
             super().__init__(experts, ep_mesh, tp_mesh)
             if tp_mesh.size() > 1:
-                raise NotImplementedError("ep_implementation='deep_ep' runs without tensor parallelism (tp_size=1); "
-                                          f"got tp_size={tp_mesh.size()}")
-            self.buffer = _get_buffer(ep_mesh.get_group(), backend, ep_buffer_size, compression_level,
-                                      topology_aware)
+                raise NotImplementedError(
+                    "ep_implementation='deep_ep' runs without tensor parallelism (tp_size=1); "
+                    f"got tp_size={tp_mesh.size()}"
+                )
+            self.buffer = _get_buffer(ep_mesh.get_group(), backend, ep_buffer_size, compression_level, topology_aware)
             self.num_experts = self.num_local_experts * ep_mesh.size()
 
         def __call__(self, hidden_states, top_k_index, top_k_weights):
-            return deep_ep_experts(self.buffer, self.num_experts, self.experts_forward, hidden_states, top_k_index,
-                                   top_k_weights)
+            return deep_ep_experts(
+                self.buffer, self.num_experts, self.experts_forward, hidden_states, top_k_index, top_k_weights
+            )
 
     EPImplementationInterface.register(name, DeepEPImplementation)
     return DeepEPImplementation

@@ -3,6 +3,7 @@
 :func:`available` says whether kernels can be used; ``DEEP_EP_DISABLE_TRITON=1``
 forces the torch paths (kernels are tested against them).
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,12 +13,13 @@ import os
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:
         import triton  # noqa: F401
+
         return True
     except Exception:  # pragma: no cover - broken install
         return False

@@ -6,6 +6,7 @@ stores its rows of ``is_token_in_rank`` and adds its per-rank, per-node and per-
 totals (one atomic add per counter per program: integer sums, so the result does not depend on the
 order). Entries ``-1`` and ids outside ``[0, num_experts)`` are skipped, as in the torch path.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -16,9 +17,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _layout_kernel(idx_ptr, counts_ptr, mask_ptr, T, K, L, P, R: tl.constexpr, RP: tl.constexpr,
-                   E: tl.constexpr, EP: tl.constexpr, NODES: tl.constexpr, NP: tl.constexpr,
-                   KP: tl.constexpr, BT: tl.constexpr):
+def _layout_kernel(
+    idx_ptr,
+    counts_ptr,
+    mask_ptr,
+    T,
+    K,
+    L,
+    P,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    E: tl.constexpr,
+    EP: tl.constexpr,
+    NODES: tl.constexpr,
+    NP: tl.constexpr,
+    KP: tl.constexpr,
+    BT: tl.constexpr,
+):
     pid = tl.program_id(0)
     t = (pid * BT + tl.arange(0, BT)).to(tl.int64)
     tm = t < T
@@ -48,8 +63,9 @@ def _layout_kernel(idx_ptr, counts_ptr, mask_ptr, T, K, L, P, R: tl.constexpr, R
     tl.atomic_add(counts_ptr + R + bins, hist, mask=bins < E)
 
 
-def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, nodes: int, ranks_per_node: int
-                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+def dispatch_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, nodes: int, ranks_per_node: int
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``(num_tokens_per_rank int32 [R], num_tokens_per_node int32 [nodes] or None (``nodes == 0``),
     num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])`` of ``topk_idx`` ``[T, K]`` (any
     integer dtype, on the GPU): :func:`deep_ep.layout.dispatch_layout`'s integers, in one launch."""
@@ -63,11 +79,24 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, no
         rp = max(triton.next_power_of_2(R), 2)
         kp = max(triton.next_power_of_2(K), 2)
         bt = max(16, min(128, 4096 // rp))
-        _layout_kernel[(triton.cdiv(T, bt),)](idx, counts, in_rank.view(torch.int8), T, K, E // R,
-                                             max(ranks_per_node, 1), R=R, RP=rp, E=E,
-                                             EP=triton.next_power_of_2(E + 1), NODES=nodes,
-                                             NP=max(triton.next_power_of_2(max(nodes, 1)), 2), KP=kp, BT=bt,
-                                             num_warps=4)
+        _layout_kernel[(triton.cdiv(T, bt),)](
+            idx,
+            counts,
+            in_rank.view(torch.int8),
+            T,
+            K,
+            E // R,
+            max(ranks_per_node, 1),
+            R=R,
+            RP=rp,
+            E=E,
+            EP=triton.next_power_of_2(E + 1),
+            NODES=nodes,
+            NP=max(triton.next_power_of_2(max(nodes, 1)), 2),
+            KP=kp,
+            BT=bt,
+            num_warps=4,
+        )
     elif T > 0:
         in_rank.zero_()
-    return counts[:R], (counts[R + E:] if nodes else None), counts[R:R + E], in_rank
+    return counts[:R], (counts[R + E :] if nodes else None), counts[R : R + E], in_rank

@@ -36,6 +36,7 @@ one per (token, chunk); the receive and combine-send programs walk only the
 non-empty blocks of ``JB`` rows of all experts (grid-stride), so a skewed
 routing (every token to one expert) still uses every program.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,10 +47,38 @@ from .quant import fp8_blocks
 
 
 @triton.jit
-def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K, NCH,
-             CNT_W, INFO_W, DATA_B, DATA_W, ROWB, ROWW,
-             R: tl.constexpr, ME: tl.constexpr, KP: tl.constexpr, TB: tl.constexpr, EPP: tl.constexpr,
-             FP8: tl.constexpr, ROUND: tl.constexpr, UE8M0: tl.constexpr, BB: tl.constexpr, BLOCK: tl.constexpr):
+def _ll_send(
+    x_ptr,
+    idx_ptr,
+    a8,
+    a32,
+    dbytes,
+    dwords,
+    err_ptr,
+    T,
+    H,
+    E,
+    L,
+    M,
+    K,
+    NCH,
+    CNT_W,
+    INFO_W,
+    DATA_B,
+    DATA_W,
+    ROWB,
+    ROWW,
+    R: tl.constexpr,
+    ME: tl.constexpr,
+    KP: tl.constexpr,
+    TB: tl.constexpr,
+    EPP: tl.constexpr,
+    FP8: tl.constexpr,
+    ROUND: tl.constexpr,
+    UE8M0: tl.constexpr,
+    BB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # programs [0, T * NCH): one chunk of one token's row each; the rest: EPP experts' counts each
     pid = tl.program_id(0)
     ks = tl.arange(0, KP)
@@ -59,7 +88,7 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
         t = pid // NCH
         ch = pid - t * NCH
         e64 = tl.load(idx_ptr + t * K + ks, mask=kin, other=-1)
-        bad = kin & ((e64 < -1) | (e64 >= E))                    # (checked before narrowing to int32)
+        bad = kin & ((e64 < -1) | (e64 >= E))  # (checked before narrowing to int32)
         e = tl.where(bad, -1, e64).to(tl.int32)
         same = (e[:, None] == e[None, :]) & (ks[None, :] < ks[:, None]) & (e[:, None] >= 0)
         dup = tl.max(same.to(tl.int32), axis=1)
@@ -68,9 +97,10 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
         pos = tl.zeros([KP], dtype=tl.int32)
         for t0 in range(0, t, TB):
             rows = t0 + tb
-            blk = tl.load(idx_ptr + rows[:, None] * K + ks[None, :], mask=(rows < t)[:, None] & kin[None, :],
-                          other=-1).to(tl.int32)
-            hit = tl.max((blk[None, :, :] == e[:, None, None]).to(tl.int32), axis=2)      # [KP, TB]
+            blk = tl.load(
+                idx_ptr + rows[:, None] * K + ks[None, :], mask=(rows < t)[:, None] & kin[None, :], other=-1
+            ).to(tl.int32)
+            hit = tl.max((blk[None, :, :] == e[:, None, None]).to(tl.int32), axis=2)  # [KP, TB]
             pos += tl.sum(hit, axis=1)
         ok = ok & (pos < M)
         es = tl.where(ok, e, 0)
@@ -80,7 +110,7 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
         samed = (dst[:, None] == dst[None, :]) & (ks[None, :] < ks[:, None]) & ok[None, :]
         first = ok & (tl.max(samed.to(tl.int32), axis=1) == 0)
         drow = ME * M + t
-        dw = tl.multiple_of(tl.load(dwords + dst, mask=ok, other=0), 16)   # (distances: multiples of 64 bytes)
+        dw = tl.multiple_of(tl.load(dwords + dst, mask=ok, other=0), 16)  # (distances: multiples of 64 bytes)
         if ch == 0:
             flags = 2 * tl.max(bad.to(tl.int32), axis=0) + tl.max(dup, axis=0)
             if flags != 0:
@@ -88,7 +118,7 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
             tl.store(a32 + dw + INFO_W + srow, t * K + ks, mask=ok)
         if FP8:
             db = tl.multiple_of(tl.load(dbytes + dst, mask=ok, other=0), 64)
-            rowb = db + DATA_B + drow.to(tl.int64) * ROWB                                   # [KP]
+            rowb = db + DATA_B + drow.to(tl.int64) * ROWB  # [KP]
             NB = H // 128
             blk = ch * BB + tl.arange(0, BB)
             bm = blk < NB
@@ -96,13 +126,17 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
             xv = tl.load(x_ptr + t * H + col, mask=bm[:, None], other=0.0).to(tl.float32)
             qb, scale = fp8_blocks(xv, ROUND)
             m3 = first[:, None, None] & bm[None, :, None]
-            tl.store(a8 + rowb[:, None, None] + col[None, :, :], tl.broadcast_to(qb[None, :, :], (KP, BB, 128)),
-                     mask=m3)
+            tl.store(
+                a8 + rowb[:, None, None] + col[None, :, :], tl.broadcast_to(qb[None, :, :], (KP, BB, 128)), mask=m3
+            )
             sm = first[:, None] & bm[None, :]
             bits = scale.to(tl.int32, bitcast=True)
             if UE8M0:
-                tl.store(a8 + rowb[:, None] + H + blk[None, :],
-                         tl.broadcast_to(((bits >> 23) & 0xFF).to(tl.uint8)[None, :], (KP, BB)), mask=sm)
+                tl.store(
+                    a8 + rowb[:, None] + H + blk[None, :],
+                    tl.broadcast_to(((bits >> 23) & 0xFF).to(tl.uint8)[None, :], (KP, BB)),
+                    mask=sm,
+                )
             else:
                 roww = dw + DATA_W + drow.to(tl.int64) * ROWW + H // 4
                 tl.store(a32 + roww[:, None] + blk[None, :], tl.broadcast_to(bits[None, :], (KP, BB)), mask=sm)
@@ -112,16 +146,20 @@ def _ll_send(x_ptr, idx_ptr, a8, a32, dbytes, dwords, err_ptr, T, H, E, L, M, K,
             offs = ch * BLOCK + tl.arange(0, BLOCK)
             cm = offs < HW
             v = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + t * HW + offs, mask=cm)
-            tl.store(a32 + roww[:, None] + offs[None, :], tl.broadcast_to(v[None, :], (KP, BLOCK)),
-                     mask=first[:, None] & cm[None, :])
+            tl.store(
+                a32 + roww[:, None] + offs[None, :],
+                tl.broadcast_to(v[None, :], (KP, BLOCK)),
+                mask=first[:, None] & cm[None, :],
+            )
     else:
         # EPP experts' token counts (tokens naming the expert; a repeat counts once) into their ranks' tables
-        ce = (pid - T * NCH) * EPP + tl.arange(0, EPP)        # (names differ from the branch above: shapes)
+        ce = (pid - T * NCH) * EPP + tl.arange(0, EPP)  # (names differ from the branch above: shapes)
         cnt = tl.zeros([EPP], dtype=tl.int32)
         for c0 in range(0, T, TB):
             crows = c0 + tb
-            cblk = tl.load(idx_ptr + crows[:, None] * K + ks[None, :], mask=(crows < T)[:, None] & kin[None, :],
-                           other=-1)
+            cblk = tl.load(
+                idx_ptr + crows[:, None] * K + ks[None, :], mask=(crows < T)[:, None] & kin[None, :], other=-1
+            )
             cnt += tl.sum(tl.max((cblk[None, :, :] == ce[:, None, None]).to(tl.int32), axis=2), axis=1)
         cin = ce < E
         cdst = tl.where(cin, ce, 0) // L
@@ -138,16 +176,37 @@ def _item(item, cum, nb, tot, ls):
 
 
 @triton.jit
-def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWQ, main_ptr, tail_ptr, count_ptr, src_ptr, inv_ptr, L, M, MK, MW, SW,
-             R: tl.constexpr, RP: tl.constexpr, LP: tl.constexpr, JB: tl.constexpr, BLOCK: tl.constexpr,
-             TBLOCK: tl.constexpr, HAS_TAIL: tl.constexpr):
+def _ll_recv(
+    a32,
+    CNT_W,
+    INFO_W,
+    DATA_W,
+    ROWQ,
+    main_ptr,
+    tail_ptr,
+    count_ptr,
+    src_ptr,
+    inv_ptr,
+    L,
+    M,
+    MK,
+    MW,
+    SW,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    LP: tl.constexpr,
+    JB: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TBLOCK: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+):
     pid = tl.program_id(0)
     NPROG = tl.num_programs(0)
     ls = tl.arange(0, LP)
     rs = tl.arange(0, RP)
     lin = ls < L
     table = tl.load(a32 + CNT_W + rs[:, None] * L + ls[None, :], mask=(rs < R)[:, None] & lin[None, :], other=0)
-    tot = tl.sum(table, axis=0)                                                            # [LP]
+    tot = tl.sum(table, axis=0)  # [LP]
     if pid == 0:
         tl.store(count_ptr + ls, tot, mask=lin)
     nb = (tot + JB - 1) // JB
@@ -167,21 +226,27 @@ def _ll_recv(a32, CNT_W, INFO_W, DATA_W, ROWQ, main_ptr, tail_ptr, count_ptr, sr
         info = tl.load(a32 + INFO_W + srow, mask=jv, other=0)
         orow = (l * RM + js).to(tl.int64)
         tl.store(src_ptr + orow, src * MK + info, mask=jv)
-        tl.store(inv_ptr + src * MK + info, orow.to(tl.int32), mask=jv)       # (src, t, k) -> its row
-        drow = src.to(tl.int64) * M + info // (MK // M)      # the token's row from its source: (src, t)
-        sw = DATA_W + drow * ROWQ * 4           # (rows are 16-byte multiples: ROWQ * 4 words, vector loads)
+        tl.store(inv_ptr + src * MK + info, orow.to(tl.int32), mask=jv)  # (src, t, k) -> its row
+        drow = src.to(tl.int64) * M + info // (MK // M)  # the token's row from its source: (src, t)
+        sw = DATA_W + drow * ROWQ * 4  # (rows are 16-byte multiples: ROWQ * 4 words, vector loads)
         for c0 in range(0, MW, BLOCK):
             offs = c0 + cols
             m = jv[:, None] & (offs < MW)[None, :]
-            tl.store(main_ptr + orow[:, None] * MW + offs[None, :],
-                     tl.load(a32 + sw[:, None] + offs[None, :], mask=m), mask=m)
+            tl.store(
+                main_ptr + orow[:, None] * MW + offs[None, :],
+                tl.load(a32 + sw[:, None] + offs[None, :], mask=m),
+                mask=m,
+            )
         if HAS_TAIL:
             tcols = tl.arange(0, TBLOCK)
             for c0 in range(0, SW, TBLOCK):
                 offs = c0 + tcols
                 m = jv[:, None] & (offs < SW)[None, :]
-                tl.store(tail_ptr + orow[:, None] * SW + offs[None, :],
-                         tl.load(a32 + sw[:, None] + MW + offs[None, :], mask=m), mask=m)
+                tl.store(
+                    tail_ptr + orow[:, None] * SW + offs[None, :],
+                    tl.load(a32 + sw[:, None] + MW + offs[None, :], mask=m),
+                    mask=m,
+                )
 
 
 @triton.jit
@@ -195,8 +260,24 @@ def _ll_put_weights(w_ptr, a32, dwords, WTS_W, N, MK, R: tl.constexpr, ME: tl.co
 
 
 @triton.jit
-def _ll_combine_send(y_ptr, inv_ptr, a32, a16, dwords, WTS_W, PART_H, RM, MK, M, H, R: tl.constexpr,
-                     ME: tl.constexpr, TB: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+def _ll_combine_send(
+    y_ptr,
+    inv_ptr,
+    a32,
+    a16,
+    dwords,
+    WTS_W,
+    PART_H,
+    RM,
+    MK,
+    M,
+    H,
+    R: tl.constexpr,
+    ME: tl.constexpr,
+    TB: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # per (source, token) with experts here, a chunk of columns of the sum over them of the source's weight
     # times the expert's row (float32), one bf16 row into the source's ``part`` at row t * R + ME
     pid = tl.program_id(0)
@@ -211,28 +292,44 @@ def _ll_combine_send(y_ptr, inv_ptr, a32, a16, dwords, WTS_W, PART_H, RM, MK, M,
         blk = unit // NCH
         offs = (unit - blk * NCH) * BLOCK + cols
         cm = offs < H
-        st = blk * TB + tb                                  # s * M + t
+        st = blk * TB + tb  # s * M + t
         sv = st < RM
         src = st // M
         t = st - src * M
-        base = st * K                                       # (src, t, 0) in inv and in the weight table
+        base = st * K  # (src, t, 0) in inv and in the weight table
         inv = tl.load(inv_ptr + base[:, None] + ks[None, :], mask=sv[:, None] & (ks < K)[None, :], other=-1)
         here = tl.max((inv >= 0).to(tl.int32), axis=1) > 0
         acc = tl.zeros([TB, BLOCK], dtype=tl.float32)
         for kk in tl.static_range(KP):
             r = tl.load(inv_ptr + base + kk, mask=sv & (kk < K), other=-1)
             wk = tl.load(a32 + WTS_W + base + kk, mask=r >= 0, other=0).to(tl.float32, bitcast=True)
-            yv = tl.load(y_ptr + r.to(tl.int64)[:, None] * H + offs[None, :], mask=(r >= 0)[:, None] & cm[None, :],
-                         other=0.0)
+            yv = tl.load(
+                y_ptr + r.to(tl.int64)[:, None] * H + offs[None, :], mask=(r >= 0)[:, None] & cm[None, :], other=0.0
+            )
             acc += wk[:, None] * yv.to(tl.float32)
-        prow = tl.multiple_of(tl.load(dwords + src, mask=here, other=0), 16).to(tl.int64) * 2 + PART_H \
+        prow = (
+            tl.multiple_of(tl.load(dwords + src, mask=here, other=0), 16).to(tl.int64) * 2
+            + PART_H
             + (t * R + ME).to(tl.int64) * H
+        )
         tl.store(a16 + prow[:, None] + offs[None, :], acc.to(tl.bfloat16), mask=here[:, None] & cm[None, :])
 
 
 @triton.jit
-def _ll_reduce(a16, PART_H, idx_ptr, out_ptr, K, H, NCH, L, R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
-               BLOCK: tl.constexpr):
+def _ll_reduce(
+    a16,
+    PART_H,
+    idx_ptr,
+    out_ptr,
+    K,
+    H,
+    NCH,
+    L,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # one program per (token, BLOCK columns): the sum of the token's partial rows from the ranks it went to
     pid = tl.program_id(0)
     t = pid // NCH
@@ -268,11 +365,38 @@ def send(x, topk_idx, arena, area_off, lay, err, round_scale: bool, use_ue8m0: b
     nch = -(-(H // 128) // BB) if fp8 else -(-(H // 2) // BLOCK)
     grid = T * nch + -(-lay["E"] // EPP)
     _ll_send[(grid,)](
-        x, topk_idx, arena.u8, arena.i32, arena.dbytes, arena.dwords, err, T, H, lay["E"], lay["L"], lay["M"], K, nch,
-        (area_off + lay["cnt"]) // 4, (area_off + lay["info"]) // 4, area_off + lay["data"],
-        (area_off + lay["data"]) // 4, lay["rowb"], lay["rowb"] // 4,
-        R=arena.num_ranks, ME=arena.rank, KP=_p2(K), TB=32, EPP=EPP, FP8=fp8, ROUND=bool(round_scale or use_ue8m0),
-        UE8M0=bool(use_ue8m0), BB=BB, BLOCK=BLOCK, num_warps=4)
+        x,
+        topk_idx,
+        arena.u8,
+        arena.i32,
+        arena.dbytes,
+        arena.dwords,
+        err,
+        T,
+        H,
+        lay["E"],
+        lay["L"],
+        lay["M"],
+        K,
+        nch,
+        (area_off + lay["cnt"]) // 4,
+        (area_off + lay["info"]) // 4,
+        area_off + lay["data"],
+        (area_off + lay["data"]) // 4,
+        lay["rowb"],
+        lay["rowb"] // 4,
+        R=arena.num_ranks,
+        ME=arena.rank,
+        KP=_p2(K),
+        TB=32,
+        EPP=EPP,
+        FP8=fp8,
+        ROUND=bool(round_scale or use_ue8m0),
+        UE8M0=bool(use_ue8m0),
+        BB=BB,
+        BLOCK=BLOCK,
+        num_warps=4,
+    )
 
 
 def recv(arena, area_off, lay, main, tail, count, src, inv, nsm: int) -> None:
@@ -284,10 +408,30 @@ def recv(arena, area_off, lay, main, tail, count, src, inv, nsm: int) -> None:
     SW = tail.size(1) if tail is not None else 0
     JB = 4
     _ll_recv[(_items(R, M, lay["K"], L, JB, 16 * nsm),)](
-        arena.i32, (area_off + lay["cnt"]) // 4, (area_off + lay["info"]) // 4, (area_off + lay["data"]) // 4,
-        lay["rowb"] // 16, main, tail if tail is not None else main, count, src, inv, L, M, M * lay["K"], MW, SW,
-        R=R, RP=_p2(R), LP=_p2(L), JB=JB, BLOCK=512, TBLOCK=_p2(min(max(SW, 1), 64)),
-        HAS_TAIL=tail is not None, num_warps=4)
+        arena.i32,
+        (area_off + lay["cnt"]) // 4,
+        (area_off + lay["info"]) // 4,
+        (area_off + lay["data"]) // 4,
+        lay["rowb"] // 16,
+        main,
+        tail if tail is not None else main,
+        count,
+        src,
+        inv,
+        L,
+        M,
+        M * lay["K"],
+        MW,
+        SW,
+        R=R,
+        RP=_p2(R),
+        LP=_p2(L),
+        JB=JB,
+        BLOCK=512,
+        TBLOCK=_p2(min(max(SW, 1), 64)),
+        HAS_TAIL=tail is not None,
+        num_warps=4,
+    )
 
 
 def put_weights(topk_weights, arena, area_off, lay) -> None:
@@ -296,9 +440,18 @@ def put_weights(topk_weights, arena, area_off, lay) -> None:
     w = topk_weights.view(torch.int32).reshape(-1)
     if w.numel():
         BLOCK = 1024
-        _ll_put_weights[(-(-w.numel() // BLOCK),)](w, arena.i32, arena.dwords, (area_off + lay["wts"]) // 4, w.numel(),
-                                                   lay["M"] * lay["K"], R=arena.num_ranks, ME=arena.rank, BLOCK=BLOCK,
-                                                   num_warps=4)
+        _ll_put_weights[(-(-w.numel() // BLOCK),)](
+            w,
+            arena.i32,
+            arena.dwords,
+            (area_off + lay["wts"]) // 4,
+            w.numel(),
+            lay["M"] * lay["K"],
+            R=arena.num_ranks,
+            ME=arena.rank,
+            BLOCK=BLOCK,
+            num_warps=4,
+        )
 
 
 def combine_send(y, inv, arena, area_off, lay, nsm: int) -> None:
@@ -309,8 +462,24 @@ def combine_send(y, inv, arena, area_off, lay, nsm: int) -> None:
     TB, BLOCK = 4, 512
     units = -(-R * M // TB) * -(-H // BLOCK)
     _ll_combine_send[(max(1, min(units, 16 * nsm)),)](
-        y, inv, arena.i32, arena.bf16, arena.dwords, (area_off + lay["wts"]) // 4, (area_off + lay["part"]) // 2,
-        R * M, M * K, M, H, R=R, ME=arena.rank, TB=TB, KP=_p2(K), BLOCK=BLOCK, num_warps=4)
+        y,
+        inv,
+        arena.i32,
+        arena.bf16,
+        arena.dwords,
+        (area_off + lay["wts"]) // 4,
+        (area_off + lay["part"]) // 2,
+        R * M,
+        M * K,
+        M,
+        H,
+        R=R,
+        ME=arena.rank,
+        TB=TB,
+        KP=_p2(K),
+        BLOCK=BLOCK,
+        num_warps=4,
+    )
 
 
 def combine_reduce(arena, area_off, lay, topk_idx, out) -> None:
@@ -319,5 +488,18 @@ def combine_reduce(arena, area_off, lay, topk_idx, out) -> None:
     H, R = lay["H"], arena.num_ranks
     BLOCK = 1024
     nch = -(-H // BLOCK)
-    _ll_reduce[(T * nch,)](arena.bf16, (area_off + lay["part"]) // 2, topk_idx, out, K, H, nch, lay["L"], R=R,
-                           RP=_p2(max(R, 2)), KP=_p2(K), BLOCK=BLOCK, num_warps=4)
+    _ll_reduce[(T * nch,)](
+        arena.bf16,
+        (area_off + lay["part"]) // 2,
+        topk_idx,
+        out,
+        K,
+        H,
+        nch,
+        lay["L"],
+        R=R,
+        RP=_p2(max(R, 2)),
+        KP=_p2(K),
+        BLOCK=BLOCK,
+        num_warps=4,
+    )

@@ -7,6 +7,7 @@ of tokens) and writes the slot, send position and combine position of each token
 program 0 also writes ``recv``, ``ret``, ``rank_prefix_matrix`` and the verdict. Same integers as the
 torch path (tested equal); the host time of a device-path dispatch is what it saves.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence, Tuple
@@ -17,17 +18,36 @@ import triton.language as tl
 
 
 @triton.jit
-def _plan_kernel(mask_ptr, meta_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret_ptr, rpm_ptr,
-                 verdict_ptr, T, n_meta, RANK: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                 HDR: tl.constexpr, HP: tl.constexpr, FIELDS: tl.constexpr, H_ERR: tl.constexpr,
-                 H_WORST: tl.constexpr, H_E: tl.constexpr, BLOCK: tl.constexpr):
+def _plan_kernel(
+    mask_ptr,
+    meta_ptr,
+    slot_ptr,
+    send_ptr,
+    comb_ptr,
+    recv_ptr,
+    ret_ptr,
+    rpm_ptr,
+    verdict_ptr,
+    T,
+    n_meta,
+    RANK: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    HDR: tl.constexpr,
+    HP: tl.constexpr,
+    FIELDS: tl.constexpr,
+    H_ERR: tl.constexpr,
+    H_WORST: tl.constexpr,
+    H_E: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     d = tl.program_id(0)
     rr = tl.arange(0, RP)
     rin = rr < R
-    col_d = tl.load(meta_ptr + rr * n_meta + HDR + d, mask=rin, other=0)           # counts[:, d]
-    row_me = tl.load(meta_ptr + RANK * n_meta + HDR + rr, mask=rin, other=0)      # counts[RANK, :]
-    bsrc = tl.sum(tl.where(rr < RANK, col_d, 0), axis=0)        # rows ranks < RANK send to d
-    bdst = tl.sum(tl.where(rr < d, row_me, 0), axis=0)          # rows RANK sends to ranks < d
+    col_d = tl.load(meta_ptr + rr * n_meta + HDR + d, mask=rin, other=0)  # counts[:, d]
+    row_me = tl.load(meta_ptr + RANK * n_meta + HDR + rr, mask=rin, other=0)  # counts[RANK, :]
+    bsrc = tl.sum(tl.where(rr < RANK, col_d, 0), axis=0)  # rows ranks < RANK send to d
+    bdst = tl.sum(tl.where(rr < d, row_me, 0), axis=0)  # rows RANK sends to ranks < d
     running = tl.zeros([1], dtype=tl.int64)
     for t0 in range(0, T, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
@@ -44,11 +64,11 @@ def _plan_kernel(mask_ptr, meta_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret
     if d == 0:
         cc = tl.arange(0, RP)
         full = rin[:, None] & (cc < R)[None, :]
-        cnt = tl.load(meta_ptr + rr[:, None] * n_meta + HDR + cc[None, :], mask=full, other=0)   # counts[s][d']
-        incl = tl.cumsum(cnt, axis=0)                                                            # over sources
+        cnt = tl.load(meta_ptr + rr[:, None] * n_meta + HDR + cc[None, :], mask=full, other=0)  # counts[s][d']
+        incl = tl.cumsum(cnt, axis=0)  # over sources
         tl.store(rpm_ptr + rr[:, None] * R + cc[None, :], incl.to(tl.int32), mask=full)
-        col_me = tl.sum(tl.where(cc[None, :] == RANK, cnt, 0), axis=1)       # counts[s][RANK]
-        before_src_me = tl.cumsum(col_me, axis=0) - col_me                    # rows ranks < s send to RANK
+        col_me = tl.sum(tl.where(cc[None, :] == RANK, cnt, 0), axis=1)  # counts[s][RANK]
+        before_src_me = tl.cumsum(col_me, axis=0) - col_me  # rows ranks < s send to RANK
         before_dst_me = tl.sum(tl.where(cc[None, :] < RANK, cnt, 0), axis=1)  # rows s sends to ranks < RANK
         total = tl.sum(col_me, axis=0)
         own_lo = tl.sum(tl.where(rr < RANK, col_me, 0), axis=0)
@@ -61,7 +81,7 @@ def _plan_kernel(mask_ptr, meta_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret
         tl.store(ret_ptr + rr * 3 + 2, before_dst_me, mask=rin)
         # the verdict: ranks disagree on a header field (or one rejected its input); a rank receives more
         # rows than its num_worst_tokens
-        ff = tl.arange(0, HP)                         # header columns; FIELDS: bit f set = compare column f
+        ff = tl.arange(0, HP)  # header columns; FIELDS: bit f set = compare column f
         fm = (ff < HDR) & (((FIELDS >> ff) & 1) == 1)
         fmask = rin[:, None] & fm[None, :]
         sel = tl.load(meta_ptr + rr[:, None] * n_meta + ff[None, :], mask=fmask, other=0)
@@ -70,7 +90,7 @@ def _plan_kernel(mask_ptr, meta_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret
         err = tl.load(meta_ptr + rr * n_meta + H_ERR, mask=rin, other=0)
         mismatch = tl.sum(tl.where(rin & ((diff > 0) | (err != 0)), 1, 0), axis=0) > 0
         worst = tl.load(meta_ptr + rr * n_meta + H_WORST, mask=rin, other=0)
-        received = tl.sum(cnt, axis=0)                                   # rows each rank (column) receives
+        received = tl.sum(cnt, axis=0)  # rows each rank (column) receives
         over = tl.sum(tl.where(rin & (worst > 0) & (received > worst), 1, 0), axis=0) > 0
         # a rank's expert ids outside [-1, E) (its id range follows the counts; E > 0 where top-k was given)
         e = tl.load(meta_ptr + rr * n_meta + H_E, mask=rin, other=0)
@@ -82,9 +102,16 @@ def _plan_kernel(mask_ptr, meta_ptr, slot_ptr, send_ptr, comb_ptr, recv_ptr, ret
         tl.store(verdict_ptr + 2, bad.to(tl.int64))
 
 
-def device_plan(is_token_in_rank: torch.Tensor, meta: torch.Tensor, rank: int, header: int,
-                fields: Sequence[int], h_err: int, h_worst: int, h_e: int
-                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def device_plan(
+    is_token_in_rank: torch.Tensor,
+    meta: torch.Tensor,
+    rank: int,
+    header: int,
+    fields: Sequence[int],
+    h_err: int,
+    h_worst: int,
+    h_e: int,
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """``(layout, rank_prefix_matrix int32 [R, R], verdict int64 [3])`` of a device plan: ``layout`` as
     :func:`deep_ep.layout.device_layout` returns it, from the mask ``[T, R]`` and the metadata ``meta``
     ``[R, n]`` (int64; counts at columns ``header .. header + R``, then each rank's least and greatest
@@ -95,25 +122,46 @@ def device_plan(is_token_in_rank: torch.Tensor, meta: torch.Tensor, rank: int, h
     dev = is_token_in_rank.device
     if any(not 0 <= f < header for f in fields) or header > 62:
         raise ValueError(f"header fields {fields} must lie in [0, {header}) with a header of at most 62 columns")
-    bits = sum(1 << f for f in set(fields))      # a compile-time constant: nothing to copy to the device
+    bits = sum(1 << f for f in set(fields))  # a compile-time constant: nothing to copy to the device
     mask = is_token_in_rank.contiguous().view(torch.uint8)
     meta = meta.contiguous()
     slot = torch.empty((T, R), dtype=torch.int64, device=dev)
     send = torch.empty((T, R), dtype=torch.int64, device=dev)
     comb = torch.empty((T, R), dtype=torch.int64, device=dev)
-    small = torch.empty((3 + 3 * R + 3,), dtype=torch.int64, device=dev)      # recv | ret | verdict
-    recv, ret, verdict = small[:3], small[3:3 + 3 * R].view(R, 3), small[3 + 3 * R:]
+    small = torch.empty((3 + 3 * R + 3,), dtype=torch.int64, device=dev)  # recv | ret | verdict
+    recv, ret, verdict = small[:3], small[3 : 3 + 3 * R].view(R, 3), small[3 + 3 * R :]
     rpm = torch.empty((R, R), dtype=torch.int32, device=dev)
-    _plan_kernel[(R,)](mask, meta, slot, send, comb, recv, ret, rpm, verdict, T, meta.size(1),
-                       RANK=rank, R=R, RP=max(triton.next_power_of_2(R), 2), HDR=header,
-                       HP=max(triton.next_power_of_2(header), 2), FIELDS=bits, H_ERR=h_err, H_WORST=h_worst, H_E=h_e,
-                       BLOCK=1024, num_warps=4)
+    _plan_kernel[(R,)](
+        mask,
+        meta,
+        slot,
+        send,
+        comb,
+        recv,
+        ret,
+        rpm,
+        verdict,
+        T,
+        meta.size(1),
+        RANK=rank,
+        R=R,
+        RP=max(triton.next_power_of_2(R), 2),
+        HDR=header,
+        HP=max(triton.next_power_of_2(header), 2),
+        FIELDS=bits,
+        H_ERR=h_err,
+        H_WORST=h_worst,
+        H_E=h_e,
+        BLOCK=1024,
+        num_warps=4,
+    )
     return dict(slot=slot, send_pos=send, recv=recv, ret=ret, combine_pos=comb), rpm, verdict
 
 
 @triton.jit
-def _localize_kernel(idx_ptr, w_ptr, n_ptr, out_idx_ptr, out_w_ptr, total, K, lo, L,
-                     HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _localize_kernel(
+    idx_ptr, w_ptr, n_ptr, out_idx_ptr, out_w_ptr, total, K, lo, L, HAS_W: tl.constexpr, BLOCK: tl.constexpr
+):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < total
     n = tl.load(n_ptr)
@@ -136,8 +184,18 @@ def localize_rows(topk_idx: torch.Tensor, topk_weights, num_valid: torch.Tensor,
     total = N * K
     if total:
         block = 1024
-        _localize_kernel[(triton.cdiv(total, block),)](idx, w if w is not None else idx, num_valid,
-                                                      out_idx, out_w if out_w is not None else out_idx, total, K,
-                                                      rank * num_local, num_local, HAS_W=w is not None,
-                                                      BLOCK=block, num_warps=4)
+        _localize_kernel[(triton.cdiv(total, block),)](
+            idx,
+            w if w is not None else idx,
+            num_valid,
+            out_idx,
+            out_w if out_w is not None else out_idx,
+            total,
+            K,
+            rank * num_local,
+            num_local,
+            HAS_W=w is not None,
+            BLOCK=block,
+            num_warps=4,
+        )
     return out_idx, out_w

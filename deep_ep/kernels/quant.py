@@ -8,6 +8,7 @@ contiguously and split them into 16 even and 16 odd columns (a nibble pair is
 one byte); value offsets are separate arguments so that Triton sees their
 alignment and moves 16-byte vectors.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,11 +19,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 
-
 @triton.jit
 def _finite_abs(x):
     a = tl.abs(x)
-    return tl.where(a < float("inf"), a, 0.0)          # NaN and Inf count as 0
+    return tl.where(a < float("inf"), a, 0.0)  # NaN and Inf count as 0
 
 
 @triton.jit
@@ -104,13 +104,24 @@ def fp8_blocks(x, ROUND: tl.constexpr):
     q = x * inv[:, None]
     q = tl.where(q > 448.0, 448.0, q)
     q = tl.where(q < -448.0, -448.0, q)
-    q = tl.where(q != q, float("nan"), q)                 # one NaN code, as the reference
+    q = tl.where(q != q, float("nan"), q)  # one NaN code, as the reference
     return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True), scale
 
 
 @triton.jit
-def _enc8(x_ptr, idx_ptr, out_ptr, H, NB, W, VOFF, BB: tl.constexpr, ROUND: tl.constexpr, UE8M0: tl.constexpr,
-          GATHER: tl.constexpr):
+def _enc8(
+    x_ptr,
+    idx_ptr,
+    out_ptr,
+    H,
+    NB,
+    W,
+    VOFF,
+    BB: tl.constexpr,
+    ROUND: tl.constexpr,
+    UE8M0: tl.constexpr,
+    GATHER: tl.constexpr,
+):
     # VOFF (bytes of scales before the values) is its own argument so that Triton sees its alignment
     row = tl.program_id(0).to(tl.int64)
     xrow = _source_row(idx_ptr, row, GATHER)
@@ -216,7 +227,7 @@ def _enc_auto(x_ptr, idx_ptr, out_ptr, H, NB, W, K, NBP: tl.constexpr, GATHER: t
     # (amax's bits, monotone for positive floats, then the reversed block index)
     key = amax.to(tl.int32, bitcast=True).to(tl.int64) * 65536 + (65535 - blk)
     key = tl.where(bm, key, -1)
-    if K <= 32:                  # few upgrades: K max-reductions are cheaper than a sort
+    if K <= 32:  # few upgrades: K max-reductions are cheaper than a sort
         rest = key
         kth = tl.max(rest, axis=0)
         for _ in range(1, K):
@@ -274,8 +285,9 @@ def _dec_auto(p_ptr, out_ptr, H, NB, W, NBP: tl.constexpr):
     tl.store(out_ptr + row * H + col, _out(v, out_ptr), mask=bm[:, None] & (col < H))
 
 
-def encode(codec, x: torch.Tensor, index: Optional[torch.Tensor] = None,
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def encode(
+    codec, x: torch.Tensor, index: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Packed rows of ``x`` (``[T, H]``), or of ``x[index]``, in ``codec``'s format, into ``out`` (``uint8
     [N, row_bytes]`` with contiguous rows, e.g. a staging region) or a new tensor; same bytes as
     ``codec.encode_reference``."""
@@ -291,14 +303,27 @@ def encode(codec, x: torch.Tensor, index: Optional[torch.Tensor] = None,
     idx = index.contiguous() if g else x
     if codec.level == 8:
         bb = 8
-        _enc8[(T, triton.cdiv(nb, bb))](x, idx, out, H, nb, W, codec.scale_bytes, BB=bb, ROUND=codec.round_scale,
-                                        UE8M0=codec.use_ue8m0, GATHER=g, num_warps=4)
+        _enc8[(T, triton.cdiv(nb, bb))](
+            x,
+            idx,
+            out,
+            H,
+            nb,
+            W,
+            codec.scale_bytes,
+            BB=bb,
+            ROUND=codec.round_scale,
+            UE8M0=codec.use_ue8m0,
+            GATHER=g,
+            num_warps=4,
+        )
     elif codec.level == 4:
         bb = 32
         _enc4[(T, triton.cdiv(nb, bb))](x, idx, out, H, nb, W, codec.scale_bytes, BB=bb, GATHER=g, num_warps=4)
     else:
-        _enc_auto[(T,)](x, idx, out, H, nb, W, codec.upgrades, NBP=max(16, triton.next_power_of_2(nb)), GATHER=g,
-                        num_warps=8)
+        _enc_auto[(T,)](
+            x, idx, out, H, nb, W, codec.upgrades, NBP=max(16, triton.next_power_of_2(nb)), GATHER=g, num_warps=8
+        )
     return out
 
 
@@ -313,8 +338,9 @@ def decode(codec, packed: torch.Tensor, dtype: torch.dtype, out: Optional[torch.
         return out
     if codec.level == 8:
         bb = 8
-        _dec8[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, UE8M0=codec.use_ue8m0,
-                                        num_warps=4)
+        _dec8[(N, triton.cdiv(nb, bb))](
+            packed, out, H, nb, W, codec.scale_bytes, BB=bb, UE8M0=codec.use_ue8m0, num_warps=4
+        )
     elif codec.level == 4:
         bb = 32
         _dec4[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, num_warps=4)

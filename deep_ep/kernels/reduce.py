@@ -6,6 +6,7 @@ from the rank's own rows where they are), sums in float32, adds the biases,
 stores the cast result. Same operations in the same order as the torch
 path, so the results are bitwise equal; one pass instead of ~2R.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -29,8 +30,19 @@ def _row(back_ptr, loc_ptr, pos_ptr, t, j: tl.constexpr, H, cols, mask, R: tl.co
 
 
 @triton.jit
-def _reduce_rows_kernel(back_ptr, loc_ptr, pos_ptr, b0_ptr, b1_ptr, out_ptr, H,
-                        R: tl.constexpr, LOC: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce_rows_kernel(
+    back_ptr,
+    loc_ptr,
+    pos_ptr,
+    b0_ptr,
+    b1_ptr,
+    out_ptr,
+    H,
+    R: tl.constexpr,
+    LOC: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
@@ -49,8 +61,14 @@ def supports(back: torch.Tensor, biases: Sequence[torch.Tensor], out_dtype: torc
     return back.dtype in _SUPPORTED and out_dtype in _SUPPORTED and all(b.dtype in _SUPPORTED for b in biases)
 
 
-def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Tensor], out: torch.Tensor,
-                local: Optional[torch.Tensor] = None, local_col: int = -1) -> torch.Tensor:
+def reduce_rows(
+    back: torch.Tensor,
+    pos: torch.Tensor,
+    biases: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    local: Optional[torch.Tensor] = None,
+    local_col: int = -1,
+) -> torch.Tensor:
     """Write into ``out`` ``[T, H]`` what the torch ``reduce_rows`` returns (see its docstring)."""
     T, R = pos.shape
     H = back.size(1)
@@ -58,7 +76,7 @@ def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Te
         return out
     back = back.contiguous() if back.size(0) else out
     if local is None or local_col < 0 or local.size(0) == 0:
-        loc = back                       # column local_col holds only -1 then (or there is none)
+        loc = back  # column local_col holds only -1 then (or there is none)
     else:
         loc = local.contiguous()
     pos = pos.contiguous()
@@ -67,6 +85,18 @@ def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Te
     b1 = bs[1] if len(bs) > 1 else out
     block = min(1024, triton.next_power_of_2(H))
     grid = (T, triton.cdiv(H, block))
-    _reduce_rows_kernel[grid](back, loc, pos, b0, b1, out, H, R=R, LOC=local_col if local is not None else -1,
-                              NB=len(bs), BLOCK=block, num_warps=4)
+    _reduce_rows_kernel[grid](
+        back,
+        loc,
+        pos,
+        b0,
+        b1,
+        out,
+        H,
+        R=R,
+        LOC=local_col if local is not None else -1,
+        NB=len(bs),
+        BLOCK=block,
+        num_warps=4,
+    )
     return out

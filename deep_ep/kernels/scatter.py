@@ -18,6 +18,7 @@ vectors.
 - :func:`return_blocks`: for each source rank, one block of rows of the
   combine input back into that rank's staging.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _scatter_one(pid, src_ptr, slot_ptr, out_ptr, region_ptr, delta_ptr, T, W, CAP, OUT_ROWS,
-                 R: tl.constexpr, ME: tl.constexpr, NPROG: tl.constexpr, TOK: tl.constexpr, BLOCK: tl.constexpr):
+def _scatter_one(
+    pid,
+    src_ptr,
+    slot_ptr,
+    out_ptr,
+    region_ptr,
+    delta_ptr,
+    T,
+    W,
+    CAP,
+    OUT_ROWS,
+    R: tl.constexpr,
+    ME: tl.constexpr,
+    NPROG: tl.constexpr,
+    TOK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     cols = tl.arange(0, BLOCK)
     toks = tl.arange(0, TOK)
     for t0 in range(pid * TOK, T, NPROG * TOK):
@@ -51,11 +67,44 @@ def _scatter_one(pid, src_ptr, slot_ptr, out_ptr, region_ptr, delta_ptr, T, W, C
 
 
 @triton.jit
-def _scatter_kernel(slot_ptr, T, CAP, OUT_ROWS,
-                    s0, o0, g0, d0, W0, s1, o1, g1, d1, W1, s2, o2, g2, d2, W2, s3, o3, g3, d3, W3,
-                    NT: tl.constexpr, R: tl.constexpr, ME: tl.constexpr, NPROG: tl.constexpr,
-                    TOK0: tl.constexpr, BLOCK0: tl.constexpr, TOK1: tl.constexpr, BLOCK1: tl.constexpr,
-                    TOK2: tl.constexpr, BLOCK2: tl.constexpr, TOK3: tl.constexpr, BLOCK3: tl.constexpr):
+def _scatter_kernel(
+    slot_ptr,
+    T,
+    CAP,
+    OUT_ROWS,
+    s0,
+    o0,
+    g0,
+    d0,
+    W0,
+    s1,
+    o1,
+    g1,
+    d1,
+    W1,
+    s2,
+    o2,
+    g2,
+    d2,
+    W2,
+    s3,
+    o3,
+    g3,
+    d3,
+    W3,
+    NT: tl.constexpr,
+    R: tl.constexpr,
+    ME: tl.constexpr,
+    NPROG: tl.constexpr,
+    TOK0: tl.constexpr,
+    BLOCK0: tl.constexpr,
+    TOK1: tl.constexpr,
+    BLOCK1: tl.constexpr,
+    TOK2: tl.constexpr,
+    BLOCK2: tl.constexpr,
+    TOK3: tl.constexpr,
+    BLOCK3: tl.constexpr,
+):
     pid = tl.program_id(0)
     _scatter_one(pid, s0, slot_ptr, o0, g0, d0, T, W0, CAP, OUT_ROWS, R, ME, NPROG, TOK0, BLOCK0)
     if NT > 1:
@@ -67,8 +116,7 @@ def _scatter_kernel(slot_ptr, T, CAP, OUT_ROWS,
 
 
 @triton.jit
-def _copy_out_one(pid, src_ptr, dst_ptr, n, lo, hi, N, W, NPROG: tl.constexpr, TOK: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _copy_out_one(pid, src_ptr, dst_ptr, n, lo, hi, N, W, NPROG: tl.constexpr, TOK: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     toks = tl.arange(0, TOK)
     for r0 in range(pid * TOK, N, NPROG * TOK):
@@ -84,10 +132,32 @@ def _copy_out_one(pid, src_ptr, dst_ptr, n, lo, hi, N, W, NPROG: tl.constexpr, T
 
 
 @triton.jit
-def _copy_out_kernel(bounds_ptr, N, s0, o0, W0, s1, o1, W1, s2, o2, W2, s3, o3, W3,
-                     NT: tl.constexpr, NPROG: tl.constexpr, TOK0: tl.constexpr, BLOCK0: tl.constexpr,
-                     TOK1: tl.constexpr, BLOCK1: tl.constexpr, TOK2: tl.constexpr, BLOCK2: tl.constexpr,
-                     TOK3: tl.constexpr, BLOCK3: tl.constexpr):
+def _copy_out_kernel(
+    bounds_ptr,
+    N,
+    s0,
+    o0,
+    W0,
+    s1,
+    o1,
+    W1,
+    s2,
+    o2,
+    W2,
+    s3,
+    o3,
+    W3,
+    NT: tl.constexpr,
+    NPROG: tl.constexpr,
+    TOK0: tl.constexpr,
+    BLOCK0: tl.constexpr,
+    TOK1: tl.constexpr,
+    BLOCK1: tl.constexpr,
+    TOK2: tl.constexpr,
+    BLOCK2: tl.constexpr,
+    TOK3: tl.constexpr,
+    BLOCK3: tl.constexpr,
+):
     pid = tl.program_id(0)
     n = tl.load(bounds_ptr)
     lo = tl.load(bounds_ptr + 1)
@@ -102,8 +172,20 @@ def _copy_out_kernel(bounds_ptr, N, s0, o0, W0, s1, o1, W1, s2, o2, W2, s3, o3, 
 
 
 @triton.jit
-def _return_one(pid, src_ptr, table_ptr, region_ptr, delta_ptr, W, CAP, R: tl.constexpr, ME: tl.constexpr,
-                NPROG: tl.constexpr, TOK: tl.constexpr, BLOCK: tl.constexpr):
+def _return_one(
+    pid,
+    src_ptr,
+    table_ptr,
+    region_ptr,
+    delta_ptr,
+    W,
+    CAP,
+    R: tl.constexpr,
+    ME: tl.constexpr,
+    NPROG: tl.constexpr,
+    TOK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     cols = tl.arange(0, BLOCK)
     toks = tl.arange(0, TOK)
     for d in tl.static_range(R):
@@ -123,9 +205,26 @@ def _return_one(pid, src_ptr, table_ptr, region_ptr, delta_ptr, W, CAP, R: tl.co
 
 
 @triton.jit
-def _return_kernel(table_ptr, CAP, s0, g0, d0, W0, s1, g1, d1, W1, NT: tl.constexpr, R: tl.constexpr,
-                   ME: tl.constexpr, NPROG: tl.constexpr, TOK0: tl.constexpr, BLOCK0: tl.constexpr,
-                   TOK1: tl.constexpr, BLOCK1: tl.constexpr):
+def _return_kernel(
+    table_ptr,
+    CAP,
+    s0,
+    g0,
+    d0,
+    W0,
+    s1,
+    g1,
+    d1,
+    W1,
+    NT: tl.constexpr,
+    R: tl.constexpr,
+    ME: tl.constexpr,
+    NPROG: tl.constexpr,
+    TOK0: tl.constexpr,
+    BLOCK0: tl.constexpr,
+    TOK1: tl.constexpr,
+    BLOCK1: tl.constexpr,
+):
     pid = tl.program_id(0)
     _return_one(pid, s0, table_ptr, g0, d0, W0, CAP, R, ME, NPROG, TOK0, BLOCK0)
     if NT > 1:
@@ -157,14 +256,13 @@ def scatter_rows(src, slot: torch.Tensor, out, region, delta, rank: int, num_pro
     buffer; rank ``d``'s starts ``delta[d]`` words away; rows ``< cap``). ``src``, ``out``, ``region``
     and ``delta`` may be lists (up to :data:`MAX_TENSORS` row tensors of the same tokens, each in one
     integer word dtype, in one launch; every region has ``cap`` rows)."""
-    srcs, outs, regions, deltas = ([a] if isinstance(a, torch.Tensor) else list(a)
-                                   for a in (src, out, region, delta))
+    srcs, outs, regions, deltas = ([a] if isinstance(a, torch.Tensor) else list(a) for a in (src, out, region, delta))
     T = srcs[0].size(0)
     keep = [i for i, t in enumerate(srcs) if t.size(1) > 0]
     if T == 0 or not keep:
         return
     srcs, outs, regions, deltas = ([a[i] for i in keep] for a in (srcs, outs, regions, deltas))
-    if len(srcs) > MAX_TENSORS:             # (more than a dispatch moves: several launches)
+    if len(srcs) > MAX_TENSORS:  # (more than a dispatch moves: several launches)
         for i in range(0, len(srcs), MAX_TENSORS):
             j = slice(i, i + MAX_TENSORS)
             scatter_rows(srcs[j], slot, outs[j], regions[j], deltas[j], rank, num_programs)
@@ -175,9 +273,26 @@ def scatter_rows(src, slot: torch.Tensor, out, region, delta, rank: int, num_pro
     for s_, o_, g_, d_ in zip(*(_pad(a, MAX_TENSORS, a[0]) for a in (srcs, outs, regions, deltas))):
         args += [s_, o_, g_, d_, s_.size(1)]
     tk = [v for bt in _pad(tiles, MAX_TENSORS, tiles[0]) for v in (bt[1], bt[0])]
-    _scatter_kernel[(nprog,)](slot, T, regions[0].size(0), outs[0].size(0), *args, NT=len(srcs), R=slot.size(1),
-                              ME=rank, NPROG=nprog, TOK0=tk[0], BLOCK0=tk[1], TOK1=tk[2], BLOCK1=tk[3],
-                              TOK2=tk[4], BLOCK2=tk[5], TOK3=tk[6], BLOCK3=tk[7], num_warps=8)
+    _scatter_kernel[(nprog,)](
+        slot,
+        T,
+        regions[0].size(0),
+        outs[0].size(0),
+        *args,
+        NT=len(srcs),
+        R=slot.size(1),
+        ME=rank,
+        NPROG=nprog,
+        TOK0=tk[0],
+        BLOCK0=tk[1],
+        TOK1=tk[2],
+        BLOCK1=tk[3],
+        TOK2=tk[4],
+        BLOCK2=tk[5],
+        TOK3=tk[6],
+        BLOCK3=tk[7],
+        num_warps=8,
+    )
 
 
 def copy_out(src, dst, bounds: torch.Tensor, num_programs: int) -> None:
@@ -192,7 +307,7 @@ def copy_out(src, dst, bounds: torch.Tensor, num_programs: int) -> None:
     srcs, dsts = [srcs[i] for i in keep], [dsts[i] for i in keep]
     if len(srcs) > MAX_TENSORS:
         for i in range(0, len(srcs), MAX_TENSORS):
-            copy_out(srcs[i:i + MAX_TENSORS], dsts[i:i + MAX_TENSORS], bounds, num_programs)
+            copy_out(srcs[i : i + MAX_TENSORS], dsts[i : i + MAX_TENSORS], bounds, num_programs)
         return
     tiles = [_tile(t.size(1), t.element_size()) for t in dsts]
     nprog = max(_programs(num_programs, N, tok) for _, tok in tiles)
@@ -200,9 +315,22 @@ def copy_out(src, dst, bounds: torch.Tensor, num_programs: int) -> None:
     for s_, d_ in zip(_pad(srcs, MAX_TENSORS, srcs[0]), _pad(dsts, MAX_TENSORS, dsts[0])):
         args += [s_, d_, d_.size(1)]
     tk = [v for bt in _pad(tiles, MAX_TENSORS, tiles[0]) for v in (bt[1], bt[0])]
-    _copy_out_kernel[(nprog,)](bounds, N, *args, NT=len(dsts), NPROG=nprog, TOK0=tk[0], BLOCK0=tk[1],
-                               TOK1=tk[2], BLOCK1=tk[3], TOK2=tk[4], BLOCK2=tk[5], TOK3=tk[6], BLOCK3=tk[7],
-                               num_warps=8)
+    _copy_out_kernel[(nprog,)](
+        bounds,
+        N,
+        *args,
+        NT=len(dsts),
+        NPROG=nprog,
+        TOK0=tk[0],
+        BLOCK0=tk[1],
+        TOK1=tk[2],
+        BLOCK1=tk[3],
+        TOK2=tk[4],
+        BLOCK2=tk[5],
+        TOK3=tk[6],
+        BLOCK3=tk[7],
+        num_warps=8,
+    )
 
 
 def return_blocks(src, table: torch.Tensor, region, delta, rank: int, num_programs: int) -> None:
@@ -219,7 +347,7 @@ def return_blocks(src, table: torch.Tensor, region, delta, rank: int, num_progra
     srcs, regions, deltas = ([a[i] for i in keep] for a in (srcs, regions, deltas))
     if len(srcs) > 2:
         for i in range(0, len(srcs), 2):
-            return_blocks(srcs[i:i + 2], table, regions[i:i + 2], deltas[i:i + 2], rank, num_programs)
+            return_blocks(srcs[i : i + 2], table, regions[i : i + 2], deltas[i : i + 2], rank, num_programs)
         return
     tiles = [_tile(t.size(1), t.element_size()) for t in srcs]
     nprog = max(_programs(num_programs, N, tok) for _, tok in tiles)
@@ -227,5 +355,17 @@ def return_blocks(src, table: torch.Tensor, region, delta, rank: int, num_progra
     for s_, g_, d_ in zip(*(_pad(a, 2, a[0]) for a in (srcs, regions, deltas))):
         args += [s_, g_, d_, s_.size(1)]
     tk = [v for bt in _pad(tiles, 2, tiles[0]) for v in (bt[1], bt[0])]
-    _return_kernel[(nprog,)](table, regions[0].size(0), *args, NT=len(srcs), R=R, ME=rank, NPROG=nprog,
-                             TOK0=tk[0], BLOCK0=tk[1], TOK1=tk[2], BLOCK1=tk[3], num_warps=8)
+    _return_kernel[(nprog,)](
+        table,
+        regions[0].size(0),
+        *args,
+        NT=len(srcs),
+        R=R,
+        ME=rank,
+        NPROG=nprog,
+        TOK0=tk[0],
+        BLOCK0=tk[1],
+        TOK1=tk[2],
+        BLOCK1=tk[3],
+        num_warps=8,
+    )

@@ -3,6 +3,7 @@
 :func:`select_backend` holds the rule ``Buffer(backend='auto')`` follows;
 ``deep-ep info`` prints the same decision with its reasons.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,8 +15,18 @@ import torch.distributed as dist
 from .base import Plan, Transport, Waiter
 from .collective import CollectiveTransport
 
-__all__ = ["Plan", "Transport", "Waiter", "CollectiveTransport", "BACKENDS", "backend_support",
-           "select_backend", "transport_class", "group_device", "group_on_cuda"]
+__all__ = [
+    "Plan",
+    "Transport",
+    "Waiter",
+    "CollectiveTransport",
+    "BACKENDS",
+    "backend_support",
+    "select_backend",
+    "transport_class",
+    "group_device",
+    "group_on_cuda",
+]
 
 #: every backend name ``Buffer(backend=...)`` accepts, with the issue that adds it where not yet built
 BACKENDS: Dict[str, Optional[str]] = {
@@ -58,6 +69,7 @@ def group_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
     if group_on_cuda(group):
         if not torch.cuda.is_available():
             from ..errors import DeepEPError
+
             raise DeepEPError(f"the {dist.get_backend(group)} group needs CUDA")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -70,18 +82,23 @@ def transport_class(name: str) -> type:
     if name == "collective":
         return CollectiveTransport
     if name == "nvlink":
-        from .nvlink import NVLinkTransport   # imports symmetric memory lazily
+        from .nvlink import NVLinkTransport  # imports symmetric memory lazily
+
         return NVLinkTransport
     if name == "hierarchical":
         from .hierarchical import HierarchicalTransport
+
         return HierarchicalTransport
-    raise NotImplementedError(f"backend={name!r} is not implemented yet: it arrives with {BACKENDS[name]}; "
-                              f"use backend='collective' (works everywhere) or 'auto'")
+    raise NotImplementedError(
+        f"backend={name!r} is not implemented yet: it arrives with {BACKENDS[name]}; "
+        f"use backend='collective' (works everywhere) or 'auto'"
+    )
 
 
 def _one_host(group: dist.ProcessGroup) -> bool:
     """Whether every rank of ``group`` runs on this host (collective: exchanges hostnames)."""
     import socket
+
     names: List[Optional[str]] = [None] * dist.get_world_size(group)
     dist.all_gather_object(names, socket.gethostname(), group=group)
     return len(set(names)) == 1
@@ -134,14 +151,22 @@ def select_backend(group: Optional[dist.ProcessGroup] = None, topology_aware: bo
     if group is not None and not _one_host(group):
         if topology_aware and support["hierarchical"][0]:
             return "hierarchical", "the group spans several hosts: one copy of a token per node across nodes"
-        return "collective", ("the group spans several hosts; topology_aware is off" if not topology_aware else
-                              f"the group spans several hosts; hierarchical: {support['hierarchical'][1]}")
+        return "collective", (
+            "the group spans several hosts; topology_aware is off"
+            if not topology_aware
+            else f"the group spans several hosts; hierarchical: {support['hierarchical'][1]}"
+        )
     ok, why = support["nvlink"]
-    ranks = dist.get_world_size(group) if group is not None else \
-        (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    ranks = (
+        dist.get_world_size(group)
+        if group is not None
+        else (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    )
     if ok and NVLINK_PREFERRED and ranks > NVLINK_MAX_RANKS:
-        return "collective", (f"nvlink is usable, but at more than {NVLINK_MAX_RANKS} ranks NCCL was measured "
-                              f"faster (4 x H200); pass backend='nvlink' to use it")
+        return "collective", (
+            f"nvlink is usable, but at more than {NVLINK_MAX_RANKS} ranks NCCL was measured "
+            f"faster (4 x H200); pass backend='nvlink' to use it"
+        )
     if ok and NVLINK_PREFERRED:
         return "nvlink", "every rank is on one host with peer access"
     if ok:

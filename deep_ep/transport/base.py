@@ -6,6 +6,7 @@ the handle; a transport only moves bytes. A new transport implements the four
 methods of :class:`Transport` and must pass the conformance suite
 (``tests/test_conformance.py``) against :mod:`deep_ep.reference`.
 """
+
 from __future__ import annotations
 
 import abc
@@ -37,14 +38,14 @@ class Plan:
     rank: int
     num_ranks: int
     num_tokens: int
-    is_token_in_rank: torch.Tensor            # bool [T, R]
-    rank_prefix_matrix: torch.Tensor          # int32 [R, R], on the data device
-    send_counts: Optional[List[int]]          # rows this rank sends to each rank
-    recv_counts: Optional[List[int]]          # rows this rank receives from each rank
-    num_recv_tokens: int                      # rows received (-1 if unknown on the host)
-    num_out_rows: int                         # rows of every received tensor (num_worst_tokens or num_recv_tokens)
-    counts: Optional[torch.Tensor] = None     # int64 [R, R] on the CPU: rows rank s sends to rank d
-    extra: Dict[str, Any] = field(default_factory=dict)   # transport-private state (e.g. send order)
+    is_token_in_rank: torch.Tensor  # bool [T, R]
+    rank_prefix_matrix: torch.Tensor  # int32 [R, R], on the data device
+    send_counts: Optional[List[int]]  # rows this rank sends to each rank
+    recv_counts: Optional[List[int]]  # rows this rank receives from each rank
+    num_recv_tokens: int  # rows received (-1 if unknown on the host)
+    num_out_rows: int  # rows of every received tensor (num_worst_tokens or num_recv_tokens)
+    counts: Optional[torch.Tensor] = None  # int64 [R, R] on the CPU: rows rank s sends to rank d
+    extra: Dict[str, Any] = field(default_factory=dict)  # transport-private state (e.g. send order)
 
 
 class Transport(abc.ABC):
@@ -60,8 +61,14 @@ class Transport(abc.ABC):
     #: programs (SMs) a kernel of this transport may use; set by the Buffer per call from ``Config``
     num_sms: int = 20
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float,
-                 waiter: "Waiter", options: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        timeout_s: float,
+        waiter: "Waiter",
+        options: Optional[Dict[str, Any]] = None,
+    ) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
@@ -87,7 +94,9 @@ class Transport(abc.ABC):
         ``plan.num_recv_tokens``) are zero.
         """
 
-    def dispatch_encoded(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec: Any) -> List[torch.Tensor]:
+    def dispatch_encoded(
+        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec: Any
+    ) -> List[torch.Tensor]:
         """:meth:`dispatch` with ``rows[0]`` (floating ``[T, H]``) travelling in ``codec``'s wire format:
         returns the received rows decoded (``rows[0].dtype``), own rows as ``codec.roundtrip`` of them,
         the other tensors as :meth:`dispatch` does. This default encodes before and decodes after; a
@@ -96,9 +105,15 @@ class Transport(abc.ABC):
         return [codec.decode(recv[0], rows[0].dtype)] + list(recv[1:])
 
     @abc.abstractmethod
-    def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
-                biases: Sequence[torch.Tensor], alloc: Alloc, codec: Any = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def combine(
+        self,
+        plan: Plan,
+        x: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        biases: Sequence[torch.Tensor],
+        alloc: Alloc,
+        codec: Any = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Reverse of :meth:`dispatch` with a reduction.
 
         ``codec`` (a :class:`deep_ep.compress.Codec`, or ``None``): the rows of ``x``
@@ -112,8 +127,9 @@ class Transport(abc.ABC):
         and ``weights`` (``[N, K]`` float32) summed the same way, or ``None``.
         """
 
-    def destroy(self) -> None:  # pragma: no cover - default no-op
+    def destroy(self) -> None:  # noqa: B027 - optional hook  # pragma: no cover - default no-op
         """Release transport resources."""
+        return None
 
 
 def alloc_outputs(plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
@@ -122,7 +138,7 @@ def alloc_outputs(plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> Lis
     for t in rows:
         o = alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype)
         if plan.num_out_rows > plan.num_recv_tokens:
-            o[plan.num_recv_tokens:].zero_()
+            o[plan.num_recv_tokens :].zero_()
         outs.append(o)
     return outs
 
@@ -134,12 +150,12 @@ def _canonical_2d(t: torch.Tensor) -> bool:
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """View ``[N, ...]`` contiguous as ``uint8 [N, row_bytes]``."""
-    if _canonical_2d(t):                      # the common case: one view
+    if _canonical_2d(t):  # the common case: one view
         return t if t.dtype == torch.uint8 else t.view(torch.uint8)
     width = 1
     for d in t.shape[1:]:
         width *= d
-    flat = t.reshape(-1)                      # stride 1 even where size-1 dims had odd strides
+    flat = t.reshape(-1)  # stride 1 even where size-1 dims had odd strides
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     return flat.view(t.size(0), width * t.element_size())
@@ -151,7 +167,7 @@ _WORDS = ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2))
 
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t[idx]`` as ``uint8 [len(idx), row_bytes]``, copying in the widest words the row size allows."""
-    if t.size(0) > 0 and _canonical_2d(t):   # view the rows as words directly (no byte view first)
+    if t.size(0) > 0 and _canonical_2d(t):  # view the rows as words directly (no byte view first)
         width = t.size(1) * t.element_size()
         for word, size in _WORDS:
             if width % size == 0:
@@ -206,14 +222,22 @@ def return_positions(plan: Plan, device: torch.device) -> torch.Tensor:
     returned rows (``S`` = a zero row where the token did not go to that rank). Cached in the plan."""
     pos = plan.extra.get("return_positions")
     if pos is None:
-        pos = plan.extra["return_positions"] = send_positions(plan.is_token_in_rank, plan.send_counts,
-                                                              absent=sum(plan.send_counts))
+        pos = plan.extra["return_positions"] = send_positions(
+            plan.is_token_in_rank, plan.send_counts, absent=sum(plan.send_counts)
+        )
     return pos
 
 
-def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Tensor], out_dtype: torch.dtype,
-                alloc: Alloc, local: Optional[torch.Tensor] = None, local_col: int = -1,
-                nonnegative: bool = False) -> torch.Tensor:
+def reduce_rows(
+    back: torch.Tensor,
+    pos: torch.Tensor,
+    biases: Sequence[torch.Tensor],
+    out_dtype: torch.dtype,
+    alloc: Alloc,
+    local: Optional[torch.Tensor] = None,
+    local_col: int = -1,
+    nonnegative: bool = False,
+) -> torch.Tensor:
     """Deterministic per-token reduction shared by the transports.
 
     ``pos`` int64 ``[T, R]`` says where the row of (token, rank ``j``) is:
@@ -231,11 +255,14 @@ def reduce_rows(back: torch.Tensor, pos: torch.Tensor, biases: Sequence[torch.Te
     T, R = pos.shape
     if R and back.is_cuda:
         from .. import kernels
+
         if kernels.available(back):
             from ..kernels import reduce as kreduce
+
             if kreduce.supports(back, biases, out_dtype):
-                return kreduce.reduce_rows(back, pos, biases, alloc((T, back.size(1)), out_dtype),
-                                           local=local, local_col=local_col)
+                return kreduce.reduce_rows(
+                    back, pos, biases, alloc((T, back.size(1)), out_dtype), local=local, local_col=local_col
+                )
     acc = torch.zeros((T, back.size(1)), dtype=acc_dtype, device=back.device) if not R else None
     for j in range(R):
         src = local if j == local_col and local is not None else back
@@ -274,8 +301,9 @@ class Waiter:
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
-        self.global_ranks = [dist.get_global_rank(group, r) if group is not dist.group.WORLD else r
-                             for r in range(self.num_ranks)]
+        self.global_ranks = [
+            dist.get_global_rank(group, r) if group is not dist.group.WORLD else r for r in range(self.num_ranks)
+        ]
         self.prefix = key_prefix
         self.timeout_s = timeout_s
         self.seq = 0
@@ -284,6 +312,7 @@ class Waiter:
     def _store(self):
         try:
             from torch.distributed.distributed_c10d import _get_default_store
+
             return _get_default_store()
         except Exception:  # pragma: no cover - store not reachable
             return None
@@ -292,7 +321,7 @@ class Waiter:
         """Wait for a ``torch.distributed`` work object, at most ``timeout_s`` seconds."""
         start = time.monotonic()
         deadline = start + self.timeout_s
-        spin_until = start + 2e-3          # spin (yielding) first: metadata waits are usually microseconds
+        spin_until = start + 2e-3  # spin (yielding) first: metadata waits are usually microseconds
         while not work.is_completed():
             now = time.monotonic()
             if now > deadline:
@@ -322,11 +351,15 @@ class Waiter:
         self.broken = f"timed out in {msg_stage}"
         if missing:
             who = ", ".join(str(r) for r in missing)
-            detail = (f"rank(s) {who} of the group (global rank(s) "
-                      f"{', '.join(str(self.global_ranks[r]) for r in missing)}) did not arrive")
+            detail = (
+                f"rank(s) {who} of the group (global rank(s) "
+                f"{', '.join(str(self.global_ranks[r]) for r in missing)}) did not arrive"
+            )
         else:
             detail = "every rank reported waiting: " + "; ".join(
-                f"rank {r} gave up at {arrived[r]}" for r in sorted(arrived))
+                f"rank {r} gave up at {arrived[r]}" for r in sorted(arrived)
+            )
         raise DeepEPTimeoutError(
             f"deep_ep: rank {self.rank} waited {waited:.1f}s (timeout_s={self.timeout_s:g}) in {msg_stage}; "
-            f"{detail}. The Buffer is unusable now; the process group may be too.")
+            f"{detail}. The Buffer is unusable now; the process group may be too."
+        )

@@ -11,6 +11,7 @@ a second one. Combine sends the rows back and reduces them with
 The split sizes must be known on the host, so every non-cached dispatch
 synchronises with the host once, also with ``num_worst_tokens``.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -18,9 +19,17 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .base import (Alloc, Plan, Transport, alloc_outputs, as_bytes, gather_rows, reduce_rows, return_positions,
-                   send_token_order)
-
+from .base import (
+    Alloc,
+    Plan,
+    Transport,
+    alloc_outputs,
+    as_bytes,
+    gather_rows,
+    reduce_rows,
+    return_positions,
+    send_token_order,
+)
 
 # torch >= 2.12 renamed all_gather_into_tensor to all_gather_single.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -38,8 +47,9 @@ class CollectiveTransport(Transport):
         self.waiter.wait(work, stage)
         return out.view(self.num_ranks, values.numel()).cpu()
 
-    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: List[int], in_splits: List[int],
-             stage: str) -> None:
+    def _a2a(
+        self, out: torch.Tensor, inp: torch.Tensor, out_splits: List[int], in_splits: List[int], stage: str
+    ) -> None:
         if self.num_ranks == 1:
             out.copy_(inp)
             return
@@ -77,8 +87,15 @@ class CollectiveTransport(Transport):
                 as_bytes(o if o.size(0) == n_recv else o[:n_recv]).copy_(part)
         return outs
 
-    def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
-                biases: Sequence[torch.Tensor], alloc: Alloc, codec=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def combine(
+        self,
+        plan: Plan,
+        x: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        biases: Sequence[torch.Tensor],
+        alloc: Alloc,
+        codec=None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         n_recv = plan.num_recv_tokens
         S = sum(plan.send_counts)
         pos = return_positions(plan, x.device)
@@ -87,20 +104,19 @@ class CollectiveTransport(Transport):
             # One extra zero row last: where a token did not go.
             back = torch.empty((S + 1, x.size(1)), dtype=x.dtype, device=x.device)
             back[S].zero_()
-            self._a2a(as_bytes(back[:S]), as_bytes(xs.contiguous()), plan.send_counts, plan.recv_counts,
-                      "combine rows")
+            self._a2a(as_bytes(back[:S]), as_bytes(xs.contiguous()), plan.send_counts, plan.recv_counts, "combine rows")
         else:
             packed = torch.empty((S, codec.row_bytes), dtype=torch.uint8, device=x.device)
             self._a2a(packed, codec.encode(xs), plan.send_counts, plan.recv_counts, "combine rows")
-            back = torch.cat([codec.decode(packed, x.dtype), torch.zeros((1, x.size(1)), dtype=x.dtype,
-                                                                         device=x.device)])
+            back = torch.cat(
+                [codec.decode(packed, x.dtype), torch.zeros((1, x.size(1)), dtype=x.dtype, device=x.device)]
+            )
         out = reduce_rows(back, pos, biases, x.dtype, alloc, nonnegative=True)
         out_w = None
         if weights is not None:
             back_w = torch.empty((S + 1, weights.size(1)), dtype=torch.float32, device=x.device)
             back_w[S].zero_()
             ws = weights if weights.size(0) == n_recv else weights[:n_recv]
-            self._a2a(back_w[:S], ws.float().contiguous(), plan.send_counts, plan.recv_counts,
-                      "combine weights")
+            self._a2a(back_w[:S], ws.float().contiguous(), plan.send_counts, plan.recv_counts, "combine weights")
             out_w = reduce_rows(back_w, pos, (), torch.float32, alloc, nonnegative=True)
         return out, out_w

@@ -30,6 +30,7 @@ Inside a node the collective path moves the rows (NCCL, which takes NVLink,
 on GPUs; gloo on CPU). ``last_stats`` holds the rows and bytes the last call
 sent across nodes.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,10 +61,12 @@ def ranks_per_node(group: dist.ProcessGroup, given: Optional[int] = None) -> int
     names: List[Any] = [None] * R
     dist.all_gather_object(names, socket.gethostname(), group=group)
     P = names.count(names[0])
-    ok = R % P == 0 and all(names[n * P:(n + 1) * P] == [names[n * P]] * P for n in range(R // P))
+    ok = R % P == 0 and all(names[n * P : (n + 1) * P] == [names[n * P]] * P for n in range(R // P))
     if not ok:
-        raise DeepEPInputError(f"the ranks of the group are not in blocks of equal size per host ({names}); "
-                               f"pass ranks_per_node= (or DEEP_EP_RANKS_PER_NODE)")
+        raise DeepEPInputError(
+            f"the ranks of the group are not in blocks of equal size per host ({names}); "
+            f"pass ranks_per_node= (or DEEP_EP_RANKS_PER_NODE)"
+        )
     return P
 
 
@@ -72,18 +75,26 @@ class HierarchicalTransport(CollectiveTransport):
 
     name = "hierarchical"
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float, waiter: Waiter,
-                 options: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        timeout_s: float,
+        waiter: Waiter,
+        options: Optional[Dict[str, Any]] = None,
+    ) -> None:
         Transport.__init__(self, group, device, timeout_s, waiter, options)
         if dist.get_world_size() != self.num_ranks:
-            raise DeepEPInputError("backend='hierarchical' builds its rail and node groups from the default "
-                                   "process group: use it on the default group (every rank of the job)")
+            raise DeepEPInputError(
+                "backend='hierarchical' builds its rail and node groups from the default "
+                "process group: use it on the default group (every rank of the job)"
+            )
         P = ranks_per_node(group, self.options.get("ranks_per_node"))
         self.P, self.N = P, self.num_ranks // P
         self.node, self.local = self.rank // P, self.rank % P
         g = [dist.get_global_rank(group, r) if group is not dist.group.WORLD else r for r in range(self.num_ranks)]
         self.rail = self.node_group = None
-        for i in range(P):                       # every rank creates every group, in the same order
+        for i in range(P):  # every rank creates every group, in the same order
             grp = dist.new_group([g[m * P + i] for m in range(self.N)])
             if i == self.local:
                 self.rail = grp
@@ -93,8 +104,16 @@ class HierarchicalTransport(CollectiveTransport):
                 self.node_group = grp
         self.last_stats: Dict[str, int] = {}
 
-    def _a2a_on(self, group, size: int, out: torch.Tensor, inp: torch.Tensor, out_splits: List[int],
-                in_splits: List[int], stage: str) -> None:
+    def _a2a_on(
+        self,
+        group,
+        size: int,
+        out: torch.Tensor,
+        inp: torch.Tensor,
+        out_splits: List[int],
+        in_splits: List[int],
+        stage: str,
+    ) -> None:
         if size == 1:
             out.copy_(inp)
             return
@@ -110,16 +129,17 @@ class HierarchicalTransport(CollectiveTransport):
         if sched is not None:
             return sched
         if plan.counts is None:
-            raise DeepEPInputError("the hierarchical transport needs the counts on the host (it has no "
-                                   "device-side num_worst_tokens path)")
+            raise DeepEPInputError(
+                "the hierarchical transport needs the counts on the host (it has no device-side num_worst_tokens path)"
+            )
         P, N, me, node, local = self.P, self.N, self.rank, self.node, self.local
         C = plan.counts.tolist()
         mask = plan.is_token_in_rank
         T = mask.size(0)
         node_mask = mask.reshape(T, N, P).any(dim=2)
         mine = node_mask.sum(dim=0).to(torch.int64)
-        Cn = self.all_gather_ints(mine, "hierarchical node counts").tolist()     # Cn[s][m]
-        idx1 = layout.send_order(node_mask)                                      # node-major, token order
+        Cn = self.all_gather_ints(mine, "hierarchical node counts").tolist()  # Cn[s][m]
+        idx1 = layout.send_order(node_mask)  # node-major, token order
         sel_nodes = torch.repeat_interleave(torch.arange(N, device=mask.device), mine.to(mask.device))
         mask1 = mask.reshape(T, N, P)[idx1, sel_nodes]
         send1 = mine.tolist()
@@ -137,10 +157,17 @@ class HierarchicalTransport(CollectiveTransport):
                 at += C[s][me]
         order.sort()
         blocks = [torch.arange(a, a + n, dtype=torch.int64) for _, a, n in order if n]
-        sched = dict(idx1=idx1, mask1=mask1, send1=send1, recv1=recv1, send2=send2, recv2=recv2,
-                     perm=(torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int64)).to(mask.device),
-                     node_mask=node_mask,
-                     internode_rows=sum(send1) - send1[node])
+        sched = dict(
+            idx1=idx1,
+            mask1=mask1,
+            send1=send1,
+            recv1=recv1,
+            send2=send2,
+            recv2=recv2,
+            perm=(torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int64)).to(mask.device),
+            node_mask=node_mask,
+            internode_rows=sum(send1) - send1[node],
+        )
         plan.extra["hierarchical"] = sched
         return sched
 
@@ -176,15 +203,23 @@ class HierarchicalTransport(CollectiveTransport):
         n = final.size(0)
         at = 0
         for o, w in zip(outs, widths):
-            as_bytes(o[:n]).copy_(final[:, at:at + w])
+            as_bytes(o[:n]).copy_(final[:, at : at + w])
             at += w
-        self.last_stats = dict(op="dispatch", internode_rows=sched["internode_rows"],
-                               internode_bytes=sched["internode_rows"] * (W + P))     # rows + target mask
+        self.last_stats = dict(
+            op="dispatch", internode_rows=sched["internode_rows"], internode_bytes=sched["internode_rows"] * (W + P)
+        )  # rows + target mask
         return outs
 
     # ---------------------------------------------------------------- combine
-    def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
-                biases: Sequence[torch.Tensor], alloc: Alloc, codec=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def combine(
+        self,
+        plan: Plan,
+        x: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        biases: Sequence[torch.Tensor],
+        alloc: Alloc,
+        codec=None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         sched = self._schedule(plan)
         if "m2" not in sched:
             raise DeepEPInputError("combine before any dispatch of this handle on the hierarchical transport")
@@ -197,12 +232,13 @@ class HierarchicalTransport(CollectiveTransport):
             ws = weights if weights.size(0) == n_recv else weights[:n_recv]
             out_w = self._combine_rows(sched, ws.float().contiguous(), torch.float32, (), alloc, plan.num_tokens)
             row_bytes += ws.size(1) * 4
-        rows = sum(sched["recv1"]) - sched["recv1"][self.node]      # partials sent back to other nodes
+        rows = sum(sched["recv1"]) - sched["recv1"][self.node]  # partials sent back to other nodes
         self.last_stats = dict(op="combine", internode_rows=rows, internode_bytes=rows * row_bytes)
         return out, out_w
 
-    def _combine_rows(self, sched, xs: torch.Tensor, dtype: torch.dtype, biases, alloc, T: int,
-                      codec=None) -> torch.Tensor:
+    def _combine_rows(
+        self, sched, xs: torch.Tensor, dtype: torch.dtype, biases, alloc, T: int, codec=None
+    ) -> torch.Tensor:
         P, N, dev, H = self.P, self.N, xs.device, xs.size(1)
         # back to the forwarders: rows in recv2 order (the inverse of the final permutation), encoded with
         # the codec if any (decoded there: the node partials and what crosses nodes stay 16-bit)
@@ -210,8 +246,15 @@ class HierarchicalTransport(CollectiveTransport):
         back2_send = torch.empty_like(rows)
         back2_send.index_copy_(0, sched["perm"], rows)
         back2 = torch.empty((sum(sched["send2"]), rows.size(1)), dtype=rows.dtype, device=dev)
-        self._a2a_on(self.node_group, P, as_bytes(back2), as_bytes(back2_send), sched["send2"], sched["recv2"],
-                     "combine (in node)")
+        self._a2a_on(
+            self.node_group,
+            P,
+            as_bytes(back2),
+            as_bytes(back2_send),
+            sched["send2"],
+            sched["recv2"],
+            "combine (in node)",
+        )
         if codec is not None:
             back2 = codec.decode(back2, xs.dtype)
         # partial sum per stage-1 row over the local ranks that got it (local order), cast to the row dtype
@@ -221,8 +264,15 @@ class HierarchicalTransport(CollectiveTransport):
         local = lambda shape, dt: torch.empty(shape, dtype=dt, device=dev)  # noqa: E731 (a temporary)
         partial = reduce_rows(back2, pos2, (), xs.dtype, local)
         back1 = torch.empty((sum(sched["send1"]), H), dtype=xs.dtype, device=dev)
-        self._a2a_on(self.rail, N, as_bytes(back1), as_bytes(partial.contiguous()), sched["send1"], sched["recv1"],
-                     "combine (nodes)")
+        self._a2a_on(
+            self.rail,
+            N,
+            as_bytes(back1),
+            as_bytes(partial.contiguous()),
+            sched["send1"],
+            sched["recv1"],
+            "combine (nodes)",
+        )
         pos1 = sched.get("pos1")
         if pos1 is None:
             pos1 = sched["pos1"] = send_positions(sched["node_mask"], sched["send1"])

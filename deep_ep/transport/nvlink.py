@@ -54,6 +54,7 @@ Everything that depends only on the layout (windows, offsets, index slices,
 reduction positions) is computed once per handle and kept in the plan, so a
 cached dispatch or a combine only launches copies.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,17 @@ import torch.distributed as dist
 from ..errors import DeepEPError, DeepEPInputError
 from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows
 from .nvlink_device import NVLinkDevicePath
-from .nvlink_schedule import (_ALIGN, DEFAULT_PUSH_CHUNKS, MIN_CHUNK_BYTES, NVLinkSchedules, _align, _capturing,
-                              _chunk_setting, _split, _windows)
+from .nvlink_schedule import (
+    _ALIGN,
+    DEFAULT_PUSH_CHUNKS,
+    MIN_CHUNK_BYTES,
+    NVLinkSchedules,
+    _align,
+    _capturing,
+    _chunk_setting,
+    _split,
+    _windows,
+)
 
 __all__ = ["NVLinkTransport", "DEFAULT_STAGING_BYTES", "_split", "_windows"]
 
@@ -76,7 +86,7 @@ log = logging.getLogger("deep_ep")
 
 #: staging bytes per rank when ``num_nvl_bytes`` is 0
 DEFAULT_STAGING_BYTES = 256 << 20
-_META_SLOT = 4096          # int64 per rank per metadata area
+_META_SLOT = 4096  # int64 per rank per metadata area
 
 
 def _word(width: int) -> torch.dtype:
@@ -90,9 +100,9 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     """Rows of ``t`` as the widest integer words their byte width allows (``[N, w]``)."""
     if t.dim() == 2 and t.is_contiguous() and t.size(1) > 0:
         try:
-            return t.view(_word(t.size(1) * t.element_size()))   # one view for the common [N, H] case
+            return t.view(_word(t.size(1) * t.element_size()))  # one view for the common [N, H] case
         except RuntimeError:
-            pass                                                  # storage offset not word aligned
+            pass  # storage offset not word aligned
     b = as_bytes(t)
     return b.view(_word(b.size(1)))
 
@@ -127,29 +137,39 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     push = False
     push_chunks = DEFAULT_PUSH_CHUNKS
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float, waiter: Waiter,
-                 options: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        timeout_s: float,
+        waiter: Waiter,
+        options: Optional[Dict[str, Any]] = None,
+    ) -> None:
         super().__init__(group, device, timeout_s, waiter, options)
         if device.type != "cuda":
             raise DeepEPError("backend='nvlink' needs an NCCL group on CUDA devices")
         import torch.distributed._symmetric_memory as symm_mem
+
         nbytes = int(self.options.get("num_nvl_bytes") or 0) or DEFAULT_STAGING_BYTES
-        sizes: List[Any] = [None] * self.num_ranks      # symmetric memory needs one size on every rank
+        sizes: List[Any] = [None] * self.num_ranks  # symmetric memory needs one size on every rank
         dist.all_gather_object(sizes, nbytes, group=group)
         if len(set(sizes)) > 1:
             log.warning("deep_ep nvlink: num_nvl_bytes differs between ranks (%s); using the smallest", sizes)
             nbytes = min(sizes)
         self.meta_bytes = 2 * self.num_ranks * _META_SLOT * 8
         if nbytes <= self.meta_bytes + 2 * _ALIGN:
-            raise DeepEPInputError(f"num_nvl_bytes={nbytes} is too small for the nvlink transport "
-                                   f"(needs more than {self.meta_bytes + 2 * _ALIGN} bytes)")
+            raise DeepEPInputError(
+                f"num_nvl_bytes={nbytes} is too small for the nvlink transport "
+                f"(needs more than {self.meta_bytes + 2 * _ALIGN} bytes)"
+            )
         self.nbytes = _align(nbytes)
         name = getattr(group, "group_name", None)
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
         if enable is not None and name is not None:
             import warnings
+
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")    # deprecated (and unneeded) in newer torch
+                warnings.simplefilter("ignore")  # deprecated (and unneeded) in newer torch
                 try:
                     enable(name)
                 except Exception:  # pragma: no cover
@@ -161,13 +181,14 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             self.hdl = symm_mem.rendezvous(self.buf, name)
         self._use_staging([self.hdl.get_buffer(p, (self.nbytes,), torch.uint8, 0) for p in range(self.num_ranks)])
         self._device_setup()
-        self._barrier_ms = int(timeout_s * 1000) + 10_000   # the host gives up first, with a better message
+        self._barrier_ms = int(timeout_s * 1000) + 10_000  # the host gives up first, with a better message
         self._pinned: Optional[torch.Tensor] = None
         self.side = torch.cuda.Stream(device=device)
         # Copies to / from different peers run on their own streams (the copy engines work on several
         # links at once); with one peer there is nothing to spread.
-        self.peer_streams = [torch.cuda.Stream(device=device) for _ in range(min(self.num_ranks - 1, 7))] \
-            if self.num_ranks > 2 else []
+        self.peer_streams = (
+            [torch.cuda.Stream(device=device) for _ in range(min(self.num_ranks - 1, 7))] if self.num_ranks > 2 else []
+        )
         self.pull_sm = os.environ.get("DEEP_EP_NVLINK_PULL", "copy") == "gather"
         self.chunks = _chunk_setting()
         self.min_chunk_bytes = MIN_CHUNK_BYTES
@@ -176,11 +197,14 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             raise DeepEPInputError(f"DEEP_EP_NVLINK_DISPATCH must be 'pull' or 'push', got {mode!r}")
         self.push = mode == "push"
         self.push_chunks = _chunk_setting("DEEP_EP_NVLINK_PUSH_CHUNKS", DEFAULT_PUSH_CHUNKS)
-        theirs = self.all_gather_ints(torch.tensor([self.chunks, int(self.push), self.push_chunks]),
-                                      "nvlink setup").tolist()
+        theirs = self.all_gather_ints(
+            torch.tensor([self.chunks, int(self.push), self.push_chunks]), "nvlink setup"
+        ).tolist()
         if any(t != theirs[0] for t in theirs):
-            raise DeepEPInputError(f"DEEP_EP_NVLINK_CHUNKS / DEEP_EP_NVLINK_DISPATCH / DEEP_EP_NVLINK_PUSH_CHUNKS "
-                                   f"differ between ranks ({theirs}); set them the same everywhere")
+            raise DeepEPInputError(
+                f"DEEP_EP_NVLINK_CHUNKS / DEEP_EP_NVLINK_DISPATCH / DEEP_EP_NVLINK_PUSH_CHUNKS "
+                f"differ between ranks ({theirs}); set them the same everywhere"
+            )
 
     def _join(self) -> None:
         """Make the current stream wait for the side stream (call before returning or the next phase)."""
@@ -273,12 +297,15 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
 
     def _meta(self, peer: int, parity: int) -> torch.Tensor:
         start = parity * self.num_ranks * _META_SLOT * 8
-        return self.peers[peer][start:start + self.num_ranks * _META_SLOT * 8].view(torch.int64).view(
-            self.num_ranks, _META_SLOT)
+        return (
+            self.peers[peer][start : start + self.num_ranks * _META_SLOT * 8]
+            .view(torch.int64)
+            .view(self.num_ranks, _META_SLOT)
+        )
 
     def _region(self, peer: int, start: int, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """``rows`` rows of ``width`` bytes of ``peer``'s staging at byte ``start``, as ``dtype`` words."""
-        return self.peers[peer][start:start + rows * width].view(rows, width).view(dtype)
+        return self.peers[peer][start : start + rows * width].view(rows, width).view(dtype)
 
     def _views(self, sched: Dict[str, Any], start: int, make) -> Any:
         """Views of the staging for a phase at ``start``, made once per schedule and start."""
@@ -290,8 +317,10 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     # ---------------------------------------------------------------- metadata
     def _check_meta_len(self, n: int) -> None:
         if n > _META_SLOT:
-            raise DeepEPInputError(f"metadata of {n} ints exceeds the nvlink metadata slot ({_META_SLOT}); "
-                                   f"num_experts is too large for this transport")
+            raise DeepEPInputError(
+                f"metadata of {n} ints exceeds the nvlink metadata slot ({_META_SLOT}); "
+                f"num_experts is too large for this transport"
+            )
 
     def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
         values = values.to(device=self.device, dtype=torch.int64).reshape(-1)
@@ -299,7 +328,7 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         mine = self.publish_meta(values)
         if self._pinned is None:
             self._pinned = torch.empty((self.num_ranks * _META_SLOT,), dtype=torch.int64, device="cpu").pin_memory()
-        host = self._pinned[:self.num_ranks * n].view(self.num_ranks, n)
+        host = self._pinned[: self.num_ranks * n].view(self.num_ranks, n)
         host.copy_(mine.contiguous(), non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
@@ -331,11 +360,11 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             rows = [torch.empty((0, codec.row_bytes), dtype=torch.uint8, device=x0.device)] + list(rows[1:])
             final = alloc((plan.num_out_rows, x0.size(1)), x0.dtype)
             if plan.num_out_rows > plan.num_recv_tokens:
-                final[plan.num_recv_tokens:].zero_()
-        outs = alloc_outputs(plan, rows, alloc)    # with a codec, outs[0] holds the encoded rows as pulled
+                final[plan.num_recv_tokens :].zero_()
+        outs = alloc_outputs(plan, rows, alloc)  # with a codec, outs[0] holds the encoded rows as pulled
         if not rows:
             return outs
-        src = [_words(t) for t in rows]            # (with a codec, src[0] gives only the encoded width)
+        src = [_words(t) for t in rows]  # (with a codec, src[0] gives only the encoded width)
         dst = [_words(o) for o in outs]
         widths = tuple(t.size(1) * t.element_size() for t in src)
         sched = self._dispatch_schedule(plan, widths)
@@ -343,50 +372,58 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self._pipelined = len(steps) == 1 and len(steps[0]) > 1
         self._graph = _capturing()
 
-        def make(start):                          # [round][chunk] -> (pack views, pull views)
+        def make(start):  # [round][chunk] -> (pack views, pull views)
             out = []
             for chunks in steps:
                 views = []
                 for tok, at, pulls in chunks:
-                    packs = [self._region(me, start + o + at * w, tok.numel(), w, sw.dtype)
-                             for sw, w, o in zip(src, widths, offsets)] if tok is not None else None
-                    reads = [[self._region(s, start + o + a * w, n, w, sw.dtype)
-                              for sw, w, o in zip(src, widths, offsets)] for s, a, n, _ in pulls]
+                    packs = (
+                        [
+                            self._region(me, start + o + at * w, tok.numel(), w, sw.dtype)
+                            for sw, w, o in zip(src, widths, offsets)
+                        ]
+                        if tok is not None
+                        else None
+                    )
+                    reads = [
+                        [self._region(s, start + o + a * w, n, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
+                        for s, a, n, _ in pulls
+                    ]
                     views.append((packs, reads))
                 out.append(views)
             return out
 
-        if sched["local"] is not None:          # my rows for myself, beside the packing
+        if sched["local"] is not None:  # my rows for myself, beside the packing
             tok, first, n = sched["local"]
             with self._side():
                 for i, (sw, ow) in enumerate(zip(src, dst)):
                     if i == 0 and codec is not None:
-                        codec.decode(codec.encode(x0, index=tok), x0.dtype, out=final[first:first + n])
+                        codec.decode(codec.encode(x0, index=tok), x0.dtype, out=final[first : first + n])
                     else:
-                        torch.index_select(sw, 0, tok, out=ow[first:first + n])
+                        torch.index_select(sw, 0, tok, out=ow[first : first + n])
         for r, chunks in enumerate(steps):
             start = self._begin_phase(sched["full"])
             views = self._views(sched, start, make)[r]
             for (tok, _, pulls), (packs, reads) in zip(chunks, views):
-                if tok is not None:                  # pack what I send into my own staging
+                if tok is not None:  # pack what I send into my own staging
                     for i, (sw, pv) in enumerate(zip(src, packs)):
                         if i == 0 and codec is not None:
                             codec.encode(x0, index=tok, out=pv.view(torch.uint8))
                         else:
                             torch.index_select(sw, 0, tok, out=pv)
-                self._barrier()                      # this chunk is packed on every rank
-                with self._side():                   # read my rows out of each peer's staging
-                    for i, ((s, a, n, first), rv) in enumerate(zip(pulls, reads)):
+                self._barrier()  # this chunk is packed on every rank
+                with self._side():  # read my rows out of each peer's staging
+                    for i, ((_s, _a, n, first), rv) in enumerate(zip(pulls, reads)):
                         with self._peer_stream(i, len(pulls)):
                             for ow, v in zip(dst, rv):
-                                if self.pull_sm:         # SM loads over NVLink instead of the copy engine
-                                    torch.index_select(v, 0, self._iota(n), out=ow[first:first + n])
+                                if self.pull_sm:  # SM loads over NVLink instead of the copy engine
+                                    torch.index_select(v, 0, self._iota(n), out=ow[first : first + n])
                                 else:
-                                    ow[first:first + n].copy_(v)
+                                    ow[first : first + n].copy_(v)
                             if codec is not None and n:
-                                codec.decode(outs[0][first:first + n], x0.dtype, out=final[first:first + n])
+                                codec.decode(outs[0][first : first + n], x0.dtype, out=final[first : first + n])
                     self._join_peers(len(pulls))
-            self._join()                             # reads done before this rank's next barrier
+            self._join()  # reads done before this rank's next barrier
         self._join()
         self._end_call(bool(steps))
         return outs if codec is None else [final] + outs[1:]
@@ -395,8 +432,9 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         """Encoding fused into packing, decoding into pulling (see :meth:`dispatch`)."""
         return self.dispatch(plan, rows, alloc, codec=codec)
 
-    def _push_dispatch(self, plan: Plan, sched: Dict[str, Any], rows: Sequence[torch.Tensor],
-                       src: List[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    def _push_dispatch(
+        self, plan: Plan, sched: Dict[str, Any], rows: Sequence[torch.Tensor], src: List[torch.Tensor], alloc: Alloc
+    ) -> List[torch.Tensor]:
         """A dispatch by copies of token runs into the receivers' staging (see :meth:`_push_schedule`);
         ``src`` are ``rows`` as integer words."""
         outs = alloc_outputs(plan, rows, alloc)
@@ -405,31 +443,38 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         offsets, me, chunks = sched["offsets"], self.rank, sched["chunks"]
         self._pipelined = len(chunks) > 1
         self._graph = _capturing()
-        if sched["local"] is not None:          # my rows for myself, beside the copies
+        if sched["local"] is not None:  # my rows for myself, beside the copies
             tok, first, n = sched["local"]
             with self._side():
                 for sw, ow in zip(src, dst):
-                    torch.index_select(sw, 0, tok, out=ow[first:first + n])
+                    torch.index_select(sw, 0, tok, out=ow[first : first + n])
         start = self._begin_phase(sched["full"])
         for copies, pulls in chunks:
-            for d, t0, n, row in copies:            # runs of my tokens straight into d's staging
+            for d, t0, n, row in copies:  # runs of my tokens straight into d's staging
                 for sw, w, o in zip(src, widths, offsets):
-                    self._region(d, start + o + row * w, n, w, sw.dtype).copy_(sw[t0:t0 + n])
-            self._barrier()                          # this chunk has landed everywhere
-            with self._side():                       # copy it out of my staging, beside the next copies
+                    self._region(d, start + o + row * w, n, w, sw.dtype).copy_(sw[t0 : t0 + n])
+            self._barrier()  # this chunk has landed everywhere
+            with self._side():  # copy it out of my staging, beside the next copies
                 for row, n, first in pulls:
                     for sw, ow, w, o in zip(src, dst, widths, offsets):
-                        ow[first:first + n].copy_(self._region(me, start + o + row * w, n, w, sw.dtype))
+                        ow[first : first + n].copy_(self._region(me, start + o + row * w, n, w, sw.dtype))
         self._join()
         self._end_call(True)
         return outs
 
     # ---------------------------------------------------------------- combine
-    def combine(self, plan: Plan, x: torch.Tensor, weights: Optional[torch.Tensor],
-                biases: Sequence[torch.Tensor], alloc: Alloc, codec=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def combine(
+        self,
+        plan: Plan,
+        x: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        biases: Sequence[torch.Tensor],
+        alloc: Alloc,
+        codec=None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         me = self.rank
         n_recv = plan.num_recv_tokens
-        if "device" in plan.extra:          # rows beyond the real ones are never read
+        if "device" in plan.extra:  # rows beyond the real ones are never read
             srcs = [x if codec is None else codec.encode(x)]
             if weights is not None:
                 srcs.append(weights.float().contiguous())
@@ -445,32 +490,39 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self._pipelined = single and len(steps[0][0]) > 1
         self._graph = _capturing()
 
-        def make(start):              # [round] -> ([chunk][push] -> views, my area per tensor as raw rows)
+        def make(start):  # [round] -> ([chunk][push] -> views, my area per tensor as raw rows)
             out = []
             for chunks, n_in in steps:
-                writes = [[[self._region(s, start + o + a * w, n, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
-                           for s, a, n, _ in pushes] for pushes in chunks]
-                mine = [self._region(me, start + o, n_back if single else n_in, w, torch.uint8)
-                        for w, o in zip(widths, offsets)]
+                writes = [
+                    [
+                        [self._region(s, start + o + a * w, n, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
+                        for s, a, n, _ in pushes
+                    ]
+                    for pushes in chunks
+                ]
+                mine = [
+                    self._region(me, start + o, n_back if single else n_in, w, torch.uint8)
+                    for w, o in zip(widths, offsets)
+                ]
                 out.append((writes, mine))
             return out
 
-        if not single:                                           # rounds: collect the rows, then reduce
+        if not single:  # rounds: collect the rows, then reduce
             backs = [torch.empty((n_back, t.size(1)), dtype=t.dtype, device=x.device) for t in srcs]
             for r, (chunks, n_in) in enumerate(steps):
                 start = self._begin_phase(sched["full"])
                 writes, mine = self._views(sched, start, make)[r]
                 for pushes, wvs in zip(chunks, writes):
-                    for i, ((s, a, n, first), wv) in enumerate(zip(pushes, wvs)):
+                    for i, ((_s, _a, n, first), wv) in enumerate(zip(pushes, wvs)):
                         with self._peer_stream(i, len(pushes)):
                             for sw, v in zip(src, wv):
-                                v.copy_(sw[first:first + n])
+                                v.copy_(sw[first : first + n])
                     self._join_peers(len(pushes))
                 self._barrier()
                 if n_in:
                     lo = r * sched["cap"]
                     for bk, m in zip(backs, mine):
-                        as_bytes(bk[lo:lo + n_in]).copy_(m)
+                        as_bytes(bk[lo : lo + n_in]).copy_(m)
             backs, srcs = _decoded(codec, backs, srcs, x.dtype)
             out = self._reduce(plan, sched, backs, srcs, biases, alloc, x.dtype, weights is not None, None)
             self._end_call(True)
@@ -479,19 +531,19 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         if steps:
             start = self._begin_phase(sched["full"])
             writes, mine = self._views(sched, start, make)[0]
-            with self._side():                                   # stores into the sources' staging
+            with self._side():  # stores into the sources' staging
                 for pushes, wvs in zip(steps[0][0], writes):
-                    for i, ((s, a, n, first), wv) in enumerate(zip(pushes, wvs)):
+                    for i, ((_s, _a, n, first), wv) in enumerate(zip(pushes, wvs)):
                         with self._peer_stream(i, len(pushes)):
                             for sw, v in zip(src, wv):
-                                v.copy_(sw[first:first + n])
+                                v.copy_(sw[first : first + n])
                     self._join_peers(len(pushes))
-                    self._barrier()                              # this chunk has landed everywhere
+                    self._barrier()  # this chunk has landed everywhere
                     events.append(self._mark())
             backs = [m.view(t.dtype).view(n_back, t.size(1)) for m, t in zip(mine, srcs)]
         else:
             backs = [t[:0] for t in srcs]
-        if codec is not None:               # decode everything first: reduce once all rows are here
+        if codec is not None:  # decode everything first: reduce once all rows are here
             if events:
                 self._wait(events[-1])
             events = None
@@ -501,17 +553,25 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self._end_call(bool(steps))
         return out
 
-    def _reduce(self, plan: Plan, sched: Dict[str, Any], backs: List[torch.Tensor], srcs: List[torch.Tensor],
-                biases: Sequence[torch.Tensor], alloc: Alloc, dtype: torch.dtype, has_w: bool,
-                events: Optional[list]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _reduce(
+        self,
+        plan: Plan,
+        sched: Dict[str, Any],
+        backs: List[torch.Tensor],
+        srcs: List[torch.Tensor],
+        biases: Sequence[torch.Tensor],
+        alloc: Alloc,
+        dtype: torch.dtype,
+        has_w: bool,
+        events: Optional[list],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Reduce every token, chunk by chunk as its rows arrive (``events[c]``) when given."""
         me, pos, T = self.rank, sched["pos"], plan.num_tokens
         if not events or len(events) == 1:
             if events:
                 self._wait(events[0])
             out = reduce_rows(backs[0], pos, biases, dtype, alloc, local=srcs[0], local_col=me)
-            out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) \
-                if has_w else None
+            out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) if has_w else None
             return out, out_w
         out = alloc((T, backs[0].size(1)), dtype)
         out_w = alloc((T, backs[1].size(1)), torch.float32) if has_w else None
@@ -520,14 +580,14 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             self._wait(ev)
             if t1 <= t0:
                 continue
-            for res, back, src, bs, dt in ((out, backs[0], srcs[0], [b[t0:t1] for b in biases], dtype),
-                                           (out_w, backs[1] if has_w else None, srcs[1] if has_w else None, [],
-                                            torch.float32)):
+            for res, back, src, bs, dt in (
+                (out, backs[0], srcs[0], [b[t0:t1] for b in biases], dtype),
+                (out_w, backs[1] if has_w else None, srcs[1] if has_w else None, [], torch.float32),
+            ):
                 if res is None:
                     continue
                 part = res[t0:t1]
-                got = reduce_rows(back, pos[t0:t1], bs, dt, lambda shape, d, part=part: part, local=src,
-                                  local_col=me)
+                got = reduce_rows(back, pos[t0:t1], bs, dt, lambda shape, d, part=part: part, local=src, local_col=me)
                 if got.data_ptr() != part.data_ptr():
                     part.copy_(got)
             t0 = t1

@@ -27,6 +27,7 @@ the host path's whole-area mode (a barrier before the call's writes and
 before the next phase's); a call that does not fit raises
 :class:`~deep_ep.errors.DeepEPInputError` naming the ``num_nvl_bytes`` needed.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -55,8 +56,7 @@ class NVLinkDevicePath:
             base = self.peers[self.rank].data_ptr()
             d = [p.data_ptr() - base for p in self.peers]
             ok = all(x % (16 * word) == 0 for x in d)
-            self._deltas[word] = torch.tensor([x // word for x in d], dtype=torch.int64).to(self.device) \
-                if ok else None
+            self._deltas[word] = torch.tensor([x // word for x in d], dtype=torch.int64).to(self.device) if ok else None
         return self._deltas[word]
 
     def publish_meta(self, values: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,8 @@ class NVLinkDevicePath:
             need = self.meta_bytes + sum(widths) * (rows + 1) + 256 * (len(widths) + 2)
             raise DeepEPInputError(
                 f"deep_ep nvlink: {what} needs {rows} rows of {sum(widths)} bytes of staging, which holds "
-                f"{cap - 1}; pass num_nvl_bytes >= {need} to the Buffer (on every rank)")
+                f"{cap - 1}; pass num_nvl_bytes >= {need} to the Buffer (on every rank)"
+            )
         return cap, offsets
 
     def _kernel_ok(self, t: torch.Tensor) -> bool:
@@ -100,6 +101,7 @@ class NVLinkDevicePath:
     # ---------------------------------------------------------------- dispatch
     def _device_dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, words) -> List[torch.Tensor]:
         from .nvlink_schedule import _capturing
+
         dl, me, R = plan.extra["device"], self.rank, self.num_ranks
         outs = [alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype) for t in rows]
         if not rows:
@@ -112,17 +114,25 @@ class NVLinkDevicePath:
         start = self._begin_phase(True)
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
         slot = dl["slot"]
-        if fast:                            # every row tensor in one launch
+        if fast:  # every row tensor in one launch
             from ..kernels import scatter
+
             regions = [self._region(me, start + o, cap, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
-            scatter.scatter_rows(src, slot, dst, [r[:cap - 1] for r in regions],
-                                 [self._delta(sw.element_size()) for sw in src], me, self.num_sms)
+            scatter.scatter_rows(
+                src,
+                slot,
+                dst,
+                [r[: cap - 1] for r in regions],
+                [self._delta(sw.element_size()) for sw in src],
+                me,
+                self.num_sms,
+            )
             self._barrier()
             scatter.copy_out(regions, dst, dl["recv"], self.num_sms)
         else:
             for sw, w, o in zip(src, widths, offsets):
                 if sw.size(0):
-                    for d in range(R):      # every row of every rank (own ones too) into the staging
+                    for d in range(R):  # every row of every rank (own ones too) into the staging
                         col = slot[:, d]
                         idx = torch.where((col >= 0) & (col < cap - 1), col, cap - 1)
                         self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, sw)
@@ -131,15 +141,25 @@ class NVLinkDevicePath:
                 if dw.size(0):
                     mine = self._region(me, start + o, cap, w, sw.dtype)
                     keep = torch.arange(dw.size(0), device=dw.device) < dl["recv"][0]
-                    torch.where(keep.unsqueeze(1), mine[:dw.size(0)],
-                                torch.zeros((), dtype=dw.dtype, device=dw.device), out=dw)
+                    torch.where(
+                        keep.unsqueeze(1), mine[: dw.size(0)], torch.zeros((), dtype=dw.dtype, device=dw.device), out=dw
+                    )
         self._end_call(True)
         return outs
 
     # ---------------------------------------------------------------- combine
-    def _device_combine(self, plan: Plan, srcs: List[torch.Tensor], biases: Sequence[torch.Tensor], alloc: Alloc,
-                        dtype: torch.dtype, words, codec=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _device_combine(
+        self,
+        plan: Plan,
+        srcs: List[torch.Tensor],
+        biases: Sequence[torch.Tensor],
+        alloc: Alloc,
+        dtype: torch.dtype,
+        words,
+        codec=None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         from .nvlink_schedule import _capturing
+
         dl, me, R = plan.extra["device"], self.rank, self.num_ranks
         src = [words(t) for t in srcs]
         widths = tuple(t.size(1) * t.element_size() for t in src)
@@ -148,11 +168,17 @@ class NVLinkDevicePath:
         start = self._begin_phase(True)
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
         ret = dl["ret"]
-        if fast:                            # the rows and their weights in one launch
+        if fast:  # the rows and their weights in one launch
             from ..kernels import scatter
-            scatter.return_blocks(src, ret, [self._region(me, start + o, cap - 1, w, sw.dtype)
-                                             for sw, w, o in zip(src, widths, offsets)],
-                                  [self._delta(sw.element_size()) for sw in src], me, self.num_sms)
+
+            scatter.return_blocks(
+                src,
+                ret,
+                [self._region(me, start + o, cap - 1, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)],
+                [self._delta(sw.element_size()) for sw in src],
+                me,
+                self.num_sms,
+            )
         else:
             for sw, w, o in zip(src, widths, offsets):
                 if not sw.size(0):
@@ -166,15 +192,18 @@ class NVLinkDevicePath:
                     idx = torch.where((i < cnt) & (at + i < cap - 1), at + i, cap - 1)
                     self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, rows)
         self._barrier()
-        backs = [self._region(me, start + o, cap, w, torch.uint8).view(t.dtype).view(cap, t.size(1))
-                 for t, w, o in zip(srcs, widths, offsets)]
+        backs = [
+            self._region(me, start + o, cap, w, torch.uint8).view(t.dtype).view(cap, t.size(1))
+            for t, w, o in zip(srcs, widths, offsets)
+        ]
         pos = dl["combine_pos"]
         local = srcs[0]
-        if codec is not None:               # rows at send positions < R * T; own rows decoded too
-            backs[0] = codec.decode(backs[0][:R * plan.num_tokens], dtype)
+        if codec is not None:  # rows at send positions < R * T; own rows decoded too
+            backs[0] = codec.decode(backs[0][: R * plan.num_tokens], dtype)
             local = codec.decode(srcs[0], dtype)
         out = reduce_rows(backs[0], pos, biases, dtype, alloc, local=local, local_col=me)
-        out_w = reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) \
-            if len(srcs) > 1 else None
+        out_w = (
+            reduce_rows(backs[1], pos, (), torch.float32, alloc, local=srcs[1], local_col=me) if len(srcs) > 1 else None
+        )
         self._end_call(True)
         return out, out_w

@@ -55,6 +55,7 @@ the entry and sets a flag, and this rank's next low-latency call raises
 :class:`~deep_ep.errors.DeepEPInputError` (the other ranks then wait out
 ``timeout_s``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -83,11 +84,25 @@ def area_layout(R: int, E: int, M: int, K: int, H: int, fp8: bool, ue8m0: bool) 
         rowb = H + _up(nb if ue8m0 else 4 * nb, 16)
     else:
         rowb = 2 * H
-    wts = 0                                  # a combine's area: the weights, then the partial rows
+    wts = 0  # a combine's area: the weights, then the partial rows
     part = _up(R * M * K * 4, _ALIGN)
     end = max(data + R * M * rowb, part + M * R * 2 * H)
-    return dict(L=L, E=E, M=M, K=K, H=H, fp8=fp8, ue8m0=ue8m0, cnt=0, info=info, data=data, rowb=rowb, wts=wts,
-                part=part, bytes=_up(end, 4096))
+    return dict(
+        L=L,
+        E=E,
+        M=M,
+        K=K,
+        H=H,
+        fp8=fp8,
+        ue8m0=ue8m0,
+        cnt=0,
+        info=info,
+        data=data,
+        rowb=rowb,
+        wts=wts,
+        part=part,
+        bytes=_up(end, 4096),
+    )
 
 
 class LowLatencyArena:
@@ -96,6 +111,7 @@ class LowLatencyArena:
 
     def __init__(self, transport, nbytes: int) -> None:
         import torch.distributed._symmetric_memory as symm_mem
+
         self.rank, self.num_ranks, dev = transport.rank, transport.num_ranks, transport.device
         self.nbytes = nbytes
         self.buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=dev)
@@ -136,9 +152,9 @@ class NVLinkLowLatency:
         self.arena: Optional[LowLatencyArena] = None
         self.nprog = torch.cuda.get_device_properties(transport.device).multi_processor_count
         self.usable = True
-        self.pending = 0                 # calls whose receive hook has not run
-        self.captured = False            # a call has been captured into a CUDA graph
-        self.retired = []                # arenas a captured graph may still use
+        self.pending = 0  # calls whose receive hook has not run
+        self.captured = False  # a call has been captured into a CUDA graph
+        self.retired = []  # arenas a captured graph may still use
 
     # ------------------------------------------------------------------ set-up
     def _ensure(self, area_bytes: int) -> LowLatencyArena:
@@ -146,21 +162,25 @@ class NVLinkLowLatency:
         if a is not None and a.nbytes // 2 >= area_bytes:
             return a
         if _capturing():
-            raise DeepEPError("deep_ep low-latency: the first call with these sizes allocates the staging; make "
-                              "it once outside CUDA-graph capture (a warm-up), then capture")
+            raise DeepEPError(
+                "deep_ep low-latency: the first call with these sizes allocates the staging; make "
+                "it once outside CUDA-graph capture (a warm-up), then capture"
+            )
         need = _up(max(2 * area_bytes, self.min_bytes), 1 << 21)
         needs = self.transport.all_gather_ints(torch.tensor([need]), "low-latency staging")[:, 0].tolist()
         if len(set(needs)) > 1:
-            raise DeepEPInputError(f"low-latency calls differ between ranks (staging bytes {needs}): every rank "
-                                   f"must pass the same num_max_dispatch_tokens_per_rank, hidden, num_experts, "
-                                   f"top-k and fp8 settings")
+            raise DeepEPInputError(
+                f"low-latency calls differ between ranks (staging bytes {needs}): every rank "
+                f"must pass the same num_max_dispatch_tokens_per_rank, hidden, num_experts, "
+                f"top-k and fp8 settings"
+            )
         if self.captured and self.arena is not None:
             self.retired.append(self.arena)
         self.arena = None
         torch.cuda.synchronize(self.transport.device)
         a = LowLatencyArena(self.transport, need)
         oks = self.transport.all_gather_ints(torch.tensor([int(a.aligned)]), "low-latency staging")[:, 0].tolist()
-        if not all(oks):                     # pragma: no cover - symmetric allocations are page-aligned
+        if not all(oks):  # pragma: no cover - symmetric allocations are page-aligned
             self.usable = False
             raise DeepEPError("deep_ep low-latency: the peers' staging is not 64-byte aligned")
         self.arena = a
@@ -173,18 +193,25 @@ class NVLinkLowLatency:
         bits = int(a.err_host[0])
         a.err.zero_()
         a.err_host.zero_()
-        what = [w for b, w in ((1, "a token named the same expert twice"),
-                               (2, "an expert id was outside [-1, num_experts)")) if bits & b]
-        raise DeepEPInputError(f"an earlier low_latency_dispatch on this rank had invalid topk_idx ({'; '.join(what)}); "
-                               f"those entries were skipped")
+        what = [
+            w
+            for b, w in ((1, "a token named the same expert twice"), (2, "an expert id was outside [-1, num_experts)"))
+            if bits & b
+        ]
+        raise DeepEPInputError(
+            f"an earlier low_latency_dispatch on this rank had invalid topk_idx ({'; '.join(what)}); "
+            f"those entries were skipped"
+        )
 
     # ------------------------------------------------------------------ calls
     def _start(self, a: LowLatencyArena) -> int:
         """Take the call's area and pass the leading barrier where the order is not known (see the
         module docstring); returns the area's byte offset."""
         if self.pending >= 2:
-            raise DeepEPInputError("two low-latency calls already wait for their receive hooks; call them "
-                                   "(in order) before a third call (as DeepEP: two buffers)")
+            raise DeepEPInputError(
+                "two low-latency calls already wait for their receive hooks; call them "
+                "(in order) before a third call (as DeepEP: two buffers)"
+            )
         capturing = _capturing()
         self.captured = self.captured or capturing
         off = a.next_area()
@@ -202,13 +229,24 @@ class NVLinkLowLatency:
                 done[0] = True
                 self.pending -= 1
                 fn()
+
         return hook
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int, use_fp8: bool, round_scale: bool,
-                 use_ue8m0: bool, stats: Optional[torch.Tensor], hook: bool) -> Tuple[Any, torch.Tensor, Dict[str, Any],
-                                                                                   Optional[Callable[[], None]]]:
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        M: int,
+        E: int,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+        stats: Optional[torch.Tensor],
+        hook: bool,
+    ) -> Tuple[Any, torch.Tensor, Dict[str, Any], Optional[Callable[[], None]]]:
         """Send now; receive now or in the returned hook. Returns ``(recv_x, recv_count, state, hook)``."""
         from ..kernels import low_latency as k
+
         self._raise_flagged()
         R = self.transport.num_ranks
         T, H = x.shape
@@ -224,8 +262,11 @@ class NVLinkLowLatency:
         if use_fp8:
             vals = torch.empty((L, R * M, H), dtype=torch.float8_e4m3fn, device=dev)
             nb = H // 128
-            scales = torch.empty((L, R * M, nb // 4), dtype=torch.int32, device=dev) if use_ue8m0 else \
-                torch.empty((L, R * M, nb), dtype=torch.float32, device=dev)
+            scales = (
+                torch.empty((L, R * M, nb // 4), dtype=torch.int32, device=dev)
+                if use_ue8m0
+                else torch.empty((L, R * M, nb), dtype=torch.float32, device=dev)
+            )
             recv_x: Any = (vals, scales)
             main, tail = vals.view(torch.int32).view(rows, H // 4), scales.view(torch.int32).view(rows, -1)
         else:
@@ -248,10 +289,18 @@ class NVLinkLowLatency:
         receive()
         return recv_x, count, state, None
 
-    def combine(self, y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, state: Dict[str, Any],
-                out: torch.Tensor, hook: bool) -> Optional[Callable[[], None]]:
+    def combine(
+        self,
+        y: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        state: Dict[str, Any],
+        out: torch.Tensor,
+        hook: bool,
+    ) -> Optional[Callable[[], None]]:
         """Send ``y``'s rows home now; reduce into ``out`` now or in the returned hook."""
         from ..kernels import low_latency as k
+
         self._raise_flagged()
         a = self.arena
         lay = state["lay"]
@@ -259,7 +308,7 @@ class NVLinkLowLatency:
         idx = topk_idx.to(torch.int64).contiguous()
         w = topk_weights.to(torch.float32).contiguous()
         k.put_weights(w, a, off, lay)
-        a.barrier()                         # every rank's weights are in every table
+        a.barrier()  # every rank's weights are in every table
         k.combine_send(y.contiguous(), state["inv"], a, off, lay, self.nprog)
 
         def receive() -> None:
@@ -276,4 +325,3 @@ class NVLinkLowLatency:
         """Drop the arenas (the symmetric memory is freed with them)."""
         self.arena = None
         self.retired = []
-

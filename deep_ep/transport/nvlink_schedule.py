@@ -5,6 +5,7 @@ the row widths and the staging size, so every rank computes the same rounds,
 chunks and windows, and it is computed once per handle (kept in the plan).
 :class:`NVLinkSchedules` is a mixin of :class:`~deep_ep.transport.nvlink.NVLinkTransport`.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,10 @@ def _capturing() -> bool:
 
 def _not_while_capturing(op: str) -> None:
     if _capturing():
-        raise DeepEPError(f"deep_ep nvlink: this {op} (handle and row shapes) has not run before; run it once "
-                          f"outside CUDA-graph capture (a warm-up), then capture it")
+        raise DeepEPError(
+            f"deep_ep nvlink: this {op} (handle and row shapes) has not run before; run it once "
+            f"outside CUDA-graph capture (a warm-up), then capture it"
+        )
 
 
 def _split(n: int, k: int) -> List[int]:
@@ -98,7 +101,8 @@ class NVLinkSchedules:
             raise DeepEPInputError(
                 f"the nvlink staging buffer ({self.nbytes} bytes, two halves of {self.half_bytes}) cannot hold "
                 f"one row of {per_row} bytes; pass num_nvl_bytes >= "
-                f"{self.meta_bytes + 2 * (_ALIGN * (len(widths) + 1) + per_row)}")
+                f"{self.meta_bytes + 2 * (_ALIGN * (len(widths) + 1) + per_row)}"
+            )
         while True:
             offsets, off = [], 0
             for w in widths:
@@ -106,7 +110,7 @@ class NVLinkSchedules:
                 off = _align(off + cap * w)
             if off <= area:
                 return cap, offsets
-            cap -= 1                       # alignment padding pushed past the end: one row fewer
+            cap -= 1  # alignment padding pushed past the end: one row fewer
 
     def _rounds(self, C: List[List[int]], widths: Sequence[int]):
         """``(full, cap, offsets, off, rounds)``: halves in turn, or the whole data area for a call that
@@ -154,8 +158,8 @@ class NVLinkSchedules:
         for c in plan.send_counts:
             starts.append(starts[-1] + c)
         c_me = C[me][me]
-        local = (idx[starts[me]:starts[me] + c_me], recv_first[me], c_me) if c_me else None
-        nonself = torch.cat([idx[starts[d]:starts[d + 1]] for d in range(R) if d != me]) if R > 1 else idx[:0]
+        local = (idx[starts[me] : starts[me] + c_me], recv_first[me], c_me) if c_me else None
+        nonself = torch.cat([idx[starts[d] : starts[d + 1]] for d in range(R) if d != me]) if R > 1 else idx[:0]
         length = [sum(C[s][d] for d in range(R) if d != s) for s in range(R)]
         steps = []
         for r in range(rounds):
@@ -210,9 +214,9 @@ class NVLinkSchedules:
             for c in plan.send_counts:
                 starts.append(starts[-1] + c)
             host = idx.tolist()
-            runs: List[List[Tuple[int, int, int]]] = []           # per destination: (token, n, k0)
+            runs: List[List[Tuple[int, int, int]]] = []  # per destination: (token, n, k0)
             for d in range(R):
-                toks, rr = host[starts[d]:starts[d + 1]], []
+                toks, rr = host[starts[d] : starts[d + 1]], []
                 if d != me:
                     for k, t in enumerate(toks):
                         if rr and rr[-1][0] + rr[-1][1] == t:
@@ -228,25 +232,25 @@ class NVLinkSchedules:
                 kc = max(1, min(self.push_chunks, longest * sum(widths) // max(self.min_chunk_bytes, 1)))
                 chunks = []
                 for c in range(kc):
-                    copies = []                                # (d, token, n, row in d's staging)
+                    copies = []  # (d, token, n, row in d's staging)
                     for d in range(R):
                         if d == me or not C[me][d]:
                             continue
-                        lo, hi = _split(C[me][d], kc)[c:c + 2]
+                        lo, hi = _split(C[me][d], kc)[c : c + 2]
                         for t0, n, k0 in runs[d]:
                             a, b = max(k0, lo), min(k0 + n, hi)
                             if a < b:
                                 copies.append((d, t0 + a - k0, b - a, inpos[d][me] + a))
-                    outs = []                                  # (row in my staging, n, output row)
+                    outs = []  # (row in my staging, n, output row)
                     for s in range(R):
                         if s == me or not C[s][me]:
                             continue
-                        lo, hi = _split(C[s][me], kc)[c:c + 2]
+                        lo, hi = _split(C[s][me], kc)[c : c + 2]
                         if lo < hi:
                             outs.append((inpos[me][s] + lo, hi - lo, recv_first[s] + lo))
                     chunks.append((copies, outs))
                 c_me = C[me][me]
-                local = (idx[starts[me]:starts[me] + c_me], recv_first[me], c_me) if c_me else None
+                local = (idx[starts[me] : starts[me] + c_me], recv_first[me], c_me) if c_me else None
                 sched = dict(full=full, cap=cap, offsets=offsets, local=local, chunks=chunks, views={})
         plan.extra[key] = sched
         return sched
@@ -264,14 +268,14 @@ class NVLinkSchedules:
             return plan.extra[key]
         R, me = self.num_ranks, self.rank
         C, full, cap, offsets, off, rounds, k, recv_first = self._shape(plan, widths, "combine")
-        n_back = off[me][R - 1] + (C[me][R - 1] if R - 1 != me else 0)    # non-self rows that come back to me
+        n_back = off[me][R - 1] + (C[me][R - 1] if R - 1 != me else 0)  # non-self rows that come back to me
         steps = []
         for r in range(rounds):
             lo, hi = r * cap, (r + 1) * cap
             chunks = []
             for c in range(k):
                 pushes = []
-                for s in range(R):                   # my rows from s go back into s's staging
+                for s in range(R):  # my rows from s go back into s's staging
                     if s == me or not C[s][me]:
                         continue
                     part = _split(C[s][me], k)
@@ -307,7 +311,6 @@ class NVLinkSchedules:
         base = [recv_first[me] if j == me else off[me][j] for j in range(R)]
         base_t = torch.tensor(base, dtype=torch.int64).to(slots.device)
         pos = torch.where(slots >= 0, slots + base_t, torch.full_like(slots, -1)).contiguous()
-        sched = dict(full=full, cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos, ready=ready,
-                     views={})
+        sched = dict(full=full, cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos, ready=ready, views={})
         plan.extra[key] = sched
         return sched

@@ -31,19 +31,11 @@ from .agreement import (
     agree,
     make_header,
 )
-from .config import (
-    DEFAULT_EP_BUFFER_SIZE,
-    DEFAULT_TIMEOUT_S,
-    Config,
-    EventOverlap,
-    env_bool,
-    env_float,
-    env_int,
-    recommended_config,
-)
+from .config import Config, EventOverlap, recommended_config
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
 from .low_latency import LowLatencyMethods
 from .plans import _EXPERT_SLOTS, DeferredChecks, build_device_plan, build_host_plan, localize_received
+from .settings import Settings
 from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, group_device, select_backend, transport_class
 from .wire import Wire, WireMethods
@@ -161,30 +153,23 @@ class Buffer(LowLatencyMethods, WireMethods):
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
 
-        # deep_ep's knobs, with their environment fallbacks.
-        self.ep_buffer_size = (
-            int(ep_buffer_size)
-            if ep_buffer_size is not None
-            else env_int("DEEP_EP_BUFFER_SIZE", DEFAULT_EP_BUFFER_SIZE)
+        # deep_ep's knobs: arguments, else their environment variables (deep_ep.settings), resolved once.
+        self.settings = Settings.resolve(
+            timeout_s=timeout_s,
+            ep_buffer_size=ep_buffer_size,
+            compression_level=compression_level,
+            compression_ratio=compression_ratio,
+            compression_tolerance=compression_tolerance,
+            combine_compression_level=combine_compression_level,
+            compression_stats=compression_stats,
+            topology_aware=topology_aware,
+            ranks_per_node=ranks_per_node,
         )
-        if self.ep_buffer_size <= 0:
-            raise DeepEPInputError(f"ep_buffer_size must be positive, got {self.ep_buffer_size}")
-        self._wire = Wire(
-            compression_level,
-            compression_ratio,
-            combine_compression_level,
-            compression_stats,
-            tolerance=compression_tolerance,
-        )
+        self.ep_buffer_size = self.settings.ep_buffer_size
+        self._wire = Wire.from_settings(self.settings)
         self.compression_level = self._wire.level
-        self.topology_aware = (
-            env_bool("DEEP_EP_TOPOLOGY_AWARE", True) if topology_aware is None else bool(topology_aware)
-        )
-        self.timeout_s = (
-            float(timeout_s) if timeout_s is not None else env_float("DEEP_EP_TIMEOUT_S", DEFAULT_TIMEOUT_S)
-        )
-        if self.timeout_s <= 0:
-            raise DeepEPInputError(f"timeout_s must be positive, got {self.timeout_s}")
+        self.topology_aware = self.settings.topology_aware
+        self.timeout_s = self.settings.timeout_s
 
         self.device = group_device(group)  # CUDA for an NCCL group (or a gloo one mapped to CUDA)
         if backend == "auto":
@@ -199,14 +184,8 @@ class Buffer(LowLatencyMethods, WireMethods):
         counter = _buffer_counter.setdefault(gname, itertools.count())
         self._uid = next(counter)
         self._waiter = Waiter(group, f"deep_ep/{gname}/buffer{self._uid}", self.timeout_s)
-        self._transport: Transport = cls(
-            group,
-            self.device,
-            self.timeout_s,
-            self._waiter,
-            dict(num_nvl_bytes=num_nvl_bytes, ep_buffer_size=self.ep_buffer_size, ranks_per_node=ranks_per_node),
-        )
-        self._check_every_call = self.device.type != "cuda" or env_bool("DEEP_EP_CHECK", False)
+        self._transport: Transport = cls(group, self.device, self._waiter, self.settings, num_nvl_bytes)
+        self._check_every_call = self.device.type != "cuda" or self.settings.check_every_call
         self._local_buffers: Dict[bool, torch.Tensor] = {}
         self._zero_slots: Optional[torch.Tensor] = None
         self._checks = DeferredChecks()  # device-side verdicts of num_worst_tokens dispatches
@@ -359,7 +338,7 @@ class Buffer(LowLatencyMethods, WireMethods):
         call = self._call(previous_event, async_finish, allocate_on_comm_stream)
         with call:
             per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
-                topk_idx, num_experts, self.num_ranks, ranks_per_node=getattr(self._transport, "P", None)
+                topk_idx, num_experts, self.num_ranks, ranks_per_node=self._transport.ranks_per_node
             )
             outs = [per_rank, per_expert, in_rank]
             if call.cuda and not call.on_comm:
@@ -426,7 +405,7 @@ class Buffer(LowLatencyMethods, WireMethods):
         xv = scales = codec = None
         T = H = K = E = -1
         tol = self._wire.call_tolerance(compress)  # from the Buffer and `compress` only: ranks agree
-        has_device = getattr(self._transport, "device_layout", False)
+        has_device = self._transport.device_layout
         try:
             # Argument problems travel through the metadata exchange too, so no rank is left waiting.
             if config is not None and not isinstance(config, Config):
@@ -525,7 +504,7 @@ class Buffer(LowLatencyMethods, WireMethods):
             # exchange (ranks that disagree on num_experts cannot hang it). Others get a fixed number
             # of slots (_EXPERT_SLOTS, the same length on every rank whatever its input), which carry
             # the counts where num_experts fits; a larger num_experts needs a second exchange.
-            merged = getattr(self._transport, "fixed_slot_exchange", False)
+            merged = self._transport.fixed_slot_exchange
             has_pe = per_expert is not None and topk_idx is not None
             if merged:
                 if has_pe:

@@ -72,7 +72,6 @@ per call (tested against it).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -449,7 +448,9 @@ def make_codec(
             raise DeepEPInputError(f"upgrades must be an int in [0, {nb}] for hidden={hidden}, got {upgrades!r}")
         return Codec(level, hidden, (18 * nb + 16 * upgrades) / (2 * hidden), False, False, upgrades)
     if ratio is None:
-        ratio = float(os.environ.get("DEEP_EP_COMPRESSION_RATIO", "0.3"))
+        from .settings import Settings
+
+        ratio = Settings.default_compression_ratio()
     if not (0 < ratio <= 1):
         raise DeepEPInputError(f"compression ratio must be in (0, 1], got {ratio!r}")
     codec = Codec(level, hidden, float(ratio), bool(round_scale or use_ue8m0), bool(use_ue8m0))

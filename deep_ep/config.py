@@ -1,8 +1,7 @@
-"""Tuning knobs (:class:`Config`), events (:class:`EventOverlap`) and environment settings."""
+"""Tuning knobs (:class:`Config`) and events (:class:`EventOverlap`); settings live in :mod:`deep_ep.settings`."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable, Optional
 
 import torch
@@ -10,10 +9,6 @@ import torch
 #: dtype of ``topk_idx`` tensors everywhere in the API.
 topk_idx_t = torch.int64
 
-#: Default bound of every wait, in seconds (``DEEP_EP_TIMEOUT_S`` overrides).
-DEFAULT_TIMEOUT_S = 100.0
-#: Default pipelining chunk of long transfers, in bytes (``DEEP_EP_BUFFER_SIZE`` overrides).
-DEFAULT_EP_BUFFER_SIZE = 4 * 1024 * 1024
 
 _MAX_TOPK = 128
 _MAX_SCALES = 128
@@ -117,57 +112,6 @@ class EventOverlap:
 
     def __repr__(self) -> str:
         return f"EventOverlap(event={self.event!r})"
-
-
-def env_float(name: str, default: float) -> float:
-    """Read a float setting from the environment, with a clear error on junk."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
-
-
-def env_int(name: str, default: int) -> int:
-    """Read an int setting from the environment (accepts suffixes K/M/G for sizes)."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    text = raw.strip().upper()
-    mult = 1
-    for suffix, m in (
-        ("KIB", 1 << 10),
-        ("MIB", 1 << 20),
-        ("GIB", 1 << 30),
-        ("KB", 1 << 10),
-        ("MB", 1 << 20),
-        ("GB", 1 << 30),
-        ("K", 1 << 10),
-        ("M", 1 << 20),
-        ("G", 1 << 30),
-    ):
-        if text.endswith(suffix):
-            text, mult = text[: -len(suffix)], m
-            break
-    try:
-        return int(float(text) * mult)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a size") from None
-
-
-def env_bool(name: str, default: bool) -> bool:
-    """Read a boolean setting (1/0, true/false, yes/no, on/off) from the environment."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    v = raw.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"environment variable {name}={raw!r} is not a boolean")
 
 
 #: DeepEP's recommended (num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens,

@@ -252,7 +252,7 @@ def build_host_plan(
     same error for bad or mismatched inputs) and build its plan; ``(plan, L, expert_list)``. A plan of a
     call where any rank passed ``num_worst_tokens`` also gets the device layout (those ranks move rows so)."""
     R, me = buf.num_ranks, buf.rank
-    has_device = getattr(buf._transport, "device_layout", False)
+    has_device = buf._transport.device_layout
     # The header, the counts and the id ranges are read on the host once, as Python ints.
     gathered, g = agree_rows(
         buf._transport,

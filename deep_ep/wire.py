@@ -25,7 +25,6 @@ dispatch skips both, and the others then wait out ``timeout_s``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -105,9 +104,17 @@ class Wire:
         use_ue8m0: bool = False,
         tolerance: Optional[float] = None,
     ) -> None:
-        env = os.environ.get("DEEP_EP_COMPRESSION_LEVEL")
-        if env and parse_level(level) == 16:
-            level = env
+        """Validate a Buffer's compression settings (already resolved from arguments and environment by
+        :class:`deep_ep.settings.Settings`).
+
+        Args:
+            level: ``compression_level`` (16, 8, 4, ``'auto'``; an int or a string).
+            ratio: ``'auto'``'s byte target in (0, 1], or ``None``.
+            combine_level: 16 or 8.
+            stats: record ``last_stats`` per dispatch.
+            round_scale, use_ue8m0: fp8 scale options of level 8.
+            tolerance: ``'auto'``'s per-row error bound in (0, 1), or ``None``.
+        """
         self.level = parse_level(level)
         self.ratio = ratio
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
@@ -117,14 +124,6 @@ class Wire:
                 "compression_tolerance and compression_ratio are exclusive: 'auto' takes a "
                 "byte target or an error tolerance, not both"
             )
-        env_tol = os.environ.get("DEEP_EP_COMPRESSION_TOLERANCE")
-        if tolerance is None and ratio is None and env_tol and self.level == "auto":
-            try:
-                tolerance = float(env_tol)
-            except ValueError:
-                raise DeepEPInputError(
-                    f"DEEP_EP_COMPRESSION_TOLERANCE must be a number in (0, 1), got {env_tol!r}"
-                ) from None
         if tolerance is not None:
             if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
                 raise DeepEPInputError(f"compression_tolerance must be in (0, 1), got {tolerance!r}")
@@ -135,12 +134,21 @@ class Wire:
         self.combine_level = parse_level(combine_level, "combine_compression_level")
         if self.combine_level not in (16, 8):
             raise DeepEPInputError(f"combine_compression_level must be 16 or 8, got {combine_level!r}")
-        self.stats = (
-            bool(stats) if stats is not None else os.environ.get("DEEP_EP_COMPRESSION_STATS", "") not in ("", "0")
-        )
+        self.stats = bool(stats)
         self.round_scale, self.use_ue8m0 = round_scale, use_ue8m0
         self._codecs: Dict[tuple, Codec] = {}
         self.last_stats: Optional[Dict[str, Any]] = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Wire":
+        """The Wire of a Buffer's :class:`~deep_ep.settings.Settings`."""
+        return cls(
+            settings.compression_level,
+            settings.compression_ratio,
+            settings.combine_compression_level,
+            settings.compression_stats,
+            tolerance=settings.compression_tolerance,
+        )
 
     def call_level(self, compress: Any) -> Tuple[Level, Optional[float]]:
         """``(level, ratio)`` of one call: the Buffer's (``True``), none (``False``), a level, or a float

@@ -649,13 +649,18 @@ def test_wire_tolerance_settings(monkeypatch):
             Wire("auto", None, 16, None, tolerance=bad)
     with pytest.raises(deep_ep.DeepEPInputError, match="compression_level='auto'"):
         Wire(8, None, 16, None, tolerance=0.05)
+    from deep_ep.settings import Settings
+
+    def env_wire(**kw):  # a Buffer's Wire: its arguments resolved against the environment
+        return Wire.from_settings(Settings.resolve(**kw))
+
     monkeypatch.setenv("DEEP_EP_COMPRESSION_TOLERANCE", "0.04")
-    assert Wire("auto", None, 16, None).tolerance == 0.04
-    assert Wire("auto", 0.3, 16, None).tolerance is None  # an explicit ratio wins over the env
-    assert Wire(8, None, 16, None).tolerance is None  # the env only concerns 'auto'
+    assert env_wire(compression_level="auto").tolerance == 0.04
+    assert env_wire(compression_level="auto", compression_ratio=0.3).tolerance is None  # an explicit ratio wins
+    assert env_wire(compression_level=8).tolerance is None  # the env only concerns 'auto'
     monkeypatch.setenv("DEEP_EP_COMPRESSION_TOLERANCE", "lots")
     with pytest.raises(deep_ep.DeepEPInputError, match="DEEP_EP_COMPRESSION_TOLERANCE"):
-        Wire("auto", None, 16, None)
+        env_wire(compression_level="auto")
 
 
 _TOL_H, _TOL_E = 256, 8

@@ -52,14 +52,14 @@ def rank_selection(rank, R):
     assert buf._transport.P == R and buf._transport.N == 1
     from deep_ep import transport
 
-    real = transport._one_host
-    transport._one_host = lambda group: False  # as if the ranks were on 2 hosts
+    real = transport.one_host
+    transport.one_host = lambda group: False  # as if the ranks were on 2 hosts
     try:
         assert transport.select_backend(dist.group.WORLD)[0] == "hierarchical"
         name, why = transport.select_backend(dist.group.WORLD, topology_aware=False)
         assert name == "collective" and "topology_aware is off" in why
     finally:
-        transport._one_host = real
+        transport.one_host = real
 
 
 def test_node_layout_and_selection(rank_pool):

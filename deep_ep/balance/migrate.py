@@ -45,8 +45,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import DEFAULT_TIMEOUT_S, env_float
 from ..errors import DeepEPInputError, DeepEPTypeError, RankMismatchError, RemoteInputError
+from ..settings import DEFAULT_TIMEOUT_S, env_float
 from ..transport import group_device
 from ..transport.base import Waiter
 from .migration_plan import MigrationPlan, _as_placement, placement_moves, plan_migration

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
+
+from ..settings import triton_disabled
 
 
 @functools.cache
@@ -32,6 +33,6 @@ def available(t: torch.Tensor) -> bool:
 
 def available_on(device: torch.device) -> bool:
     """Whether Triton kernels may run on ``device`` (CUDA, Triton importable, not disabled)."""
-    if device.type != "cuda" or os.environ.get("DEEP_EP_DISABLE_TRITON", "") not in ("", "0"):
+    if device.type != "cuda" or triton_disabled():
         return False
     return _triton_importable()

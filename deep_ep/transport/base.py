@@ -19,12 +19,51 @@ import torch
 import torch.distributed as dist
 
 from .. import layout
-from ..errors import DeepEPTimeoutError
+from ..errors import DeepEPError, DeepEPTimeoutError
+from ..settings import Settings
 
 log = logging.getLogger("deep_ep")
 
 #: ``alloc(shape, dtype) -> Tensor``: allocates an output on the stream the caller asked for.
 Alloc = Callable[[Tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def backend_str(group: Optional[dist.ProcessGroup] = None) -> str:
+    """The group's backend, lower case; for a group made without naming one (``'undefined'``) its
+    per-device configuration (``'cpu:gloo,cuda:nccl'`` where NCCL exists)."""
+    be = str(dist.get_backend(group)).lower()
+    if be == "undefined":
+        try:
+            be = str(dist.get_backend_config(group)).lower()
+        except Exception:  # pragma: no cover - older torch
+            pass
+    return be
+
+
+def group_on_cuda(group: Optional[dist.ProcessGroup] = None) -> bool:
+    """True when the group's collectives take CUDA tensors: an NCCL group, or a mixed backend string
+    that names one for CUDA (``'cpu:gloo,cuda:gloo'``, ``'cpu:gloo,cuda:nccl'``, or a group made without
+    naming a backend on a machine with NCCL)."""
+    be = backend_str(group)
+    return "nccl" in be or "cuda:" in be
+
+
+def group_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device a group works on: the current CUDA device for a CUDA group (:func:`group_on_cuda`), else CPU."""
+    if group_on_cuda(group):
+        if not torch.cuda.is_available():
+            raise DeepEPError(f"the {dist.get_backend(group)} group needs CUDA")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def one_host(group: dist.ProcessGroup) -> bool:
+    """Whether every rank of ``group`` runs on this host (collective: exchanges hostnames)."""
+    import socket
+
+    names: List[Optional[str]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, socket.gethostname(), group=group)
+    return len(set(names)) == 1
 
 
 @dataclass
@@ -54,10 +93,31 @@ class Transport(abc.ABC):
     Methods run with the Buffer's communication stream current (on CUDA) and
     allocate outputs with the ``alloc`` they are given, so the caller's
     ``allocate_on_comm_stream`` choice is honoured.
+
+    Capabilities are class attributes with their defaults here; a transport
+    that has one sets it (the Buffer reads them, never ``getattr``):
+
+    - :attr:`fixed_slot_exchange`: :meth:`all_gather_ints` writes into fixed-size
+      slots, so vectors of different lengths on different ranks cannot hang it
+      (a fresh dispatch then carries the expert counts in its one exchange);
+    - :attr:`device_layout`: the transport can move rows by a plan whose layout
+      lives on the device (:meth:`publish_meta`; ``num_worst_tokens`` dispatches
+      never wait for the host);
+    - :attr:`ranks_per_node`: the node size the transport works with (``None``:
+      one node), which ``get_dispatch_layout`` reports per node.
+
+    Optional methods (declared here, raising where a transport lacks them):
+    :meth:`publish_meta` (with ``device_layout``) and :meth:`low_latency_engine`.
     """
 
     #: short name, as accepted by ``Buffer(backend=...)``
     name: str = "base"
+    #: all_gather_ints writes into fixed-size slots (see the class docstring)
+    fixed_slot_exchange: bool = False
+    #: plans whose layout lives on the device can be moved (see the class docstring)
+    device_layout: bool = False
+    #: ranks per node where the transport is node-aware, else None
+    ranks_per_node: Optional[int] = None
     #: programs (SMs) a kernel of this transport may use; set by the Buffer per call from ``Config``
     num_sms: int = 20
 
@@ -65,17 +125,44 @@ class Transport(abc.ABC):
         self,
         group: dist.ProcessGroup,
         device: torch.device,
-        timeout_s: float,
         waiter: "Waiter",
-        options: Optional[Dict[str, Any]] = None,
+        settings: Settings,
+        num_nvl_bytes: int = 0,
     ) -> None:
+        """Args:
+        group: the process group the rows move in.
+        device: where its tensors live (CUDA for an NCCL group, else CPU).
+        waiter: the Buffer's bounded-wait helper (timeouts name the missing ranks).
+        settings: the Buffer's resolved :class:`~deep_ep.settings.Settings`.
+        num_nvl_bytes: staging memory the caller allows (0: the transport's default).
+        """
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = device
-        self.timeout_s = timeout_s
         self.waiter = waiter
-        self.options = dict(options or {})
+        self.settings = settings
+        self.timeout_s = settings.timeout_s
+        self.num_nvl_bytes = int(num_nvl_bytes)
+
+    @classmethod
+    def supported(cls, group: Optional[dist.ProcessGroup] = None) -> Tuple[bool, str]:
+        """Whether this transport can serve ``group`` (``None``: a group of every local GPU), and why.
+
+        Returns:
+            ``(usable, reason)``; the reason is printed by ``deep-ep info``.
+        """
+        return True, "no requirements"
+
+    def publish_meta(self, values: torch.Tensor) -> torch.Tensor:
+        """Store ``values`` (int64 ``[n]`` on the device) into every rank and return every rank's,
+        ``[R, n]`` on the device, without a host sync (transports with :attr:`device_layout` only)."""
+        raise NotImplementedError(f"the {self.name} transport has no device-side metadata exchange")
+
+    def low_latency_engine(self, min_bytes: int) -> Any:
+        """The transport's low-latency kernel engine (``None``: low-latency calls take the pair dispatch of
+        the normal path). ``min_bytes``: staging bytes the caller allows (``num_rdma_bytes``)."""
+        return None
 
     @abc.abstractmethod
     def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:

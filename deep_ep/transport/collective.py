@@ -25,6 +25,7 @@ from .base import (
     Transport,
     alloc_outputs,
     as_bytes,
+    backend_str,
     gather_rows,
     reduce_rows,
     return_positions,
@@ -39,6 +40,15 @@ class CollectiveTransport(Transport):
     """All-to-all over ``torch.distributed`` (NCCL or gloo). See the module docstring."""
 
     name = "collective"
+
+    @classmethod
+    def supported(cls, group: Optional[dist.ProcessGroup] = None) -> Tuple[bool, str]:
+        """Any gloo, NCCL or MPI group (``all_to_all_single``)."""
+        if group is None:
+            return True, "torch.distributed all_to_all_single (NCCL on GPUs, gloo on CPU)"
+        be = backend_str(group)
+        ok = be in ("gloo", "nccl", "mpi") or "nccl" in be or "gloo" in be
+        return ok, f"torch.distributed all_to_all_single on the {be} group"
 
     def all_gather_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
         values = values.to(device=self.device, dtype=torch.int64).contiguous()

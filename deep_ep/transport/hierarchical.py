@@ -33,7 +33,6 @@ sent across nodes.
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,6 +41,7 @@ import torch.distributed as dist
 
 from .. import layout
 from ..errors import DeepEPInputError
+from ..settings import Settings
 from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows, send_positions
 from .collective import CollectiveTransport
 
@@ -49,11 +49,10 @@ __all__ = ["HierarchicalTransport", "ranks_per_node"]
 
 
 def ranks_per_node(group: dist.ProcessGroup, given: Optional[int] = None) -> int:
-    """Ranks per node: ``given``, else ``DEEP_EP_RANKS_PER_NODE``, else from the hostnames (consecutive
-    ranks on one host, every host the same count). Collective when it reads hostnames."""
+    """Ranks per node: ``given`` (the Buffer's ``ranks_per_node`` setting, which ``DEEP_EP_RANKS_PER_NODE``
+    fills), else from the hostnames (consecutive ranks on one host, every host the same count). Collective
+    when it reads hostnames."""
     R = dist.get_world_size(group)
-    if given is None and os.environ.get("DEEP_EP_RANKS_PER_NODE"):
-        given = int(os.environ["DEEP_EP_RANKS_PER_NODE"])
     if given is not None:
         if given < 1 or R % given:
             raise DeepEPInputError(f"ranks_per_node={given} must divide the group size {R}")
@@ -75,22 +74,30 @@ class HierarchicalTransport(CollectiveTransport):
 
     name = "hierarchical"
 
+    @classmethod
+    def supported(cls, group: Optional[dist.ProcessGroup] = None) -> Tuple[bool, str]:
+        """The default group only (it builds rail and node groups from it)."""
+        if group is not None and group is not dist.group.WORLD and dist.get_world_size(group) != dist.get_world_size():
+            return False, "needs the default process group (it builds rail and node groups)"
+        return True, "nodes from the hostnames (or ranks_per_node / DEEP_EP_RANKS_PER_NODE)"
+
     def __init__(
         self,
         group: dist.ProcessGroup,
         device: torch.device,
-        timeout_s: float,
         waiter: Waiter,
-        options: Optional[Dict[str, Any]] = None,
+        settings: Settings,
+        num_nvl_bytes: int = 0,
     ) -> None:
-        Transport.__init__(self, group, device, timeout_s, waiter, options)
+        Transport.__init__(self, group, device, waiter, settings, num_nvl_bytes)
         if dist.get_world_size() != self.num_ranks:
             raise DeepEPInputError(
                 "backend='hierarchical' builds its rail and node groups from the default "
                 "process group: use it on the default group (every rank of the job)"
             )
-        P = ranks_per_node(group, self.options.get("ranks_per_node"))
+        P = ranks_per_node(group, settings.ranks_per_node)
         self.P, self.N = P, self.num_ranks // P
+        self.ranks_per_node = P
         self.node, self.local = self.rank // P, self.rank % P
         g = [dist.get_global_rank(group, r) if group is not dist.group.WORLD else r for r in range(self.num_ranks)]
         self.rail = self.node_group = None

@@ -58,15 +58,16 @@ cached dispatch or a combine only launches copies.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..errors import DeepEPError, DeepEPInputError
-from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows
+from ..settings import Settings
+from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, group_on_cuda, one_host, reduce_rows
 from .nvlink_device import NVLinkDevicePath
 from .nvlink_schedule import (
     _ALIGN,
@@ -75,7 +76,6 @@ from .nvlink_schedule import (
     NVLinkSchedules,
     _align,
     _capturing,
-    _chunk_setting,
     _split,
     _windows,
 )
@@ -131,6 +131,26 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     """Intranode transport over torch symmetric memory (see the module docstring)."""
 
     name = "nvlink"
+
+    @classmethod
+    def supported(cls, group: Optional[dist.ProcessGroup] = None) -> Tuple[bool, str]:
+        """One host, a CUDA group, peer access between the local GPUs, torch symmetric memory."""
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        reasons = []
+        if group is not None and not group_on_cuda(group):
+            reasons.append("the group is not a CUDA (NCCL) group")
+        if n < 2:
+            reasons.append(f"needs >= 2 local GPUs (found {n})")
+        else:
+            peer = all(torch.cuda.can_device_access_peer(i, j) for i in range(n) for j in range(n) if i != j)
+            if not peer:
+                reasons.append("not every pair of local GPUs has peer access")
+        if group is not None and group_on_cuda(group) and not one_host(group):
+            reasons.append("the group spans more than one host")
+        if importlib.util.find_spec("torch.distributed._symmetric_memory") is None:
+            reasons.append("torch symmetric memory is unavailable")
+        return not reasons, "; ".join(reasons) or "all ranks on one host with peer access"
+
     #: all_gather_ints writes into fixed-size slots: vectors of different lengths cannot hang it
     fixed_slot_exchange = True
     #: dispatch by pushing token runs (DEEP_EP_NVLINK_DISPATCH=push), and its chunks
@@ -141,16 +161,16 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self,
         group: dist.ProcessGroup,
         device: torch.device,
-        timeout_s: float,
         waiter: Waiter,
-        options: Optional[Dict[str, Any]] = None,
+        settings: Settings,
+        num_nvl_bytes: int = 0,
     ) -> None:
-        super().__init__(group, device, timeout_s, waiter, options)
+        super().__init__(group, device, waiter, settings, num_nvl_bytes)
         if device.type != "cuda":
             raise DeepEPError("backend='nvlink' needs an NCCL group on CUDA devices")
         import torch.distributed._symmetric_memory as symm_mem
 
-        nbytes = int(self.options.get("num_nvl_bytes") or 0) or DEFAULT_STAGING_BYTES
+        nbytes = self.num_nvl_bytes or DEFAULT_STAGING_BYTES
         sizes: List[Any] = [None] * self.num_ranks  # symmetric memory needs one size on every rank
         dist.all_gather_object(sizes, nbytes, group=group)
         if len(set(sizes)) > 1:
@@ -181,7 +201,7 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             self.hdl = symm_mem.rendezvous(self.buf, name)
         self._use_staging([self.hdl.get_buffer(p, (self.nbytes,), torch.uint8, 0) for p in range(self.num_ranks)])
         self._device_setup()
-        self._barrier_ms = int(timeout_s * 1000) + 10_000  # the host gives up first, with a better message
+        self._barrier_ms = int(self.timeout_s * 1000) + 10_000  # the host gives up first, with a better message
         self._pinned: Optional[torch.Tensor] = None
         self.side = torch.cuda.Stream(device=device)
         # Copies to / from different peers run on their own streams (the copy engines work on several
@@ -189,14 +209,11 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self.peer_streams = (
             [torch.cuda.Stream(device=device) for _ in range(min(self.num_ranks - 1, 7))] if self.num_ranks > 2 else []
         )
-        self.pull_sm = os.environ.get("DEEP_EP_NVLINK_PULL", "copy") == "gather"
-        self.chunks = _chunk_setting()
+        self.pull_sm = settings.nvlink_pull == "gather"
+        self.chunks = settings.nvlink_chunks
         self.min_chunk_bytes = MIN_CHUNK_BYTES
-        mode = os.environ.get("DEEP_EP_NVLINK_DISPATCH", "pull")
-        if mode not in ("pull", "push"):
-            raise DeepEPInputError(f"DEEP_EP_NVLINK_DISPATCH must be 'pull' or 'push', got {mode!r}")
-        self.push = mode == "push"
-        self.push_chunks = _chunk_setting("DEEP_EP_NVLINK_PUSH_CHUNKS", DEFAULT_PUSH_CHUNKS)
+        self.push = settings.nvlink_dispatch == "push"
+        self.push_chunks = settings.nvlink_push_chunks
         theirs = self.all_gather_ints(
             torch.tensor([self.chunks, int(self.push), self.push_chunks]), "nvlink setup"
         ).tolist()

@@ -8,7 +8,6 @@ chunks and windows, and it is computed once per handle (kept in the plan).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -35,17 +34,6 @@ MAX_PUSH_RUNS = 64
 #: chunks of a push dispatch (env ``DEEP_EP_NVLINK_PUSH_CHUNKS``): the copy-out of one overlaps the
 #: copies of the next
 DEFAULT_PUSH_CHUNKS = 2
-
-
-def _chunk_setting(name: str = "DEEP_EP_NVLINK_CHUNKS", default: int = DEFAULT_CHUNKS) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        k = int(raw) if raw else default
-    except ValueError:
-        raise DeepEPInputError(f"{name} must be an int >= 1, got {raw!r}") from None
-    if k < 1:
-        raise DeepEPInputError(f"{name} must be an int >= 1, got {raw!r}")
-    return k
 
 
 def _capturing() -> bool:

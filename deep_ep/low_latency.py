@@ -46,16 +46,17 @@ pending hooks, as DeepEP); ``dispatch_wait_recv_cost_stats`` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from . import layout
+from . import layout, validate
+from .agreement import Problem
 from .compress import make_codec
 from .config import EventOverlap
 from .errors import DeepEPInputError, DeepEPTypeError
 
-__all__ = ["LowLatencyHandle", "LowLatencyMethods", "low_latency_dispatch", "low_latency_combine", "rdma_size_hint"]
+__all__ = ["LowLatencyHandle", "LowLatency", "low_latency_dispatch", "low_latency_combine", "rdma_size_hint"]
 
 
 @dataclass
@@ -112,8 +113,11 @@ def _check(buf, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int) -> Tupl
             f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} "
             f"{list(getattr(topk_idx, 'shape', []))}"
         )
-    buf._check_device(x, "x")
-    buf._check_device(topk_idx, "topk_idx")
+    try:
+        validate.check_device(x, buf.device, "x", code=8)
+        validate.check_device(topk_idx, buf.device, "topk_idx", code=8)
+    except Problem as p:
+        raise p.exc from None
     return T, H, topk_idx.size(1)
 
 
@@ -145,6 +149,7 @@ def _check_distinct(topk_idx: torch.Tensor) -> None:
 
 def low_latency_dispatch(
     buf,
+    engine,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     num_max_dispatch_tokens_per_rank: int,
@@ -175,11 +180,11 @@ def low_latency_dispatch(
             layout.check_topk_idx(topk_idx, E)
             _check_distinct(topk_idx)
     except (DeepEPInputError, DeepEPTypeError) as exc:
-        if not _kernel_path_possible(buf):  # the other ranks, inside their pair dispatch, learn it and raise
+        if engine is None:  # the other ranks, inside their pair dispatch, learn it and raise
             _reject_everywhere(buf)  # (on the kernel path nothing can tell them: they time out)
         raise exc
     L = E // R
-    fast = _fast_path(buf, H)
+    fast = engine if engine is not None and H % 8 == 0 else None
     if fast is not None:  # invalid ids are skipped and flagged by the kernel (no host sync)
         recv_x, recv_count, state, hk = fast.dispatch(
             x, topk_idx, M, E, use_fp8, round_scale, use_ue8m0, cumulative_local_expert_recv_stats, return_recv_hook
@@ -233,6 +238,7 @@ def low_latency_dispatch(
 
 def low_latency_combine(
     buf,
+    engine,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -281,7 +287,7 @@ def low_latency_combine(
     if out is not None and (tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16):
         raise DeepEPInputError(f"out must be bfloat16 [{T}, {H}], got {out.dtype} {list(out.shape)}")
     if handle.fast is not None:
-        fast = _fast_path(buf, H)
+        fast = engine if engine is not None and H % 8 == 0 else None
         if fast is None:
             raise DeepEPInputError("this handle comes from the nvlink kernel path of another Buffer")
         res = out if out is not None else torch.empty((T, H), dtype=torch.bfloat16, device=x.device)
@@ -311,33 +317,6 @@ def next_combine_buffer(handle: LowLatencyHandle, num_ranks: int, device: torch.
     return handle.combine_buffer
 
 
-def _kernel_path_possible(buf) -> bool:
-    """Whether low-latency calls of this Buffer take the kernel path for a hidden size that allows it
-    (nvlink transport, Triton on its device, not ``DEEP_EP_CHECK``)."""
-    from . import kernels
-
-    return (
-        getattr(buf._transport, "name", "") == "nvlink"
-        and not buf._check_every_call
-        and kernels.available_on(buf.device)
-    )
-
-
-def _fast_path(buf, hidden: int):
-    """The Buffer's :class:`~deep_ep.transport.nvlink_ll.NVLinkLowLatency` where the kernel path applies
-    (:func:`_kernel_path_possible` and ``hidden`` a multiple of 8), else ``None``. Every rank decides the
-    same (same transport, settings and hidden)."""
-    if hidden % 8 or not _kernel_path_possible(buf):
-        return None
-    t = buf._transport
-    st = buf._ll_nvlink
-    if st is None:
-        from .transport.nvlink_ll import NVLinkLowLatency
-
-        st = buf._ll_nvlink = NVLinkLowLatency(t, buf.num_rdma_bytes)
-    return st if st.usable else None
-
-
 def _event(async_finish: bool, t: torch.Tensor) -> EventOverlap:
     """The returned event: recorded after all of the call's work on the current stream (async), else none."""
     if async_finish and t.is_cuda:
@@ -347,94 +326,57 @@ def _event(async_finish: bool, t: torch.Tensor) -> EventOverlap:
     return EventOverlap(None)
 
 
-class LowLatencyMethods:
-    """The low-latency methods of :class:`deep_ep.Buffer` (API.md 2.4; a mixin, see the module docstring)."""
+class LowLatency:
+    """The low-latency mode of one :class:`deep_ep.Buffer` (API.md 2.4), a component the Buffer owns.
 
-    def low_latency_dispatch(
-        self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        num_max_dispatch_tokens_per_rank: int,
-        num_experts: int,
-        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
-        use_fp8: bool = True,
-        round_scale: bool = False,
-        use_ue8m0: bool = False,
-        async_finish: bool = False,
-        return_recv_hook: bool = False,
-    ):
-        """Low-latency dispatch (API.md 2.4): one message per (token, selected expert), fixed shapes.
+    It uses the Buffer's public methods (the pair dispatch of the normal path) and, where the
+    Buffer's transport has one, the transport's low-latency kernel engine (``engine()``: made on the
+    first call, ``None`` where the kernels do not apply: other transports, no Triton on the device,
+    ``DEEP_EP_CHECK``).
+    """
 
-        Returns ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is
-        ``(float8_e4m3fn [L, R*M, H], float32 scales [L, R*M, H/128])`` (UE8M0:
-        int32 ``[L, R*M, H/512]``) or bf16 ``[L, R*M, H]`` without ``use_fp8``;
-        the first ``recv_count[l]`` rows of expert ``l`` are valid (source rank,
-        then token order). No host sync on nvlink (capturable). See
-        :mod:`deep_ep.low_latency` for how it differs from DeepEP's kernels.
+    def __init__(self, buffer: Any, engine: Callable[[], Any]) -> None:
+        """Args:
+        buffer: the owning :class:`deep_ep.Buffer`.
+        engine: makes the transport's low-latency engine (or returns ``None``); called once, lazily.
         """
-        self._check_alive()
-        return low_latency_dispatch(
-            self,
-            x,
-            topk_idx,
-            num_max_dispatch_tokens_per_rank,
-            num_experts,
-            cumulative_local_expert_recv_stats,
-            dispatch_wait_recv_cost_stats,
-            use_fp8,
-            round_scale,
-            use_ue8m0,
-            async_finish,
-            return_recv_hook,
-        )
+        self.buffer = buffer
+        self._make_engine = engine
+        self._engine: Any = None
+        self._made = False
 
-    def low_latency_combine(
-        self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
-        handle: Any,
-        use_logfmt: bool = False,
-        zero_copy: bool = False,
-        async_finish: bool = False,
-        return_recv_hook: bool = False,
-        out: Optional[torch.Tensor] = None,
-        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
-    ):
-        """Low-latency combine (API.md 2.4): ``out[t] = sum_k topk_weights[t, k] * x[expert k, slot of t]``
-        (float32 sum, bf16 result; -1 entries skipped). Returns ``(combined_x, event, hook)``."""
-        self._check_alive()
-        return low_latency_combine(
-            self,
-            x,
-            topk_idx,
-            topk_weights,
-            handle,
-            use_logfmt,
-            zero_copy,
-            async_finish,
-            return_recv_hook,
-            out,
-            combine_wait_recv_cost_stats,
-        )
+    @property
+    def engine(self) -> Any:
+        """The kernel engine (``None``: the pair-dispatch path)."""
+        if not self._made:
+            self._engine, self._made = self._make_engine(), True
+        return self._engine if self._engine is None or getattr(self._engine, "usable", True) else None
 
-    def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:
-        """The bf16 ``[L, R*M, H]`` buffer a ``zero_copy`` low-latency combine of ``handle`` reads: write the
-        expert outputs into it, then call ``low_latency_combine(..., zero_copy=True)``."""
+    def dispatch(self, *args: Any) -> Any:
+        """See :meth:`deep_ep.Buffer.low_latency_dispatch` (same arguments, positional)."""
+        return low_latency_dispatch(self.buffer, self.engine, *args)
+
+    def combine(self, *args: Any) -> Any:
+        """See :meth:`deep_ep.Buffer.low_latency_combine` (same arguments, positional)."""
+        return low_latency_combine(self.buffer, self.engine, *args)
+
+    def next_combine_buffer(self, handle: Any) -> torch.Tensor:
+        """See :meth:`deep_ep.Buffer.get_next_low_latency_combine_buffer`."""
         if not isinstance(handle, LowLatencyHandle):
             raise DeepEPTypeError(f"handle must be the one low_latency_dispatch returned, got {type(handle).__name__}")
-        return next_combine_buffer(handle, self.num_ranks, self.device)
+        return next_combine_buffer(handle, self.buffer.num_ranks, self.buffer.device)
 
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """DeepEP's buffer reset; deep_ep's low-latency calls keep no state between calls, so this only checks
-        its arguments (as low_latency_dispatch does: positive ints, ``num_experts`` a positive multiple of the
-        number of ranks; ``num_experts=0`` or negative multiples used to pass)."""
-        self._check_alive()
+    def clean(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """See :meth:`deep_ep.Buffer.clean_low_latency_buffer` (checks its arguments)."""
         args = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        if not all(isinstance(a, int) and a >= 1 for a in args) or num_experts % self.num_ranks:
+        if not all(isinstance(a, int) and a >= 1 for a in args) or num_experts % self.buffer.num_ranks:
             raise DeepEPInputError(
                 f"clean_low_latency_buffer: num_experts={num_experts!r} must be a positive "
-                f"multiple of {self.num_ranks}, num_max_dispatch_tokens_per_rank="
+                f"multiple of {self.buffer.num_ranks}, num_max_dispatch_tokens_per_rank="
                 f"{num_max_dispatch_tokens_per_rank!r} and hidden={hidden!r} positive ints"
             )
+
+    def destroy(self) -> None:
+        """Release the engine's staging (if one was made)."""
+        if self._engine is not None:
+            self._engine.destroy()

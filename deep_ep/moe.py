@@ -62,7 +62,7 @@ from .buffer import Buffer
 from .errors import DeepEPInputError
 from .experts import _acc, _gmm, _gmm_weight_grad, _silu_grad, _swiglu, dense_moe_reference, route_tokens
 from .moe_pipeline import _Pipeline, _record, chunk_layouts
-from .transport.base import reduce_rows
+from .rows import reduce_rows
 
 __all__ = ["ExpertParallelMoE", "MoEStats", "route_tokens", "dense_moe_reference"]
 

@@ -95,7 +95,7 @@ class SparseCollective:
         self.num_experts = num_experts
         per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(route, num_experts)
         self._layout = (per_rank, per_expert, in_rank)
-        self.traffic = self.buffer._transport.all_gather_ints(per_rank.to(torch.int64), "SparseCollective traffic")
+        self.traffic = self.buffer.exchange_ints(per_rank, "SparseCollective traffic")
         self.density = float((self.traffic > 0).sum()) / float(R * R)
         self.handle: Optional[DispatchHandle] = None
         self.recv_expert_idx: Optional[torch.Tensor] = None

@@ -168,7 +168,7 @@ def test_nvlink_schedule_matches_oracle(R, mode, seed, chunks):
             got = results[r][rep][2]
             assert_same(got[0], want[r][0], f"combined x rank {r} rep {rep}")
             assert_same(got[1], want[r][1], f"combined weights rank {r} rep {rep}")
-    scheds = {k: v for k, v in plans[0].extra.items() if isinstance(k, tuple) and k[0].startswith("nvlink")}
+    scheds = {k: v for k, v in plans[0].cache.items() if isinstance(k, tuple) and k[0].startswith("nvlink")}
     assert len(scheds) == 3
     for (kind, widths), sc in scheds.items():
         big = kind == "nvlink_dispatch" and len(widths) == 3
@@ -181,7 +181,7 @@ def test_nvlink_schedule_matches_oracle(R, mode, seed, chunks):
     from deep_ep.transport.nvlink import _split
 
     for r in range(R):
-        sc = plans[r].extra[next(k for k in plans[r].extra if isinstance(k, tuple) and k[0] == "nvlink_combine")]
+        sc = plans[r].cache[next(k for k in plans[r].cache if isinstance(k, tuple) and k[0] == "nvlink_combine")]
         C = plans[r].counts.tolist()
         slots = layout.token_slots(masks[r])
         for c, t_ready in enumerate(sc["ready"]):
@@ -238,7 +238,7 @@ def test_nvlink_device_path_matches_oracle(R, seed, extra):
                 num_out_rows=worst,
                 counts=None,
             )
-            plan.extra["device"] = layout.device_layout(masks[r], counts, r)
+            plan.device = layout.device_layout(masks[r], counts, r)
             recv = t.dispatch(plan, [case.xs[r], case.topk_idx[r], case.topk_weights[r]], alloc)
             again = t.dispatch(plan, [case.xs[r] * (3 + rep)], alloc)
             got = t.combine(plan, recv[0] * (r + 2), recv[2], [bias[r]], alloc)
@@ -252,7 +252,7 @@ def test_nvlink_device_path_matches_oracle(R, seed, extra):
             recv, again, _, plan, host = results[r][rep]
             assert_same(host[0], exp[r].recv_x[: exp[r].num_recv_tokens] * 5, f"host-path dispatch rank {r}")
             n = exp[r].num_recv_tokens
-            assert int(plan.extra["device"]["recv"][0]) == n
+            assert int(plan.device.recv[0]) == n
             assert_same(plan.rank_prefix_matrix, exp[r].rank_prefix_matrix.to(torch.int32), "rank_prefix_matrix")
             assert recv[0].shape[0] == worst
             assert_same(recv[0][:n], exp[r].recv_x[:n], f"recv_x rank {r} rep {rep}")
@@ -344,7 +344,7 @@ def test_nvlink_push_dispatch_matches_oracle(R, mode, seed, chunks, max_runs, mo
             assert_same(got_idx, exp[r].recv_topk_idx, f"recv_topk_idx rank {r}")
             assert_same(again[0], exp[r].recv_x * (3 + rep), f"recv_x (x only) rank {r} rep {rep}")
     for r in range(R):
-        pushed = [v for k, v in plans[r].extra.items() if isinstance(k, tuple) and k[0] == "nvlink_push"]
+        pushed = [v for k, v in plans[r].cache.items() if isinstance(k, tuple) and k[0] == "nvlink_push"]
         oks.append(all(v is not None for v in pushed) and bool(pushed))
         if oks[-1]:
             assert all(len(v["chunks"]) == chunks for v in pushed)

@@ -1,4 +1,5 @@
-"""Triton twins of :class:`deep_ep.compress.Codec` ``encode`` / ``decode`` (same bytes, same values).
+"""Triton kernels of the codecs (:mod:`deep_ep.codecs`): each level's encode / decode, the twin of its
+``encode_reference`` / ``decode_reference`` (same bytes, same values), launched by the codec class.
 
 Every step is exact or correctly rounded as in the torch reference: one IEEE
 division (``div_rn``) per block for the scale and its inverse, then multiplications, round-half-even (``rint``), float32 -> fp8 / bf16 casts
@@ -285,65 +286,82 @@ def _dec_auto(p_ptr, out_ptr, H, NB, W, NBP: tl.constexpr):
     tl.store(out_ptr + row * H + col, _out(v, out_ptr), mask=bm[:, None] & (col < H))
 
 
-def encode(
-    codec, x: torch.Tensor, index: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Packed rows of ``x`` (``[T, H]``), or of ``x[index]``, in ``codec``'s format, into ``out`` (``uint8
-    [N, row_bytes]`` with contiguous rows, e.g. a staging region) or a new tensor; same bytes as
-    ``codec.encode_reference``."""
-    x = x.contiguous()
-    H = x.size(1)
-    T = index.numel() if index is not None else x.size(0)
-    nb, W = codec.blocks, codec.row_bytes
-    if out is None:
-        out = torch.empty((T, W), dtype=torch.uint8, device=x.device)
-    if T == 0:
-        return out
-    g = index is not None
-    idx = index.contiguous() if g else x
-    if codec.level == 8:
-        bb = 8
-        _enc8[(T, triton.cdiv(nb, bb))](
-            x,
-            idx,
-            out,
-            H,
-            nb,
-            W,
-            codec.scale_bytes,
-            BB=bb,
-            ROUND=codec.round_scale,
-            UE8M0=codec.use_ue8m0,
-            GATHER=g,
-            num_warps=4,
-        )
-    elif codec.level == 4:
-        bb = 32
-        _enc4[(T, triton.cdiv(nb, bb))](x, idx, out, H, nb, W, codec.scale_bytes, BB=bb, GATHER=g, num_warps=4)
-    else:
-        _enc_auto[(T,)](
-            x, idx, out, H, nb, W, codec.upgrades, NBP=max(16, triton.next_power_of_2(nb)), GATHER=g, num_warps=8
-        )
-    return out
+def encode_fp8(codec, x: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """Level 8 (:class:`~deep_ep.codecs.Fp8Codec`): rows of ``x`` (``[T, H]`` contiguous), or ``x[index]``, into
+    ``out`` (``uint8 [N, row_bytes]``, contiguous rows); the same bytes as ``codec.encode_reference``."""
+    T, H, nb, W = _rows(x, index), x.size(1), codec.blocks, codec.row_bytes
+    bb = 8
+    _enc8[(T, triton.cdiv(nb, bb))](
+        x,
+        index if index is not None else x,
+        out,
+        H,
+        nb,
+        W,
+        codec.scale_bytes,
+        BB=bb,
+        ROUND=codec.round_scale,
+        UE8M0=codec.use_ue8m0,
+        GATHER=index is not None,
+        num_warps=4,
+    )
 
 
-def decode(codec, packed: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[N, H]`` of ``dtype`` from packed rows (into ``out``, contiguous, when given); same values as
-    ``codec.decode_reference``."""
-    packed = packed.contiguous()
+def decode_fp8(codec, packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Level 8: ``packed`` (``uint8 [N, row_bytes]`` contiguous) into ``out`` (``[N, H]`` contiguous); the same
+    values as ``codec.decode_reference`` in ``out.dtype``."""
     N, H, nb, W = packed.size(0), codec.hidden, codec.blocks, codec.row_bytes
-    if out is None:
-        out = torch.empty((N, H), dtype=dtype, device=packed.device)
-    if N == 0:
-        return out
-    if codec.level == 8:
-        bb = 8
-        _dec8[(N, triton.cdiv(nb, bb))](
-            packed, out, H, nb, W, codec.scale_bytes, BB=bb, UE8M0=codec.use_ue8m0, num_warps=4
-        )
-    elif codec.level == 4:
-        bb = 32
-        _dec4[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, num_warps=4)
-    else:
-        _dec_auto[(N,)](packed, out, H, nb, W, NBP=max(16, triton.next_power_of_2(nb)), num_warps=8)
-    return out
+    bb = 8
+    _dec8[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, UE8M0=codec.use_ue8m0, num_warps=4)
+
+
+def encode_int4(codec, x: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """Level 4 (:class:`~deep_ep.codecs.Int4Codec`): as :func:`encode_fp8`."""
+    T, H, nb, W = _rows(x, index), x.size(1), codec.blocks, codec.row_bytes
+    bb = 32
+    _enc4[(T, triton.cdiv(nb, bb))](
+        x,
+        index if index is not None else x,
+        out,
+        H,
+        nb,
+        W,
+        codec.scale_bytes,
+        BB=bb,
+        GATHER=index is not None,
+        num_warps=4,
+    )
+
+
+def decode_int4(codec, packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Level 4: as :func:`decode_fp8`."""
+    N, H, nb, W = packed.size(0), codec.hidden, codec.blocks, codec.row_bytes
+    bb = 32
+    _dec4[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, num_warps=4)
+
+
+def encode_auto(codec, x: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """Level ``'auto'`` (:class:`~deep_ep.codecs.AutoCodec`): as :func:`encode_fp8`."""
+    T, H, nb, W = _rows(x, index), x.size(1), codec.blocks, codec.row_bytes
+    _enc_auto[(T,)](
+        x,
+        index if index is not None else x,
+        out,
+        H,
+        nb,
+        W,
+        codec.upgrades,
+        NBP=max(16, triton.next_power_of_2(nb)),
+        GATHER=index is not None,
+        num_warps=8,
+    )
+
+
+def decode_auto(codec, packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Level ``'auto'``: as :func:`decode_fp8`."""
+    N, H, nb, W = packed.size(0), codec.hidden, codec.blocks, codec.row_bytes
+    _dec_auto[(N,)](packed, out, H, nb, W, NBP=max(16, triton.next_power_of_2(nb)), num_warps=8)
+
+
+def _rows(x: torch.Tensor, index: Optional[torch.Tensor]) -> int:
+    return index.numel() if index is not None else x.size(0)

@@ -19,18 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .base import (
-    Alloc,
-    Plan,
-    Transport,
-    alloc_outputs,
-    as_bytes,
-    backend_str,
-    gather_rows,
-    reduce_rows,
-    return_positions,
-    send_token_order,
-)
+from ..rows import Alloc, as_bytes, gather_rows, reduce_rows
+from .base import Plan, Transport, alloc_outputs, backend_str, return_positions, send_token_order
 
 # torch >= 2.12 renamed all_gather_into_tensor to all_gather_single.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

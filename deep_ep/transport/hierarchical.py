@@ -41,8 +41,10 @@ import torch.distributed as dist
 
 from .. import layout
 from ..errors import DeepEPInputError
+from ..rows import Alloc, as_bytes, reduce_rows
 from ..settings import Settings
-from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows, send_positions
+from ..waiting import Waiter
+from .base import Plan, Transport, alloc_outputs, send_positions
 from .collective import CollectiveTransport
 
 __all__ = ["HierarchicalTransport", "ranks_per_node"]
@@ -132,7 +134,7 @@ class HierarchicalTransport(CollectiveTransport):
 
     # ---------------------------------------------------------------- schedule (once per plan)
     def _schedule(self, plan: Plan) -> Dict[str, Any]:
-        sched = plan.extra.get("hierarchical")
+        sched = plan.cache.get(("hierarchical",))
         if sched is not None:
             return sched
         if plan.counts is None:
@@ -175,7 +177,7 @@ class HierarchicalTransport(CollectiveTransport):
             node_mask=node_mask,
             internode_rows=sum(send1) - send1[node],
         )
-        plan.extra["hierarchical"] = sched
+        plan.cache[("hierarchical",)] = sched
         return sched
 
     def _stage2_order(self, sched: Dict[str, Any], m2: torch.Tensor) -> torch.Tensor:

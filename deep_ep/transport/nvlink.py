@@ -66,8 +66,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DeepEPError, DeepEPInputError
+from ..rows import Alloc, as_bytes, reduce_rows
 from ..settings import Settings
-from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, group_on_cuda, one_host, reduce_rows
+from ..waiting import Waiter
+from .base import Plan, Transport, alloc_outputs, group_on_cuda, one_host
 from .nvlink_device import NVLinkDevicePath
 from .nvlink_schedule import (
     _ALIGN,
@@ -360,9 +362,9 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         ``rows[0]`` right after their copy (on the same stream, so it overlaps the next pulls and packs);
         this rank's own rows take the round trip. The device path (``num_worst_tokens``) encodes first
         and decodes after."""
-        if codec is not None and "device" in plan.extra:
+        if codec is not None and plan.device is not None:
             return super().dispatch_encoded(plan, rows, alloc, codec)
-        if "device" in plan.extra:
+        if plan.device is not None:
             return self._device_dispatch(plan, rows, alloc, _words)
         if plan.counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
@@ -491,7 +493,7 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         me = self.rank
         n_recv = plan.num_recv_tokens
-        if "device" in plan.extra:  # rows beyond the real ones are never read
+        if plan.device is not None:  # rows beyond the real ones are never read
             srcs = [x if codec is None else codec.encode(x)]
             if weights is not None:
                 srcs.append(weights.float().contiguous())
@@ -609,6 +611,17 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
                     part.copy_(got)
             t0 = t1
         return out, out_w
+
+    def low_latency_engine(self, min_bytes: int):
+        """The low-latency kernel engine (:class:`~deep_ep.transport.nvlink_ll.NVLinkLowLatency`) where Triton
+        runs on this device, else ``None`` (low-latency calls then take the pair dispatch)."""
+        from .. import kernels
+
+        if not kernels.available_on(self.device):
+            return None
+        from .nvlink_ll import NVLinkLowLatency
+
+        return NVLinkLowLatency(self, min_bytes)
 
     def destroy(self) -> None:
         """Drop the staging and its peers' views (the symmetric memory is freed with them)."""

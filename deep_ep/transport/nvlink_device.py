@@ -2,7 +2,7 @@
 
 A ``num_worst_tokens`` dispatch must not synchronise with the host (so that it
 can be captured in a CUDA graph with fresh routing every replay). Its plan
-carries ``extra["device"]`` (:func:`deep_ep.layout.device_layout`): every
+carries ``device`` (:func:`deep_ep.layout.device_layout`): every
 row's destination slot, computed on the device from the counts the ranks
 published into each other's metadata areas (:meth:`publish_meta`). Such a
 plan, and every plan of a dispatch where any rank passed
@@ -36,7 +36,8 @@ import torch
 
 from .. import kernels
 from ..errors import DeepEPInputError
-from .base import Alloc, Plan, reduce_rows
+from ..rows import Alloc, reduce_rows
+from .base import Plan
 
 
 class NVLinkDevicePath:
@@ -102,7 +103,7 @@ class NVLinkDevicePath:
     def _device_dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, words) -> List[torch.Tensor]:
         from .nvlink_schedule import _capturing
 
-        dl, me, R = plan.extra["device"], self.rank, self.num_ranks
+        dl, me, R = plan.device, self.rank, self.num_ranks
         outs = [alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype) for t in rows]
         if not rows:
             return outs
@@ -113,7 +114,7 @@ class NVLinkDevicePath:
         self._graph = _capturing()
         start = self._begin_phase(True)
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
-        slot = dl["slot"]
+        slot = dl.slot
         if fast:  # every row tensor in one launch
             from ..kernels import scatter
 
@@ -128,7 +129,7 @@ class NVLinkDevicePath:
                 self.num_sms,
             )
             self._barrier()
-            scatter.copy_out(regions, dst, dl["recv"], self.num_sms)
+            scatter.copy_out(regions, dst, dl.recv, self.num_sms)
         else:
             for sw, w, o in zip(src, widths, offsets):
                 if sw.size(0):
@@ -140,7 +141,7 @@ class NVLinkDevicePath:
             for sw, dw, w, o in zip(src, dst, widths, offsets):
                 if dw.size(0):
                     mine = self._region(me, start + o, cap, w, sw.dtype)
-                    keep = torch.arange(dw.size(0), device=dw.device) < dl["recv"][0]
+                    keep = torch.arange(dw.size(0), device=dw.device) < dl.recv[0]
                     torch.where(
                         keep.unsqueeze(1), mine[: dw.size(0)], torch.zeros((), dtype=dw.dtype, device=dw.device), out=dw
                     )
@@ -160,14 +161,14 @@ class NVLinkDevicePath:
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         from .nvlink_schedule import _capturing
 
-        dl, me, R = plan.extra["device"], self.rank, self.num_ranks
+        dl, me, R = plan.device, self.rank, self.num_ranks
         src = [words(t) for t in srcs]
         widths = tuple(t.size(1) * t.element_size() for t in src)
         cap, offsets = self._device_fits(R * plan.num_tokens, widths, "the combine of this num_worst_tokens handle")
         self._graph = _capturing()
         start = self._begin_phase(True)
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
-        ret = dl["ret"]
+        ret = dl.ret
         if fast:  # the rows and their weights in one launch
             from ..kernels import scatter
 
@@ -196,7 +197,7 @@ class NVLinkDevicePath:
             self._region(me, start + o, cap, w, torch.uint8).view(t.dtype).view(cap, t.size(1))
             for t, w, o in zip(srcs, widths, offsets)
         ]
-        pos = dl["combine_pos"]
+        pos = dl.combine_pos
         local = srcs[0]
         if codec is not None:  # rows at send positions < R * T; own rows decoded too
             backs[0] = codec.decode(backs[0][: R * plan.num_tokens], dtype)

@@ -2,7 +2,7 @@
 
 On the nvlink transport with Triton (hidden a multiple of 8) each call is
 one send kernel, one device barrier and one receive kernel
-(:mod:`deep_ep.transport.nvlink_ll`): fp8 cast fused into the send, rows
+(:mod:`deep_ep.transport.nvlink.low_latency`): fp8 cast fused into the send, rows
 stored straight into the receivers' symmetric memory (once per destination
 rank, not once per expert), no host sync (CUDA graphs), and
 ``return_recv_hook=True`` splits the call as DeepEP does (the call sends,
@@ -81,7 +81,7 @@ def _noop() -> None:
 def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """Staging bytes low-latency calls may need: the nvlink kernel path's two areas for bf16 rows (the
     widest; fp8 needs less), which also bound the pair rows of the other paths."""
-    from .transport.nvlink_ll import area_layout
+    from .transport.nvlink.low_latency import area_layout
 
     R = max(num_ranks, 1)
     E = max(num_experts // R, 1) * R

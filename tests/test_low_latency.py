@@ -598,10 +598,10 @@ def test_low_latency_remote_error(rank_pool):
 
 
 def test_low_latency_kernel_path_ordering_rules():
-    """The kernel path's host-side ordering (deep_ep/transport/nvlink_ll.py), with a stand-in arena: calls
+    """The kernel path's host-side ordering (deep_ep/transport/nvlink/low_latency.py), with a stand-in arena: calls
     alternate areas; a call passes a leading barrier while a hook is pending or once a capture happened;
     a third call with two hooks pending raises; a hook runs once."""
-    from deep_ep.transport.nvlink_ll import NVLinkLowLatency
+    from deep_ep.transport.nvlink.low_latency import NVLinkLowLatency
 
     class Arena:
         nbytes, seq, barriers = 1 << 20, 0, 0

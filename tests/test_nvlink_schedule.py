@@ -13,7 +13,8 @@ import torch
 from deep_ep import layout
 from deep_ep import reference as ref
 from deep_ep.transport.base import Plan
-from deep_ep.transport.nvlink import _META_SLOT, NVLinkTransport, _windows
+from deep_ep.transport.nvlink.schedule import _windows
+from deep_ep.transport.nvlink.transport import _META_SLOT, NVLinkTransport
 from tests._cases import assert_same, make_case
 
 
@@ -178,7 +179,7 @@ def test_nvlink_schedule_matches_oracle(R, mode, seed, chunks):
             n_chunks = len(sc["steps"][0][0] if kind == "nvlink_combine" else sc["steps"][0])
             assert n_chunks == chunks
     # Combine reduces tokens below ready[c] after chunk c: each must have all its rows by then.
-    from deep_ep.transport.nvlink import _split
+    from deep_ep.transport.nvlink.schedule import _split
 
     for r in range(R):
         sc = plans[r].cache[next(k for k in plans[r].cache if isinstance(k, tuple) and k[0] == "nvlink_combine")]
@@ -292,7 +293,7 @@ def test_nvlink_push_dispatch_matches_oracle(R, mode, seed, chunks, max_runs, mo
     """The push dispatch (copies of token runs into the receivers' staging, chunked copy-out) against the
     oracle, twice in a row with a combine between (halves alternate); with few runs allowed, or rows that
     do not fit one area, it falls back to the pull and still matches."""
-    import deep_ep.transport.nvlink_schedule as ns
+    import deep_ep.transport.nvlink.schedule as ns
 
     monkeypatch.setattr(ns, "MAX_PUSH_RUNS", max_runs)
     case = make_case(

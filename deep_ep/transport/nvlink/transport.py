@@ -24,7 +24,7 @@ half's previous use: no second barrier is needed for flow control.
   (default 2) with one barrier each; the receiver copies each chunk out of
   its half on the side stream while the next chunk's copies run. Used where
   a rank sends at most 64 runs to a peer and every rank's received rows fit
-  one area (:meth:`~deep_ep.transport.nvlink_schedule.NVLinkSchedules._push_schedule`),
+  one area (:meth:`~deep_ep.transport.nvlink.schedule.NVLinkSchedules._push_schedule`),
   else the pull; not yet measured on two GPUs, so off by default.
 - **combine** (push): each rank copies the rows it returns to source ``s``
   (a contiguous block of its received rows) into ``s``'s half at the offset
@@ -65,13 +65,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..errors import DeepEPError, DeepEPInputError
-from ..rows import Alloc, as_bytes, reduce_rows
-from ..settings import Settings
-from ..waiting import Waiter
-from .base import Plan, Transport, alloc_outputs, group_on_cuda, one_host
-from .nvlink_device import NVLinkDevicePath
-from .nvlink_schedule import (
+from ...errors import DeepEPError, DeepEPInputError
+from ...rows import Alloc, as_bytes, reduce_rows
+from ...settings import Settings
+from ...waiting import Waiter
+from ..base import Plan, Transport, alloc_outputs, group_on_cuda, one_host
+from .device_path import NVLinkDevicePath
+from .schedule import (
     _ALIGN,
     DEFAULT_PUSH_CHUNKS,
     MIN_CHUNK_BYTES,
@@ -613,13 +613,13 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         return out, out_w
 
     def low_latency_engine(self, min_bytes: int):
-        """The low-latency kernel engine (:class:`~deep_ep.transport.nvlink_ll.NVLinkLowLatency`) where Triton
+        """The low-latency kernel engine (:class:`~deep_ep.transport.nvlink.low_latency.NVLinkLowLatency`) where Triton
         runs on this device, else ``None`` (low-latency calls then take the pair dispatch)."""
-        from .. import kernels
+        from ... import kernels
 
         if not kernels.available_on(self.device):
             return None
-        from .nvlink_ll import NVLinkLowLatency
+        from .low_latency import NVLinkLowLatency
 
         return NVLinkLowLatency(self, min_bytes)
 

@@ -7,8 +7,8 @@ from typing import List
 
 import torch
 
-from . import layout
-from .config import EventOverlap
+from .. import layout
+from ..config import EventOverlap
 
 
 class _Pipeline(torch.autograd.Function):

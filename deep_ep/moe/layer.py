@@ -58,11 +58,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .buffer import Buffer
-from .errors import DeepEPInputError
+from ..buffer import Buffer
+from ..errors import DeepEPInputError
+from ..rows import reduce_rows
 from .experts import _acc, _gmm, _gmm_weight_grad, _silu_grad, _swiglu, dense_moe_reference, route_tokens
-from .moe_pipeline import _Pipeline, _record, chunk_layouts
-from .rows import reduce_rows
+from .pipeline import _Pipeline, _record, chunk_layouts
 
 __all__ = ["ExpertParallelMoE", "MoEStats", "route_tokens", "dense_moe_reference"]
 

@@ -3,7 +3,7 @@
 Everything here depends only on the layout (the counts every rank agreed on),
 the row widths and the staging size, so every rank computes the same rounds,
 chunks and windows, and it is computed once per handle (kept in the plan).
-:class:`NVLinkSchedules` is a mixin of :class:`~deep_ep.transport.nvlink.NVLinkTransport`.
+:class:`NVLinkSchedules` is a mixin of :class:`~deep_ep.transport.nvlink.transport.NVLinkTransport`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from .. import layout
-from ..errors import DeepEPError, DeepEPInputError
-from .base import Plan, send_token_order
+from ... import layout
+from ...errors import DeepEPError, DeepEPInputError
+from ..base import Plan, send_token_order
 
 _ALIGN = 256
 

@@ -63,8 +63,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from ..errors import DeepEPError, DeepEPInputError
-from .nvlink_schedule import _capturing
+from ...errors import DeepEPError, DeepEPInputError
+from .schedule import _capturing
 
 _ALIGN = 256
 
@@ -245,7 +245,7 @@ class NVLinkLowLatency:
         hook: bool,
     ) -> Tuple[Any, torch.Tensor, Dict[str, Any], Optional[Callable[[], None]]]:
         """Send now; receive now or in the returned hook. Returns ``(recv_x, recv_count, state, hook)``."""
-        from ..kernels import low_latency as k
+        from ...kernels import low_latency as k
 
         self._raise_flagged()
         R = self.transport.num_ranks
@@ -299,7 +299,7 @@ class NVLinkLowLatency:
         hook: bool,
     ) -> Optional[Callable[[], None]]:
         """Send ``y``'s rows home now; reduce into ``out`` now or in the returned hook."""
-        from ..kernels import low_latency as k
+        from ...kernels import low_latency as k
 
         self._raise_flagged()
         a = self.arena

@@ -34,14 +34,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import kernels
-from ..errors import DeepEPInputError
-from ..rows import Alloc, reduce_rows
-from .base import Plan
+from ... import kernels
+from ...errors import DeepEPInputError
+from ...rows import Alloc, reduce_rows
+from ..base import Plan
 
 
 class NVLinkDevicePath:
-    """Mixin of :class:`~deep_ep.transport.nvlink.NVLinkTransport` (needs its staging helpers)."""
+    """Mixin of :class:`~deep_ep.transport.nvlink.transport.NVLinkTransport` (needs its staging helpers)."""
 
     #: the Buffer may build plans whose layout lives on the device (num_worst_tokens dispatch)
     device_layout = True
@@ -101,7 +101,7 @@ class NVLinkDevicePath:
 
     # ---------------------------------------------------------------- dispatch
     def _device_dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, words) -> List[torch.Tensor]:
-        from .nvlink_schedule import _capturing
+        from .schedule import _capturing
 
         dl, me, R = plan.device, self.rank, self.num_ranks
         outs = [alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype) for t in rows]
@@ -116,7 +116,7 @@ class NVLinkDevicePath:
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
         slot = dl.slot
         if fast:  # every row tensor in one launch
-            from ..kernels import scatter
+            from ...kernels import scatter
 
             regions = [self._region(me, start + o, cap, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
             scatter.scatter_rows(
@@ -159,7 +159,7 @@ class NVLinkDevicePath:
         words,
         codec=None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        from .nvlink_schedule import _capturing
+        from .schedule import _capturing
 
         dl, me, R = plan.device, self.rank, self.num_ranks
         src = [words(t) for t in srcs]
@@ -170,7 +170,7 @@ class NVLinkDevicePath:
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
         ret = dl.ret
         if fast:  # the rows and their weights in one launch
-            from ..kernels import scatter
+            from ...kernels import scatter
 
             scatter.return_blocks(
                 src,

@@ -440,7 +440,6 @@ class Buffer:
         """
         self._check_alive()
         opts, problem = parse_call_options(config, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
-        self._transport.num_sms = opts.num_sms
         if handle is not None:
             req = self._parse_cached(
                 x,
@@ -546,7 +545,9 @@ class Buffer:
     ):
         """Move the rows of a fresh dispatch (inside ``call``), localise the top-k ids, make the handle."""
         with call:
-            recv, recv_x = self._move_rows(plan, req.rows(), call.alloc, req.codec, req.return_compressed)
+            recv, recv_x = self._move_rows(
+                plan, req.rows(), call.alloc, req.codec, req.return_compressed, req.options.num_sms
+            )
             record_dispatch(self._wire, req.codec, req.x, plan, self.rank)
             i = 1
             if req.scales is not None:
@@ -572,16 +573,17 @@ class Buffer:
         )
         return recv_x, recv_idx, recv_w, expert_list if expert_list is not None else [], handle_out, event
 
-    def _move_rows(self, plan: Plan, rows: List[torch.Tensor], alloc, codec, return_compressed: bool):
+    def _move_rows(self, plan: Plan, rows: List[torch.Tensor], alloc, codec, return_compressed: bool, num_sms: int):
         """Dispatch ``rows`` by ``plan``; ``(received tensors, received x)``. With a codec ``rows[0]`` travels
         encoded: decoded by the transport (``dispatch_encoded``), or kept encoded (``return_compressed``)."""
+        t = self._transport
         if codec is None:
-            recv = self._transport.dispatch(plan, rows, alloc)
+            recv = t.dispatch(plan, rows, alloc, num_sms=num_sms)
             return recv, recv[0]
         if not return_compressed:
-            recv = self._transport.dispatch_encoded(plan, rows, alloc, codec)
+            recv = t.dispatch_encoded(plan, rows, alloc, codec, num_sms=num_sms)
             return recv, recv[0]
-        recv = self._transport.dispatch(plan, [codec.encode(rows[0])] + rows[1:], alloc)
+        recv = t.dispatch(plan, [codec.encode(rows[0])] + rows[1:], alloc, num_sms=num_sms)
         return recv, received_rows(codec, recv[0], rows[0].dtype, True)
 
     def _check_handle(self, handle: Any) -> DispatchHandle:
@@ -650,7 +652,9 @@ class Buffer:
                 agree(self._transport, self.device, header, None, problem, _CACHED_FIELDS)
             elif problem is not None:
                 problem.raise_on(self.rank)
-            recv, recv0 = self._move_rows(req.handle.plan, req.rows(), call.alloc, req.codec, req.return_compressed)
+            recv, recv0 = self._move_rows(
+                req.handle.plan, req.rows(), call.alloc, req.codec, req.return_compressed, req.options.num_sms
+            )
             record_dispatch(self._wire, req.codec, req.x, req.handle.plan, self.rank)
         event = call.finish([req.x, req.scales] + list(recv) + ([recv0] if isinstance(recv0, torch.Tensor) else []))
         recv_x = recv0 if req.scales is None else (recv[0], recv[1])
@@ -687,7 +691,6 @@ class Buffer:
         """
         self._check_alive()
         opts, problem = parse_call_options(config, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
-        self._transport.num_sms = opts.num_sms
         req = self._parse_combine(x, handle, topk_weights, bias, compress, opts, problem)
         self._waiter.seq += 1
         call = StreamCall(self.device, self._comm_stream, req.options)
@@ -698,7 +701,13 @@ class Buffer:
             elif req.problem is not None:
                 req.problem.raise_on(self.rank)
             out, out_w = self._transport.combine(
-                req.handle.plan, req.x, req.topk_weights, req.biases, call.alloc, codec=req.codec
+                req.handle.plan,
+                req.x,
+                req.topk_weights,
+                req.biases,
+                call.alloc,
+                codec=req.codec,
+                num_sms=req.options.num_sms,
             )
         event = call.finish([req.x, req.topk_weights, out, out_w] + req.biases)
         return out, out_w, event

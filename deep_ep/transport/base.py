@@ -125,8 +125,6 @@ class Transport(abc.ABC):
     device_layout: bool = False
     #: ranks per node where the transport is node-aware, else None
     ranks_per_node: Optional[int] = None
-    #: programs (SMs) a kernel of this transport may use; set by the Buffer per call from ``Config``
-    num_sms: int = 20
 
     def __init__(
         self,
@@ -179,7 +177,7 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, num_sms: int = 20) -> List[torch.Tensor]:
         """Send row ``t`` of every tensor in ``rows`` (each ``[T, ...]``, contiguous) to each rank ``j``
         with ``plan.is_token_in_rank[t, j]``.
 
@@ -189,13 +187,13 @@ class Transport(abc.ABC):
         """
 
     def dispatch_encoded(
-        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec: Any
+        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec: Any, num_sms: int = 20
     ) -> List[torch.Tensor]:
         """:meth:`dispatch` with ``rows[0]`` (floating ``[T, H]``) travelling in ``codec``'s wire format:
         returns the received rows decoded (``rows[0].dtype``), own rows as ``codec.roundtrip`` of them,
         the other tensors as :meth:`dispatch` does. This default encodes before and decodes after; a
         transport may fuse both into its data path (nvlink)."""
-        recv = self.dispatch(plan, [codec.encode(rows[0])] + list(rows[1:]), alloc)
+        recv = self.dispatch(plan, [codec.encode(rows[0])] + list(rows[1:]), alloc, num_sms=num_sms)
         return [codec.decode(recv[0], rows[0].dtype)] + list(recv[1:])
 
     @abc.abstractmethod
@@ -207,6 +205,7 @@ class Transport(abc.ABC):
         biases: Sequence[torch.Tensor],
         alloc: Alloc,
         codec: Any = None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Reverse of :meth:`dispatch` with a reduction.
 

@@ -60,7 +60,7 @@ class CollectiveTransport(Transport):
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
             self.waiter.wait(work, stage)
 
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, num_sms: int = 20) -> List[torch.Tensor]:
         idx = send_token_order(plan)
         n_recv = plan.num_recv_tokens
         outs = alloc_outputs(plan, rows, alloc)
@@ -95,6 +95,7 @@ class CollectiveTransport(Transport):
         biases: Sequence[torch.Tensor],
         alloc: Alloc,
         codec=None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         n_recv = plan.num_recv_tokens
         S = sum(plan.send_counts)

@@ -188,7 +188,7 @@ class HierarchicalTransport(CollectiveTransport):
         return idx2
 
     # ---------------------------------------------------------------- dispatch
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, num_sms: int = 20) -> List[torch.Tensor]:
         outs = alloc_outputs(plan, rows, alloc)
         if not rows:
             return outs
@@ -228,6 +228,7 @@ class HierarchicalTransport(CollectiveTransport):
         biases: Sequence[torch.Tensor],
         alloc: Alloc,
         codec=None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         sched = self._schedule(plan)
         if "m2" not in sched:

@@ -100,7 +100,9 @@ class NVLinkDevicePath:
         return kernels.available(t)
 
     # ---------------------------------------------------------------- dispatch
-    def _device_dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, words) -> List[torch.Tensor]:
+    def _device_dispatch(
+        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, words, num_sms: int
+    ) -> List[torch.Tensor]:
         from .schedule import _capturing
 
         dl, me, R = plan.device, self.rank, self.num_ranks
@@ -126,10 +128,10 @@ class NVLinkDevicePath:
                 [r[: cap - 1] for r in regions],
                 [self._delta(sw.element_size()) for sw in src],
                 me,
-                self.num_sms,
+                num_sms,
             )
             self._barrier()
-            scatter.copy_out(regions, dst, dl.recv, self.num_sms)
+            scatter.copy_out(regions, dst, dl.recv, num_sms)
         else:
             for sw, w, o in zip(src, widths, offsets):
                 if sw.size(0):
@@ -158,6 +160,7 @@ class NVLinkDevicePath:
         dtype: torch.dtype,
         words,
         codec=None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         from .schedule import _capturing
 
@@ -178,7 +181,7 @@ class NVLinkDevicePath:
                 [self._region(me, start + o, cap - 1, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)],
                 [self._delta(sw.element_size()) for sw in src],
                 me,
-                self.num_sms,
+                num_sms,
             )
         else:
             for sw, w, o in zip(src, widths, offsets):

@@ -355,7 +355,9 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         return host.clone()
 
     # ---------------------------------------------------------------- dispatch
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec=None) -> List[torch.Tensor]:
+    def dispatch(
+        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec=None, num_sms: int = 20
+    ) -> List[torch.Tensor]:
         """Move ``rows`` by ``plan``. With ``codec`` (the Buffer's wire compression) ``rows[0]`` is the raw
         ``[T, H]`` input: each chunk is encoded straight into this rank's staging as it is packed (one
         kernel: gather + encode), and the rows pulled from each peer are decoded into the returned
@@ -363,9 +365,9 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         this rank's own rows take the round trip. The device path (``num_worst_tokens``) encodes first
         and decodes after."""
         if codec is not None and plan.device is not None:
-            return super().dispatch_encoded(plan, rows, alloc, codec)
+            return super().dispatch_encoded(plan, rows, alloc, codec, num_sms=num_sms)
         if plan.device is not None:
-            return self._device_dispatch(plan, rows, alloc, _words)
+            return self._device_dispatch(plan, rows, alloc, _words, num_sms)
         if plan.counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
         if self.push and codec is None and rows and not self.pull_sm:
@@ -447,9 +449,11 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self._end_call(bool(steps))
         return outs if codec is None else [final] + outs[1:]
 
-    def dispatch_encoded(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec) -> List[torch.Tensor]:
+    def dispatch_encoded(
+        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec, num_sms: int = 20
+    ) -> List[torch.Tensor]:
         """Encoding fused into packing, decoding into pulling (see :meth:`dispatch`)."""
-        return self.dispatch(plan, rows, alloc, codec=codec)
+        return self.dispatch(plan, rows, alloc, codec=codec, num_sms=num_sms)
 
     def _push_dispatch(
         self, plan: Plan, sched: Dict[str, Any], rows: Sequence[torch.Tensor], src: List[torch.Tensor], alloc: Alloc
@@ -490,6 +494,7 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         biases: Sequence[torch.Tensor],
         alloc: Alloc,
         codec=None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         me = self.rank
         n_recv = plan.num_recv_tokens
@@ -497,7 +502,7 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             srcs = [x if codec is None else codec.encode(x)]
             if weights is not None:
                 srcs.append(weights.float().contiguous())
-            return self._device_combine(plan, srcs, biases, alloc, x.dtype, _words, codec)
+            return self._device_combine(plan, srcs, biases, alloc, x.dtype, _words, codec, num_sms)
         srcs = [x[:n_recv] if codec is None else codec.encode(x[:n_recv])]
         if weights is not None:
             srcs.append(weights[:n_recv].float().contiguous())

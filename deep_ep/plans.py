@@ -92,11 +92,6 @@ class DeferredChecks:
         self._np[k, :_HEADER] = header
         return self._ring[k, :_HEADER].to(device, non_blocking=True), k
 
-    def add(self, gathered: torch.Tensor, counts: torch.Tensor, rank: int, seq: int, slot: int) -> None:
-        """Queue the verdict on ``gathered`` (every rank's metadata vector, ``[R, n]`` on the device: the
-        header, the counts ``counts`` ``[R, R]``, then each rank's least and greatest expert id)."""
-        self.queue(torch_verdict(gathered, counts, rank), seq, slot)
-
     def queue(self, verdict: torch.Tensor, seq: int, slot: int) -> None:
         """Queue a verdict already computed on the device (int64 ``[3]``: mismatch, over, bad ids)."""
         self._ring[slot, _HEADER:].copy_(verdict, non_blocking=True)
@@ -134,21 +129,6 @@ class DeferredChecks:
 _VERDICTS = 3
 
 
-def torch_verdict(gathered: torch.Tensor, counts: torch.Tensor, rank: int) -> torch.Tensor:
-    """The deferred checks' verdict (int64 ``[3]`` on the device) in plain torch, from every rank's
-    metadata vector ``gathered`` (header, counts ``[R, R]`` = ``counts``, then each rank's least and
-    greatest expert id); its kernel twin is :func:`deep_ep.kernels.plan.device_plan`."""
-    R = gathered.size(0)
-    hdr = gathered[:, :_HEADER]
-    sel = hdr[:, list(_FIELDS)]
-    mismatch = (sel != sel[rank]).any() | (hdr[:, _H_ERR] != 0).any()
-    worst = hdr[:, _H_WORST]
-    over = ((worst > 0) & (counts.sum(dim=0) > worst)).any()
-    e, lo, hi = hdr[:, _H_E], gathered[:, _HEADER + R], gathered[:, _HEADER + R + 1]
-    bad = ((e > 0) & ((lo < -1) | (hi >= e))).any()
-    return torch.stack([mismatch, over, bad]).to(torch.int64)
-
-
 def build_device_plan(
     transport,
     checks: DeferredChecks,
@@ -178,15 +158,12 @@ def build_device_plan(
     if kernels.available(is_token_in_rank):  # one kernel for the layout, prefix matrix and verdict
         from .kernels import plan as kplan
 
-        dl, rpm, verdict = kplan.device_plan(is_token_in_rank, gathered, me, _HEADER, _FIELDS, _H_ERR, _H_WORST, _H_E)
-        if not capturing:
-            checks.queue(verdict, seq, slot)
+        make = kplan.device_plan
     else:
-        counts = gathered[:, _HEADER : _HEADER + R].clone()
-        if not capturing:
-            checks.add(gathered, counts, me, seq, slot)
-        rpm = torch.cumsum(counts, dim=0).to(torch.int32)
-        dl = layout.device_layout(is_token_in_rank, counts, me)
+        from .kernels.twins import device_plan_torch as make
+    dl, rpm, verdict = make(is_token_in_rank, gathered, me, _HEADER, _FIELDS, _H_ERR, _H_WORST, _H_E)
+    if not capturing:
+        checks.queue(verdict, seq, slot)
     plan = Plan(
         rank=me,
         num_ranks=R,
@@ -220,17 +197,16 @@ def localize_received(
     device (:func:`deep_ep.kernels.plan.localize_rows`), else :func:`deep_ep.layout.localize_topk` and a mask."""
     from . import kernels
 
-    if plan.num_recv_tokens < 0 and kernels.available(recv_idx):
-        from .kernels import plan as kplan
+    if plan.num_recv_tokens < 0:  # the count is on the device: one launch (or its twin)
+        if kernels.available(recv_idx):
+            from .kernels import plan as kplan
 
-        return kplan.localize_rows(recv_idx, recv_w, plan.device.recv[:1], rank, num_local)
+            return kplan.localize_rows(recv_idx, recv_w, plan.device.recv[:1], rank, num_local)
+        from .kernels.twins import localize_rows_torch
+
+        return localize_rows_torch(recv_idx, recv_w, plan.device.recv[:1], rank, num_local)
     idx, w = layout.localize_topk(recv_idx, recv_w, rank, num_local)
-    valid = valid_rows(plan)
-    if valid is not None:  # the count is on the device
-        idx = torch.where(valid.unsqueeze(1), idx, -1)
-        if w is not None:
-            w = torch.where(valid.unsqueeze(1), w, 0.0)
-    elif plan.num_out_rows > plan.num_recv_tokens:
+    if plan.num_out_rows > plan.num_recv_tokens:
         idx[plan.num_recv_tokens :] = -1
         if w is not None:
             w[plan.num_recv_tokens :] = 0

@@ -2,7 +2,7 @@
 ``encode_reference`` / ``decode_reference`` (same bytes, same values), launched by the codec class.
 
 Every step is exact or correctly rounded as in the torch reference: one IEEE
-division (``div_rn``) per block for the scale and its inverse, then multiplications, round-half-even (``rint``), float32 -> fp8 / bf16 casts
+division (``div_rn``) per block for the scale and its inverse, then multiplications, round-half-even (:func:`_rint`, exact in float32), float32 -> fp8 / bf16 casts
 that round to nearest even, power-of-two scales by exponent arithmetic, and
 ``amax`` (order-independent). The int codecs load a block's 32 values
 contiguously and split them into 16 even and 16 odd columns (a nibble pair is
@@ -17,7 +17,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -58,9 +57,20 @@ def _out(v, out_ptr):
 
 
 @triton.jit
+def _rint(x):
+    """Round to the nearest integer, ties to even (``torch.round``), from exact float32 steps: ``floor``,
+    the fraction ``x - floor(x)`` (exact), and the parity of the floor. NaN and +-Inf stay as they are."""
+    r = tl.floor(x)
+    d = x - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
 def _quant(x, inv, qmax: tl.constexpr):
     """Round ``x * inv`` (``inv = 1 / scale``, one division per block) to ints; NaN -> the reserved code."""
-    q = libdevice.rint(x * inv)
+    q = _rint(x * inv)
     q = tl.where(q > qmax, qmax * 1.0, q)
     q = tl.where(q < -qmax, -qmax * 1.0, q)
     q = tl.where(q != q, -qmax - 1.0, q)

@@ -18,9 +18,8 @@ plan, and every plan of a dispatch where any rank passed
   they are in the combine input).
 
 Row movement is a Triton kernel on a persistent grid of at most
-``Config.num_sms`` programs (:mod:`deep_ep.kernels.scatter`), or the torch
-functions below where Triton is not available (they write every row, the
-ones that go nowhere into a spare last row of each region). The staging
+``Config.num_sms`` programs (:mod:`deep_ep.kernels.scatter`), or its torch
+twins (:mod:`deep_ep.kernels.twins`) where Triton is not available. The staging
 must hold ``num_worst_tokens`` rows per received tensor (and, for a
 combine, ``num_ranks * num_tokens`` rows) in the whole data area, used as
 the host path's whole-area mode (a barrier before the call's writes and
@@ -132,21 +131,16 @@ class NVLinkDevicePath:
             )
             self._barrier()
             scatter.copy_out(regions, dst, dl.recv, num_sms)
-        else:
-            for sw, w, o in zip(src, widths, offsets):
-                if sw.size(0):
-                    for d in range(R):  # every row of every rank (own ones too) into the staging
-                        col = slot[:, d]
-                        idx = torch.where((col >= 0) & (col < cap - 1), col, cap - 1)
-                        self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, sw)
+        else:  # the kernels' torch twins, on every rank's region
+            from ...kernels import twins
+
+            regions = [
+                [self._region(d, start + o, cap, w, sw.dtype)[: cap - 1] for d in range(R)]
+                for sw, w, o in zip(src, widths, offsets)
+            ]
+            twins.scatter_rows_torch(src, slot, dst, regions, me)
             self._barrier()
-            for sw, dw, w, o in zip(src, dst, widths, offsets):
-                if dw.size(0):
-                    mine = self._region(me, start + o, cap, w, sw.dtype)
-                    keep = torch.arange(dw.size(0), device=dw.device) < dl.recv[0]
-                    torch.where(
-                        keep.unsqueeze(1), mine[: dw.size(0)], torch.zeros((), dtype=dw.dtype, device=dw.device), out=dw
-                    )
+            twins.copy_out_torch([r[me] for r in regions], dst, dl.recv)
         self._end_call(True)
         return outs
 
@@ -183,18 +177,18 @@ class NVLinkDevicePath:
                 me,
                 num_sms,
             )
-        else:
-            for sw, w, o in zip(src, widths, offsets):
-                if not sw.size(0):
-                    continue
-                i = torch.arange(sw.size(0), device=sw.device)
-                for d in range(R):
-                    if d == me:
-                        continue
-                    first, cnt, at = ret[d, 0], ret[d, 1], ret[d, 2]
-                    rows = sw.index_select(0, (first + i).clamp(max=sw.size(0) - 1))
-                    idx = torch.where((i < cnt) & (at + i < cap - 1), at + i, cap - 1)
-                    self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, rows)
+        else:  # the kernel's torch twin, on every rank's region
+            from ...kernels import twins
+
+            twins.return_blocks_torch(
+                src,
+                ret,
+                [
+                    [self._region(d, start + o, cap - 1, w, sw.dtype) for d in range(R)]
+                    for sw, w, o in zip(src, widths, offsets)
+                ],
+                me,
+            )
         self._barrier()
         backs = [
             self._region(me, start + o, cap, w, torch.uint8).view(t.dtype).view(cap, t.size(1))

@@ -19,6 +19,7 @@ from .errors import (
     DeepEPInputError,
     DeepEPTimeoutError,
     DeepEPTypeError,
+    PeerFailureError,
     RankMismatchError,
     RemoteInputError,
 )
@@ -43,5 +44,6 @@ __all__ = [
     "RankMismatchError",
     "RemoteInputError",
     "BufferDestroyedError",
+    "PeerFailureError",
     "__version__",
 ]

@@ -22,6 +22,9 @@ _H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALE
 #: slot 13 is the tolerance exchange's (deep_ep.wire); slot 14 the identity of the Buffer or handle the call
 #: belongs to (ranks that use two Buffers, or two handles, in a different order disagree there)
 _H_IDENT = 14
+#: slot 15: a call-specific value every rank must agree on (a low-latency call's settings, packed by
+#: :func:`settings_code`)
+_H_AUX = 15
 _HEADER = 16
 _OP_DISPATCH, _OP_CACHED, _OP_COMBINE = 1, 2, 3
 _OP_LOW_LATENCY = 4
@@ -78,6 +81,7 @@ def make_header(
     worst: int = 0,
     level: int = 16,
     ident: int = 0,
+    aux: int = 0,
 ) -> List[int]:
     """The fixed-size header of one call: operation, call number, verdict on the local input, shapes, and
     the identity of the Buffer or handle it belongs to (``ident``)."""
@@ -87,7 +91,16 @@ def make_header(
     h[_H_K], h[_H_E], h[_H_SCALES], h[_H_W], h[_H_WORST] = K, E, scales, has_w, worst
     h[_H_LEVEL] = level
     h[_H_IDENT] = ident
+    h[_H_AUX] = aux
     return h
+
+
+def settings_code(*values: Any) -> int:
+    """A non-negative int that differs (with overwhelming odds) between different tuples of settings: the
+    header's ``aux`` value of a call whose settings every rank must share."""
+    import zlib
+
+    return zlib.crc32(repr(tuple(values)).encode()) + 1
 
 
 _DTYPE_NAMES = {code: str(dt).replace("torch.", "") for dt, code in DTYPE_CODES.items()}
@@ -169,7 +182,12 @@ def agree_rows(
     bad = [r for r, row in enumerate(rows) if row[_H_MAGIC] != _MAGIC]
     if bad:
         raise RankMismatchError(f"ranks {bad} sent garbage metadata: they are running a different collective")
-    always = ((_H_OP, "operation"), (_H_SEQ, "call sequence number"), (_H_IDENT, "Buffer / handle"))
+    always = (
+        (_H_OP, "operation"),
+        (_H_SEQ, "call sequence number"),
+        (_H_IDENT, "Buffer / handle"),
+        (_H_AUX, "low-latency settings (num_max_dispatch_tokens_per_rank, hidden, num_experts, top-k, fp8)"),
+    )
     for slot, name in always + tuple(fields):
         vals = [row[slot] for row in rows]
         if len(set(vals)) > 1:

@@ -469,6 +469,10 @@ class Buffer:
             device=self.device,
             device_plans=self.device_plans,
         )
+        return self._run_dispatch(req)
+
+    def _run_dispatch(self, req: DispatchRequest):
+        """A fresh dispatch of a parsed request: agree, plan, move the rows (also the low-latency pair path's)."""
         self._waiter.seq += 1
         call = StreamCall(self.device, self._comm_stream, req.options)
         with call:
@@ -568,9 +572,10 @@ class Buffer:
                 (self._uid << 40) | next(self._handles),
             )
         made = [t for t in (recv_x, recv_idx, recv_w) if isinstance(t, torch.Tensor)]
-        event = call.finish(
-            [req.x, req.scales, req.topk_idx, req.topk_weights, plan.is_token_in_rank] + list(recv) + made
-        )
+        # every tensor the comm stream read or made stays alive for it (the caller may drop its references
+        # at once: its memory must not return to the compute stream's pool before the comm stream's reads)
+        used = [req.x, req.scales, req.topk_idx, req.topk_weights, req.num_tokens_per_expert, plan.is_token_in_rank]
+        event = call.finish(used + list(recv) + made)
         return recv_x, recv_idx, recv_w, expert_list if expert_list is not None else [], handle_out, event
 
     def _move_rows(self, plan: Plan, rows: List[torch.Tensor], alloc, codec, return_compressed: bool, num_sms: int):
@@ -691,7 +696,10 @@ class Buffer:
         """
         self._check_alive()
         opts, problem = parse_call_options(config, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
-        req = self._parse_combine(x, handle, topk_weights, bias, compress, opts, problem)
+        return self._run_combine(self._parse_combine(x, handle, topk_weights, bias, compress, opts, problem))
+
+    def _run_combine(self, req: CombineRequest):
+        """A combine of a parsed request (also the low-latency pair path's)."""
         self._waiter.seq += 1
         call = StreamCall(self.device, self._comm_stream, req.options)
         with call:

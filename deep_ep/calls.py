@@ -91,6 +91,7 @@ class DispatchRequest:
         return_compressed: hand ``recv_x`` over encoded.
         options: the call's :class:`CallOptions`.
         problem: the first bad argument found, or ``None``.
+        aux: settings the call's ranks must share beyond its shapes (a low-latency call's), or 0.
     """
 
     x: Optional[torch.Tensor] = None
@@ -110,6 +111,7 @@ class DispatchRequest:
     return_compressed: bool = False
     options: CallOptions = field(default_factory=lambda: CallOptions(20))
     problem: Optional[Problem] = None
+    aux: int = 0
 
     @classmethod
     def parse(
@@ -241,6 +243,7 @@ class DispatchRequest:
             self.num_worst_tokens,
             level=Wire.header_code(self.codec),
             ident=call_id,
+            aux=self.aux,
         )
 
     def rows(self) -> List[torch.Tensor]:
@@ -275,6 +278,7 @@ class CachedDispatchRequest:
     return_compressed: bool = False
     options: CallOptions = field(default_factory=lambda: CallOptions(20))
     problem: Optional[Problem] = None
+    aux: int = 0
 
     def header(self, seq: int, call_id: int = 0) -> List[int]:
         """The call's metadata header."""
@@ -287,6 +291,7 @@ class CachedDispatchRequest:
             scales=self.scales.size(1) if self.scales is not None else -1,
             level=Wire.header_code(self.codec),
             ident=call_id,
+            aux=self.aux,
         )
 
     def rows(self) -> List[torch.Tensor]:
@@ -316,6 +321,7 @@ class CombineRequest:
     codec: Optional[Codec] = None
     options: CallOptions = field(default_factory=lambda: CallOptions(20))
     problem: Optional[Problem] = None
+    aux: int = 0
 
     def header(self, seq: int, call_id: int = 0) -> List[int]:
         """The call's metadata header."""
@@ -328,6 +334,7 @@ class CombineRequest:
             has_w=int(self.topk_weights is not None),
             level=Wire.header_code(self.codec),
             ident=call_id,
+            aux=self.aux,
         )
 
 

@@ -51,7 +51,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from . import layout, validate
-from .agreement import Problem
+from .agreement import Problem, settings_code
+from .calls import CallOptions, CombineRequest, DispatchRequest
 from .compress import make_codec
 from .config import EventOverlap
 from .errors import DeepEPInputError, DeepEPTypeError
@@ -121,16 +122,6 @@ def _check(buf, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int) -> Tupl
     return T, H, topk_idx.size(1)
 
 
-def _reject_everywhere(buf) -> None:
-    """Enter the pair dispatch with an invalid input, so that its metadata exchange tells the other ranks
-    (they raise :class:`~deep_ep.errors.RemoteInputError` instead of waiting). Where the other ranks take the
-    device path (nvlink), nothing can tell them without a host sync: they time out (documented)."""
-    try:
-        buf.dispatch("rejected", is_token_in_rank=None, compress=False)
-    except Exception:  # noqa: BLE001 - this rank raises its own, precise error
-        pass
-
-
 def _check_distinct(topk_idx: torch.Tensor) -> None:
     """A token names each expert at most once (else an expert could receive more than ``R * M`` rows):
     raised on the host for CPU tensors, a device assertion (no sync) on CUDA."""
@@ -164,6 +155,8 @@ def low_latency_dispatch(
 ):
     """See :meth:`deep_ep.Buffer.low_latency_dispatch` and the module docstring."""
     M, E, R = num_max_dispatch_tokens_per_rank, num_experts, buf.num_ranks
+    problem = None
+    T = H = K = -1
     try:
         T, H, K = _check(buf, x, topk_idx, M, E)
         if async_finish and return_recv_hook:
@@ -180,17 +173,21 @@ def low_latency_dispatch(
             layout.check_topk_idx(topk_idx, E)
             _check_distinct(topk_idx)
     except (DeepEPInputError, DeepEPTypeError) as exc:
-        if engine is None:  # the other ranks, inside their pair dispatch, learn it and raise
-            _reject_everywhere(buf)  # (on the kernel path nothing can tell them: they time out)
-        raise exc
-    L = E // R
-    fast = engine if engine is not None and H % 8 == 0 else None
+        problem = Problem(8, exc)
+    # the settings every rank must share (agreed in the pair dispatch's metadata exchange)
+    aux = settings_code("dispatch", M, H, E, K, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
+    fast = engine if engine is not None and H % 8 == 0 and problem is None else None
+    if engine is not None and problem is not None:
+        problem.raise_on(buf.rank)  # the kernel path cannot tell the others without a host sync (documented)
     if fast is not None:  # invalid ids are skipped and flagged by the kernel (no host sync)
         recv_x, recv_count, state, hk = fast.dispatch(
             x, topk_idx, M, E, use_fp8, round_scale, use_ue8m0, cumulative_local_expert_recv_stats, return_recv_hook
         )
         handle = LowLatencyHandle(None, None, M, H, E, T, K, fast=state)
         return recv_x, recv_count, handle, _event(async_finish, x), hk
+    if problem is not None:  # every rank learns it in the pair dispatch's agreement (this rank raises its own)
+        buf._run_dispatch(DispatchRequest(problem=problem, aux=aux, options=CallOptions(buf.num_sms)))
+    L = E // R
     if topk_idx.is_cuda:
         _check_distinct(topk_idx)  # (a device assertion: nothing waits for the host)
     codec = make_codec(8, H, round_scale=round_scale, use_ue8m0=use_ue8m0) if use_fp8 else None
@@ -200,14 +197,26 @@ def low_latency_dispatch(
     worst = R * M * min(K, L)
     _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(pair_idx, E)
     # the encoded rows travel as opaque 16-bit words (their byte width is even: H is a multiple of 128)
-    recv, recv_idx, _, _, inner, _ = buf.dispatch(
-        pair_rows.view(torch.bfloat16),
+    req = DispatchRequest.parse(
+        x=pair_rows.view(torch.bfloat16),
+        num_tokens_per_rank=None,
         is_token_in_rank=in_rank,
         num_tokens_per_expert=per_expert,
         topk_idx=pair_idx,
+        topk_weights=None,
+        expert_alignment=1,
         num_worst_tokens=worst,
         compress=False,
+        return_compressed=False,
+        options=CallOptions(buf.num_sms),
+        problem=None,
+        wire=buf._wire,
+        num_ranks=R,
+        device=buf.device,
+        device_plans=buf.device_plans,
     )
+    req.aux = aux
+    recv, recv_idx, _, _, inner, _ = buf._run_dispatch(req)
     recv = recv.view(torch.uint8)
     local = recv_idx[:, 0]  # local expert, -1 for padding
     onehot = local.unsqueeze(1) == torch.arange(L, device=local.device)  # [N, L]; padding (-1) matches none
@@ -251,41 +260,63 @@ def low_latency_combine(
     combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
 ):
     """See :meth:`deep_ep.Buffer.low_latency_combine` and the module docstring."""
-    if not isinstance(handle, LowLatencyHandle):
-        raise DeepEPTypeError(f"handle must be the one low_latency_dispatch returned, got {type(handle).__name__}")
-    if use_logfmt:
-        raise DeepEPInputError(
-            "use_logfmt is not implemented by deep_ep (combine sends bf16 rows); pass use_logfmt=False"
-        )
-    if async_finish and return_recv_hook:
-        raise DeepEPInputError("async_finish and return_recv_hook are exclusive")
-    R, M, H, T, K = (
-        buf.num_ranks,
-        handle.num_max_dispatch_tokens_per_rank,
-        handle.hidden,
-        handle.num_tokens,
-        handle.topk,
-    )
-    L = handle.num_experts // R
-    if zero_copy:
-        if handle.combine_buffer is None:
+    problem = None
+    aux = 0
+    try:
+        if not isinstance(handle, LowLatencyHandle):
+            raise DeepEPTypeError(f"handle must be the one low_latency_dispatch returned, got {type(handle).__name__}")
+        if use_logfmt:
             raise DeepEPInputError(
-                "zero_copy=True needs the buffer from get_next_low_latency_combine_buffer(handle), "
-                "filled with the expert outputs"
+                "use_logfmt is not implemented by deep_ep (combine sends bf16 rows); pass use_logfmt=False"
             )
-        x = handle.combine_buffer
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != (L, R * M, H) or x.dtype != torch.bfloat16:
-        raise DeepEPInputError(
-            f"low_latency_combine x must be bfloat16 [{L}, {R * M}, {H}], got "
-            f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}"
+        if async_finish and return_recv_hook:
+            raise DeepEPInputError("async_finish and return_recv_hook are exclusive")
+        R, M, H, T, K = (
+            buf.num_ranks,
+            handle.num_max_dispatch_tokens_per_rank,
+            handle.hidden,
+            handle.num_tokens,
+            handle.topk,
         )
-    if tuple(topk_idx.shape) != (T, K) or tuple(topk_weights.shape) != (T, K):
-        raise DeepEPInputError(
-            f"topk_idx and topk_weights must be [{T}, {K}] (as dispatched), got "
-            f"{list(topk_idx.shape)} and {list(topk_weights.shape)}"
-        )
-    if out is not None and (tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16):
-        raise DeepEPInputError(f"out must be bfloat16 [{T}, {H}], got {out.dtype} {list(out.shape)}")
+        L = handle.num_experts // R
+        aux = settings_code("combine", M, H, handle.num_experts, K)
+        if zero_copy:
+            if handle.combine_buffer is None:
+                raise DeepEPInputError(
+                    "zero_copy=True needs the buffer from get_next_low_latency_combine_buffer(handle), "
+                    "filled with the expert outputs"
+                )
+            x = handle.combine_buffer
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (L, R * M, H) or x.dtype != torch.bfloat16:
+            raise DeepEPInputError(
+                f"low_latency_combine x must be bfloat16 [{L}, {R * M}, {H}], got "
+                f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}"
+            )
+        for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (T, K):
+                raise DeepEPInputError(
+                    f"{name} must be a tensor [{T}, {K}] (as dispatched), got "
+                    f"{list(getattr(t, 'shape', [])) or type(t).__name__}"
+                )
+        if out is not None and (
+            not isinstance(out, torch.Tensor) or tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16
+        ):
+            raise DeepEPInputError(
+                f"out must be bfloat16 [{T}, {H}], got {getattr(out, 'dtype', type(out).__name__)} "
+                f"{list(getattr(out, 'shape', []))}"
+            )
+        if handle.fast is not None and handle.fast.get("received") is False:
+            raise DeepEPInputError(
+                "low_latency_combine of a dispatch whose receive hook has not run: call the hook first (the "
+                "dispatch's rows have not arrived yet)"
+            )
+    except (DeepEPInputError, DeepEPTypeError) as exc:
+        problem = Problem(8, exc)
+    on_kernels = isinstance(handle, LowLatencyHandle) and handle.fast is not None
+    if problem is not None and (on_kernels or engine is not None):
+        problem.raise_on(buf.rank)  # the kernel path cannot tell the others without a host sync (documented)
+    if problem is not None:  # every rank learns it in the pair combine's agreement (this rank raises its own)
+        buf._run_combine(CombineRequest(problem=problem, aux=aux, options=CallOptions(buf.num_sms)))
     if handle.fast is not None:
         fast = engine if engine is not None and H % 8 == 0 else None
         if fast is None:
@@ -294,7 +325,9 @@ def low_latency_combine(
         hk = fast.combine(x, topk_idx, topk_weights, handle.fast, res, return_recv_hook)
         return res, _event(async_finish, x), hk
     rows = x.reshape(L * R * M, H).index_select(0, handle.slot.clamp(min=0))  # back into pair order
-    pairs, _, _ = buf.combine(rows, handle.inner, compress=False)
+    req = buf._parse_combine(rows, handle.inner, None, None, False, CallOptions(buf.num_sms), None)
+    req.aux = aux
+    pairs, _, _ = buf._run_combine(req)
     w = torch.where(topk_idx >= 0, topk_weights.float(), 0.0)
     y = pairs.view(T, K, H).float()
     y = torch.where((topk_idx >= 0).unsqueeze(2), y, 0.0)

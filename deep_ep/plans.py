@@ -30,6 +30,7 @@ import torch
 
 from . import layout
 from .agreement import (
+    _H_AUX,
     _H_DTYPE,
     _H_E,
     _H_ERR,
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 #: header fields every rank of a dispatch must agree on
-_FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_IDENT, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_LEVEL)
+_FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_IDENT, _H_AUX, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_LEVEL)
 
 
 class DeferredChecks:

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch.distributed as dist
 
-from .errors import DeepEPTimeoutError
+from .errors import DeepEPError, DeepEPTimeoutError, PeerFailureError
 
 __all__ = ["Waiter"]
 
@@ -23,7 +23,12 @@ class Waiter:
     publishes "gave up at call #n, stage s" in the group's store, gives the
     others a short grace to do the same, and raises
     :class:`~deep_ep.errors.DeepEPTimeoutError` naming the ranks that never
-    reported: they did not reach this call. Afterwards the owner is broken.
+    reported: they did not reach this call. The grace is part of ``timeout_s``
+    (the wait itself ends ``grace`` seconds earlier), so the error comes at
+    ``timeout_s`` after the wait began. When the process group itself fails
+    under a wait (a peer exited: gloo's "connection reset"), the same diagnosis
+    names the ranks that did not answer and :class:`~deep_ep.errors.PeerFailureError`
+    is raised. Afterwards the owner is broken.
     """
 
     def __init__(self, group: dist.ProcessGroup, key_prefix: str, timeout_s: float) -> None:
@@ -46,37 +51,82 @@ class Waiter:
         except Exception:  # pragma: no cover - store not reachable
             return None
 
-    def wait(self, work: Any, stage: str) -> None:
-        """Wait for a ``torch.distributed`` work object, at most ``timeout_s`` seconds."""
-        start = time.monotonic()
-        deadline = start + self.timeout_s
-        spin_until = start + 2e-3  # spin (yielding) first: metadata waits are usually microseconds
-        while not work.is_completed():
-            now = time.monotonic()
-            if now > deadline:
-                self.fail(stage, now - start)
-            time.sleep(0 if now < spin_until else 5e-5)
-        work.wait()
+    @property
+    def grace_s(self) -> float:
+        """Seconds the diagnosis after an expired wait may take (part of ``timeout_s``)."""
+        return min(2.0, 0.25 * self.timeout_s)
 
-    def fail(self, stage: str, waited: float) -> None:
-        """Publish this rank's timeout, diagnose who is missing and raise."""
-        msg_stage = f"call #{self.seq} ({stage})"
+    def wait(self, work: Any, stage: str) -> None:
+        """Wait for a ``torch.distributed`` work object, at most ``timeout_s`` seconds.
+
+        Raises:
+            DeepEPTimeoutError: it did not complete (the ranks that did not arrive are named).
+            PeerFailureError: the process group failed under it (a peer exited).
+        """
+        start = time.monotonic()
+        deadline = start + self.timeout_s - self.grace_s
+        spin_until = start + 2e-3  # spin (yielding) first: metadata waits are usually microseconds
+        try:
+            while not work.is_completed():
+                now = time.monotonic()
+                if now > deadline:
+                    self.fail(stage, now - start)
+                time.sleep(0 if now < spin_until else 5e-5)
+            work.wait()
+        except DeepEPError:
+            raise
+        except Exception as exc:  # the backend's own failure: a peer exited, a connection broke
+            self.peer_failed(stage, exc)
+
+    def _diagnose(self, kind: str, msg_stage: str) -> Dict[int, str]:
+        """Publish ``kind`` at this call in the store and collect the ranks that do the same within the
+        grace: ``{rank: what it reported}`` (this rank included)."""
         store = self._store()
         arrived: Dict[int, str] = {self.rank: msg_stage}
         if store is not None:
             try:
-                store.set(f"{self.prefix}/timeout/{self.rank}", msg_stage)
-                grace_end = time.monotonic() + min(2.0, max(self.timeout_s, 0.2))
+                store.set(f"{self.prefix}/{kind}/{self.rank}", msg_stage)
+                grace_end = time.monotonic() + self.grace_s
                 while time.monotonic() < grace_end and len(arrived) < self.num_ranks:
                     for r in range(self.num_ranks):
                         if r not in arrived:
-                            key = f"{self.prefix}/timeout/{r}"
+                            key = f"{self.prefix}/{kind}/{r}"
                             if store.check([key]):
                                 arrived[r] = store.get(key).decode()
                     time.sleep(0.02)
-            except Exception as e:  # pragma: no cover - diagnosis is best effort
-                log.debug("deep_ep timeout diagnosis failed: %s", e)
+            except Exception as e:  # the store may have died with its host rank: best effort
+                log.debug("deep_ep %s diagnosis failed: %s", kind, e)
+                arrived = {self.rank: msg_stage}
+                self._store_lost = True
+        return arrived
+
+    def peer_failed(self, stage: str, exc: BaseException) -> None:
+        """The process group failed under ``stage``: name the ranks that do not answer and raise
+        :class:`~deep_ep.errors.PeerFailureError` (the owner is broken afterwards)."""
+        msg_stage = f"call #{self.seq} ({stage})"
+        self._store_lost = False
+        arrived = self._diagnose("failed", msg_stage)
         missing = [r for r in range(self.num_ranks) if r not in arrived]
+        self.broken = f"failed in {msg_stage} ({type(exc).__name__})"
+        if self._store_lost:
+            who = "the group's store is unreachable too (rank 0 of the job, which hosts it, may be the one that exited)"
+        elif missing:
+            who = f"rank(s) {', '.join(str(r) for r in missing)} did not answer (they likely exited)"
+        else:
+            who = "every rank answered; the failure is in the backend itself"
+        raise PeerFailureError(
+            f"deep_ep: rank {self.rank}: the process group failed in {msg_stage}: {who}. Backend error: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. The Buffer is unusable now; "
+            f"so, usually, is the process group."
+        ) from exc
+
+    def fail(self, stage: str, waited: float) -> None:
+        """Publish this rank's timeout, diagnose who is missing and raise."""
+        msg_stage = f"call #{self.seq} ({stage})"
+        self._store_lost = False
+        arrived = self._diagnose("timeout", msg_stage)
+        missing = [r for r in range(self.num_ranks) if r not in arrived]
+        waited += self.grace_s if missing else 0.0
         self.broken = f"timed out in {msg_stage}"
         if missing:
             who = ", ".join(str(r) for r in missing)

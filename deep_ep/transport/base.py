@@ -192,9 +192,19 @@ class Transport(abc.ABC):
         """:meth:`dispatch` with ``rows[0]`` (floating ``[T, H]``) travelling in ``codec``'s wire format:
         returns the received rows decoded (``rows[0].dtype``), own rows as ``codec.roundtrip`` of them,
         the other tensors as :meth:`dispatch` does. This default encodes before and decodes after; a
-        transport may fuse both into its data path (nvlink)."""
-        recv = self.dispatch(plan, [codec.encode(rows[0])] + list(rows[1:]), alloc, num_sms=num_sms)
-        return [codec.decode(recv[0], rows[0].dtype)] + list(recv[1:])
+        transport may fuse both into its data path (nvlink).
+
+        The encoded rows are temporaries of the current (comm) stream, not made with ``alloc``: memory
+        allocated on the compute stream and freed while the decode is still queued on the comm stream
+        could be handed to the compute stream's next allocation (``async_finish``)."""
+        x = rows[0]
+        recv = self.dispatch(plan, [codec.encode(x)] + list(rows[1:]), self.stream_alloc, num_sms=num_sms)
+        out = alloc((recv[0].size(0), x.size(1)), x.dtype)
+        return [codec.decode(recv[0], x.dtype, out=out)] + list(recv[1:])
+
+    def stream_alloc(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An :data:`~deep_ep.rows.Alloc` on the current stream (for a call's temporaries)."""
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     @abc.abstractmethod
     def combine(

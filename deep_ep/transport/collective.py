@@ -55,7 +55,10 @@ class CollectiveTransport(Transport):
             return
         if out.is_cuda:
             # Ordered on the current (comm) stream; no host wait.
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+            try:
+                dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+            except RuntimeError as exc:  # the backend failed under the call (a peer exited)
+                self.waiter.peer_failed(stage, exc)
         else:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
             self.waiter.wait(work, stage)

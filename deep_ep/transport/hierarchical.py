@@ -127,7 +127,10 @@ class HierarchicalTransport(CollectiveTransport):
             out.copy_(inp)
             return
         if out.is_cuda:
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+            try:
+                dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+            except RuntimeError as exc:  # the backend failed under the call (a peer exited)
+                self.waiter.peer_failed(stage, exc)
         else:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
             self.waiter.wait(work, stage)

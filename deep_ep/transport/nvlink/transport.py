@@ -382,7 +382,13 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             final = alloc((plan.num_out_rows, x0.size(1)), x0.dtype)
             if plan.num_out_rows > plan.num_recv_tokens:
                 final[plan.num_recv_tokens :].zero_()
-        outs = alloc_outputs(plan, rows, alloc)  # with a codec, outs[0] holds the encoded rows as pulled
+        # with a codec, outs[0] holds the encoded rows as pulled: a temporary of this (comm) stream, never made
+        # with ``alloc`` (compute-stream memory freed while this stream's decode is queued could be reused)
+        if codec is not None:
+            enc = self.stream_alloc((plan.num_out_rows, codec.row_bytes), torch.uint8)
+            outs = [enc] + alloc_outputs(plan, rows[1:], alloc)
+        else:
+            outs = alloc_outputs(plan, rows, alloc)
         if not rows:
             return outs
         src = [_words(t) for t in rows]  # (with a codec, src[0] gives only the encoded width)

@@ -20,14 +20,22 @@ import torch.distributed as dist
 
 from . import layout, validate
 from .agreement import _H_DTYPE, _H_HIDDEN, _H_LEVEL, _H_SCALES, _H_W, Problem, agree
-from .calls import CachedDispatchRequest, CombineRequest, DispatchRequest, dispatch_codec, parse_call_options
+from .calls import (
+    CachedDispatchRequest,
+    CallOptions,
+    CombineRequest,
+    DispatchRequest,
+    dispatch_codec,
+    parse_call_options,
+)
 from .config import Config, EventOverlap, recommended_config
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
 from .low_latency import LowLatency
 from .plans import _EXPERT_SLOTS, DISPATCH_FIELDS, DeferredChecks, build_device_plan, build_host_plan, localize_received
-from .settings import Settings
+from .settings import DEFAULT_TIMEOUT_S, Settings
 from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, group_device, select_backend, transport_class
+from .waiting import agree_verdicts
 from .wire import Wire, agree_upgrades, received_rows, record_dispatch
 
 log = logging.getLogger("deep_ep")
@@ -135,9 +143,33 @@ class Buffer:
             )
         if group is None:
             group = dist.group.WORLD
-        for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
-            if not isinstance(v, int) or v < 0:
-                raise DeepEPInputError(f"{name} must be a non-negative int, got {v!r}")
+        # The arguments are checked first and the verdicts exchanged (bounded) before any collective of the
+        # construction, so a bad argument on one rank makes every rank raise instead of waiting.
+        problem: Optional[BaseException] = None
+        try:
+            for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise DeepEPInputError(f"{name} must be a non-negative int, got {v!r}")
+            # deep_ep's knobs: arguments, else their environment variables (deep_ep.settings), resolved once.
+            self.settings = Settings.resolve(
+                timeout_s=timeout_s,
+                ep_buffer_size=ep_buffer_size,
+                compression_level=compression_level,
+                compression_ratio=compression_ratio,
+                compression_tolerance=compression_tolerance,
+                combine_compression_level=combine_compression_level,
+                compression_stats=compression_stats,
+                topology_aware=topology_aware,
+                ranks_per_node=ranks_per_node,
+            )
+            self._wire = Wire.from_settings(self.settings)
+            if backend != "auto":
+                transport_class(backend)
+        except (DeepEPInputError, ValueError, TypeError) as e:
+            problem = e
+        agree_verdicts(
+            group, problem, "deep_ep.Buffer()", self.settings.timeout_s if problem is None else DEFAULT_TIMEOUT_S
+        )
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
@@ -151,21 +183,7 @@ class Buffer:
         self.use_fabric = use_fabric
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
-
-        # deep_ep's knobs: arguments, else their environment variables (deep_ep.settings), resolved once.
-        self.settings = Settings.resolve(
-            timeout_s=timeout_s,
-            ep_buffer_size=ep_buffer_size,
-            compression_level=compression_level,
-            compression_ratio=compression_ratio,
-            compression_tolerance=compression_tolerance,
-            combine_compression_level=combine_compression_level,
-            compression_stats=compression_stats,
-            topology_aware=topology_aware,
-            ranks_per_node=ranks_per_node,
-        )
         self.ep_buffer_size = self.settings.ep_buffer_size
-        self._wire = Wire.from_settings(self.settings)
         self.compression_level = self._wire.level
         self.topology_aware = self.settings.topology_aware
         self.timeout_s = self.settings.timeout_s
@@ -317,6 +335,19 @@ class Buffer:
         """
         self._check_alive()
         return self._transport.all_gather_ints(values.reshape(-1).to(torch.int64), stage)
+
+    def abort_dispatch(self, error: BaseException) -> None:
+        """Join, with ``error``, the fresh dispatch the other ranks of the group are making, so that every rank
+        raises (this one ``error``, its message naming this rank; the others
+        :class:`~deep_ep.errors.RemoteInputError` naming it) instead of leaving them waiting. For layers
+        above the Buffer that find a bad argument before their dispatch. Never returns.
+
+        Args:
+            error: this rank's argument error.
+        """
+        self._check_alive()
+        self._run_dispatch(DispatchRequest(problem=Problem(7, error), options=CallOptions(self.num_sms)))
+        raise error  # pragma: no cover - the agreement raised
 
     @property
     def device_plans(self) -> bool:

@@ -142,3 +142,55 @@ class Waiter:
             f"deep_ep: rank {self.rank} waited {waited:.1f}s (timeout_s={self.timeout_s:g}) in {msg_stage}; "
             f"{detail}. The Buffer is unusable now; the process group may be too."
         )
+
+
+_verdict_calls: Dict[str, int] = {}
+
+
+def agree_verdicts(group: Any, problem: Optional[BaseException], what: str, timeout_s: float, values=()) -> list:
+    """Every rank's verdict on its own arguments of a collective call ``what``, exchanged over ``group``
+    within ``timeout_s``, before any other collective of that call: raise on every rank alike.
+
+    The rank whose ``problem`` is set raises it (its message starting with its rank); the others raise
+    :class:`~deep_ep.errors.RemoteInputError` naming it. ``values`` (ints) travel too and must be the same
+    on every rank (else :class:`~deep_ep.errors.RankMismatchError`).
+
+    Args:
+        group: a process group (``None``: the default group).
+        problem: this rank's argument error, or ``None``.
+        what: the call's name (in messages and timeouts).
+        timeout_s: the bound of the wait.
+        values: ints every rank must agree on.
+
+    Returns:
+        ``[R, 1 + len(values)]`` rows as Python lists (when nothing was raised).
+    """
+    import torch
+
+    from .errors import RankMismatchError, RemoteInputError
+
+    group = group if group is not None else dist.group.WORLD
+    R, rank = dist.get_world_size(group), dist.get_rank(group)
+    be = str(dist.get_backend(group)).lower()
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in be else torch.device("cpu")
+    mine = torch.tensor([int(problem is not None)] + [int(v) for v in values], dtype=torch.int64, device=device)
+    out = torch.empty((R * mine.numel(),), dtype=torch.int64, device=device)
+    n = _verdict_calls[what] = _verdict_calls.get(what, 0) + 1
+    waiter = Waiter(group, f"deep_ep/verdict/{what}/{n}", timeout_s)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    waiter.wait(gather(out, mine, group=group, async_op=True), f"{what} arguments")
+    rows = out.view(R, -1).cpu().tolist()
+    bad = [r for r, row in enumerate(rows) if row[0]]
+    if bad:
+        if problem is not None:
+            if problem.args and isinstance(problem.args[0], str) and not problem.args[0].startswith("rank "):
+                problem.args = (f"rank {rank}: {problem.args[0]}",) + tuple(problem.args[1:])
+            raise problem
+        raise RemoteInputError(f"{what}: rank(s) {bad} rejected their arguments; see their errors")
+    for col in range(1, len(values) + 1):
+        vals = [row[col] for row in rows]
+        if len(set(vals)) > 1:
+            raise RankMismatchError(
+                f"{what}: ranks disagree ({', '.join(f'rank {r}: {v}' for r, v in enumerate(vals))})"
+            )
+    return rows

@@ -41,7 +41,7 @@ def _is_batched(shapes: Shapes) -> bool:
 
 def _all_gather_flat(out: torch.Tensor, t: torch.Tensor, group: dist.ProcessGroup) -> Any:
     """All-gather ``t`` into the flat ``out`` (``R * t.numel()`` elements), asynchronously."""
-    fn = getattr(dist, "all_gather_into_tensor", None)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (the newer name first)
     return fn(out, t, group=group, async_op=True)
 
 

@@ -402,3 +402,133 @@ def test_v2_style_caller_gpu(rank_pool):
 @pytest.mark.parametrize("what", ["too_many_tokens", "expert_id", "combine_rows"])
 def test_bad_input_one_rank_gpu(rank_pool, what):
     rank_pool(2, backend="nccl").run(rank_bad_input_one_rank, "collective", what)
+
+
+# ---------------------------------------------------------------------- the V2 surface and torch defaults
+def _signature(fn):
+    import inspect
+
+    return [
+        (p.name, None if p.default is inspect.Parameter.empty else p.default, p.kind.name == "KEYWORD_ONLY")
+        for p in inspect.signature(fn).parameters.values()
+        if p.name != "self"
+    ]
+
+
+def test_v2_signatures():
+    """Argument names, order and defaults are V2's (deep_ep's additions are keyword-only, at the end)."""
+    EB = deep_ep.ElasticBuffer
+    assert _signature(EB.__init__) == [
+        ("group", None, False),
+        ("num_bytes", None, False),
+        ("num_cpu_bytes", 0, False),
+        ("num_max_tokens_per_rank", 0, False),
+        ("hidden", 0, False),
+        ("num_topk", 0, False),
+        ("use_fp8_dispatch", False, False),
+        ("deterministic", False, False),
+        ("allow_hybrid_mode", True, False),
+        ("allow_multiple_reduction", True, False),
+        ("prefer_overlap_with_compute", True, False),
+        ("sl_idx", 3, False),
+        ("num_allocated_qps", 0, False),
+        ("num_cpu_timeout_secs", 300, False),
+        ("num_gpu_timeout_secs", 100, False),
+        ("explicitly_destroy", False, False),
+        ("backend", None, True),
+        ("ranks_per_node", None, True),
+        ("num_nvl_bytes", 0, True),
+    ]
+    assert [n for n, _, _ in _signature(EB.dispatch)] == [
+        "x",
+        "topk_idx",
+        "topk_weights",
+        "cumulative_local_expert_recv_stats",
+        "num_experts",
+        "num_max_tokens_per_rank",
+        "expert_alignment",
+        "num_sms",
+        "num_qps",
+        "previous_event",
+        "previous_event_before_epilogue",
+        "async_with_compute_stream",
+        "allocate_on_comm_stream",
+        "handle",
+        "do_handle_copy",
+        "do_cpu_sync",
+        "do_expand",
+        "do_zero_padding",
+        "use_tma_aligned_col_major_sf",
+    ]
+    d = {n: v for n, v, _ in _signature(EB.dispatch)}
+    assert (d["num_sms"], d["do_handle_copy"], d["do_cpu_sync"], d["do_expand"], d["expert_alignment"]) == (
+        0,
+        True,
+        None,
+        False,
+        None,
+    )
+    assert [n for n, _, _ in _signature(EB.combine)] == [
+        "x",
+        "handle",
+        "topk_weights",
+        "bias",
+        "num_sms",
+        "num_qps",
+        "previous_event",
+        "previous_event_before_epilogue",
+        "async_with_compute_stream",
+        "allocate_on_comm_stream",
+    ]
+    assert [n for n, _, _ in _signature(EB.get_buffer_size_hint)] == [
+        "group",
+        "num_max_tokens_per_rank",
+        "hidden",
+        "num_topk",
+        "use_fp8_dispatch",
+        "allow_hybrid_mode",
+        "allow_multiple_reduction",
+    ]
+    assert [n for n, _, _ in _signature(EB.barrier)] == ["use_comm_stream", "with_cpu_sync", "sequential"]
+    for name in (
+        "capture",
+        "get_comm_stream",
+        "get_theoretical_num_sms",
+        "get_theoretical_num_qps",
+        "get_physical_domain_size",
+        "get_logical_domain_size",
+        "destroy",
+        "engram_write",
+        "engram_fetch",
+        "pp_set_config",
+        "pp_send",
+        "pp_recv",
+        "create_agrs_session",
+        "destroy_agrs_session",
+        "agrs_new_session",
+        "agrs_set_config",
+        "agrs_get_inplace_tensor",
+        "all_gather",
+        "get_engram_storage_size_hint",
+        "get_pp_buffer_size_hint",
+        "get_agrs_num_max_session_bytes",
+        "get_agrs_buffer_size_hint",
+    ):
+        assert callable(getattr(EB, name)), name
+    assert deep_ep.EPHandle is deep_ep.elastic.EPHandle and "utils" in deep_ep.__all__
+
+
+def rank_changed_defaults(rank: int, R: int) -> None:
+    """A caller that changed torch's default dtype (DeepEP's init_dist sets bfloat16) changes nothing."""
+    old = torch.get_default_dtype()
+    try:
+        for dtype in (torch.bfloat16, torch.float64):
+            torch.set_default_dtype(dtype)
+            run_elastic(rank, R, "collective", 8, SCENARIOS["no_cpu_sync"])
+            run_elastic(rank, R, "collective", 9, SCENARIOS["fp8_colmajor"])
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_changed_torch_defaults(rank_pool):
+    rank_pool(2).run(rank_changed_defaults)

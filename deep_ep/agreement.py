@@ -15,7 +15,7 @@ import torch
 
 from .errors import DeepEPInputError, RankMismatchError, RemoteInputError
 
-__all__ = ["Problem", "HEADER", "make_header", "agree", "agree_rows", "check_id_ranges"]
+__all__ = ["Problem", "HEADER", "make_header", "agree", "agree_rows", "check_rows", "check_id_ranges"]
 
 _MAGIC = 0xDEE9
 _H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_WORST, _H_LEVEL = range(13)
@@ -166,15 +166,36 @@ def agree_rows(
         vec = torch.cat([vec] + parts)  # int32 parts are promoted to int64
     gathered = transport.all_gather_ints(vec, f"{_OP_NAMES.get(header[_H_OP], '?')} metadata")
     rows = (gathered if head >= gathered.size(1) else gathered[:, :head]).tolist()
+    check_rows(rows, header[_H_OP], problem, fields, getattr(transport, "rank", 0))
+    return gathered, rows
+
+
+def check_rows(
+    rows: Sequence[Sequence[int]], op: int, problem: Optional[Problem], fields: Sequence[Tuple[int, str]], me: int
+) -> None:
+    """The verdict on every rank's header (``rows[r][:HEADER]``, the same list on every rank): raise the same
+    error on every rank, or return.
+
+    A rank that rejected its input raises its own error (``problem``), the others
+    :class:`~deep_ep.errors.RemoteInputError` naming it; ranks that disagree on the operation, the call
+    number, the Buffer / handle, the call's settings or a field of ``fields`` raise
+    :class:`~deep_ep.errors.RankMismatchError` naming the odd ones.
+
+    Args:
+        rows: every rank's header (at least :data:`HEADER` ints each).
+        op: the call's operation code (in messages).
+        problem: this rank's own input problem, or ``None``.
+        fields: ``(header slot, name)`` pairs every rank must agree on.
+        me: this rank.
+    """
     R = len(rows)
     errs = {r: row[_H_ERR] for r, row in enumerate(rows) if row[_H_ERR] != 0}
-    me = getattr(transport, "rank", 0)
     if errs:
         if problem is not None:
             problem.raise_on(me)
         desc = "; ".join(f"rank {r}: {_ERR_NAMES.get(c, 'invalid input')}" for r, c in sorted(errs.items()))
         raise RemoteInputError(
-            f"deep_ep {_OP_NAMES.get(header[_H_OP], '')}: another rank rejected its input "
+            f"deep_ep {_OP_NAMES.get(op, '')}: another rank rejected its input "
             f"({desc}); see that rank's error. Nothing was sent."
         )
     if problem is not None:  # pragma: no cover - err slot always set with a problem
@@ -199,11 +220,10 @@ def agree_rows(
             odd = [r for r in range(R) if r not in majority]
             detail = ", ".join(f"rank {r}: {vals_s[r]}" for r in range(R))
             raise RankMismatchError(
-                f"deep_ep: ranks disagree on {name} in {_OP_NAMES.get(header[_H_OP], 'a call')} "
+                f"deep_ep: ranks disagree on {name} in {_OP_NAMES.get(op, 'a call')} "
                 f"(disagreeing rank(s): {odd}; {detail}). Every rank must call with the same "
                 f"{name}. Nothing was sent."
             )
-    return gathered, rows
 
 
 def check_id_ranges(ranges: Union[torch.Tensor, Sequence[Sequence[int]]], num_experts: int, rank: int) -> None:

@@ -15,11 +15,25 @@ import itertools
 import logging
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import layout, validate
-from .agreement import _H_DTYPE, _H_HIDDEN, _H_LEVEL, _H_SCALES, _H_W, Problem, agree
+from . import kernels, layout, validate
+from .agreement import (
+    _H_DTYPE,
+    _H_HIDDEN,
+    _H_LEVEL,
+    _H_SCALES,
+    _H_W,
+    _H_WORST,
+    _OP_DISPATCH,
+    HEADER,
+    Problem,
+    agree,
+    check_id_ranges,
+    check_rows,
+)
 from .calls import (
     CachedDispatchRequest,
     CallOptions,
@@ -46,6 +60,22 @@ _FLOAT_X = validate.FLOAT_DTYPES
 _FP8 = validate.FP8_DTYPES
 _buffer_counter: Dict[str, itertools.count] = {}
 #: the header fields of a cached dispatch and of a combine that every rank must agree on
+#: dtypes the fused combine reduces (float32 sums); float64 rows take the host path (float64 sums)
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _fused_widths(req: DispatchRequest) -> List[int]:
+    """Byte widths of a fresh dispatch's row tensors (x, scales, top-k ids, weights) on the fused path."""
+    w = [req.x.size(1) * req.x.element_size()] if req.x is not None else [1]
+    if req.scales is not None:
+        w.append(req.scales.size(1) * 4)
+    if req.topk_idx is not None:
+        w.append(8 * req.num_topk)
+        if req.topk_weights is not None:
+            w.append(4 * req.num_topk)
+    return w
+
+
 _CACHED_FIELDS = (
     (_H_HIDDEN, "hidden size"),
     (_H_DTYPE, "x dtype"),
@@ -196,13 +226,20 @@ class Buffer:
         cls = transport_class(backend)
         self.backend = backend
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        # "comm waits for compute" and the reverse: two events recorded anew by every call
+        self._events = (torch.cuda.Event(), torch.cuda.Event()) if self.device.type == "cuda" else None
 
         gname = getattr(group, "group_name", None) or str(id(group))
         counter = _buffer_counter.setdefault(gname, itertools.count())
         self._uid = next(counter)
         self._waiter = Waiter(group, f"deep_ep/{gname}/buffer{self._uid}", self.timeout_s)
         self._transport: Transport = cls(group, self.device, self._waiter, self.settings, num_nvl_bytes)
-        self._check_every_call = self.device.type != "cuda" or self.settings.check_every_call
+        # on CPU ranks every call agrees on its arguments (gloo's collectives match up anyway), except on the
+        # emulated nvlink's fused path, which runs as on the GPU (its checks ride in its kernels)
+        check = self.settings.check_every_call
+        self._check_every_call = (
+            check if check is not None else (self.device.type != "cuda" and not self._transport.fused_plans)
+        )
         self._local_buffers: Dict[bool, torch.Tensor] = {}
         self._zero_slots: Optional[torch.Tensor] = None
         self._checks = DeferredChecks()  # device-side verdicts of num_worst_tokens dispatches
@@ -264,6 +301,8 @@ class Buffer:
             )
         if self._checks.pending and not torch.cuda.is_current_stream_capturing():
             self._checks.raise_ready()  # verdicts of earlier num_worst_tokens dispatches
+        if self._transport.fused_plans:
+            self._transport.check_deferred()  # (the fused path's: read from pinned memory, no sync)
 
     def capture(self) -> EventOverlap:
         """An :class:`EventOverlap` recorded on the current stream (no event on CPU)."""
@@ -352,8 +391,8 @@ class Buffer:
     @property
     def device_plans(self) -> bool:
         """Whether a ``num_worst_tokens`` dispatch of this Buffer builds its plan on the device (no host
-        sync; its checks are deferred to the next call): the transport has a device path, the Buffer is on
-        CUDA and not in ``DEEP_EP_CHECK`` mode."""
+        sync; its checks are deferred to the next call): the transport has a device path and the Buffer
+        is not in checking mode (``DEEP_EP_CHECK``; CPU Buffers check by default)."""
         return self._transport.device_layout and not self._check_every_call
 
     @property
@@ -400,8 +439,9 @@ class Buffer:
         try:
             if problem is not None:
                 raise problem
-            # On CUDA ids outside the range are dropped by the layout (no sync) and rejected by dispatch.
-            on_cpu = not (isinstance(topk_idx, torch.Tensor) and topk_idx.is_cuda)
+            # Where the layout kernel runs, ids outside the range are dropped by it (no sync) and rejected by
+            # dispatch; the torch path checks them here.
+            on_cpu = not (isinstance(topk_idx, torch.Tensor) and kernels.available(topk_idx))
             validate.check_topk(
                 topk_idx,
                 num_experts,
@@ -505,10 +545,91 @@ class Buffer:
     def _run_dispatch(self, req: DispatchRequest):
         """A fresh dispatch of a parsed request: agree, plan, move the rows (also the low-latency pair path's)."""
         self._waiter.seq += 1
-        call = StreamCall(self.device, self._comm_stream, req.options)
+        call = StreamCall(self.device, self._comm_stream, req.options, self._events)
         with call:
-            plan, L, expert_list = self._plan_dispatch(req)
-        return self._finish_dispatch(call, plan, req, L, expert_list)
+            if self._transport.fused_plans and req.tolerance is None and req.codec is None and req.num_experts < 1024:
+                plan, L, expert_list = self._plan_fused(req)
+            else:
+                plan, L, expert_list = self._plan_dispatch(req)
+            return self._finish_dispatch(call, plan, req, L, expert_list)
+
+    def _plan_fused(self, req: DispatchRequest) -> Tuple[Plan, int, Optional[List[int]]]:
+        """The plan of a fresh dispatch on the fused path: one notify kernel publishes this rank's header,
+        counts and expert counts into every rank and computes the plan on the device; the host reads the
+        received count (and every rank's header, for the verdict) from the pinned block it writes: the
+        one host wait. A ``num_worst_tokens`` call does not wait (its verdict is read later)."""
+        t, R, problem = self._transport, self.num_ranks, req.problem
+        E = req.num_experts if req.num_experts > 0 else 0
+        if problem is None and req.is_token_in_rank is None:  # top-k without the mask: the layout kernel
+            _, _, req.num_tokens_per_expert, req.is_token_in_rank = layout.dispatch_layout(req.topk_idx, E, R)
+        if problem is None:
+            mask, idx, pe = req.is_token_in_rank, req.topk_idx, req.num_tokens_per_expert
+        else:  # this rank still takes part, with no rows and its error in the header
+            mask = torch.empty((0, R), dtype=torch.bool, device=self.device)
+            idx = pe = None
+            E = 0
+        header = req.header(self._waiter.seq, self._ident())
+        wait = not (req.num_worst_tokens > 0 and problem is None and not self._check_every_call)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        fl, out, _ = t.fused_notify(header, mask, idx, pe, E, _fused_widths(req), wait, capturing, self._waiter.seq)
+        L = E // R if E > 0 else 0
+        T = mask.size(0)
+        if not wait:
+            plan = Plan(
+                rank=self.rank,
+                num_ranks=R,
+                num_tokens=T,
+                is_token_in_rank=mask,
+                rank_prefix_matrix=fl.rpm,
+                send_counts=None,
+                recv_counts=None,
+                num_recv_tokens=-1,
+                num_out_rows=req.num_worst_tokens,
+                fused=fl,
+            )
+            return plan, L, []
+        from .kernels.fused import OUT_HEADERS
+
+        hb = OUT_HEADERS
+        heads = out[hb : hb + R * HEADER].reshape(R, HEADER).tolist()
+        check_rows(heads, _OP_DISPATCH, problem, DISPATCH_FIELDS, self.rank)
+        cb = hb + R * HEADER
+        C = out[cb : cb + R * R].reshape(R, R)
+        if E > 0:
+            ranges = np.stack([out[cb + R * R : cb + R * R + R], out[cb + R * R + R : cb + R * R + 2 * R]], axis=1)
+            check_id_ranges(ranges.tolist(), E, self.rank)
+        received = C.sum(axis=0)
+        for d in range(R):
+            w = heads[d][_H_WORST]
+            if w > 0 and received[d] > w:
+                raise DeepEPInputError(
+                    f"deep_ep dispatch: rank {d} receives {int(received[d])} tokens but its num_worst_tokens is "
+                    f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent."
+                )
+        me = self.rank
+        n_recv = int(out[3])
+        expert_list: Optional[List[int]] = None
+        if req.topk_idx is not None and req.num_worst_tokens == 0:
+            lb = cb + R * R + 2 * R
+            expert_list = layout.aligned_expert_counts(out[lb : lb + L].tolist(), req.expert_alignment)
+        counts = torch.from_numpy(C.copy())
+        fl.back = int((C.sum(axis=1) - C.diagonal()).max())
+        plan = Plan(
+            rank=me,
+            num_ranks=R,
+            num_tokens=T,
+            is_token_in_rank=mask,
+            rank_prefix_matrix=fl.rpm,
+            send_counts=C[me].tolist(),
+            recv_counts=C[:, me].tolist(),
+            num_recv_tokens=n_recv,
+            num_out_rows=req.num_worst_tokens if req.num_worst_tokens > 0 else n_recv,
+            counts=counts,
+            fused=None if out[4 + 3] else fl,  # rows that do not fit an area: the host path (every rank)
+        )
+        if any(heads[d][_H_WORST] > 0 for d in range(R)) and self._transport.device_layout:
+            plan.device = None  # (a fused plan moves rows its own way; the host path reads the counts)
+        return plan, L, expert_list
 
     def _plan_dispatch(self, req: DispatchRequest) -> Tuple[Plan, int, Optional[List[int]]]:
         """The layout, the metadata the ranks exchange, and the plan of a fresh dispatch (inside its call)."""
@@ -579,34 +700,43 @@ class Buffer:
         self, call: StreamCall, plan: Plan, req: DispatchRequest, L: int, expert_list: Optional[List[int]]
     ):
         """Move the rows of a fresh dispatch (inside ``call``), localise the top-k ids, make the handle."""
-        with call:
+        if plan.fused is not None:  # the data kernel localises the top-k ids itself (send side)
+            recv = self._transport.fused_dispatch(
+                plan, req.rows(), call.alloc, True, req.scales is not None, req.options.num_sms
+            )
+            recv_x = recv[0]
+        else:
             recv, recv_x = self._move_rows(
                 plan, req.rows(), call.alloc, req.codec, req.return_compressed, req.options.num_sms
             )
-            record_dispatch(self._wire, req.codec, req.x, plan, self.rank)
-            i = 1
-            if req.scales is not None:
-                recv_x = (recv[0], recv[1])
-                i = 2
-            recv_idx = recv_w = None
-            if req.topk_idx is not None:
+        record_dispatch(self._wire, req.codec, req.x, plan, self.rank)
+        i = 1
+        if req.scales is not None:
+            recv_x = (recv[0], recv[1])
+            i = 2
+        recv_idx = recv_w = None
+        if req.topk_idx is not None:
+            if plan.fused is not None:
+                recv_idx, recv_w = recv[i], (recv[i + 1] if req.topk_weights is not None else None)
+            else:
                 recv_idx, recv_w = localize_received(
                     plan, recv[i], recv[i + 1] if req.topk_weights is not None else None, self.rank, L
                 )
-            handle_out = DispatchHandle(
-                plan.rank_prefix_matrix,
-                plan.is_token_in_rank,
-                plan.num_recv_tokens,
-                req.num_worst_tokens,
-                plan,
-                self._uid,
-                (self._uid << 40) | next(self._handles),
-            )
+        handle_out = DispatchHandle(
+            plan.rank_prefix_matrix,
+            plan.is_token_in_rank,
+            plan.num_recv_tokens,
+            req.num_worst_tokens,
+            plan,
+            self._uid,
+            (self._uid << 40) | next(self._handles),
+        )
         made = [t for t in (recv_x, recv_idx, recv_w) if isinstance(t, torch.Tensor)]
         # every tensor the comm stream read or made stays alive for it (the caller may drop its references
         # at once: its memory must not return to the compute stream's pool before the comm stream's reads)
         used = [req.x, req.scales, req.topk_idx, req.topk_weights, req.num_tokens_per_expert, plan.is_token_in_rank]
-        event = call.finish(used + list(recv) + made)
+        # the fused path allocates every output on the compute stream (nothing to record without async_finish)
+        event = call.finish(used + list(recv) + made, comm_made=[] if plan.fused is not None else None)
         return recv_x, recv_idx, recv_w, expert_list if expert_list is not None else [], handle_out, event
 
     def _move_rows(self, plan: Plan, rows: List[torch.Tensor], alloc, codec, return_compressed: bool, num_sms: int):
@@ -666,7 +796,7 @@ class Buffer:
     def _cached_dispatch(self, req: CachedDispatchRequest):
         self._waiter.seq += 1
         problem = req.problem
-        call = StreamCall(self.device, self._comm_stream, req.options)
+        call = StreamCall(self.device, self._comm_stream, req.options, self._events)
         with call:
             header = req.header(self._waiter.seq, req.handle.ident if req.handle is not None else 0)
             if req.tolerance is not None:  # every rank of the call, bad input or not (see wire.agree_upgrades)
@@ -688,11 +818,21 @@ class Buffer:
                 agree(self._transport, self.device, header, None, problem, _CACHED_FIELDS)
             elif problem is not None:
                 problem.raise_on(self.rank)
-            recv, recv0 = self._move_rows(
-                req.handle.plan, req.rows(), call.alloc, req.codec, req.return_compressed, req.options.num_sms
-            )
+            plan = req.handle.plan
+            if plan.fused is not None and req.codec is None:
+                recv = self._transport.fused_dispatch(
+                    plan, req.rows(), call.alloc, False, req.scales is not None, req.options.num_sms
+                )
+                recv0 = recv[0]
+            else:
+                recv, recv0 = self._move_rows(
+                    plan, req.rows(), call.alloc, req.codec, req.return_compressed, req.options.num_sms
+                )
             record_dispatch(self._wire, req.codec, req.x, req.handle.plan, self.rank)
-        event = call.finish([req.x, req.scales] + list(recv) + ([recv0] if isinstance(recv0, torch.Tensor) else []))
+        event = call.finish(
+            [req.x, req.scales] + list(recv) + ([recv0] if isinstance(recv0, torch.Tensor) else []),
+            comm_made=[] if plan.fused is not None and req.codec is None else None,
+        )
         recv_x = recv0 if req.scales is None else (recv[0], recv[1])
         return recv_x, None, None, None, None, event
 
@@ -732,13 +872,30 @@ class Buffer:
     def _run_combine(self, req: CombineRequest):
         """A combine of a parsed request (also the low-latency pair path's)."""
         self._waiter.seq += 1
-        call = StreamCall(self.device, self._comm_stream, req.options)
+        call = StreamCall(self.device, self._comm_stream, req.options, self._events)
         with call:
             if self._check_every_call:
                 header = req.header(self._waiter.seq, req.handle.ident if req.handle is not None else 0)
                 agree(self._transport, self.device, header, None, req.problem, _COMBINE_FIELDS)
             elif req.problem is not None:
                 req.problem.raise_on(self.rank)
+            plan = req.handle.plan
+            if (
+                plan.fused is not None
+                and req.codec is None
+                and req.x.dtype in _FUSED_DTYPES
+                and self._transport.fused_fits_combine(
+                    plan,
+                    req.hidden,
+                    req.x.element_size(),
+                    req.topk_weights.size(1) if req.topk_weights is not None else 0,
+                )
+            ):
+                out, out_w = self._transport.fused_combine(
+                    plan, req.x, req.topk_weights, req.biases, call.alloc, req.options.num_sms
+                )
+                event = call.finish([req.x, req.topk_weights, out, out_w] + req.biases, comm_made=[])
+                return out, out_w, event
             out, out_w = self._transport.combine(
                 req.handle.plan,
                 req.x,

@@ -196,7 +196,8 @@ class Settings:
         compression_stats: record ``last_dispatch_stats``.
         topology_aware: ``'auto'`` picks the hierarchical transport across hosts.
         ranks_per_node: ranks per node, or ``None`` (from the hostnames).
-        check_every_call: cached dispatch and combine also exchange metadata (``DEEP_EP_CHECK``).
+        check_every_call: cached dispatch and combine also exchange metadata (``DEEP_EP_CHECK``; ``None``:
+            the Buffer's default, off on CUDA, on for CPU ranks but the emulated nvlink's fused path).
         nvlink_path: ``'host'`` or ``'fused'`` (the nvlink transport's fresh-dispatch path).
         nvlink_chunks, nvlink_pull, nvlink_dispatch, nvlink_push_chunks: the nvlink host path's tuning.
         nvlink_emulate: allow the nvlink transport on CPU ranks (shared-memory emulation, for tests).
@@ -211,7 +212,7 @@ class Settings:
     compression_stats: bool = False
     topology_aware: bool = True
     ranks_per_node: Optional[int] = None
-    check_every_call: bool = False
+    check_every_call: Optional[bool] = None
     nvlink_path: str = "host"
     nvlink_chunks: int = 1
     nvlink_pull: str = "copy"
@@ -278,7 +279,7 @@ class Settings:
             compression_stats=stats,
             topology_aware=topo,
             ranks_per_node=rpn,
-            check_every_call=env_bool("DEEP_EP_CHECK", False),
+            check_every_call=None if env_raw("DEEP_EP_CHECK") is None else env_bool("DEEP_EP_CHECK", False),
             nvlink_path=env_choice("DEEP_EP_NVLINK_PATH", "host", ("host", "fused")),
             nvlink_chunks=_positive_int("DEEP_EP_NVLINK_CHUNKS", 1),
             nvlink_pull=env_choice("DEEP_EP_NVLINK_PULL", "copy", ("copy", "gather")),

@@ -14,12 +14,17 @@ __all__ = ["StreamCall"]
 class StreamCall:
     """Stream discipline of one call (DeepEP's): work on the comm stream, then event or wait."""
 
-    def __init__(self, device: torch.device, comm_stream: Optional[torch.cuda.Stream], options: Any) -> None:
+    def __init__(
+        self, device: torch.device, comm_stream: Optional[torch.cuda.Stream], options: Any, events: Any = None
+    ) -> None:
         """Args:
         device: the Buffer's device.
         comm_stream: its communication stream (``None`` on CPU).
         options: the call's validated :class:`~deep_ep.calls.CallOptions` (events, async, allocation).
+        events: two CUDA events the Buffer keeps for "the comm stream waits for the compute stream" and the
+            reverse (recorded anew every call: no event is created per call), or ``None``.
         """
+        self._events = events
         self.device = device
         self.comm = comm_stream
         self.cuda = device.type == "cuda"
@@ -35,6 +40,10 @@ class StreamCall:
             comm = self.comm
             if self.previous_event is not None and self.previous_event.event is not None:
                 comm.wait_event(self.previous_event.event)
+            elif self._events is not None:
+                ev = self._events[0]
+                ev.record(self.compute)
+                comm.wait_event(ev)
             else:
                 comm.wait_stream(self.compute)
             torch.cuda.set_stream(comm)  # (cheaper than the torch.cuda.stream context manager)
@@ -59,12 +68,28 @@ class StreamCall:
                 return torch.empty(shape, dtype=dtype, device=self.device)
         return torch.empty(shape, dtype=dtype, device=self.device)
 
-    def finish(self, keep: Sequence[Any]) -> EventOverlap:
-        """Close the call: an event (async) or make the compute stream wait for the comm stream."""
+    def finish(self, keep: Sequence[Any], comm_made: Optional[Sequence[Any]] = None) -> EventOverlap:
+        """Close the call: an event (async) or make the compute stream wait for the comm stream.
+
+        Args:
+            keep: every tensor the call's comm-stream work read or wrote (kept alive for it with
+                ``async_finish``: the compute stream does not wait then).
+            comm_made: the tensors among them allocated on the comm stream and handed to the compute
+                stream (recorded for it; ``None``: all of ``keep``, the cautious default). Without
+                ``async_finish`` nothing else needs recording: the compute stream waits for the comm
+                stream before it uses anything.
+        """
         self.__exit__(None, None, None)
         if not self.cuda:
             return EventOverlap(None)
         comm = self.comm
+        if not self.async_finish and comm_made is not None:
+            if comm_made and not torch.cuda.is_current_stream_capturing():
+                for t in comm_made:
+                    if isinstance(t, torch.Tensor) and t.is_cuda:
+                        t.record_stream(self.compute)
+            self._wait_comm()
+            return EventOverlap(None)
         # Tensors made or used on the comm stream are also used on the compute stream (and the
         # reverse): tell the caching allocator, so neither stream's next allocation can reuse their
         # memory while the other stream may still touch it. Without async_finish the compute stream
@@ -83,5 +108,14 @@ class StreamCall:
             ev = torch.cuda.Event()
             ev.record(comm)
             return EventOverlap(ev, [t for t in keep if t is not None])
-        self.compute.wait_stream(comm)
+        self._wait_comm()
         return EventOverlap(None)
+
+    def _wait_comm(self) -> None:
+        """The compute stream waits for the comm stream (through the Buffer's event when it has one)."""
+        if self._events is not None:
+            ev = self._events[1]
+            ev.record(self.comm)
+            self.compute.wait_event(ev)
+        else:
+            self.compute.wait_stream(self.comm)

@@ -33,11 +33,23 @@ def get_buffer(backend: str = "collective", **kwargs) -> deep_ep.Buffer:
     key = ("buffer", backend, tuple(sorted(kwargs.items())))
     buf = WORKER_CACHE.get(key)
     if buf is None or buf._destroyed or buf._waiter.broken:
-        if backend == "nvlink" and device().type == "cpu":  # the shared-memory emulation (for tests)
-            import os
+        import os
 
-            os.environ["DEEP_EP_NVLINK_EMULATE"] = "1"
-        buf = deep_ep.Buffer(dist.group.WORLD, backend=backend, **kwargs)
+        env = {}
+        if backend.startswith("nvlink") and device().type == "cpu":  # the shared-memory emulation (for tests)
+            env["DEEP_EP_NVLINK_EMULATE"] = "1"
+        if backend == "nvlink-fused":  # the fused path (its kernels interpreted on CPU)
+            env.update(DEEP_EP_NVLINK_PATH="fused", DEEP_EP_KERNELS_ON_CPU="1")
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            buf = deep_ep.Buffer(dist.group.WORLD, backend=backend.split("-")[0], **kwargs)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         WORKER_CACHE[key] = buf
     return buf
 

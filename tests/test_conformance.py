@@ -91,8 +91,10 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
                 x[-1, -1] = float("inf")
     E = case.num_experts
     kw = {}
-    if sc.get("staging_data_bytes"):  # metadata area (2 x R x 4096 int64) + a small data area
-        kw["num_nvl_bytes"] = 2 * R * 4096 * 8 + sc["staging_data_bytes"]
+    if sc.get("staging_data_bytes"):  # metadata areas, the fused path's control region, a small data area
+        from deep_ep.transport.nvlink.fused import fused_control_bytes
+
+        kw["num_nvl_bytes"] = 2 * R * 4096 * 8 + fused_control_bytes(R) + sc["staging_data_bytes"]
     P = 0
     if backend == "hierarchical":  # emulated nodes: 2 of R/2 ranks (2 x 1 on two ranks)
         P = kw["ranks_per_node"] = sc.get("ranks_per_node") or (max(R // 2, 1) if R % 2 == 0 else 1)
@@ -182,7 +184,7 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
             .float()
             .view(d.recv_x[0].size(0), d.recv_x[0].size(1) // 128, 128)
             .mul(d.recv_x[1].unsqueeze(2))
-            .view(d.recv_x[0].size(0), -1)
+            .view(d.recv_x[0].size(0), d.recv_x[0].size(1))
             .to(torch.bfloat16)
             for d in exp
         ]

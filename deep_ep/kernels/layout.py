@@ -1,19 +1,24 @@
 """Triton twin of :func:`deep_ep.layout.dispatch_layout` (``get_dispatch_layout`` on CUDA).
 
-One launch (after one zero fill of the counters) computes what the torch path computes with about a
-dozen small ops: each program takes a block of tokens, marks the ranks (and nodes) each token goes to,
-stores its rows of ``is_token_in_rank`` and adds its per-rank, per-node and per-expert counts to the
-totals (one atomic add per counter per program: integer sums, so the result does not depend on the
-order). Entries ``-1`` and ids outside ``[0, num_experts)`` are skipped, as in the torch path.
+One launch, no memset, computes what the torch path computes with about a dozen small ops: each program
+takes a block of tokens, marks the ranks (and nodes) each token goes to, stores its rows of
+``is_token_in_rank`` and its per-rank, per-node and per-expert counts as one row of a scratch matrix,
+then takes a ticket; the program with the last ticket sums the rows (integer sums in program order, so
+the result is deterministic), stores the totals and resets the ticket to zero for the next launch. The
+ticket and the scratch persist per (device, stream) (:func:`_scratch`); under CUDA-graph capture the
+kernel instead adds into zeroed totals (``TICKET=False``). Entries ``-1`` and ids outside
+``[0, num_experts)`` are skipped, as in the torch path.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import Launcher
 
 
 @triton.jit
@@ -21,10 +26,13 @@ def _layout_kernel(
     idx_ptr,
     counts_ptr,
     mask_ptr,
+    part_ptr,
+    ticket_ptr,
     T,
     K,
     L,
     P,
+    W,
     R: tl.constexpr,
     RP: tl.constexpr,
     E: tl.constexpr,
@@ -33,6 +41,8 @@ def _layout_kernel(
     NP: tl.constexpr,
     KP: tl.constexpr,
     BT: tl.constexpr,
+    WP: tl.constexpr,
+    TICKET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = (pid * BT + tl.arange(0, BT)).to(tl.int64)
@@ -51,16 +61,49 @@ def _layout_kernel(
             node_hit = tl.maximum(node_hit, ((r // P)[:, None] == nodes[None, :]).to(tl.int32) * (r >= 0)[:, None])
     rm = ranks < R
     tl.store(mask_ptr + t[:, None] * R + ranks[None, :], hit.to(tl.int8), mask=tm[:, None] & rm[None, :])
-    tl.atomic_add(counts_ptr + ranks, tl.sum(hit, axis=0), mask=rm)
-    if NODES > 0:
-        tl.atomic_add(counts_ptr + R + E + nodes, tl.sum(node_hit, axis=0), mask=nodes < NODES)
     # (token, k) pairs per expert: a histogram of the block's valid ids (bin E collects the rest)
     kk = tl.arange(0, KP)
     ids = tl.load(idx_ptr + t[:, None] * K + kk[None, :], mask=tm[:, None] & (kk < K)[None, :], other=-1)
     ids = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
     hist = tl.histogram(tl.reshape(ids, [BT * KP]), EP)
     bins = tl.arange(0, EP)
-    tl.atomic_add(counts_ptr + R + bins, hist, mask=bins < E)
+    if TICKET:
+        row = part_ptr + pid.to(tl.int64) * W
+        tl.store(row + ranks, tl.sum(hit, axis=0), mask=rm)
+        tl.store(row + R + bins, hist, mask=bins < E)
+        if NODES > 0:
+            tl.store(row + R + E + nodes, tl.sum(node_hit, axis=0), mask=nodes < NODES)
+        tl.debug_barrier()  # every thread's stores before the ticket (released with it)
+        n = tl.num_programs(0)
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == n - 1:
+            cols = tl.arange(0, WP)
+            cm = cols < W
+            acc = tl.zeros([WP], dtype=tl.int32)
+            for p in range(0, n):
+                acc += tl.load(part_ptr + p * W + cols, mask=cm, other=0, cache_modifier=".cg")
+            tl.store(counts_ptr + cols, acc, mask=cm)
+            tl.store(ticket_ptr, 0)
+    else:
+        tl.atomic_add(counts_ptr + ranks, tl.sum(hit, axis=0), mask=rm)
+        if NODES > 0:
+            tl.atomic_add(counts_ptr + R + E + nodes, tl.sum(node_hit, axis=0), mask=nodes < NODES)
+        tl.atomic_add(counts_ptr + R + bins, hist, mask=bins < E)
+
+
+#: (device, stream) -> (ticket int32 [1], scratch int32 [rows * W]); see the module docstring
+_SCRATCH: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+_LAUNCH = Launcher(_layout_kernel, num_warps=4)
+
+
+def _scratch(dev: torch.device, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ticket and a scratch of at least ``n`` int32 for launches on ``dev``'s current stream."""
+    key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+    got = _SCRATCH.get(key)
+    if got is None or got[1].numel() < n:
+        ticket = got[0] if got is not None else torch.zeros((1,), dtype=torch.int32, device=dev)
+        got = (ticket, torch.empty((max(n, 4096),), dtype=torch.int32, device=dev))
+        _SCRATCH[key] = got
+    return got
 
 
 def dispatch_layout(
@@ -73,30 +116,50 @@ def dispatch_layout(
     R, E = num_ranks, num_experts
     dev = topk_idx.device
     idx = topk_idx.contiguous()
-    counts = torch.zeros((R + E + nodes,), dtype=torch.int32, device=dev)
+    W = R + E + nodes
     in_rank = torch.empty((T, R), dtype=torch.bool, device=dev)
     if T > 0 and K > 0:
-        rp = max(triton.next_power_of_2(R), 2)
-        kp = max(triton.next_power_of_2(K), 2)
+        rp = max(_p2(R), 2)
+        kp = max(_p2(K), 2)
         bt = max(16, min(128, 4096 // rp))
-        _layout_kernel[(triton.cdiv(T, bt),)](
+        n = -(-T // bt)
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:  # no persistent scratch inside a graph: add into zeroed totals
+            counts = torch.zeros((W,), dtype=torch.int32, device=dev)
+            ticket = part = counts
+        else:
+            counts = torch.empty((W,), dtype=torch.int32, device=dev)
+            ticket, part = _scratch(dev, n * W)
+        _LAUNCH(
+            (n,),
             idx,
             counts,
             in_rank.view(torch.int8),
+            part,
+            ticket,
             T,
             K,
             E // R,
             max(ranks_per_node, 1),
+            W,
             R=R,
             RP=rp,
             E=E,
-            EP=triton.next_power_of_2(E + 1),
+            EP=_p2(E + 1),
             NODES=nodes,
-            NP=max(triton.next_power_of_2(max(nodes, 1)), 2),
+            NP=max(_p2(max(nodes, 1)), 2),
             KP=kp,
             BT=bt,
-            num_warps=4,
+            WP=_p2(W),
+            TICKET=not capturing,
         )
-    elif T > 0:
-        in_rank.zero_()
+    else:
+        counts = torch.zeros((W,), dtype=torch.int32, device=dev)
+        if T > 0:
+            in_rank.zero_()
     return counts[:R], (counts[R + E :] if nodes else None), counts[R : R + E], in_rank
+
+
+def _p2(n: int) -> int:
+    """The next power of two of ``n`` >= 1 (``triton.next_power_of_2`` costs microseconds)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()

@@ -89,6 +89,8 @@ class Plan:
     send_order: Optional[torch.Tensor] = None
     #: row of each (token, rank) pair among the returned rows (:func:`return_positions`, made once)
     return_pos: Optional[torch.Tensor] = None
+    #: the fused nvlink path's device plan (:class:`~deep_ep.transport.nvlink.fused.FusedLayout`), or None
+    fused: Any = None
     #: what a transport computes once per plan (schedules, views), under keys of its own: a tuple whose
     #: first item is the transport's name
     cache: Dict[Any, Any] = field(default_factory=dict)
@@ -125,6 +127,9 @@ class Transport(abc.ABC):
     device_layout: bool = False
     #: ranks per node where the transport is node-aware, else None
     ranks_per_node: Optional[int] = None
+    #: fresh dispatches plan with one notify kernel and move rows with one data kernel (``fused_notify``,
+    #: ``fused_dispatch``, ``fused_combine``; the nvlink transport's fused path)
+    fused_plans: bool = False
 
     def __init__(
         self,
@@ -163,6 +168,22 @@ class Transport(abc.ABC):
         """Store ``values`` (int64 ``[n]`` on the device) into every rank and return every rank's,
         ``[R, n]`` on the device, without a host sync (transports with :attr:`device_layout` only)."""
         raise NotImplementedError(f"the {self.name} transport has no device-side metadata exchange")
+
+    def fused_notify(self, *args: Any, **kwargs: Any) -> Any:
+        """The fused path's notify (transports with :attr:`fused_plans`)."""
+        raise NotImplementedError(f"the {self.name} transport has no fused path")
+
+    def fused_dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        """The fused path's data kernel (transports with :attr:`fused_plans`)."""
+        raise NotImplementedError(f"the {self.name} transport has no fused path")
+
+    def fused_combine(self, *args: Any, **kwargs: Any) -> Any:
+        """The fused path's combine (transports with :attr:`fused_plans`)."""
+        raise NotImplementedError(f"the {self.name} transport has no fused path")
+
+    def check_deferred(self) -> None:
+        """Raise the errors that calls which did not wait for the host found since (default: none)."""
+        return None
 
     def low_latency_engine(self, min_bytes: int) -> Any:
         """The transport's low-latency kernel engine (``None``: low-latency calls take the pair dispatch of

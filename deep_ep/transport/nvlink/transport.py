@@ -71,6 +71,7 @@ from ...settings import Settings, env_bool
 from ...waiting import Waiter
 from ..base import Plan, Transport, alloc_outputs, group_on_cuda, one_host
 from .device_path import NVLinkDevicePath
+from .fused import FusedPath, fused_control_bytes
 from .schedule import (
     _ALIGN,
     DEFAULT_PUSH_CHUNKS,
@@ -132,7 +133,7 @@ class _EventWork:
         self.event.synchronize()
 
 
-class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
+class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, FusedPath, Transport):
     """Intranode transport over torch symmetric memory (see the module docstring)."""
 
     name = "nvlink"
@@ -191,6 +192,12 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
                 f"(needs more than {self.meta_bytes + 2 * _ALIGN} bytes)"
             )
         self.nbytes = _align(nbytes)
+        self.fused_reserve_bytes = fused_control_bytes(self.num_ranks)
+        if nbytes <= self.meta_bytes + self.fused_reserve_bytes + 2 * _ALIGN:
+            raise DeepEPInputError(
+                f"num_nvl_bytes={nbytes} is too small for the nvlink transport "
+                f"(needs more than {self.meta_bytes + self.fused_reserve_bytes + 2 * _ALIGN} bytes)"
+            )
         self.sym = make_symmetric(group, device, self.nbytes, self.timeout_s, settings.nvlink_emulate)
         self._use_staging(self.sym.peers)
         self._device_setup()
@@ -209,14 +216,18 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self.min_chunk_bytes = MIN_CHUNK_BYTES
         self.push = settings.nvlink_dispatch == "push"
         self.push_chunks = settings.nvlink_push_chunks
+        fused_asked = int(settings.nvlink_path == "fused")
         theirs = self.all_gather_ints(
-            torch.tensor([self.chunks, int(self.push), self.push_chunks]), "nvlink setup"
+            torch.tensor([self.chunks, int(self.push), self.push_chunks, fused_asked]), "nvlink setup"
         ).tolist()
         if any(t != theirs[0] for t in theirs):
             raise DeepEPInputError(
-                f"DEEP_EP_NVLINK_CHUNKS / DEEP_EP_NVLINK_DISPATCH / DEEP_EP_NVLINK_PUSH_CHUNKS "
+                f"DEEP_EP_NVLINK_CHUNKS / DEEP_EP_NVLINK_DISPATCH / DEEP_EP_NVLINK_PUSH_CHUNKS / DEEP_EP_NVLINK_PATH "
                 f"differ between ranks ({theirs}); set them the same everywhere"
             )
+        self._fused_setup()
+        ready = self.all_gather_ints(torch.tensor([int(self.fused_ready)]), "nvlink setup").tolist()
+        self.fused_plans = all(r[0] for r in ready)  # every rank has the kernels, or none takes the path
 
     def _join(self) -> None:
         """Make the current stream wait for the side stream (call before returning or the next phase)."""
@@ -279,10 +290,11 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     def _use_staging(self, peers: List[torch.Tensor]) -> None:
         """Take ``peers[p]``, rank ``p``'s staging as this rank sees it, and split off the two data halves."""
         self.peers = peers
-        self.half_bytes = (self.nbytes - self.meta_bytes) // 2 // _ALIGN * _ALIGN
+        self.half_bytes = (self.nbytes - self.meta_bytes - self.fused_reserve_bytes) // 2 // _ALIGN * _ALIGN
         self.halves = [self.meta_bytes, self.meta_bytes + self.half_bytes]
         self.phase = 0
         self._fence = False
+        self._dirty = False
         self._pipelined = False
         self._graph = False
         self.meta_seq = 0
@@ -301,6 +313,7 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         if full or self._fence or self._graph:
             self._barrier()
         self._fence = full
+        self._dirty = True  # a fused kernel after this passes a barrier first (FusedPath._clean)
         if full:
             return self.halves[0]
         start = self.halves[self.phase % 2]

@@ -56,6 +56,43 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def agree_error(error: Optional[str], group=None) -> Optional[str]:
+    """All-gather each rank's error over ``group`` (collective: every rank calls it).
+
+    Args:
+        error: this rank's error (``None`` if it is fine).
+        group: the process group that agrees (a gloo one where the data group is NCCL).
+
+    Returns:
+        The first rank's error as ``"rank r: error"``, or ``None`` when every rank is fine.
+    """
+    errors = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    for r, e in enumerate(errors):
+        if e is not None:
+            return f"rank {r}: {e}"
+    return None
+
+
+def open_agreed(make: Callable[[], object], group=None) -> tuple:
+    """Run ``make()`` on every rank (e.g. make a ``Buffer``) and agree on the outcome.
+
+    Args:
+        make: what every rank runs.
+        group: the process group that agrees.
+
+    Returns:
+        ``(result, None)`` when it worked on every rank, else ``(None, reason naming the rank)``.
+    """
+    try:
+        result, err = make(), None
+    except Exception as exc:  # the reason every rank reports
+        result, err = None, _one_line(exc)
+        logger.debug("setup failed", exc_info=True)
+    reason = agree_error(err, group)
+    return (None, reason) if reason else (result, None)
+
+
 class RankRunner:
     """Runs the cases of one rank and collects ``records`` and ``skipped``."""
 
@@ -72,22 +109,11 @@ class RankRunner:
     # -- agreement ---------------------------------------------------------------------------
     def agree(self, error: Optional[str]) -> Optional[str]:
         """All-gather each rank's error (None if fine); the first one, naming its rank, or None."""
-        errors = [None] * self.cfg.world_size
-        dist.all_gather_object(errors, error, group=self.ctrl)
-        for r, e in enumerate(errors):
-            if e is not None:
-                return f"rank {r}: {e}"
-        return None
+        return agree_error(error, self.ctrl)
 
     def try_agreed(self, fn: Callable[[], object]):
         """Run ``fn`` on every rank; ``(result, None)`` if it worked everywhere, else ``(None, reason)``."""
-        try:
-            result, err = fn(), None
-        except Exception as exc:  # recorded as the case's skip reason
-            result, err = None, _one_line(exc)
-            logger.debug("case setup failed on rank %d", self.rank, exc_info=True)
-        reason = self.agree(err)
-        return (None, reason) if reason else (result, None)
+        return open_agreed(fn, self.ctrl)
 
     def skip(self, cases: list, reason: str) -> None:
         """Record ``cases`` (tuples of :func:`plan`) as skipped and advance the progress bar."""

@@ -33,6 +33,21 @@ def _gbps(nbytes: Optional[float], time_us: float) -> Optional[float]:
     return nbytes / (time_us * 1e3) if time_us > 0 else 0.0
 
 
+def format_gbps(value: Optional[float]) -> str:
+    """A bandwidth for a table: two decimals from 1 GB/s up, three significant digits below (CPU runs
+    move little: ``0.0342``, not ``0.00``), ``-`` where the row has none.
+
+    Args:
+        value: GB/s, or ``None``.
+
+    Returns:
+        The text.
+    """
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
+
+
 def _mean(values) -> Optional[float]:
     """Mean of the values that are not None; None if there are none."""
     values = [v for v in values if v is not None]
@@ -110,7 +125,7 @@ def add_ratios(cfg, rows: list) -> None:
 
 def build_result(cfg, raw: dict, command: str) -> dict:
     """The BENCH.md result object of one run (plus extra keys the format allows)."""
-    from deep_ep.cli import versions
+    from deep_ep.bench.environment import versions
 
     v = versions()
     return {
@@ -135,6 +150,7 @@ def build_result(cfg, raw: dict, command: str) -> dict:
         "reduce": REDUCE,
         "ratio": RATIO,
         "skipped": raw["skipped"],
+        "unavailable": raw.get("unavailable", {}),
     }
 
 
@@ -167,7 +183,7 @@ def format_table(result: dict) -> str:
         cells = (
             [name, r["op"], r["timing"], r["wire"], str(r["tokens"])]
             + ([_fmt(r.get("num_sms"), "d")] if sweep else [])
-            + [_fmt(r["time_us"], ".1f"), _fmt(r["gbps_logical"], ".2f"), _fmt(r["gbps_link"], ".2f")]
+            + [_fmt(r["time_us"], ".1f"), format_gbps(r["gbps_logical"]), format_gbps(r["gbps_link"])]
         )
         cells += [_fmt(r.get("ratio_vs", {}).get(b), ".2f") for b in baselines]
         if errors:

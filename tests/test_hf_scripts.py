@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _torchrun(script, *args, port):
+def _torchrun(script, *args, port, torchrun_args=()):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
     proc = subprocess.run(
         [
@@ -26,6 +26,7 @@ def _torchrun(script, *args, port):
             "2",
             "--master-port",
             str(port),
+            *torchrun_args,
             os.path.join(ROOT, script),
             *args,
         ],
@@ -40,10 +41,16 @@ def _torchrun(script, *args, port):
 
 
 def test_example_under_torchrun():
-    out = _torchrun("examples/hf_moe.py", "--family", "gpt_oss", port=29671)
+    """Both ranks' results, printed by rank 0 in rank order (torchrun shows only local rank 0's output
+    here, so rank 1's lines appear only if rank 0 prints them: the ranks' lines cannot interleave)."""
+    out = _torchrun(
+        "examples/hf_moe.py", "--family", "gpt_oss", port=29671, torchrun_args=("--local-ranks-filter", "0")
+    )
     errs = [float(e) for e in re.findall(r"max \|logits - unpatched logits\| = ([0-9.]+e[-+][0-9]+)", out)]
     assert len(errs) == 2 and max(errs) < 1e-5, out
     assert out.count("generated [") == 2 and out.count("expert parameters 25344 of 50688") == 2, out
+    ranks = [int(r) for r in re.findall(r"^(?:\[\S+\]:)?rank (\d+): ", out, flags=re.M)]
+    assert ranks == [0, 1] * 4, out  # blocks, loss, logits, generation: rank 0 then rank 1 each time
 
 
 def test_benchmark_small(tmp_path):

@@ -58,6 +58,7 @@ class BenchConfig:
     compression_ratio: float = 0.3  # the 'auto' byte target
     experts_given: bool = False  # --experts given (low-latency otherwise takes BENCH.md's 256 / 288)
     num_sms_sweep: tuple = ()  # --num-sms with several values: num_sms of each run (num_sms: the first)
+    notes: tuple = ()  # what the run should tell its user about the options (printed before it starts)
 
     @property
     def dist_backend(self) -> str:
@@ -206,6 +207,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 "--num-sms takes one value with --mode low-latency (its kernels size their "
                 "grids from the GPU, not from the SM count)"
             )
+    notes = []
+    if sms and device == "cpu":
+        notes.append(
+            "--num-sms has no effect on CPU ranks (it bounds the SMs of the GPU kernels); "
+            + ("the rows of each value are timed anyway" if len(set(sms)) > 1 else "timing as without it")
+        )
     backends = tuple(dict.fromkeys(_split(args.backend))) if args.backend else None
     if backends:
         from deep_ep.transport import BACKENDS
@@ -213,6 +220,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         unknown = [b for b in backends if b != "auto" and b not in BACKENDS]
         if unknown:
             raise BenchOptionError(f"unknown --backend {', '.join(unknown)}; deep_ep knows auto, {', '.join(BACKENDS)}")
+        cannot = cpu_unavailable(backends) if device == "cpu" else {}
+        if cannot and len(cannot) == len(backends):
+            raise BenchOptionError(
+                "; ".join(f"--backend {b} cannot run here: {why}" for b, why in cannot.items())
+                + " (the CPU ranks use gloo; deep-ep info lists what runs here)"
+            )
+        notes += [f"--backend {b} cannot run here, skipped: {why}" for b, why in cannot.items()]
+    if low_latency and args.tokens is None and not args.sweep and device == "cpu":
+        notes.append(
+            f"{tokens[0]} tokens per rank on CPU (BENCH.md's low-latency workload has {LL_TOKENS['cuda']}, on GPU; "
+            "fewer on CPU ranks so that the run takes seconds; --tokens sets it)"
+        )
     return BenchConfig(
         device=device,
         world_size=world,
@@ -235,4 +254,26 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         timeout_s=args.timeout,
         progress=not args.no_progress,
         experts_given=args.experts is not None,
+        notes=tuple(notes),
     )
+
+
+def cpu_unavailable(backends: tuple) -> dict:
+    """The backends of ``backends`` that cannot serve CPU ranks on this machine, with the reason their
+    transport's support check gives for it (``'auto'`` always runs).
+
+    Args:
+        backends: backend names.
+
+    Returns:
+        ``{name: reason}``.
+    """
+    from deep_ep import transport
+
+    support = {name: (ok, why) for name, ok, why in transport.backend_support(None)}
+    out = {}
+    for b in backends:
+        ok, why = support.get(b, (True, ""))
+        if not ok:
+            out[b] = why
+    return out

@@ -31,16 +31,14 @@ def write_png(results: Sequence[dict], path: str, gbps: str = "link", timing: st
     """Draw one line per (backend, op, wire, SM count) of ``timing`` over every result and write ``path``;
     ``None`` (and a message) when matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the process's backend stays as it is
     except ImportError:
         print("deep_ep: drawing a chart needs matplotlib (pip install matplotlib); no PNG written", file=sys.stderr)
         return None
     data = series(results, gbps)
     sweep = len({k[4] for k in data} - {None}) > 1
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for (backend, op, tm, wire, sms), pts in sorted(data.items(), key=lambda kv: str(kv[0])):
         if tm != timing:
             continue
@@ -60,5 +58,4 @@ def write_png(results: Sequence[dict], path: str, gbps: str = "link", timing: st
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

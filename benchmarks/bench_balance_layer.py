@@ -33,7 +33,7 @@ Time: per step, per phase, CUDA events on GPU (``time.perf_counter`` on CPU);
 a step's time is the slowest rank's; median over ``--iters`` steps after
 ``--warmup``, ``--rounds`` rounds of the policies in turn pooled. Also the
 pairs each rank computes (max/mean over ranks) and a check that both policies
-give the same layer output. Writes the BENCH.md result JSON with ``--json``.
+give the same layer output. Writes the docs/bench.md result JSON with ``--json``.
 """
 
 from __future__ import annotations

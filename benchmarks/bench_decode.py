@@ -90,7 +90,7 @@ def run(args) -> dict:
                 outs[f"graph-{mb}"] = y.float()
                 cases[f"decode-{mb}-graph"] = replay
         rows = []
-        timer = CudaTimer(dev) if cuda else CpuTimer(dist.group.WORLD)  # (BENCH.md's timing, L2 flushed)
+        timer = CudaTimer(dev) if cuda else CpuTimer(dist.group.WORLD)  # (docs/bench.md's timing, L2 flushed)
         for name, fn in cases.items():
             mine = torch.tensor(timer(fn, args.iters, args.warmup), dtype=torch.float64)
             allr = [torch.zeros_like(mine) for _ in range(R)]

@@ -127,7 +127,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``deep-ep bench``: spawn ranks and run the BENCH.md benchmark (:mod:`deep_ep.bench`)."""
+    """``deep-ep bench``: spawn ranks and run the docs/bench.md benchmark (:mod:`deep_ep.bench`)."""
     from deep_ep import bench
 
     return bench.run_from_args(args, command=args.command_line)
@@ -173,7 +173,7 @@ def build_parser(prog: str = "deep-ep") -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="benchmark dispatch/combine against the BENCH.md baselines",
+        help="benchmark dispatch/combine against the docs/bench.md baselines",
         description="Spawn ranks on this host (all GPUs over NCCL, or 2 CPU ranks "
         "over gloo) and time dispatch/combine as docs/bench.md describes.",
     )

@@ -300,7 +300,7 @@ def test_bench_compression_rows():
 
 def test_bench_low_latency_cpu(capsys, tmp_path):
     """--mode low-latency on CPU ranks: dispatch and combine rows for the collective backend, DeepEP's
-    byte counting, BENCH.md's experts (256, 288 where the ranks do not divide 256)."""
+    byte counting, docs/bench.md's experts (256, 288 where the ranks do not divide 256)."""
     cfg = options.config_from_args(_bench_args("--device", "cpu", "--mode", "low-latency"))
     assert cfg.workload == "low-latency" and cfg.tokens == (32,) and not cfg.experts_given
     cfg = options.config_from_args(_bench_args("--device", "cpu", "--mode", "low-latency", "--sweep"))
@@ -336,7 +336,7 @@ def test_bench_low_latency_cpu(capsys, tmp_path):
     rows = {(r["op"], r["wire"]): r for r in res["rows"]}
     assert set(rows) == {("dispatch", "fp8"), ("combine", "bf16")} and rows[("dispatch", "fp8")]["experts"] == 256
     assert rows[("dispatch", "fp8")]["pairs_per_rank"] == 8 * 4  # top-4 of 256, distinct
-    # DeepEP's byte counting (BENCH.md), not a rounded-away 0.00
+    # DeepEP's byte counting (docs/bench.md), not a rounded-away 0.00
     for r in res["rows"]:
         per_pair = 256 + 4 * 256 // 128 + 16 if r["op"] == "dispatch" else 2 * 256
         assert r["gbps_logical"] == pytest.approx(r["pairs_per_rank"] * per_pair / (r["time_us"] * 1e3))
@@ -384,7 +384,7 @@ def test_demo_cpu(tmp_path, capfd):
     assert "tokens/s" in captured.out
     assert "Warning" not in captured.err and "requires_grad" not in captured.err, captured.err
     readme = open(os.path.join(REPO, "README.md")).read()
-    claim = re.search(r"loss falls from about ([0-9.]+) to about ([0-9.]+) in (\d+) steps", readme)
+    claim = re.search(r"loss falls from about ([0-9.]+) to about ([0-9.]+)\s+in (\d+) steps", readme)
     assert claim, "README.md: the demo's loss claim"
     first, last, steps = float(claim[1]), float(claim[2]), int(claim[3])
     assert steps == len(res["rows"][0]["losses"])

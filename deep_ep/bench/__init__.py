@@ -1,10 +1,10 @@
-"""``deep-ep bench``: the BENCH.md normal-mode benchmark of dispatch and combine.
+"""``deep-ep bench``: the docs/bench.md normal-mode benchmark of dispatch and combine.
 
 Spawns its own ranks on this host (every GPU over NCCL, or 2 CPU ranks over
 gloo), times each deep_ep backend (cached dispatch, dispatch from scratch,
 combine) and the baselines (``nccl-raw``/``gloo-raw``: one all_to_all_single of
 the rows that must move; ``peer-copy``: the same remote bytes copied into the
-peers' symmetric memory, GPU only), prints a table and writes the BENCH.md
+peers' symmetric memory, GPU only), prints a table and writes the docs/bench.md
 result file.
 
 Programmatic use::
@@ -40,7 +40,7 @@ __all__ = [
 
 
 def run(cfg: BenchConfig, command: str = "deep-ep bench") -> dict:
-    """Run the benchmark described by ``cfg``; returns the BENCH.md result object. With
+    """Run the benchmark described by ``cfg``; returns the docs/bench.md result object. With
     ``cfg.num_sms_sweep`` one run per SM count, merged into one result (the baselines from the first, every
     row's ``ratio_vs`` against them; each row says its ``num_sms``)."""
     if len(cfg.num_sms_sweep) > 1:

@@ -1,4 +1,4 @@
-"""The cases of one rank: deep_ep backends and the BENCH.md baselines.
+"""The cases of one rank: deep_ep backends and the docs/bench.md baselines.
 
 Every case records, per rank, its per-run times and the bytes its figures are
 computed from; :mod:`deep_ep.bench.report` reduces the ranks. A case that

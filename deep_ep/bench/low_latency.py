@@ -1,4 +1,4 @@
-"""``deep-ep bench --mode low-latency``: BENCH.md's low-latency workload for deep_ep's backends.
+"""``deep-ep bench --mode low-latency``: docs/bench.md's low-latency workload for deep_ep's backends.
 
 Per backend: ``low_latency_dispatch`` (fp8) and ``low_latency_combine``
 (bf16) timed eagerly with CUDA events (L2 flushed; CPU: wall clock), and on
@@ -28,7 +28,7 @@ __all__ = ["experts_of", "run_low_latency", "format_low_latency"]
 
 
 def experts_of(cfg) -> int:
-    """The experts of a low-latency run: BENCH.md's 256, 288 where the ranks do not divide 256 (unless
+    """The experts of a low-latency run: docs/bench.md's 256, 288 where the ranks do not divide 256 (unless
     ``--experts`` was given).
 
     Args:
@@ -117,7 +117,7 @@ def _rank(rank: int, cfg, port: int, path: str) -> None:
 
 
 def run_low_latency(cfg, command: str) -> dict:
-    """Spawn the ranks, time every case, return the BENCH.md result object (workload ``low-latency``)."""
+    """Spawn the ranks, time every case, return the docs/bench.md result object (workload ``low-latency``)."""
     from deep_ep.bench.environment import versions
 
     with tempfile.TemporaryDirectory(prefix="deep_ep_ll_") as tmp:

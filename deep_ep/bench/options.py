@@ -1,6 +1,6 @@
 """Options of ``deep-ep bench``: the argument parser and the resolved :class:`BenchConfig`.
 
-Defaults follow BENCH.md on GPU (the ``normal`` workload: 4096 tokens per rank,
+Defaults follow docs/bench.md on GPU (the ``normal`` workload: 4096 tokens per rank,
 hidden 7168, top-8 of 256 experts, bf16 and fp8 dispatch) and shrink on CPU so
 that two gloo ranks finish in seconds.
 """
@@ -13,14 +13,14 @@ from typing import Optional
 
 import torch
 
-#: The BENCH.md ``sweep`` workload: tokens per rank.
+#: The docs/bench.md ``sweep`` workload: tokens per rank.
 SWEEP_TOKENS = (128, 512, 1024, 2048, 4096, 8192)
 #: Workload defaults per device kind.
 GPU_DEFAULTS = dict(tokens=4096, hidden=7168, topk=8, experts=256, iters=30, warmup=5)
 CPU_DEFAULTS = dict(tokens=256, hidden=1024, topk=4, experts=32, iters=10, warmup=2)
 #: Wire formats of dispatched activations this benchmark knows.
 WIRES = ("bf16", "fp8")
-#: Modes: BENCH.md's normal workload (and its token sweep) and the low-latency workload.
+#: Modes: docs/bench.md's normal workload (and its token sweep) and the low-latency workload.
 MODES = ("normal", "low-latency")
 #: low-latency tokens per rank: default and ``--sweep``
 LL_TOKENS = dict(cuda=128, cpu=32)
@@ -48,7 +48,7 @@ class BenchConfig:
     iters: int
     warmup: int
     routing: str = "uniform"  # one of SKEWS
-    workload: str = "normal"  # 'normal' or 'sweep' (BENCH.md names)
+    workload: str = "normal"  # 'normal' or 'sweep' (docs/bench.md names)
     baselines: bool = True
     flush_bytes: int = 256 << 20  # L2 flush scratch on GPU
     seed: int = 0
@@ -56,7 +56,7 @@ class BenchConfig:
     progress: bool = True
     compression: tuple = ()  # levels timed as compressed dispatch of bf16 rows: 8, 4, 'auto'
     compression_ratio: float = 0.3  # the 'auto' byte target
-    experts_given: bool = False  # --experts given (low-latency otherwise takes BENCH.md's 256 / 288)
+    experts_given: bool = False  # --experts given (low-latency otherwise takes docs/bench.md's 256 / 288)
     num_sms_sweep: tuple = ()  # --num-sms with several values: num_sms of each run (num_sms: the first)
     notes: tuple = ()  # what the run should tell its user about the options (printed before it starts)
 
@@ -73,12 +73,12 @@ class BenchConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``deep-ep bench`` options to ``p`` (shared by the CLI and benchmarks/)."""
-    g = p.add_argument_group("workload (defaults: BENCH.md 'normal' on GPU, a small one on CPU)")
+    g = p.add_argument_group("workload (defaults: docs/bench.md 'normal' on GPU, a small one on CPU)")
     g.add_argument(
         "--mode",
         default="normal",
         choices=MODES,
-        help="BENCH.md workload: normal (default) or low-latency (128 tokens, fp8 dispatch, bf16 combine; "
+        help="docs/bench.md workload: normal (default) or low-latency (128 tokens, fp8 dispatch, bf16 combine; "
         "--sweep: 1..512 tokens)",
     )
     g.add_argument("--tokens", type=int, help="tokens per rank (GPU 4096, CPU 256)")
@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sweep",
         action="store_true",
-        help=f"BENCH.md token sweep {','.join(map(str, SWEEP_TOKENS))} (bf16 unless --dtype)",
+        help=f"docs/bench.md token sweep {','.join(map(str, SWEEP_TOKENS))} (bf16 unless --dtype)",
     )
     g.add_argument("--dtype", choices=("bf16", "fp8", "both"), help="dispatch wire format (GPU: both, CPU: bf16)")
     g.add_argument(
@@ -122,7 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, help="untimed runs per case first (GPU 5, CPU 2)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait before the run fails")
     g.add_argument(
-        "--json", metavar="FILE", help="write the BENCH.md result file; a directory gets <date>-<card>-<workload>.json"
+        "--json",
+        metavar="FILE",
+        help="write the docs/bench.md result file; a directory gets <date>-<card>-<workload>.json",
     )
     g.add_argument(
         "--png",
@@ -229,7 +231,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         notes += [f"--backend {b} cannot run here, skipped: {why}" for b, why in cannot.items()]
     if low_latency and args.tokens is None and not args.sweep and device == "cpu":
         notes.append(
-            f"{tokens[0]} tokens per rank on CPU (BENCH.md's low-latency workload has {LL_TOKENS['cuda']}, on GPU; "
+            f"{tokens[0]} tokens per rank on CPU (docs/bench.md's low-latency workload has {LL_TOKENS['cuda']}, on GPU; "
             "fewer on CPU ranks so that the run takes seconds; --tokens sets it)"
         )
     return BenchConfig(

@@ -1,4 +1,4 @@
-"""From every rank's raw measurements to the BENCH.md result object, its table and file.
+"""From every rank's raw measurements to the docs/bench.md result object, its table and file.
 
 Reduction over ranks (recorded in the result as ``reduce``): ``time_us`` is the
 largest of the ranks' median times (a step waits for its slowest rank); the
@@ -55,7 +55,7 @@ def _mean(values) -> Optional[float]:
 
 
 def reduce_rows(cfg, per_rank: list) -> list:
-    """Merge the ranks' records of each case into one BENCH.md row."""
+    """Merge the ranks' records of each case into one docs/bench.md row."""
     by_case: dict = {}
     for records in per_rank:
         for rec in records:
@@ -124,7 +124,7 @@ def add_ratios(cfg, rows: list) -> None:
 
 
 def build_result(cfg, raw: dict, command: str) -> dict:
-    """The BENCH.md result object of one run (plus extra keys the format allows)."""
+    """The docs/bench.md result object of one run (plus extra keys the format allows)."""
     from deep_ep.bench.environment import versions
 
     v = versions()

@@ -1,4 +1,4 @@
-"""Timing of one call per BENCH.md, and the host-side profiles of the tools.
+"""Timing of one call per docs/bench.md, and the host-side profiles of the tools.
 
 GPU: CUDA events around the call on the current stream, warm-up first, the L2
 flushed before every timed run by writing a scratch buffer (256 MB by

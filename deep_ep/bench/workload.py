@@ -1,6 +1,6 @@
 """Inputs of one benchmark case: routing, activations, and the bytes that must move.
 
-Routing follows BENCH.md: each token picks ``topk`` distinct experts, the top-k
+Routing follows docs/bench.md: each token picks ``topk`` distinct experts, the top-k
 of uniform random scores, or (``zipf<s>``) sampled without replacement with
 probability proportional to ``1 / i**s`` over experts in a fixed random order
 shared by all ranks (so the hot experts are spread over ranks, not all on rank

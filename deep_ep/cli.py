@@ -36,11 +36,14 @@ def _plain(text: str) -> str:
 
 
 def info_report() -> dict:
-    """Everything ``deep-ep info`` shows, as a JSON-ready dict.
+    """Everything ``deep-ep info`` shows.
 
     The backend decision is the library's own (:func:`deep_ep.transport.backend_support`
     and :func:`deep_ep.transport.select_backend`, the rule ``Buffer(backend='auto')``
     follows), evaluated for this machine rather than for a process group.
+
+    Returns:
+        A JSON-ready dict: ``versions``, ``machine``, ``topology``, ``backends``, ``auto``, ``env``.
     """
     import socket
 
@@ -117,7 +120,14 @@ def _print_info(rep: dict) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """``deep-ep info``: versions, GPUs, peer access, and which backends can run."""
+    """``deep-ep info``: versions, GPUs, peer access, and which backends can run.
+
+    Args:
+        args: the parsed options (``--json``).
+
+    Returns:
+        The exit status (0).
+    """
     rep = info_report()
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -127,21 +137,42 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``deep-ep bench``: spawn ranks and run the docs/bench.md benchmark (:mod:`deep_ep.bench`)."""
+    """``deep-ep bench``: spawn ranks and run the docs/bench.md benchmark (:mod:`deep_ep.bench`).
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status.
+    """
     from deep_ep import bench
 
     return bench.run_from_args(args, command=args.command_line)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``deep-ep demo``: train a small MoE transformer with three communication setups (:mod:`deep_ep.bench.demo`)."""
+    """``deep-ep demo``: train a small MoE transformer with three communication setups.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status.
+    """
     from deep_ep.bench import demo
 
     return demo.main_from_args(args)
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
-    """``deep-ep tools [NAME ARGS...]``: list the measurement tools, or run one (:mod:`deep_ep.tools`)."""
+    """``deep-ep tools [NAME ARGS...]``: list the measurement tools, or run one (:mod:`deep_ep.tools`).
+
+    Args:
+        args: the parsed options (``name``, ``args``).
+
+    Returns:
+        The tool's exit status.
+    """
     from deep_ep import tools
 
     return tools.main(([args.name] if args.name else []) + list(args.args), prog=f"{args.prog} tools")

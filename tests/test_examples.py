@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from deep_ep.bench.launch import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,7 +21,7 @@ def test_quickstart_under_torchrun():
             "--nproc-per-node",
             "2",
             "--master-port",
-            "29655",
+            str(free_port()),  # free: other test sessions may share the machine
             os.path.join(ROOT, "examples", "quickstart.py"),
         ],
         cwd=ROOT,

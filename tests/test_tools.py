@@ -143,3 +143,48 @@ def test_ab_script_runs_a_tool_against_a_base_tree(tmp_path):
     for v in ("base", "new"):
         assert "fresh dispatch" in (out / f"t_{v}_1.txt").read_text()
     assert (base / "deep_ep" / "tools").is_symlink() and (base / "deep_ep" / "bench" / "launch.py").is_symlink()
+
+
+def _own_returns(fn: ast.FunctionDef) -> bool:
+    """Whether ``fn`` itself (not a function nested in it) returns a value."""
+    todo, found = list(fn.body), False
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Return) and node.value is not None:
+            found = True
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def test_public_names_have_args_and_returns():
+    """Every public function and method of the command line, deep_ep.bench and deep_ep.tools has a
+    docstring with ``Args:`` (when it takes arguments) and ``Returns:`` (when it returns a value); a
+    class's ``__init__`` may leave its Args to the class docstring."""
+    bad = []
+    for path in _py_files(["deep_ep/cli.py", "deep_ep/__main__.py", "deep_ep/bench", "deep_ep/tools"]):
+        rel = os.path.relpath(path, REPO)
+
+        def visit(nodes, owner=None):
+            for n in nodes:
+                if isinstance(n, ast.ClassDef) and not n.name.startswith("_"):
+                    if not ast.get_docstring(n):
+                        bad.append(f"{rel}:{n.lineno} class {n.name}")
+                    visit(n.body, owner=n)
+                elif isinstance(n, ast.FunctionDef) and (not n.name.startswith("_") or n.name == "__call__"):
+                    if any(isinstance(d, ast.Name) and d.id == "property" for d in n.decorator_list):
+                        continue
+                    doc = ast.get_docstring(n) or ""
+                    args = [a.arg for a in n.args.args + n.args.kwonlyargs if a.arg not in ("self", "cls")]
+                    if args and "Args:" not in doc:
+                        bad.append(f"{rel}:{n.lineno} {n.name}: no Args")
+                    if _own_returns(n) and "Returns:" not in doc:
+                        bad.append(f"{rel}:{n.lineno} {n.name}: no Returns")
+                elif isinstance(n, ast.FunctionDef) and n.name == "__init__" and owner is not None:
+                    doc = (ast.get_docstring(n) or "") + (ast.get_docstring(owner) or "")
+                    if len(n.args.args) > 1 and "Args:" not in doc:
+                        bad.append(f"{rel}:{n.lineno} {owner.name}.__init__: no Args")
+
+        visit(ast.parse(open(path).read(), path).body)
+    assert not bad, "\n".join(bad)

@@ -40,9 +40,18 @@ __all__ = [
 
 
 def run(cfg: BenchConfig, command: str = "deep-ep bench") -> dict:
-    """Run the benchmark described by ``cfg``; returns the docs/bench.md result object. With
-    ``cfg.num_sms_sweep`` one run per SM count, merged into one result (the baselines from the first, every
-    row's ``ratio_vs`` against them; each row says its ``num_sms``)."""
+    """Run the benchmark described by ``cfg``.
+
+    With ``cfg.num_sms_sweep`` one run per SM count, merged into one result (the baselines from the first,
+    every row's ``ratio_vs`` against them; each row says its ``num_sms``).
+
+    Args:
+        cfg: the resolved run (:func:`config_from_args`, or built by hand as the module docstring shows).
+        command: the command line recorded in the result.
+
+    Returns:
+        The docs/bench.md result object (``unavailable``: backends asked for by name that could not run).
+    """
     if len(cfg.num_sms_sweep) > 1:
         import dataclasses
 
@@ -154,7 +163,15 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "deep-ep bench") -> int:
-    """Parse ``deep-ep bench`` options from ``argv`` and run; returns the exit status."""
+    """Parse ``deep-ep bench`` options from ``argv`` and run (``benchmarks/bench_normal.py``).
+
+    Args:
+        argv: the options (default ``sys.argv[1:]``).
+        prog: the program name shown in usage lines and recorded as the command.
+
+    Returns:
+        The exit status (:func:`run_from_args`).
+    """
     import shlex
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -45,7 +45,11 @@ class DemoError(RuntimeError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``deep-ep demo`` options (defaults: small on CPU, a DeepSeek-like layer scaled down on GPU)."""
+    """Add the ``deep-ep demo`` options (defaults: small on CPU, a DeepSeek-like layer scaled down on GPU).
+
+    Args:
+        p: the parser.
+    """
     p.add_argument("--steps", type=int, help="training steps per setup (GPU 30, CPU 20)")
     p.add_argument("--layers", type=int, default=2, help="MoE blocks (default 2)")
     p.add_argument("--hidden", type=int, help="model width (GPU 2048, CPU 64)")
@@ -112,7 +116,14 @@ class _Block(nn.Module):
 
 
 class DemoModel(nn.Module):
-    """Embedding, MoE blocks, norm, LM head (the demo's model)."""
+    """Embedding, MoE blocks, norm, LM head (the demo's model).
+
+    Args:
+        cfg: the demo's settings (``vocab``, ``hidden``, ``ffn``, ``experts``, ``topk``, ``layers``).
+        backend: the MoE layers' transport.
+        chunks: their ``num_chunks``.
+        device, dtype: where and in what the parameters live.
+    """
 
     def __init__(self, cfg, backend: str, chunks: int, device, dtype):
         super().__init__()
@@ -125,7 +136,14 @@ class DemoModel(nn.Module):
         self.head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False, dtype=dtype, device=device)
 
     def forward(self, tokens):
-        """Logits ``[B, S, vocab]`` of token ids ``[B, S]``."""
+        """The model on a batch.
+
+        Args:
+            tokens: token ids ``[B, S]`` (or flat ``[N]``).
+
+        Returns:
+            Logits ``[..., vocab]``.
+        """
         x = self.embed(tokens)
         for b in self.blocks:
             x = b(x)
@@ -315,7 +333,14 @@ def run(cfg: dict) -> dict:
 
 
 def format_result(res: dict) -> str:
-    """The demo result as a text table (one row per setup)."""
+    """The demo result as a text table (one row per setup).
+
+    Args:
+        res: what :func:`run` returns.
+
+    Returns:
+        The table.
+    """
     out = [
         f"deep-ep demo on {res['num_ranks']} x {res['card']}: {res['config']['layers']} MoE layers, "
         f"{res['config']['experts']} experts top-{res['config']['topk']}, {res['config']['tokens']} tokens/rank, "
@@ -478,7 +503,14 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    """Run the demo from parsed options: print the table, write ``--json`` / ``--png``; the exit status."""
+    """Run the demo from parsed options: print the table, write ``--json`` / ``--png``.
+
+    Args:
+        args: the parsed options (:func:`add_arguments`).
+
+    Returns:
+        The exit status: 0; 2 for options that break a rule; 1 when a backend cannot run on the ranks.
+    """
     try:
         cfg = config_from_args(args)
     except ValueError as exc:

@@ -117,7 +117,16 @@ def _rank(rank: int, cfg, port: int, path: str) -> None:
 
 
 def run_low_latency(cfg, command: str) -> dict:
-    """Spawn the ranks, time every case, return the docs/bench.md result object (workload ``low-latency``)."""
+    """Spawn the ranks and time every case of the low-latency workload.
+
+    Args:
+        cfg: the run (``workload`` ``'low-latency'``).
+        command: the command line recorded in the result.
+
+    Returns:
+        The docs/bench.md result object (workload ``low-latency``; ``unavailable``: backends asked for by
+        name that could not run; ``threads_per_rank``: the CPU ranks' torch threads).
+    """
     from deep_ep.bench.environment import versions
 
     with tempfile.TemporaryDirectory(prefix="deep_ep_ll_") as tmp:

@@ -72,7 +72,11 @@ class BenchConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``deep-ep bench`` options to ``p`` (shared by the CLI and benchmarks/)."""
+    """Add the ``deep-ep bench`` options (shared by the CLI and ``benchmarks/bench_normal.py``).
+
+    Args:
+        p: the parser.
+    """
     g = p.add_argument_group("workload (defaults: docs/bench.md 'normal' on GPU, a small one on CPU)")
     g.add_argument(
         "--mode",
@@ -157,7 +161,17 @@ def _split(values) -> list:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    """Resolve parsed options against this machine; raise :class:`BenchOptionError` if invalid."""
+    """Resolve parsed options against this machine.
+
+    Args:
+        args: the parsed options (:func:`add_arguments`).
+
+    Returns:
+        The :class:`BenchConfig` (``notes``: what the run should tell its user first).
+
+    Raises:
+        BenchOptionError: an option is invalid, or every backend asked for by name cannot run here.
+    """
     if args.mode not in MODES:
         raise BenchOptionError(f"--mode {args.mode!r} is not one of {', '.join(MODES)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

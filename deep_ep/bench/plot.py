@@ -12,8 +12,16 @@ __all__ = ["series", "write_png"]
 
 
 def series(results: Sequence[dict], gbps: str) -> dict:
-    """``{(backend, op, timing, wire, num_sms): [(tokens, GB/s), ...]}`` sorted by tokens, rows without a
-    figure left out."""
+    """The points of every line of a chart.
+
+    Args:
+        results: result objects (docs/bench.md format).
+        gbps: ``'link'`` or ``'logical'``.
+
+    Returns:
+        ``{(backend, op, timing, wire, num_sms): [(tokens, GB/s), ...]}`` sorted by tokens, rows without
+        a figure left out.
+    """
     out = defaultdict(list)
     key = f"gbps_{gbps}"
     for res in results:
@@ -28,8 +36,17 @@ def series(results: Sequence[dict], gbps: str) -> dict:
 
 
 def write_png(results: Sequence[dict], path: str, gbps: str = "link", timing: str = "cached") -> Optional[str]:
-    """Draw one line per (backend, op, wire, SM count) of ``timing`` over every result and write ``path``;
-    ``None`` (and a message) when matplotlib is missing."""
+    """Draw one line per (backend, op, wire, SM count) of ``timing`` over every result.
+
+    Args:
+        results: result objects.
+        path: the PNG to write.
+        gbps: ``'link'`` or ``'logical'``.
+        timing: which timing to draw (``'cached'``, ``'fresh'``, ...).
+
+    Returns:
+        ``path``, or ``None`` (and a message) when matplotlib is missing.
+    """
     try:
         from matplotlib.figure import Figure  # no pyplot: the process's backend stays as it is
     except ImportError:

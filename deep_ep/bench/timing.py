@@ -21,7 +21,14 @@ import torch.distributed as dist
 
 
 def median(values) -> float:
-    """Median of a non-empty sequence of numbers."""
+    """The median of the values.
+
+    Args:
+        values: a non-empty sequence of numbers.
+
+    Returns:
+        Their median, a float.
+    """
     return float(statistics.median(values))
 
 
@@ -48,7 +55,16 @@ class CudaTimer:
             self.scratch.zero_()
 
     def __call__(self, fn: Callable[[], object], iters: int, warmup: int) -> list:
-        """Run ``fn`` ``warmup`` times, then time ``iters`` runs; per-run microseconds."""
+        """Run ``fn`` ``warmup`` times, then time ``iters`` runs.
+
+        Args:
+            fn: the call.
+            iters: timed runs.
+            warmup: untimed runs first.
+
+        Returns:
+            Per-run microseconds.
+        """
         for _ in range(warmup):
             fn()
         torch.cuda.synchronize(self.device)
@@ -70,11 +86,24 @@ class CpuTimer:
     """Times ``fn()`` with ``time.perf_counter``, with a barrier of ``group`` before each run."""
 
     def __init__(self, group=None):
-        """``group``: the process group whose ranks start each run together (None: no barrier)."""
+        """Set up the timer.
+
+        Args:
+            group: the process group whose ranks start each run together (``None``: no barrier).
+        """
         self.group = group
 
     def __call__(self, fn: Callable[[], object], iters: int, warmup: int) -> list:
-        """Run ``fn`` ``warmup`` times, then time ``iters`` runs; per-run microseconds."""
+        """Run ``fn`` ``warmup`` times, then time ``iters`` runs.
+
+        Args:
+            fn: the call.
+            iters: timed runs.
+            warmup: untimed runs first.
+
+        Returns:
+            Per-run microseconds.
+        """
         for _ in range(warmup):
             fn()
         out = []
@@ -88,8 +117,15 @@ class CpuTimer:
 
 
 def capture(fn: Callable[[], object]):
-    """Run ``fn`` twice on a side stream (the warm-up a capture needs: kernels compiled, buffers made), then
-    capture it in a CUDA graph; ``(graph, the outputs of the captured call)`` (refilled by each replay)."""
+    """Capture ``fn`` in a CUDA graph, after running it twice on a side stream (the warm-up a capture
+    needs: kernels compiled, buffers made).
+
+    Args:
+        fn: the call.
+
+    Returns:
+        ``(graph, the outputs of the captured call)`` (refilled by each replay).
+    """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -104,7 +140,14 @@ def capture(fn: Callable[[], object]):
 
 
 def capture_graph(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
-    """:func:`capture`, the graph only."""
+    """:func:`capture`, the graph only.
+
+    Args:
+        fn: the call.
+
+    Returns:
+        The ``torch.cuda.CUDAGraph``.
+    """
     return capture(fn)[0]
 
 

@@ -41,12 +41,19 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def backends_to_run(cfg, group) -> tuple:
-    """``(names, {name: reason it cannot run on group})``: the backends of the run.
+    """The backends of a run.
 
     Without ``--backend``: every backend deep_ep knows, those its own rule
     (:func:`deep_ep.transport.backend_support`) rejects for ``group`` to be
     skipped with that rule's reason. Backends named on the command line are
     always tried; what they raise becomes the reason.
+
+    Args:
+        cfg: the run.
+        group: the data process group.
+
+    Returns:
+        ``(names, {name: reason it cannot run on group})``.
     """
     from deep_ep import transport
 
@@ -58,8 +65,17 @@ def backends_to_run(cfg, group) -> tuple:
 
 
 def with_support_reason(name: str, reason: str, group) -> str:
-    """``reason`` (why a Buffer of backend ``name`` could not be made), followed by the transport's own
-    support check for ``group`` where that says it cannot serve it (the check names what is missing)."""
+    """Why a Buffer of backend ``name`` could not be made, with the transport's own support check for
+    ``group`` where that says it cannot serve it (the check names what is missing).
+
+    Args:
+        name: the backend.
+        reason: the error the Buffer raised (agreed, naming the rank).
+        group: the process group.
+
+    Returns:
+        The reason, extended.
+    """
     from deep_ep import transport
 
     why = {n: (ok, w) for n, ok, w in transport.backend_support(group)}.get(name)
@@ -69,7 +85,14 @@ def with_support_reason(name: str, reason: str, group) -> str:
 
 
 def rank_main(rank: int, cfg, port: int, result_path: str) -> None:
-    """Body of one spawned rank (``torch.multiprocessing.spawn`` target)."""
+    """Body of one launched rank of the normal workload (the :func:`~deep_ep.bench.launch.launch` target).
+
+    Args:
+        rank: this rank.
+        cfg: the run.
+        port: the rendezvous port.
+        result_path: where rank 0 pickles every rank's records.
+    """
     world = cfg.world_size
     device = init_rank(rank, world, cfg.device, port, cfg.timeout_s)
     try:
@@ -125,5 +148,9 @@ def spawn(cfg, result_path: str) -> None:
     NVLink multicast is switched off for NCCL and symmetric memory unless the
     caller set otherwise. CPU ranks are forked: they start in milliseconds
     instead of re-importing torch, and the parent has not touched CUDA.
+
+    Args:
+        cfg: the run.
+        result_path: where rank 0 leaves the raw records.
     """
     launch(rank_main, (cfg,), result_path, cfg.world_size, cfg.device)

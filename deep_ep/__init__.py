@@ -19,6 +19,7 @@ from .errors import (
     DeepEPInputError,
     DeepEPTimeoutError,
     DeepEPTypeError,
+    PeerFailureError,
     RankMismatchError,
     RemoteInputError,
 )
@@ -43,5 +44,20 @@ __all__ = [
     "RankMismatchError",
     "RemoteInputError",
     "BufferDestroyedError",
+    "PeerFailureError",
+    "ElasticBuffer",
+    "EPHandle",
+    "utils",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """DeepEP V2's names (``ElasticBuffer``, ``EPHandle``, ``utils``; API.md section 9) load on first use."""
+    import importlib
+
+    if name in ("ElasticBuffer", "EPHandle"):
+        return getattr(importlib.import_module(".elastic", __name__), name)
+    if name == "utils":
+        return importlib.import_module(".utils", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,9 +19,21 @@ __all__ = ["Problem", "HEADER", "make_header", "agree", "agree_rows", "check_id_
 
 _MAGIC = 0xDEE9
 _H_MAGIC, _H_OP, _H_SEQ, _H_ERR, _H_T, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_WORST, _H_LEVEL = range(13)
+#: slot 13 is the tolerance exchange's (deep_ep.wire); slot 14 the identity of the Buffer or handle the call
+#: belongs to (ranks that use two Buffers, or two handles, in a different order disagree there)
+_H_IDENT = 14
+#: slot 15: a call-specific value every rank must agree on (a low-latency call's settings, packed by
+#: :func:`settings_code`)
+_H_AUX = 15
 _HEADER = 16
 _OP_DISPATCH, _OP_CACHED, _OP_COMBINE = 1, 2, 3
-_OP_NAMES = {_OP_DISPATCH: "dispatch", _OP_CACHED: "cached dispatch", _OP_COMBINE: "combine"}
+_OP_LOW_LATENCY = 4
+_OP_NAMES = {
+    _OP_DISPATCH: "dispatch",
+    _OP_CACHED: "cached dispatch",
+    _OP_COMBINE: "combine",
+    _OP_LOW_LATENCY: "low-latency call",
+}
 _ERR_NAMES = {
     1: "invalid x",
     2: "invalid topk_idx",
@@ -30,6 +42,7 @@ _ERR_NAMES = {
     5: "invalid layout arguments",
     6: "invalid bias",
     7: "invalid argument",
+    8: "invalid low-latency input",
 }
 DTYPE_CODES: Dict[Any, int] = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4}
 for _i, _d in enumerate((getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))):
@@ -46,6 +59,13 @@ class Problem(Exception):
         self.code = code
         self.exc = exc
 
+    def raise_on(self, rank: int) -> None:
+        """Raise the carried error, its message starting with the rank that found it."""
+        exc = self.exc
+        if exc.args and isinstance(exc.args[0], str) and not exc.args[0].startswith("rank "):
+            exc.args = (f"rank {rank}: {exc.args[0]}",) + tuple(exc.args[1:])
+        raise exc
+
 
 def make_header(
     op: int,
@@ -60,14 +80,55 @@ def make_header(
     has_w: int = 0,
     worst: int = 0,
     level: int = 16,
+    ident: int = 0,
+    aux: int = 0,
 ) -> List[int]:
-    """The fixed-size header of one call: operation, call number, verdict on the local input, shapes."""
+    """The fixed-size header of one call: operation, call number, verdict on the local input, shapes, and
+    the identity of the Buffer or handle it belongs to (``ident``)."""
     h = [0] * _HEADER
     h[_H_MAGIC], h[_H_OP], h[_H_SEQ], h[_H_ERR] = _MAGIC, op, seq, err
     h[_H_T], h[_H_HIDDEN], h[_H_DTYPE] = T, H, DTYPE_CODES.get(dtype, 99) if dtype is not None else -1
     h[_H_K], h[_H_E], h[_H_SCALES], h[_H_W], h[_H_WORST] = K, E, scales, has_w, worst
     h[_H_LEVEL] = level
+    h[_H_IDENT] = ident
+    h[_H_AUX] = aux
     return h
+
+
+def settings_code(*values: Any) -> int:
+    """A non-negative int that differs (with overwhelming odds) between different tuples of settings: the
+    header's ``aux`` value of a call whose settings every rank must share."""
+    import zlib
+
+    return zlib.crc32(repr(tuple(values)).encode()) + 1
+
+
+_DTYPE_NAMES = {code: str(dt).replace("torch.", "") for dt, code in DTYPE_CODES.items()}
+
+
+def describe(slot: int, value: int) -> str:
+    """A header value as a person reads it: dtype and compression-level codes by name."""
+    if slot == _H_DTYPE:
+        return _DTYPE_NAMES.get(value, "none" if value == -1 else f"unknown dtype code {value}")
+    if slot == _H_LEVEL:
+        if value == 16:
+            return "16 (no compression)"
+        if value < 0:
+            return f"'auto' with tolerance {-value / 1e9:g}"
+        from .codecs import registry
+
+        for lvl in registry():
+            if lvl == "auto" and value >= 100000:
+                return f"'auto' ({value - 100000} int8 blocks per row)"
+            if lvl != "auto" and value // 10 == lvl:
+                extra = {1: ", scales rounded to powers of two", 3: ", UE8M0 scales"}.get(value % 10, "")
+                return f"{lvl}{extra}"
+        return f"unknown level code {value}"
+    if slot == _H_OP:
+        return _OP_NAMES.get(value, str(value))
+    if slot == _H_IDENT:
+        return f"Buffer {value >> 40}, handle {value & ((1 << 40) - 1)}" if value >> 40 else f"Buffer {value}"
+    return str(value)
 
 
 def agree(
@@ -107,26 +168,30 @@ def agree_rows(
     rows = (gathered if head >= gathered.size(1) else gathered[:, :head]).tolist()
     R = len(rows)
     errs = {r: row[_H_ERR] for r, row in enumerate(rows) if row[_H_ERR] != 0}
+    me = getattr(transport, "rank", 0)
     if errs:
         if problem is not None:
-            raise problem.exc
+            problem.raise_on(me)
         desc = "; ".join(f"rank {r}: {_ERR_NAMES.get(c, 'invalid input')}" for r, c in sorted(errs.items()))
         raise RemoteInputError(
             f"deep_ep {_OP_NAMES.get(header[_H_OP], '')}: another rank rejected its input "
             f"({desc}); see that rank's error. Nothing was sent."
         )
     if problem is not None:  # pragma: no cover - err slot always set with a problem
-        raise problem.exc
+        problem.raise_on(me)
     bad = [r for r, row in enumerate(rows) if row[_H_MAGIC] != _MAGIC]
     if bad:
         raise RankMismatchError(f"ranks {bad} sent garbage metadata: they are running a different collective")
-    for slot, name in ((_H_OP, "operation"), (_H_SEQ, "call sequence number")) + tuple(fields):
+    always = (
+        (_H_OP, "operation"),
+        (_H_SEQ, "call sequence number"),
+        (_H_IDENT, "Buffer / handle"),
+        (_H_AUX, "low-latency settings (num_max_dispatch_tokens_per_rank, hidden, num_experts, top-k, fp8)"),
+    )
+    for slot, name in always + tuple(fields):
         vals = [row[slot] for row in rows]
         if len(set(vals)) > 1:
-            if slot == _H_OP:
-                vals_s = [_OP_NAMES.get(v, str(v)) for v in vals]
-            else:
-                vals_s = [str(v) for v in vals]
+            vals_s = [describe(slot, v) for v in vals]
             groups: Dict[str, List[int]] = {}
             for r, v in enumerate(vals_s):
                 groups.setdefault(v, []).append(r)

@@ -1,9 +1,12 @@
 """``Buffer``: the DeepEP-compatible front door (API.md section 2).
 
-It validates every call, computes the layout (:mod:`deep_ep.layout`), agrees
-on metadata with the other ranks (so that ranks that disagree, or a rank
-whose input is bad, make every rank raise instead of hang), builds the
-handle, and hands the rows to a transport (:mod:`deep_ep.transport`).
+A call flows as one typed request (:mod:`deep_ep.calls`): the arguments are validated into a
+request whose problems travel through the ranks' metadata agreement (:mod:`deep_ep.agreement`,
+every rank raises the same error instead of hanging); the request gives the call's header, the
+plan is built from the agreed metadata (:mod:`deep_ep.plans`, on the host or, for
+``num_worst_tokens`` on nvlink, on the device), and the transport moves the rows
+(:mod:`deep_ep.transport`). The Buffer is the only object that talks to its transport; the
+layers above it (MoE layer, ``SparseCollective``, ``ElasticBuffer``) use its public methods.
 """
 
 from __future__ import annotations
@@ -16,45 +19,42 @@ import torch
 import torch.distributed as dist
 
 from . import layout, validate
-from .agreement import (
-    _H_DTYPE,
-    _H_E,
-    _H_HIDDEN,
-    _H_K,
-    _H_LEVEL,
-    _H_SCALES,
-    _H_W,
-    _OP_CACHED,
-    _OP_COMBINE,
-    _OP_DISPATCH,
-    Problem,
-    agree,
-    make_header,
+from .agreement import _H_DTYPE, _H_HIDDEN, _H_LEVEL, _H_SCALES, _H_W, Problem, agree
+from .calls import (
+    CachedDispatchRequest,
+    CallOptions,
+    CombineRequest,
+    DispatchRequest,
+    dispatch_codec,
+    parse_call_options,
 )
 from .config import Config, EventOverlap, recommended_config
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
-from .low_latency import LowLatencyMethods
-from .plans import _EXPERT_SLOTS, DeferredChecks, build_device_plan, build_host_plan, localize_received
-from .settings import Settings
+from .low_latency import LowLatency
+from .plans import _EXPERT_SLOTS, DISPATCH_FIELDS, DeferredChecks, build_device_plan, build_host_plan, localize_received
+from .settings import DEFAULT_TIMEOUT_S, Settings
 from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, group_device, select_backend, transport_class
-from .wire import Wire, WireMethods
+from .waiting import agree_verdicts
+from .wire import Wire, agree_upgrades, received_rows, record_dispatch
 
 log = logging.getLogger("deep_ep")
 
 XType = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
-_FP8 = validate.FP8_DTYPES
 _FLOAT_X = validate.FLOAT_DTYPES
-_COMPRESSION_LEVELS = (16, 8, 4, "auto")
+_FP8 = validate.FP8_DTYPES
 _buffer_counter: Dict[str, itertools.count] = {}
-#: the header fields a fresh dispatch's metadata exchange checks (plans.build_host_plan's)
-_DISPATCH_FIELDS = (
+#: the header fields of a cached dispatch and of a combine that every rank must agree on
+_CACHED_FIELDS = (
     (_H_HIDDEN, "hidden size"),
     (_H_DTYPE, "x dtype"),
-    (_H_K, "num_topk"),
-    (_H_E, "num_experts"),
     (_H_SCALES, "fp8 scale columns"),
+    (_H_LEVEL, "compression level"),
+)
+_COMBINE_FIELDS = (
+    (_H_HIDDEN, "hidden size"),
+    (_H_DTYPE, "x dtype"),
     (_H_W, "passing topk_weights"),
     (_H_LEVEL, "compression level"),
 )
@@ -63,10 +63,16 @@ _DISPATCH_FIELDS = (
 class DispatchHandle(NamedTuple):
     """The handle ``dispatch`` returns; element 0 is ``rank_prefix_matrix`` (API.md 2.2).
 
-    Pass it to ``combine`` and to a cached ``dispatch``. The other fields are
-    deep_ep's: the token-to-rank mask, the number of real received rows, the
-    padded row count of ``num_worst_tokens`` calls, the transport's plan and
-    the id of the Buffer that made it.
+    Pass it to ``combine`` and to a cached ``dispatch``. The other fields are deep_ep's.
+
+    Attributes:
+        rank_prefix_matrix: int32 ``[R, R]``, ``[i][j]`` = tokens ranks ``0..i`` send to rank ``j``.
+        is_token_in_rank: bool ``[T, R]``, the token-to-rank mask of the dispatch.
+        num_recv_tokens: rows received (-1 when only the device knows it: ``num_worst_tokens`` on nvlink).
+        num_worst_tokens: rows of every received tensor when the dispatch passed ``num_worst_tokens``, else 0.
+        plan: the transport's :class:`~deep_ep.transport.base.Plan`.
+        owner: the id of the Buffer that made it.
+        ident: the handle's identity, the same on every rank (the ranks compare it in each call).
     """
 
     rank_prefix_matrix: torch.Tensor
@@ -75,9 +81,10 @@ class DispatchHandle(NamedTuple):
     num_worst_tokens: int
     plan: Plan
     owner: int
+    ident: int = 0
 
 
-class Buffer(LowLatencyMethods, WireMethods):
+class Buffer:
     """The expert-parallel communication buffer (DeepEP v1 API; API.md section 2).
 
     Arguments (DeepEP's, positional order kept): ``group`` a
@@ -136,9 +143,33 @@ class Buffer(LowLatencyMethods, WireMethods):
             )
         if group is None:
             group = dist.group.WORLD
-        for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
-            if not isinstance(v, int) or v < 0:
-                raise DeepEPInputError(f"{name} must be a non-negative int, got {v!r}")
+        # The arguments are checked first and the verdicts exchanged (bounded) before any collective of the
+        # construction, so a bad argument on one rank makes every rank raise instead of waiting.
+        problem: Optional[BaseException] = None
+        try:
+            for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise DeepEPInputError(f"{name} must be a non-negative int, got {v!r}")
+            # deep_ep's knobs: arguments, else their environment variables (deep_ep.settings), resolved once.
+            self.settings = Settings.resolve(
+                timeout_s=timeout_s,
+                ep_buffer_size=ep_buffer_size,
+                compression_level=compression_level,
+                compression_ratio=compression_ratio,
+                compression_tolerance=compression_tolerance,
+                combine_compression_level=combine_compression_level,
+                compression_stats=compression_stats,
+                topology_aware=topology_aware,
+                ranks_per_node=ranks_per_node,
+            )
+            self._wire = Wire.from_settings(self.settings)
+            if backend != "auto":
+                transport_class(backend)
+        except (DeepEPInputError, ValueError, TypeError) as e:
+            problem = e
+        agree_verdicts(
+            group, problem, "deep_ep.Buffer()", self.settings.timeout_s if problem is None else DEFAULT_TIMEOUT_S
+        )
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
@@ -152,21 +183,7 @@ class Buffer(LowLatencyMethods, WireMethods):
         self.use_fabric = use_fabric
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
-
-        # deep_ep's knobs: arguments, else their environment variables (deep_ep.settings), resolved once.
-        self.settings = Settings.resolve(
-            timeout_s=timeout_s,
-            ep_buffer_size=ep_buffer_size,
-            compression_level=compression_level,
-            compression_ratio=compression_ratio,
-            compression_tolerance=compression_tolerance,
-            combine_compression_level=combine_compression_level,
-            compression_stats=compression_stats,
-            topology_aware=topology_aware,
-            ranks_per_node=ranks_per_node,
-        )
         self.ep_buffer_size = self.settings.ep_buffer_size
-        self._wire = Wire.from_settings(self.settings)
         self.compression_level = self._wire.level
         self.topology_aware = self.settings.topology_aware
         self.timeout_s = self.settings.timeout_s
@@ -189,7 +206,11 @@ class Buffer(LowLatencyMethods, WireMethods):
         self._local_buffers: Dict[bool, torch.Tensor] = {}
         self._zero_slots: Optional[torch.Tensor] = None
         self._checks = DeferredChecks()  # device-side verdicts of num_worst_tokens dispatches
-        self._ll_nvlink = None  # the low-latency kernel path's state (its first call makes it)
+        self._handles = itertools.count(1)  # handle identities (the same sequence on every rank)
+        transport = self._transport
+        self._low_latency = LowLatency(
+            self, lambda: None if self._check_every_call else transport.low_latency_engine(self.num_rdma_bytes)
+        )
         self._destroyed = False
         log.debug(
             "deep_ep.Buffer rank %d/%d backend=%s (%s) device=%s",
@@ -233,11 +254,14 @@ class Buffer(LowLatencyMethods, WireMethods):
         return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ------------------------------------------------------------------ instance utilities
+    # ------------------------------------------------------------------ instance utilities
     def _check_alive(self) -> None:
         if self._destroyed:
-            raise BufferDestroyedError("this deep_ep.Buffer was destroyed")
+            raise BufferDestroyedError(f"rank {self.rank}: this deep_ep.Buffer was destroyed")
         if self._waiter.broken:
-            raise BufferDestroyedError(f"this deep_ep.Buffer is unusable: an earlier call {self._waiter.broken}")
+            raise BufferDestroyedError(
+                f"rank {self.rank}: this deep_ep.Buffer is unusable: an earlier call {self._waiter.broken}"
+            )
         if self._checks.pending and not torch.cuda.is_current_stream_capturing():
             self._checks.raise_ready()  # verdicts of earlier num_worst_tokens dispatches
 
@@ -288,29 +312,67 @@ class Buffer(LowLatencyMethods, WireMethods):
         """Release the Buffer's resources; it cannot be used afterwards. Idempotent."""
         if self._destroyed:
             return
-        if self._ll_nvlink is not None:
-            self._ll_nvlink.destroy()
+        self._low_latency.destroy()
         self._transport.destroy()
         self._local_buffers.clear()
         self._destroyed = True
 
-    def _call(self, previous_event, async_finish, allocate_on_comm_stream) -> StreamCall:
-        return StreamCall(self.device, self._comm_stream, previous_event, async_finish, allocate_on_comm_stream)
+    # ------------------------------------------------------------------ for the layers above
+    def exchange_ints(self, values: torch.Tensor, stage: str) -> torch.Tensor:
+        """All-gather a small int vector over the Buffer's group, bounded by ``timeout_s``.
 
-    # ------------------------------------------------------------------ validation helpers
-    def _parse_x(self, x: Any, what: str = "x") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return validate.parse_x(x, self.device, what)
+        Collective: every rank calls it with a vector of the same length, at the same point.
 
-    def _check_device(self, t: torch.Tensor, what: str) -> None:
-        validate.check_device(t, self.device, what)
+        Args:
+            values: int ``[n]`` (any device, any integer dtype).
+            stage: what the exchange is for (named in a timeout's message).
 
-    def _check_topk(self, topk_idx: torch.Tensor, num_experts: int, T: int, values: str = "host") -> None:
-        validate.check_topk(topk_idx, num_experts, T, self.device, values)
+        Returns:
+            int64 ``[R, n]`` on the CPU: row ``r`` is rank ``r``'s ``values``.
 
-    def _check_weights(
-        self, topk_weights: Optional[torch.Tensor], shape: Tuple[int, int], what: str
-    ) -> Optional[torch.Tensor]:
-        return validate.check_weights(topk_weights, shape, what, self.device)
+        Raises:
+            DeepEPTimeoutError: a rank did not arrive within ``timeout_s`` (named in the message).
+        """
+        self._check_alive()
+        return self._transport.all_gather_ints(values.reshape(-1).to(torch.int64), stage)
+
+    def abort_dispatch(self, error: BaseException) -> None:
+        """Join, with ``error``, the fresh dispatch the other ranks of the group are making, so that every rank
+        raises (this one ``error``, its message naming this rank; the others
+        :class:`~deep_ep.errors.RemoteInputError` naming it) instead of leaving them waiting. For layers
+        above the Buffer that find a bad argument before their dispatch. Never returns.
+
+        Args:
+            error: this rank's argument error.
+        """
+        self._check_alive()
+        self._run_dispatch(DispatchRequest(problem=Problem(7, error), options=CallOptions(self.num_sms)))
+        raise error  # pragma: no cover - the agreement raised
+
+    @property
+    def device_plans(self) -> bool:
+        """Whether a ``num_worst_tokens`` dispatch of this Buffer builds its plan on the device (no host
+        sync; its checks are deferred to the next call): the transport has a device path, the Buffer is on
+        CUDA and not in ``DEEP_EP_CHECK`` mode."""
+        return self._transport.device_layout and not self._check_every_call
+
+    @property
+    def ranks_per_node(self) -> Optional[int]:
+        """Ranks per node of a node-aware transport (``hierarchical``), else ``None``."""
+        return self._transport.ranks_per_node
+
+    @property
+    def last_dispatch_stats(self) -> Optional[Dict[str, Any]]:
+        """With ``compression_stats=True`` (env ``DEEP_EP_COMPRESSION_STATS=1``): the last dispatch's
+        ``level``, ``row_bytes``, ``bf16_row_bytes``, ``bytes_on_wire`` (rows sent to other ranks x
+        ``row_bytes``), ``rel_err_mean`` / ``rel_err_max`` (relative L2 error of the round trip of every
+        row sent to at least one rank; see :meth:`deep_ep.wire.Wire.record`). Costs a host sync per
+        dispatch; ``None`` when off."""
+        return self._wire.last_stats
+
+    def _ident(self) -> int:
+        """The identity of this Buffer in a metadata header."""
+        return self._uid
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(
@@ -321,21 +383,35 @@ class Buffer(LowLatencyMethods, WireMethods):
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
-        """Tokens per rank / node / expert and the token-to-rank mask (API.md 2.1). Local, no communication."""
+        """Tokens per rank / node / expert and the token-to-rank mask (API.md 2.1). Local, no communication.
+
+        Args:
+            topk_idx: int64 ``[T, K]`` global expert ids, -1 = none.
+            num_experts: ``E``, a positive multiple of the number of ranks.
+            previous_event, async_finish, allocate_on_comm_stream: DeepEP's stream options.
+
+        Returns:
+            ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] or None,
+            num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R], event)``.
+        """
         self._check_alive()
         layout.num_local_experts(num_experts, self.num_ranks)
+        opts, problem = parse_call_options(None, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
         try:
+            if problem is not None:
+                raise problem
             # On CUDA ids outside the range are dropped by the layout (no sync) and rejected by dispatch.
             on_cpu = not (isinstance(topk_idx, torch.Tensor) and topk_idx.is_cuda)
-            self._check_topk(
+            validate.check_topk(
                 topk_idx,
                 num_experts,
                 topk_idx.size(0) if isinstance(topk_idx, torch.Tensor) else -1,
+                self.device,
                 values="host" if on_cpu else "none",
             )
         except Problem as p:
-            raise p.exc from None
-        call = self._call(previous_event, async_finish, allocate_on_comm_stream)
+            p.raise_on(self.rank)
+        call = StreamCall(self.device, self._comm_stream, opts)
         with call:
             per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
                 topk_idx, num_experts, self.num_ranks, ranks_per_node=self._transport.ranks_per_node
@@ -370,262 +446,181 @@ class Buffer(LowLatencyMethods, WireMethods):
     ):
         """Send each token to every rank that hosts one of its experts (API.md 2.2).
 
-        Returns ``(recv_x, recv_topk_idx, recv_topk_weights,
-        num_recv_tokens_per_expert_list, handle, event)``; with ``handle``
-        (cached dispatch) ``(recv_x, None, None, None, None, event)``.
-        Received rows are grouped by source rank, then source token order.
-        Floating ``x`` crosses the wire in the Buffer's ``compression_level``
-        (``compress``: ``False`` = 16-bit, a level, or a float in (0, 1) =
-        ``'auto'`` at that byte ratio, for this call; the same on every rank); ``recv_x`` is decoded to ``x.dtype``, or with
-        ``return_compressed`` left encoded (:class:`~deep_ep.wire.CompressedRows`).
-        With ``compression_tolerance`` (``compress=True``) the ranks first agree on the call's ``'auto'``
-        upgrades from the rows they send (one extra host-synced exchange; :mod:`deep_ep.wire`).
+        Args:
+            x: bf16 (or float16/32/64) ``[T, H]``, or the pair (float8_e4m3fn ``[T, H]``, float32 scales
+                ``[T, H // 128]``).
+            handle: a handle of an earlier dispatch of this Buffer: a cached dispatch (no layout arguments).
+            num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert: the layout
+                (``get_dispatch_layout``'s outputs; ``num_tokens_per_expert`` gives ``E``).
+            topk_idx: int64 ``[T, K]`` global expert ids (-1 = none); topk_weights: float32 ``[T, K]``.
+            expert_alignment: each per-expert count is rounded up to it.
+            num_worst_tokens: > 0: every output has that many rows and no host sync happens where the
+                transport can (nvlink).
+            config: a :class:`Config` (its ``num_sms``); previous_event, async_finish,
+                allocate_on_comm_stream: DeepEP's stream options.
+            compress: ``True`` = the Buffer's ``compression_level``, ``False`` = 16-bit, a level, or a
+                float in (0, 1) = ``'auto'`` at that byte ratio (the same on every rank).
+            return_compressed: leave ``recv_x`` encoded (:class:`~deep_ep.wire.CompressedRows`).
+
+        Returns:
+            ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)``;
+            with ``handle`` (cached dispatch) ``(recv_x, None, None, None, None, event)``. Received rows are
+            grouped by source rank, then source token order; ``recv_topk_idx`` holds local expert ids (-1
+            elsewhere). With ``compression_tolerance`` (``compress=True``) the ranks first agree on the
+            call's ``'auto'`` upgrades from the rows they send (one extra host-synced exchange).
         """
         self._check_alive()
-        call = self._call(previous_event, async_finish, allocate_on_comm_stream)
-        self._transport.num_sms = config.num_sms if isinstance(config, Config) else Buffer.num_sms
-        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
-            worst_arg, num_worst_tokens = num_worst_tokens, 0
-        else:
-            worst_arg = num_worst_tokens
+        opts, problem = parse_call_options(config, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
         if handle is not None:
-            return self._cached_dispatch(
-                call,
+            req = self._parse_cached(
                 x,
                 handle,
-                num_tokens_per_rank,
-                is_token_in_rank,
-                num_tokens_per_expert,
-                topk_idx,
-                topk_weights,
+                (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights),
                 compress,
                 return_compressed,
+                opts,
+                problem,
             )
-        problem: Optional[Problem] = None
-        xv = scales = codec = None
-        T = H = K = E = -1
-        tol = self._wire.call_tolerance(compress)  # from the Buffer and `compress` only: ranks agree
-        has_device = self._transport.device_layout
-        try:
-            # Argument problems travel through the metadata exchange too, so no rank is left waiting.
-            if config is not None and not isinstance(config, Config):
-                raise Problem(7, DeepEPTypeError(f"config must be a deep_ep.Config, got {type(config).__name__}"))
-            if not isinstance(expert_alignment, int) or expert_alignment < 1:
-                raise Problem(7, DeepEPInputError(f"expert_alignment must be an int >= 1, got {expert_alignment!r}"))
-            if worst_arg is not num_worst_tokens:
-                raise Problem(7, DeepEPInputError(f"num_worst_tokens must be an int >= 0, got {worst_arg!r}"))
-            if tol is not None and num_worst_tokens > 0 and has_device and not self._check_every_call:
-                raise Problem(
-                    7,
-                    DeepEPInputError(
-                        "compression_tolerance needs a host exchange per dispatch, which the num_worst_tokens device "
-                        "path never waits for: use compression_ratio (a byte target) or compress=<level> for "
-                        "num_worst_tokens dispatches"
-                    ),
-                )
-            xv, scales = self._parse_x(x)
-            T, H = xv.size(0), xv.size(1)
-            codec = self._dispatch_codec(compress, xv, scales)
-            if topk_idx is None and topk_weights is not None:
-                raise Problem(3, DeepEPInputError("topk_weights given without topk_idx"))
-            if topk_idx is None and is_token_in_rank is None:
-                raise Problem(
-                    5,
-                    DeepEPInputError(
-                        "dispatch needs topk_idx (with num_tokens_per_expert) or "
-                        "is_token_in_rank, or a handle for a cached dispatch"
-                    ),
-                )
-            if topk_idx is not None:
-                if num_tokens_per_expert is None:
-                    raise Problem(
-                        5,
-                        DeepEPInputError(
-                            "dispatch with topk_idx needs num_tokens_per_expert (from get_dispatch_layout), "
-                            "which also tells the number of experts"
-                        ),
-                    )
-                if not isinstance(num_tokens_per_expert, torch.Tensor) or num_tokens_per_expert.dim() != 1:
-                    raise Problem(5, DeepEPInputError("num_tokens_per_expert must be a 1-D tensor [num_experts]"))
-                E = num_tokens_per_expert.numel()
-                if E == 0 or E % self.num_ranks != 0:
-                    raise Problem(
-                        5,
-                        DeepEPInputError(
-                            f"num_experts={E} (length of num_tokens_per_expert) is not a positive multiple of the "
-                            f"number of ranks {self.num_ranks}"
-                        ),
-                    )
-                # The id range travels with the metadata (no host sync of its own): checked on the host
-                # after the exchange, or on the device (reported at the next call) by a num_worst_tokens one.
-                self._check_topk(topk_idx, E, T, values="none")
-                K = topk_idx.size(1)
-                topk_weights = self._check_weights(topk_weights, (T, K), "topk_weights")
-            if is_token_in_rank is not None:
-                if (
-                    not isinstance(is_token_in_rank, torch.Tensor)
-                    or is_token_in_rank.dtype != torch.bool
-                    or tuple(is_token_in_rank.shape) != (T, self.num_ranks)
-                ):
-                    raise Problem(
-                        5,
-                        DeepEPInputError(
-                            f"is_token_in_rank must be a bool tensor [{T}, {self.num_ranks}], got "
-                            f"{getattr(is_token_in_rank, 'dtype', type(is_token_in_rank).__name__)} "
-                            f"{list(getattr(is_token_in_rank, 'shape', []))}"
-                        ),
-                    )
-                self._check_device(is_token_in_rank, "is_token_in_rank")
-            if num_tokens_per_rank is not None and (
-                not isinstance(num_tokens_per_rank, torch.Tensor) or num_tokens_per_rank.numel() != self.num_ranks
-            ):
-                raise Problem(5, DeepEPInputError(f"num_tokens_per_rank must be a tensor [{self.num_ranks}]"))
-        except Problem as p:
-            problem = p
-        self._waiter.seq += 1
-
-        with call:
-            if problem is None:
-                if is_token_in_rank is None:
-                    _, _, per_expert, is_token_in_rank = layout.dispatch_layout(topk_idx, E, self.num_ranks)
-                else:
-                    per_expert = num_tokens_per_expert
-                    is_token_in_rank = is_token_in_rank.contiguous()
-                counts = is_token_in_rank.sum(dim=0, dtype=torch.int64)
-            else:
-                counts = torch.zeros((self.num_ranks,), dtype=torch.int64, device=self.device)
-                per_expert = None
-            if problem is None and topk_idx is not None and topk_idx.numel():
-                id_range = torch.stack(torch.aminmax(topk_idx))
-            else:
-                id_range = torch.full((2,), -1, dtype=torch.int64, device=self.device)
-            payload = [counts, id_range]
-            # Transports whose exchange has fixed-size slots carry the expert counts in the same
-            # exchange (ranks that disagree on num_experts cannot hang it). Others get a fixed number
-            # of slots (_EXPERT_SLOTS, the same length on every rank whatever its input), which carry
-            # the counts where num_experts fits; a larger num_experts needs a second exchange.
-            merged = self._transport.fixed_slot_exchange
-            has_pe = per_expert is not None and topk_idx is not None
-            if merged:
-                if has_pe:
-                    payload.append(per_expert)
-            else:
-                if self._zero_slots is None:  # read-only padding, made once (a slice of it costs no kernel)
-                    self._zero_slots = torch.zeros((_EXPERT_SLOTS,), dtype=torch.int64, device=self.device)
-                if has_pe and E <= _EXPERT_SLOTS:
-                    payload.append(per_expert)
-                    if E < _EXPERT_SLOTS:
-                        payload.append(self._zero_slots[: _EXPERT_SLOTS - E])
-                else:
-                    payload.append(self._zero_slots)
-            header = make_header(
-                _OP_DISPATCH,
-                self._waiter.seq,
-                problem.code if problem else 0,
-                T,
-                H,
-                xv.dtype if xv is not None else None,
-                K,
-                E,
-                scales.size(1) if scales is not None else -1,
-                int(topk_weights is not None),
-                num_worst_tokens,
-                level=Wire.header_code(codec),
-            )
-            if tol is not None:  # every rank of the call, bad input or not (see _agree_upgrades)
-                codec = self._agree_upgrades(
-                    tol, codec, xv, is_token_in_rank, header, payload, problem, _DISPATCH_FIELDS
-                )
-                header[_H_LEVEL] = Wire.header_code(codec)
-            R = self.num_ranks
-            if num_worst_tokens > 0 and problem is None and has_device and not self._check_every_call:
-                # Nothing read on the host: the plan stays on the device (capturable; checks deferred).
-                plan = build_device_plan(
-                    self._transport,
-                    self._checks,
-                    header,
-                    payload,
-                    is_token_in_rank,
-                    T,
-                    num_worst_tokens,
-                    self._waiter.seq,
-                    torch.cuda.is_current_stream_capturing(),
-                )
-                L, expert_list = (E // R if E > 0 else 0), []
-            else:
-                plan, L, expert_list = build_host_plan(
-                    self,
-                    header,
-                    payload,
-                    problem,
-                    merged,
-                    per_expert,
-                    is_token_in_rank,
-                    topk_idx,
-                    T,
-                    E,
-                    num_worst_tokens,
-                    expert_alignment,
-                )
-        return self._finish_dispatch(
-            call, plan, xv, scales, topk_idx, topk_weights, L, expert_list, num_worst_tokens, codec, return_compressed
+            return self._cached_dispatch(req)
+        req = DispatchRequest.parse(
+            x=x,
+            num_tokens_per_rank=num_tokens_per_rank,
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            expert_alignment=expert_alignment,
+            num_worst_tokens=num_worst_tokens,
+            compress=compress,
+            return_compressed=return_compressed,
+            options=opts,
+            problem=problem,
+            wire=self._wire,
+            num_ranks=self.num_ranks,
+            device=self.device,
+            device_plans=self.device_plans,
         )
+        return self._run_dispatch(req)
+
+    def _run_dispatch(self, req: DispatchRequest):
+        """A fresh dispatch of a parsed request: agree, plan, move the rows (also the low-latency pair path's)."""
+        self._waiter.seq += 1
+        call = StreamCall(self.device, self._comm_stream, req.options)
+        with call:
+            plan, L, expert_list = self._plan_dispatch(req)
+        return self._finish_dispatch(call, plan, req, L, expert_list)
+
+    def _plan_dispatch(self, req: DispatchRequest) -> Tuple[Plan, int, Optional[List[int]]]:
+        """The layout, the metadata the ranks exchange, and the plan of a fresh dispatch (inside its call)."""
+        problem, E = req.problem, req.num_experts
+        if problem is None:
+            if req.is_token_in_rank is None:
+                _, _, per_expert, req.is_token_in_rank = layout.dispatch_layout(req.topk_idx, E, self.num_ranks)
+                req.num_tokens_per_expert = per_expert
+            counts = req.is_token_in_rank.sum(dim=0, dtype=torch.int64)
+        else:
+            counts = torch.zeros((self.num_ranks,), dtype=torch.int64, device=self.device)
+        if problem is None and req.topk_idx is not None and req.topk_idx.numel():
+            id_range = torch.stack(torch.aminmax(req.topk_idx))
+        else:
+            id_range = torch.full((2,), -1, dtype=torch.int64, device=self.device)
+        payload = [counts, id_range]
+        # Transports whose exchange has fixed-size slots carry the expert counts in the same
+        # exchange (ranks that disagree on num_experts cannot hang it). Others get a fixed number
+        # of slots (_EXPERT_SLOTS, the same length on every rank whatever its input), which carry
+        # the counts where num_experts fits; a larger num_experts needs a second exchange.
+        merged = self._transport.fixed_slot_exchange
+        has_pe = problem is None and req.topk_idx is not None
+        if merged:
+            if has_pe:
+                payload.append(req.num_tokens_per_expert)
+        else:
+            if self._zero_slots is None:  # read-only padding, made once (a slice of it costs no kernel)
+                self._zero_slots = torch.zeros((_EXPERT_SLOTS,), dtype=torch.int64, device=self.device)
+            if has_pe and E <= _EXPERT_SLOTS:
+                payload.append(req.num_tokens_per_expert)
+                if E < _EXPERT_SLOTS:
+                    payload.append(self._zero_slots[: _EXPERT_SLOTS - E])
+            else:
+                payload.append(self._zero_slots)
+        header = req.header(self._waiter.seq, self._ident())
+        if req.tolerance is not None:  # every rank of the call, bad input or not (see wire.agree_upgrades)
+            req.codec = agree_upgrades(
+                self._wire,
+                self._transport,
+                self.device,
+                req.tolerance,
+                req.codec,
+                req.x,
+                req.is_token_in_rank,
+                header,
+                payload,
+                problem,
+                DISPATCH_FIELDS,
+            )
+            header[_H_LEVEL] = Wire.header_code(req.codec)
+        if req.num_worst_tokens > 0 and problem is None and self.device_plans:
+            # Nothing read on the host: the plan stays on the device (capturable; checks deferred).
+            plan = build_device_plan(
+                self._transport,
+                self._checks,
+                header,
+                payload,
+                req.is_token_in_rank,
+                req.num_tokens,
+                req.num_worst_tokens,
+                self._waiter.seq,
+                torch.cuda.is_current_stream_capturing(),
+            )
+            return plan, (E // self.num_ranks if E > 0 else 0), []
+        return build_host_plan(self._transport, self.device, req, header, payload, merged)
 
     def _finish_dispatch(
-        self,
-        call: StreamCall,
-        plan: Plan,
-        xv,
-        scales,
-        topk_idx,
-        topk_weights,
-        L: int,
-        expert_list: Optional[List[int]],
-        num_worst_tokens: int,
-        codec=None,
-        return_compressed: bool = False,
+        self, call: StreamCall, plan: Plan, req: DispatchRequest, L: int, expert_list: Optional[List[int]]
     ):
         """Move the rows of a fresh dispatch (inside ``call``), localise the top-k ids, make the handle."""
-        n_recv = plan.num_recv_tokens
         with call:
-            rows = [xv]
-            if scales is not None:
-                rows.append(scales)
-            if topk_idx is not None:
-                rows.append(topk_idx.contiguous())
-                if topk_weights is not None:
-                    rows.append(topk_weights)
-            recv, recv_x = self._move_rows(plan, rows, call.alloc, codec, return_compressed)
-            self._record_wire(codec, xv, plan)
+            recv, recv_x = self._move_rows(
+                plan, req.rows(), call.alloc, req.codec, req.return_compressed, req.options.num_sms
+            )
+            record_dispatch(self._wire, req.codec, req.x, plan, self.rank)
             i = 1
-            if scales is not None:
+            if req.scales is not None:
                 recv_x = (recv[0], recv[1])
                 i = 2
             recv_idx = recv_w = None
-            if topk_idx is not None:
+            if req.topk_idx is not None:
                 recv_idx, recv_w = localize_received(
-                    plan, recv[i], recv[i + 1] if topk_weights is not None else None, self.rank, L
+                    plan, recv[i], recv[i + 1] if req.topk_weights is not None else None, self.rank, L
                 )
             handle_out = DispatchHandle(
-                plan.rank_prefix_matrix, plan.is_token_in_rank, n_recv, num_worst_tokens, plan, self._uid
+                plan.rank_prefix_matrix,
+                plan.is_token_in_rank,
+                plan.num_recv_tokens,
+                req.num_worst_tokens,
+                plan,
+                self._uid,
+                (self._uid << 40) | next(self._handles),
             )
         made = [t for t in (recv_x, recv_idx, recv_w) if isinstance(t, torch.Tensor)]
-        event = call.finish([xv, scales, topk_idx, topk_weights, plan.is_token_in_rank] + list(recv) + made)
-        if expert_list is None:
-            expert_list = []
-        return recv_x, recv_idx, recv_w, expert_list, handle_out, event
+        # every tensor the comm stream read or made stays alive for it (the caller may drop its references
+        # at once: its memory must not return to the compute stream's pool before the comm stream's reads)
+        used = [req.x, req.scales, req.topk_idx, req.topk_weights, req.num_tokens_per_expert, plan.is_token_in_rank]
+        event = call.finish(used + list(recv) + made)
+        return recv_x, recv_idx, recv_w, expert_list if expert_list is not None else [], handle_out, event
 
-    def _move_rows(self, plan: Plan, rows: List[torch.Tensor], alloc, codec, return_compressed: bool):
+    def _move_rows(self, plan: Plan, rows: List[torch.Tensor], alloc, codec, return_compressed: bool, num_sms: int):
         """Dispatch ``rows`` by ``plan``; ``(received tensors, received x)``. With a codec ``rows[0]`` travels
         encoded: decoded by the transport (``dispatch_encoded``), or kept encoded (``return_compressed``)."""
+        t = self._transport
         if codec is None:
-            recv = self._transport.dispatch(plan, rows, alloc)
+            recv = t.dispatch(plan, rows, alloc, num_sms=num_sms)
             return recv, recv[0]
         if not return_compressed:
-            recv = self._transport.dispatch_encoded(plan, rows, alloc, codec)
+            recv = t.dispatch_encoded(plan, rows, alloc, codec, num_sms=num_sms)
             return recv, recv[0]
-        recv = self._transport.dispatch(plan, [codec.encode(rows[0])] + rows[1:], alloc)
-        return recv, self._decode(codec, recv[0], rows[0].dtype, True)
+        recv = t.dispatch(plan, [codec.encode(rows[0])] + rows[1:], alloc, num_sms=num_sms)
+        return recv, received_rows(codec, recv[0], rows[0].dtype, True)
 
     def _check_handle(self, handle: Any) -> DispatchHandle:
         if not isinstance(handle, DispatchHandle):
@@ -639,27 +634,13 @@ class Buffer(LowLatencyMethods, WireMethods):
             raise Problem(4, DeepEPInputError("handle was made by another Buffer"))
         return handle
 
-    def _cached_dispatch(
-        self,
-        call: StreamCall,
-        x,
-        handle,
-        num_tokens_per_rank,
-        is_token_in_rank,
-        num_tokens_per_expert,
-        topk_idx,
-        topk_weights,
-        compress=True,
-        return_compressed=False,
-    ):
-        problem = None
-        xv = scales = codec = None
-        H = -1
+    def _parse_cached(self, x, handle, layout_args, compress, return_compressed, opts, problem):
+        req = CachedDispatchRequest(options=opts, return_compressed=bool(return_compressed))
+        req.tolerance = self._wire.call_tolerance(compress)
         try:
-            if any(
-                a is not None
-                for a in (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
-            ):
+            if problem is not None:
+                raise problem
+            if any(a is not None for a in layout_args):
                 raise Problem(
                     5,
                     DeepEPInputError(
@@ -667,56 +648,52 @@ class Buffer(LowLatencyMethods, WireMethods):
                         "topk_weights arguments: the handle carries the layout"
                     ),
                 )
-            handle = self._check_handle(handle)
-            xv, scales = self._parse_x(x)
-            H = xv.size(1)
-            codec = self._dispatch_codec(compress, xv, scales)
-            if xv.size(0) != handle.plan.num_tokens:
+            req.handle = self._check_handle(handle)
+            req.x, req.scales = validate.parse_x(x, self.device)
+            req.hidden = req.x.size(1)
+            req.codec = dispatch_codec(self._wire, compress, req.x, req.scales)
+            if req.x.size(0) != handle.plan.num_tokens:
                 raise Problem(
                     1,
-                    DeepEPInputError(f"x has {xv.size(0)} tokens but the handle was made for {handle.plan.num_tokens}"),
+                    DeepEPInputError(
+                        f"x has {req.x.size(0)} tokens but the handle was made for {handle.plan.num_tokens}"
+                    ),
                 )
         except Problem as p:
-            problem = p
+            req.problem = p
+        return req
+
+    def _cached_dispatch(self, req: CachedDispatchRequest):
         self._waiter.seq += 1
-        tol = self._wire.call_tolerance(compress)
-        fields = (
-            (_H_HIDDEN, "hidden size"),
-            (_H_DTYPE, "x dtype"),
-            (_H_SCALES, "fp8 scale columns"),
-            (_H_LEVEL, "compression level"),
-        )
+        problem = req.problem
+        call = StreamCall(self.device, self._comm_stream, req.options)
         with call:
-            header = make_header(
-                _OP_CACHED,
-                self._waiter.seq,
-                problem.code if problem else 0,
-                H=H,
-                dtype=xv.dtype if xv is not None else None,
-                scales=scales.size(1) if scales is not None else -1,
-                level=Wire.header_code(codec),
-            )
-            if tol is not None:  # every rank of the call, bad input or not (see _agree_upgrades)
-                codec = self._agree_upgrades(
-                    tol,
-                    codec,
-                    xv,
-                    handle.plan.is_token_in_rank if problem is None else None,
+            header = req.header(self._waiter.seq, req.handle.ident if req.handle is not None else 0)
+            if req.tolerance is not None:  # every rank of the call, bad input or not (see wire.agree_upgrades)
+                req.codec = agree_upgrades(
+                    self._wire,
+                    self._transport,
+                    self.device,
+                    req.tolerance,
+                    req.codec,
+                    req.x,
+                    req.handle.plan.is_token_in_rank if problem is None else None,
                     header,
                     None,
                     problem,
-                    fields,
+                    _CACHED_FIELDS,
                 )
-                header[_H_LEVEL] = Wire.header_code(codec)
+                header[_H_LEVEL] = Wire.header_code(req.codec)
             if self._check_every_call:
-                agree(self._transport, self.device, header, None, problem, fields)
+                agree(self._transport, self.device, header, None, problem, _CACHED_FIELDS)
             elif problem is not None:
-                raise problem.exc
-            rows = [xv] + ([] if scales is None else [scales])
-            recv, recv0 = self._move_rows(handle.plan, rows, call.alloc, codec, return_compressed)
-            self._record_wire(codec, xv, handle.plan)
-        event = call.finish([xv, scales] + list(recv) + ([recv0] if isinstance(recv0, torch.Tensor) else []))
-        recv_x = recv0 if scales is None else (recv[0], recv[1])
+                problem.raise_on(self.rank)
+            recv, recv0 = self._move_rows(
+                req.handle.plan, req.rows(), call.alloc, req.codec, req.return_compressed, req.options.num_sms
+            )
+            record_dispatch(self._wire, req.codec, req.x, req.handle.plan, self.rank)
+        event = call.finish([req.x, req.scales] + list(recv) + ([recv0] if isinstance(recv0, torch.Tensor) else []))
+        recv_x = recv0 if req.scales is None else (recv[0], recv[1])
         return recv_x, None, None, None, None, event
 
     # ------------------------------------------------------------------ combine
@@ -735,47 +712,78 @@ class Buffer(LowLatencyMethods, WireMethods):
     ):
         """Send received rows back and reduce them per token (API.md 2.3).
 
-        Returns ``(combined_x, combined_topk_weights, event)``: for each
-        original token, the float32 sum (float64 for float64 x) in rank order of the rows every rank
-        returned for it, plus ``bias`` (0, 1 or 2 tensors ``[T, H]``), cast to
-        ``x.dtype``. No routing weights are applied. The rows travel in 16 bits
-        unless the Buffer has ``combine_compression_level=8`` (``compress``:
-        ``False`` = 16 bits, ``8`` = 8 bits for this call).
+        Args:
+            x: ``[N, H]`` laid out as the dispatch's ``recv_x`` (N = received rows, or ``num_worst_tokens``).
+            handle: the dispatch's handle.
+            topk_weights: float32 ``[N, K]`` summed the same way, or ``None``.
+            bias: 0, 1 or 2 tensors ``[T, H]`` added to the sums.
+            config, previous_event, async_finish, allocate_on_comm_stream: as in :meth:`dispatch`.
+            compress: ``True`` = the Buffer's ``combine_compression_level``, ``False`` = 16 bits, ``8``.
+
+        Returns:
+            ``(combined_x [T, H] of x.dtype, combined_topk_weights float32 [T, K] or None, event)``: for each
+            original token, the float32 sum (float64 for float64 x) in rank order of the rows every rank
+            returned for it, plus the biases. No routing weights are applied.
         """
         self._check_alive()
-        if config is not None and not isinstance(config, Config):
-            raise DeepEPTypeError(f"config must be a deep_ep.Config, got {type(config).__name__}")
-        call = self._call(previous_event, async_finish, allocate_on_comm_stream)
-        problem = None
-        xv = codec = None
-        H = -1
-        biases: List[torch.Tensor] = []
+        opts, problem = parse_call_options(config, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
+        return self._run_combine(self._parse_combine(x, handle, topk_weights, bias, compress, opts, problem))
+
+    def _run_combine(self, req: CombineRequest):
+        """A combine of a parsed request (also the low-latency pair path's)."""
+        self._waiter.seq += 1
+        call = StreamCall(self.device, self._comm_stream, req.options)
+        with call:
+            if self._check_every_call:
+                header = req.header(self._waiter.seq, req.handle.ident if req.handle is not None else 0)
+                agree(self._transport, self.device, header, None, req.problem, _COMBINE_FIELDS)
+            elif req.problem is not None:
+                req.problem.raise_on(self.rank)
+            out, out_w = self._transport.combine(
+                req.handle.plan,
+                req.x,
+                req.topk_weights,
+                req.biases,
+                call.alloc,
+                codec=req.codec,
+                num_sms=req.options.num_sms,
+            )
+        event = call.finish([req.x, req.topk_weights, out, out_w] + req.biases)
+        return out, out_w, event
+
+    def _parse_combine(self, x, handle, topk_weights, bias, compress, opts, problem) -> CombineRequest:
+        req = CombineRequest(options=opts)
         try:
-            handle = self._check_handle(handle)
-            plan = handle.plan
+            if problem is not None:
+                raise problem
+            req.handle = self._check_handle(handle)
+            plan = req.handle.plan
             if not isinstance(x, torch.Tensor):
                 raise Problem(1, DeepEPTypeError(f"combine x must be a tensor, got {type(x).__name__}"))
             if x.dtype not in _FLOAT_X:
                 raise Problem(1, DeepEPTypeError(f"combine x must be bfloat16 (or float16/32/64), got {x.dtype}"))
             if x.dim() != 2 or x.size(0) not in (plan.num_recv_tokens, plan.num_out_rows):
+                worst = f" or num_worst_tokens={plan.num_out_rows}" if plan.num_out_rows != plan.num_recv_tokens else ""
                 raise Problem(
                     1,
                     DeepEPInputError(
-                        f"combine x must be [num_recv_tokens={plan.num_recv_tokens}"
-                        f"{f' or num_worst_tokens={plan.num_out_rows}' if plan.num_out_rows != plan.num_recv_tokens else ''}"
-                        f", hidden], got {list(x.shape)}"
+                        f"combine x must be [num_recv_tokens={plan.num_recv_tokens}{worst}, hidden], "
+                        f"got {list(x.shape)}"
                     ),
                 )
-            self._check_device(x, "x")
-            xv = x.contiguous()
-            H = xv.size(1)
-            level = self._wire.combine_level if compress is True else self._wire.call_level(compress)[0]
+            validate.check_device(x, self.device, "x")
+            req.x = x.contiguous()
+            req.hidden = H = req.x.size(1)
+            try:
+                level = self._wire.combine_level if compress is True else self._wire.call_level(compress)[0]
+            except DeepEPInputError as e:
+                raise Problem(7, e) from None
             if level not in (16, 8):
                 raise Problem(7, DeepEPInputError(f"combine compresses to 8 bits at most, got compress={compress!r}"))
-            codec = self._wire.codec(level, H) if xv.dtype != torch.float64 else None
+            req.codec = self._wire.codec(level, H) if req.x.dtype != torch.float64 else None
             if topk_weights is not None:
                 k = topk_weights.size(1) if isinstance(topk_weights, torch.Tensor) and topk_weights.dim() == 2 else -1
-                topk_weights = self._check_weights(topk_weights, (xv.size(0), k), "topk_weights")
+                req.topk_weights = validate.check_weights(topk_weights, (req.x.size(0), k), "topk_weights", self.device)
             if bias is not None:
                 biases = list(bias) if isinstance(bias, (tuple, list)) else [bias]
                 if len(biases) > 2:
@@ -791,36 +799,112 @@ class Buffer(LowLatencyMethods, WireMethods):
                         )
                     if b.dtype not in _FLOAT_X:
                         raise Problem(6, DeepEPTypeError(f"bias must be floating point, got {b.dtype}"))
-                    self._check_device(b, "bias")
+                    validate.check_device(b, self.device, "bias", code=6)
+                req.biases = biases
         except Problem as p:
-            problem = p
-        self._waiter.seq += 1
-        with call:
-            if self._check_every_call:
-                header = make_header(
-                    _OP_COMBINE,
-                    self._waiter.seq,
-                    problem.code if problem else 0,
-                    H=H,
-                    dtype=xv.dtype if xv is not None else None,
-                    has_w=int(topk_weights is not None),
-                    level=Wire.header_code(codec),
-                )
-                agree(
-                    self._transport,
-                    self.device,
-                    header,
-                    None,
-                    problem,
-                    (
-                        (_H_HIDDEN, "hidden size"),
-                        (_H_DTYPE, "x dtype"),
-                        (_H_W, "passing topk_weights"),
-                        (_H_LEVEL, "compression level"),
-                    ),
-                )
-            elif problem is not None:
-                raise problem.exc
-            out, out_w = self._transport.combine(handle.plan, xv, topk_weights, biases, call.alloc, codec=codec)
-        event = call.finish([xv, topk_weights, out, out_w] + biases)
-        return out, out_w, event
+            req.problem = p
+        return req
+
+    # ------------------------------------------------------------------ low-latency mode (API.md 2.4)
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
+        """Low-latency dispatch (API.md 2.4): fixed shapes, no host sync on nvlink (capturable).
+
+        Args:
+            x: bf16 ``[T, H]`` with ``T <= num_max_dispatch_tokens_per_rank``.
+            topk_idx: int64 ``[T, K]`` global expert ids (-1 = none), distinct per token.
+            num_max_dispatch_tokens_per_rank: ``M``, the same on every rank.
+            num_experts: ``E``, a positive multiple of the number of ranks.
+            cumulative_local_expert_recv_stats: int32 ``[L]`` incremented by the received counts, or ``None``.
+            dispatch_wait_recv_cost_stats: accepted, left unchanged.
+            use_fp8, round_scale, use_ue8m0: the wire format (fp8 with per-128 scales; UE8M0 scale bytes).
+            async_finish: return an event; return_recv_hook: the call only sends, ``hook()`` receives.
+
+        Returns:
+            ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is
+            ``(float8_e4m3fn [L, R*M, H], float32 scales [L, R*M, H/128])`` (UE8M0: int32
+            ``[L, R*M, H/512]``) or bf16 ``[L, R*M, H]`` without ``use_fp8``; the first ``recv_count[l]``
+            rows of expert ``l`` are valid (source rank, then token order); ``recv_count`` int32 ``[L]``.
+            See :mod:`deep_ep.low_latency` for how it differs from DeepEP's kernels.
+        """
+        self._check_alive()
+        return self._low_latency.dispatch(
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            async_finish,
+            return_recv_hook,
+        )
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: Any,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+    ):
+        """Low-latency combine (API.md 2.4).
+
+        Args:
+            x: bf16 ``[L, R*M, H]``, the experts' outputs in the dispatch's layout.
+            topk_idx, topk_weights: ``[T, K]`` as dispatched, and the routing weights.
+            handle: the low-latency dispatch's handle.
+            use_logfmt: not supported (raises).
+            zero_copy: read the buffer of :meth:`get_next_low_latency_combine_buffer` instead of ``x``.
+            async_finish, return_recv_hook: as in :meth:`low_latency_dispatch`.
+            out: bf16 ``[T, H]`` to write into, or ``None``.
+            combine_wait_recv_cost_stats: accepted, left unchanged.
+
+        Returns:
+            ``(combined_x, event, hook)``: ``combined_x[t] = sum_k topk_weights[t, k] * x[expert k, slot of t]``
+            (float32 sum, bf16 result; -1 entries skipped).
+        """
+        self._check_alive()
+        return self._low_latency.combine(
+            x,
+            topk_idx,
+            topk_weights,
+            handle,
+            use_logfmt,
+            zero_copy,
+            async_finish,
+            return_recv_hook,
+            out,
+            combine_wait_recv_cost_stats,
+        )
+
+    def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:
+        """The bf16 ``[L, R*M, H]`` buffer a ``zero_copy`` low-latency combine of ``handle`` reads: write the
+        expert outputs into it, then call ``low_latency_combine(..., zero_copy=True)``."""
+        return self._low_latency.next_combine_buffer(handle)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """DeepEP's buffer reset; deep_ep's low-latency calls keep no state between calls, so this only checks
+        its arguments (as ``low_latency_dispatch`` does: positive ints, ``num_experts`` a positive multiple of
+        the number of ranks)."""
+        self._check_alive()
+        self._low_latency.clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)

@@ -44,3 +44,11 @@ class DeepEPTimeoutError(DeepEPError, TimeoutError):
 
 class BufferDestroyedError(DeepEPError):
     """The Buffer was destroyed (or broken by an earlier timeout) and cannot be used."""
+
+
+class PeerFailureError(DeepEPError):
+    """The process group failed under a call: a peer process exited, or its connection broke.
+
+    The message names the call and the ranks that did not answer a short diagnosis (the likely failed
+    peers). The Buffer is unusable afterwards; so, usually, is the process group.
+    """

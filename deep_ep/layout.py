@@ -12,7 +12,8 @@ Conventions (API.md): ``T`` tokens on this rank, ``K`` top-k, ``E`` experts,
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -20,6 +21,8 @@ from .config import topk_idx_t
 from .errors import DeepEPInputError, DeepEPTypeError
 
 __all__ = [
+    "DeviceLayout",
+    "device_layout",
     "check_topk_idx",
     "topk_problem",
     "dispatch_layout",
@@ -173,7 +176,27 @@ def token_slots(is_token_in_rank: torch.Tensor) -> torch.Tensor:
     return torch.where(is_token_in_rank, inclusive - 1, -1)
 
 
-def device_layout(is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: int) -> Dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class DeviceLayout:
+    """Where every row of a dispatch goes, on the device (see :func:`device_layout`); all int64.
+
+    Attributes:
+        slot: ``[T, R]`` row of token ``t`` among rank ``d``'s received rows, -1 where it does not go.
+        send_pos: ``[T, R]`` row of (``t``, ``d``) in this rank's send order, -1 where absent.
+        recv: ``[3]`` rows received, first and end row of this rank's own rows among them.
+        ret: ``[R, 3]`` per source ``s``: first received row from ``s``, how many, where they start in
+            ``s``'s send order.
+        combine_pos: ``[T, R]`` ``send_pos`` with column ``rank`` replaced by ``slot``.
+    """
+
+    slot: torch.Tensor
+    send_pos: torch.Tensor
+    recv: torch.Tensor
+    ret: torch.Tensor
+    combine_pos: torch.Tensor
+
+
+def device_layout(is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: int) -> DeviceLayout:
     """Where every row goes, from the token-to-rank mask and the counts matrix, on the device.
 
     ``counts`` int64 ``[R, R]``: rows rank ``s`` sends to rank ``d`` (on the
@@ -204,7 +227,7 @@ def device_layout(is_token_in_rank: torch.Tensor, counts: torch.Tensor, rank: in
     ret = torch.stack([before_src[:, rank], counts[:, rank], before_dst[:, rank]], dim=1).contiguous()
     combine_pos = send_pos.clone()
     combine_pos[:, rank] = slot[:, rank]
-    return dict(
+    return DeviceLayout(
         slot=slot.contiguous(), send_pos=send_pos.contiguous(), recv=recv, ret=ret, combine_pos=combine_pos.contiguous()
     )
 

@@ -2,7 +2,7 @@
 
 On the nvlink transport with Triton (hidden a multiple of 8) each call is
 one send kernel, one device barrier and one receive kernel
-(:mod:`deep_ep.transport.nvlink_ll`): fp8 cast fused into the send, rows
+(:mod:`deep_ep.transport.nvlink.low_latency`): fp8 cast fused into the send, rows
 stored straight into the receivers' symmetric memory (once per destination
 rank, not once per expert), no host sync (CUDA graphs), and
 ``return_recv_hook=True`` splits the call as DeepEP does (the call sends,
@@ -46,16 +46,18 @@ pending hooks, as DeepEP); ``dispatch_wait_recv_cost_stats`` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from . import layout
+from . import layout, validate
+from .agreement import Problem, settings_code
+from .calls import CallOptions, CombineRequest, DispatchRequest
 from .compress import make_codec
 from .config import EventOverlap
 from .errors import DeepEPInputError, DeepEPTypeError
 
-__all__ = ["LowLatencyHandle", "LowLatencyMethods", "low_latency_dispatch", "low_latency_combine", "rdma_size_hint"]
+__all__ = ["LowLatencyHandle", "LowLatency", "low_latency_dispatch", "low_latency_combine", "rdma_size_hint"]
 
 
 @dataclass
@@ -80,7 +82,7 @@ def _noop() -> None:
 def rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """Staging bytes low-latency calls may need: the nvlink kernel path's two areas for bf16 rows (the
     widest; fp8 needs less), which also bound the pair rows of the other paths."""
-    from .transport.nvlink_ll import area_layout
+    from .transport.nvlink.low_latency import area_layout
 
     R = max(num_ranks, 1)
     E = max(num_experts // R, 1) * R
@@ -112,19 +114,12 @@ def _check(buf, x: torch.Tensor, topk_idx: torch.Tensor, M: int, E: int) -> Tupl
             f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} "
             f"{list(getattr(topk_idx, 'shape', []))}"
         )
-    buf._check_device(x, "x")
-    buf._check_device(topk_idx, "topk_idx")
-    return T, H, topk_idx.size(1)
-
-
-def _reject_everywhere(buf) -> None:
-    """Enter the pair dispatch with an invalid input, so that its metadata exchange tells the other ranks
-    (they raise :class:`~deep_ep.errors.RemoteInputError` instead of waiting). Where the other ranks take the
-    device path (nvlink), nothing can tell them without a host sync: they time out (documented)."""
     try:
-        buf.dispatch("rejected", is_token_in_rank=None, compress=False)
-    except Exception:  # noqa: BLE001 - this rank raises its own, precise error
-        pass
+        validate.check_device(x, buf.device, "x", code=8)
+        validate.check_device(topk_idx, buf.device, "topk_idx", code=8)
+    except Problem as p:
+        raise p.exc from None
+    return T, H, topk_idx.size(1)
 
 
 def _check_distinct(topk_idx: torch.Tensor) -> None:
@@ -145,6 +140,7 @@ def _check_distinct(topk_idx: torch.Tensor) -> None:
 
 def low_latency_dispatch(
     buf,
+    engine,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     num_max_dispatch_tokens_per_rank: int,
@@ -159,6 +155,8 @@ def low_latency_dispatch(
 ):
     """See :meth:`deep_ep.Buffer.low_latency_dispatch` and the module docstring."""
     M, E, R = num_max_dispatch_tokens_per_rank, num_experts, buf.num_ranks
+    problem = None
+    T = H = K = -1
     try:
         T, H, K = _check(buf, x, topk_idx, M, E)
         if async_finish and return_recv_hook:
@@ -175,17 +173,21 @@ def low_latency_dispatch(
             layout.check_topk_idx(topk_idx, E)
             _check_distinct(topk_idx)
     except (DeepEPInputError, DeepEPTypeError) as exc:
-        if not _kernel_path_possible(buf):  # the other ranks, inside their pair dispatch, learn it and raise
-            _reject_everywhere(buf)  # (on the kernel path nothing can tell them: they time out)
-        raise exc
-    L = E // R
-    fast = _fast_path(buf, H)
+        problem = Problem(8, exc)
+    # the settings every rank must share (agreed in the pair dispatch's metadata exchange)
+    aux = settings_code("dispatch", M, H, E, K, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
+    fast = engine if engine is not None and H % 8 == 0 and problem is None else None
+    if engine is not None and problem is not None:
+        problem.raise_on(buf.rank)  # the kernel path cannot tell the others without a host sync (documented)
     if fast is not None:  # invalid ids are skipped and flagged by the kernel (no host sync)
         recv_x, recv_count, state, hk = fast.dispatch(
             x, topk_idx, M, E, use_fp8, round_scale, use_ue8m0, cumulative_local_expert_recv_stats, return_recv_hook
         )
         handle = LowLatencyHandle(None, None, M, H, E, T, K, fast=state)
         return recv_x, recv_count, handle, _event(async_finish, x), hk
+    if problem is not None:  # every rank learns it in the pair dispatch's agreement (this rank raises its own)
+        buf._run_dispatch(DispatchRequest(problem=problem, aux=aux, options=CallOptions(buf.num_sms)))
+    L = E // R
     if topk_idx.is_cuda:
         _check_distinct(topk_idx)  # (a device assertion: nothing waits for the host)
     codec = make_codec(8, H, round_scale=round_scale, use_ue8m0=use_ue8m0) if use_fp8 else None
@@ -195,14 +197,26 @@ def low_latency_dispatch(
     worst = R * M * min(K, L)
     _, _, per_expert, in_rank, _ = buf.get_dispatch_layout(pair_idx, E)
     # the encoded rows travel as opaque 16-bit words (their byte width is even: H is a multiple of 128)
-    recv, recv_idx, _, _, inner, _ = buf.dispatch(
-        pair_rows.view(torch.bfloat16),
+    req = DispatchRequest.parse(
+        x=pair_rows.view(torch.bfloat16),
+        num_tokens_per_rank=None,
         is_token_in_rank=in_rank,
         num_tokens_per_expert=per_expert,
         topk_idx=pair_idx,
+        topk_weights=None,
+        expert_alignment=1,
         num_worst_tokens=worst,
         compress=False,
+        return_compressed=False,
+        options=CallOptions(buf.num_sms),
+        problem=None,
+        wire=buf._wire,
+        num_ranks=R,
+        device=buf.device,
+        device_plans=buf.device_plans,
     )
+    req.aux = aux
+    recv, recv_idx, _, _, inner, _ = buf._run_dispatch(req)
     recv = recv.view(torch.uint8)
     local = recv_idx[:, 0]  # local expert, -1 for padding
     onehot = local.unsqueeze(1) == torch.arange(L, device=local.device)  # [N, L]; padding (-1) matches none
@@ -233,6 +247,7 @@ def low_latency_dispatch(
 
 def low_latency_combine(
     buf,
+    engine,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -245,50 +260,74 @@ def low_latency_combine(
     combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
 ):
     """See :meth:`deep_ep.Buffer.low_latency_combine` and the module docstring."""
-    if not isinstance(handle, LowLatencyHandle):
-        raise DeepEPTypeError(f"handle must be the one low_latency_dispatch returned, got {type(handle).__name__}")
-    if use_logfmt:
-        raise DeepEPInputError(
-            "use_logfmt is not implemented by deep_ep (combine sends bf16 rows); pass use_logfmt=False"
-        )
-    if async_finish and return_recv_hook:
-        raise DeepEPInputError("async_finish and return_recv_hook are exclusive")
-    R, M, H, T, K = (
-        buf.num_ranks,
-        handle.num_max_dispatch_tokens_per_rank,
-        handle.hidden,
-        handle.num_tokens,
-        handle.topk,
-    )
-    L = handle.num_experts // R
-    if zero_copy:
-        if handle.combine_buffer is None:
+    problem = None
+    aux = 0
+    try:
+        if not isinstance(handle, LowLatencyHandle):
+            raise DeepEPTypeError(f"handle must be the one low_latency_dispatch returned, got {type(handle).__name__}")
+        if use_logfmt:
             raise DeepEPInputError(
-                "zero_copy=True needs the buffer from get_next_low_latency_combine_buffer(handle), "
-                "filled with the expert outputs"
+                "use_logfmt is not implemented by deep_ep (combine sends bf16 rows); pass use_logfmt=False"
             )
-        x = handle.combine_buffer
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != (L, R * M, H) or x.dtype != torch.bfloat16:
-        raise DeepEPInputError(
-            f"low_latency_combine x must be bfloat16 [{L}, {R * M}, {H}], got "
-            f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}"
+        if async_finish and return_recv_hook:
+            raise DeepEPInputError("async_finish and return_recv_hook are exclusive")
+        R, M, H, T, K = (
+            buf.num_ranks,
+            handle.num_max_dispatch_tokens_per_rank,
+            handle.hidden,
+            handle.num_tokens,
+            handle.topk,
         )
-    if tuple(topk_idx.shape) != (T, K) or tuple(topk_weights.shape) != (T, K):
-        raise DeepEPInputError(
-            f"topk_idx and topk_weights must be [{T}, {K}] (as dispatched), got "
-            f"{list(topk_idx.shape)} and {list(topk_weights.shape)}"
-        )
-    if out is not None and (tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16):
-        raise DeepEPInputError(f"out must be bfloat16 [{T}, {H}], got {out.dtype} {list(out.shape)}")
+        L = handle.num_experts // R
+        aux = settings_code("combine", M, H, handle.num_experts, K)
+        if zero_copy:
+            if handle.combine_buffer is None:
+                raise DeepEPInputError(
+                    "zero_copy=True needs the buffer from get_next_low_latency_combine_buffer(handle), "
+                    "filled with the expert outputs"
+                )
+            x = handle.combine_buffer
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (L, R * M, H) or x.dtype != torch.bfloat16:
+            raise DeepEPInputError(
+                f"low_latency_combine x must be bfloat16 [{L}, {R * M}, {H}], got "
+                f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}"
+            )
+        for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (T, K):
+                raise DeepEPInputError(
+                    f"{name} must be a tensor [{T}, {K}] (as dispatched), got "
+                    f"{list(getattr(t, 'shape', [])) or type(t).__name__}"
+                )
+        if out is not None and (
+            not isinstance(out, torch.Tensor) or tuple(out.shape) != (T, H) or out.dtype != torch.bfloat16
+        ):
+            raise DeepEPInputError(
+                f"out must be bfloat16 [{T}, {H}], got {getattr(out, 'dtype', type(out).__name__)} "
+                f"{list(getattr(out, 'shape', []))}"
+            )
+        if handle.fast is not None and handle.fast.get("received") is False:
+            raise DeepEPInputError(
+                "low_latency_combine of a dispatch whose receive hook has not run: call the hook first (the "
+                "dispatch's rows have not arrived yet)"
+            )
+    except (DeepEPInputError, DeepEPTypeError) as exc:
+        problem = Problem(8, exc)
+    on_kernels = isinstance(handle, LowLatencyHandle) and handle.fast is not None
+    if problem is not None and (on_kernels or engine is not None):
+        problem.raise_on(buf.rank)  # the kernel path cannot tell the others without a host sync (documented)
+    if problem is not None:  # every rank learns it in the pair combine's agreement (this rank raises its own)
+        buf._run_combine(CombineRequest(problem=problem, aux=aux, options=CallOptions(buf.num_sms)))
     if handle.fast is not None:
-        fast = _fast_path(buf, H)
+        fast = engine if engine is not None and H % 8 == 0 else None
         if fast is None:
             raise DeepEPInputError("this handle comes from the nvlink kernel path of another Buffer")
         res = out if out is not None else torch.empty((T, H), dtype=torch.bfloat16, device=x.device)
         hk = fast.combine(x, topk_idx, topk_weights, handle.fast, res, return_recv_hook)
         return res, _event(async_finish, x), hk
     rows = x.reshape(L * R * M, H).index_select(0, handle.slot.clamp(min=0))  # back into pair order
-    pairs, _, _ = buf.combine(rows, handle.inner, compress=False)
+    req = buf._parse_combine(rows, handle.inner, None, None, False, CallOptions(buf.num_sms), None)
+    req.aux = aux
+    pairs, _, _ = buf._run_combine(req)
     w = torch.where(topk_idx >= 0, topk_weights.float(), 0.0)
     y = pairs.view(T, K, H).float()
     y = torch.where((topk_idx >= 0).unsqueeze(2), y, 0.0)
@@ -311,33 +350,6 @@ def next_combine_buffer(handle: LowLatencyHandle, num_ranks: int, device: torch.
     return handle.combine_buffer
 
 
-def _kernel_path_possible(buf) -> bool:
-    """Whether low-latency calls of this Buffer take the kernel path for a hidden size that allows it
-    (nvlink transport, Triton on its device, not ``DEEP_EP_CHECK``)."""
-    from . import kernels
-
-    return (
-        getattr(buf._transport, "name", "") == "nvlink"
-        and not buf._check_every_call
-        and kernels.available_on(buf.device)
-    )
-
-
-def _fast_path(buf, hidden: int):
-    """The Buffer's :class:`~deep_ep.transport.nvlink_ll.NVLinkLowLatency` where the kernel path applies
-    (:func:`_kernel_path_possible` and ``hidden`` a multiple of 8), else ``None``. Every rank decides the
-    same (same transport, settings and hidden)."""
-    if hidden % 8 or not _kernel_path_possible(buf):
-        return None
-    t = buf._transport
-    st = buf._ll_nvlink
-    if st is None:
-        from .transport.nvlink_ll import NVLinkLowLatency
-
-        st = buf._ll_nvlink = NVLinkLowLatency(t, buf.num_rdma_bytes)
-    return st if st.usable else None
-
-
 def _event(async_finish: bool, t: torch.Tensor) -> EventOverlap:
     """The returned event: recorded after all of the call's work on the current stream (async), else none."""
     if async_finish and t.is_cuda:
@@ -347,94 +359,57 @@ def _event(async_finish: bool, t: torch.Tensor) -> EventOverlap:
     return EventOverlap(None)
 
 
-class LowLatencyMethods:
-    """The low-latency methods of :class:`deep_ep.Buffer` (API.md 2.4; a mixin, see the module docstring)."""
+class LowLatency:
+    """The low-latency mode of one :class:`deep_ep.Buffer` (API.md 2.4), a component the Buffer owns.
 
-    def low_latency_dispatch(
-        self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        num_max_dispatch_tokens_per_rank: int,
-        num_experts: int,
-        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
-        use_fp8: bool = True,
-        round_scale: bool = False,
-        use_ue8m0: bool = False,
-        async_finish: bool = False,
-        return_recv_hook: bool = False,
-    ):
-        """Low-latency dispatch (API.md 2.4): one message per (token, selected expert), fixed shapes.
+    It uses the Buffer's public methods (the pair dispatch of the normal path) and, where the
+    Buffer's transport has one, the transport's low-latency kernel engine (``engine()``: made on the
+    first call, ``None`` where the kernels do not apply: other transports, no Triton on the device,
+    ``DEEP_EP_CHECK``).
+    """
 
-        Returns ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is
-        ``(float8_e4m3fn [L, R*M, H], float32 scales [L, R*M, H/128])`` (UE8M0:
-        int32 ``[L, R*M, H/512]``) or bf16 ``[L, R*M, H]`` without ``use_fp8``;
-        the first ``recv_count[l]`` rows of expert ``l`` are valid (source rank,
-        then token order). No host sync on nvlink (capturable). See
-        :mod:`deep_ep.low_latency` for how it differs from DeepEP's kernels.
+    def __init__(self, buffer: Any, engine: Callable[[], Any]) -> None:
+        """Args:
+        buffer: the owning :class:`deep_ep.Buffer`.
+        engine: makes the transport's low-latency engine (or returns ``None``); called once, lazily.
         """
-        self._check_alive()
-        return low_latency_dispatch(
-            self,
-            x,
-            topk_idx,
-            num_max_dispatch_tokens_per_rank,
-            num_experts,
-            cumulative_local_expert_recv_stats,
-            dispatch_wait_recv_cost_stats,
-            use_fp8,
-            round_scale,
-            use_ue8m0,
-            async_finish,
-            return_recv_hook,
-        )
+        self.buffer = buffer
+        self._make_engine = engine
+        self._engine: Any = None
+        self._made = False
 
-    def low_latency_combine(
-        self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
-        handle: Any,
-        use_logfmt: bool = False,
-        zero_copy: bool = False,
-        async_finish: bool = False,
-        return_recv_hook: bool = False,
-        out: Optional[torch.Tensor] = None,
-        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
-    ):
-        """Low-latency combine (API.md 2.4): ``out[t] = sum_k topk_weights[t, k] * x[expert k, slot of t]``
-        (float32 sum, bf16 result; -1 entries skipped). Returns ``(combined_x, event, hook)``."""
-        self._check_alive()
-        return low_latency_combine(
-            self,
-            x,
-            topk_idx,
-            topk_weights,
-            handle,
-            use_logfmt,
-            zero_copy,
-            async_finish,
-            return_recv_hook,
-            out,
-            combine_wait_recv_cost_stats,
-        )
+    @property
+    def engine(self) -> Any:
+        """The kernel engine (``None``: the pair-dispatch path)."""
+        if not self._made:
+            self._engine, self._made = self._make_engine(), True
+        return self._engine if self._engine is None or getattr(self._engine, "usable", True) else None
 
-    def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:
-        """The bf16 ``[L, R*M, H]`` buffer a ``zero_copy`` low-latency combine of ``handle`` reads: write the
-        expert outputs into it, then call ``low_latency_combine(..., zero_copy=True)``."""
+    def dispatch(self, *args: Any) -> Any:
+        """See :meth:`deep_ep.Buffer.low_latency_dispatch` (same arguments, positional)."""
+        return low_latency_dispatch(self.buffer, self.engine, *args)
+
+    def combine(self, *args: Any) -> Any:
+        """See :meth:`deep_ep.Buffer.low_latency_combine` (same arguments, positional)."""
+        return low_latency_combine(self.buffer, self.engine, *args)
+
+    def next_combine_buffer(self, handle: Any) -> torch.Tensor:
+        """See :meth:`deep_ep.Buffer.get_next_low_latency_combine_buffer`."""
         if not isinstance(handle, LowLatencyHandle):
             raise DeepEPTypeError(f"handle must be the one low_latency_dispatch returned, got {type(handle).__name__}")
-        return next_combine_buffer(handle, self.num_ranks, self.device)
+        return next_combine_buffer(handle, self.buffer.num_ranks, self.buffer.device)
 
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """DeepEP's buffer reset; deep_ep's low-latency calls keep no state between calls, so this only checks
-        its arguments (as low_latency_dispatch does: positive ints, ``num_experts`` a positive multiple of the
-        number of ranks; ``num_experts=0`` or negative multiples used to pass)."""
-        self._check_alive()
+    def clean(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """See :meth:`deep_ep.Buffer.clean_low_latency_buffer` (checks its arguments)."""
         args = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        if not all(isinstance(a, int) and a >= 1 for a in args) or num_experts % self.num_ranks:
+        if not all(isinstance(a, int) and a >= 1 for a in args) or num_experts % self.buffer.num_ranks:
             raise DeepEPInputError(
                 f"clean_low_latency_buffer: num_experts={num_experts!r} must be a positive "
-                f"multiple of {self.num_ranks}, num_max_dispatch_tokens_per_rank="
+                f"multiple of {self.buffer.num_ranks}, num_max_dispatch_tokens_per_rank="
                 f"{num_max_dispatch_tokens_per_rank!r} and hidden={hidden!r} positive ints"
             )
+
+    def destroy(self) -> None:
+        """Release the engine's staging (if one was made)."""
+        if self._engine is not None:
+            self._engine.destroy()

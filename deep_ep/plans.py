@@ -30,10 +30,12 @@ import torch
 
 from . import layout
 from .agreement import (
+    _H_AUX,
     _H_DTYPE,
     _H_E,
     _H_ERR,
     _H_HIDDEN,
+    _H_IDENT,
     _H_K,
     _H_LEVEL,
     _H_MAGIC,
@@ -49,10 +51,17 @@ from .agreement import (
 from .errors import DeepEPInputError, RankMismatchError
 from .transport import Plan
 
-__all__ = ["build_host_plan", "build_device_plan", "DeferredChecks", "valid_rows", "localize_received"]
+__all__ = [
+    "build_host_plan",
+    "build_device_plan",
+    "DeferredChecks",
+    "valid_rows",
+    "localize_received",
+    "DISPATCH_FIELDS",
+]
 
 #: header fields every rank of a dispatch must agree on
-_FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_LEVEL)
+_FIELDS = (_H_MAGIC, _H_OP, _H_SEQ, _H_IDENT, _H_AUX, _H_HIDDEN, _H_DTYPE, _H_K, _H_E, _H_SCALES, _H_W, _H_LEVEL)
 
 
 class DeferredChecks:
@@ -83,11 +92,6 @@ class DeferredChecks:
             self.raise_ready()
         self._np[k, :_HEADER] = header
         return self._ring[k, :_HEADER].to(device, non_blocking=True), k
-
-    def add(self, gathered: torch.Tensor, counts: torch.Tensor, rank: int, seq: int, slot: int) -> None:
-        """Queue the verdict on ``gathered`` (every rank's metadata vector, ``[R, n]`` on the device: the
-        header, the counts ``counts`` ``[R, R]``, then each rank's least and greatest expert id)."""
-        self.queue(torch_verdict(gathered, counts, rank), seq, slot)
 
     def queue(self, verdict: torch.Tensor, seq: int, slot: int) -> None:
         """Queue a verdict already computed on the device (int64 ``[3]``: mismatch, over, bad ids)."""
@@ -126,21 +130,6 @@ class DeferredChecks:
 _VERDICTS = 3
 
 
-def torch_verdict(gathered: torch.Tensor, counts: torch.Tensor, rank: int) -> torch.Tensor:
-    """The deferred checks' verdict (int64 ``[3]`` on the device) in plain torch, from every rank's
-    metadata vector ``gathered`` (header, counts ``[R, R]`` = ``counts``, then each rank's least and
-    greatest expert id); its kernel twin is :func:`deep_ep.kernels.plan.device_plan`."""
-    R = gathered.size(0)
-    hdr = gathered[:, :_HEADER]
-    sel = hdr[:, list(_FIELDS)]
-    mismatch = (sel != sel[rank]).any() | (hdr[:, _H_ERR] != 0).any()
-    worst = hdr[:, _H_WORST]
-    over = ((worst > 0) & (counts.sum(dim=0) > worst)).any()
-    e, lo, hi = hdr[:, _H_E], gathered[:, _HEADER + R], gathered[:, _HEADER + R + 1]
-    bad = ((e > 0) & ((lo < -1) | (hi >= e))).any()
-    return torch.stack([mismatch, over, bad]).to(torch.int64)
-
-
 def build_device_plan(
     transport,
     checks: DeferredChecks,
@@ -170,15 +159,12 @@ def build_device_plan(
     if kernels.available(is_token_in_rank):  # one kernel for the layout, prefix matrix and verdict
         from .kernels import plan as kplan
 
-        dl, rpm, verdict = kplan.device_plan(is_token_in_rank, gathered, me, _HEADER, _FIELDS, _H_ERR, _H_WORST, _H_E)
-        if not capturing:
-            checks.queue(verdict, seq, slot)
+        make = kplan.device_plan
     else:
-        counts = gathered[:, _HEADER : _HEADER + R].clone()
-        if not capturing:
-            checks.add(gathered, counts, me, seq, slot)
-        rpm = torch.cumsum(counts, dim=0).to(torch.int32)
-        dl = layout.device_layout(is_token_in_rank, counts, me)
+        from .kernels.twins import device_plan_torch as make
+    dl, rpm, verdict = make(is_token_in_rank, gathered, me, _HEADER, _FIELDS, _H_ERR, _H_WORST, _H_E)
+    if not capturing:
+        checks.queue(verdict, seq, slot)
     plan = Plan(
         rank=me,
         num_ranks=R,
@@ -191,7 +177,7 @@ def build_device_plan(
         num_out_rows=num_worst_tokens,
         counts=None,
     )
-    plan.extra["device"] = dl
+    plan.device = dl
     return plan
 
 
@@ -200,7 +186,7 @@ def valid_rows(plan: Plan) -> Optional[torch.Tensor]:
     (``None`` when the host knows it)."""
     if plan.num_recv_tokens >= 0:
         return None
-    n = plan.extra["device"]["recv"][0]
+    n = plan.device.recv[0]
     return torch.arange(plan.num_out_rows, device=n.device) < n
 
 
@@ -212,17 +198,16 @@ def localize_received(
     device (:func:`deep_ep.kernels.plan.localize_rows`), else :func:`deep_ep.layout.localize_topk` and a mask."""
     from . import kernels
 
-    if plan.num_recv_tokens < 0 and kernels.available(recv_idx):
-        from .kernels import plan as kplan
+    if plan.num_recv_tokens < 0:  # the count is on the device: one launch (or its twin)
+        if kernels.available(recv_idx):
+            from .kernels import plan as kplan
 
-        return kplan.localize_rows(recv_idx, recv_w, plan.extra["device"]["recv"][:1], rank, num_local)
+            return kplan.localize_rows(recv_idx, recv_w, plan.device.recv[:1], rank, num_local)
+        from .kernels.twins import localize_rows_torch
+
+        return localize_rows_torch(recv_idx, recv_w, plan.device.recv[:1], rank, num_local)
     idx, w = layout.localize_topk(recv_idx, recv_w, rank, num_local)
-    valid = valid_rows(plan)
-    if valid is not None:  # the count is on the device
-        idx = torch.where(valid.unsqueeze(1), idx, -1)
-        if w is not None:
-            w = torch.where(valid.unsqueeze(1), w, 0.0)
-    elif plan.num_out_rows > plan.num_recv_tokens:
+    if plan.num_out_rows > plan.num_recv_tokens:
         idx[plan.num_recv_tokens :] = -1
         if w is not None:
             w[plan.num_recv_tokens :] = 0
@@ -234,43 +219,45 @@ def localize_received(
 _EXPERT_SLOTS = 256
 
 
+#: the header fields a fresh dispatch's ranks must agree on, and their names in errors
+DISPATCH_FIELDS = (
+    (_H_HIDDEN, "hidden size"),
+    (_H_DTYPE, "x dtype"),
+    (_H_K, "num_topk"),
+    (_H_E, "num_experts"),
+    (_H_SCALES, "fp8 scale columns"),
+    (_H_W, "passing topk_weights"),
+    (_H_LEVEL, "compression level"),
+)
+
+
 def build_host_plan(
-    buf,
-    header,
-    payload,
-    problem,
-    merged,
-    per_expert,
-    is_token_in_rank,
-    topk_idx,
-    T,
-    E,
-    num_worst_tokens,
-    expert_alignment,
-):
-    """Agree on the metadata of a fresh dispatch of Buffer ``buf`` (read on the host: every rank raises the
-    same error for bad or mismatched inputs) and build its plan; ``(plan, L, expert_list)``. A plan of a
-    call where any rank passed ``num_worst_tokens`` also gets the device layout (those ranks move rows so)."""
-    R, me = buf.num_ranks, buf.rank
-    has_device = buf._transport.device_layout
+    transport, device: torch.device, req, header: List[int], payload: Sequence[torch.Tensor], merged: bool
+) -> Tuple[Plan, int, Optional[List[int]]]:
+    """Agree on the metadata of a fresh dispatch (read on the host: every rank raises the same error for
+    bad or mismatched inputs) and build its plan.
+
+    Args:
+        transport: the Buffer's transport (its ``all_gather_ints`` carries the exchange).
+        device: the Buffer's device.
+        req: the call's :class:`~deep_ep.calls.DispatchRequest` (its ``is_token_in_rank`` and
+            ``num_tokens_per_expert`` filled by the layout).
+        header, payload: this rank's metadata (header ints; counts, id range, expert counts).
+        merged: the expert counts travel in this exchange (``transport.fixed_slot_exchange``).
+
+    Returns:
+        ``(plan, L, expert_list)``: the plan, local experts per rank, and this rank's received rows per local
+        expert rounded to ``expert_alignment`` (``None`` when the call has no top-k or uses
+        ``num_worst_tokens``). A plan of a call where any rank passed ``num_worst_tokens`` also gets the
+        device layout (those ranks move rows so).
+    """
+    R, me = transport.num_ranks, transport.rank
+    has_device = transport.device_layout
+    problem, is_token_in_rank, topk_idx = req.problem, req.is_token_in_rank, req.topk_idx
+    T, E, num_worst_tokens = req.num_tokens, req.num_experts, req.num_worst_tokens
+
     # The header, the counts and the id ranges are read on the host once, as Python ints.
-    gathered, g = agree_rows(
-        buf._transport,
-        buf.device,
-        header,
-        payload,
-        problem,
-        (
-            (_H_HIDDEN, "hidden size"),
-            (_H_DTYPE, "x dtype"),
-            (_H_K, "num_topk"),
-            (_H_E, "num_experts"),
-            (_H_SCALES, "fp8 scale columns"),
-            (_H_W, "passing topk_weights"),
-            (_H_LEVEL, "compression level"),
-        ),
-        head=_HEADER + R + 2,
-    )
+    gathered, g = agree_rows(transport, device, header, payload, problem, DISPATCH_FIELDS, head=_HEADER + R + 2)
     C = [row[_HEADER : _HEADER + R] for row in g]  # C[s][d]: rows s sends to d
     if E > 0:
         check_id_ranges([row[_HEADER + R :] for row in g], E, me)
@@ -291,11 +278,11 @@ def build_host_plan(
         if merged or E <= _EXPERT_SLOTS:  # E is the same on every rank here
             pe, first = gathered, _HEADER + R + 2
         else:
-            pe = buf._transport.all_gather_ints(per_expert.to(torch.int64), "dispatch expert counts")
+            pe = transport.all_gather_ints(req.num_tokens_per_expert.to(torch.int64), "dispatch expert counts")
             first = 0
         if num_worst_tokens == 0:
             mine = pe[:, first + me * L : first + (me + 1) * L].sum(dim=0).tolist()
-            expert_list = layout.aligned_expert_counts(mine, expert_alignment)
+            expert_list = layout.aligned_expert_counts(mine, req.expert_alignment)
     n_recv = recv_totals[me]
     prefix, acc = [], [0] * R
     for row in C:
@@ -306,7 +293,7 @@ def build_host_plan(
         num_ranks=R,
         num_tokens=T,
         is_token_in_rank=is_token_in_rank,
-        rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=buf.device),
+        rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=device),
         send_counts=C[me],
         recv_counts=[row[me] for row in C],
         num_recv_tokens=n_recv,
@@ -315,5 +302,5 @@ def build_host_plan(
     )
     if has_device and any(w > 0 for w in worst):
         # Some rank builds its plan on the device: move the rows its way (every rank decides the same).
-        plan.extra["device"] = layout.device_layout(is_token_in_rank, plan.counts.to(buf.device), me)
+        plan.device = layout.device_layout(is_token_in_rank, plan.counts.to(device), me)
     return plan, L, expert_list

@@ -21,11 +21,36 @@ import torch.distributed as dist
 from . import layout, ops
 from .buffer import Buffer, DispatchHandle
 from .config import topk_idx_t
-from .errors import DeepEPInputError
+from .errors import DeepEPInputError, RankMismatchError, RemoteInputError
 
 __all__ = ["SparseCollective"]
 
 _buffers: Dict[int, Buffer] = {}
+
+
+def _code(compress: object) -> int:
+    """``compress`` (False or a byte ratio) as an int the ranks compare."""
+    return 0 if compress is False else int(round(float(compress) * 1e9))
+
+
+def _agree_rows(rows: List[List[int]], rank: int, problem: Optional[Exception], fields) -> None:
+    """Raise on every rank alike: column 0 of ``rows`` is each rank's verdict on its own arguments; the
+    ``(column, name)`` in ``fields`` must be the same on every rank."""
+    bad = [r for r, row in enumerate(rows) if row[0]]
+    if bad:
+        if problem is not None:
+            problem.args = (f"rank {rank}: {problem.args[0]}",) + tuple(problem.args[1:])
+            raise problem
+        raise RemoteInputError(
+            f"SparseCollective: rank(s) {bad} rejected their arguments; see their errors. Nothing was sent."
+        )
+    for col, name in fields:
+        vals = [row[col] for row in rows]
+        if len(set(vals)) > 1:
+            raise RankMismatchError(
+                f"SparseCollective: ranks disagree on {name} ({', '.join(f'rank {r}: {v}' for r, v in enumerate(vals))}"
+                f"); every rank must pass the same"
+            )
 
 
 def _default_buffer(group: dist.ProcessGroup) -> Buffer:
@@ -64,38 +89,72 @@ class SparseCollective:
         *,
         buffer: Optional[Buffer] = None,
     ) -> None:
-        if compression_ratio is not None:
-            if not isinstance(compression_ratio, (int, float)) or not (0 < compression_ratio <= 1):
-                raise DeepEPInputError(f"compression_ratio must be in (0, 1] or None, got {compression_ratio!r}")
-        # 'auto' at that byte ratio (1 = 16-bit rows); the reverse direction stays 16-bit
-        self.compress = False if compression_ratio is None or compression_ratio >= 1 else float(compression_ratio)
         if group is None:
             group = dist.group.WORLD
         self.group = group
         self.buffer = buffer if buffer is not None else _default_buffer(group)
-        R = self.buffer.num_ranks
-        if not isinstance(route_table, torch.Tensor):
-            raise DeepEPInputError(f"route_table must be a tensor, got {type(route_table).__name__}")
-        if route_table.dtype.is_floating_point or route_table.dtype == torch.bool:
-            raise DeepEPInputError(f"route_table must hold integer expert ids, got {route_table.dtype}")
-        if route_table.dim() == 1:
-            route_table = route_table.unsqueeze(1)
-        if route_table.dim() != 2:
-            raise DeepEPInputError(f"route_table must be [N] or [N, K], got shape {tuple(route_table.shape)}")
-        route = route_table.to(device=self.buffer.device, dtype=topk_idx_t).contiguous()
+        R, rank = self.buffer.num_ranks, self.buffer.rank
+        # Every argument check happens before the first exchange and travels in it, so a bad argument on
+        # one rank makes every rank raise (that rank its own error, the others RemoteInputError) within
+        # timeout_s instead of leaving them in a collective.
+        problem: Optional[Exception] = None
+        route = None
+        self.compress: object = False
+        try:
+            if compression_ratio is not None:
+                if (
+                    isinstance(compression_ratio, bool)
+                    or not isinstance(compression_ratio, (int, float))
+                    or not (0 < compression_ratio <= 1)
+                ):
+                    raise DeepEPInputError(f"compression_ratio must be in (0, 1] or None, got {compression_ratio!r}")
+            # 'auto' at that byte ratio (1 = 16-bit rows); the reverse direction stays 16-bit
+            self.compress = False if compression_ratio is None or compression_ratio >= 1 else float(compression_ratio)
+            if num_experts is not None and (
+                isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0
+            ):
+                raise DeepEPInputError(f"num_experts must be a positive int or None, got {num_experts!r}")
+            if not isinstance(route_table, torch.Tensor):
+                raise DeepEPInputError(f"route_table must be a tensor, got {type(route_table).__name__}")
+            if route_table.dtype.is_floating_point or route_table.dtype == torch.bool:
+                raise DeepEPInputError(f"route_table must hold integer expert ids, got {route_table.dtype}")
+            if route_table.dim() == 1:
+                route_table = route_table.unsqueeze(1)
+            if route_table.dim() != 2:
+                raise DeepEPInputError(f"route_table must be [N] or [N, K], got shape {tuple(route_table.shape)}")
+            route = route_table.to(device=self.buffer.device, dtype=topk_idx_t).contiguous()
+            lo = int(route.min()) if route.numel() else -1
+            if lo < -1:
+                raise DeepEPInputError(f"route_table holds expert id {lo}; ids are >= 0, or -1 for none")
+        except DeepEPInputError as e:
+            problem = e
+        top = int(route.max()) if problem is None and route.numel() else -1
+        got = self.buffer.exchange_ints(
+            torch.tensor([int(problem is not None), top, num_experts or 0, _code(self.compress)], dtype=torch.int64),
+            "SparseCollective arguments",
+        ).tolist()
+        _agree_rows(got, rank, problem, ((2, "num_experts"), (3, "compression_ratio")))
         if num_experts is None:
-            top = torch.tensor(
-                [int(route.max()) if route.numel() else -1], dtype=torch.int64, device=self.buffer.device
-            )
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-            num_experts = max((int(top.item()) + 1 + R - 1) // R * R, R)
-        layout.num_local_experts(num_experts, R)
-        layout.check_topk_idx(route, num_experts)
+            top = max(row[1] for row in got)
+            num_experts = max((top + 1 + R - 1) // R * R, R)
+        try:
+            layout.num_local_experts(num_experts, R)
+            layout.check_topk_idx(route, num_experts)
+        except DeepEPInputError as e:
+            problem = e
+        if problem is None:
+            per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(route, num_experts)
+        else:
+            per_rank = torch.zeros((R,), dtype=torch.int32)
+        got = self.buffer.exchange_ints(
+            torch.cat([torch.tensor([int(problem is not None)]), per_rank.cpu().to(torch.int64)]),
+            "SparseCollective traffic",
+        )
+        _agree_rows(got.tolist(), rank, problem, ())
         self.route_table = route
         self.num_experts = num_experts
-        per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(route, num_experts)
         self._layout = (per_rank, per_expert, in_rank)
-        self.traffic = self.buffer._transport.all_gather_ints(per_rank.to(torch.int64), "SparseCollective traffic")
+        self.traffic = got[:, 1:]
         self.density = float((self.traffic > 0).sum()) / float(R * R)
         self.handle: Optional[DispatchHandle] = None
         self.recv_expert_idx: Optional[torch.Tensor] = None

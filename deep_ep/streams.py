@@ -7,7 +7,6 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 
 from .config import EventOverlap
-from .errors import DeepEPInputError, DeepEPTypeError
 
 __all__ = ["StreamCall"]
 
@@ -15,24 +14,18 @@ __all__ = ["StreamCall"]
 class StreamCall:
     """Stream discipline of one call (DeepEP's): work on the comm stream, then event or wait."""
 
-    def __init__(
-        self,
-        device: torch.device,
-        comm_stream: Optional[torch.cuda.Stream],
-        previous_event: Optional[EventOverlap],
-        async_finish: bool,
-        allocate_on_comm_stream: bool,
-    ) -> None:
-        if allocate_on_comm_stream and not (previous_event is not None and async_finish):
-            raise DeepEPInputError("allocate_on_comm_stream=True requires previous_event and async_finish=True")
-        if previous_event is not None and not isinstance(previous_event, EventOverlap):
-            raise DeepEPTypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
+    def __init__(self, device: torch.device, comm_stream: Optional[torch.cuda.Stream], options: Any) -> None:
+        """Args:
+        device: the Buffer's device.
+        comm_stream: its communication stream (``None`` on CPU).
+        options: the call's validated :class:`~deep_ep.calls.CallOptions` (events, async, allocation).
+        """
         self.device = device
         self.comm = comm_stream
         self.cuda = device.type == "cuda"
-        self.previous_event = previous_event
-        self.async_finish = async_finish
-        self.on_comm = allocate_on_comm_stream
+        self.previous_event = options.previous_event
+        self.async_finish = options.async_finish
+        self.on_comm = options.allocate_on_comm_stream
         self.compute = None
         self._ctx = None
 

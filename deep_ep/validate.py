@@ -71,10 +71,10 @@ def parse_x(x: Any, device: torch.device, what: str = "x") -> Tuple[torch.Tensor
     return x.contiguous(), None
 
 
-def check_device(t: torch.Tensor, device: torch.device, what: str) -> None:
-    """Reject a tensor that is not on the Buffer's device."""
+def check_device(t: torch.Tensor, device: torch.device, what: str, code: int = 1) -> None:
+    """Reject a tensor that is not on the Buffer's device (``code``: the argument's error code)."""
     if t.device.type != device.type or (t.is_cuda and t.device.index != device.index):
-        raise Problem(1, DeepEPInputError(f"{what} is on {t.device}, this Buffer's group works on {device}"))
+        raise Problem(code, DeepEPInputError(f"{what} is on {t.device}, this Buffer's group works on {device}"))
 
 
 def check_topk(topk_idx: torch.Tensor, num_experts: int, T: int, device: torch.device, values: str = "host") -> None:
@@ -84,7 +84,7 @@ def check_topk(topk_idx: torch.Tensor, num_experts: int, T: int, device: torch.d
     msg = layout.topk_problem(topk_idx, num_experts, num_tokens=T, check_values=values == "host")
     if msg is not None:
         raise Problem(2, DeepEPTypeError(msg) if "dtype" in msg or "torch.Tensor" in msg else DeepEPInputError(msg))
-    check_device(topk_idx, device, "topk_idx")
+    check_device(topk_idx, device, "topk_idx", code=2)
 
 
 def check_weights(
@@ -99,7 +99,7 @@ def check_weights(
         raise Problem(3, DeepEPTypeError(f"{what} must be float32, got {topk_weights.dtype}"))
     if tuple(topk_weights.shape) != tuple(shape):
         raise Problem(3, DeepEPInputError(f"{what} must have shape {list(shape)}, got {list(topk_weights.shape)}"))
-    check_device(topk_weights, device, what)
+    check_device(topk_weights, device, what, code=3)
     return topk_weights.contiguous()
 
 

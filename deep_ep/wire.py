@@ -31,11 +31,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from .agreement import _H_LEVEL, _HEADER, Problem, agree_rows
-from .compress import LEVELS, Codec, make_codec, relative_error, tolerance_upgrades, view_rows
+from .codecs import Codec, levels, make_codec, relative_error, tolerance_upgrades, view_rows
 from .errors import DeepEPInputError
 from .transport import Plan
 
-__all__ = ["Wire", "WireMethods", "CompressedRows", "parse_level"]
+__all__ = ["Wire", "CompressedRows", "parse_level", "agree_upgrades", "received_rows", "record_dispatch"]
 
 Level = Union[int, str]
 
@@ -45,19 +45,25 @@ assert _H_UPGRADES < _HEADER
 
 
 def parse_level(level: Any, what: str = "compression_level") -> Level:
-    """``16 / 8 / 4 / 'auto'`` from an int, a string or ``None`` (16); raise otherwise."""
+    """A compression level (16 or a registered one: 8, 4, ``'auto'``) from an int, a string or ``None`` (16).
+
+    Raises:
+        DeepEPInputError: not a level (the message lists the registered ones).
+    """
+    names = ", ".join(repr(v) for v in levels())
     if level is None:
         return 16
     if isinstance(level, str):
         s = level.strip().lower()
-        if s == "auto":
-            return "auto"
+        named = [v for v in levels() if isinstance(v, str) and v == s]
+        if named:
+            return named[0]
         try:
             level = int(s)
         except ValueError:
-            raise DeepEPInputError(f"{what} must be one of 16, 8, 4, 'auto'; got {level!r}") from None
-    if isinstance(level, bool) or level not in LEVELS:
-        raise DeepEPInputError(f"{what} must be one of 16, 8, 4, 'auto'; got {level!r}")
+            raise DeepEPInputError(f"{what} must be one of {names}; got {level!r}") from None
+    if isinstance(level, bool) or level not in levels():
+        raise DeepEPInputError(f"{what} must be one of {names}; got {level!r}")
     return level
 
 
@@ -203,11 +209,7 @@ class Wire:
     @staticmethod
     def header_code(codec: Optional[Codec]) -> int:
         """An int that differs between wire formats (travels in the metadata header)."""
-        if codec is None:
-            return 16
-        if codec.level == "auto":
-            return 100000 + codec.upgrades
-        return int(codec.level) * 10 + int(codec.round_scale) + 2 * int(codec.use_ue8m0)
+        return 16 if codec is None else codec.header_code
 
     def record(
         self, codec: Optional[Codec], x: torch.Tensor, remote_rows: Optional[int], sent: Optional[torch.Tensor] = None
@@ -242,83 +244,75 @@ class Wire:
         )
 
 
-class WireMethods:
-    """The compression helpers of :class:`deep_ep.Buffer` (a mixin; needs ``_wire``, ``rank``, ``device``,
-    ``_transport``)."""
+def agree_upgrades(
+    wire: Wire,
+    transport: Any,
+    device: torch.device,
+    tol: float,
+    codec: Optional[Codec],
+    xv: Optional[torch.Tensor],
+    is_token_in_rank: Optional[torch.Tensor],
+    header: list,
+    payload: Any,
+    problem: Optional[Problem],
+    fields,
+) -> Optional[Codec]:
+    """Tolerance mode: this rank's ``k`` (the largest :func:`~deep_ep.codecs.tolerance_upgrades` of
+    the rows it sends; 0 without a codec or with a ``problem``), exchanged with every rank's; returns the
+    codec of the largest (``None`` when ``codec`` is). Every rank of a tolerance call makes this
+    exchange, whatever its input (a rank with bad input sends 0 and its error code).
 
-    def _dispatch_codec(self, compress: Any, xv: torch.Tensor, scales: Optional[torch.Tensor]):
-        """The codec of this call's rows (``None``: they travel as they are), or a Problem."""
-        try:
-            level, ratio = self._wire.call_level(compress)
-            if level == 16 or scales is not None or not xv.is_floating_point() or xv.dtype == torch.float64:
-                return None  # an fp8 pair is already in its wire format; float64 rows travel exact
-            if self._wire.call_tolerance(compress) is not None:
-                return self._wire.upgrades_codec(xv.size(1))  # k: agreed in _agree_upgrades
-            return self._wire.codec(level, xv.size(1), ratio)
-        except DeepEPInputError as e:
-            raise Problem(7, e) from None
+    The exchange is :func:`~deep_ep.agreement.agree_rows` of the call's own metadata ``header`` (level:
+    :meth:`Wire.tolerance_code`, own ``k`` in a spare slot) and ``payload``, so it has exactly the
+    length of the metadata exchange that follows, and reaches the same verdict on every rank: a rank
+    with bad input raises its error and the others ``RemoteInputError``; ranks that disagree on the
+    shapes, or on the tolerance, raise ``RankMismatchError``. A rank not in tolerance mode for this
+    call (other ``compress``, other Buffer settings) is in its metadata exchange meanwhile: same length,
+    its level code differs, so it raises ``RankMismatchError`` there and the others here; no rank
+    waits for an exchange the others skipped. Cost: this all-gather (a host sync) and the float64 error
+    of every sent row (:func:`~deep_ep.codecs.tolerance_upgrades`).
 
-    def _agree_upgrades(
-        self,
-        tol: float,
-        codec: Optional[Codec],
-        xv: Optional[torch.Tensor],
-        is_token_in_rank: Optional[torch.Tensor],
-        header: list,
-        payload: Any,
-        problem: Optional[Problem],
-        fields,
-    ) -> Optional[Codec]:
-        """Tolerance mode: this rank's ``k`` (the largest :func:`~deep_ep.compress.tolerance_upgrades` of
-        the rows it sends; 0 without a codec or with a ``problem``), exchanged with every rank's; returns the
-        codec of the largest (``None`` when ``codec`` is). Every rank of a tolerance call makes this
-        exchange, whatever its input (a rank with bad input sends 0 and its error code).
+    Args:
+        wire: the Buffer's :class:`Wire`; transport, device: where the exchange runs.
+        tol: the call's tolerance; codec: the call's ``'auto'`` codec or ``None``.
+        xv: the rows ``[T, H]``; is_token_in_rank: bool ``[T, R]`` (rows sent nowhere count 0), or ``None``.
+        header, payload, problem, fields: the call's metadata exchange (see :func:`deep_ep.agreement.agree_rows`).
 
-        The exchange is :func:`~deep_ep.agreement.agree_rows` of the call's own metadata ``header`` (level:
-        :meth:`Wire.tolerance_code`, own ``k`` in a spare slot) and ``payload``, so it has exactly the
-        length of the metadata exchange that follows, and reaches the same verdict on every rank: a rank
-        with bad input raises its error and the others ``RemoteInputError``; ranks that disagree on the
-        shapes, or on the tolerance, raise ``RankMismatchError``. A rank not in tolerance mode for this
-        call (other ``compress``, other Buffer settings) is in its metadata exchange meanwhile: same length,
-        its level code differs, so it raises ``RankMismatchError`` there and the others here; no rank
-        waits for an exchange the others skipped. Cost: this all-gather (a host sync) and the float64 error
-        of every sent row (:func:`~deep_ep.compress.tolerance_upgrades`)."""
-        k = 0
-        if codec is not None and problem is None and xv.size(0):
-            ks = tolerance_upgrades(xv, tol)
-            if is_token_in_rank is not None:
-                ks = torch.where(is_token_in_rank.any(dim=1).to(ks.device), ks, torch.zeros_like(ks))
-            k = int(ks.max())
-        h = list(header)
-        h[_H_LEVEL] = Wire.tolerance_code(tol)
-        h[_H_UPGRADES] = k
-        _, rows = agree_rows(self._transport, self.device, h, payload, problem, fields, head=_HEADER)
-        if codec is None:
-            return None
-        return self._wire.upgrades_codec(codec.hidden, max(row[_H_UPGRADES] for row in rows))
+    Returns:
+        The ``'auto'`` codec with the agreed ``k``, or ``None``.
+    """
+    k = 0
+    if codec is not None and problem is None and xv.size(0):
+        ks = tolerance_upgrades(xv, tol)
+        if is_token_in_rank is not None:
+            ks = torch.where(is_token_in_rank.any(dim=1).to(ks.device), ks, torch.zeros_like(ks))
+        k = int(ks.max())
+    h = list(header)
+    h[_H_LEVEL] = Wire.tolerance_code(tol)
+    h[_H_UPGRADES] = k
+    _, rows = agree_rows(transport, device, h, payload, problem, fields, head=_HEADER)
+    if codec is None:
+        return None
+    return wire.upgrades_codec(codec.hidden, max(row[_H_UPGRADES] for row in rows))
 
-    def _decode(self, codec, packed: torch.Tensor, dtype: torch.dtype, return_compressed: bool):
-        if codec is None:
-            return packed
-        if return_compressed:
-            return CompressedRows(codec, packed)
-        return codec.decode(packed, dtype)
 
-    def _record_wire(self, codec, xv: torch.Tensor, plan: Plan) -> None:
-        if not self._wire.stats:
-            return
-        m = plan.is_token_in_rank
-        if plan.send_counts is not None:
-            remote = sum(plan.send_counts) - plan.send_counts[self.rank]
-        else:
-            remote = int(m.sum()) - int(m[:, self.rank].sum())
-        self._wire.record(codec, xv, remote, m.any(dim=1) if codec is not None else None)
+def received_rows(codec: Optional[Codec], packed: torch.Tensor, dtype: torch.dtype, return_compressed: bool):
+    """What ``recv_x`` is: ``packed`` itself without a codec, else the rows decoded to ``dtype``, or left
+    encoded as :class:`CompressedRows` (``return_compressed``)."""
+    if codec is None:
+        return packed
+    if return_compressed:
+        return CompressedRows(codec, packed)
+    return codec.decode(packed, dtype)
 
-    @property
-    def last_dispatch_stats(self) -> Optional[Dict[str, Any]]:
-        """With ``compression_stats=True`` (env ``DEEP_EP_COMPRESSION_STATS=1``): the last dispatch's
-        ``level``, ``row_bytes``, ``bf16_row_bytes``, ``bytes_on_wire`` (rows sent to other ranks x
-        ``row_bytes``) and ``rel_err_mean`` / ``rel_err_max`` (relative L2 error of the round trip of every
-        row sent to at least one rank; see :meth:`Wire.record`). Costs a host sync per dispatch; ``None``
-        when off."""
-        return self._wire.last_stats
+
+def record_dispatch(wire: Wire, codec: Optional[Codec], xv: torch.Tensor, plan: Plan, rank: int) -> None:
+    """:meth:`Wire.record` of one dispatch by ``plan`` (rows sent to other ranks, errors of the rows sent)."""
+    if not wire.stats:
+        return
+    m = plan.is_token_in_rank
+    if plan.send_counts is not None:
+        remote = sum(plan.send_counts) - plan.send_counts[rank]
+    else:
+        remote = int(m.sum()) - int(m[:, rank].sum())
+    wire.record(codec, xv, remote, m.any(dim=1) if codec is not None else None)

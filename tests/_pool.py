@@ -234,6 +234,13 @@ def _worker_main(rank, world_size, backend, store_port, conn, stack_path, pg_tim
     faulthandler.enable(file=stack_file, all_threads=True)
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True, chain=False)
     _install_assert_rewriting()
+    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):  # kernels interpreted: its fixes too
+        try:
+            from tests import _interpret
+
+            _interpret.install()
+        except Exception:  # pragma: no cover - no Triton: kernels are not used
+            pass
 
     def send(msg):
         conn.send_bytes(pickle.dumps(msg, protocol=_PICKLE_PROTOCOL))

@@ -16,6 +16,31 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:  # workers unpickle test functions as ``tests.<module>``
     sys.path.insert(0, _REPO_ROOT)
 
+
+def _interpret_kernels_without_cuda() -> None:
+    """Without a GPU, the Triton kernels run under Triton's interpreter (``tests/_interpret.py``): set
+    ``TRITON_INTERPRET=1`` before any kernel module is imported (here, and in the rank pool's workers,
+    which inherit the environment) and install the interpreter's fidelity fixes."""
+    import importlib.util
+
+    try:
+        import torch
+
+        if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+            return
+    except Exception:  # no torch: nothing runs
+        return
+    if "triton" in sys.modules:  # pragma: no cover - Triton's own kernels were made before the switch
+        return
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: it decides at import
+    from tests import _interpret
+
+    if _interpret.enabled():
+        _interpret.install()
+
+
+_interpret_kernels_without_cuda()
+
 from tests._pool import RankPool, close_pools, prestart_forkserver  # noqa: E402
 
 #: Per-test timeout (seconds) applied when pytest-timeout is installed and no
@@ -51,6 +76,7 @@ def pytest_configure(config):
     """Register markers; set a default per-test timeout if pytest-timeout is present."""
     config.addinivalue_line("markers", "gpu(n=2): needs CUDA with at least n GPUs (auto-skipped otherwise)")
     config.addinivalue_line("markers", "slow: slow test")
+    config.addinivalue_line("markers", "kernels: Triton kernels against their twins (CUDA, or the interpreter)")
     if config.pluginmanager.hasplugin("timeout"):
         try:
             configured = config.getoption("timeout", default=None) is not None or bool(config.getini("timeout"))

@@ -598,13 +598,16 @@ def test_low_latency_remote_error(rank_pool):
 
 
 def test_low_latency_kernel_path_ordering_rules():
-    """The kernel path's host-side ordering (deep_ep/transport/nvlink_ll.py), with a stand-in arena: calls
+    """The kernel path's host-side ordering (deep_ep/transport/nvlink/low_latency.py), with a stand-in arena: calls
     alternate areas; a call passes a leading barrier while a hook is pending or once a capture happened;
     a third call with two hooks pending raises; a hook runs once."""
-    from deep_ep.transport.nvlink_ll import NVLinkLowLatency
+    from deep_ep.transport.nvlink.low_latency import NVLinkLowLatency
 
     class Arena:
         nbytes, seq, barriers = 1 << 20, 0, 0
+
+        def peek_area(self):
+            return (self.seq % 2) * (self.nbytes // 2)
 
         def next_area(self):
             self.seq += 1
@@ -614,25 +617,56 @@ def test_low_latency_kernel_path_ordering_rules():
             self.barriers += 1
 
     ll = NVLinkLowLatency.__new__(NVLinkLowLatency)
-    ll.pending, ll.captured, ll.retired = 0, False, []
+    ll.pending, ll.captured, ll.retired, ll.pending_areas = 0, False, [], set()
     a = Arena()
     assert [ll._start(a) for _ in range(3)] == [0, 1 << 19, 0] and a.barriers == 0
     ran = []
-    h1 = ll._hook(lambda: ran.append(1))
-    ll._start(a)  # one hook pending: a leading barrier
-    assert a.barriers == 1
-    h2 = ll._hook(lambda: ran.append(2))
+    h1 = ll._hook(lambda: ran.append(1), 0)  # (the last call took area 0)
+    off = ll._start(a)  # one hook pending: a leading barrier
+    assert a.barriers == 1 and off == 1 << 19
+    h2 = ll._hook(lambda: ran.append(2), off)
     with pytest.raises(deep_ep.DeepEPInputError, match="receive hooks"):
         ll._start(a)
     h1()
     h1()
     h2()
-    assert ran == [1, 2] and ll.pending == 0
+    assert ran == [1, 2] and ll.pending == 0 and not ll.pending_areas
     ll._start(a)
     assert a.barriers == 1
     ll.captured = True  # after a capture every call leads with a barrier
     ll._start(a)
     assert a.barriers == 2
+
+
+def test_low_latency_call_never_takes_the_area_of_a_pending_hook():
+    """D0 (hook pending, area 0), D1 (area 1, its hook called), D2 would take area 0 while D0's rows are
+    unread: it raises (before, it overwrote them)."""
+    from deep_ep.transport.nvlink.low_latency import NVLinkLowLatency
+
+    class Arena:
+        nbytes, seq = 1 << 20, 0
+
+        def peek_area(self):
+            return (self.seq % 2) * (self.nbytes // 2)
+
+        def next_area(self):
+            self.seq += 1
+            return ((self.seq - 1) % 2) * (self.nbytes // 2)
+
+        def barrier(self):
+            pass
+
+    ll = NVLinkLowLatency.__new__(NVLinkLowLatency)
+    ll.pending, ll.captured, ll.retired, ll.pending_areas = 0, False, [], set()
+    a = Arena()
+    h0 = ll._hook(lambda: None, ll._start(a))  # D0: area 0, hook pending
+    h1 = ll._hook(lambda: None, ll._start(a))  # D1: area 1
+    h1()  # D1 received; D0 still pending
+    with pytest.raises(deep_ep.DeepEPInputError, match="staging area of an earlier call"):
+        ll._start(a)
+    assert a.seq == 2, "the refused call took no area"
+    h0()
+    assert ll._start(a) == 0
 
 
 @pytest.mark.gpu(4)

@@ -269,7 +269,7 @@ def test_grouped_helpers_match_loop_gpu():
     its weight gradient is zero even where the output memory held NaN before."""
     if torch.cuda.get_device_capability() < (9, 0) or not hasattr(torch, "_grouped_mm"):
         pytest.skip("needs torch._grouped_mm on a Hopper GPU")
-    from deep_ep.experts import _gmm, _gmm_weight_grad
+    from deep_ep.moe.experts import _gmm, _gmm_weight_grad
 
     g = torch.Generator(device="cuda").manual_seed(5)
     L, H, F = 4, 64, 48

@@ -13,7 +13,8 @@ import torch
 from deep_ep import layout
 from deep_ep import reference as ref
 from deep_ep.transport.base import Plan
-from deep_ep.transport.nvlink import _META_SLOT, NVLinkTransport, _windows
+from deep_ep.transport.nvlink.schedule import _windows
+from deep_ep.transport.nvlink.transport import _META_SLOT, NVLinkTransport
 from tests._cases import assert_same, make_case
 
 
@@ -168,7 +169,7 @@ def test_nvlink_schedule_matches_oracle(R, mode, seed, chunks):
             got = results[r][rep][2]
             assert_same(got[0], want[r][0], f"combined x rank {r} rep {rep}")
             assert_same(got[1], want[r][1], f"combined weights rank {r} rep {rep}")
-    scheds = {k: v for k, v in plans[0].extra.items() if isinstance(k, tuple) and k[0].startswith("nvlink")}
+    scheds = {k: v for k, v in plans[0].cache.items() if isinstance(k, tuple) and k[0].startswith("nvlink")}
     assert len(scheds) == 3
     for (kind, widths), sc in scheds.items():
         big = kind == "nvlink_dispatch" and len(widths) == 3
@@ -178,10 +179,10 @@ def test_nvlink_schedule_matches_oracle(R, mode, seed, chunks):
             n_chunks = len(sc["steps"][0][0] if kind == "nvlink_combine" else sc["steps"][0])
             assert n_chunks == chunks
     # Combine reduces tokens below ready[c] after chunk c: each must have all its rows by then.
-    from deep_ep.transport.nvlink import _split
+    from deep_ep.transport.nvlink.schedule import _split
 
     for r in range(R):
-        sc = plans[r].extra[next(k for k in plans[r].extra if isinstance(k, tuple) and k[0] == "nvlink_combine")]
+        sc = plans[r].cache[next(k for k in plans[r].cache if isinstance(k, tuple) and k[0] == "nvlink_combine")]
         C = plans[r].counts.tolist()
         slots = layout.token_slots(masks[r])
         for c, t_ready in enumerate(sc["ready"]):
@@ -238,7 +239,7 @@ def test_nvlink_device_path_matches_oracle(R, seed, extra):
                 num_out_rows=worst,
                 counts=None,
             )
-            plan.extra["device"] = layout.device_layout(masks[r], counts, r)
+            plan.device = layout.device_layout(masks[r], counts, r)
             recv = t.dispatch(plan, [case.xs[r], case.topk_idx[r], case.topk_weights[r]], alloc)
             again = t.dispatch(plan, [case.xs[r] * (3 + rep)], alloc)
             got = t.combine(plan, recv[0] * (r + 2), recv[2], [bias[r]], alloc)
@@ -252,7 +253,7 @@ def test_nvlink_device_path_matches_oracle(R, seed, extra):
             recv, again, _, plan, host = results[r][rep]
             assert_same(host[0], exp[r].recv_x[: exp[r].num_recv_tokens] * 5, f"host-path dispatch rank {r}")
             n = exp[r].num_recv_tokens
-            assert int(plan.extra["device"]["recv"][0]) == n
+            assert int(plan.device.recv[0]) == n
             assert_same(plan.rank_prefix_matrix, exp[r].rank_prefix_matrix.to(torch.int32), "rank_prefix_matrix")
             assert recv[0].shape[0] == worst
             assert_same(recv[0][:n], exp[r].recv_x[:n], f"recv_x rank {r} rep {rep}")
@@ -292,7 +293,7 @@ def test_nvlink_push_dispatch_matches_oracle(R, mode, seed, chunks, max_runs, mo
     """The push dispatch (copies of token runs into the receivers' staging, chunked copy-out) against the
     oracle, twice in a row with a combine between (halves alternate); with few runs allowed, or rows that
     do not fit one area, it falls back to the pull and still matches."""
-    import deep_ep.transport.nvlink_schedule as ns
+    import deep_ep.transport.nvlink.schedule as ns
 
     monkeypatch.setattr(ns, "MAX_PUSH_RUNS", max_runs)
     case = make_case(
@@ -344,7 +345,7 @@ def test_nvlink_push_dispatch_matches_oracle(R, mode, seed, chunks, max_runs, mo
             assert_same(got_idx, exp[r].recv_topk_idx, f"recv_topk_idx rank {r}")
             assert_same(again[0], exp[r].recv_x * (3 + rep), f"recv_x (x only) rank {r} rep {rep}")
     for r in range(R):
-        pushed = [v for k, v in plans[r].extra.items() if isinstance(k, tuple) and k[0] == "nvlink_push"]
+        pushed = [v for k, v in plans[r].cache.items() if isinstance(k, tuple) and k[0] == "nvlink_push"]
         oks.append(all(v is not None for v in pushed) and bool(pushed))
         if oks[-1]:
             assert all(len(v["chunks"]) == chunks for v in pushed)

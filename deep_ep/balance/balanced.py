@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DeepEPInputError, RemoteInputError
-from ..transport.base import Waiter
+from ..waiting import Waiter
 from .migrate import migrate_experts
 from .migration_plan import placement_moves
 from .monitor import LoadMonitor

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from ..errors import DeepEPInputError, DeepEPTypeError, RankMismatchError, RemoteInputError
 from ..settings import DEFAULT_TIMEOUT_S, env_float
 from ..transport import group_device
-from ..transport.base import Waiter
+from ..waiting import Waiter
 from .migration_plan import MigrationPlan, _as_placement, placement_moves, plan_migration
 
 __all__ = ["MigrationPlan", "plan_migration", "placement_moves", "migrate_experts"]

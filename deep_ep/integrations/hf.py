@@ -40,6 +40,8 @@ from torch import nn
 from .. import ops
 from ..buffer import Buffer
 from ..errors import DeepEPError
+from ..settings import Settings
+from ..waiting import agree_verdicts
 
 log = logging.getLogger("deep_ep")
 
@@ -202,6 +204,21 @@ def _resolve_group(num_gpus: Optional[int], group: Any) -> Any:
         _ep_groups[key] = (groups, replicas)
     groups, replicas = _ep_groups[key]
     return groups[rank // n]
+
+
+def _group_size(num_gpus: Optional[int], group: Any) -> int:
+    """The expert-parallel group size :func:`_resolve_group` will give (checks ``num_gpus``; no collective)."""
+    if group is not None:
+        if num_gpus is not None and num_gpus != dist.get_world_size(group):
+            raise ValueError(
+                f"num_gpus={num_gpus} disagrees with the size of the given group ({dist.get_world_size(group)})"
+            )
+        return dist.get_world_size(group)
+    world = dist.get_world_size()
+    n = world if num_gpus is None else num_gpus
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or world % n != 0:
+        raise ValueError(f"num_gpus must be a positive divisor of the world size {world}, got {num_gpus!r}")
+    return n
 
 
 def _replica_group(num_gpus: Optional[int], group: Any) -> Any:
@@ -464,23 +481,39 @@ def patch_moe_model(
     experts), and for a model with no MoE block. The result is stored as
     ``model.deep_ep_info`` (:class:`EPInfo`).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"patch_moe_model takes a torch.nn.Module, got {type(model).__name__}")
-    blocks = _find_moe_blocks(model)
-    if not blocks:
-        raise UnsupportedMoEError(
-            f"patch_moe_model found no MoE block in {type(model).__name__} (looked for "
-            f"modules with an 'experts' child following the transformers experts interface)"
-        )
+    # Every check of this rank's arguments travels in one bounded exchange before any collective (group
+    # creation, the Buffer): a bad argument on one rank makes every rank raise instead of waiting.
+    problem: Optional[BaseException] = None
+    blocks: list = []
+    try:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"patch_moe_model takes a torch.nn.Module, got {type(model).__name__}")
+        blocks = _find_moe_blocks(model)
+        if not blocks:
+            raise UnsupportedMoEError(
+                f"patch_moe_model found no MoE block in {type(model).__name__} (looked for "
+                f"modules with an 'experts' child following the transformers experts interface)"
+            )
+        if not dist.is_available() or not dist.is_initialized():
+            raise DeepEPError(
+                "patch_moe_model needs torch.distributed initialised "
+                "(torch.distributed.init_process_group(...), e.g. under torchrun)"
+            )
+        size = _group_size(num_gpus, group)
+        for path, block, experts in blocks:
+            if experts.num_experts % size != 0:
+                raise ValueError(
+                    f"{type(block).__name__} at '{path}' has {experts.num_experts} experts, not a multiple "
+                    f"of the expert-parallel group size {size}"
+                )
+    except (TypeError, ValueError, UnsupportedMoEError) as e:
+        problem = e
+    if not dist.is_available() or not dist.is_initialized():  # nobody to tell
+        raise problem
+    agree_verdicts(group, problem, "patch_moe_model", Settings.resolve().timeout_s)
     user_group = group
     group = _resolve_group(num_gpus, group)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    for path, block, experts in blocks:
-        if experts.num_experts % size != 0:
-            raise ValueError(
-                f"{type(block).__name__} at '{path}' has {experts.num_experts} experts, not a multiple "
-                f"of the expert-parallel group size {size}"
-            )
     buffer = _get_buffer(group, backend, ep_buffer_size, compression_level, topology_aware) if use_deep_ep else None
     info = EPInfo(
         group=group,

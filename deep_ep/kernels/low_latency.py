@@ -1,4 +1,4 @@
-"""Triton kernels of the nvlink low-latency path (:mod:`deep_ep.transport.nvlink_ll`).
+"""Triton kernels of the nvlink low-latency path (:mod:`deep_ep.transport.nvlink.low_latency`).
 
 Each call is a send kernel, one device barrier, and a receive kernel; the
 staging is the arena's area of the call (see that module for its layout).

@@ -10,11 +10,13 @@ torch path (tested equal); the host time of a device-path dispatch is what it sa
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ..layout import DeviceLayout
 
 
 @triton.jit
@@ -111,7 +113,7 @@ def device_plan(
     h_err: int,
     h_worst: int,
     h_e: int,
-) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+) -> Tuple[DeviceLayout, torch.Tensor, torch.Tensor]:
     """``(layout, rank_prefix_matrix int32 [R, R], verdict int64 [3])`` of a device plan: ``layout`` as
     :func:`deep_ep.layout.device_layout` returns it, from the mask ``[T, R]`` and the metadata ``meta``
     ``[R, n]`` (int64; counts at columns ``header .. header + R``, then each rank's least and greatest
@@ -155,7 +157,7 @@ def device_plan(
         BLOCK=1024,
         num_warps=4,
     )
-    return dict(slot=slot, send_pos=send, recv=recv, ret=ret, combine_pos=comb), rpm, verdict
+    return DeviceLayout(slot=slot, send_pos=send, recv=recv, ret=ret, combine_pos=comb), rpm, verdict
 
 
 @triton.jit

@@ -1,7 +1,8 @@
-"""Triton twins of :class:`deep_ep.compress.Codec` ``encode`` / ``decode`` (same bytes, same values).
+"""Triton kernels of the codecs (:mod:`deep_ep.codecs`): each level's encode / decode, the twin of its
+``encode_reference`` / ``decode_reference`` (same bytes, same values), launched by the codec class.
 
 Every step is exact or correctly rounded as in the torch reference: one IEEE
-division (``div_rn``) per block for the scale and its inverse, then multiplications, round-half-even (``rint``), float32 -> fp8 / bf16 casts
+division (``div_rn``) per block for the scale and its inverse, then multiplications, round-half-even (:func:`_rint`, exact in float32), float32 -> fp8 / bf16 casts
 that round to nearest even, power-of-two scales by exponent arithmetic, and
 ``amax`` (order-independent). The int codecs load a block's 32 values
 contiguously and split them into 16 even and 16 odd columns (a nibble pair is
@@ -16,7 +17,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -57,9 +57,20 @@ def _out(v, out_ptr):
 
 
 @triton.jit
+def _rint(x):
+    """Round to the nearest integer, ties to even (``torch.round``), from exact float32 steps: ``floor``,
+    the fraction ``x - floor(x)`` (exact), and the parity of the floor. NaN and +-Inf stay as they are."""
+    r = tl.floor(x)
+    d = x - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
 def _quant(x, inv, qmax: tl.constexpr):
     """Round ``x * inv`` (``inv = 1 / scale``, one division per block) to ints; NaN -> the reserved code."""
-    q = libdevice.rint(x * inv)
+    q = _rint(x * inv)
     q = tl.where(q > qmax, qmax * 1.0, q)
     q = tl.where(q < -qmax, -qmax * 1.0, q)
     q = tl.where(q != q, -qmax - 1.0, q)
@@ -285,65 +296,82 @@ def _dec_auto(p_ptr, out_ptr, H, NB, W, NBP: tl.constexpr):
     tl.store(out_ptr + row * H + col, _out(v, out_ptr), mask=bm[:, None] & (col < H))
 
 
-def encode(
-    codec, x: torch.Tensor, index: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Packed rows of ``x`` (``[T, H]``), or of ``x[index]``, in ``codec``'s format, into ``out`` (``uint8
-    [N, row_bytes]`` with contiguous rows, e.g. a staging region) or a new tensor; same bytes as
-    ``codec.encode_reference``."""
-    x = x.contiguous()
-    H = x.size(1)
-    T = index.numel() if index is not None else x.size(0)
-    nb, W = codec.blocks, codec.row_bytes
-    if out is None:
-        out = torch.empty((T, W), dtype=torch.uint8, device=x.device)
-    if T == 0:
-        return out
-    g = index is not None
-    idx = index.contiguous() if g else x
-    if codec.level == 8:
-        bb = 8
-        _enc8[(T, triton.cdiv(nb, bb))](
-            x,
-            idx,
-            out,
-            H,
-            nb,
-            W,
-            codec.scale_bytes,
-            BB=bb,
-            ROUND=codec.round_scale,
-            UE8M0=codec.use_ue8m0,
-            GATHER=g,
-            num_warps=4,
-        )
-    elif codec.level == 4:
-        bb = 32
-        _enc4[(T, triton.cdiv(nb, bb))](x, idx, out, H, nb, W, codec.scale_bytes, BB=bb, GATHER=g, num_warps=4)
-    else:
-        _enc_auto[(T,)](
-            x, idx, out, H, nb, W, codec.upgrades, NBP=max(16, triton.next_power_of_2(nb)), GATHER=g, num_warps=8
-        )
-    return out
+def encode_fp8(codec, x: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """Level 8 (:class:`~deep_ep.codecs.Fp8Codec`): rows of ``x`` (``[T, H]`` contiguous), or ``x[index]``, into
+    ``out`` (``uint8 [N, row_bytes]``, contiguous rows); the same bytes as ``codec.encode_reference``."""
+    T, H, nb, W = _rows(x, index), x.size(1), codec.blocks, codec.row_bytes
+    bb = 8
+    _enc8[(T, triton.cdiv(nb, bb))](
+        x,
+        index if index is not None else x,
+        out,
+        H,
+        nb,
+        W,
+        codec.scale_bytes,
+        BB=bb,
+        ROUND=codec.round_scale,
+        UE8M0=codec.use_ue8m0,
+        GATHER=index is not None,
+        num_warps=4,
+    )
 
 
-def decode(codec, packed: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[N, H]`` of ``dtype`` from packed rows (into ``out``, contiguous, when given); same values as
-    ``codec.decode_reference``."""
-    packed = packed.contiguous()
+def decode_fp8(codec, packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Level 8: ``packed`` (``uint8 [N, row_bytes]`` contiguous) into ``out`` (``[N, H]`` contiguous); the same
+    values as ``codec.decode_reference`` in ``out.dtype``."""
     N, H, nb, W = packed.size(0), codec.hidden, codec.blocks, codec.row_bytes
-    if out is None:
-        out = torch.empty((N, H), dtype=dtype, device=packed.device)
-    if N == 0:
-        return out
-    if codec.level == 8:
-        bb = 8
-        _dec8[(N, triton.cdiv(nb, bb))](
-            packed, out, H, nb, W, codec.scale_bytes, BB=bb, UE8M0=codec.use_ue8m0, num_warps=4
-        )
-    elif codec.level == 4:
-        bb = 32
-        _dec4[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, num_warps=4)
-    else:
-        _dec_auto[(N,)](packed, out, H, nb, W, NBP=max(16, triton.next_power_of_2(nb)), num_warps=8)
-    return out
+    bb = 8
+    _dec8[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, UE8M0=codec.use_ue8m0, num_warps=4)
+
+
+def encode_int4(codec, x: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """Level 4 (:class:`~deep_ep.codecs.Int4Codec`): as :func:`encode_fp8`."""
+    T, H, nb, W = _rows(x, index), x.size(1), codec.blocks, codec.row_bytes
+    bb = 32
+    _enc4[(T, triton.cdiv(nb, bb))](
+        x,
+        index if index is not None else x,
+        out,
+        H,
+        nb,
+        W,
+        codec.scale_bytes,
+        BB=bb,
+        GATHER=index is not None,
+        num_warps=4,
+    )
+
+
+def decode_int4(codec, packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Level 4: as :func:`decode_fp8`."""
+    N, H, nb, W = packed.size(0), codec.hidden, codec.blocks, codec.row_bytes
+    bb = 32
+    _dec4[(N, triton.cdiv(nb, bb))](packed, out, H, nb, W, codec.scale_bytes, BB=bb, num_warps=4)
+
+
+def encode_auto(codec, x: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """Level ``'auto'`` (:class:`~deep_ep.codecs.AutoCodec`): as :func:`encode_fp8`."""
+    T, H, nb, W = _rows(x, index), x.size(1), codec.blocks, codec.row_bytes
+    _enc_auto[(T,)](
+        x,
+        index if index is not None else x,
+        out,
+        H,
+        nb,
+        W,
+        codec.upgrades,
+        NBP=max(16, triton.next_power_of_2(nb)),
+        GATHER=index is not None,
+        num_warps=8,
+    )
+
+
+def decode_auto(codec, packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Level ``'auto'``: as :func:`decode_fp8`."""
+    N, H, nb, W = packed.size(0), codec.hidden, codec.blocks, codec.row_bytes
+    _dec_auto[(N,)](packed, out, H, nb, W, NBP=max(16, triton.next_power_of_2(nb)), num_warps=8)
+
+
+def _rows(x: torch.Tensor, index: Optional[torch.Tensor]) -> int:
+    return index.numel() if index is not None else x.size(0)

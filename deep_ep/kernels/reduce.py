@@ -1,4 +1,4 @@
-"""Triton twin of :func:`deep_ep.transport.base.reduce_rows` (the combine reduction).
+"""Triton kernel of :func:`deep_ep.rows.reduce_rows` (the combine reduction; torch twin :func:`deep_ep.rows.reduce_rows_torch`).
 
 One program per (token, column block): loads the token's row from each
 rank in ascending rank order (from the returned rows, or for one column

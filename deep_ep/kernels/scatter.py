@@ -1,6 +1,6 @@
 """Triton kernels of the nvlink transport's device path (``num_worst_tokens`` calls, no host sync).
 
-Each is the twin of a torch function in :mod:`deep_ep.transport.nvlink_device`
+Each is the twin of a torch function in :mod:`deep_ep.transport.nvlink.device_path`
 and runs on a persistent grid of at most ``Config.num_sms`` programs, each
 moving a tile of ``TOK`` rows x ``BLOCK`` integer words per step (16-byte
 vectors; several rows in flight per program keep NVLink busy with few SMs).

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import abc
 import logging
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .. import layout
-from ..errors import DeepEPError, DeepEPTimeoutError
+from ..errors import DeepEPError
+from ..layout import DeviceLayout
+from ..rows import Alloc
 from ..settings import Settings
+from ..waiting import Waiter
 
 log = logging.getLogger("deep_ep")
-
-#: ``alloc(shape, dtype) -> Tensor``: allocates an output on the stream the caller asked for.
-Alloc = Callable[[Tuple[int, ...], torch.dtype], torch.Tensor]
 
 
 def backend_str(group: Optional[dist.ProcessGroup] = None) -> str:
@@ -84,7 +83,15 @@ class Plan:
     num_recv_tokens: int  # rows received (-1 if unknown on the host)
     num_out_rows: int  # rows of every received tensor (num_worst_tokens or num_recv_tokens)
     counts: Optional[torch.Tensor] = None  # int64 [R, R] on the CPU: rows rank s sends to rank d
-    extra: Dict[str, Any] = field(default_factory=dict)  # transport-private state (e.g. send order)
+    #: where every row goes, on the device, when the layout lives there (num_worst_tokens dispatches)
+    device: Optional[DeviceLayout] = None
+    #: token index of every sent row, destination-major (:func:`send_token_order`, made once)
+    send_order: Optional[torch.Tensor] = None
+    #: row of each (token, rank) pair among the returned rows (:func:`return_positions`, made once)
+    return_pos: Optional[torch.Tensor] = None
+    #: what a transport computes once per plan (schedules, views), under keys of its own: a tuple whose
+    #: first item is the transport's name
+    cache: Dict[Any, Any] = field(default_factory=dict)
 
 
 class Transport(abc.ABC):
@@ -118,8 +125,6 @@ class Transport(abc.ABC):
     device_layout: bool = False
     #: ranks per node where the transport is node-aware, else None
     ranks_per_node: Optional[int] = None
-    #: programs (SMs) a kernel of this transport may use; set by the Buffer per call from ``Config``
-    num_sms: int = 20
 
     def __init__(
         self,
@@ -172,7 +177,7 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, num_sms: int = 20) -> List[torch.Tensor]:
         """Send row ``t`` of every tensor in ``rows`` (each ``[T, ...]``, contiguous) to each rank ``j``
         with ``plan.is_token_in_rank[t, j]``.
 
@@ -182,14 +187,24 @@ class Transport(abc.ABC):
         """
 
     def dispatch_encoded(
-        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec: Any
+        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec: Any, num_sms: int = 20
     ) -> List[torch.Tensor]:
         """:meth:`dispatch` with ``rows[0]`` (floating ``[T, H]``) travelling in ``codec``'s wire format:
         returns the received rows decoded (``rows[0].dtype``), own rows as ``codec.roundtrip`` of them,
         the other tensors as :meth:`dispatch` does. This default encodes before and decodes after; a
-        transport may fuse both into its data path (nvlink)."""
-        recv = self.dispatch(plan, [codec.encode(rows[0])] + list(rows[1:]), alloc)
-        return [codec.decode(recv[0], rows[0].dtype)] + list(recv[1:])
+        transport may fuse both into its data path (nvlink).
+
+        The encoded rows are temporaries of the current (comm) stream, not made with ``alloc``: memory
+        allocated on the compute stream and freed while the decode is still queued on the comm stream
+        could be handed to the compute stream's next allocation (``async_finish``)."""
+        x = rows[0]
+        recv = self.dispatch(plan, [codec.encode(x)] + list(rows[1:]), self.stream_alloc, num_sms=num_sms)
+        out = alloc((recv[0].size(0), x.size(1)), x.dtype)
+        return [codec.decode(recv[0], x.dtype, out=out)] + list(recv[1:])
+
+    def stream_alloc(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An :data:`~deep_ep.rows.Alloc` on the current stream (for a call's temporaries)."""
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     @abc.abstractmethod
     def combine(
@@ -200,6 +215,7 @@ class Transport(abc.ABC):
         biases: Sequence[torch.Tensor],
         alloc: Alloc,
         codec: Any = None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Reverse of :meth:`dispatch` with a reduction.
 
@@ -230,47 +246,9 @@ def alloc_outputs(plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> Lis
     return outs
 
 
-def _canonical_2d(t: torch.Tensor) -> bool:
-    """``t`` is 2-D with row-major strides ``(size(1), 1)`` (so any dtype view of its rows is valid)."""
-    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.size(1)
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """View ``[N, ...]`` contiguous as ``uint8 [N, row_bytes]``."""
-    if _canonical_2d(t):  # the common case: one view
-        return t if t.dtype == torch.uint8 else t.view(torch.uint8)
-    width = 1
-    for d in t.shape[1:]:
-        width *= d
-    flat = t.reshape(-1)  # stride 1 even where size-1 dims had odd strides
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
-    return flat.view(t.size(0), width * t.element_size())
-
-
-#: the words rows are copied in, widest first, with their sizes in bytes
-_WORDS = ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2))
-
-
-def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t[idx]`` as ``uint8 [len(idx), row_bytes]``, copying in the widest words the row size allows."""
-    if t.size(0) > 0 and _canonical_2d(t):  # view the rows as words directly (no byte view first)
-        width = t.size(1) * t.element_size()
-        for word, size in _WORDS:
-            if width % size == 0:
-                w = t if t.dtype == word else t.view(word)
-                return w.index_select(0, idx).view(torch.uint8)
-    b = as_bytes(t)
-    width = b.size(1)
-    for word, size in _WORDS:
-        if width % size == 0 and b.size(0) > 0:
-            return b.view(word).index_select(0, idx).view(torch.uint8)
-    return b.index_select(0, idx)
-
-
 def send_token_order(plan: Plan) -> torch.Tensor:
     """Token index of every sent row (destination-major), cached in the plan."""
-    idx = plan.extra.get("send_token_idx")
+    idx = plan.send_order
     if idx is None:
         idx = None
         if plan.is_token_in_rank.is_cuda and hasattr(torch, "nonzero_static"):
@@ -282,13 +260,8 @@ def send_token_order(plan: Plan) -> torch.Tensor:
                 idx = None
         if idx is None:
             idx = layout.send_order(plan.is_token_in_rank)
-        plan.extra["send_token_idx"] = idx
+        plan.send_order = idx
     return idx
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Combine sums in float32 (float64 for float64 rows, so they lose nothing)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def send_positions(mask: torch.Tensor, counts: Sequence[int], absent: int = -1) -> torch.Tensor:
@@ -307,146 +280,7 @@ def send_positions(mask: torch.Tensor, counts: Sequence[int], absent: int = -1) 
 def return_positions(plan: Plan, device: torch.device) -> torch.Tensor:
     """int64 ``[T, R]``: the row of each (token, rank) pair in the destination-major buffer of
     returned rows (``S`` = a zero row where the token did not go to that rank). Cached in the plan."""
-    pos = plan.extra.get("return_positions")
+    pos = plan.return_pos
     if pos is None:
-        pos = plan.extra["return_positions"] = send_positions(
-            plan.is_token_in_rank, plan.send_counts, absent=sum(plan.send_counts)
-        )
+        pos = plan.return_pos = send_positions(plan.is_token_in_rank, plan.send_counts, absent=sum(plan.send_counts))
     return pos
-
-
-def reduce_rows(
-    back: torch.Tensor,
-    pos: torch.Tensor,
-    biases: Sequence[torch.Tensor],
-    out_dtype: torch.dtype,
-    alloc: Alloc,
-    local: Optional[torch.Tensor] = None,
-    local_col: int = -1,
-    nonnegative: bool = False,
-) -> torch.Tensor:
-    """Deterministic per-token reduction shared by the transports.
-
-    ``pos`` int64 ``[T, R]`` says where the row of (token, rank ``j``) is:
-    a row of ``back`` (the returned rows), or of ``local`` for column
-    ``local_col`` (a rank's own rows, read where they are); ``-1`` (or a row
-    of zeros) where the token did not go to ``j``. Sums in float32 (float64
-    for float64 rows) in ascending rank order, adds each bias, casts to
-    ``out_dtype``. Gathers instead of atomics, so the result does not depend
-    on scheduling; the Triton kernel (:mod:`deep_ep.kernels.reduce`) does
-    the same operations in the same order. ``nonnegative``: the caller
-    guarantees that ``pos`` holds no ``-1`` (absent rows point at a zero row),
-    so the torch path skips masking.
-    """
-    acc_dtype = accumulation_dtype(out_dtype)
-    T, R = pos.shape
-    if R and back.is_cuda:
-        from .. import kernels
-
-        if kernels.available(back):
-            from ..kernels import reduce as kreduce
-
-            if kreduce.supports(back, biases, out_dtype):
-                return kreduce.reduce_rows(
-                    back, pos, biases, alloc((T, back.size(1)), out_dtype), local=local, local_col=local_col
-                )
-    acc = torch.zeros((T, back.size(1)), dtype=acc_dtype, device=back.device) if not R else None
-    for j in range(R):
-        src = local if j == local_col and local is not None else back
-        p = pos[:, j]
-        if src.size(0) == 0:
-            rows = torch.zeros((T, back.size(1)), dtype=src.dtype, device=back.device)
-        elif nonnegative:
-            rows = src.index_select(0, p)
-        else:
-            rows = src.index_select(0, p.clamp(min=0))
-            rows = rows.masked_fill((p < 0).unsqueeze(1), 0)
-        if acc is None:
-            acc = rows.to(acc_dtype)
-        else:
-            acc.add_(rows)
-    for b in biases:
-        acc.add_(b)
-    if out_dtype == acc_dtype:
-        return acc
-    out = alloc((T, back.size(1)), out_dtype)
-    out.copy_(acc)
-    return out
-
-
-class Waiter:
-    """Bounded waits with a diagnosis that names the ranks that did not arrive.
-
-    Nothing is written on the fast path. When a wait expires, this rank
-    publishes "gave up at call #n, stage s" in the group's store, gives the
-    others a short grace to do the same, and raises
-    :class:`~deep_ep.errors.DeepEPTimeoutError` naming the ranks that never
-    reported: they did not reach this call. Afterwards the owner is broken.
-    """
-
-    def __init__(self, group: dist.ProcessGroup, key_prefix: str, timeout_s: float) -> None:
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.num_ranks = dist.get_world_size(group)
-        self.global_ranks = [
-            dist.get_global_rank(group, r) if group is not dist.group.WORLD else r for r in range(self.num_ranks)
-        ]
-        self.prefix = key_prefix
-        self.timeout_s = timeout_s
-        self.seq = 0
-        self.broken: Optional[str] = None
-
-    def _store(self):
-        try:
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            return _get_default_store()
-        except Exception:  # pragma: no cover - store not reachable
-            return None
-
-    def wait(self, work: Any, stage: str) -> None:
-        """Wait for a ``torch.distributed`` work object, at most ``timeout_s`` seconds."""
-        start = time.monotonic()
-        deadline = start + self.timeout_s
-        spin_until = start + 2e-3  # spin (yielding) first: metadata waits are usually microseconds
-        while not work.is_completed():
-            now = time.monotonic()
-            if now > deadline:
-                self.fail(stage, now - start)
-            time.sleep(0 if now < spin_until else 5e-5)
-        work.wait()
-
-    def fail(self, stage: str, waited: float) -> None:
-        """Publish this rank's timeout, diagnose who is missing and raise."""
-        msg_stage = f"call #{self.seq} ({stage})"
-        store = self._store()
-        arrived: Dict[int, str] = {self.rank: msg_stage}
-        if store is not None:
-            try:
-                store.set(f"{self.prefix}/timeout/{self.rank}", msg_stage)
-                grace_end = time.monotonic() + min(2.0, max(self.timeout_s, 0.2))
-                while time.monotonic() < grace_end and len(arrived) < self.num_ranks:
-                    for r in range(self.num_ranks):
-                        if r not in arrived:
-                            key = f"{self.prefix}/timeout/{r}"
-                            if store.check([key]):
-                                arrived[r] = store.get(key).decode()
-                    time.sleep(0.02)
-            except Exception as e:  # pragma: no cover - diagnosis is best effort
-                log.debug("deep_ep timeout diagnosis failed: %s", e)
-        missing = [r for r in range(self.num_ranks) if r not in arrived]
-        self.broken = f"timed out in {msg_stage}"
-        if missing:
-            who = ", ".join(str(r) for r in missing)
-            detail = (
-                f"rank(s) {who} of the group (global rank(s) "
-                f"{', '.join(str(self.global_ranks[r]) for r in missing)}) did not arrive"
-            )
-        else:
-            detail = "every rank reported waiting: " + "; ".join(
-                f"rank {r} gave up at {arrived[r]}" for r in sorted(arrived)
-            )
-        raise DeepEPTimeoutError(
-            f"deep_ep: rank {self.rank} waited {waited:.1f}s (timeout_s={self.timeout_s:g}) in {msg_stage}; "
-            f"{detail}. The Buffer is unusable now; the process group may be too."
-        )

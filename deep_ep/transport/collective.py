@@ -19,18 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .base import (
-    Alloc,
-    Plan,
-    Transport,
-    alloc_outputs,
-    as_bytes,
-    backend_str,
-    gather_rows,
-    reduce_rows,
-    return_positions,
-    send_token_order,
-)
+from ..rows import Alloc, as_bytes, gather_rows, reduce_rows
+from .base import Plan, Transport, alloc_outputs, backend_str, return_positions, send_token_order
 
 # torch >= 2.12 renamed all_gather_into_tensor to all_gather_single.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -65,12 +55,15 @@ class CollectiveTransport(Transport):
             return
         if out.is_cuda:
             # Ordered on the current (comm) stream; no host wait.
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+            try:
+                dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+            except RuntimeError as exc:  # the backend failed under the call (a peer exited)
+                self.waiter.peer_failed(stage, exc)
         else:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
             self.waiter.wait(work, stage)
 
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, num_sms: int = 20) -> List[torch.Tensor]:
         idx = send_token_order(plan)
         n_recv = plan.num_recv_tokens
         outs = alloc_outputs(plan, rows, alloc)
@@ -105,6 +98,7 @@ class CollectiveTransport(Transport):
         biases: Sequence[torch.Tensor],
         alloc: Alloc,
         codec=None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         n_recv = plan.num_recv_tokens
         S = sum(plan.send_counts)

@@ -41,8 +41,10 @@ import torch.distributed as dist
 
 from .. import layout
 from ..errors import DeepEPInputError
+from ..rows import Alloc, as_bytes, reduce_rows
 from ..settings import Settings
-from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, reduce_rows, send_positions
+from ..waiting import Waiter
+from .base import Plan, Transport, alloc_outputs, send_positions
 from .collective import CollectiveTransport
 
 __all__ = ["HierarchicalTransport", "ranks_per_node"]
@@ -125,14 +127,17 @@ class HierarchicalTransport(CollectiveTransport):
             out.copy_(inp)
             return
         if out.is_cuda:
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+            try:
+                dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+            except RuntimeError as exc:  # the backend failed under the call (a peer exited)
+                self.waiter.peer_failed(stage, exc)
         else:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
             self.waiter.wait(work, stage)
 
     # ---------------------------------------------------------------- schedule (once per plan)
     def _schedule(self, plan: Plan) -> Dict[str, Any]:
-        sched = plan.extra.get("hierarchical")
+        sched = plan.cache.get(("hierarchical",))
         if sched is not None:
             return sched
         if plan.counts is None:
@@ -175,7 +180,7 @@ class HierarchicalTransport(CollectiveTransport):
             node_mask=node_mask,
             internode_rows=sum(send1) - send1[node],
         )
-        plan.extra["hierarchical"] = sched
+        plan.cache[("hierarchical",)] = sched
         return sched
 
     def _stage2_order(self, sched: Dict[str, Any], m2: torch.Tensor) -> torch.Tensor:
@@ -186,7 +191,7 @@ class HierarchicalTransport(CollectiveTransport):
         return idx2
 
     # ---------------------------------------------------------------- dispatch
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc) -> List[torch.Tensor]:
+    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, num_sms: int = 20) -> List[torch.Tensor]:
         outs = alloc_outputs(plan, rows, alloc)
         if not rows:
             return outs
@@ -226,6 +231,7 @@ class HierarchicalTransport(CollectiveTransport):
         biases: Sequence[torch.Tensor],
         alloc: Alloc,
         codec=None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         sched = self._schedule(plan)
         if "m2" not in sched:

@@ -7,8 +7,8 @@ from typing import List
 
 import torch
 
-from . import layout
-from .config import EventOverlap
+from .. import layout
+from ..config import EventOverlap
 
 
 class _Pipeline(torch.autograd.Function):
@@ -32,12 +32,12 @@ class _Pipeline(torch.autograd.Function):
         need = any(ctx.needs_input_grad)
         sent: List[tuple] = []
         worst = 0
-        if cuda and n > 1 and getattr(buf._transport, "device_layout", False):
+        if cuda and n > 1 and buf.device_plans:
             # nvlink: chunks dispatched with num_worst_tokens never wait for the host (one exchange of the
             # largest token count per forward instead of one metadata read per chunk; one chunk reads its
             # counts, which also lets a call larger than the staging run in rounds)
             with timer.span("comm"):
-                t_max = int(buf._transport.all_gather_ints(torch.tensor([x.size(0)]), "MoE tokens").max())
+                t_max = int(buf.exchange_ints(torch.tensor([x.size(0)]), "MoE tokens").max())
             worst = layer.num_ranks * -(-t_max // n)
 
         def issue(c: int) -> None:

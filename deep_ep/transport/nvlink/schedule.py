@@ -3,7 +3,7 @@
 Everything here depends only on the layout (the counts every rank agreed on),
 the row widths and the staging size, so every rank computes the same rounds,
 chunks and windows, and it is computed once per handle (kept in the plan).
-:class:`NVLinkSchedules` is a mixin of :class:`~deep_ep.transport.nvlink.NVLinkTransport`.
+:class:`NVLinkSchedules` is a mixin of :class:`~deep_ep.transport.nvlink.transport.NVLinkTransport`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from .. import layout
-from ..errors import DeepEPError, DeepEPInputError
-from .base import Plan, send_token_order
+from ... import layout
+from ...errors import DeepEPError, DeepEPInputError
+from ..base import Plan, send_token_order
 
 _ALIGN = 256
 
@@ -137,8 +137,8 @@ class NVLinkSchedules:
         window to output row ``first``.
         """
         key = ("nvlink_dispatch", widths)
-        if key in plan.extra:
-            return plan.extra[key]
+        if key in plan.cache:
+            return plan.cache[key]
         R, me = self.num_ranks, self.rank
         C, full, cap, offsets, off, rounds, k, recv_first = self._shape(plan, widths, "dispatch")
         idx = send_token_order(plan)
@@ -168,7 +168,7 @@ class NVLinkSchedules:
                 chunks.append((nonself[a_me:b_me] if b_me > a_me else None, a_me - lo, pulls))
             steps.append(chunks)
         sched = dict(full=full, cap=cap, offsets=offsets, local=local, steps=steps, views={})
-        plan.extra[key] = sched
+        plan.cache[key] = sched
         return sched
 
     def _push_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Any:
@@ -184,8 +184,8 @@ class NVLinkSchedules:
         one area and this rank sends at most ``MAX_PUSH_RUNS`` runs to each peer.
         """
         key = ("nvlink_push", widths)
-        if key in plan.extra:
-            return plan.extra[key]
+        if key in plan.cache:
+            return plan.cache[key]
         R, me = self.num_ranks, self.rank
         _not_while_capturing("dispatch")
         C = plan.counts.tolist()
@@ -240,7 +240,7 @@ class NVLinkSchedules:
                 c_me = C[me][me]
                 local = (idx[starts[me] : starts[me] + c_me], recv_first[me], c_me) if c_me else None
                 sched = dict(full=full, cap=cap, offsets=offsets, local=local, chunks=chunks, views={})
-        plan.extra[key] = sched
+        plan.cache[key] = sched
         return sched
 
     def _combine_schedule(self, plan: Plan, widths: Tuple[int, ...]) -> Dict[str, Any]:
@@ -252,8 +252,8 @@ class NVLinkSchedules:
         (one-round calls).
         """
         key = ("nvlink_combine", widths)
-        if key in plan.extra:
-            return plan.extra[key]
+        if key in plan.cache:
+            return plan.cache[key]
         R, me = self.num_ranks, self.rank
         C, full, cap, offsets, off, rounds, k, recv_first = self._shape(plan, widths, "combine")
         n_back = off[me][R - 1] + (C[me][R - 1] if R - 1 != me else 0)  # non-self rows that come back to me
@@ -300,5 +300,5 @@ class NVLinkSchedules:
         base_t = torch.tensor(base, dtype=torch.int64).to(slots.device)
         pos = torch.where(slots >= 0, slots + base_t, torch.full_like(slots, -1)).contiguous()
         sched = dict(full=full, cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos, ready=ready, views={})
-        plan.extra[key] = sched
+        plan.cache[key] = sched
         return sched

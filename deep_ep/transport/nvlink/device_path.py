@@ -2,7 +2,7 @@
 
 A ``num_worst_tokens`` dispatch must not synchronise with the host (so that it
 can be captured in a CUDA graph with fresh routing every replay). Its plan
-carries ``extra["device"]`` (:func:`deep_ep.layout.device_layout`): every
+carries ``device`` (:func:`deep_ep.layout.device_layout`): every
 row's destination slot, computed on the device from the counts the ranks
 published into each other's metadata areas (:meth:`publish_meta`). Such a
 plan, and every plan of a dispatch where any rank passed
@@ -18,9 +18,8 @@ plan, and every plan of a dispatch where any rank passed
   they are in the combine input).
 
 Row movement is a Triton kernel on a persistent grid of at most
-``Config.num_sms`` programs (:mod:`deep_ep.kernels.scatter`), or the torch
-functions below where Triton is not available (they write every row, the
-ones that go nowhere into a spare last row of each region). The staging
+``Config.num_sms`` programs (:mod:`deep_ep.kernels.scatter`), or its torch
+twins (:mod:`deep_ep.kernels.twins`) where Triton is not available. The staging
 must hold ``num_worst_tokens`` rows per received tensor (and, for a
 combine, ``num_ranks * num_tokens`` rows) in the whole data area, used as
 the host path's whole-area mode (a barrier before the call's writes and
@@ -34,13 +33,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import kernels
-from ..errors import DeepEPInputError
-from .base import Alloc, Plan, reduce_rows
+from ... import kernels
+from ...errors import DeepEPInputError
+from ...rows import Alloc, reduce_rows
+from ..base import Plan
 
 
 class NVLinkDevicePath:
-    """Mixin of :class:`~deep_ep.transport.nvlink.NVLinkTransport` (needs its staging helpers)."""
+    """Mixin of :class:`~deep_ep.transport.nvlink.transport.NVLinkTransport` (needs its staging helpers)."""
 
     #: the Buffer may build plans whose layout lives on the device (num_worst_tokens dispatch)
     device_layout = True
@@ -99,10 +99,12 @@ class NVLinkDevicePath:
         return kernels.available(t)
 
     # ---------------------------------------------------------------- dispatch
-    def _device_dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, words) -> List[torch.Tensor]:
-        from .nvlink_schedule import _capturing
+    def _device_dispatch(
+        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, words, num_sms: int
+    ) -> List[torch.Tensor]:
+        from .schedule import _capturing
 
-        dl, me, R = plan.extra["device"], self.rank, self.num_ranks
+        dl, me, R = plan.device, self.rank, self.num_ranks
         outs = [alloc((plan.num_out_rows,) + tuple(t.shape[1:]), t.dtype) for t in rows]
         if not rows:
             return outs
@@ -113,9 +115,9 @@ class NVLinkDevicePath:
         self._graph = _capturing()
         start = self._begin_phase(True)
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
-        slot = dl["slot"]
+        slot = dl.slot
         if fast:  # every row tensor in one launch
-            from ..kernels import scatter
+            from ...kernels import scatter
 
             regions = [self._region(me, start + o, cap, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)]
             scatter.scatter_rows(
@@ -125,25 +127,20 @@ class NVLinkDevicePath:
                 [r[: cap - 1] for r in regions],
                 [self._delta(sw.element_size()) for sw in src],
                 me,
-                self.num_sms,
+                num_sms,
             )
             self._barrier()
-            scatter.copy_out(regions, dst, dl["recv"], self.num_sms)
-        else:
-            for sw, w, o in zip(src, widths, offsets):
-                if sw.size(0):
-                    for d in range(R):  # every row of every rank (own ones too) into the staging
-                        col = slot[:, d]
-                        idx = torch.where((col >= 0) & (col < cap - 1), col, cap - 1)
-                        self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, sw)
+            scatter.copy_out(regions, dst, dl.recv, num_sms)
+        else:  # the kernels' torch twins, on every rank's region
+            from ...kernels import twins
+
+            regions = [
+                [self._region(d, start + o, cap, w, sw.dtype)[: cap - 1] for d in range(R)]
+                for sw, w, o in zip(src, widths, offsets)
+            ]
+            twins.scatter_rows_torch(src, slot, dst, regions, me)
             self._barrier()
-            for sw, dw, w, o in zip(src, dst, widths, offsets):
-                if dw.size(0):
-                    mine = self._region(me, start + o, cap, w, sw.dtype)
-                    keep = torch.arange(dw.size(0), device=dw.device) < dl["recv"][0]
-                    torch.where(
-                        keep.unsqueeze(1), mine[: dw.size(0)], torch.zeros((), dtype=dw.dtype, device=dw.device), out=dw
-                    )
+            twins.copy_out_torch([r[me] for r in regions], dst, dl.recv)
         self._end_call(True)
         return outs
 
@@ -157,19 +154,20 @@ class NVLinkDevicePath:
         dtype: torch.dtype,
         words,
         codec=None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        from .nvlink_schedule import _capturing
+        from .schedule import _capturing
 
-        dl, me, R = plan.extra["device"], self.rank, self.num_ranks
+        dl, me, R = plan.device, self.rank, self.num_ranks
         src = [words(t) for t in srcs]
         widths = tuple(t.size(1) * t.element_size() for t in src)
         cap, offsets = self._device_fits(R * plan.num_tokens, widths, "the combine of this num_worst_tokens handle")
         self._graph = _capturing()
         start = self._begin_phase(True)
         fast = self._kernel_ok(src[0]) and all(self._delta(t.element_size()) is not None for t in src)
-        ret = dl["ret"]
+        ret = dl.ret
         if fast:  # the rows and their weights in one launch
-            from ..kernels import scatter
+            from ...kernels import scatter
 
             scatter.return_blocks(
                 src,
@@ -177,26 +175,26 @@ class NVLinkDevicePath:
                 [self._region(me, start + o, cap - 1, w, sw.dtype) for sw, w, o in zip(src, widths, offsets)],
                 [self._delta(sw.element_size()) for sw in src],
                 me,
-                self.num_sms,
+                num_sms,
             )
-        else:
-            for sw, w, o in zip(src, widths, offsets):
-                if not sw.size(0):
-                    continue
-                i = torch.arange(sw.size(0), device=sw.device)
-                for d in range(R):
-                    if d == me:
-                        continue
-                    first, cnt, at = ret[d, 0], ret[d, 1], ret[d, 2]
-                    rows = sw.index_select(0, (first + i).clamp(max=sw.size(0) - 1))
-                    idx = torch.where((i < cnt) & (at + i < cap - 1), at + i, cap - 1)
-                    self._region(d, start + o, cap, w, sw.dtype).index_copy_(0, idx, rows)
+        else:  # the kernel's torch twin, on every rank's region
+            from ...kernels import twins
+
+            twins.return_blocks_torch(
+                src,
+                ret,
+                [
+                    [self._region(d, start + o, cap - 1, w, sw.dtype) for d in range(R)]
+                    for sw, w, o in zip(src, widths, offsets)
+                ],
+                me,
+            )
         self._barrier()
         backs = [
             self._region(me, start + o, cap, w, torch.uint8).view(t.dtype).view(cap, t.size(1))
             for t, w, o in zip(srcs, widths, offsets)
         ]
-        pos = dl["combine_pos"]
+        pos = dl.combine_pos
         local = srcs[0]
         if codec is not None:  # rows at send positions < R * T; own rows decoded too
             backs[0] = codec.decode(backs[0][: R * plan.num_tokens], dtype)

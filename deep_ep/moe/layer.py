@@ -58,11 +58,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .buffer import Buffer
-from .errors import DeepEPInputError
+from ..buffer import Buffer
+from ..errors import DeepEPInputError
+from ..rows import reduce_rows
+from ..settings import DEFAULT_TIMEOUT_S
+from ..waiting import agree_verdicts
 from .experts import _acc, _gmm, _gmm_weight_grad, _silu_grad, _swiglu, dense_moe_reference, route_tokens
-from .moe_pipeline import _Pipeline, _record, chunk_layouts
-from .transport.base import reduce_rows
+from .pipeline import _Pipeline, _record, chunk_layouts
 
 __all__ = ["ExpertParallelMoE", "MoEStats", "route_tokens", "dense_moe_reference"]
 
@@ -164,6 +166,23 @@ class _Timer:
         )
 
 
+def _check_layer_args(R, num_experts, top_k, num_chunks, n_group, topk_group, score_func) -> None:
+    """Raise :class:`DeepEPInputError` for arguments of :class:`ExpertParallelMoE` that cannot work."""
+    if num_experts % R:
+        raise DeepEPInputError(f"num_experts={num_experts} is not a multiple of the group size {R}")
+    if not 1 <= top_k <= num_experts:
+        raise DeepEPInputError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    if num_chunks < 1:
+        raise DeepEPInputError(f"num_chunks must be >= 1, got {num_chunks}")
+    if num_experts % n_group or not 1 <= topk_group <= n_group or top_k > topk_group * (num_experts // n_group):
+        raise DeepEPInputError(
+            f"group-limited routing needs n_group | num_experts and top_k <= topk_group * "
+            f"experts per group (n_group={n_group}, topk_group={topk_group})"
+        )
+    if score_func not in ("softmax", "sigmoid"):
+        raise DeepEPInputError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+
+
 class ExpertParallelMoE(nn.Module):
     """An MoE layer whose experts are spread over the ranks of ``group`` (see the module docstring).
 
@@ -202,19 +221,12 @@ class ExpertParallelMoE(nn.Module):
         self.group = group if group is not None else dist.group.WORLD
         self.num_ranks = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        if num_experts % self.num_ranks:
-            raise DeepEPInputError(f"num_experts={num_experts} is not a multiple of the group size {self.num_ranks}")
-        if not 1 <= top_k <= num_experts:
-            raise DeepEPInputError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        if num_chunks < 1:
-            raise DeepEPInputError(f"num_chunks must be >= 1, got {num_chunks}")
-        if num_experts % n_group or not 1 <= topk_group <= n_group or top_k > topk_group * (num_experts // n_group):
-            raise DeepEPInputError(
-                f"group-limited routing needs n_group | num_experts and top_k <= topk_group * "
-                f"experts per group (n_group={n_group}, topk_group={topk_group})"
-            )
-        if score_func not in ("softmax", "sigmoid"):
-            raise DeepEPInputError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+        problem: Optional[BaseException] = None
+        try:  # checked first, the verdicts exchanged (bounded) before the Buffer's collective construction
+            _check_layer_args(self.num_ranks, num_experts, top_k, num_chunks, n_group, topk_group, score_func)
+        except DeepEPInputError as e:
+            problem = e
+        agree_verdicts(self.group, problem, "ExpertParallelMoE()", DEFAULT_TIMEOUT_S)
         self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
         self.num_local = num_experts // self.num_ranks
         self.num_chunks, self.n_group, self.topk_group = num_chunks, n_group, topk_group
@@ -422,8 +434,13 @@ class ExpertParallelMoE(nn.Module):
         route, dispatch, local experts, combine, plus the shared experts; the same shape back. Every rank
         of the group must call it (the dispatch and combine are collective). With ``record_stats`` the
         time split lands in :attr:`stats` (and, after ``backward``, in :attr:`backward_stats`)."""
-        if x.dim() != 2 or x.size(1) != self.hidden:
-            raise DeepEPInputError(f"ExpertParallelMoE expects [tokens, {self.hidden}], got {list(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.size(1) != self.hidden:
+            # the other ranks are in this forward's dispatch: fail it everywhere instead of leaving them there
+            self.buffer.abort_dispatch(
+                DeepEPInputError(
+                    f"ExpertParallelMoE expects [tokens, {self.hidden}], got {list(getattr(x, 'shape', []))}"
+                )
+            )
         cuda = x.is_cuda
         timer = _Timer(self.record_stats, cuda, self.buffer.get_comm_stream() if cuda else None)
         timer.start()

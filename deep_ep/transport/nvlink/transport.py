@@ -24,7 +24,7 @@ half's previous use: no second barrier is needed for flow control.
   (default 2) with one barrier each; the receiver copies each chunk out of
   its half on the side stream while the next chunk's copies run. Used where
   a rank sends at most 64 runs to a peer and every rank's received rows fit
-  one area (:meth:`~deep_ep.transport.nvlink_schedule.NVLinkSchedules._push_schedule`),
+  one area (:meth:`~deep_ep.transport.nvlink.schedule.NVLinkSchedules._push_schedule`),
   else the pull; not yet measured on two GPUs, so off by default.
 - **combine** (push): each rank copies the rows it returns to source ``s``
   (a contiguous block of its received rows) into ``s``'s half at the offset
@@ -65,11 +65,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..errors import DeepEPError, DeepEPInputError
-from ..settings import Settings
-from .base import Alloc, Plan, Transport, Waiter, alloc_outputs, as_bytes, group_on_cuda, one_host, reduce_rows
-from .nvlink_device import NVLinkDevicePath
-from .nvlink_schedule import (
+from ...errors import DeepEPError, DeepEPInputError
+from ...rows import Alloc, as_bytes, reduce_rows
+from ...settings import Settings
+from ...waiting import Waiter
+from ..base import Plan, Transport, alloc_outputs, group_on_cuda, one_host
+from .device_path import NVLinkDevicePath
+from .schedule import (
     _ALIGN,
     DEFAULT_PUSH_CHUNKS,
     MIN_CHUNK_BYTES,
@@ -353,17 +355,19 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         return host.clone()
 
     # ---------------------------------------------------------------- dispatch
-    def dispatch(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec=None) -> List[torch.Tensor]:
+    def dispatch(
+        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec=None, num_sms: int = 20
+    ) -> List[torch.Tensor]:
         """Move ``rows`` by ``plan``. With ``codec`` (the Buffer's wire compression) ``rows[0]`` is the raw
         ``[T, H]`` input: each chunk is encoded straight into this rank's staging as it is packed (one
         kernel: gather + encode), and the rows pulled from each peer are decoded into the returned
         ``rows[0]`` right after their copy (on the same stream, so it overlaps the next pulls and packs);
         this rank's own rows take the round trip. The device path (``num_worst_tokens``) encodes first
         and decodes after."""
-        if codec is not None and "device" in plan.extra:
-            return super().dispatch_encoded(plan, rows, alloc, codec)
-        if "device" in plan.extra:
-            return self._device_dispatch(plan, rows, alloc, _words)
+        if codec is not None and plan.device is not None:
+            return super().dispatch_encoded(plan, rows, alloc, codec, num_sms=num_sms)
+        if plan.device is not None:
+            return self._device_dispatch(plan, rows, alloc, _words, num_sms)
         if plan.counts is None:
             raise DeepEPError("the nvlink transport needs the counts matrix in the plan")
         if self.push and codec is None and rows and not self.pull_sm:
@@ -378,7 +382,13 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
             final = alloc((plan.num_out_rows, x0.size(1)), x0.dtype)
             if plan.num_out_rows > plan.num_recv_tokens:
                 final[plan.num_recv_tokens :].zero_()
-        outs = alloc_outputs(plan, rows, alloc)  # with a codec, outs[0] holds the encoded rows as pulled
+        # with a codec, outs[0] holds the encoded rows as pulled: a temporary of this (comm) stream, never made
+        # with ``alloc`` (compute-stream memory freed while this stream's decode is queued could be reused)
+        if codec is not None:
+            enc = self.stream_alloc((plan.num_out_rows, codec.row_bytes), torch.uint8)
+            outs = [enc] + alloc_outputs(plan, rows[1:], alloc)
+        else:
+            outs = alloc_outputs(plan, rows, alloc)
         if not rows:
             return outs
         src = [_words(t) for t in rows]  # (with a codec, src[0] gives only the encoded width)
@@ -445,9 +455,11 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         self._end_call(bool(steps))
         return outs if codec is None else [final] + outs[1:]
 
-    def dispatch_encoded(self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec) -> List[torch.Tensor]:
+    def dispatch_encoded(
+        self, plan: Plan, rows: Sequence[torch.Tensor], alloc: Alloc, codec, num_sms: int = 20
+    ) -> List[torch.Tensor]:
         """Encoding fused into packing, decoding into pulling (see :meth:`dispatch`)."""
-        return self.dispatch(plan, rows, alloc, codec=codec)
+        return self.dispatch(plan, rows, alloc, codec=codec, num_sms=num_sms)
 
     def _push_dispatch(
         self, plan: Plan, sched: Dict[str, Any], rows: Sequence[torch.Tensor], src: List[torch.Tensor], alloc: Alloc
@@ -488,14 +500,15 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         biases: Sequence[torch.Tensor],
         alloc: Alloc,
         codec=None,
+        num_sms: int = 20,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         me = self.rank
         n_recv = plan.num_recv_tokens
-        if "device" in plan.extra:  # rows beyond the real ones are never read
+        if plan.device is not None:  # rows beyond the real ones are never read
             srcs = [x if codec is None else codec.encode(x)]
             if weights is not None:
                 srcs.append(weights.float().contiguous())
-            return self._device_combine(plan, srcs, biases, alloc, x.dtype, _words, codec)
+            return self._device_combine(plan, srcs, biases, alloc, x.dtype, _words, codec, num_sms)
         srcs = [x[:n_recv] if codec is None else codec.encode(x[:n_recv])]
         if weights is not None:
             srcs.append(weights[:n_recv].float().contiguous())
@@ -609,6 +622,17 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
                     part.copy_(got)
             t0 = t1
         return out, out_w
+
+    def low_latency_engine(self, min_bytes: int):
+        """The low-latency kernel engine (:class:`~deep_ep.transport.nvlink.low_latency.NVLinkLowLatency`) where Triton
+        runs on this device, else ``None`` (low-latency calls then take the pair dispatch)."""
+        from ... import kernels
+
+        if not kernels.available_on(self.device):
+            return None
+        from .low_latency import NVLinkLowLatency
+
+        return NVLinkLowLatency(self, min_bytes)
 
     def destroy(self) -> None:
         """Drop the staging and its peers' views (the symmetric memory is freed with them)."""

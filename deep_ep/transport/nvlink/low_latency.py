@@ -63,8 +63,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from ..errors import DeepEPError, DeepEPInputError
-from .nvlink_schedule import _capturing
+from ...errors import DeepEPError, DeepEPInputError
+from .schedule import _capturing
 
 _ALIGN = 256
 
@@ -136,9 +136,13 @@ class LowLatencyArena:
         """A device barrier of every rank of the group (on the current stream)."""
         self.hdl.barrier(channel=0, timeout_ms=self.timeout_ms)
 
+    def peek_area(self) -> int:
+        """Byte offset of the area the next call takes (the two alternate)."""
+        return (self.seq % 2) * (self.nbytes // 2)
+
     def next_area(self) -> int:
-        """Byte offset of the next call's area (the two alternate)."""
-        off = (self.seq % 2) * (self.nbytes // 2)
+        """Take the next call's area: its byte offset."""
+        off = self.peek_area()
         self.seq += 1
         return off
 
@@ -153,6 +157,7 @@ class NVLinkLowLatency:
         self.nprog = torch.cuda.get_device_properties(transport.device).multi_processor_count
         self.usable = True
         self.pending = 0  # calls whose receive hook has not run
+        self.pending_areas: set = set()  # areas of calls whose receive hook has not run
         self.captured = False  # a call has been captured into a CUDA graph
         self.retired = []  # arenas a captured graph may still use
 
@@ -212,6 +217,11 @@ class NVLinkLowLatency:
                 "two low-latency calls already wait for their receive hooks; call them "
                 "(in order) before a third call (as DeepEP: two buffers)"
             )
+        if a.peek_area() in self.pending_areas:
+            raise DeepEPInputError(
+                "this low-latency call would take the staging area of an earlier call whose receive hook has "
+                "not run (calls alternate between two areas): call that hook first"
+            )
         capturing = _capturing()
         self.captured = self.captured or capturing
         off = a.next_area()
@@ -219,15 +229,18 @@ class NVLinkLowLatency:
             a.barrier()
         return off
 
-    def _hook(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """A receive hook: ``fn`` on its first call (nothing after); counted as pending until then."""
+    def _hook(self, fn: Callable[[], None], area: int) -> Callable[[], None]:
+        """A receive hook: ``fn`` on its first call (nothing after); its call and its ``area`` count as
+        pending until then."""
         self.pending += 1
+        self.pending_areas.add(area)
         done = [False]
 
         def hook() -> None:
             if not done[0]:
                 done[0] = True
                 self.pending -= 1
+                self.pending_areas.discard(area)
                 fn()
 
         return hook
@@ -245,7 +258,7 @@ class NVLinkLowLatency:
         hook: bool,
     ) -> Tuple[Any, torch.Tensor, Dict[str, Any], Optional[Callable[[], None]]]:
         """Send now; receive now or in the returned hook. Returns ``(recv_x, recv_count, state, hook)``."""
-        from ..kernels import low_latency as k
+        from ...kernels import low_latency as k
 
         self._raise_flagged()
         R = self.transport.num_ranks
@@ -277,15 +290,17 @@ class NVLinkLowLatency:
         src = torch.empty(rows, dtype=torch.int32, device=dev)
         inv = torch.full((R * M * K,), -1, dtype=torch.int32, device=dev)
 
+        state = dict(lay=lay, count=count, src=src, inv=inv, received=False)
+
         def receive() -> None:
             a.barrier()
             k.recv(a, off, lay, main, tail, count, src, inv, self.nprog)
             if stats is not None:
                 stats.add_(count.to(stats.dtype))
+            state["received"] = True
 
-        state = dict(lay=lay, count=count, src=src, inv=inv)
         if hook:
-            return recv_x, count, state, self._hook(receive)
+            return recv_x, count, state, self._hook(receive, off)
         receive()
         return recv_x, count, state, None
 
@@ -299,7 +314,7 @@ class NVLinkLowLatency:
         hook: bool,
     ) -> Optional[Callable[[], None]]:
         """Send ``y``'s rows home now; reduce into ``out`` now or in the returned hook."""
-        from ..kernels import low_latency as k
+        from ...kernels import low_latency as k
 
         self._raise_flagged()
         a = self.arena
@@ -317,7 +332,7 @@ class NVLinkLowLatency:
                 k.combine_reduce(a, off, lay, idx, out)
 
         if hook:
-            return self._hook(receive)
+            return self._hook(receive, off)
         receive()
         return None
 

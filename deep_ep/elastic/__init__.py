@@ -1,0 +1,12 @@
+"""DeepEP V2's ``ElasticBuffer`` API on deep_ep's transports (API.md section 9; docs/elastic.md).
+
+``ElasticBuffer`` and ``EPHandle`` are also exported as ``deep_ep.ElasticBuffer`` and ``deep_ep.EPHandle``.
+"""
+
+from __future__ import annotations
+
+from .buffer import ElasticBuffer
+from .events import ElasticEventOverlap
+from .handle import EPHandle
+
+__all__ = ["ElasticBuffer", "EPHandle", "ElasticEventOverlap"]

@@ -88,7 +88,7 @@ def reduce_rows(
     so the torch path skips masking.
     """
     T, R = pos.shape
-    if R and back.is_cuda:
+    if R:
         from . import kernels
 
         if kernels.available(back):

@@ -25,6 +25,10 @@ variable                           Buffer argument             default      mean
 ``DEEP_EP_NVLINK_PULL``            (none)                      copy         nvlink host path: ``copy`` or ``gather`` reads
 ``DEEP_EP_NVLINK_DISPATCH``        (none)                      pull         nvlink host path: ``pull`` or ``push`` dispatch
 ``DEEP_EP_NVLINK_PUSH_CHUNKS``     (none)                      2            nvlink push dispatch: chunks
+``DEEP_EP_NVLINK_EMULATE``         (none)                      0            nvlink on CPU ranks, emulated with shared
+                                                                            memory (tests)
+``DEEP_EP_KERNELS_ON_CPU``         (none)                      0            with ``TRITON_INTERPRET=1``: the Triton
+                                                                            kernels run (interpreted) on CPU tensors
 =================================  ==========================  ===========  ===============================================
 
 Test-only: ``DEEP_EP_TEST_SHARE_GPU`` (``tests/conftest.py``).
@@ -49,6 +53,7 @@ __all__ = [
     "env_bool",
     "env_choice",
     "triton_disabled",
+    "kernels_on_cpu",
 ]
 
 #: Default bound of every wait, in seconds (``DEEP_EP_TIMEOUT_S`` overrides).
@@ -73,6 +78,8 @@ VARIABLES = (
     "DEEP_EP_NVLINK_PULL",
     "DEEP_EP_NVLINK_DISPATCH",
     "DEEP_EP_NVLINK_PUSH_CHUNKS",
+    "DEEP_EP_NVLINK_EMULATE",
+    "DEEP_EP_KERNELS_ON_CPU",
 )
 
 
@@ -158,6 +165,13 @@ def _positive_int(name: str, default: int) -> int:
     return v
 
 
+def kernels_on_cpu() -> bool:
+    """``DEEP_EP_KERNELS_ON_CPU`` with ``TRITON_INTERPRET=1``: the Triton kernels run (under the interpreter)
+    on CPU tensors too (read at every call; tests of the emulated nvlink transport set it)."""
+    interp = env_raw("TRITON_INTERPRET")
+    return env_bool("DEEP_EP_KERNELS_ON_CPU", False) and interp is not None and interp != "0"
+
+
 def triton_disabled() -> bool:
     """``DEEP_EP_DISABLE_TRITON``: the torch twins run instead of the Triton kernels (read at every call,
     so tests can flip it)."""
@@ -185,6 +199,7 @@ class Settings:
         check_every_call: cached dispatch and combine also exchange metadata (``DEEP_EP_CHECK``).
         nvlink_path: ``'host'`` or ``'fused'`` (the nvlink transport's fresh-dispatch path).
         nvlink_chunks, nvlink_pull, nvlink_dispatch, nvlink_push_chunks: the nvlink host path's tuning.
+        nvlink_emulate: allow the nvlink transport on CPU ranks (shared-memory emulation, for tests).
     """
 
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -202,6 +217,7 @@ class Settings:
     nvlink_pull: str = "copy"
     nvlink_dispatch: str = "pull"
     nvlink_push_chunks: int = 2
+    nvlink_emulate: bool = False
 
     @classmethod
     def resolve(
@@ -268,6 +284,7 @@ class Settings:
             nvlink_pull=env_choice("DEEP_EP_NVLINK_PULL", "copy", ("copy", "gather")),
             nvlink_dispatch=env_choice("DEEP_EP_NVLINK_DISPATCH", "pull", ("pull", "push")),
             nvlink_push_chunks=_positive_int("DEEP_EP_NVLINK_PUSH_CHUNKS", 2),
+            nvlink_emulate=env_bool("DEEP_EP_NVLINK_EMULATE", False),
         )
 
     def with_(self, **changes: Any) -> "Settings":

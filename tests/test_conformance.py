@@ -180,7 +180,7 @@ def run_scenario(rank: int, R: int, backend: str, seed: int, sc: dict) -> dict:
         ys = [
             d.recv_x[0]
             .float()
-            .view(d.recv_x[0].size(0), -1, 128)
+            .view(d.recv_x[0].size(0), d.recv_x[0].size(1) // 128, 128)
             .mul(d.recv_x[1].unsqueeze(2))
             .view(d.recv_x[0].size(0), -1)
             .to(torch.bfloat16)
@@ -230,6 +230,31 @@ def run_reuse_shapes(rank: int, R: int, backend: str, seed: int) -> None:
         [(32, 2, torch.bfloat16), (130, 4, torch.float32), (8, 1, torch.bfloat16), (256, 3, torch.float16)]
     ):
         run_scenario(rank, R, backend, seed + 17 * i, dict(hidden=hidden, topk=topk, dtype=dtype))
+
+
+#: the nvlink transport on CPU ranks (shared-memory emulation: its host path, its device path with the
+#: kernels' torch twins): the scenarios that exercise its own code
+EMULATED_NVLINK = [
+    "basic",
+    "fp8",
+    "worst",
+    "worst_on_rank0_only",
+    "bias2",
+    "empty_rank",
+    "odd_hidden_7",
+    "nan",
+    "small_staging",
+    "no_topk",
+    "empty_tokens",
+    "one_expert",
+]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", EMULATED_NVLINK)
+def test_conformance_emulated_nvlink(rank_pool, world, name):
+    seed = zlib.crc32(f"{name}/{world}/nvlink".encode())
+    rank_pool(world).run(run_scenario, "nvlink", seed, SCENARIOS[name])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from ..settings import triton_disabled
+from ..settings import kernels_on_cpu, triton_disabled
 
 
 @functools.cache
@@ -32,7 +32,10 @@ def available(t: torch.Tensor) -> bool:
 
 
 def available_on(device: torch.device) -> bool:
-    """Whether Triton kernels may run on ``device`` (CUDA, Triton importable, not disabled)."""
-    if device.type != "cuda" or triton_disabled():
+    """Whether Triton kernels may run on ``device``: CUDA (or CPU under Triton's interpreter with
+    ``DEEP_EP_KERNELS_ON_CPU=1``), Triton importable, not disabled (``DEEP_EP_DISABLE_TRITON``)."""
+    if triton_disabled():
+        return False
+    if device.type != "cuda" and not (device.type == "cpu" and kernels_on_cpu()):
         return False
     return _triton_importable()

@@ -67,7 +67,7 @@ import torch.distributed as dist
 
 from ...errors import DeepEPError, DeepEPInputError
 from ...rows import Alloc, as_bytes, reduce_rows
-from ...settings import Settings
+from ...settings import Settings, env_bool
 from ...waiting import Waiter
 from ..base import Plan, Transport, alloc_outputs, group_on_cuda, one_host
 from .device_path import NVLinkDevicePath
@@ -81,6 +81,7 @@ from .schedule import (
     _split,
     _windows,
 )
+from .symmetric import make_symmetric
 
 __all__ = ["NVLinkTransport", "DEFAULT_STAGING_BYTES", "_split", "_windows"]
 
@@ -88,6 +89,8 @@ log = logging.getLogger("deep_ep")
 
 #: staging bytes per rank when ``num_nvl_bytes`` is 0
 DEFAULT_STAGING_BYTES = 256 << 20
+#: the same on the CPU emulation (shared memory of the machine: smaller)
+EMULATED_STAGING_BYTES = 16 << 20
 _META_SLOT = 4096  # int64 per rank per metadata area
 
 
@@ -137,6 +140,8 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     @classmethod
     def supported(cls, group: Optional[dist.ProcessGroup] = None) -> Tuple[bool, str]:
         """One host, a CUDA group, peer access between the local GPUs, torch symmetric memory."""
+        if group is not None and not group_on_cuda(group) and env_bool("DEEP_EP_NVLINK_EMULATE", False):
+            return True, "CPU ranks: emulated with shared memory (DEEP_EP_NVLINK_EMULATE=1; for tests, not speed)"
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         reasons = []
         if group is not None and not group_on_cuda(group):
@@ -168,11 +173,12 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         num_nvl_bytes: int = 0,
     ) -> None:
         super().__init__(group, device, waiter, settings, num_nvl_bytes)
-        if device.type != "cuda":
-            raise DeepEPError("backend='nvlink' needs an NCCL group on CUDA devices")
-        import torch.distributed._symmetric_memory as symm_mem
-
-        nbytes = self.num_nvl_bytes or DEFAULT_STAGING_BYTES
+        if device.type != "cuda" and not settings.nvlink_emulate:
+            raise DeepEPError(
+                "backend='nvlink' needs an NCCL group on CUDA devices (on CPU ranks it runs only emulated, for "
+                "tests: DEEP_EP_NVLINK_EMULATE=1)"
+            )
+        nbytes = self.num_nvl_bytes or (DEFAULT_STAGING_BYTES if device.type == "cuda" else EMULATED_STAGING_BYTES)
         sizes: List[Any] = [None] * self.num_ranks  # symmetric memory needs one size on every rank
         dist.all_gather_object(sizes, nbytes, group=group)
         if len(set(sizes)) > 1:
@@ -185,31 +191,18 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
                 f"(needs more than {self.meta_bytes + 2 * _ALIGN} bytes)"
             )
         self.nbytes = _align(nbytes)
-        name = getattr(group, "group_name", None)
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None and name is not None:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # deprecated (and unneeded) in newer torch
-                try:
-                    enable(name)
-                except Exception:  # pragma: no cover
-                    pass
-        self.buf = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=device)
-        try:
-            self.hdl = symm_mem.rendezvous(self.buf, group)
-        except TypeError:  # pragma: no cover - older torch takes the group name
-            self.hdl = symm_mem.rendezvous(self.buf, name)
-        self._use_staging([self.hdl.get_buffer(p, (self.nbytes,), torch.uint8, 0) for p in range(self.num_ranks)])
+        self.sym = make_symmetric(group, device, self.nbytes, self.timeout_s, settings.nvlink_emulate)
+        self._use_staging(self.sym.peers)
         self._device_setup()
-        self._barrier_ms = int(self.timeout_s * 1000) + 10_000  # the host gives up first, with a better message
         self._pinned: Optional[torch.Tensor] = None
-        self.side = torch.cuda.Stream(device=device)
+        cuda = device.type == "cuda"
+        self.side = torch.cuda.Stream(device=device) if cuda else None
         # Copies to / from different peers run on their own streams (the copy engines work on several
         # links at once); with one peer there is nothing to spread.
         self.peer_streams = (
-            [torch.cuda.Stream(device=device) for _ in range(min(self.num_ranks - 1, 7))] if self.num_ranks > 2 else []
+            [torch.cuda.Stream(device=device) for _ in range(min(self.num_ranks - 1, 7))]
+            if self.num_ranks > 2 and cuda
+            else []
         )
         self.pull_sm = settings.nvlink_pull == "gather"
         self.chunks = settings.nvlink_chunks
@@ -296,7 +289,7 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
 
     # ---------------------------------------------------------------- helpers
     def _barrier(self) -> None:
-        self.hdl.barrier(channel=0, timeout_ms=self._barrier_ms)
+        self.sym.barrier()
 
     def _begin_phase(self, full: bool) -> int:
         """Start a phase; returns the byte offset of the data area it writes.
@@ -345,6 +338,8 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
         values = values.to(device=self.device, dtype=torch.int64).reshape(-1)
         n = values.numel()
         mine = self.publish_meta(values)
+        if not mine.is_cuda:  # (the emulation: the barrier already waited)
+            return mine.clone()
         if self._pinned is None:
             self._pinned = torch.empty((self.num_ranks * _META_SLOT,), dtype=torch.int64, device="cpu").pin_memory()
         host = self._pinned[: self.num_ranks * n].view(self.num_ranks, n)
@@ -637,5 +632,4 @@ class NVLinkTransport(NVLinkSchedules, NVLinkDevicePath, Transport):
     def destroy(self) -> None:
         """Drop the staging and its peers' views (the symmetric memory is freed with them)."""
         self.peers = []
-        self.hdl = None
-        self.buf = None
+        self.sym.destroy()

@@ -23,13 +23,18 @@ PUBLIC_MODULES = [
     "deep_ep.layout",
     "deep_ep.reference",
     "deep_ep.compress",
+    "deep_ep.codecs",
     "deep_ep.wire",
+    "deep_ep.calls",
     "deep_ep.transport",
+    "deep_ep.transport.nvlink",
     "deep_ep.settings",
     "deep_ep.moe",
     "deep_ep.experts",
     "deep_ep.integrations",
     "deep_ep.balance",
+    "deep_ep.elastic",
+    "deep_ep.utils",
     "deep_ep.tools",
 ]
 

@@ -500,45 +500,35 @@ def test_help_texts_are_plain_text():
     assert "deep-ep demo: train a small MoE transformer" in subs.choices["demo"].format_help()
 
 
-def test_demo_backend_that_cannot_run_here_is_refused_up_front(capsys):
-    """On CPU ranks --backend nvlink ends the demo before any training, with one line and a non-zero exit."""
-    if not options.cpu_unavailable(("nvlink",)):
-        pytest.skip("this machine's GPUs serve nvlink; the CPU ranks' in-rank check is tested below")
-    assert cli.main(["demo", "--device", "cpu", "--backend", "nvlink", "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("deep-ep demo: error: --backend nvlink cannot run on CPU ranks"), err
-
-
 def test_demo_backend_checked_by_the_ranks_before_training(monkeypatch, capfd):
-    """Where the machine-level check lets a backend through (e.g. GPUs present, CPU ranks asked for), the
-    ranks make its Buffer before training: one line naming the rank and why, exit 1, no traceback."""
-    monkeypatch.setattr(options, "cpu_unavailable", lambda backends: {})
+    """--backend nvlink on CPU ranks: the ranks make a Buffer of every backend the setups need before any
+    training, so the demo ends at once with one line naming the rank and why (the transport's support
+    check), exit 1, no traceback."""
+    monkeypatch.delenv("DEEP_EP_NVLINK_EMULATE", raising=False)  # (the emulated nvlink would run on CPU)
     assert cli.main(["demo", "--device", "cpu", "--backend", "nvlink", "--no-progress", "--json", ""]) == 1
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err and "tokens/s" not in captured.out, captured.err
     line = [x for x in captured.err.splitlines() if x.startswith("deep-ep demo: error:")]
     assert len(line) == 1 and "--backend nvlink cannot run on these ranks: rank 0:" in line[0], captured.err
+    assert "support check: the group is not a CUDA (NCCL) group" in line[0]
 
 
 def test_bench_backend_that_cannot_run_here(monkeypatch, capsys):
-    """--backend nvlink on CPU ranks: nothing but baselines would run, so it says why and exits non-zero;
-    with another backend beside it, it says so and runs that one."""
+    """--backend nvlink on CPU ranks: nothing but baselines would run, so it says why (the rank, the
+    Buffer's error, the transport's support check) and exits 1 before timing anything; with another
+    backend beside it, it says so and runs that one."""
+    monkeypatch.delenv("DEEP_EP_NVLINK_EMULATE", raising=False)  # (the emulated nvlink would run on CPU)
     small = ["--device", "cpu", "--tokens", "16", "--hidden", "64", "--experts", "4", "--topk", "2"]
     small += ["--iters", "1", "--warmup", "0", "--no-progress"]
-    if options.cpu_unavailable(("nvlink",)):
-        assert cli.main(["bench", "--backend", "nvlink", *small]) == 2
-        err = capsys.readouterr().err
-        assert "--backend nvlink cannot run here:" in err and "GPUs" in err
-        assert cli.main(["bench", "--backend", "nvlink,collective", *small]) == 0
-        captured = capsys.readouterr()
-        assert "note: --backend nvlink cannot run here, skipped" in captured.err
-        assert "collective" in captured.out
-    # the ranks' own check (what a GPU machine asked for CPU ranks goes through)
-    monkeypatch.setattr(options, "cpu_unavailable", lambda backends: {})
     assert cli.main(["bench", "--backend", "nvlink", *small]) == 1
-    err = capsys.readouterr().err
-    assert "deep-ep bench: error: --backend nvlink cannot run here: rank 0:" in err
-    assert "support check: the group is not a CUDA (NCCL) group" in err
+    captured = capsys.readouterr()
+    assert "deep-ep bench: error: --backend nvlink cannot run here: rank 0:" in captured.err
+    assert "support check: the group is not a CUDA (NCCL) group" in captured.err
+    assert "gloo-raw" not in captured.out  # no baseline was timed for nothing
+    assert cli.main(["bench", "--backend", "nvlink,collective", *small]) == 0
+    captured = capsys.readouterr()
+    assert "note: --backend nvlink cannot run here, skipped: rank 0:" in captured.err
+    assert "collective" in captured.out and "gloo-raw" in captured.out
 
 
 def test_num_sms_on_cpu_says_it_has_no_effect(capsys):
@@ -565,3 +555,16 @@ def test_demo_loss_curves_distinguishable():
     loc = ax.xaxis.get_major_locator()
     assert isinstance(loc, MaxNLocator) and all(float(t).is_integer() for t in loc.tick_values(1, 20))
     assert ax.get_legend() is not None
+
+
+def test_bench_emulated_nvlink_runs_on_cpu_ranks(monkeypatch, capsys, tmp_path):
+    """The backend check is the ranks' own (their group): with the emulated nvlink
+    (``DEEP_EP_NVLINK_EMULATE=1``) --backend nvlink runs on CPU ranks."""
+    monkeypatch.setenv("DEEP_EP_NVLINK_EMULATE", "1")
+    path = tmp_path / "nvlink.json"
+    argv = ["bench", "--device", "cpu", "--backend", "nvlink", "--tokens", "16", "--hidden", "64", "--experts", "4"]
+    argv += ["--topk", "2", "--iters", "1", "--warmup", "0", "--no-progress", "--json", str(path)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    res = json.loads(path.read_text())
+    assert {(r["backend"], r["op"]) for r in res["rows"]} >= {("nvlink", "dispatch"), ("nvlink", "combine")}
+    assert not res["unavailable"]

@@ -151,6 +151,8 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
     if error:
         print(f"deep-ep bench: error: {error}", file=sys.stderr)
         return 1
+    for name, why in (result.get("unavailable") or {}).items():
+        print(f"deep-ep bench: note: --backend {name} cannot run here, skipped: {why}", file=sys.stderr)
     print(text(result))
     if args.json:
         write_json(result, args.json)

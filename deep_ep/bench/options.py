@@ -236,13 +236,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         unknown = [b for b in backends if b != "auto" and b not in BACKENDS]
         if unknown:
             raise BenchOptionError(f"unknown --backend {', '.join(unknown)}; deep_ep knows auto, {', '.join(BACKENDS)}")
-        cannot = cpu_unavailable(backends) if device == "cpu" else {}
-        if cannot and len(cannot) == len(backends):
-            raise BenchOptionError(
-                "; ".join(f"--backend {b} cannot run here: {why}" for b, why in cannot.items())
-                + " (the CPU ranks use gloo; deep-ep info lists what runs here)"
-            )
-        notes += [f"--backend {b} cannot run here, skipped: {why}" for b, why in cannot.items()]
     if low_latency and args.tokens is None and not args.sweep and device == "cpu":
         notes.append(
             f"{tokens[0]} tokens per rank on CPU (docs/bench.md's low-latency workload has {LL_TOKENS['cuda']}, on GPU; "
@@ -273,23 +266,3 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         notes=tuple(notes),
     )
 
-
-def cpu_unavailable(backends: tuple) -> dict:
-    """The backends of ``backends`` that cannot serve CPU ranks on this machine, with the reason their
-    transport's support check gives for it (``'auto'`` always runs).
-
-    Args:
-        backends: backend names.
-
-    Returns:
-        ``{name: reason}``.
-    """
-    from deep_ep import transport
-
-    support = {name: (ok, why) for name, ok, why in transport.backend_support(None)}
-    out = {}
-    for b in backends:
-        ok, why = support.get(b, (True, ""))
-        if not ok:
-            out[b] = why
-    return out

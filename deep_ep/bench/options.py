@@ -265,4 +265,3 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         experts_given=args.experts is not None,
         notes=tuple(notes),
     )
-

@@ -18,7 +18,7 @@ side by side:
 Reported per row: realised per-step per-GPU max/mean and std/mean (mean and
 p99 over the measured steps), expert copies per re-plan, planning time; plus
 ``route`` and ``plan`` timings and the issue's "done when" checks. Writes the
-BENCH.md result JSON with ``--json``.
+docs/bench.md result JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--timing-tokens", type=int, default=8192, help="tokens of the routing timed by the route rows (x top-k pairs)"
     )
-    ap.add_argument("--json", default=None, help="write the BENCH.md result file here")
+    ap.add_argument("--json", default=None, help="write the docs/bench.md result file here")
     args = ap.parse_args(argv)
     gpus = [int(x) for x in args.gpus.split(",")]
     spares = [int(x) for x in args.spare.split(",")]

@@ -33,7 +33,7 @@ Time: per step, per phase, CUDA events on GPU (``time.perf_counter`` on CPU);
 a step's time is the slowest rank's; median over ``--iters`` steps after
 ``--warmup``, ``--rounds`` rounds of the policies in turn pooled. Also the
 pairs each rank computes (max/mean over ranks) and a check that both policies
-give the same layer output. Writes the BENCH.md result JSON with ``--json``.
+give the same layer output. Writes the docs/bench.md result JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deep_ep  # noqa: E402
 from deep_ep.balance import BalancedDispatch  # noqa: E402
 from deep_ep.balance.simulate import sample_topk  # noqa: E402
+from deep_ep.bench.launch import local_rank  # noqa: E402
 
 SMALL = dict(tokens=64, hidden=32, ffn=32, experts=8, topk=2, iters=5, warmup=2, plan_steps=5, rounds=1)
 
@@ -177,7 +178,7 @@ def run(args, argv=None) -> dict:
     use_cuda = torch.cuda.is_available() and "nccl" in str(dist.get_backend()).lower()
     rank, R = dist.get_rank(), dist.get_world_size()
     if use_cuda:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        dev = torch.device("cuda", local_rank(rank % torch.cuda.device_count()))
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

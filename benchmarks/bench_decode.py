@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import deep_ep
+from deep_ep.bench.launch import local_rank
 from deep_ep.bench.timing import CpuTimer, CudaTimer, capture
 
 
@@ -58,7 +59,7 @@ def run(args) -> dict:
     rank, R = dist.get_rank(), dist.get_world_size()
     cuda = deep_ep.transport.group_on_cuda()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        torch.cuda.set_device(local_rank(rank % torch.cuda.device_count()))
     dev = deep_ep.transport.group_device()
     layer = deep_ep.ExpertParallelMoE(
         args.hidden,
@@ -89,7 +90,7 @@ def run(args) -> dict:
                 outs[f"graph-{mb}"] = y.float()
                 cases[f"decode-{mb}-graph"] = replay
         rows = []
-        timer = CudaTimer(dev) if cuda else CpuTimer(dist.group.WORLD)  # (BENCH.md's timing, L2 flushed)
+        timer = CudaTimer(dev) if cuda else CpuTimer(dist.group.WORLD)  # (docs/bench.md's timing, L2 flushed)
         for name, fn in cases.items():
             mine = torch.tensor(timer(fn, args.iters, args.warmup), dtype=torch.float64)
             allr = [torch.zeros_like(mine) for _ in range(R)]
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank(0))
     dist.init_process_group(backend)
     try:
         res = run(args)

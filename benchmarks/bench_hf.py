@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deep_ep.bench.launch import local_rank  # noqa: E402
 from deep_ep.integrations import expert_parameters, patch_moe_model  # noqa: E402
 from deep_ep.integrations.hf_configs import moe_config  # noqa: E402
 
@@ -264,7 +265,7 @@ def main(argv=None):
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        dev = torch.device("cuda", local_rank(rank) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""BENCH.md normal-mode benchmark: ``python benchmarks/bench_normal.py [deep-ep bench options]``.
+"""docs/bench.md normal-mode benchmark: ``python benchmarks/bench_normal.py [deep-ep bench options]``.
 
 A thin wrapper: the benchmark lives in :mod:`deep_ep.bench` so that an installed
 ``deep-ep bench`` runs the same code. ``--help`` lists the options.

@@ -21,7 +21,7 @@ __all__ = ["series", "main"]
 def main(argv=None) -> int:
     """Command-line entry: read the files, draw, write the PNG."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", help="result JSON files (BENCH.md format)")
+    p.add_argument("results", nargs="+", help="result JSON files (docs/bench.md format)")
     p.add_argument("-o", "--output", required=True, help="PNG to write")
     p.add_argument(
         "--gbps",

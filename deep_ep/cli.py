@@ -1,35 +1,24 @@
-"""The ``deep-ep`` command line: ``deep-ep info | bench | demo``.
+"""The ``deep-ep`` command line: ``deep-ep info | bench | demo | tools``.
 
-``python -m deep_ep ...`` runs the same thing. Heavy modules (the core, the
-benchmark) are imported only by the subcommand that needs them, so ``info``
-works on a machine where the rest of the package cannot run.
+``python -m deep_ep ...`` runs the same thing. The work of ``bench`` and ``demo`` lives in
+:mod:`deep_ep.bench`, that of ``tools`` in :mod:`deep_ep.tools`; neither imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
-import platform
+import re
 import shlex
 import sys
 from typing import Optional, Sequence
 
-#: Environment variables that change how deep_ep or its transports behave.
-RELEVANT_ENV = (
-    "DEEP_EP_BUFFER_SIZE",
-    "DEEP_EP_COMPRESSION_LEVEL",
-    "DEEP_EP_COMPRESSION_RATIO",
-    "DEEP_EP_TOPOLOGY_AWARE",
-    "DEEP_EP_RANKS_PER_NODE",
-    "DEEP_EP_TIMEOUT_S",
-    "DEEP_EP_CHECK",
-    "DEEP_EP_DISABLE_TRITON",
-    "DEEP_EP_NVLINK_CHUNKS",
-    "DEEP_EP_NVLINK_PULL",
-    "DEEP_EP_NVLINK_DISPATCH",
-    "DEEP_EP_NVLINK_PUSH_CHUNKS",
+from deep_ep.bench.environment import machine, versions  # noqa: F401  (deep_ep.cli.versions / machine)
+from deep_ep.settings import VARIABLES, env_raw
+
+#: Environment variables shown by ``deep-ep info``: deep_ep's own (:data:`deep_ep.settings.VARIABLES`),
+#: then those of NCCL, symmetric memory, CUDA and the launcher that change how it runs.
+RELEVANT_ENV = VARIABLES + (
     "NCCL_NVLS_ENABLE",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST",
     "CUDA_VISIBLE_DEVICES",
@@ -40,73 +29,29 @@ RELEVANT_ENV = (
 )
 
 
-def _import_error(module: str) -> Optional[str]:
-    """``None`` if ``module`` imports, else a one-line reason."""
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # ImportError, or a broken install raising anything
-        return (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0]
-    return None
-
-
-def versions() -> dict:
-    """Versions of deep_ep, torch (and its CUDA), triton (None if absent), Python, the platform."""
-    import torch
-
-    import deep_ep
-
-    triton_error = _import_error("triton")
-    return {
-        "deep_ep": getattr(deep_ep, "__version__", "unknown"),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": None if triton_error else getattr(sys.modules["triton"], "__version__", "unknown"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-def machine() -> dict:
-    """GPUs, peer access between them, symmetric memory and torch.distributed backends of this host."""
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    count = torch.cuda.device_count() if cuda else 0
-    return {
-        "cuda_available": cuda,
-        "device_count": count,
-        "device_names": [torch.cuda.get_device_name(i) for i in range(count)],
-        "peer_access": [
-            [i == j or bool(torch.cuda.can_device_access_peer(i, j)) for j in range(count)] for i in range(count)
-        ],
-        "symm_mem_error": _import_error("torch.distributed._symmetric_memory"),
-        "triton_error": _import_error("triton"),
-        "dist_backends": [
-            name
-            for name, ok in (
-                ("gloo", dist.is_available() and dist.is_gloo_available()),
-                ("nccl", dist.is_available() and dist.is_nccl_available()),
-            )
-            if ok
-        ],
-    }
+def _plain(text: str) -> str:
+    r"""``text`` (a docstring's reStructuredText) as plain text for ``--help``: ``\`\`x\`\``` and
+    ``:role:\`x\``` become ``x``."""
+    return re.sub(r"(?::[a-z]+:)?`{1,2}([^`]+)`{1,2}", r"\1", text)
 
 
 def info_report() -> dict:
-    """Everything ``deep-ep info`` shows, as a JSON-ready dict.
+    """Everything ``deep-ep info`` shows.
 
     The backend decision is the library's own (:func:`deep_ep.transport.backend_support`
     and :func:`deep_ep.transport.select_backend`, the rule ``Buffer(backend='auto')``
     follows), evaluated for this machine rather than for a process group.
+
+    Returns:
+        A JSON-ready dict: ``versions``, ``machine``, ``topology``, ``backends``, ``auto``, ``env``.
     """
     import socket
 
     from deep_ep import transport
 
     auto, why = transport.select_backend(None)
-    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
-    per_node = os.environ.get("DEEP_EP_RANKS_PER_NODE") or local
+    world, local = env_raw("WORLD_SIZE"), env_raw("LOCAL_WORLD_SIZE")
+    per_node = env_raw("DEEP_EP_RANKS_PER_NODE") or local
     topo = {
         "hostname": socket.gethostname(),
         "ranks_per_node": int(per_node) if per_node else None,
@@ -123,7 +68,7 @@ def info_report() -> dict:
         "topology": topo,
         "backends": {name: {"supported": ok, "reason": reason} for name, ok, reason in transport.backend_support(None)},
         "auto": {"backend": auto, "reason": why},
-        "env": {k: os.environ.get(k) for k in RELEVANT_ENV},
+        "env": {k: env_raw(k) for k in RELEVANT_ENV},
     }
 
 
@@ -175,7 +120,14 @@ def _print_info(rep: dict) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """``deep-ep info``: versions, GPUs, peer access, and which backends can run."""
+    """``deep-ep info``: versions, GPUs, peer access, and which backends can run.
+
+    Args:
+        args: the parsed options (``--json``).
+
+    Returns:
+        The exit status (0).
+    """
     rep = info_report()
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -185,25 +137,61 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``deep-ep bench``: spawn ranks and run the BENCH.md normal-mode benchmark."""
+    """``deep-ep bench``: spawn ranks and run the docs/bench.md benchmark (:mod:`deep_ep.bench`).
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status.
+    """
     from deep_ep import bench
 
     return bench.run_from_args(args, command=args.command_line)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``deep-ep demo``: train a small MoE transformer with three communication setups (deep_ep/bench/demo.py)."""
+    """``deep-ep demo``: train a small MoE transformer with three communication setups.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status.
+    """
     from deep_ep.bench import demo
 
     return demo.main_from_args(args)
 
 
+def cmd_tools(args: argparse.Namespace) -> int:
+    """``deep-ep tools [NAME ARGS...]``: list the measurement tools, or run one (:mod:`deep_ep.tools`).
+
+    Args:
+        args: the parsed options (``name``, ``args``).
+
+    Returns:
+        The tool's exit status.
+    """
+    from deep_ep import tools
+
+    return tools.main(([args.name] if args.name else []) + list(args.args), prog=f"{args.prog} tools")
+
+
 def build_parser(prog: str = "deep-ep") -> argparse.ArgumentParser:
-    """The argument parser of the ``deep-ep`` command and its subcommands."""
+    """The argument parser of the ``deep-ep`` command and its subcommands.
+
+    Args:
+        prog: the program name shown in usage lines.
+
+    Returns:
+        The parser; each subcommand's parser is its namespace's ``parser``.
+    """
+    from deep_ep.bench import demo
     from deep_ep.bench.options import add_arguments
 
     parser = argparse.ArgumentParser(prog=prog, description="deep_ep: expert-parallel dispatch/combine for MoE models.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,demo,tools}")
     sub.required = True
 
     p = sub.add_parser(
@@ -212,33 +200,53 @@ def build_parser(prog: str = "deep-ep") -> argparse.ArgumentParser:
         description="Show what this machine offers deep_ep and which backend backend='auto' picks.",
     )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=cmd_info, parser=p)
 
     p = sub.add_parser(
         "bench",
-        help="benchmark dispatch/combine against the BENCH.md baselines",
+        help="benchmark dispatch/combine against the docs/bench.md baselines",
         description="Spawn ranks on this host (all GPUs over NCCL, or 2 CPU ranks "
-        "over gloo) and time dispatch/combine per BENCH.md.",
+        "over gloo) and time dispatch/combine as docs/bench.md describes.",
     )
     add_arguments(p)
-    p.set_defaults(func=cmd_bench)
-
-    from deep_ep.bench import demo
+    p.set_defaults(func=cmd_bench, parser=p)
 
     p = sub.add_parser(
         "demo",
         help="train a small MoE transformer: collective vs deep_ep vs deep_ep with overlap",
-        description=demo.__doc__.split("\n\n")[0],
+        description=_plain(demo.__doc__.split("\n\n")[0]),
     )
     demo.add_arguments(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, parser=p)
+
+    p = sub.add_parser(
+        "tools",
+        help="measurement tools for GPU investigations (list them, or run one: deep-ep tools NAME --help)",
+        description="The measurement tools of deep_ep.tools (also python -m deep_ep.tools NAME ...).",
+        add_help=False,
+    )
+    p.add_argument("name", nargs="?", help="the tool; none lists them")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own arguments")
+    p.set_defaults(func=cmd_tools, parser=p, prog=prog)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "deep-ep") -> int:
-    """Entry point of the ``deep-ep`` console script; returns the exit status."""
+    """Entry point of the ``deep-ep`` console script.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+        prog: the program name shown in usage lines.
+
+    Returns:
+        The exit status (an unknown option exits 2 with the usage of the subcommand it was given to).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
+    args, extra = build_parser(prog).parse_known_args(argv)
+    if extra and args.command == "tools":  # e.g. ``deep-ep tools --help``: the tools' own listing
+        args.args = extra + list(args.args)
+    elif extra:  # report it with the subcommand's usage, not the top level's
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.command_line = " ".join([prog, shlex.join(argv)]).strip()
     return args.func(args)
 

@@ -11,7 +11,7 @@ Every rank builds (or loads) the same model, patches it (each rank keeps
 logits against an unpatched copy (random models only: they are small),
 averages the gradients as data parallelism does (``average_gradients``;
 not DistributedDataParallel, which would mix different ranks' experts), and
-generates greedily.
+generates greedily. Rank 0 prints every rank's lines, in rank order.
 """
 
 import argparse
@@ -28,6 +28,15 @@ from deep_ep.integrations import average_gradients, expert_parameters, patch_moe
 from deep_ep.integrations.hf_configs import FAMILIES, moe_config  # noqa: E402
 
 
+def report(line: str) -> None:
+    """Print every rank's ``line`` from rank 0, in rank order (collective: every rank calls it), so that
+    the ranks' output does not interleave."""
+    lines = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, line)
+    if dist.get_rank() == 0:
+        print("\n".join(f"rank {r}: {text}" for r, text in enumerate(lines)), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", default="qwen3_moe", choices=sorted(FAMILIES))
@@ -41,11 +50,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    dev = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        if cuda
-        else torch.device("cpu")
-    )
+    dev = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -63,10 +68,8 @@ def main() -> None:
     patch_moe_model(model, num_gpus=args.num_gpus, use_deep_ep=not args.no_deep_ep)
     info = model.deep_ep_info
     mine = sum(p.numel() for _, p in expert_parameters(model))
-    print(
-        f"rank {rank}: {len(info.blocks)} MoE blocks ({info.families[0]}), EP group of {info.size}, "
-        f"expert parameters {mine} of {total}",
-        flush=True,
+    report(
+        f"{len(info.blocks)} MoE blocks ({info.families[0]}), EP group of {info.size}, expert parameters {mine} of {total}"
     )
 
     # Forward/backward on this rank's own batch.
@@ -77,11 +80,11 @@ def main() -> None:
     out.loss.backward()
     average_gradients(model)  # data parallelism: replicated params over all ranks, experts over replicas
     grads = sum(1 for p in model.parameters() if p.grad is not None)
-    print(f"rank {rank}: loss {out.loss.item():.4f}, {grads} parameters got gradients", flush=True)
+    report(f"loss {out.loss.item():.4f}, {grads} parameters got gradients")
     if reference is not None:
         with torch.no_grad():
             err = (model(ids).logits.float() - reference(ids).logits.float()).abs().max().item()
-        print(f"rank {rank}: max |logits - unpatched logits| = {err:.2e}", flush=True)
+        report(f"max |logits - unpatched logits| = {err:.2e}")
 
     # Greedy generation; ranks hold different prompts, synced_gpus keeps them stepping together.
     with torch.no_grad():
@@ -93,7 +96,8 @@ def main() -> None:
             synced_gpus=True,
             pad_token_id=model.config.pad_token_id or 0,
         )
-    print(f"rank {rank}: generated {gen[0, 8:].tolist()}", flush=True)
+    report(f"generated {gen[0, 8:].tolist()}")
+    dist.barrier()  # every rank done before any tears its process group down
     dist.destroy_process_group()
 
 

@@ -1,10 +1,15 @@
 # Run: torchrun --nproc-per-node 2 examples/quickstart.py   (CPU with gloo, or one GPU per rank with NCCL)
+import sys
+
 import torch
 import torch.distributed as dist
 
 import deep_ep
 
-dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+try:
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+except ValueError:  # started without torchrun: no RANK, WORLD_SIZE, MASTER_ADDR to meet the other ranks
+    sys.exit(f"{sys.argv[0]} runs as 2 ranks; start it with:  torchrun --nproc-per-node 2 {sys.argv[0]}")
 rank, world = dist.get_rank(), dist.get_world_size()
 dev = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
 if dev.type == "cuda":

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Everything one GPU-machine call needs: versions, GPU tests, and the benchmark, results under $OUT.
-# Run from the repository root on a GPU machine:  bash scripts/device_check.sh [pytest -k expr]
+# Everything one GPU-machine call needs: versions, GPU tests, the benchmark and any measurement tools,
+# results under $OUT. Run from the repository root on a GPU machine:
+#   bash scripts/device_check.sh [pytest -k expr]
 # (>= 2 GPUs for the benchmarks; on one GPU the multi-rank tests share it, DEEP_EP_TEST_SHARE_GPU=4)
+# Switches (environment): SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS, SWEEPS, LL=1, DECODE=1, DEMO=1, TOOLS (below),
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds, default 420 each).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -51,3 +54,13 @@ if [ -n "${DEMO:-}" ]; then
     --png "$OUT/demo.png" > "$OUT/demo.txt" 2>&1
   echo "demo rc=$?"; tail -8 "$OUT/demo.txt"
 fi
+# Measurement tools (deep_ep/tools, `python -m deep_ep.tools` lists them), one per ';'-separated entry, each
+# a tool name and its arguments, output in $OUT/tool_<name>.txt:
+# TOOLS="call-profile --out $OUT;ll-probe 128;host-breakdown 1024 2048;share-gpu 4"
+IFS=';' read -ra TOOL_RUNS <<< "${TOOLS:-}"
+for entry in "${TOOL_RUNS[@]}"; do
+  read -ra words <<< "$entry"
+  [ ${#words[@]} -eq 0 ] && continue
+  timeout ${BENCH_TIMEOUT:-420} python3 -m deep_ep.tools "${words[@]}" > "$OUT/tool_${words[0]}.txt" 2>&1
+  echo "tool ${words[0]} rc=$?"; grep -v "^USDT\|^W[0-9]" "$OUT/tool_${words[0]}.txt" | tail -15
+done

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from deep_ep import cli
-from deep_ep.bench import options, report, workload
+from deep_ep.bench import launch, options, report, workload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = {
@@ -299,7 +300,7 @@ def test_bench_compression_rows():
 
 def test_bench_low_latency_cpu(capsys, tmp_path):
     """--mode low-latency on CPU ranks: dispatch and combine rows for the collective backend, DeepEP's
-    byte counting, BENCH.md's experts (256, 288 where the ranks do not divide 256)."""
+    byte counting, docs/bench.md's experts (256, 288 where the ranks do not divide 256)."""
     cfg = options.config_from_args(_bench_args("--device", "cpu", "--mode", "low-latency"))
     assert cfg.workload == "low-latency" and cfg.tokens == (32,) and not cfg.experts_given
     cfg = options.config_from_args(_bench_args("--device", "cpu", "--mode", "low-latency", "--sweep"))
@@ -335,22 +336,60 @@ def test_bench_low_latency_cpu(capsys, tmp_path):
     rows = {(r["op"], r["wire"]): r for r in res["rows"]}
     assert set(rows) == {("dispatch", "fp8"), ("combine", "bf16")} and rows[("dispatch", "fp8")]["experts"] == 256
     assert rows[("dispatch", "fp8")]["pairs_per_rank"] == 8 * 4  # top-4 of 256, distinct
-    assert "low-latency on 2 x cpu" in capsys.readouterr().out
+    # DeepEP's byte counting (docs/bench.md), not a rounded-away 0.00
+    for r in res["rows"]:
+        per_pair = 256 + 4 * 256 // 128 + 16 if r["op"] == "dispatch" else 2 * 256
+        assert r["gbps_logical"] == pytest.approx(r["pairs_per_rank"] * per_pair / (r["time_us"] * 1e3))
+    # the ranks take their share of the cores as torch threads, as the normal mode's do
+    assert res["threads_per_rank"] == launch.cpu_threads_per_rank(2)
+    captured = capsys.readouterr()
+    assert "low-latency on 2 x cpu" in captured.out
+    lines = captured.out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("backend"))
+    assert set(lines[head + 1].replace(" ", "")) == {"-"}  # the separator the normal table has
+    assert "0.00 " not in captured.out and "GB/s: bytes per valid (token, expert) pair" in captured.out
+    assert "wire fp8 dispatch, bf16 combine" in captured.err and "wire bf16," not in captured.err
 
 
-def test_demo_cpu(tmp_path, capsys):
-    """deep-ep demo on 2 CPU ranks: every setup trains (the loss falls), JSON rows, and a chart."""
+def test_low_latency_banner_and_cpu_tokens_note():
+    """The low-latency banner names its real wire formats and experts; on CPU it says how many tokens it
+    uses and why."""
+    from deep_ep import bench
+
+    cfg = options.config_from_args(_bench_args("--device", "cpu", "--mode", "low-latency"))
+    line = bench.banner(cfg)
+    assert "wire fp8 dispatch, bf16 combine" in line and "of 256 experts" in line and "tokens 32 per rank" in line
+    assert any("32 tokens per rank on CPU" in n and "128" in n and "--tokens" in n for n in cfg.notes), cfg.notes
+    cfg = options.config_from_args(_bench_args("--device", "cpu", "--mode", "low-latency", "--tokens", "8"))
+    assert not any("tokens per rank on CPU" in n for n in cfg.notes)
+    assert "wire bf16 dispatch, bf16 combine" in bench.banner(options.config_from_args(_bench_args("--device", "cpu")))
+
+
+def test_gbps_format_keeps_small_figures():
+    assert report.format_gbps(0.004213) == "0.00421" and report.format_gbps(0.0) == "0"
+    assert report.format_gbps(12.345) == "12.35" and report.format_gbps(None) == "-"
+
+
+def test_demo_cpu(tmp_path, capfd):
+    """deep-ep demo as the README runs it (2 CPU ranks, default 20 steps): every setup trains, the losses are
+    what the README says a run prints, no rank warns, JSON rows and a chart."""
     out, png = tmp_path / "demo.json", tmp_path / "demo.png"
-    assert (
-        cli.main(["demo", "--device", "cpu", "--steps", "12", "--no-progress", "--json", str(out), "--png", str(png)])
-        == 0
-    )
+    assert cli.main(["demo", "--device", "cpu", "--no-progress", "--json", str(out), "--png", str(png)]) == 0
     res = json.loads(out.read_text())
     assert [r["setup"] for r in res["rows"]] == ["collective", "deep_ep", "deep_ep-overlap"]
     for r in res["rows"]:
         assert r["loss_last"] < 0.6 * r["loss_first"] and r["tokens_per_s"] > 0
         assert 0 <= r["exposed_comm_fraction"] <= 1
-    assert "tokens/s" in capsys.readouterr().out
+    captured = capfd.readouterr()  # the ranks' own output included (they write to the inherited fds)
+    assert "tokens/s" in captured.out
+    assert "Warning" not in captured.err and "requires_grad" not in captured.err, captured.err
+    readme = open(os.path.join(REPO, "README.md")).read()
+    claim = re.search(r"loss falls from about ([0-9.]+) to about ([0-9.]+)\s+in (\d+) steps", readme)
+    assert claim, "README.md: the demo's loss claim"
+    first, last, steps = float(claim[1]), float(claim[2]), int(claim[3])
+    assert steps == len(res["rows"][0]["losses"])
+    for r in res["rows"]:
+        assert abs(r["loss_first"] - first) <= 0.1 and abs(r["loss_last"] - last) <= 0.15, (r, claim[0])
     try:
         import matplotlib  # noqa: F401
 
@@ -427,3 +466,105 @@ def test_bench_num_sms_sweep_in_one_run(tmp_path, capsys):
 def test_bench_num_sms_sweep_rejected_for_low_latency(capsys):
     assert cli.main(["bench", "--device", "cpu", "--mode", "low-latency", "--num-sms", "2,4"]) == 2
     assert "one value with --mode low-latency" in capsys.readouterr().err
+
+
+def test_bench_unknown_option_prints_the_bench_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: deep-ep bench" in err and "unrecognized arguments: --bogus" in err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--bogus"])
+    assert "usage: deep-ep demo" in capsys.readouterr().err
+
+
+def test_demo_names_only_the_rule_it_breaks(capsys):
+    assert cli.main(["demo", "--device", "cpu", "--world-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--experts must be a multiple of the ranks: 8 experts on 3 ranks" in err
+    assert "--topk" not in err and "--steps" not in err and "--lr" not in err
+    assert cli.main(["demo", "--device", "cpu", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps must be >= 1, got 0" in err and "--experts" not in err
+
+
+def test_help_texts_are_plain_text():
+    """``--help`` of every subcommand shows no reStructuredText markup (double backticks, :roles:)."""
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) == {"info", "bench", "demo", "tools"}
+    for name, sub in subs.choices.items():
+        text = sub.format_help()
+        assert "``" not in text and ":class:" not in text and ":func:" not in text, (name, text)
+    assert "deep-ep demo: train a small MoE transformer" in subs.choices["demo"].format_help()
+
+
+def test_demo_backend_checked_by_the_ranks_before_training(monkeypatch, capfd):
+    """--backend nvlink on CPU ranks: the ranks make a Buffer of every backend the setups need before any
+    training, so the demo ends at once with one line naming the rank and why (the transport's support
+    check), exit 1, no traceback."""
+    monkeypatch.delenv("DEEP_EP_NVLINK_EMULATE", raising=False)  # (the emulated nvlink would run on CPU)
+    assert cli.main(["demo", "--device", "cpu", "--backend", "nvlink", "--no-progress", "--json", ""]) == 1
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err and "tokens/s" not in captured.out, captured.err
+    line = [x for x in captured.err.splitlines() if x.startswith("deep-ep demo: error:")]
+    assert len(line) == 1 and "--backend nvlink cannot run on these ranks: rank 0:" in line[0], captured.err
+    assert "support check: the group is not a CUDA (NCCL) group" in line[0]
+
+
+def test_bench_backend_that_cannot_run_here(monkeypatch, capsys):
+    """--backend nvlink on CPU ranks: nothing but baselines would run, so it says why (the rank, the
+    Buffer's error, the transport's support check) and exits 1 before timing anything; with another
+    backend beside it, it says so and runs that one."""
+    monkeypatch.delenv("DEEP_EP_NVLINK_EMULATE", raising=False)  # (the emulated nvlink would run on CPU)
+    small = ["--device", "cpu", "--tokens", "16", "--hidden", "64", "--experts", "4", "--topk", "2"]
+    small += ["--iters", "1", "--warmup", "0", "--no-progress"]
+    assert cli.main(["bench", "--backend", "nvlink", *small]) == 1
+    captured = capsys.readouterr()
+    assert "deep-ep bench: error: --backend nvlink cannot run here: rank 0:" in captured.err
+    assert "support check: the group is not a CUDA (NCCL) group" in captured.err
+    assert "gloo-raw" not in captured.out  # no baseline was timed for nothing
+    assert cli.main(["bench", "--backend", "nvlink,collective", *small]) == 0
+    captured = capsys.readouterr()
+    assert "note: --backend nvlink cannot run here, skipped: rank 0:" in captured.err
+    assert "collective" in captured.out and "gloo-raw" in captured.out
+
+
+def test_num_sms_on_cpu_says_it_has_no_effect(capsys):
+    cfg = options.config_from_args(_bench_args("--device", "cpu", "--num-sms", "24"))
+    assert cfg.num_sms == 24 and any("no effect on CPU" in n for n in cfg.notes)
+    assert not options.config_from_args(_bench_args("--device", "cpu")).notes
+
+
+def test_demo_loss_curves_distinguishable():
+    """Each setup's curve has its own line style and marker (the curves coincide), steps start at 1, and
+    the step axis has integer ticks."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    from deep_ep.bench import demo
+
+    rows = [dict(setup=s, losses=[4.3, 2.0, 1.1]) for s in demo.SETUPS]
+    ax = Figure().subplots()
+    demo.plot_losses(ax, rows)
+    styles = {(line.get_linestyle(), line.get_marker()) for line in ax.get_lines()}
+    assert len(ax.get_lines()) == 3 and len(styles) == 3
+    assert list(ax.get_lines()[0].get_xdata()) == [1, 2, 3]
+    loc = ax.xaxis.get_major_locator()
+    assert isinstance(loc, MaxNLocator) and all(float(t).is_integer() for t in loc.tick_values(1, 20))
+    assert ax.get_legend() is not None
+
+
+def test_bench_emulated_nvlink_runs_on_cpu_ranks(monkeypatch, capsys, tmp_path):
+    """The backend check is the ranks' own (their group): with the emulated nvlink
+    (``DEEP_EP_NVLINK_EMULATE=1``) --backend nvlink runs on CPU ranks."""
+    monkeypatch.setenv("DEEP_EP_NVLINK_EMULATE", "1")
+    path = tmp_path / "nvlink.json"
+    argv = ["bench", "--device", "cpu", "--backend", "nvlink", "--tokens", "16", "--hidden", "64", "--experts", "4"]
+    argv += ["--topk", "2", "--iters", "1", "--warmup", "0", "--no-progress", "--json", str(path)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    res = json.loads(path.read_text())
+    assert {(r["backend"], r["op"]) for r in res["rows"]} >= {("nvlink", "dispatch"), ("nvlink", "combine")}
+    assert not res["unavailable"]

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from deep_ep.bench.launch import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,7 +21,7 @@ def test_quickstart_under_torchrun():
             "--nproc-per-node",
             "2",
             "--master-port",
-            "29655",
+            str(free_port()),  # free: other test sessions may share the machine
             os.path.join(ROOT, "examples", "quickstart.py"),
         ],
         cwd=ROOT,
@@ -53,3 +55,25 @@ def test_quickstart_notebook_runs_on_cpu(tmp_path):
             os.environ["CUDA_VISIBLE_DEVICES"] = env_keep
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "combine OK" in text and "tokens/s" in text
+    plot = [c for c in nb.cells if "plot" in c.get("metadata", {}).get("tags", [])]
+    assert len(plot) == 1, "the notebook's plot cell (tagged 'plot')"
+    images = [o for o in plot[0].outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1, plot[0].outputs  # the plot is shown, not only drawn
+
+
+def test_quickstart_without_torchrun_prints_the_command():
+    """Run as a plain script, the quickstart says how to start it instead of torch's rendezvous error."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join("examples", "quickstart.py")],
+        cwd=ROOT,
+        env=dict(env, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "examples/quickstart.py runs as 2 ranks; start it with:  torchrun --nproc-per-node 2 examples/quickstart.py"
+    ], proc.stderr

@@ -12,10 +12,14 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from deep_ep.bench.launch import free_port  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _torchrun(script, *args, port):
+def _torchrun(script, *args, torchrun_args=()):
+    """Run ``script`` under torchrun on 2 CPU ranks, on a free port (other test sessions may share the
+    machine); its stdout."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
     proc = subprocess.run(
         [
@@ -25,7 +29,8 @@ def _torchrun(script, *args, port):
             "--nproc-per-node",
             "2",
             "--master-port",
-            str(port),
+            str(free_port()),
+            *torchrun_args,
             os.path.join(ROOT, script),
             *args,
         ],
@@ -40,10 +45,14 @@ def _torchrun(script, *args, port):
 
 
 def test_example_under_torchrun():
-    out = _torchrun("examples/hf_moe.py", "--family", "gpt_oss", port=29671)
+    """Both ranks' results, printed by rank 0 in rank order (torchrun shows only local rank 0's output
+    here, so rank 1's lines appear only if rank 0 prints them: the ranks' lines cannot interleave)."""
+    out = _torchrun("examples/hf_moe.py", "--family", "gpt_oss", torchrun_args=("--local-ranks-filter", "0"))
     errs = [float(e) for e in re.findall(r"max \|logits - unpatched logits\| = ([0-9.]+e[-+][0-9]+)", out)]
     assert len(errs) == 2 and max(errs) < 1e-5, out
     assert out.count("generated [") == 2 and out.count("expert parameters 25344 of 50688") == 2, out
+    ranks = [int(r) for r in re.findall(r"^(?:\[\S+\]:)?rank (\d+): ", out, flags=re.M)]
+    assert ranks == [0, 1] * 4, out  # blocks, loss, logits, generation: rank 0 then rank 1 each time
 
 
 def test_benchmark_small(tmp_path):
@@ -57,7 +66,6 @@ def test_benchmark_small(tmp_path):
         "2",
         "--json",
         str(path),
-        port=29672,
     )
     result = json.loads(path.read_text())
     assert result["card"].startswith("cpu") and result["world_size"] == 2

@@ -1,4 +1,4 @@
-"""The cases of one rank: deep_ep backends and the BENCH.md baselines.
+"""The cases of one rank: deep_ep backends and the docs/bench.md baselines.
 
 Every case records, per rank, its per-run times and the bytes its figures are
 computed from; :mod:`deep_ep.bench.report` reduces the ranks. A case that
@@ -24,7 +24,15 @@ logger = logging.getLogger(__name__)
 
 
 def plan(cfg, backends: list) -> list:
-    """The ``(tokens, backend, op, wire, timing)`` cases a run times, in order (for the progress bar)."""
+    """The cases a run times, in order (for the progress bar).
+
+    Args:
+        cfg: the run's :class:`~deep_ep.bench.options.BenchConfig`.
+        backends: the deep_ep backends of the run.
+
+    Returns:
+        ``[(tokens, backend, op, wire, timing), ...]``, baselines included.
+    """
     out = []
     graphs = cfg.device == "cuda" and getattr(cfg, "graphs", True)
     for tokens in cfg.tokens:
@@ -56,11 +64,58 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def agree_error(error: Optional[str], group=None) -> Optional[str]:
+    """All-gather each rank's error over ``group`` (collective: every rank calls it).
+
+    Args:
+        error: this rank's error (``None`` if it is fine).
+        group: the process group that agrees (a gloo one where the data group is NCCL).
+
+    Returns:
+        The first rank's error as ``"rank r: error"``, or ``None`` when every rank is fine.
+    """
+    errors = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    for r, e in enumerate(errors):
+        if e is not None:
+            return f"rank {r}: {e}"
+    return None
+
+
+def open_agreed(make: Callable[[], object], group=None) -> tuple:
+    """Run ``make()`` on every rank (e.g. make a ``Buffer``) and agree on the outcome.
+
+    Args:
+        make: what every rank runs.
+        group: the process group that agrees.
+
+    Returns:
+        ``(result, None)`` when it worked on every rank, else ``(None, reason naming the rank)``.
+    """
+    try:
+        result, err = make(), None
+    except Exception as exc:  # the reason every rank reports
+        result, err = None, _one_line(exc)
+        logger.debug("setup failed", exc_info=True)
+    reason = agree_error(err, group)
+    return (None, reason) if reason else (result, None)
+
+
 class RankRunner:
     """Runs the cases of one rank and collects ``records`` and ``skipped``."""
 
     def __init__(self, cfg, rank: int, group, ctrl, device: torch.device, timer, progress):
-        """``group`` carries the data (NCCL or gloo); ``ctrl`` is a gloo group for agreement."""
+        """Set up the runner of one rank.
+
+        Args:
+            cfg: the run.
+            rank: this rank.
+            group: the process group that carries the data (NCCL or gloo).
+            ctrl: a gloo group for agreement.
+            device: this rank's device.
+            timer: a :class:`~deep_ep.bench.timing.CudaTimer` or :class:`~deep_ep.bench.timing.CpuTimer`.
+            progress: ``update(n)`` of the progress bar.
+        """
         self.cfg, self.rank, self.group, self.ctrl = cfg, rank, group, ctrl
         self.device, self.timer, self.progress = device, timer, progress
         self.records: list = []
@@ -71,26 +126,34 @@ class RankRunner:
 
     # -- agreement ---------------------------------------------------------------------------
     def agree(self, error: Optional[str]) -> Optional[str]:
-        """All-gather each rank's error (None if fine); the first one, naming its rank, or None."""
-        errors = [None] * self.cfg.world_size
-        dist.all_gather_object(errors, error, group=self.ctrl)
-        for r, e in enumerate(errors):
-            if e is not None:
-                return f"rank {r}: {e}"
-        return None
+        """All-gather each rank's error (collective).
+
+        Args:
+            error: this rank's error, ``None`` if fine.
+
+        Returns:
+            The first one, naming its rank, or ``None``.
+        """
+        return agree_error(error, self.ctrl)
 
     def try_agreed(self, fn: Callable[[], object]):
-        """Run ``fn`` on every rank; ``(result, None)`` if it worked everywhere, else ``(None, reason)``."""
-        try:
-            result, err = fn(), None
-        except Exception as exc:  # recorded as the case's skip reason
-            result, err = None, _one_line(exc)
-            logger.debug("case setup failed on rank %d", self.rank, exc_info=True)
-        reason = self.agree(err)
-        return (None, reason) if reason else (result, None)
+        """Run ``fn`` on every rank and agree on the outcome (collective).
+
+        Args:
+            fn: what every rank runs.
+
+        Returns:
+            ``(result, None)`` if it worked everywhere, else ``(None, reason)``.
+        """
+        return open_agreed(fn, self.ctrl)
 
     def skip(self, cases: list, reason: str) -> None:
-        """Record ``cases`` (tuples of :func:`plan`) as skipped and advance the progress bar."""
+        """Record ``cases`` as skipped and advance the progress bar.
+
+        Args:
+            cases: tuples of :func:`plan`.
+            reason: why they cannot run (the same on every rank).
+        """
         for tokens, backend, op, wire, timing in cases:
             self.skipped.append(dict(backend=backend, op=op, wire=wire, tokens=tokens, timing=timing, reason=reason))
         self.progress(len(cases))
@@ -98,7 +161,17 @@ class RankRunner:
     def record(
         self, case: tuple, times: list, rows: int, remote_rows: Optional[int], link_rows: int, rb: int, **extra
     ) -> None:
-        """Store one measured case of this rank and advance the progress bar."""
+        """Store one measured case of this rank and advance the progress bar.
+
+        Args:
+            case: a tuple of :func:`plan`.
+            times: per-run microseconds.
+            rows: rows received (``None`` for the peer-copy baseline).
+            remote_rows: rows received from other ranks.
+            link_rows: rows that crossed to another rank (the link bytes' rows).
+            rb: bytes per row on the wire.
+            extra: more keys of the record (``num_sms``, ``transport``, codec figures).
+        """
         tokens, backend, op, wire, timing = case
         self.records.append(
             dict(
@@ -118,7 +191,14 @@ class RankRunner:
         self.progress(1)
 
     def time(self, fn: Callable[[], object]) -> list:
-        """Per-run microseconds of ``fn`` with the configured timer."""
+        """Time ``fn`` with the configured timer.
+
+        Args:
+            fn: the call.
+
+        Returns:
+            Per-run microseconds (``cfg.iters`` of them, after ``cfg.warmup``).
+        """
         return self.timer(fn, self.cfg.iters, self.cfg.warmup)
 
     # -- deep_ep backends -------------------------------------------------------------------
@@ -137,8 +217,17 @@ class RankRunner:
     def open_backend(
         self, name: str, unsupported: Optional[str], nvl_bytes: Optional[int] = None, key: Optional[str] = None
     ):
-        """Create (once) the ``Buffer`` of backend ``name`` on every rank; ``(buffer, skip reason)``.
-        ``nvl_bytes`` / ``key``: a second Buffer of that size, kept under ``key``."""
+        """Create (once) the ``Buffer`` of backend ``name`` on every rank (collective).
+
+        Args:
+            name: the backend.
+            unsupported: the reason deep_ep's own rule rejects it for this group, or ``None``.
+            nvl_bytes: ``num_nvl_bytes`` of a second Buffer (default: DeepEP's size hint).
+            key: the name the second Buffer is kept under.
+
+        Returns:
+            ``(buffer, None)`` or ``(None, skip reason naming the rank)``.
+        """
         key = key or name
         if key in self.buffers:
             return self.buffers[key]
@@ -165,7 +254,14 @@ class RankRunner:
         return x.shape[0], x.shape[0] - own
 
     def run_backend(self, name: str, wl: Workload, unsupported: Optional[str]) -> None:
-        """Time cached dispatch, fresh dispatch (layout + dispatch) and combine of one backend."""
+        """Time cached dispatch, fresh dispatch (layout + dispatch) and combine of one backend (and, on CUDA,
+        their graph-replayed and ``num_worst_tokens`` variants).
+
+        Args:
+            name: the backend.
+            wl: this rank's workload.
+            unsupported: the reason it cannot run here, or ``None``.
+        """
         cfg = self.cfg
         cases = [c for c in plan(cfg, [name]) if c[0] == wl.tokens and c[1] == name]
         buf, reason = self.open_backend(name, unsupported)
@@ -269,8 +365,16 @@ class RankRunner:
             self.run_graph(name, combine_cases[1], lambda: buf.combine(recv_x, handle), rows, remote, rb, extra)
 
     def run_compressed(self, name: str, cases: list, bf16_out, wl: Workload, extra_base: dict) -> None:
-        """Cached dispatch of the bf16 rows compressed by deep_ep at each ``--compression`` level (the wire
-        bytes per row are the codec's); each row carries the codec's relative L2 error on these rows."""
+        """Time the cached dispatch of the bf16 rows compressed by deep_ep at each ``--compression`` level (the
+        wire bytes per row are the codec's); each row carries the codec's relative L2 error on these rows.
+
+        Args:
+            name: the backend.
+            cases: its planned cases.
+            bf16_out: ``(recv_x, handle, rows, remote)`` of its bf16 dispatch, or ``None``.
+            wl: this rank's workload.
+            extra_base: keys every record gets.
+        """
         from deep_ep.compress import make_codec, relative_error
 
         cfg, buf = self.cfg, self.buffers[name][0]
@@ -304,9 +408,15 @@ class RankRunner:
                 self.run_graph(name, wcases[1], fn, rows, remote, codec.row_bytes, extra)
 
     def run_graph(self, name: str, case: tuple, fn: Callable[[], object], rows, remote, rb, extra) -> None:
-        """Time ``fn`` (a cached-handle call, or a num_worst_tokens dispatch) replayed from a CUDA graph:
-        the GPU-side time of the call without its Python launch cost. The nvlink transport supports
-        capture; others are skipped."""
+        """Time ``fn`` replayed from a CUDA graph: the GPU-side time of the call without its Python launch cost.
+        The nvlink transport supports capture; others are skipped.
+
+        Args:
+            name: the backend.
+            case: the planned case.
+            fn: a cached-handle call, or a ``num_worst_tokens`` dispatch.
+            rows, remote, rb, extra: as :meth:`record` takes them.
+        """
         if name not in ("nvlink", "auto") or getattr(self.buffers.get(name, (None,))[0], "backend", "") != "nvlink":
             self.skip([case], "CUDA-graph capture is supported by the nvlink transport only")
             return
@@ -321,7 +431,11 @@ class RankRunner:
 
     # -- baselines ---------------------------------------------------------------------------
     def run_raw(self, wl: Workload) -> None:
-        """``nccl-raw`` / ``gloo-raw``: one all_to_all_single of exactly the rows that move."""
+        """``nccl-raw`` / ``gloo-raw``: one ``all_to_all_single`` of exactly the rows that move.
+
+        Args:
+            wl: this rank's workload.
+        """
         cfg, name = self.cfg, self.cfg.raw_name
         recv_rows, remote = sum(wl.recv_counts), wl.remote_recv_rows(self.rank)
         jobs = [((wl.tokens, name, "dispatch", w, "cached"), w, wl.send_counts, wl.recv_counts) for w in cfg.wires]
@@ -354,7 +468,11 @@ class RankRunner:
         return t, symm_mem.rendezvous(t, self.group)
 
     def run_peer_copy(self, wl: Workload) -> None:
-        """``peer-copy``: copy the same remote bytes into each peer's symmetric buffer (GPU only)."""
+        """``peer-copy``: copy the same remote bytes into each peer's symmetric buffer (GPU only).
+
+        Args:
+            wl: this rank's workload.
+        """
         cfg, name = self.cfg, "peer-copy"
         cases = [(wl.tokens, name, "dispatch", w, "cached") for w in cfg.wires]
         cases.append((wl.tokens, name, "combine", "bf16", "cached"))

@@ -35,11 +35,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deep_ep.bench.launch import init_rank, launch
+
 SETUPS = ("collective", "deep_ep", "deep_ep-overlap")
 
 
+class DemoError(RuntimeError):
+    """The demo cannot run as asked (a backend that cannot run here); the message says why."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``deep-ep demo`` options (defaults: small on CPU, a DeepSeek-like layer scaled down on GPU)."""
+    """Add the ``deep-ep demo`` options (defaults: small on CPU, a DeepSeek-like layer scaled down on GPU).
+
+    Args:
+        p: the parser.
+    """
     p.add_argument("--steps", type=int, help="training steps per setup (GPU 30, CPU 20)")
     p.add_argument("--layers", type=int, default=2, help="MoE blocks (default 2)")
     p.add_argument("--hidden", type=int, help="model width (GPU 2048, CPU 64)")
@@ -106,7 +116,14 @@ class _Block(nn.Module):
 
 
 class DemoModel(nn.Module):
-    """Embedding, MoE blocks, norm, LM head (the demo's model)."""
+    """Embedding, MoE blocks, norm, LM head (the demo's model).
+
+    Args:
+        cfg: the demo's settings (``vocab``, ``hidden``, ``ffn``, ``experts``, ``topk``, ``layers``).
+        backend: the MoE layers' transport.
+        chunks: their ``num_chunks``.
+        device, dtype: where and in what the parameters live.
+    """
 
     def __init__(self, cfg, backend: str, chunks: int, device, dtype):
         super().__init__()
@@ -119,7 +136,14 @@ class DemoModel(nn.Module):
         self.head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False, dtype=dtype, device=device)
 
     def forward(self, tokens):
-        """Logits ``[B, S, vocab]`` of token ids ``[B, S]``."""
+        """The model on a batch.
+
+        Args:
+            tokens: token ids ``[B, S]`` (or flat ``[N]``).
+
+        Returns:
+            Logits ``[..., vocab]``.
+        """
         x = self.embed(tokens)
         for b in self.blocks:
             x = b(x)
@@ -141,21 +165,35 @@ def _batch(cfg, step: int, rank: int, device) -> tuple:
     return s[:, :-1].reshape(-1).to(device), s[:, 1:].reshape(-1).to(device)
 
 
+def _backend_error(backend: str) -> Optional[str]:
+    """Whether a Buffer of ``backend`` can be made on the default group, agreed by every rank.
+
+    Returns:
+        ``None``, or the first rank's error (naming it) followed by the transport's support check.
+    """
+    import deep_ep
+    from deep_ep.bench.cases import open_agreed
+    from deep_ep.bench.worker import with_support_reason
+
+    buf, reason = open_agreed(lambda: deep_ep.Buffer(dist.group.WORLD, backend=backend))
+    if buf is not None:
+        buf.destroy()
+    return with_support_reason(backend, reason, dist.group.WORLD) if reason else None
+
+
 def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
     cuda = cfg["device"] == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg["world_size"]))
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=cfg["world_size"],
-        timeout=datetime.timedelta(seconds=300),
-        **(dict(device_id=device) if cuda else {}),
-    )
+    device = init_rank(rank, cfg["world_size"], cfg["device"], port)
+    backends = dict.fromkeys("collective" if s == "collective" else cfg.get("backend", "auto") for s in cfg["setups"])
+    for backend in backends:  # before any training: a backend that cannot run here ends the demo at once
+        error = _backend_error(backend)
+        if error:
+            if rank == 0:
+                with open(path, "wb") as f:
+                    pickle.dump(dict(error=f"--backend {backend} cannot run on these ranks: {error}"), f)
+            dist.barrier()
+            dist.destroy_process_group()
+            return
     dtype = torch.bfloat16 if cuda else torch.float32
     results = {}
     bar = None
@@ -209,7 +247,7 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             # each MoE layer's forward and backward: its share of the training step
             st = [
                 b.moe.stats + b.moe.backward_stats
@@ -244,14 +282,25 @@ def _rank(rank: int, cfg: dict, port: int, path: str) -> None:
 
 
 def run(cfg: dict) -> dict:
-    """Spawn the ranks and train every setup; the result object (also what ``--json`` writes)."""
-    from deep_ep.bench.worker import launch
+    """Spawn the ranks and train every setup.
+
+    Args:
+        cfg: the settings (:func:`config_from_args`).
+
+    Returns:
+        The result object (also what ``--json`` writes).
+
+    Raises:
+        DemoError: a setup's backend cannot run on these ranks (found before any training).
+    """
 
     with tempfile.TemporaryDirectory(prefix="deep_ep_demo_") as tmp:
         path = os.path.join(tmp, "raw.pkl")
         launch(_rank, (cfg,), path, cfg["world_size"], cfg["device"], fork_ok=False)
         with open(path, "rb") as f:
             raw = pickle.load(f)
+    if "error" in raw:
+        raise DemoError(raw["error"])
     rows = []
     for setup in cfg["setups"]:
         per = [r[setup] for r in raw["ranks"]]
@@ -284,7 +333,14 @@ def run(cfg: dict) -> dict:
 
 
 def format_result(res: dict) -> str:
-    """The demo result as a text table (one row per setup)."""
+    """The demo result as a text table (one row per setup).
+
+    Args:
+        res: what :func:`run` returns.
+
+    Returns:
+        The table.
+    """
     out = [
         f"deep-ep demo on {res['num_ranks']} x {res['card']}: {res['config']['layers']} MoE layers, "
         f"{res['config']['experts']} experts top-{res['config']['topk']}, {res['config']['tokens']} tokens/rank, "
@@ -303,22 +359,56 @@ def format_result(res: dict) -> str:
     return "\n".join(out)
 
 
-def write_png(res: dict, path: str) -> Optional[str]:
-    """Loss curves and tokens/s of every setup (``None`` if matplotlib is missing)."""
-    try:
-        import matplotlib
+#: line style and marker of each setup's loss curve: the setups train to (nearly) the same losses, so
+#: their curves lie on top of each other, and only distinct styles keep every one visible
+CURVE_STYLES = {
+    "collective": dict(linestyle="-", marker="o", linewidth=2.5, alpha=0.6),
+    "deep_ep": dict(linestyle="--", marker="s", linewidth=1.8),
+    "deep_ep-overlap": dict(linestyle=":", marker="^", linewidth=1.8),
+}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def plot_losses(ax, rows: list) -> None:
+    """Draw each setup's loss against the training step (1, 2, ...) on the matplotlib axes ``ax``.
+
+    Every setup has its own line style and marker, its markers on steps of its own (the curves often
+    coincide), the legend says so, and the step axis has integer ticks.
+
+    Args:
+        ax: a matplotlib ``Axes``.
+        rows: the result's ``rows`` (each with ``setup`` and ``losses``).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    for i, r in enumerate(rows):
+        steps = range(1, len(r["losses"]) + 1)
+        style = CURVE_STYLES.get(r["setup"], {})
+        # markers on every len(rows)-th step, each setup starting one step later: all stay visible
+        ax.plot(steps, r["losses"], label=r["setup"], markersize=5, markevery=(i, len(rows)), **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(title="setup (curves coincide where the losses agree)", title_fontsize=7, fontsize=8)
+
+
+def write_png(res: dict, path: str) -> Optional[str]:
+    """Draw the loss curves and tokens/s of every setup into the PNG ``path``.
+
+    Args:
+        res: what :func:`run` returns.
+        path: the file to write.
+
+    Returns:
+        ``path``, or ``None`` (with a message) when matplotlib is missing.
+    """
+    try:
+        from matplotlib.figure import Figure  # no pyplot: the process's backend stays as it is
     except ImportError:
         print("deep-ep demo: matplotlib is not installed; no chart", file=sys.stderr)
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in res["rows"]:
-        a.plot(r["losses"], label=r["setup"])
-    a.set_xlabel("step")
-    a.set_ylabel("loss")
-    a.legend()
+    fig = Figure(figsize=(10, 3.8))
+    a, b = fig.subplots(1, 2)
+    plot_losses(a, res["rows"])
     names = [r["setup"] for r in res["rows"]]
     b.bar(names, [r["tokens_per_s"] for r in res["rows"]], color=["#999999", "#4a7ab8", "#2b9e5c"][: len(names)])
     b.set_ylabel("tokens / s")
@@ -335,17 +425,26 @@ def write_png(res: dict, path: str) -> Optional[str]:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-    """The run's settings from the parsed options (defaults per device); ``ValueError`` if inconsistent."""
+    """The run's settings from the parsed options (defaults per device).
+
+    Args:
+        args: the parsed ``deep-ep demo`` options (:func:`add_arguments`).
+
+    Returns:
+        The settings, a dict (picklable: it goes to every rank).
+
+    Raises:
+        ValueError: naming each rule the options break.
+    """
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device == "cuda"
     if gpu and not torch.cuda.is_available():
         raise ValueError("--device cuda but no GPU is visible")
-    world = args.world_size or (torch.cuda.device_count() if gpu else 2)
+    world = args.world_size if args.world_size is not None else (torch.cuda.device_count() if gpu else 2)
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     bad = [s for s in setups if s not in SETUPS]
     if bad:
@@ -353,12 +452,12 @@ def config_from_args(args: argparse.Namespace) -> dict:
     cfg = dict(
         device=device,
         world_size=world,
-        steps=args.steps or (30 if gpu else 20),
+        steps=args.steps if args.steps is not None else (30 if gpu else 20),
         layers=args.layers,
-        hidden=args.hidden or (2048 if gpu else 64),
-        ffn=args.ffn or (1024 if gpu else 32),
-        experts=args.experts or (64 if gpu else 8),
-        topk=args.topk or (8 if gpu else 2),
+        hidden=args.hidden if args.hidden is not None else (2048 if gpu else 64),
+        ffn=args.ffn if args.ffn is not None else (1024 if gpu else 32),
+        experts=args.experts if args.experts is not None else (64 if gpu else 8),
+        topk=args.topk if args.topk is not None else (8 if gpu else 2),
         tokens=max(16, (args.tokens or (4096 if gpu else 128)) // 16 * 16),
         chunks=args.chunks,
         vocab=args.vocab,
@@ -370,19 +469,49 @@ def config_from_args(args: argparse.Namespace) -> dict:
     )
     if cfg["lr"] is None:
         cfg["lr"] = 1e-2 * min(1.0, 1024 / cfg["hidden"])
-    if cfg["experts"] % world or cfg["topk"] > cfg["experts"] or cfg["steps"] < 1 or cfg["lr"] <= 0:
-        raise ValueError("--experts must be a multiple of the ranks, --topk <= --experts, --steps >= 1, --lr > 0")
+    rules = (
+        (world < 1, f"--world-size must be >= 1, got {world}"),
+        (gpu and world > torch.cuda.device_count(), f"--world-size {world} but {torch.cuda.device_count()} GPUs"),
+        (
+            cfg["experts"] % world != 0,
+            f"--experts must be a multiple of the ranks: {cfg['experts']} experts on "
+            f"{world} ranks (--world-size {world}); pass --experts {world * max(1, cfg['experts'] // world)}",
+        ),
+        (cfg["topk"] > cfg["experts"], f"--topk {cfg['topk']} > --experts {cfg['experts']}"),
+        (cfg["steps"] < 1, f"--steps must be >= 1, got {cfg['steps']}"),
+        (cfg["lr"] <= 0, f"--lr must be > 0, got {cfg['lr']}"),
+        (cfg["chunks"] < 1, f"--chunks must be >= 1, got {cfg['chunks']}"),
+        (
+            min(cfg["hidden"], cfg["ffn"], cfg["layers"], cfg["topk"]) < 1,
+            "--hidden, --ffn, --layers, --topk must be >= 1",
+        ),
+        (cfg["vocab"] < 2, f"--vocab must be >= 2, got {cfg['vocab']}"),
+    )
+    broken = [msg for bad, msg in rules if bad]
+    if broken:
+        raise ValueError("; ".join(broken))
     return cfg
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    """Run the demo from parsed options: print the table, write ``--json`` / ``--png``; the exit status."""
+    """Run the demo from parsed options: print the table, write ``--json`` / ``--png``.
+
+    Args:
+        args: the parsed options (:func:`add_arguments`).
+
+    Returns:
+        The exit status: 0; 2 for options that break a rule; 1 when a backend cannot run on the ranks.
+    """
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
         print(f"deep-ep demo: error: {exc}", file=sys.stderr)
         return 2
-    res = run(cfg)
+    try:
+        res = run(cfg)
+    except DemoError as exc:
+        print(f"deep-ep demo: error: {exc}", file=sys.stderr)
+        return 1
     res.setdefault("command", "deep-ep demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]))
     print(format_result(res))
     if args.json:

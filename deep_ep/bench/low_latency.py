@@ -1,4 +1,4 @@
-"""``deep-ep bench --mode low-latency``: BENCH.md's low-latency workload for deep_ep's backends.
+"""``deep-ep bench --mode low-latency``: docs/bench.md's low-latency workload for deep_ep's backends.
 
 Per backend: ``low_latency_dispatch`` (fp8) and ``low_latency_combine``
 (bf16) timed eagerly with CUDA events (L2 flushed; CPU: wall clock), and on
@@ -19,49 +19,59 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from deep_ep.bench.report import REDUCE, _gbps, _mean
+from deep_ep.bench.launch import init_rank, launch
+from deep_ep.bench.report import REDUCE, _gbps, _mean, format_gbps
 from deep_ep.bench.timing import CpuTimer, CudaTimer, capture_graph, median
 from deep_ep.bench.workload import make_routing
 
-__all__ = ["run_low_latency", "format_low_latency"]
+__all__ = ["experts_of", "run_low_latency", "format_low_latency"]
 
 
-def _experts(cfg) -> int:
-    """BENCH.md: 256 experts, 288 where the ranks do not divide 256 (unless --experts was given)."""
+def experts_of(cfg) -> int:
+    """The experts of a low-latency run: docs/bench.md's 256, 288 where the ranks do not divide 256 (unless
+    ``--experts`` was given).
+
+    Args:
+        cfg: the run's :class:`~deep_ep.bench.options.BenchConfig`.
+
+    Returns:
+        The number of experts.
+    """
     if cfg.experts_given:
         return cfg.experts
     return 256 if 256 % cfg.world_size == 0 else 288
 
 
 def _rank(rank: int, cfg, port: int, path: str) -> None:
-    world = cfg.world_size
     cuda = cfg.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    dist.init_process_group(
-        cfg.dist_backend,
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=cfg.timeout_s),
-        **(dict(device_id=device) if cuda else {}),
-    )
+    world = cfg.world_size
+    device = init_rank(rank, world, cfg.device, port, cfg.timeout_s)
     import deep_ep
-    from deep_ep.bench.worker import backends_to_run
+    from deep_ep.bench.cases import open_agreed
+    from deep_ep.bench.worker import backends_to_run, with_support_reason
 
     ctrl = dist.new_group(backend="gloo")
     timer = CudaTimer(device, cfg.flush_bytes) if cuda else CpuTimer(ctrl)
-    E, H, K = _experts(cfg), cfg.hidden, cfg.topk
+    E, H, K = experts_of(cfg), cfg.hidden, cfg.topk
     M = max(cfg.tokens)
-    records, skipped = [], []
+    records, skipped, unavailable = [], [], {}
     names, unsupported = backends_to_run(cfg, dist.group.WORLD)
-    for name in names:
+    hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(M, H, world, E)
+    buffers = {}
+    for name in names:  # every Buffer made first: a backend that cannot run costs no run
         if name in unsupported:
             skipped.append(dict(backend=name, reason=unsupported[name]))
             continue
-        hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(M, H, world, E)
-        buf = deep_ep.Buffer(dist.group.WORLD, max(hint, 64 << 20), backend=name)
+        buf, reason = open_agreed(
+            lambda name=name: deep_ep.Buffer(dist.group.WORLD, max(hint, 64 << 20), backend=name), ctrl
+        )
+        if reason:
+            reason = with_support_reason(name, reason, dist.group.WORLD)
+            skipped.append(dict(backend=name, reason=reason))
+            unavailable[name] = reason
+        else:
+            buffers[name] = buf
+    for name, buf in buffers.items():
         for T in cfg.tokens:
             idx, w = make_routing(T, E, K, cfg.routing, cfg.seed, rank)
             idx, w = idx.to(device), w.to(device)
@@ -90,15 +100,34 @@ def _rank(rank: int, cfg, port: int, path: str) -> None:
     if rank == 0:
         card = torch.cuda.get_device_name(device) if cuda else "cpu"
         with open(path, "wb") as f:
-            pickle.dump(dict(records=gathered, skipped=skipped, card=card, experts=E, M=M), f)
+            pickle.dump(
+                dict(
+                    records=gathered,
+                    skipped=skipped,
+                    unavailable=unavailable,
+                    card=card,
+                    experts=E,
+                    M=M,
+                    threads=torch.get_num_threads(),
+                ),
+                f,
+            )
     dist.barrier()
     dist.destroy_process_group()
 
 
 def run_low_latency(cfg, command: str) -> dict:
-    """Spawn the ranks, time every case, return the BENCH.md result object (workload ``low-latency``)."""
-    from deep_ep.bench.worker import launch
-    from deep_ep.cli import versions
+    """Spawn the ranks and time every case of the low-latency workload.
+
+    Args:
+        cfg: the run (``workload`` ``'low-latency'``).
+        command: the command line recorded in the result.
+
+    Returns:
+        The docs/bench.md result object (workload ``low-latency``; ``unavailable``: backends asked for by
+        name that could not run; ``threads_per_rank``: the CPU ranks' torch threads).
+    """
+    from deep_ep.bench.environment import versions
 
     with tempfile.TemporaryDirectory(prefix="deep_ep_ll_") as tmp:
         path = os.path.join(tmp, "raw.pkl")
@@ -159,14 +188,23 @@ def run_low_latency(cfg, command: str) -> dict:
         "reduce": REDUCE,
         "bytes": "per valid (token, expert) pair: fp8 dispatch H + 4H/128 + 16, bf16 combine 2H (DeepEP's)",
         "skipped": raw["skipped"],
+        "unavailable": raw.get("unavailable", {}),
+        "threads_per_rank": raw.get("threads"),
         "l2_flush_bytes": cfg.flush_bytes if cfg.device == "cuda" else 0,
     }
 
 
 def format_low_latency(result: dict) -> str:
-    """The result as a text table."""
+    """The low-latency result as a text table (as :func:`deep_ep.bench.report.format_table` lays out its own).
+
+    Args:
+        result: what :func:`run_low_latency` returns.
+
+    Returns:
+        The table, the skipped backends with their reasons and what the columns count.
+    """
     head = ["backend", "op", "timing", "wire", "tokens", "time_us", "GB/s", "vs collective"]
-    lines = [head]
+    lines = []
     for r in result["rows"]:
         ratio = r.get("ratio_vs", {}).get("collective")
         lines.append(
@@ -177,18 +215,26 @@ def format_low_latency(result: dict) -> str:
                 r["wire"],
                 str(r["tokens"]),
                 f"{r['time_us']:.1f}",
-                f"{r['gbps_logical']:.2f}" if r["gbps_logical"] is not None else "-",
+                format_gbps(r["gbps_logical"]),
                 f"{ratio:.2f}" if ratio else "-",
             ]
         )
-    widths = [max(len(c[i]) for c in lines) for i in range(len(head))]
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+
+    def fmt_line(cells):
+        return "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     out = [
         f"low-latency on {result['num_ranks']} x {result['card']} ({result['dist_backend']}, "
-        f"M = {result['num_max_dispatch_tokens_per_rank']}, median of {result['iters']}, time = slowest rank)"
+        f"M = {result['num_max_dispatch_tokens_per_rank']}, median of {result['iters']}, time = slowest rank)",
+        fmt_line(head),
+        fmt_line(["-" * w for w in widths]),
     ]
-    out += [
-        "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) for cells in lines
-    ]
+    out += [fmt_line(c) for c in lines]
     for s in result["skipped"]:
         out.append(f"skipped {s['backend']}: {s['reason']}")
+    out.append(
+        "GB/s: bytes per valid (token, expert) pair (fp8 dispatch H + 4H/128 + 16, bf16 combine 2H; "
+        "DeepEP's counting) / time"
+    )
     return "\n".join(out)

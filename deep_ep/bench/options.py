@@ -1,6 +1,6 @@
 """Options of ``deep-ep bench``: the argument parser and the resolved :class:`BenchConfig`.
 
-Defaults follow BENCH.md on GPU (the ``normal`` workload: 4096 tokens per rank,
+Defaults follow docs/bench.md on GPU (the ``normal`` workload: 4096 tokens per rank,
 hidden 7168, top-8 of 256 experts, bf16 and fp8 dispatch) and shrink on CPU so
 that two gloo ranks finish in seconds.
 """
@@ -13,14 +13,14 @@ from typing import Optional
 
 import torch
 
-#: The BENCH.md ``sweep`` workload: tokens per rank.
+#: The docs/bench.md ``sweep`` workload: tokens per rank.
 SWEEP_TOKENS = (128, 512, 1024, 2048, 4096, 8192)
 #: Workload defaults per device kind.
 GPU_DEFAULTS = dict(tokens=4096, hidden=7168, topk=8, experts=256, iters=30, warmup=5)
 CPU_DEFAULTS = dict(tokens=256, hidden=1024, topk=4, experts=32, iters=10, warmup=2)
 #: Wire formats of dispatched activations this benchmark knows.
 WIRES = ("bf16", "fp8")
-#: Modes: BENCH.md's normal workload (and its token sweep) and the low-latency workload.
+#: Modes: docs/bench.md's normal workload (and its token sweep) and the low-latency workload.
 MODES = ("normal", "low-latency")
 #: low-latency tokens per rank: default and ``--sweep``
 LL_TOKENS = dict(cuda=128, cpu=32)
@@ -48,7 +48,7 @@ class BenchConfig:
     iters: int
     warmup: int
     routing: str = "uniform"  # one of SKEWS
-    workload: str = "normal"  # 'normal' or 'sweep' (BENCH.md names)
+    workload: str = "normal"  # 'normal' or 'sweep' (docs/bench.md names)
     baselines: bool = True
     flush_bytes: int = 256 << 20  # L2 flush scratch on GPU
     seed: int = 0
@@ -56,8 +56,9 @@ class BenchConfig:
     progress: bool = True
     compression: tuple = ()  # levels timed as compressed dispatch of bf16 rows: 8, 4, 'auto'
     compression_ratio: float = 0.3  # the 'auto' byte target
-    experts_given: bool = False  # --experts given (low-latency otherwise takes BENCH.md's 256 / 288)
+    experts_given: bool = False  # --experts given (low-latency otherwise takes docs/bench.md's 256 / 288)
     num_sms_sweep: tuple = ()  # --num-sms with several values: num_sms of each run (num_sms: the first)
+    notes: tuple = ()  # what the run should tell its user about the options (printed before it starts)
 
     @property
     def dist_backend(self) -> str:
@@ -71,13 +72,17 @@ class BenchConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``deep-ep bench`` options to ``p`` (shared by the CLI and benchmarks/)."""
-    g = p.add_argument_group("workload (defaults: BENCH.md 'normal' on GPU, a small one on CPU)")
+    """Add the ``deep-ep bench`` options (shared by the CLI and ``benchmarks/bench_normal.py``).
+
+    Args:
+        p: the parser.
+    """
+    g = p.add_argument_group("workload (defaults: docs/bench.md 'normal' on GPU, a small one on CPU)")
     g.add_argument(
         "--mode",
         default="normal",
         choices=MODES,
-        help="BENCH.md workload: normal (default) or low-latency (128 tokens, fp8 dispatch, bf16 combine; "
+        help="docs/bench.md workload: normal (default) or low-latency (128 tokens, fp8 dispatch, bf16 combine; "
         "--sweep: 1..512 tokens)",
     )
     g.add_argument("--tokens", type=int, help="tokens per rank (GPU 4096, CPU 256)")
@@ -90,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sweep",
         action="store_true",
-        help=f"BENCH.md token sweep {','.join(map(str, SWEEP_TOKENS))} (bf16 unless --dtype)",
+        help=f"docs/bench.md token sweep {','.join(map(str, SWEEP_TOKENS))} (bf16 unless --dtype)",
     )
     g.add_argument("--dtype", choices=("bf16", "fp8", "both"), help="dispatch wire format (GPU: both, CPU: bf16)")
     g.add_argument(
@@ -121,7 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, help="untimed runs per case first (GPU 5, CPU 2)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait before the run fails")
     g.add_argument(
-        "--json", metavar="FILE", help="write the BENCH.md result file; a directory gets <date>-<card>-<workload>.json"
+        "--json",
+        metavar="FILE",
+        help="write the docs/bench.md result file; a directory gets <date>-<card>-<workload>.json",
     )
     g.add_argument(
         "--png",
@@ -154,7 +161,17 @@ def _split(values) -> list:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    """Resolve parsed options against this machine; raise :class:`BenchOptionError` if invalid."""
+    """Resolve parsed options against this machine.
+
+    Args:
+        args: the parsed options (:func:`add_arguments`).
+
+    Returns:
+        The :class:`BenchConfig` (``notes``: what the run should tell its user first).
+
+    Raises:
+        BenchOptionError: an option is invalid, or every backend asked for by name cannot run here.
+    """
     if args.mode not in MODES:
         raise BenchOptionError(f"--mode {args.mode!r} is not one of {', '.join(MODES)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -206,6 +223,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 "--num-sms takes one value with --mode low-latency (its kernels size their "
                 "grids from the GPU, not from the SM count)"
             )
+    notes = []
+    if sms and device == "cpu":
+        notes.append(
+            "--num-sms has no effect on CPU ranks (it bounds the SMs of the GPU kernels); "
+            + ("the rows of each value are timed anyway" if len(set(sms)) > 1 else "timing as without it")
+        )
     backends = tuple(dict.fromkeys(_split(args.backend))) if args.backend else None
     if backends:
         from deep_ep.transport import BACKENDS
@@ -213,6 +236,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         unknown = [b for b in backends if b != "auto" and b not in BACKENDS]
         if unknown:
             raise BenchOptionError(f"unknown --backend {', '.join(unknown)}; deep_ep knows auto, {', '.join(BACKENDS)}")
+    if low_latency and args.tokens is None and not args.sweep and device == "cpu":
+        notes.append(
+            f"{tokens[0]} tokens per rank on CPU (docs/bench.md's low-latency workload has {LL_TOKENS['cuda']}, on GPU; "
+            "fewer on CPU ranks so that the run takes seconds; --tokens sets it)"
+        )
     return BenchConfig(
         device=device,
         world_size=world,
@@ -235,4 +263,5 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         timeout_s=args.timeout,
         progress=not args.no_progress,
         experts_given=args.experts is not None,
+        notes=tuple(notes),
     )

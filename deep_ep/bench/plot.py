@@ -12,8 +12,16 @@ __all__ = ["series", "write_png"]
 
 
 def series(results: Sequence[dict], gbps: str) -> dict:
-    """``{(backend, op, timing, wire, num_sms): [(tokens, GB/s), ...]}`` sorted by tokens, rows without a
-    figure left out."""
+    """The points of every line of a chart.
+
+    Args:
+        results: result objects (docs/bench.md format).
+        gbps: ``'link'`` or ``'logical'``.
+
+    Returns:
+        ``{(backend, op, timing, wire, num_sms): [(tokens, GB/s), ...]}`` sorted by tokens, rows without
+        a figure left out.
+    """
     out = defaultdict(list)
     key = f"gbps_{gbps}"
     for res in results:
@@ -28,19 +36,26 @@ def series(results: Sequence[dict], gbps: str) -> dict:
 
 
 def write_png(results: Sequence[dict], path: str, gbps: str = "link", timing: str = "cached") -> Optional[str]:
-    """Draw one line per (backend, op, wire, SM count) of ``timing`` over every result and write ``path``;
-    ``None`` (and a message) when matplotlib is missing."""
-    try:
-        import matplotlib
+    """Draw one line per (backend, op, wire, SM count) of ``timing`` over every result.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Args:
+        results: result objects.
+        path: the PNG to write.
+        gbps: ``'link'`` or ``'logical'``.
+        timing: which timing to draw (``'cached'``, ``'fresh'``, ...).
+
+    Returns:
+        ``path``, or ``None`` (and a message) when matplotlib is missing.
+    """
+    try:
+        from matplotlib.figure import Figure  # no pyplot: the process's backend stays as it is
     except ImportError:
         print("deep_ep: drawing a chart needs matplotlib (pip install matplotlib); no PNG written", file=sys.stderr)
         return None
     data = series(results, gbps)
     sweep = len({k[4] for k in data} - {None}) > 1
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for (backend, op, tm, wire, sms), pts in sorted(data.items(), key=lambda kv: str(kv[0])):
         if tm != timing:
             continue
@@ -60,5 +75,4 @@ def write_png(results: Sequence[dict], path: str, gbps: str = "link", timing: st
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -1,4 +1,4 @@
-"""From every rank's raw measurements to the BENCH.md result object, its table and file.
+"""From every rank's raw measurements to the docs/bench.md result object, its table and file.
 
 Reduction over ranks (recorded in the result as ``reduce``): ``time_us`` is the
 largest of the ranks' median times (a step waits for its slowest rank); the
@@ -33,6 +33,21 @@ def _gbps(nbytes: Optional[float], time_us: float) -> Optional[float]:
     return nbytes / (time_us * 1e3) if time_us > 0 else 0.0
 
 
+def format_gbps(value: Optional[float]) -> str:
+    """A bandwidth for a table: two decimals from 1 GB/s up, three significant digits below (CPU runs
+    move little: ``0.0342``, not ``0.00``), ``-`` where the row has none.
+
+    Args:
+        value: GB/s, or ``None``.
+
+    Returns:
+        The text.
+    """
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
+
+
 def _mean(values) -> Optional[float]:
     """Mean of the values that are not None; None if there are none."""
     values = [v for v in values if v is not None]
@@ -40,7 +55,15 @@ def _mean(values) -> Optional[float]:
 
 
 def reduce_rows(cfg, per_rank: list) -> list:
-    """Merge the ranks' records of each case into one BENCH.md row."""
+    """Merge the ranks' records of each case into one docs/bench.md row.
+
+    Args:
+        cfg: the run.
+        per_rank: every rank's list of records.
+
+    Returns:
+        The rows (with ``ratio_vs`` against the baselines and, for compressed rows, ``time_vs_bf16``).
+    """
     by_case: dict = {}
     for records in per_rank:
         for rec in records:
@@ -95,7 +118,12 @@ def reduce_rows(cfg, per_rank: list) -> list:
 
 
 def add_ratios(cfg, rows: list) -> None:
-    """Set each deep_ep row's ``ratio_vs``: the baseline's time (same tokens, op and wire) over its own."""
+    """Set each deep_ep row's ``ratio_vs``: the baseline's time (same tokens, op and wire) over its own.
+
+    Args:
+        cfg: the run.
+        rows: the rows, changed in place.
+    """
     baselines = {cfg.raw_name, "peer-copy"}
     base = {(r["tokens"], r["op"], r["wire"], r["backend"]): r for r in rows if r["backend"] in baselines}
     for r in rows:
@@ -109,8 +137,17 @@ def add_ratios(cfg, rows: list) -> None:
 
 
 def build_result(cfg, raw: dict, command: str) -> dict:
-    """The BENCH.md result object of one run (plus extra keys the format allows)."""
-    from deep_ep.cli import versions
+    """The docs/bench.md result object of one run (plus extra keys the format allows).
+
+    Args:
+        cfg: the run.
+        raw: what rank 0 wrote (``records``, ``skipped``, ``card``, ``backends``, ``unavailable``).
+        command: the command line.
+
+    Returns:
+        The result object.
+    """
+    from deep_ep.bench.environment import versions
 
     v = versions()
     return {
@@ -135,6 +172,7 @@ def build_result(cfg, raw: dict, command: str) -> dict:
         "reduce": REDUCE,
         "ratio": RATIO,
         "skipped": raw["skipped"],
+        "unavailable": raw.get("unavailable", {}),
     }
 
 
@@ -146,7 +184,14 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(result: dict) -> str:
-    """The result as a fixed-width text table, then the skipped cases with their reasons."""
+    """The result as a fixed-width text table, then the skipped cases with their reasons.
+
+    Args:
+        result: a result object of the normal workload.
+
+    Returns:
+        The text.
+    """
     raw_name = f"{result['dist_backend']}-raw"
     baselines = [raw_name] + (["peer-copy"] if result["device"] == "cuda" else [])
     sweep = len({r.get("num_sms") for r in result["rows"]} - {None}) > 1  # (baselines have None)
@@ -167,7 +212,7 @@ def format_table(result: dict) -> str:
         cells = (
             [name, r["op"], r["timing"], r["wire"], str(r["tokens"])]
             + ([_fmt(r.get("num_sms"), "d")] if sweep else [])
-            + [_fmt(r["time_us"], ".1f"), _fmt(r["gbps_logical"], ".2f"), _fmt(r["gbps_link"], ".2f")]
+            + [_fmt(r["time_us"], ".1f"), format_gbps(r["gbps_logical"]), format_gbps(r["gbps_link"])]
         )
         cells += [_fmt(r.get("ratio_vs", {}).get(b), ".2f") for b in baselines]
         if errors:
@@ -201,7 +246,14 @@ def format_table(result: dict) -> str:
 
 
 def result_path(path: str, result: dict) -> str:
-    """``path`` itself, or ``<path>/<date>-<card>-<workload>.json`` when it names a directory."""
+    """Where :func:`write_json` writes.
+
+    Args:
+        path: a file, or a directory (an existing one, or a path ending in the separator).
+
+    Returns:
+        ``path`` itself, or ``<path>/<date>-<card>-<workload>.json`` when it names a directory.
+    """
     if path.endswith(os.sep) or os.path.isdir(path):
         card = re.sub(r"[^A-Za-z0-9]+", "-", result["card"]).strip("-").lower() or "unknown"
         return os.path.join(path, f"{result['date']}-{card}-{result['workload']}.json")
@@ -209,7 +261,15 @@ def result_path(path: str, result: dict) -> str:
 
 
 def write_json(result: dict, path: str) -> str:
-    """Write ``result`` to ``path`` (see :func:`result_path`); returns the file written."""
+    """Write ``result`` as JSON.
+
+    Args:
+        result: the result object.
+        path: a file or a directory (:func:`result_path`).
+
+    Returns:
+        The file written.
+    """
     path = result_path(path, result)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

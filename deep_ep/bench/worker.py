@@ -7,25 +7,16 @@ every rank's raw measurements to a pickle the parent reads.
 
 from __future__ import annotations
 
-import datetime
-import os
 import pickle
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 
 from deep_ep.bench.cases import RankRunner, plan
+from deep_ep.bench.launch import free_port, init_rank, launch  # noqa: F401  (free_port: re-exported)
 from deep_ep.bench.timing import CpuTimer, CudaTimer
 from deep_ep.bench.workload import make_workload
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -50,12 +41,19 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def backends_to_run(cfg, group) -> tuple:
-    """``(names, {name: reason it cannot run on group})``: the backends of the run.
+    """The backends of a run.
 
     Without ``--backend``: every backend deep_ep knows, those its own rule
     (:func:`deep_ep.transport.backend_support`) rejects for ``group`` to be
     skipped with that rule's reason. Backends named on the command line are
     always tried; what they raise becomes the reason.
+
+    Args:
+        cfg: the run.
+        group: the data process group.
+
+    Returns:
+        ``(names, {name: reason it cannot run on group})``.
     """
     from deep_ep import transport
 
@@ -66,24 +64,37 @@ def backends_to_run(cfg, group) -> tuple:
     return names, {n: support[n][1] for n in names if n in support and not support[n][0]}
 
 
+def with_support_reason(name: str, reason: str, group) -> str:
+    """Why a Buffer of backend ``name`` could not be made, with the transport's own support check for
+    ``group`` where that says it cannot serve it (the check names what is missing).
+
+    Args:
+        name: the backend.
+        reason: the error the Buffer raised (agreed, naming the rank).
+        group: the process group.
+
+    Returns:
+        The reason, extended.
+    """
+    from deep_ep import transport
+
+    why = {n: (ok, w) for n, ok, w in transport.backend_support(group)}.get(name)
+    if why is None or why[0] or why[1] in reason:
+        return reason
+    return f"{reason} (its support check: {why[1]})"
+
+
 def rank_main(rank: int, cfg, port: int, result_path: str) -> None:
-    """Body of one spawned rank (``torch.multiprocessing.spawn`` target)."""
+    """Body of one launched rank of the normal workload (the :func:`~deep_ep.bench.launch.launch` target).
+
+    Args:
+        rank: this rank.
+        cfg: the run.
+        port: the rendezvous port.
+        result_path: where rank 0 pickles every rank's records.
+    """
     world = cfg.world_size
-    if cfg.device == "cuda":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        device = torch.device("cpu")
-    kwargs = dict(device_id=device) if cfg.device == "cuda" else {}
-    dist.init_process_group(
-        cfg.dist_backend,
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=cfg.timeout_s),
-        **kwargs,
-    )
+    device = init_rank(rank, world, cfg.device, port, cfg.timeout_s)
     try:
         group = dist.group.WORLD
         ctrl = dist.new_group(backend="gloo")
@@ -91,8 +102,14 @@ def rank_main(rank: int, cfg, port: int, result_path: str) -> None:
         backends, unsupported = backends_to_run(cfg, group)
         update, close = _progress_bar(len(plan(cfg, backends)), cfg.progress and rank == 0)
         runner = RankRunner(cfg, rank, group, ctrl, device, timer, update)
+        unavailable = {}
+        if cfg.backends:  # asked for by name: opened first, so that none that cannot run costs a run
+            for name in backends:
+                _, reason = runner.open_backend(name, None)
+                if reason:
+                    unavailable[name] = with_support_reason(name, reason, group)
         try:
-            for tokens in cfg.tokens:
+            for tokens in cfg.tokens if len(unavailable) < len(backends) else ():
                 wl = make_workload(cfg, tokens, rank, device, group)
                 for name in backends:
                     runner.run_backend(name, wl, unsupported.get(name))
@@ -108,7 +125,16 @@ def rank_main(rank: int, cfg, port: int, result_path: str) -> None:
         if rank == 0:
             card = torch.cuda.get_device_name(device) if cfg.device == "cuda" else "cpu"
             with open(result_path, "wb") as f:
-                pickle.dump(dict(records=per_rank, skipped=runner.skipped, card=card, backends=backends), f)
+                pickle.dump(
+                    dict(
+                        records=per_rank,
+                        skipped=runner.skipped,
+                        card=card,
+                        backends=backends,
+                        unavailable=unavailable,
+                    ),
+                    f,
+                )
         dist.barrier(group=ctrl)
         runner.buffers.clear()
     finally:
@@ -122,51 +148,9 @@ def spawn(cfg, result_path: str) -> None:
     NVLink multicast is switched off for NCCL and symmetric memory unless the
     caller set otherwise. CPU ranks are forked: they start in milliseconds
     instead of re-importing torch, and the parent has not touched CUDA.
+
+    Args:
+        cfg: the run.
+        result_path: where rank 0 leaves the raw records.
     """
     launch(rank_main, (cfg,), result_path, cfg.world_size, cfg.device)
-
-
-def _run_then_exit(rank: int, target, *args) -> None:
-    """A launched rank: ``target(rank, *args)``, then leave the process without the interpreter's teardown.
-
-    Every result is written (and the process group destroyed) when ``target`` returns. Spawned children
-    otherwise run Python's full shutdown, in which torch / gloo C++ threads are sometimes destroyed while
-    still joinable ("terminate called without an active exception", SIGABRT: seen in ~10% of CPU demo
-    runs under pytest, always after ``destroy_process_group``), which fails the whole launch. An exception
-    of ``target`` still propagates (and is reported by the parent)."""
-    target(rank, *args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def launch(target, args: tuple, result_path: str, nprocs: int, device: str, fork_ok: bool = True) -> None:
-    """Start ``target(rank, *args, port, result_path)`` on ``nprocs`` local processes and wait for them
-    (the runner of ``deep-ep bench`` in every mode and of ``deep-ep demo``): ``spawn`` for GPU ranks,
-    after switching NVLink multicast off unless the caller set otherwise; ``fork`` for CPU ranks where
-    ``fork_ok`` (``spawn`` when this process has a process group already). A
-    rendezvous port taken between choosing and binding it (another process's ephemeral port) is retried
-    once with a new one."""
-    import torch.multiprocessing as mp
-
-    if device == "cuda":
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    # fork only from a parent without CUDA or a process group of its own (a notebook may have one), and
-    # only for ranks that do little CPU math: a forked child that computes on the OpenMP pool its parent
-    # started can hang (libgomp is not fork-safe), so the demo and the low-latency bench spawn
-    method = "fork" if device != "cuda" and fork_ok and not dist.is_initialized() else "spawn"
-    for attempt in range(2):
-        try:
-            mp.start_processes(
-                _run_then_exit,
-                args=(target,) + args + (free_port(), result_path),
-                nprocs=nprocs,
-                join=True,
-                start_method=method,
-            )
-            return
-        except mp.ProcessRaisedException as exc:
-            text = str(exc).lower()
-            if attempt or not ("address already in use" in text or "eaddrinuse" in text):
-                raise

@@ -1,23 +1,35 @@
-"""Where the time of an ExpertParallelMoE step goes on one GPU (one rank): forward and backward with 1 and
-N chunks, host time per step, and torch.profiler's top CPU and CUDA ops.
+"""``moe-profile``: where the time of an ExpertParallelMoE training step goes on one GPU (one rank).
 
-    python scripts/profile_moe.py [--backend nvlink] [--chunks 4] [--hidden 2048] [--ffn 1024] [--experts 64]
-                                  [--topk 8] [--tokens 4096] [--steps 6]
+Forward and backward with 1 and ``--chunks`` chunks: host time per step, the layer's stats, a cProfile
+of one step and torch profiler's top CPU and CUDA ops (with ``--trace-dir``, also a Chrome trace per
+chunk count).
 """
 
+from __future__ import annotations
+
 import argparse
+import cProfile
 import os
+import pstats
 import time
 
 import torch
 import torch.distributed as dist
 
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", "29541")
+from deep_ep.bench.launch import init_single_rank
 
 
-def main():
-    p = argparse.ArgumentParser()
+def main(argv, prog: str = "deep-ep tools moe-profile") -> int:
+    """Run the tool.
+
+    Args:
+        argv: its arguments (``--help`` lists them).
+        prog: its name in usage lines.
+
+    Returns:
+        The exit status.
+    """
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[-1])
     p.add_argument("--backend", default="nvlink")
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--hidden", type=int, default=2048)
@@ -25,11 +37,11 @@ def main():
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--rows", type=int, default=22)
-    a = p.parse_args()
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    p.add_argument("--steps", type=int, default=6, help="timed steps per chunk count (default 6)")
+    p.add_argument("--rows", type=int, default=22, help="rows of each profile table (default 22)")
+    p.add_argument("--trace-dir", metavar="DIR", help="write moe_trace_chunks<N>.json (Chrome traces) here")
+    a = p.parse_args(argv)
+    init_single_rank("cuda")
     from torch.profiler import ProfilerActivity, profile
 
     import deep_ep
@@ -51,9 +63,8 @@ def main():
         )
         xi = x.clone().requires_grad_()
 
-        def step():
-            y = layer(xi)
-            y.backward(go)
+        def step(layer=layer, xi=xi):
+            layer(xi).backward(go)
 
         for _ in range(3):
             step()
@@ -78,9 +89,6 @@ def main():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
             step()
             torch.cuda.synchronize()
-        import cProfile
-        import pstats
-
         pr = cProfile.Profile()
         pr.enable()
         step()
@@ -89,14 +97,12 @@ def main():
         print(f"--- cProfile of one step, chunks={chunks}")
         pstats.Stats(pr).sort_stats("tottime").print_stats(a.rows)
         pstats.Stats(pr).sort_stats("cumulative").print_stats(a.rows + 10)
-        if os.environ.get("OUT"):
-            prof.export_chrome_trace(os.path.join(os.environ["OUT"], f"moe_trace_chunks{chunks}.json"))
+        if a.trace_dir:
+            os.makedirs(a.trace_dir, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(a.trace_dir, f"moe_trace_chunks{chunks}.json"))
         ka = prof.key_averages()
         print(ka.table(sort_by="self_cpu_time_total", row_limit=a.rows))
         print(ka.table(sort_by="self_cuda_time_total", row_limit=a.rows))
     buf.destroy()
     dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,41 +1,47 @@
-"""Can N processes share one GPU for the multi-rank tests? (gloo on CUDA tensors + symmetric memory)
+"""``share-gpu``: can N processes share one GPU for the multi-rank tests? (gloo on CUDA tensors and
+torch symmetric memory between processes of one GPU.)
 
-    python scripts/share_gpu_probe.py [N]
-
-Each check prints ok / FAIL with the error; the exit status is the number of failures on rank 0.
-This is how ``DEEP_EP_TEST_SHARE_GPU=N`` (tests/conftest.py) runs the 2-rank GPU tests on a one-GPU machine.
+Each check prints ``ok`` or ``FAIL`` with its error; the exit status is the number of failures. This is
+how ``DEEP_EP_TEST_SHARE_GPU=N pytest -m gpu`` (tests/conftest.py) runs the multi-rank GPU tests on a
+machine with fewer GPUs than ranks.
 """
 
+from __future__ import annotations
+
+import argparse
 import datetime
 import os
-import sys
 import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from deep_ep.bench.launch import launch
 
 
-def _check(rank, name, fn, fails):
+def _check(rank: int, name: str, fn, fails: list, trace: bool) -> None:
     try:
         fn()
         if rank == 0:
             print(f"ok    {name}", flush=True)
-    except Exception as e:  # noqa: BLE001 - a probe reports everything
+    except Exception as e:  # a probe reports everything
         fails.append(name)
         print(f"FAIL  {name} (rank {rank}): {type(e).__name__}: {str(e)[:300]}", flush=True)
-        if os.environ.get("PROBE_TRACE"):
+        if trace:
             traceback.print_exc()
 
 
-def worker(rank, world, port, q):
+def _rank(rank: int, world: int, trace: bool, port: int, path: str) -> None:
     torch.cuda.set_device(rank % torch.cuda.device_count())
     dev = torch.device("cuda", torch.cuda.current_device())
-    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60))
     dist.init_process_group(
-        "cpu:gloo,cuda:gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        "cpu:gloo,cuda:gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
     )
-    fails = []
+    fails: list = []
 
     def all_reduce():
         t = torch.full((5,), rank + 1.0, device=dev)
@@ -50,9 +56,8 @@ def worker(rank, world, port, q):
     def all_to_all_uneven():
         ins = [r + 1 for r in range(world)]  # to rank r: r + 1 rows
         x = torch.full((sum(ins), 4), float(rank), device=dev)
-        outs = [rank + 1] * world
-        y = torch.empty(sum(outs), 4, device=dev)
-        dist.all_to_all_single(y, x, outs, ins)
+        y = torch.empty((rank + 1) * world, 4, device=dev)
+        dist.all_to_all_single(y, x, [rank + 1] * world, ins)
         assert y[:, 0].tolist() == [float(r) for r in range(world) for _ in range(rank + 1)]
 
     def broadcast_object():
@@ -74,8 +79,7 @@ def worker(rank, world, port, q):
         view[:16].copy_(torch.full((16,), 200 + rank, dtype=torch.uint8, device=dev))  # store into the peer
         torch.cuda.synchronize()
         hdl.barrier(channel=0)
-        src = (rank - 1) % world
-        assert int(mine[3].item()) == 200 + src, int(mine[3].item())
+        assert int(mine[3].item()) == 200 + (rank - 1) % world, int(mine[3].item())
 
     for name, fn in [
         ("gloo all_reduce cuda", all_reduce),
@@ -84,33 +88,36 @@ def worker(rank, world, port, q):
         ("broadcast_object_list", broadcast_object),
         ("symmetric memory rendezvous/peer store/barrier", symm_mem),
     ]:
-        _check(rank, name, fn, fails)
+        _check(rank, name, fn, fails, trace)
+    counts = [None] * world
+    dist.all_gather_object(counts, len(fails))
     if rank == 0:
-        q.put(len(fails))
+        with open(path, "w") as f:
+            f.write(str(sum(counts)))
     dist.destroy_process_group()
 
 
-def main():
-    world = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+def main(argv, prog: str = "deep-ep tools share-gpu") -> int:
+    """Run the tool.
+
+    Args:
+        argv: its arguments (``--help`` lists them).
+        prog: its name in usage lines.
+
+    Returns:
+        The number of failed checks (summed over ranks).
+    """
+    import tempfile
+
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[-1])
+    p.add_argument("world", type=int, nargs="?", default=2, help="processes (default 2)")
+    p.add_argument("--trace", action="store_true", help="print the traceback of each failure")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
     os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")  # else rendezvous refuses a shared GPU
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    import random
-
-    port = random.randint(20000, 40000)
-    procs = [ctx.Process(target=worker, args=(r, world, port, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            print("FAIL  a rank hung", flush=True)
-            return 99
-    return q.get() if not q.empty() else 98
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    with tempfile.TemporaryDirectory(prefix="deep_ep_share_") as tmp:
+        path = os.path.join(tmp, "fails")
+        launch(_rank, (a.world, a.trace), path, a.world, "cuda")
+        with open(path) as f:
+            return int(f.read())

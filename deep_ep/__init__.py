@@ -3,7 +3,7 @@
 The DeepEP v1 Python API (``Buffer``, ``Config``, ``EventOverlap``,
 ``topk_idx_t``) on torch.distributed, with a CPU path (gloo), autograd
 wrappers (:mod:`deep_ep.ops`) and the seed's :class:`SparseCollective`.
-See API.md for the contract.
+See docs/api.md for the reference.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """DeepEP V2's names (``ElasticBuffer``, ``EPHandle``, ``utils``; API.md section 9) load on first use."""
+    """DeepEP V2's names (``ElasticBuffer``, ``EPHandle``, ``utils``; docs/api.md, ElasticBuffer) load on first use."""
     import importlib
 
     if name in ("ElasticBuffer", "EPHandle"):

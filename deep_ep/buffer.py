@@ -1,4 +1,4 @@
-"""``Buffer``: the DeepEP-compatible front door (API.md section 2).
+"""``Buffer``: the DeepEP-compatible front door (docs/api.md, Buffer).
 
 A call flows as one typed request (:mod:`deep_ep.calls`): the arguments are validated into a
 request whose problems travel through the ranks' metadata agreement (:mod:`deep_ep.agreement`,
@@ -91,7 +91,7 @@ _COMBINE_FIELDS = (
 
 
 class DispatchHandle(NamedTuple):
-    """The handle ``dispatch`` returns; element 0 is ``rank_prefix_matrix`` (API.md 2.2).
+    """The handle ``dispatch`` returns; element 0 is ``rank_prefix_matrix`` (docs/api.md, dispatch).
 
     Pass it to ``combine`` and to a cached ``dispatch``. The other fields are deep_ep's.
 
@@ -115,7 +115,7 @@ class DispatchHandle(NamedTuple):
 
 
 class Buffer:
-    """The expert-parallel communication buffer (DeepEP v1 API; API.md section 2).
+    """The expert-parallel communication buffer (DeepEP v1 API; docs/api.md, Buffer).
 
     Arguments (DeepEP's, positional order kept): ``group`` a
     ``torch.distributed`` process group (NCCL on GPUs, gloo on CPU; ``None``
@@ -422,7 +422,7 @@ class Buffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
-        """Tokens per rank / node / expert and the token-to-rank mask (API.md 2.1). Local, no communication.
+        """Tokens per rank / node / expert and the token-to-rank mask (docs/api.md, get_dispatch_layout). Local, no communication.
 
         Args:
             topk_idx: int64 ``[T, K]`` global expert ids, -1 = none.
@@ -484,7 +484,7 @@ class Buffer:
         compress: Union[bool, int, str] = True,
         return_compressed: bool = False,
     ):
-        """Send each token to every rank that hosts one of its experts (API.md 2.2).
+        """Send each token to every rank that hosts one of its experts (docs/api.md, dispatch).
 
         Args:
             x: bf16 (or float16/32/64) ``[T, H]``, or the pair (float8_e4m3fn ``[T, H]``, float32 scales
@@ -850,7 +850,7 @@ class Buffer:
         *,
         compress: Union[bool, int] = True,
     ):
-        """Send received rows back and reduce them per token (API.md 2.3).
+        """Send received rows back and reduce them per token (docs/api.md, combine).
 
         Args:
             x: ``[N, H]`` laid out as the dispatch's ``recv_x`` (N = received rows, or ``num_worst_tokens``).
@@ -962,7 +962,7 @@ class Buffer:
             req.problem = p
         return req
 
-    # ------------------------------------------------------------------ low-latency mode (API.md 2.4)
+    # ------------------------------------------------------------------ low-latency mode (docs/api.md, low-latency mode)
     def low_latency_dispatch(
         self,
         x: torch.Tensor,
@@ -977,7 +977,7 @@ class Buffer:
         async_finish: bool = False,
         return_recv_hook: bool = False,
     ):
-        """Low-latency dispatch (API.md 2.4): fixed shapes, no host sync on nvlink (capturable).
+        """Low-latency dispatch (docs/api.md, low-latency mode): fixed shapes, no host sync on nvlink (capturable).
 
         Args:
             x: bf16 ``[T, H]`` with ``T <= num_max_dispatch_tokens_per_rank``.
@@ -1024,7 +1024,7 @@ class Buffer:
         out: Optional[torch.Tensor] = None,
         combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
     ):
-        """Low-latency combine (API.md 2.4).
+        """Low-latency combine (docs/api.md, low-latency mode).
 
         Args:
             x: bf16 ``[L, R*M, H]``, the experts' outputs in the dispatch's layout.

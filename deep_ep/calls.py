@@ -74,7 +74,7 @@ def parse_call_options(
 
 @dataclass
 class DispatchRequest:
-    """A fresh dispatch, validated (API.md 2.2). ``-1`` in a size means "unknown" (bad input).
+    """A fresh dispatch, validated (docs/api.md, dispatch). ``-1`` in a size means "unknown" (bad input).
 
     Attributes:
         x: the token rows ``[T, H]`` (floating, or fp8 values of a pair), contiguous, or ``None``.
@@ -301,7 +301,7 @@ class CachedDispatchRequest:
 
 @dataclass
 class CombineRequest:
-    """A combine, validated (API.md 2.3).
+    """A combine, validated (docs/api.md, combine).
 
     Attributes:
         handle: the dispatch's handle.

@@ -1,4 +1,4 @@
-"""Low-bit wire formats for dispatched rows (``compression_level`` 16 / 8 / 4 / ``'auto'``, API.md 4).
+"""Low-bit wire formats for dispatched rows (``compression_level`` 16 / 8 / 4 / ``'auto'``, docs/api.md, Compression).
 
 Every level turns a row of ``H`` values into one fixed-width byte row (so any
 transport moves it as it moves any row), scales first:

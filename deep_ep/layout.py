@@ -5,7 +5,7 @@ counts, masks, prefix matrices and slots. Transports and kernels consume its
 outputs; kernels that compute the same things on the GPU are tested against
 these functions.
 
-Conventions (API.md): ``T`` tokens on this rank, ``K`` top-k, ``E`` experts,
+Conventions (docs/api.md): ``T`` tokens on this rank, ``K`` top-k, ``E`` experts,
 ``R`` ranks, ``L = E // R`` experts per rank; expert ``e`` lives on rank
 ``e // L``; ``-1`` in ``topk_idx`` means "no expert".
 """
@@ -93,7 +93,7 @@ def check_topk_idx(
 def dispatch_layout(
     topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ranks_per_node: Optional[int] = None
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``get_dispatch_layout`` semantics (API.md 2.1): one Triton launch on CUDA
+    """``get_dispatch_layout`` semantics (docs/api.md, get_dispatch_layout): one Triton launch on CUDA
     (:mod:`deep_ep.kernels.layout`), else :func:`dispatch_layout_torch`.
 
     Returns ``(num_tokens_per_rank int32 [R], num_tokens_per_node int32 [nodes] or None,

@@ -1,4 +1,4 @@
-"""DeepEP's low-latency mode (API.md 2.4) on top of any transport: fixed shapes, no host sync on nvlink.
+"""DeepEP's low-latency mode (docs/api.md, low-latency mode) on top of any transport: fixed shapes, no host sync on nvlink.
 
 On the nvlink transport with Triton (hidden a multiple of 8) each call is
 one send kernel, one device barrier and one receive kernel
@@ -360,7 +360,7 @@ def _event(async_finish: bool, t: torch.Tensor) -> EventOverlap:
 
 
 class LowLatency:
-    """The low-latency mode of one :class:`deep_ep.Buffer` (API.md 2.4), a component the Buffer owns.
+    """The low-latency mode of one :class:`deep_ep.Buffer` (docs/api.md, low-latency mode), a component the Buffer owns.
 
     It uses the Buffer's public methods (the pair dispatch of the normal path) and, where the
     Buffer's transport has one, the transport's low-latency kernel engine (``engine()``: made on the

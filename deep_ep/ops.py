@@ -1,4 +1,4 @@
-"""Differentiable dispatch and combine (API.md section 3).
+"""Differentiable dispatch and combine (docs/api.md, deep_ep.ops).
 
 ``dispatch``'s gradient is a ``combine`` of the gradients with the same
 handle; ``combine``'s gradient is a cached ``dispatch``. Gradients travel

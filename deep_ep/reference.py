@@ -1,7 +1,7 @@
 """Single-process oracle: what every rank must get from ``dispatch`` and ``combine``.
 
 Takes the inputs of ``R`` simulated ranks and returns each rank's expected
-outputs, written from the contract (API.md 2.2-2.3) in the plainest torch,
+outputs, written from the contract (docs/api.md, dispatch and combine) in the plainest torch,
 independently of :mod:`deep_ep.layout` and the transports, so that tests can
 compare every transport with it. Everything here is differentiable where the
 inputs are floating point, so gradients of the real ops can be checked against

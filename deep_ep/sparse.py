@@ -1,4 +1,4 @@
-"""``SparseCollective``: the seed article's sparse all-to-all, on top of :class:`deep_ep.Buffer` (API.md 6).
+"""``SparseCollective``: the seed article's sparse all-to-all, on top of :class:`deep_ep.Buffer` (docs/api.md, SparseCollective).
 
 ::
 

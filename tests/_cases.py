@@ -40,6 +40,8 @@ def get_buffer(backend: str = "collective", **kwargs) -> deep_ep.Buffer:
             env["DEEP_EP_NVLINK_EMULATE"] = "1"
         if backend == "nvlink-fused":  # the fused path (its kernels interpreted on CPU)
             env.update(DEEP_EP_NVLINK_PATH="fused", DEEP_EP_KERNELS_ON_CPU="1")
+        if backend == "nvlink-host":
+            env["DEEP_EP_NVLINK_PATH"] = "host"
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

@@ -1,4 +1,4 @@
-"""The public surface: names, signatures and defaults exactly as API.md (DeepEP v1 compatible)."""
+"""The public surface: names, signatures and defaults exactly as docs/api.md (DeepEP v1 compatible)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_method_signatures():
 
 
 def test_low_latency_signatures():
-    """The low-latency methods exactly as DeepEP v1 (API.md 2.4): names, order, defaults, all positional-or-
+    """The low-latency methods exactly as DeepEP v1 (docs/api.md, low-latency mode): names, order, defaults, all positional-or-
     keyword (DeepEP callers pass some positionally); the size hint a static method."""
     B, req = deep_ep.Buffer, "<req>"
     want = {

@@ -27,7 +27,8 @@ from tests import _interpret
 from tests._cases import get_buffer, make_case
 from tests.test_conformance import SCENARIOS, run_reuse_shapes, run_scenario
 
-pytestmark = pytest.mark.skipif(not _interpret.enabled(), reason="the fused path's kernels need the interpreter here")
+#: the CPU tests: the fused path's kernels need the interpreter here (``gpu`` tests run the same functions)
+interpreted = pytest.mark.skipif(not _interpret.enabled(), reason="the fused path's kernels need the interpreter")
 
 FUSED_SCENARIOS = [
     "basic",
@@ -49,6 +50,7 @@ FUSED_SCENARIOS = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", FUSED_SCENARIOS)
 def test_fused_conformance(rank_pool, world, name):
@@ -65,6 +67,7 @@ def rank_consecutive(rank, R):
     return True
 
 
+@interpreted
 def test_fused_consecutive_calls(rank_pool):
     rank_pool(2).run(rank_consecutive)
 
@@ -75,9 +78,12 @@ def rank_missing_peer(rank, R, timeout_s):
     import torch.distributed as dist
 
     from deep_ep.errors import DeepEPTimeoutError
+    from tests._cases import device
 
     g = dist.new_group(list(range(R)))
-    env = dict(DEEP_EP_NVLINK_EMULATE="1", DEEP_EP_NVLINK_PATH="fused", DEEP_EP_KERNELS_ON_CPU="1")
+    env = dict(DEEP_EP_NVLINK_PATH="fused", DEEP_EP_KERNELS_ON_CPU="1")
+    if device().type == "cpu":
+        env["DEEP_EP_NVLINK_EMULATE"] = "1"
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -88,7 +94,7 @@ def rank_missing_peer(rank, R, timeout_s):
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     case = make_case(3, R, num_experts=4, hidden=16, topk=2, tokens=[5, 5])
-    idx = case.topk_idx[rank]
+    idx = case.topk_idx[rank].to(device())
     per_rank, _, pe, in_rank, _ = buf.get_dispatch_layout(idx, 4)
     if rank == 1:
         time.sleep(timeout_s + 2.0)
@@ -96,7 +102,7 @@ def rank_missing_peer(rank, R, timeout_s):
     t0 = time.monotonic()
     with pytest.raises(DeepEPTimeoutError, match=r"rank\(s\) \[1\] did not arrive"):
         buf.dispatch(
-            case.xs[rank],
+            case.xs[rank].to(device()),
             num_tokens_per_rank=per_rank,
             is_token_in_rank=in_rank,
             num_tokens_per_expert=pe,
@@ -105,6 +111,7 @@ def rank_missing_peer(rank, R, timeout_s):
     return time.monotonic() - t0
 
 
+@interpreted
 def test_fused_missing_peer_times_out(tmp_path):
     from tests._pool import RankPool, close_pools
 
@@ -241,6 +248,7 @@ def rank_budget(rank, R, path):
         del os.environ["DEEP_EP_KERNELS_ON_CPU"]
 
 
+@interpreted
 def test_fused_path_meets_the_per_call_budget(rank_pool):
     """Fresh dispatch <= 3 launches and nothing else on the device, no blocking copy, no host read of a
     tensor (the one host wait reads pinned memory the notify kernel wrote); combine and cached dispatch
@@ -256,6 +264,7 @@ def test_fused_path_meets_the_per_call_budget(rank_pool):
             assert not syncs and not reads, f"rank {r} {call}: syncs {syncs}, host reads {reads}"
 
 
+@interpreted
 def test_host_path_exceeds_the_per_call_budget(rank_pool):
     """The same counter on the host path (today's default): the budget test fails on it."""
     got = rank_pool(2).run(rank_budget, "host")
@@ -339,12 +348,13 @@ def rank_interleaved(rank, R):
     from deep_ep import reference as ref
     from deep_ep.compress import make_codec
     from deep_ep.kernels.launch import STATS
-    from tests._cases import assert_same
+    from tests._cases import assert_same, device
 
     buf = get_buffer("nvlink-fused")
     E = 8
+    dev = device()
     case = make_case(77, R, hidden=96, topk=3, num_experts=E, tokens=[13, 9, 11][:R])
-    idx, w, x = case.topk_idx[rank], case.topk_weights[rank], case.xs[rank]
+    idx, w, x = case.topk_idx[rank].to(dev), case.topk_weights[rank].to(dev), case.xs[rank].to(dev)
     exp = ref.dispatch(case.xs, case.topk_idx, E, case.topk_weights)
     n = exp[rank].num_recv_tokens
     c8 = make_codec(8, case.hidden)
@@ -363,19 +373,58 @@ def rank_interleaved(rank, R):
     fused_launches = STATS.launches
     b = fresh(8)  # host path (a compressed fresh dispatch)
     want_x8 = ref.dispatch([c8.roundtrip(t) for t in case.xs], case.topk_idx, E)[rank].recv_x[:n]
-    assert_same(b[0][:n], want_x8, "compressed fresh")
-    assert_same(buf.dispatch(x, handle=a[4])[0][:n], exp[rank].recv_x[:n], "fused cached after host")
-    assert_same(buf.combine(a[0] * (rank + 2), a[4], compress=8)[0], want_c8, "host combine of a fused plan")
-    assert_same(buf.combine(a[0] * (rank + 2), a[4])[0], want_c, "fused combine after host")
-    assert_same(buf.combine(a[0] * (rank + 2), b[4])[0], want_c, "combine of the host plan")
+    assert_same(b[0][:n].cpu(), want_x8, "compressed fresh")
+    assert_same(buf.dispatch(x, handle=a[4])[0][:n].cpu(), exp[rank].recv_x[:n], "fused cached after host")
+    assert_same(buf.combine(a[0] * (rank + 2), a[4], compress=8)[0].cpu(), want_c8, "host combine of a fused plan")
+    assert_same(buf.combine(a[0] * (rank + 2), a[4])[0].cpu(), want_c, "fused combine after host")
+    assert_same(buf.combine(a[0] * (rank + 2), b[4])[0].cpu(), want_c, "combine of the host plan")
     c = fresh(None)
-    assert_same(c[0][:n], exp[rank].recv_x[:n], "fused fresh after host")
-    assert_same(buf.combine(c[0] * (rank + 2), c[4])[0], want_c, "fused combine")
-    return fused_launches, STATS.launches
+    assert_same(c[0][:n].cpu(), exp[rank].recv_x[:n], "fused fresh after host")
+    assert_same(buf.combine(c[0] * (rank + 2), c[4])[0].cpu(), want_c, "fused combine")
+    return fused_launches, STATS.launches, int(dev.type == "cuda")
 
 
+@interpreted
 def test_fused_interleaved_with_host_path_calls(rank_pool):
-    for first, total in rank_pool(2).run(rank_interleaved):
-        # notify + data kernel per fused fresh dispatch (the layout runs in torch here), one per fused
-        # cached dispatch / combine, none on the host path
-        assert (first, total) == (2, 2 + 1 + 1 + 2 + 1), (first, total)
+    check_interleaved(rank_pool(2).run(rank_interleaved))
+
+
+def check_interleaved(got):
+    for first, total, lay in got:
+        # notify + data kernel per fused fresh dispatch (+ the layout kernel on a GPU; in torch on CPU), one
+        # per fused cached dispatch / combine, none on the host path (its layout kernel on a GPU)
+        assert (first, total) == (2 + lay, 2 + lay + lay + 1 + 1 + 2 + lay + 1), (first, total, lay)
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", FUSED_SCENARIOS)
+def test_fused_conformance_gpu(rank_pool, name):
+    seed = zlib.crc32(f"{name}/gpu/fused".encode())
+    rank_pool(2, backend="nccl").run(run_scenario, "nvlink-fused", seed, SCENARIOS[name])
+
+
+@pytest.mark.gpu
+def test_fused_consecutive_and_interleaved_gpu(rank_pool):
+    pool = rank_pool(2, backend="nccl")
+    pool.run(rank_consecutive)
+    check_interleaved(pool.run(rank_interleaved))
+
+
+@pytest.mark.gpu
+def test_fused_budget_gpu(rank_pool):
+    """The per-call budget on a GPU (the layout kernel, the notify and the data kernel; nothing else)."""
+    pool = rank_pool(2, backend="nccl")
+    for r, out in enumerate(pool.run(rank_budget, "fused")):
+        work, launches, ops, syncs, reads = out["fresh"]
+        assert launches == 3 and work <= 3 and not syncs and not reads, (r, out["fresh"])
+        for call in ("combine", "cached"):
+            work, launches, ops, syncs, reads = out[call]
+            assert launches == 1 and work <= 2 and not syncs and not reads, (r, call, out[call])
+
+
+@pytest.mark.gpu
+def test_fused_missing_peer_times_out_gpu(rank_pool):
+    """The notify kernel's bounded wait on the GPU clock ends, and the host names the missing rank."""
+    took = rank_pool(2, backend="nccl").run(rank_missing_peer, 1.5, timeout=90)[0]
+    assert took < 1.5 + 4.0, took

@@ -1,4 +1,4 @@
-"""patch_moe_model (API.md 7) on tiny random Hugging Face MoE models of every supported family.
+"""patch_moe_model (docs/api.md, deep_ep.integrations) on tiny random Hugging Face MoE models of every supported family.
 
 Every rank builds the same model from the same seed, keeps an unpatched copy
 as the reference, patches the other and feeds it its own batch. Checked

@@ -1,4 +1,4 @@
-"""Low-latency mode (API.md 2.4, deep_ep/low_latency.py) against the reference: CPU ranks (collective) and
+"""Low-latency mode (docs/api.md, low-latency mode, deep_ep/low_latency.py) against the reference: CPU ranks (collective) and
 2 GPUs (nvlink, collective), CUDA-graph capture on nvlink, and its errors."""
 
 from __future__ import annotations

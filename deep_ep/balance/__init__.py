@@ -1,4 +1,4 @@
-"""Dynamic expert load balancing (API.md section 8, ours).
+"""Dynamic expert load balancing (docs/api.md, deep_ep.balance; ours).
 
 * :class:`LoadMonitor` -- per-step per-expert counts (all-reduced over the EP
   group when given one), a history window, :meth:`~LoadMonitor.forecast` of

@@ -3,7 +3,7 @@
 The planner turns a per-expert load estimate ``weight [layers, E]`` into a
 physical layout of ``num_replicas`` expert slots, ``num_replicas // num_gpus``
 slots per GPU, in the same three tensors as DeepSeek's EPLB so the two are
-interchangeable (API.md section 8):
+interchangeable (docs/api.md, deep_ep.balance):
 
 * ``phy2log [layers, P]``: the logical expert held by physical slot ``p``;
   slot ``p`` lives on GPU ``p // (P // num_gpus)``;

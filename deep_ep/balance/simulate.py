@@ -11,7 +11,7 @@ boosted ``burst_factor``-fold for ``burst_len`` steps; the burst starts at a
 uniformly random offset inside its block (``[0, burst_every - burst_len]``),
 so re-plans meet bursts at every phase. Each step ``tokens`` tokens are
 sampled, each choosing ``topk`` distinct experts by successive sampling
-without replacement proportional to popularity (BENCH.md's skewed routing);
+without replacement proportional to popularity (docs/bench.md's skewed routing);
 the trace keeps the per-step per-expert counts.
 
 Policies (:func:`simulate`)

@@ -1,4 +1,4 @@
-"""DeepEP V2's ``ElasticBuffer`` API on deep_ep's transports (API.md section 9; docs/elastic.md).
+"""DeepEP V2's ``ElasticBuffer`` API on deep_ep's transports (docs/api.md, ElasticBuffer; docs/elastic.md).
 
 ``ElasticBuffer`` and ``EPHandle`` are also exported as ``deep_ep.ElasticBuffer`` and ``deep_ep.EPHandle``.
 """

@@ -1,4 +1,4 @@
-"""``ElasticBuffer``: DeepEP V2's expert-parallel API on deep_ep's transports (API.md section 9).
+"""``ElasticBuffer``: DeepEP V2's expert-parallel API on deep_ep's transports (docs/api.md, ElasticBuffer).
 
 Built on :class:`deep_ep.Buffer`'s public API alone. One fresh ``dispatch`` is:
 
@@ -115,7 +115,7 @@ class _Wire:
 
 
 class ElasticBuffer(ExtrasMixin):
-    """DeepEP V2's communication buffer on deep_ep's transports (API.md section 9).
+    """DeepEP V2's communication buffer on deep_ep's transports (docs/api.md, ElasticBuffer).
 
     Argument names, order and defaults are V2's. What deep_ep does with them:
 

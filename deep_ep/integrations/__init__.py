@@ -1,4 +1,4 @@
-"""Drop-in integrations (API.md section 7).
+"""Drop-in integrations (docs/api.md, deep_ep.integrations).
 
 ``patch_moe_model`` shards the experts of a Hugging Face MoE model over an
 expert-parallel group (:mod:`deep_ep.integrations.hf`). Importing this

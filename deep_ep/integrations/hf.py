@@ -1,4 +1,4 @@
-"""Expert parallelism for Hugging Face MoE models: :func:`patch_moe_model` (API.md section 7).
+"""Expert parallelism for Hugging Face MoE models: :func:`patch_moe_model` (docs/api.md, deep_ep.integrations).
 
 How it plugs in. In transformers 5.x every supported MoE block is a router
 followed by an *experts module* (``MixtralExperts``, ``Qwen3MoeExperts``,

@@ -38,4 +38,10 @@ def available_on(device: torch.device) -> bool:
         return False
     if device.type != "cuda" and not (device.type == "cpu" and kernels_on_cpu()):
         return False
-    return _triton_importable()
+    if not _triton_importable():
+        return False
+    if device.type == "cpu":
+        from .interpreter import install
+
+        install()  # the interpreter's fixes (idempotent)
+    return True

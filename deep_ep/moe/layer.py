@@ -1,4 +1,4 @@
-"""``ExpertParallelMoE``: a Mixture-of-Experts layer over a :class:`~deep_ep.Buffer` (API.md 3).
+"""``ExpertParallelMoE``: a Mixture-of-Experts layer over a :class:`~deep_ep.Buffer` (docs/api.md, ExpertParallelMoE).
 
 Router (softmax or sigmoid scores, top-k, optionally group-limited as
 DeepSeek-V3), dispatch, the rank's local experts (SwiGLU, one grouped GEMM

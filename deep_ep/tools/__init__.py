@@ -14,6 +14,8 @@ name                what it measures                                            
 ``host-breakdown``  host cost of single launches and of whole device-path calls, their graph-         1 GPU
                     replayed GPU time, cProfile and torch-profiler op counts
 ``host-overhead``   host time, Python calls and torch ops per Buffer call at tiny shapes              CPU (gloo)
+``host-time``       host time per call of the nvlink transport's host path against its fused path      2 GPUs (or shared
+                                                                                                      / CPU: a proxy)
 ``ll-probe``        host profile and kernel times of the low-latency calls                           1 GPU
 ``moe-profile``     an ExpertParallelMoE training step with 1 and N chunks: host time, cProfile,      1 GPU
                     torch profiler (and a Chrome trace)
@@ -45,6 +47,11 @@ TOOLS = {
         "1 GPU",
     ),
     "host-overhead": ("host_overhead", "host time, Python calls, torch ops per Buffer call (tiny shapes)", "CPU"),
+    "host-time": (
+        "host_time",
+        "nvlink host path against fused path: host time, launches, ops per call",
+        "2 GPUs / CPU",
+    ),
     "ll-probe": ("ll_probe", "host profile and kernel times of the low-latency calls", "1 GPU"),
     "moe-profile": ("moe_profile", "ExpertParallelMoE step with 1 and N chunks: host time and profiles", "1 GPU"),
     "codec-speed": ("codec_speed", "encode / decode time of the Triton codecs at the normal workload", "1 GPU"),

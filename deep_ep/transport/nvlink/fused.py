@@ -117,6 +117,7 @@ class FusedPath:
         self._ring_in = [self._ring[k * w : k * w + _IN_W] for k in range(_SLOTS + 1)]
         self._ring_out = [self._ring[k * w + _IN_W : (k + 1) * w] for k in range(_SLOTS + 1)]
         self._dirty = False  # the host path used the data areas: a barrier before the next fused kernel
+        self._interp = _interp()  # the kernels run under Triton's interpreter (fixed for the process)
         self._slot = 0
         self._ticket = 0
         self._pending: List[Tuple[int, int, int]] = []  # (slot, ticket, seq) of num_worst_tokens notifies
@@ -150,25 +151,26 @@ class FusedPath:
 
     def _launch(self, kernel: Any, grid: Tuple[int, ...], *args: Any, **constexprs: Any) -> None:
         """Launch one of the fused kernels. Under the interpreter (no clock in the kernel) a watchdog thread
-        sets the control word ``CTL_GIVE_UP`` after ``timeout_s``, ending the kernel's waits as the clock
-        does on a GPU."""
-        if not _interp():
+        sets the control word ``CTL_GIVE_UP`` once a launch outlives ``timeout_s``, ending the kernel's
+        waits as the clock does on a GPU."""
+        if not self._interp:
             kernel(grid, *args, **constexprs)
             return
-        import threading
-
-        from ...kernels.fused import CTL_GIVE_UP
-
-        ctl = self._ctl_np
-        dog = threading.Timer(self.timeout_s, lambda: ctl.__setitem__(CTL_GIVE_UP, 1))
-        dog.daemon = True
-        dog.start()
+        dog = self._watchdog()
+        with dog.lock:
+            dog.deadline = time.monotonic() + self.timeout_s
         try:
             kernel(grid, *args, **constexprs)
         finally:
-            dog.cancel()
-            dog.join()
-            ctl[CTL_GIVE_UP] = 0
+            with dog.lock:
+                dog.deadline = None
+                self._ctl_np[_give_up()] = 0
+
+    def _watchdog(self) -> "_Watchdog":
+        dog = getattr(self, "_dog", None)
+        if dog is None:
+            dog = self._dog = _Watchdog(self._ctl_np)
+        return dog
 
     # ---------------------------------------------------------------- notify
     def fused_notify(
@@ -265,7 +267,7 @@ class FusedPath:
             HAS_IDX=topk_idx is not None,
             KP=max(2, _p2(K)),
             BT=64,
-            INTERP=_interp(),
+            INTERP=self._interp,
             ROLE=0,
         )
         layout = FusedLayout(chan=chan, dev=devv, slot=None, nch=nch, rpm=rpm, L=L)
@@ -462,7 +464,7 @@ class FusedPath:
             TOK=16,
             BX=bx,
             BS=bs,
-            INTERP=_interp(),
+            INTERP=self._interp,
             ROLE=0,
         )
         self._fence = True  # the host path's next phase passes a barrier first (a peer may still read)
@@ -527,7 +529,7 @@ class FusedPath:
             KP=max(2, _p2(K)),
             TOK=16,
             BLOCK=min(512, max(16, _p2(H))),
-            INTERP=_interp(),
+            INTERP=self._interp,
             ROLE=0,
         )
         self._fence = True  # the host path's next phase passes a barrier first (a peer may still read)
@@ -541,6 +543,32 @@ class FusedPath:
             return True
         widths = [H * elem] + ([4 * K] if K else [])
         return back <= self._area_cap(widths)
+
+
+class _Watchdog:
+    """One daemon thread per transport (interpreter only): while a launch is armed past its deadline, it
+    stores 1 into ``ctl[CTL_GIVE_UP]``."""
+
+    def __init__(self, ctl: np.ndarray) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.deadline: Optional[float] = None
+        self._ctl = ctl
+        threading.Thread(target=self._run, daemon=True, name="deep_ep-fused-watchdog").start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.02)
+            with self.lock:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self._ctl[_give_up()] = 1
+
+
+def _give_up() -> int:
+    from ...kernels.fused import CTL_GIVE_UP
+
+    return CTL_GIVE_UP
 
 
 def _p2(n: int) -> int:

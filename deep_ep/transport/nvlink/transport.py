@@ -16,7 +16,7 @@ half's previous use: no second barrier is needed for flow control.
   tensor); its rows for itself go straight into the output. After the
   barrier each rank copies its block out of every peer's half into the
   output (contiguous NVLink reads; faster than gathered remote stores plus
-  a copy-out, measured on 2 x H200 by ``scripts/nvlink_pipeline_probe.py``).
+  a copy-out, measured on 2 x H200: benchmarks/results/2026-11-28-nvidia-h200-pipeline-probe.json).
 - **dispatch** (push, opt-in ``DEEP_EP_NVLINK_DISPATCH=push``): each rank copies runs
   of consecutive tokens it sends to ``d`` straight from its input into ``d``'s
   half (contiguous copies, no pack; the copy engines write at the link's

@@ -118,6 +118,7 @@ class FusedPath:
         self._ring_out = [self._ring[k * w + _IN_W : (k + 1) * w] for k in range(_SLOTS + 1)]
         self._dirty = False  # the host path used the data areas: a barrier before the next fused kernel
         self._interp = _interp()  # the kernels run under Triton's interpreter (fixed for the process)
+        self._phases: Optional[List[Tuple]] = None  # see _launch
         self._slot = 0
         self._ticket = 0
         self._pending: List[Tuple[int, int, int]] = []  # (slot, ticket, seq) of num_worst_tokens notifies
@@ -149,10 +150,17 @@ class FusedPath:
     def _limit(self) -> int:
         return self._limit_ns
 
-    def _launch(self, kernel: Any, grid: Tuple[int, ...], *args: Any, **constexprs: Any) -> None:
+    def _launch(self, kernel: Any, grid: Tuple[int, ...], split: Tuple, *args: Any, **constexprs: Any) -> None:
         """Launch one of the fused kernels. Under the interpreter (no clock in the kernel) a watchdog thread
         sets the control word ``CTL_GIVE_UP`` once a launch outlives ``timeout_s``, ending the kernel's
-        waits as the clock does on a GPU."""
+        waits as the clock does on a GPU.
+
+        ``split``: the grids of the kernel's ``ROLE`` 1 and 2 launches. When :attr:`_phases` is a list
+        (ranks emulated in one process, ``tests/test_fused_kernels.py``) the launch is recorded there
+        instead, for the test to run every rank's first half, then every rank's second half."""
+        if self._phases is not None:
+            self._phases.append((kernel, split, args, constexprs))
+            return
         if not self._interp:
             kernel(grid, *args, **constexprs)
             return
@@ -217,6 +225,7 @@ class FusedPath:
             inp[:_HEADER] = header
             self._ticket += 1
             inp[_HEADER] = self._ticket
+        self._slot_of_last = slot  # (tests read the block of a notify they launched themselves)
         cap = self._area_cap(widths)
         nch = max(1, min(self._nsm // 2, -(-T // 256))) if T else 1
         CW = 2 * R + 4
@@ -232,6 +241,7 @@ class FusedPath:
         self._launch(
             self._k_notify,
             (nch + 1,),
+            ((nch + 1,), (1,)),
             mask.view(torch.uint8),
             idx,
             pe,
@@ -422,6 +432,7 @@ class FusedPath:
         self._launch(
             self._k_dispatch,
             (fl.nch + nrecv,),
+            ((fl.nch,), (nrecv,)),
             plan.is_token_in_rank.view(torch.uint8),
             fl.chan,
             fl.dev,
@@ -498,6 +509,7 @@ class FusedPath:
         self._launch(
             self._k_combine,
             (nsend + nred,),
+            ((nsend,), (nred,)),
             x,
             weights if weights is not None else x,
             fl.slot,

@@ -588,24 +588,27 @@ class Buffer:
                 fused=fl,
             )
             return plan, L, []
-        from .kernels.fused import OUT_HEADERS
+        from .kernels.fused import OUT_HEADERS, OUT_VERDICT
 
         hb = OUT_HEADERS
-        heads = out[hb : hb + R * HEADER].reshape(R, HEADER).tolist()
-        check_rows(heads, _OP_DISPATCH, problem, DISPATCH_FIELDS, self.rank)
         cb = hb + R * HEADER
         C = out[cb : cb + R * R].reshape(R, R)
-        if E > 0:
-            ranges = np.stack([out[cb + R * R : cb + R * R + R], out[cb + R * R + R : cb + R * R + 2 * R]], axis=1)
-            check_id_ranges(ranges.tolist(), E, self.rank)
-        received = C.sum(axis=0)
-        for d in range(R):
-            w = heads[d][_H_WORST]
-            if w > 0 and received[d] > w:
-                raise DeepEPInputError(
-                    f"deep_ep dispatch: rank {d} receives {int(received[d])} tokens but its num_worst_tokens is "
-                    f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent."
-                )
+        worsts = out[hb + _H_WORST : cb : HEADER]
+        if problem is not None or out[OUT_VERDICT : OUT_VERDICT + 3].any():
+            # the kernel found something (or this rank did): the checks that name it, as on the host path
+            heads = out[hb:cb].reshape(R, HEADER).tolist()
+            check_rows(heads, _OP_DISPATCH, problem, DISPATCH_FIELDS, self.rank)
+            if E > 0:
+                lo, hi = out[cb + R * R : cb + R * R + R], out[cb + R * R + R : cb + R * R + 2 * R]
+                check_id_ranges(np.stack([lo, hi], axis=1).tolist(), E, self.rank)
+            received = C.sum(axis=0)
+            for d in range(R):
+                w = int(worsts[d])
+                if w > 0 and received[d] > w:
+                    raise DeepEPInputError(
+                        f"deep_ep dispatch: rank {d} receives {int(received[d])} tokens but its num_worst_tokens "
+                        f"is {w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent."
+                    )
         me = self.rank
         n_recv = int(out[3])
         expert_list: Optional[List[int]] = None
@@ -627,7 +630,7 @@ class Buffer:
             counts=counts,
             fused=None if out[4 + 3] else fl,  # rows that do not fit an area: the host path (every rank)
         )
-        if any(heads[d][_H_WORST] > 0 for d in range(R)) and self._transport.device_layout:
+        if worsts.any() and self._transport.device_layout:
             plan.device = None  # (a fused plan moves rows its own way; the host path reads the counts)
         return plan, L, expert_list
 

@@ -136,10 +136,10 @@ def rank_bad_input_everywhere(rank, R, what):
     run_scenario(rank, R, "collective", 5, {})
 
 
-def rank_bad_input_one_rank(rank, R, what):
+def rank_bad_input_one_rank(rank, R, what, backend="collective"):
     """Only rank 1 passes bad input: it raises its precise error, the others a RemoteInputError (no hang)."""
     dev = device()
-    buf = get_buffer()
+    buf = get_buffer(backend)
     E, T, H = 8, 6, 64
     idx = torch.randint(0, E, (T, 2), device=dev)
     x = torch.randn((T, H), device=dev).to(torch.bfloat16)
@@ -168,13 +168,13 @@ def rank_bad_input_one_rank(rank, R, what):
     else:
         _expect(RemoteInputError, fn, "rank 1")
     assert time.monotonic() - start < 10
-    run_scenario(rank, R, "collective", 6, {})
+    run_scenario(rank, R, backend, 6, {})
 
 
-def rank_disagree(rank, R, what):
+def rank_disagree(rank, R, what, backend="collective"):
     """Ranks disagree on a shape: every rank raises RankMismatchError naming the odd rank."""
     dev = device()
-    buf = get_buffer()
+    buf = get_buffer(backend)
     E, T, H, K = 8, 6, 64, 2
     if what == "num_experts" and rank == R - 1:
         E = 16
@@ -189,12 +189,12 @@ def rank_disagree(rank, R, what):
     lay = _layout(buf, idx, E)
     msg = _expect(RankMismatchError, lambda: buf.dispatch(x, **lay), f"[{R - 1}]")
     assert {"num_experts": "num_experts", "hidden": "hidden", "topk": "num_topk", "dtype": "dtype"}[what] in msg
-    run_scenario(rank, R, "collective", 7, {})
+    run_scenario(rank, R, backend, 7, {})
 
 
-def rank_worst_too_small(rank, R):
+def rank_worst_too_small(rank, R, backend="collective"):
     dev = device()
-    buf = get_buffer()
+    buf = get_buffer(backend)
     E, T = 8, 6
     idx = torch.arange(E, device=dev).repeat(T, 1)[:, :4]  # every token to rank 0 (and 1 if R == 2)
     x = torch.randn((T, 16), device=dev).to(torch.bfloat16)

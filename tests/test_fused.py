@@ -396,6 +396,50 @@ def check_interleaved(got):
         assert (first, total) == (2 + lay, 2 + lay + lay + 1 + 1 + 2 + lay + 1), (first, total, lay)
 
 
+@interpreted
+@pytest.mark.parametrize("what", ["expert_id", "weights_shape"])
+def test_fused_bad_input_on_one_rank(rank_pool, what):
+    """The notify kernel's verdict: the rank with bad input raises its own error, the other names it."""
+    from tests.test_errors import rank_bad_input_one_rank
+
+    rank_pool(2).run(rank_bad_input_one_rank, what, "nvlink-fused", timeout=90)
+
+
+@interpreted
+@pytest.mark.parametrize("what", ["num_experts", "hidden"])
+def test_fused_ranks_disagree(rank_pool, what):
+    from tests.test_errors import rank_disagree
+
+    rank_pool(2).run(rank_disagree, what, "nvlink-fused", timeout=90)
+
+
+def rank_worst_too_small_deferred(rank, R):
+    """A ``num_worst_tokens`` dispatch never waits for the host, so a num_worst_tokens too small on rank 0 is
+    reported at every rank's next call; the dispatch itself writes nothing out of bounds (the rows past
+    it are dropped, the rest arrive), and the Buffer works afterwards."""
+    from deep_ep.errors import DeepEPInputError
+    from tests._cases import device
+    from tests.test_errors import _expect, _layout
+
+    dev = device()
+    buf = get_buffer("nvlink-fused")
+    E, T = 8, 6
+    idx = torch.arange(E, device=dev).repeat(T, 1)[:, :4]  # every token to rank 0 (and 1 if R == 2)
+    x = torch.randn((T, 16), device=dev).to(torch.bfloat16)
+    lay = _layout(buf, idx, E)
+    worst = 2 if rank == 0 else 100
+    out = buf.dispatch(x, num_worst_tokens=worst, **lay)
+    assert out[0].shape[0] == worst
+    _expect(DeepEPInputError, lambda: buf.get_dispatch_layout(idx, E), "num_worst_tokens")
+    run_scenario(rank, R, "nvlink-fused", 8, {})
+    return True
+
+
+@interpreted
+def test_fused_worst_too_small(rank_pool):
+    rank_pool(2).run(rank_worst_too_small_deferred, timeout=90)
+
+
 # ---------------------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", FUSED_SCENARIOS)

@@ -404,6 +404,7 @@ def _dispatch_kernel(
     ow_ptr,
     T,
     N,
+    CAP,
     WX,
     WS,
     K,
@@ -465,10 +466,14 @@ def _dispatch_kernel(
             m = m.to(tl.int64)
             pos = running[None, :] + tl.cumsum(m, axis=0) - 1  # [TOK, RP]
             running += tl.sum(m, axis=0)
+            # rows past the output (num_worst_tokens too small) or past a peer's area are dropped: the
+            # notify's verdict reports them (at the next call when it is deferred); no write out of bounds
+            lim = tl.where(rr == RANK, N, CAP)
+            keep = (m > 0) & (pos < lim[None, :])
             if WRITE_SLOT:
                 tl.store(
                     slot_ptr + ts[:, None] * R + rr[None, :],
-                    tl.where(m > 0, pos, -1).to(tl.int32),
+                    tl.where(keep, pos, -1).to(tl.int32),
                     mask=tm[:, None] & rin[None, :],
                 )
             if HAS_I:
@@ -476,7 +481,7 @@ def _dispatch_kernel(
             if HAS_W:
                 wts = tl.load(w_ptr + ts[:, None] * K + kk[None, :], mask=tm[:, None] & (kk < K)[None, :], other=0)
             for d in tl.static_range(R):
-                sent = tm & (tl.sum(tl.where(rr[None, :] == d, m, 0), axis=1) > 0)
+                sent = tm & (tl.sum(tl.where(rr[None, :] == d, keep.to(tl.int32), 0), axis=1) > 0)
                 p = tl.sum(tl.where(rr[None, :] == d, pos, 0), axis=1)
                 p = tl.where(sent, p, 0)
                 peer = own_ptr + tl.load(delta_ptr + d) + area  # the area in rank d's buffer (int64 words)
@@ -512,7 +517,7 @@ def _dispatch_kernel(
         for r0 in range((pid - NCH) * TOK, N, NRECV * TOK):
             rs = (r0 + tb).to(tl.int64)
             inside = rs < N
-            take = inside & (rs < n) & ((rs < lo) | (rs >= hi))
+            take = inside & (rs < n) & ((rs < lo) | (rs >= hi)) & (rs < CAP)
             pad = inside & (rs >= n)
             _copy_rows(me.to(ox_ptr.dtype) + RX_W, ox_ptr, rs, take, pad, WX, BX)
             if HAS_S:
@@ -558,6 +563,8 @@ def _combine_kernel(
     T,
     H,
     K,
+    NX,
+    CAP,
     NSEND,
     NRED,
     CTL_W,
@@ -582,7 +589,8 @@ def _combine_kernel(
     into that peer's area, at the row's place in the peer's send order (destination-major), with its
     weights; programs ``NSEND ..`` reduce, after every peer's flag, each token's rows in ascending rank
     order (this rank's from ``x`` itself) in float32, add the biases and store ``x.dtype``. ``ROLE`` as in
-    :func:`_dispatch_kernel`."""
+    :func:`_dispatch_kernel`. Rows past ``x``'s ``NX`` or a peer's area (``CAP`` rows; a plan whose deferred
+    verdict failed) are neither read nor written."""
     pid = tl.program_id(0) + (NSEND if ROLE == 2 else 0)
     ctl_ptr = own_ptr + CTL_W
     rr = tl.arange(0, RP)
@@ -605,14 +613,14 @@ def _combine_kernel(
         at_me = tl.sum(tl.where(rr[None, :] == RANK, sendbase, 0), axis=1)  # [s]: sendbase[s][RANK]
         for r0 in range(pid * TOK, n, NSEND * TOK):
             rs = (r0 + tb).to(tl.int64)
-            inside = rs < n
+            inside = (rs < n) & (rs < NX)
             src = tl.sum((rs[:, None] >= first[None, :]).to(tl.int32) * rin[None, :].to(tl.int32), axis=1) - 1
             for s in tl.static_range(R):
                 if s != RANK:
-                    go = inside & (src == s)
                     f_s = tl.sum(tl.where(rr == s, first, 0), axis=0)
                     a_s = tl.sum(tl.where(rr == s, at_me, 0), axis=0)
                     dst = a_s + rs - f_s
+                    go = inside & (src == s) & (dst < CAP)
                     peer = own_ptr + tl.load(delta_ptr + s) + area
                     px = peer.to(x_ptr.dtype) + RX_W
                     for c in range(0, H, BLOCK):
@@ -650,11 +658,13 @@ def _combine_kernel(
                 sl = tl.load(slot_ptr + ts * R + d, mask=tm, other=-1).to(tl.int64)
                 ok = tm & (sl >= 0)
                 if d == RANK:
+                    ok = ok & (sl < NX)
                     v = tl.load(x_ptr + sl[:, None] * H + offs[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
                 else:
                     b_d = tl.sum(tl.where(rr == d, base_me, 0), axis=0)
                     s_d = tl.sum(tl.where(rr == d, send_me, 0), axis=0)
                     row = s_d + sl - b_d
+                    ok = ok & (row < CAP)
                     v = tl.load(mx + row[:, None] * H + offs[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
                 acc += v.to(tl.float32)
             if NB >= 1:
@@ -678,11 +688,13 @@ def _combine_kernel(
                         sl = tl.load(slot_ptr + ts * R + d, mask=tm, other=-1).to(tl.int64)
                         ok = tm & (sl >= 0)
                         if d == RANK:
+                            ok = ok & (sl < NX)
                             wv = tl.load(w_ptr + sl[:, None] * K + kk[None, :], mask=ok[:, None] & km, other=0.0)
                         else:
                             b_d = tl.sum(tl.where(rr == d, base_me, 0), axis=0)
                             s_d = tl.sum(tl.where(rr == d, send_me, 0), axis=0)
                             row = s_d + sl - b_d
+                            ok = ok & (row < CAP)
                             wv = tl.load(
                                 me.to(tl.pointer_type(tl.float32)) + RW_W + row[:, None] * K + kk[None, :],
                                 mask=ok[:, None] & km,

@@ -23,6 +23,7 @@ host path.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
@@ -208,7 +209,6 @@ class FusedPath:
             ``(layout, block or None, capacity rows)``.
         """
         from ...agreement import _H_E, _H_ERR, _H_WORST, _HEADER
-        from ...plans import _FIELDS
 
         R, me = self.num_ranks, self.rank
         T = mask.size(0)
@@ -236,7 +236,7 @@ class FusedPath:
         pe = per_expert if per_expert is not None else scratch
         idx = topk_idx if topk_idx is not None else scratch
         K = topk_idx.size(1) if topk_idx is not None else 1
-        bits = sum(1 << f for f in set(_FIELDS))
+        bits = _field_bits()
         self._clean()
         self._launch(
             self._k_notify,
@@ -449,6 +449,7 @@ class FusedPath:
             ow.view(torch.int32) if ow is not None else fl.dev,
             T,
             N,
+            cap,
             xw.size(1),
             sw.size(1) if sw is not None else 0,
             max(K, 1),
@@ -524,6 +525,8 @@ class FusedPath:
             T,
             H,
             max(K, 1),
+            x.size(0),
+            cap,
             nsend,
             nred,
             self.fused_ctl_b // 8,
@@ -555,6 +558,14 @@ class FusedPath:
             return True
         widths = [H * elem] + ([4 * K] if K else [])
         return back <= self._area_cap(widths)
+
+
+@functools.lru_cache(maxsize=1)
+def _field_bits() -> int:
+    """The header words the ranks must agree on, as a bit mask (the notify kernel's ``FIELDS``)."""
+    from ...plans import _FIELDS
+
+    return sum(1 << f for f in set(_FIELDS))
 
 
 class _Watchdog:

@@ -294,5 +294,7 @@ def main(argv, prog: str = "deep-ep tools host-time") -> int:
             setattr(a, name, on_gpu if cuda else on_cpu)
     if not cuda:
         os.environ["TRITON_INTERPRET"] = "1"  # before the ranks import Triton
+    elif torch.cuda.device_count() < a.world:
+        os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")  # ranks sharing a GPU
     launch(_rank, (a.world, a), a.json, a.world, "cuda" if cuda else "cpu", fork_ok=False)
     return 0

@@ -66,12 +66,15 @@ class Launcher:
         self.num_warps = num_warps
         self._compiled: Dict[Tuple, Any] = {}
         self._names = None
+        self._interp: Any = None
 
     def __call__(self, grid: Tuple[int, ...], *args: Any, **constexprs: Any) -> None:
         """Launch ``fn[grid](*args, **constexprs, num_warps=...)``: positional ``args`` are the kernel's
         non-constexpr parameters in order, ``constexprs`` its constexpr ones by name."""
         STATS.launches += 1
-        if interpreting():
+        if self._interp is None:  # fixed for the process once Triton is imported (read once, not per launch)
+            self._interp = interpreting()
+        if self._interp:
             # the interpreter's emulation is the device's work: outside any dispatch mode (op counters)
             from torch.utils._python_dispatch import _disable_current_modes
 

@@ -44,6 +44,7 @@ from .calls import (
 )
 from .config import Config, EventOverlap, recommended_config
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
+from .kernels.protocol import OUT_HEADERS, OUT_VERDICT
 from .low_latency import LowLatency
 from .plans import _EXPERT_SLOTS, DISPATCH_FIELDS, DeferredChecks, build_device_plan, build_host_plan, localize_received
 from .settings import DEFAULT_TIMEOUT_S, Settings
@@ -588,8 +589,6 @@ class Buffer:
                 fused=fl,
             )
             return plan, L, []
-        from .kernels.fused import OUT_HEADERS, OUT_VERDICT
-
         hb = OUT_HEADERS
         cb = hb + R * HEADER
         C = out[cb : cb + R * R].reshape(R, R)

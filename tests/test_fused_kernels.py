@@ -16,7 +16,7 @@ import torch
 
 from deep_ep import reference as ref
 from deep_ep.agreement import _HEADER, _OP_DISPATCH, make_header
-from deep_ep.kernels import fused as kf
+from deep_ep.kernels import protocol as kf
 from deep_ep.layout import dispatch_layout_torch
 from deep_ep.transport.nvlink.fused import FusedPath, fused_control_bytes
 from tests import _interpret

@@ -17,12 +17,14 @@ one kernel. Ranks synchronise inside the kernels with flags, not with barriers b
   and the flags order every reuse, for eager calls and CUDA-graph replays alike (the epoch lives on the
   device).
 
-Waits are bounded (``%globaltimer`` on the GPU, a spin count under the interpreter): a kernel that gives up
-records the ranks whose flags did not come in ``ctl[3]`` and, for notify, in the host's mapped block.
+Waits are bounded (``%globaltimer`` on the GPU; under the interpreter a host watchdog stores
+``ctl[CTL_GIVE_UP]``): a kernel that gives up records the ranks whose flags did not come in ``ctl[3]`` and,
+for notify, in the host's mapped block. The word indices live in :mod:`deep_ep.kernels.protocol`.
 
-The torch twins (:mod:`deep_ep.kernels.twins`: :func:`~deep_ep.kernels.twins.notify_torch`,
-:func:`~deep_ep.kernels.twins.fused_dispatch_torch`, :func:`~deep_ep.kernels.twins.fused_combine_torch`)
-give the same results with every rank's memory as tensors.
+Their oracle is :mod:`deep_ep.reference`, the plain-torch whole dispatch / combine (the twins of the pieces
+of a call are the host path's: :mod:`deep_ep.kernels.twins`): ``tests/test_fused_kernels.py`` runs every
+rank in one process (each kernel as two launches per rank, ``ROLE`` 1 then 2) and ``tests/test_fused.py``
+one process per rank, both against it.
 """
 
 from __future__ import annotations
@@ -30,15 +32,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# ctl words (this rank's own memory, never written by peers)
-CTL_EPOCH, CTL_SENT, CTL_DONE, CTL_ERROR, CTL_NOTIFY = 0, 1, 2, 3, 4
-#: under the interpreter, a host watchdog stores a nonzero value here to make waits give up (no clock)
-CTL_GIVE_UP = 8
-# the host's mapped block of a notify (int64 words)
-OUT_DONE, OUT_STATUS, OUT_MISSING, OUT_NRECV, OUT_VERDICT, OUT_HEADERS = 0, 1, 2, 3, 4, 8
-#: verdict words: ranks disagree (header or a rank's own error), a rank receives more than its
-#: num_worst_tokens, a rank's ids lie outside [-1, E), a rank receives more rows than the area holds
-VERDICTS = 4
+from .protocol import (  # noqa: F401  (the protocol's words, used as globals by the kernels)
+    CTL_DONE,
+    CTL_EPOCH,
+    CTL_ERROR,
+    CTL_GIVE_UP,
+    CTL_NOTIFY,
+    CTL_SENT,
+    OUT_DONE,
+    OUT_HEADERS,
+    OUT_MISSING,
+    OUT_NRECV,
+    OUT_STATUS,
+    OUT_VERDICT,
+    VERDICTS,
+)
 
 
 @triton.jit

@@ -102,7 +102,7 @@ class _Replay:
 
     def stub(self):
         from deep_ep.agreement import _HEADER
-        from deep_ep.kernels.fused import OUT_DONE, OUT_HEADERS
+        from deep_ep.kernels.protocol import OUT_DONE, OUT_HEADERS
 
         replay = self
 

@@ -455,7 +455,11 @@ class Buffer:
         call = StreamCall(self.device, self._comm_stream, opts)
         with call:
             per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
-                topk_idx, num_experts, self.num_ranks, ranks_per_node=self._transport.ranks_per_node
+                topk_idx,
+                num_experts,
+                self.num_ranks,
+                ranks_per_node=self._transport.ranks_per_node,
+                no_memset=self._transport.fused_plans,
             )
             outs = [per_rank, per_expert, in_rank]
             if call.cuda and not call.on_comm:

@@ -91,7 +91,11 @@ def check_topk_idx(
 
 
 def dispatch_layout(
-    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ranks_per_node: Optional[int] = None
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    num_ranks: int,
+    ranks_per_node: Optional[int] = None,
+    no_memset: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``get_dispatch_layout`` semantics (docs/api.md, get_dispatch_layout): one Triton launch on CUDA
     (:mod:`deep_ep.kernels.layout`), else :func:`dispatch_layout_torch`.
@@ -102,7 +106,8 @@ def dispatch_layout(
     there; ``num_tokens_per_expert`` counts (token, k) pairs, as DeepEP does.
     Entries ``-1`` are ignored, and so is any id outside ``[0, num_experts)``
     (validate with :func:`check_topk_idx`; this function never indexes out
-    of bounds). No host synchronisation.
+    of bounds). No host synchronisation. ``no_memset``: the kernel's form without the zero fill of its
+    totals (the fused nvlink path's; a per-stream scratch and ticket).
     """
     num_local_experts(num_experts, num_ranks)  # validates num_experts
     nodes = 0
@@ -117,7 +122,9 @@ def dispatch_layout(
     if kernels.available(topk_idx):  # the same integers in one launch
         from .kernels import layout as klayout
 
-        return klayout.dispatch_layout(topk_idx, num_experts, num_ranks, nodes, ranks_per_node or num_ranks)
+        return klayout.dispatch_layout(
+            topk_idx, num_experts, num_ranks, nodes, ranks_per_node or num_ranks, ticket=no_memset
+        )
     return dispatch_layout_torch(topk_idx, num_experts, num_ranks, ranks_per_node)
 
 

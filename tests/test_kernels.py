@@ -68,7 +68,7 @@ LAYOUT_CASES = [
 ]
 
 
-def check_layout_kernel(T, K, E, R, P, seed, mode):
+def check_layout_kernel(T, K, E, R, P, seed, mode, ticket=False):
     """The one-launch dispatch layout against layout.dispatch_layout_torch."""
     from deep_ep.kernels import layout as klayout
 
@@ -86,7 +86,7 @@ def check_layout_kernel(T, K, E, R, P, seed, mode):
     idx = idx.to(DEV)
     nodes = R // P if P < R else 0
     want = layout.dispatch_layout_torch(idx, E, R, P if P < R else None)
-    got = klayout.dispatch_layout(idx, E, R, nodes, P)
+    got = klayout.dispatch_layout(idx, E, R, nodes, P, ticket=ticket)
     _sync()
     for a, b, name in zip(got, want, ("per rank", "per node", "per expert", "is_token_in_rank")):
         if a is None or b is None:
@@ -95,9 +95,10 @@ def check_layout_kernel(T, K, E, R, P, seed, mode):
         _same(a, b, name)
 
 
+@pytest.mark.parametrize("ticket", [False, True], ids=["zeroed-totals", "ticket"])
 @pytest.mark.parametrize("T,K,E,R,P,seed,mode", LAYOUT_CASES)
-def test_layout_kernel_matches_twin(T, K, E, R, P, seed, mode):
-    check_layout_kernel(T, K, E, R, P, seed, mode)
+def test_layout_kernel_matches_twin(T, K, E, R, P, seed, mode, ticket):
+    check_layout_kernel(T, K, E, R, P, seed, mode, ticket)
 
 
 @pytest.mark.gpu(1)

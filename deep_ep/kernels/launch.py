@@ -67,6 +67,7 @@ class Launcher:
         self._compiled: Dict[Tuple, Any] = {}
         self._names = None
         self._interp: Any = None
+        self._lean = True
 
     def __call__(self, grid: Tuple[int, ...], *args: Any, **constexprs: Any) -> None:
         """Launch ``fn[grid](*args, **constexprs, num_warps=...)``: positional ``args`` are the kernel's
@@ -108,10 +109,17 @@ class Launcher:
             self._compiled[key] = kernel
             self._order = self._param_order(constexprs)
             return
+        if not self._lean:
+            self.fn[grid](*args, **constexprs, num_warps=self.num_warps)
+            return
         full = self._full_args(args, constexprs)
         g = tuple(grid) + (1, 1)
         stream = torch.cuda.current_stream().cuda_stream
-        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
+        try:
+            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
+        except TypeError:  # a Triton whose launcher takes other arguments: its own launch path from now on
+            self._lean = False
+            self.fn[grid](*args, **constexprs, num_warps=self.num_warps)
 
     def _param_order(self, constexprs: Dict[str, Any]):
         """For each kernel parameter in order: its index among the positional args, or its constexpr name."""

@@ -6,8 +6,9 @@ takes a block of tokens, marks the ranks (and nodes) each token goes to, stores 
 then takes a ticket; the program with the last ticket sums the rows (integer sums in program order, so
 the result is deterministic), stores the totals and resets the ticket to zero for the next launch. The
 ticket and the scratch persist per (device, stream) (:func:`_scratch`); under CUDA-graph capture the
-kernel instead adds into zeroed totals (``TICKET=False``). Entries ``-1`` and ids outside
-``[0, num_experts)`` are skipped, as in the torch path.
+kernel instead adds into zeroed totals (``TICKET=False``), as it does unless the caller asks for the
+ticket (the fused path; the host path keeps the GPU-proven form until the ticket has run on a GPU).
+Entries ``-1`` and ids outside ``[0, num_experts)`` are skipped, as in the torch path.
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ def _scratch(dev: torch.device, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def dispatch_layout(
-    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, nodes: int, ranks_per_node: int
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, nodes: int, ranks_per_node: int, ticket: bool = False
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``(num_tokens_per_rank int32 [R], num_tokens_per_node int32 [nodes] or None (``nodes == 0``),
     num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])`` of ``topk_idx`` ``[T, K]`` (any
-    integer dtype, on the GPU): :func:`deep_ep.layout.dispatch_layout`'s integers, in one launch."""
+    integer dtype, on the GPU): :func:`deep_ep.layout.dispatch_layout`'s integers, in one launch; with
+    ``ticket`` (the fused path) without the zero fill of the totals (see the module docstring)."""
     T, K = topk_idx.shape
     R, E = num_ranks, num_experts
     dev = topk_idx.device
@@ -123,8 +125,9 @@ def dispatch_layout(
         kp = max(_p2(K), 2)
         bt = max(16, min(128, 4096 // rp))
         n = -(-T // bt)
-        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing:  # no persistent scratch inside a graph: add into zeroed totals
+        # the ticket (no memset) for the fused path; atomics into zeroed totals otherwise, and under capture
+        capturing = not ticket or (dev.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        if capturing:
             counts = torch.zeros((W,), dtype=torch.int32, device=dev)
             ticket = part = counts
         else:

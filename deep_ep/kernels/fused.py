@@ -487,7 +487,11 @@ def _dispatch_kernel(
             if HAS_I:
                 ids = tl.load(i_ptr + ts[:, None] * K + kk[None, :], mask=tm[:, None] & (kk < K)[None, :], other=-1)
             if HAS_W:
-                wts = tl.load(w_ptr + ts[:, None] * K + kk[None, :], mask=tm[:, None] & (kk < K)[None, :], other=0)
+                wts = tl.load(
+                    w_ptr.to(tl.pointer_type(tl.int32)) + ts[:, None] * K + kk[None, :],
+                    mask=tm[:, None] & (kk < K)[None, :],
+                    other=0,
+                )  # float32 weights moved as their bits
             for d in tl.static_range(R):
                 sent = tm & (tl.sum(tl.where(rr[None, :] == d, keep.to(tl.int32), 0), axis=1) > 0)
                 p = tl.sum(tl.where(rr[None, :] == d, pos, 0), axis=1)
@@ -506,7 +510,7 @@ def _dispatch_kernel(
                     if HAS_W:
                         wl = tl.where(loc >= 0, wts, 0)
                         if d == RANK:
-                            tl.store(ow_ptr + p[:, None] * K + kk[None, :], wl, mask=im)
+                            tl.store(ow_ptr.to(tl.pointer_type(tl.int32)) + p[:, None] * K + kk[None, :], wl, mask=im)
                         else:
                             tl.store(
                                 peer.to(tl.pointer_type(tl.int32)) + RW_W + p[:, None] * K + kk[None, :], wl, mask=im
@@ -540,7 +544,11 @@ def _dispatch_kernel(
                         mask=take[:, None] & im,
                         other=0,
                     )
-                    tl.store(ow_ptr + rs[:, None] * K + kk[None, :], wv, mask=(take | pad)[:, None] & im)
+                    tl.store(
+                        ow_ptr.to(tl.pointer_type(tl.int32)) + rs[:, None] * K + kk[None, :],
+                        wv,
+                        mask=(take | pad)[:, None] & im,
+                    )
         _finish(ctl_ptr, e, NRECV if ROLE == 2 else NCH + NRECV)
 
 

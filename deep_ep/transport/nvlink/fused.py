@@ -60,8 +60,8 @@ class FusedLayout:
     """The device side of a fused plan (kept in the handle).
 
     Attributes:
-        chan: int64 ``[NCH, 2R + 4]``: per channel of this rank's tokens, the rows to each rank, then where
-            they start there, then the channel's least and greatest expert id.
+        chan: int64 scratch whose first ``NCH * (2R + 4)`` words are a row per channel of this rank's
+            tokens: the rows to each rank, where they start there, the channel's least and greatest id.
         dev: int64: received rows, own rows' first and end row, the prefix matrix, the per-expert counts,
             the verdict (the notify's device outputs).
         slot: int32 ``[T, R]``: the row of each (token, rank) among that rank's received rows (-1: not sent).
@@ -254,22 +254,23 @@ class FusedPath:
                 INTERP=self._interp,
                 ROLE=0,
             )
-            st = (cap, nch, CW, nch * CW + 3 + R * R + L + 8 + R * R, (nch + 1,), ((nch + 1,), (1,)), ce)
+            st = (cap, nch, CW, nch * CW + 3 + R * R + L + 8, (nch + 1,), ((nch + 1,), (1,)), ce)
             self._notify_static[key] = st
         cap, nch, CW, n_scratch, grid, split, ce = st
-        scratch = torch.empty((n_scratch,), dtype=torch.int64, device=dev)
-        chan = scratch[: nch * CW].view(nch, CW)
-        devv = scratch[nch * CW : -R * R]
-        rpm = scratch[-R * R :].view(torch.int32)[: R * R].view(R, R)
+        # the channels' rows at the front of one scratch (the kernels index them from its start), the device
+        # plan after them; rank_prefix_matrix its own tensor (the handle's element 0)
+        chan = torch.empty((n_scratch,), dtype=torch.int64, device=dev)
+        devv = chan[nch * CW :]
+        rpm = torch.empty((R, R), dtype=torch.int32, device=dev)
         if self._dirty:
             self._clean()
         self._launch(
             self._k_notify,
             grid,
             split,
-            mask.view(torch.uint8),
-            topk_idx if topk_idx is not None else scratch,
-            per_expert if per_expert is not None else scratch,
+            mask,
+            topk_idx if topk_idx is not None else chan,
+            per_expert if per_expert is not None else chan,
             self._ring_in[slot],
             self._ring_out[slot],
             self._own_words,
@@ -443,7 +444,7 @@ class FusedPath:
             self._k_dispatch,
             (fl.nch + nrecv,),
             ((fl.nch,), (nrecv,)),
-            plan.is_token_in_rank.view(torch.uint8),
+            plan.is_token_in_rank,
             fl.chan,
             fl.dev,
             self._own_words,
@@ -455,8 +456,8 @@ class FusedPath:
             osw if osw is not None else oxw,
             idx if idx is not None else fl.dev,
             oi if oi is not None else fl.dev,
-            w.view(torch.int32) if w is not None else fl.dev,
-            ow.view(torch.int32) if ow is not None else fl.dev,
+            w if w is not None else fl.dev,
+            ow if ow is not None else fl.dev,
             T,
             N,
             cap,

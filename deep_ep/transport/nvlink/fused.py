@@ -411,8 +411,66 @@ class FusedPath:
             widths.append(8 * K)
             if w is not None:
                 widths.append(4 * K)
-        cap = self._area_cap(widths)
-        offs = self._regions(widths, cap)
+        key = (
+            tuple(widths),
+            xw.size(1),
+            sw.size(1) if sw is not None else -1,
+            K,
+            w is not None,
+            fresh,
+            N,
+            T,
+            fl.nch,
+            fl.L,
+            num_sms,
+        )
+        st = self._data_static.get(key)
+        if st is None:  # what depends on the call's shapes only, once per shape
+            cap = self._area_cap(widths)
+            offs = self._regions(widths, cap)
+            i = 1
+            rx = offs[0] // xw.element_size()
+            rs = offs[i] // sw.element_size() if sw is not None else 0
+            i += 1 if sw is not None else 0
+            ri = offs[i] // 8 if idx is not None else 0
+            rw = offs[i + 1] // 4 if w is not None else 0
+            nrecv = max(1, min(num_sms // 2, -(-N // 64))) if N else 1
+            ce = dict(
+                RANK=me,
+                R=R,
+                RP=max(2, _p2(R)),
+                HAS_S=sw is not None,
+                HAS_I=idx is not None,
+                HAS_W=w is not None,
+                WRITE_SLOT=fresh,
+                KP=max(2, _p2(K)),
+                TOK=16,
+                BX=min(1024, max(16, _p2(xw.size(1)))),
+                BS=min(256, max(16, _p2(sw.size(1)))) if sw is not None else 16,
+                INTERP=self._interp,
+                ROLE=0,
+            )
+            ints = (
+                cap,
+                xw.size(1),
+                sw.size(1) if sw is not None else 0,
+                max(K, 1),
+                fl.L,
+                fl.nch,
+                nrecv,
+                self._ctl_w,
+                self._flag_w,
+                self.halves[0] // 8,
+                self.half_bytes // 8,
+                rx,
+                rs,
+                ri,
+                rw,
+                self._limit_ns,
+            )
+            st = ((fl.nch + nrecv,), ((fl.nch,), (nrecv,)), ints, ce)
+            self._data_static[key] = st
+        grid, split, ints, ce = st
         ox = alloc((N,) + tuple(x.shape[1:]), x.dtype)
         oxw = _words(ox)
         outs = [ox]
@@ -430,20 +488,12 @@ class FusedPath:
                 outs.append(ow)
         if fresh:
             fl.slot = torch.empty((T, R), dtype=torch.int32, device=x.device)
-        i = 1
-        rx = offs[0] // xw.element_size()
-        rs = offs[i] // sw.element_size() if sw is not None else 0
-        i += 1 if sw is not None else 0
-        ri = offs[i] // 8 if idx is not None else 0
-        rw = offs[i + 1] // 4 if w is not None else 0
-        nrecv = max(1, min(num_sms // 2, -(-N // 64))) if N else 1
-        self._clean()
-        bx = min(1024, max(16, _p2(xw.size(1))))
-        bs = min(256, max(16, _p2(sw.size(1)))) if sw is not None else 16
+        if self._dirty:
+            self._clean()
         self._launch(
             self._k_dispatch,
-            (fl.nch + nrecv,),
-            ((fl.nch,), (nrecv,)),
+            grid,
+            split,
             plan.is_token_in_rank,
             fl.chan,
             fl.dev,
@@ -460,35 +510,8 @@ class FusedPath:
             ow if ow is not None else fl.dev,
             T,
             N,
-            cap,
-            xw.size(1),
-            sw.size(1) if sw is not None else 0,
-            max(K, 1),
-            fl.L,
-            fl.nch,
-            nrecv,
-            self.fused_ctl_b // 8,
-            self._flag_w,
-            self.halves[0] // 8,
-            self.half_bytes // 8,
-            rx,
-            rs,
-            ri,
-            rw,
-            self._limit(),
-            RANK=me,
-            R=R,
-            RP=max(2, _p2(R)),
-            HAS_S=sw is not None,
-            HAS_I=idx is not None,
-            HAS_W=w is not None,
-            WRITE_SLOT=fresh,
-            KP=max(2, _p2(K)),
-            TOK=16,
-            BX=bx,
-            BS=bs,
-            INTERP=self._interp,
-            ROLE=0,
+            *ints,
+            **ce,
         )
         self._fence = True  # the host path's next phase passes a barrier first (a peer may still read)
         return outs

@@ -460,6 +460,7 @@ class Buffer:
                 self.num_ranks,
                 ranks_per_node=self._transport.ranks_per_node,
                 no_memset=self._transport.fused_plans,
+                use_kernel=not on_cpu,
             )
             outs = [per_rank, per_expert, in_rank]
             if call.cuda and not call.on_comm:
@@ -597,7 +598,7 @@ class Buffer:
         cb = hb + R * HEADER
         C = out[cb : cb + R * R].reshape(R, R)
         worsts = out[hb + _H_WORST : cb : HEADER]
-        if problem is not None or out[OUT_VERDICT : OUT_VERDICT + 3].any():
+        if problem is not None or out[OUT_VERDICT] or out[OUT_VERDICT + 1] or out[OUT_VERDICT + 2]:
             # the kernel found something (or this rank did): the checks that name it, as on the host path
             heads = out[hb:cb].reshape(R, HEADER).tolist()
             check_rows(heads, _OP_DISPATCH, problem, DISPATCH_FIELDS, self.rank)
@@ -618,8 +619,8 @@ class Buffer:
         if req.topk_idx is not None and req.num_worst_tokens == 0:
             lb = cb + R * R + 2 * R
             expert_list = layout.aligned_expert_counts(out[lb : lb + L].tolist(), req.expert_alignment)
-        counts = torch.from_numpy(C.copy())
-        fl.back = int((C.sum(axis=1) - C.diagonal()).max())
+        fl.counts = C.copy()  # (the ring slot is reused: a copy, numpy for the host, a tensor for the plan)
+        counts = torch.from_numpy(fl.counts)
         plan = Plan(
             rank=me,
             num_ranks=R,
@@ -633,7 +634,7 @@ class Buffer:
             counts=counts,
             fused=None if out[4 + 3] else fl,  # rows that do not fit an area: the host path (every rank)
         )
-        if worsts.any() and self._transport.device_layout:
+        if any(worsts) and self._transport.device_layout:
             plan.device = None  # (a fused plan moves rows its own way; the host path reads the counts)
         return plan, L, expert_list
 

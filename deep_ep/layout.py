@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import kernels
 from .config import topk_idx_t
 from .errors import DeepEPInputError, DeepEPTypeError
 
@@ -96,6 +97,7 @@ def dispatch_layout(
     num_ranks: int,
     ranks_per_node: Optional[int] = None,
     no_memset: bool = False,
+    use_kernel: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``get_dispatch_layout`` semantics (docs/api.md, get_dispatch_layout): one Triton launch on CUDA
     (:mod:`deep_ep.kernels.layout`), else :func:`dispatch_layout_torch`.
@@ -107,7 +109,8 @@ def dispatch_layout(
     Entries ``-1`` are ignored, and so is any id outside ``[0, num_experts)``
     (validate with :func:`check_topk_idx`; this function never indexes out
     of bounds). No host synchronisation. ``no_memset``: the kernel's form without the zero fill of its
-    totals (the fused nvlink path's; a per-stream scratch and ticket).
+    totals (the fused nvlink path's; a per-stream scratch and ticket). ``use_kernel``: the caller's
+    :func:`deep_ep.kernels.available` of ``topk_idx`` (``None``: asked here).
     """
     num_local_experts(num_experts, num_ranks)  # validates num_experts
     nodes = 0
@@ -117,9 +120,9 @@ def dispatch_layout(
         if num_ranks % ranks_per_node != 0:
             raise DeepEPInputError(f"ranks_per_node={ranks_per_node} does not divide num_ranks={num_ranks}")
         nodes = num_ranks // ranks_per_node
-    from . import kernels
-
-    if kernels.available(topk_idx):  # the same integers in one launch
+    if use_kernel is None:
+        use_kernel = kernels.available(topk_idx)
+    if use_kernel:  # the same integers in one launch
         from .kernels import layout as klayout
 
         return klayout.dispatch_layout(

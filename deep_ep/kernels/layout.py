@@ -94,6 +94,8 @@ def _layout_kernel(
 #: (device, stream) -> (ticket int32 [1], scratch int32 [rows * W]); see the module docstring
 _SCRATCH: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 _LAUNCH = Launcher(_layout_kernel, num_warps=4)
+#: per call shape: the grid, the int arguments and the constexprs
+_STATIC: Dict[Tuple, Tuple] = {}
 
 
 def _scratch(dev: torch.device, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -121,41 +123,35 @@ def dispatch_layout(
     W = R + E + nodes
     in_rank = torch.empty((T, R), dtype=torch.bool, device=dev)
     if T > 0 and K > 0:
-        rp = max(_p2(R), 2)
-        kp = max(_p2(K), 2)
-        bt = max(16, min(128, 4096 // rp))
-        n = -(-T // bt)
         # the ticket (no memset) for the fused path; atomics into zeroed totals otherwise, and under capture
         capturing = not ticket or (dev.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        key = (T, K, R, E, nodes, ranks_per_node, capturing)
+        st = _STATIC.get(key)
+        if st is None:  # what depends on the shapes only, once per shape
+            rp = max(_p2(R), 2)
+            bt = max(16, min(128, 4096 // rp))
+            n = -(-T // bt)
+            ce = dict(
+                R=R,
+                RP=rp,
+                E=E,
+                EP=_p2(E + 1),
+                NODES=nodes,
+                NP=max(_p2(max(nodes, 1)), 2),
+                KP=max(_p2(K), 2),
+                BT=bt,
+                WP=_p2(W),
+                TICKET=not capturing,
+            )
+            st = _STATIC[key] = (n, (n,), (T, K, E // R, max(ranks_per_node, 1), W), ce)
+        n, grid, ints, ce = st
         if capturing:
             counts = torch.zeros((W,), dtype=torch.int32, device=dev)
-            ticket = part = counts
+            tick = part = counts
         else:
             counts = torch.empty((W,), dtype=torch.int32, device=dev)
-            ticket, part = _scratch(dev, n * W)
-        _LAUNCH(
-            (n,),
-            idx,
-            counts,
-            in_rank.view(torch.int8),
-            part,
-            ticket,
-            T,
-            K,
-            E // R,
-            max(ranks_per_node, 1),
-            W,
-            R=R,
-            RP=rp,
-            E=E,
-            EP=_p2(E + 1),
-            NODES=nodes,
-            NP=max(_p2(max(nodes, 1)), 2),
-            KP=kp,
-            BT=bt,
-            WP=_p2(W),
-            TICKET=not capturing,
-        )
+            tick, part = _scratch(dev, n * W)
+        _LAUNCH(grid, idx, counts, in_rank.view(torch.int8), part, tick, *ints, **ce)
     else:
         counts = torch.zeros((W,), dtype=torch.int32, device=dev)
         if T > 0:

@@ -2,7 +2,7 @@
 
 For each path (``DEEP_EP_NVLINK_PATH``) and each call (a fresh dispatch = ``get_dispatch_layout`` +
 ``dispatch``; a ``num_worst_tokens`` fresh dispatch; a cached dispatch; a combine) rank 0 prints the
-median over ``--repeats`` timings of ``--calls`` calls each of:
+median over ``--repeats`` timings of ``--calls`` calls each (the two paths timed in turns) of:
 
 - ``host us``: time the calls keep the Python thread, per call, less the time Triton's interpreter spent
   running kernels (on CPU the fused path's kernels run interpreted inside the call, and the host path's
@@ -105,12 +105,17 @@ class _Replay:
         from deep_ep.kernels.protocol import OUT_DONE, OUT_HEADERS
 
         replay = self
+        block = self.block.numpy() if self.block is not None else None  # (no notify: cached, combine)
+        views = {}  # the pinned ring's slots as numpy (what a kernel's stores cost the host: nothing)
 
         def call(launcher, grid, *args, **constexprs):
             replay.launch.STATS.launches += 1
             if launcher.fn.__name__ == "_notify_kernel":
-                inp, out = args[3], args[4]
-                out.copy_(replay.block)
+                key = (args[3].data_ptr(), args[4].data_ptr())
+                if key not in views:
+                    views[key] = (args[3].numpy(), args[4].numpy())
+                inp, out = views[key]
+                out[:] = block
                 out[OUT_HEADERS : OUT_HEADERS + _HEADER] = inp[:_HEADER]
                 out[OUT_DONE] = inp[_HEADER]
 
@@ -118,6 +123,30 @@ class _Replay:
 
     def restore(self):
         self.launch.Launcher.__call__ = self.original
+
+
+def _calls(buf, x, idx, w, E, worst):
+    """The timed calls of one Buffer: a fresh dispatch (layout included), a ``num_worst_tokens`` one, a cached
+    dispatch and a combine of the first fresh dispatch's handle."""
+
+    def fresh(num_worst=0):
+        _, _, pe, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        return buf.dispatch(
+            x,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=pe,
+            topk_idx=idx,
+            topk_weights=w,
+            num_worst_tokens=num_worst,
+        )
+
+    rx, _, rw, _, h, _ = fresh()
+    return {
+        "fresh": fresh,
+        "fresh worst": lambda: fresh(worst),
+        "cached": lambda: buf.dispatch(x, handle=h),
+        "combine": lambda: buf.combine(rx, h, topk_weights=rw),
+    }
 
 
 def _rank(rank: int, world: int, args, port: int, path) -> None:
@@ -133,44 +162,31 @@ def _rank(rank: int, world: int, args, port: int, path) -> None:
     w = torch.rand(T, K, generator=g).to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
+    setups = {}
     for p in args.paths:
-        os.environ["DEEP_EP_NVLINK_PATH"] = p
-        # on CPU the fused path's kernels run interpreted (their time subtracted); the host path's device
-        # work runs as the kernels' torch twins (tiny shapes: each op costs about what a launch would)
-        os.environ["DEEP_EP_KERNELS_ON_CPU"] = "1" if dev.type == "cpu" and p == "fused" else "0"
+        # on CPU the fused path's kernels run interpreted (or replayed); the host path's device work runs as
+        # the kernels' torch twins (tiny shapes: each op costs about what a launch would)
+        env = {"DEEP_EP_NVLINK_PATH": p, "DEEP_EP_KERNELS_ON_CPU": "1" if dev.type == "cpu" and p == "fused" else "0"}
+        os.environ.update(env)
         buf = deep_ep.Buffer(dist.group.WORLD, backend="nvlink", num_nvl_bytes=args.staging_mb << 20)
-
-        def fresh(worst=0):
-            _, _, pe, in_rank, _ = buf.get_dispatch_layout(idx, E)
-            return buf.dispatch(
-                x,
-                is_token_in_rank=in_rank,
-                num_tokens_per_expert=pe,
-                topk_idx=idx,
-                topk_weights=w,
-                num_worst_tokens=worst,
-            )
-
-        rx, _, rw, _, h, _ = fresh()
-        calls = {
-            "fresh": fresh,
-            "fresh worst": lambda: fresh(world * T),
-            "cached": lambda: buf.dispatch(x, handle=h),
-            "combine": lambda: buf.combine(rx, h, topk_weights=rw),
-        }
-        stub = args.stub and p == "fused" and dev.type == "cpu"
-        for name in CALLS:
-            fn = calls[name]
-            replay = _Replay() if stub else None
-            if replay:
+        setups[p] = (env, buf, _calls(buf, x, idx, w, E, world * T))
+    for name in CALLS:
+        replay = None
+        for p, (env, _buf, calls) in setups.items():
+            os.environ.update(env)
+            if args.stub and p == "fused" and dev.type == "cpu":
+                replay = _Replay()
                 replay.record()
             for _ in range(3):
-                fn()
+                calls[name]()
             sync()
-            if replay:
-                replay.stub()
-            host, wall, launches = [], [], []
-            for _ in range(args.repeats):
+        if replay:
+            replay.stub()
+        times = {p: ([], [], []) for p in setups}
+        for _ in range(args.repeats):  # the paths in turns, so a change of the machine's load hits both
+            for p, (env, _buf, calls) in setups.items():
+                os.environ.update(env)
+                fn = calls[name]
                 dist.barrier()
                 sync()
                 STATS.reset()
@@ -180,15 +196,17 @@ def _rank(rank: int, world: int, args, port: int, path) -> None:
                 t1 = time.perf_counter()
                 sync()
                 t2 = time.perf_counter()
+                host, wall, launches = times[p]
                 host.append((t1 - t0 - STATS.device_s) / args.calls * 1e6)
                 wall.append((t2 - t0 - STATS.device_s) / args.calls * 1e6)
                 launches.append(STATS.launches / args.calls)
+        for p, (env, _buf, calls) in setups.items():
+            os.environ.update(env)
             ops = _Ops()
             with ops:
-                fn()
+                calls[name]()
             sync()
-            if replay:
-                replay.restore()
+            host, wall, launches = times[p]
             rows.append(
                 dict(
                     path=p,
@@ -198,12 +216,16 @@ def _rank(rank: int, world: int, args, port: int, path) -> None:
                     wall_us=statistics.median(wall),
                     launches=statistics.median(launches),
                     aten_ops=ops.n,
-                    kernels="replayed" if stub else ("interpreted" if dev.type == "cpu" and p == "fused" else "run"),
+                    kernels=("replayed" if replay else "interpreted")
+                    if dev.type == "cpu" and p == "fused"
+                    else ("run" if dev.type == "cuda" else "torch twins"),
                 )
             )
-        buf.check_deferred() if hasattr(buf, "check_deferred") else None
+        if replay:
+            replay.restore()
+    for _env, buf, _calls_of in setups.values():
         buf.destroy()
-        dist.barrier()
+    dist.barrier()
     if rank == 0:
         where = (
             f"{torch.cuda.get_device_name(dev)} x{torch.cuda.device_count()}, {dist.get_backend()}"

@@ -68,7 +68,8 @@ class FusedLayout:
         nch: channels.
         rpm: int32 ``[R, R]`` ``rank_prefix_matrix`` (written by the notify).
         L: local experts per rank (0 without top-k).
-        back: the most rows a rank gets back in a combine of this plan (-1: not known on the host).
+        back: the most rows a rank gets back in a combine of this plan (-1: not computed yet, or not known
+            on the host); counts: the plan's counts matrix ``[R, R]`` on the host (``None`` for a deferred plan).
     """
 
     chan: torch.Tensor
@@ -78,6 +79,7 @@ class FusedLayout:
     rpm: torch.Tensor
     L: int = 0
     back: int = -1
+    counts: Optional[np.ndarray] = None
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -587,7 +589,11 @@ class FusedPath:
     def fused_fits_combine(self, plan: Any, H: int, elem: int, K: int) -> bool:
         """Whether the rows every rank gets back in a combine of ``plan`` fit one area (host-known plans:
         the same answer on every rank)."""
-        back = plan.fused.back
+        fl = plan.fused
+        back = fl.back
+        if back == -1 and fl.counts is not None:  # once per handle: the most rows a rank gets back
+            C = fl.counts
+            back = fl.back = int((C.sum(axis=1) - C.diagonal()).max())
         if back < 0:
             return True
         widths = [H * elem] + ([4 * K] if K else [])

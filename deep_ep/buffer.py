@@ -15,7 +15,6 @@ import itertools
 import logging
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -26,27 +25,28 @@ from .agreement import (
     _H_LEVEL,
     _H_SCALES,
     _H_W,
-    _H_WORST,
-    _OP_DISPATCH,
-    HEADER,
     Problem,
     agree,
-    check_id_ranges,
-    check_rows,
 )
 from .calls import (
     CachedDispatchRequest,
     CallOptions,
     CombineRequest,
     DispatchRequest,
-    dispatch_codec,
     parse_call_options,
 )
 from .config import Config, EventOverlap, recommended_config
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
-from .kernels.protocol import OUT_HEADERS, OUT_VERDICT
 from .low_latency import LowLatency
-from .plans import _EXPERT_SLOTS, DISPATCH_FIELDS, DeferredChecks, build_device_plan, build_host_plan, localize_received
+from .plans import (
+    _EXPERT_SLOTS,
+    DISPATCH_FIELDS,
+    DeferredChecks,
+    build_device_plan,
+    build_fused_plan,
+    build_host_plan,
+    localize_received,
+)
 from .settings import DEFAULT_TIMEOUT_S, Settings
 from .streams import StreamCall
 from .transport import Plan, Transport, Waiter, group_device, select_backend, transport_class
@@ -61,22 +61,6 @@ _FLOAT_X = validate.FLOAT_DTYPES
 _FP8 = validate.FP8_DTYPES
 _buffer_counter: Dict[str, itertools.count] = {}
 #: the header fields of a cached dispatch and of a combine that every rank must agree on
-#: dtypes the fused combine reduces (float32 sums); float64 rows take the host path (float64 sums)
-_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _fused_widths(req: DispatchRequest) -> List[int]:
-    """Byte widths of a fresh dispatch's row tensors (x, scales, top-k ids, weights) on the fused path."""
-    w = [req.x.size(1) * req.x.element_size()] if req.x is not None else [1]
-    if req.scales is not None:
-        w.append(req.scales.size(1) * 4)
-    if req.topk_idx is not None:
-        w.append(8 * req.num_topk)
-        if req.topk_weights is not None:
-            w.append(4 * req.num_topk)
-    return w
-
-
 _CACHED_FIELDS = (
     (_H_HIDDEN, "hidden size"),
     (_H_DTYPE, "x dtype"),
@@ -291,7 +275,6 @@ class Buffer:
 
         return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
-    # ------------------------------------------------------------------ instance utilities
     # ------------------------------------------------------------------ instance utilities
     def _check_alive(self) -> None:
         if self._destroyed:
@@ -553,90 +536,18 @@ class Buffer:
         self._waiter.seq += 1
         call = StreamCall(self.device, self._comm_stream, req.options, self._events)
         with call:
-            if self._transport.fused_plans and req.tolerance is None and req.codec is None and req.num_experts < 1024:
-                plan, L, expert_list = self._plan_fused(req)
+            t = self._transport
+            if req.tolerance is None and req.codec is None and t.fused_takes_dispatch(req.num_experts):
+                if req.problem is None and req.is_token_in_rank is None:  # top-k without the mask: the layout
+                    _, _, req.num_tokens_per_expert, req.is_token_in_rank = layout.dispatch_layout(
+                        req.topk_idx, req.num_experts, self.num_ranks, no_memset=True
+                    )
+                wait = not (req.num_worst_tokens > 0 and req.problem is None and not self._check_every_call)
+                header = req.header(self._waiter.seq, self._ident())
+                plan, L, expert_list = build_fused_plan(t, self.device, req, header, self._waiter.seq, wait)
             else:
                 plan, L, expert_list = self._plan_dispatch(req)
             return self._finish_dispatch(call, plan, req, L, expert_list)
-
-    def _plan_fused(self, req: DispatchRequest) -> Tuple[Plan, int, Optional[List[int]]]:
-        """The plan of a fresh dispatch on the fused path: one notify kernel publishes this rank's header,
-        counts and expert counts into every rank and computes the plan on the device; the host reads the
-        received count (and every rank's header, for the verdict) from the pinned block it writes: the
-        one host wait. A ``num_worst_tokens`` call does not wait (its verdict is read later)."""
-        t, R, problem = self._transport, self.num_ranks, req.problem
-        E = req.num_experts if req.num_experts > 0 else 0
-        if problem is None and req.is_token_in_rank is None:  # top-k without the mask: the layout kernel
-            _, _, req.num_tokens_per_expert, req.is_token_in_rank = layout.dispatch_layout(req.topk_idx, E, R)
-        if problem is None:
-            mask, idx, pe = req.is_token_in_rank, req.topk_idx, req.num_tokens_per_expert
-        else:  # this rank still takes part, with no rows and its error in the header
-            mask = torch.empty((0, R), dtype=torch.bool, device=self.device)
-            idx = pe = None
-            E = 0
-        header = req.header(self._waiter.seq, self._ident())
-        wait = not (req.num_worst_tokens > 0 and problem is None and not self._check_every_call)
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        fl, out, _ = t.fused_notify(header, mask, idx, pe, E, _fused_widths(req), wait, capturing, self._waiter.seq)
-        L = E // R if E > 0 else 0
-        T = mask.size(0)
-        if not wait:
-            plan = Plan(
-                rank=self.rank,
-                num_ranks=R,
-                num_tokens=T,
-                is_token_in_rank=mask,
-                rank_prefix_matrix=fl.rpm,
-                send_counts=None,
-                recv_counts=None,
-                num_recv_tokens=-1,
-                num_out_rows=req.num_worst_tokens,
-                fused=fl,
-            )
-            return plan, L, []
-        hb = OUT_HEADERS
-        cb = hb + R * HEADER
-        C = out[cb : cb + R * R].reshape(R, R)
-        worsts = out[hb + _H_WORST : cb : HEADER]
-        if problem is not None or out[OUT_VERDICT] or out[OUT_VERDICT + 1] or out[OUT_VERDICT + 2]:
-            # the kernel found something (or this rank did): the checks that name it, as on the host path
-            heads = out[hb:cb].reshape(R, HEADER).tolist()
-            check_rows(heads, _OP_DISPATCH, problem, DISPATCH_FIELDS, self.rank)
-            if E > 0:
-                lo, hi = out[cb + R * R : cb + R * R + R], out[cb + R * R + R : cb + R * R + 2 * R]
-                check_id_ranges(np.stack([lo, hi], axis=1).tolist(), E, self.rank)
-            received = C.sum(axis=0)
-            for d in range(R):
-                w = int(worsts[d])
-                if w > 0 and received[d] > w:
-                    raise DeepEPInputError(
-                        f"deep_ep dispatch: rank {d} receives {int(received[d])} tokens but its num_worst_tokens "
-                        f"is {w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent."
-                    )
-        me = self.rank
-        n_recv = int(out[3])
-        expert_list: Optional[List[int]] = None
-        if req.topk_idx is not None and req.num_worst_tokens == 0:
-            lb = cb + R * R + 2 * R
-            expert_list = layout.aligned_expert_counts(out[lb : lb + L].tolist(), req.expert_alignment)
-        fl.counts = C.copy()  # (the ring slot is reused: a copy, numpy for the host, a tensor for the plan)
-        counts = torch.from_numpy(fl.counts)
-        plan = Plan(
-            rank=me,
-            num_ranks=R,
-            num_tokens=T,
-            is_token_in_rank=mask,
-            rank_prefix_matrix=fl.rpm,
-            send_counts=C[me].tolist(),
-            recv_counts=C[:, me].tolist(),
-            num_recv_tokens=n_recv,
-            num_out_rows=req.num_worst_tokens if req.num_worst_tokens > 0 else n_recv,
-            counts=counts,
-            fused=None if out[4 + 3] else fl,  # rows that do not fit an area: the host path (every rank)
-        )
-        if any(worsts) and self._transport.device_layout:
-            plan.device = None  # (a fused plan moves rows its own way; the host path reads the counts)
-        return plan, L, expert_list
 
     def _plan_dispatch(self, req: DispatchRequest) -> Tuple[Plan, int, Optional[List[int]]]:
         """The layout, the metadata the ranks exchange, and the plan of a fresh dispatch (inside its call)."""
@@ -772,33 +683,18 @@ class Buffer:
         return handle
 
     def _parse_cached(self, x, handle, layout_args, compress, return_compressed, opts, problem):
-        req = CachedDispatchRequest(options=opts, return_compressed=bool(return_compressed))
-        req.tolerance = self._wire.call_tolerance(compress)
-        try:
-            if problem is not None:
-                raise problem
-            if any(a is not None for a in layout_args):
-                raise Problem(
-                    5,
-                    DeepEPInputError(
-                        "a cached dispatch (handle given) takes no layout, topk_idx or "
-                        "topk_weights arguments: the handle carries the layout"
-                    ),
-                )
-            req.handle = self._check_handle(handle)
-            req.x, req.scales = validate.parse_x(x, self.device)
-            req.hidden = req.x.size(1)
-            req.codec = dispatch_codec(self._wire, compress, req.x, req.scales)
-            if req.x.size(0) != handle.plan.num_tokens:
-                raise Problem(
-                    1,
-                    DeepEPInputError(
-                        f"x has {req.x.size(0)} tokens but the handle was made for {handle.plan.num_tokens}"
-                    ),
-                )
-        except Problem as p:
-            req.problem = p
-        return req
+        return CachedDispatchRequest.parse(
+            x,
+            handle,
+            layout_args,
+            compress,
+            return_compressed,
+            opts,
+            problem,
+            self._wire,
+            self.device,
+            self._check_handle,
+        )
 
     def _cached_dispatch(self, req: CachedDispatchRequest):
         self._waiter.seq += 1
@@ -887,17 +783,8 @@ class Buffer:
             elif req.problem is not None:
                 req.problem.raise_on(self.rank)
             plan = req.handle.plan
-            if (
-                plan.fused is not None
-                and req.codec is None
-                and req.x.dtype in _FUSED_DTYPES
-                and self._transport.fused_fits_combine(
-                    plan,
-                    req.hidden,
-                    req.x.element_size(),
-                    req.topk_weights.size(1) if req.topk_weights is not None else 0,
-                )
-            ):
+            K = req.topk_weights.size(1) if req.topk_weights is not None else 0
+            if plan.fused is not None and req.codec is None and self._transport.fused_takes_combine(plan, req.x, K):
                 out, out_w = self._transport.fused_combine(
                     plan, req.x, req.topk_weights, req.biases, call.alloc, req.options.num_sms
                 )
@@ -916,58 +803,9 @@ class Buffer:
         return out, out_w, event
 
     def _parse_combine(self, x, handle, topk_weights, bias, compress, opts, problem) -> CombineRequest:
-        req = CombineRequest(options=opts)
-        try:
-            if problem is not None:
-                raise problem
-            req.handle = self._check_handle(handle)
-            plan = req.handle.plan
-            if not isinstance(x, torch.Tensor):
-                raise Problem(1, DeepEPTypeError(f"combine x must be a tensor, got {type(x).__name__}"))
-            if x.dtype not in _FLOAT_X:
-                raise Problem(1, DeepEPTypeError(f"combine x must be bfloat16 (or float16/32/64), got {x.dtype}"))
-            if x.dim() != 2 or x.size(0) not in (plan.num_recv_tokens, plan.num_out_rows):
-                worst = f" or num_worst_tokens={plan.num_out_rows}" if plan.num_out_rows != plan.num_recv_tokens else ""
-                raise Problem(
-                    1,
-                    DeepEPInputError(
-                        f"combine x must be [num_recv_tokens={plan.num_recv_tokens}{worst}, hidden], "
-                        f"got {list(x.shape)}"
-                    ),
-                )
-            validate.check_device(x, self.device, "x")
-            req.x = x.contiguous()
-            req.hidden = H = req.x.size(1)
-            try:
-                level = self._wire.combine_level if compress is True else self._wire.call_level(compress)[0]
-            except DeepEPInputError as e:
-                raise Problem(7, e) from None
-            if level not in (16, 8):
-                raise Problem(7, DeepEPInputError(f"combine compresses to 8 bits at most, got compress={compress!r}"))
-            req.codec = self._wire.codec(level, H) if req.x.dtype != torch.float64 else None
-            if topk_weights is not None:
-                k = topk_weights.size(1) if isinstance(topk_weights, torch.Tensor) and topk_weights.dim() == 2 else -1
-                req.topk_weights = validate.check_weights(topk_weights, (req.x.size(0), k), "topk_weights", self.device)
-            if bias is not None:
-                biases = list(bias) if isinstance(bias, (tuple, list)) else [bias]
-                if len(biases) > 2:
-                    raise Problem(6, DeepEPInputError(f"bias takes at most 2 tensors, got {len(biases)}"))
-                for b in biases:
-                    if not isinstance(b, torch.Tensor) or tuple(b.shape) != (plan.num_tokens, H):
-                        raise Problem(
-                            6,
-                            DeepEPInputError(
-                                f"each bias must be a tensor [{plan.num_tokens}, {H}], got "
-                                f"{list(getattr(b, 'shape', [])) or type(b).__name__}"
-                            ),
-                        )
-                    if b.dtype not in _FLOAT_X:
-                        raise Problem(6, DeepEPTypeError(f"bias must be floating point, got {b.dtype}"))
-                    validate.check_device(b, self.device, "bias", code=6)
-                req.biases = biases
-        except Problem as p:
-            req.problem = p
-        return req
+        return CombineRequest.parse(
+            x, handle, topk_weights, bias, compress, opts, problem, self._wire, self.device, self._check_handle
+        )
 
     # ------------------------------------------------------------------ low-latency mode (docs/api.md, low-latency mode)
     def low_latency_dispatch(

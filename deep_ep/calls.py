@@ -12,7 +12,7 @@ call's metadata header (:meth:`DispatchRequest.header`), the plan is built from 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -298,6 +298,61 @@ class CachedDispatchRequest:
         """``x`` and, for an fp8 pair, its scales."""
         return [self.x] + ([] if self.scales is None else [self.scales])
 
+    @classmethod
+    def parse(
+        cls,
+        x: Any,
+        handle: Any,
+        layout_args: Tuple[Any, ...],
+        compress: Any,
+        return_compressed: Any,
+        options: CallOptions,
+        problem: Optional[Problem],
+        wire: Wire,
+        device: torch.device,
+        check_handle: Callable[[Any], Any],
+    ) -> "CachedDispatchRequest":
+        """Validate a cached dispatch's arguments; a bad one becomes :attr:`problem` (the call still joins
+        the agreement).
+
+        Args:
+            x, handle, compress, return_compressed: :meth:`deep_ep.Buffer.dispatch`'s.
+            layout_args: the layout / top-k arguments (all ``None`` for a cached dispatch).
+            options, problem: the parsed stream options and their problem.
+            wire: the Buffer's :class:`~deep_ep.wire.Wire`; device: its device.
+            check_handle: the Buffer's check that ``handle`` is one of its handles (raises a ``Problem``).
+
+        Returns:
+            The request.
+        """
+        req = cls(options=options, return_compressed=bool(return_compressed))
+        req.tolerance = wire.call_tolerance(compress)
+        try:
+            if problem is not None:
+                raise problem
+            if any(a is not None for a in layout_args):
+                raise Problem(
+                    5,
+                    DeepEPInputError(
+                        "a cached dispatch (handle given) takes no layout, topk_idx or "
+                        "topk_weights arguments: the handle carries the layout"
+                    ),
+                )
+            req.handle = check_handle(handle)
+            req.x, req.scales = validate.parse_x(x, device)
+            req.hidden = req.x.size(1)
+            req.codec = dispatch_codec(wire, compress, req.x, req.scales)
+            if req.x.size(0) != handle.plan.num_tokens:
+                raise Problem(
+                    1,
+                    DeepEPInputError(
+                        f"x has {req.x.size(0)} tokens but the handle was made for {handle.plan.num_tokens}"
+                    ),
+                )
+        except Problem as p:
+            req.problem = p
+        return req
+
 
 @dataclass
 class CombineRequest:
@@ -336,6 +391,85 @@ class CombineRequest:
             ident=call_id,
             aux=self.aux,
         )
+
+    @classmethod
+    def parse(
+        cls,
+        x: Any,
+        handle: Any,
+        topk_weights: Any,
+        bias: Any,
+        compress: Any,
+        options: CallOptions,
+        problem: Optional[Problem],
+        wire: Wire,
+        device: torch.device,
+        check_handle: Callable[[Any], Any],
+    ) -> "CombineRequest":
+        """Validate a combine's arguments; a bad one becomes :attr:`problem` (the call still joins the
+        agreement).
+
+        Args:
+            x, handle, topk_weights, bias, compress: :meth:`deep_ep.Buffer.combine`'s.
+            options, problem: the parsed stream options and their problem.
+            wire: the Buffer's :class:`~deep_ep.wire.Wire`; device: its device.
+            check_handle: the Buffer's check that ``handle`` is one of its handles (raises a ``Problem``).
+
+        Returns:
+            The request.
+        """
+        req = cls(options=options)
+        try:
+            if problem is not None:
+                raise problem
+            req.handle = check_handle(handle)
+            plan = req.handle.plan
+            if not isinstance(x, torch.Tensor):
+                raise Problem(1, DeepEPTypeError(f"combine x must be a tensor, got {type(x).__name__}"))
+            if x.dtype not in validate.FLOAT_DTYPES:
+                raise Problem(1, DeepEPTypeError(f"combine x must be bfloat16 (or float16/32/64), got {x.dtype}"))
+            if x.dim() != 2 or x.size(0) not in (plan.num_recv_tokens, plan.num_out_rows):
+                worst = f" or num_worst_tokens={plan.num_out_rows}" if plan.num_out_rows != plan.num_recv_tokens else ""
+                raise Problem(
+                    1,
+                    DeepEPInputError(
+                        f"combine x must be [num_recv_tokens={plan.num_recv_tokens}{worst}, hidden], "
+                        f"got {list(x.shape)}"
+                    ),
+                )
+            validate.check_device(x, device, "x")
+            req.x = x.contiguous()
+            req.hidden = H = req.x.size(1)
+            try:
+                level = wire.combine_level if compress is True else wire.call_level(compress)[0]
+            except DeepEPInputError as e:
+                raise Problem(7, e) from None
+            if level not in (16, 8):
+                raise Problem(7, DeepEPInputError(f"combine compresses to 8 bits at most, got compress={compress!r}"))
+            req.codec = wire.codec(level, H) if req.x.dtype != torch.float64 else None
+            if topk_weights is not None:
+                k = topk_weights.size(1) if isinstance(topk_weights, torch.Tensor) and topk_weights.dim() == 2 else -1
+                req.topk_weights = validate.check_weights(topk_weights, (req.x.size(0), k), "topk_weights", device)
+            if bias is not None:
+                biases = list(bias) if isinstance(bias, (tuple, list)) else [bias]
+                if len(biases) > 2:
+                    raise Problem(6, DeepEPInputError(f"bias takes at most 2 tensors, got {len(biases)}"))
+                for b in biases:
+                    if not isinstance(b, torch.Tensor) or tuple(b.shape) != (plan.num_tokens, H):
+                        raise Problem(
+                            6,
+                            DeepEPInputError(
+                                f"each bias must be a tensor [{plan.num_tokens}, {H}], got "
+                                f"{list(getattr(b, 'shape', [])) or type(b).__name__}"
+                            ),
+                        )
+                    if b.dtype not in validate.FLOAT_DTYPES:
+                        raise Problem(6, DeepEPTypeError(f"bias must be floating point, got {b.dtype}"))
+                    validate.check_device(b, device, "bias", code=6)
+                req.biases = biases
+        except Problem as p:
+            req.problem = p
+        return req
 
 
 def dispatch_codec(wire: Wire, compress: Any, xv: torch.Tensor, scales: Optional[torch.Tensor]) -> Optional[Codec]:

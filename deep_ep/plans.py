@@ -45,14 +45,20 @@ from .agreement import (
     _H_W,
     _H_WORST,
     _HEADER,
+    _OP_DISPATCH,
     agree_rows,
     check_id_ranges,
+    check_rows,
 )
 from .errors import DeepEPInputError, RankMismatchError
+from .kernels.protocol import OUT_HEADERS, OUT_NRECV, OUT_VERDICT
 from .transport import Plan
 
 __all__ = [
     "build_host_plan",
+    "build_fused_plan",
+    "check_worst",
+    "row_widths",
     "build_device_plan",
     "DeferredChecks",
     "valid_rows",
@@ -231,6 +237,126 @@ DISPATCH_FIELDS = (
 )
 
 
+def check_worst(worst: Sequence[int], received: Sequence[int]) -> None:
+    """Raise (the same on every rank) if a rank receives more rows than its ``num_worst_tokens``.
+
+    Args:
+        worst: every rank's ``num_worst_tokens`` (0: not given).
+        received: the rows every rank receives.
+    """
+    for d, w in enumerate(worst):
+        w = int(w)
+        if w > 0 and int(received[d]) > w:
+            raise DeepEPInputError(
+                f"deep_ep dispatch: rank {d} receives {int(received[d])} tokens but its num_worst_tokens is "
+                f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent."
+            )
+
+
+def row_widths(req) -> List[int]:
+    """Byte widths of a fresh dispatch's row tensors (x, fp8 scales, top-k ids, weights), as a transport
+    sizes its staging for them.
+
+    Args:
+        req: a :class:`~deep_ep.calls.DispatchRequest`.
+
+    Returns:
+        One width per row tensor the call moves.
+    """
+    w = [req.x.size(1) * req.x.element_size()] if req.x is not None else [1]
+    if req.scales is not None:
+        w.append(req.scales.size(1) * 4)
+    if req.topk_idx is not None:
+        w.append(8 * req.num_topk)
+        if req.topk_weights is not None:
+            w.append(4 * req.num_topk)
+    return w
+
+
+def build_fused_plan(
+    transport, device: torch.device, req, header: List[int], seq: int, wait: bool
+) -> Tuple[Plan, int, Optional[List[int]]]:
+    """The plan of a fresh dispatch on a transport's fused path: its notify kernel publishes this rank's
+    header, counts and expert counts into every rank and computes the plan on the device; the host reads
+    the received count (and, when the kernel's verdict is not clean, every rank's header, to name the
+    problem as the host path does) from the pinned block the kernel writes: the one host wait.
+
+    Args:
+        transport: a transport with :attr:`~deep_ep.transport.base.Transport.fused_plans`.
+        device: the Buffer's device.
+        req: the call's :class:`~deep_ep.calls.DispatchRequest` (``is_token_in_rank`` and
+            ``num_tokens_per_expert`` filled by the layout unless it has a problem).
+        header: this rank's header ints (its local verdict included).
+        seq: the call's number.
+        wait: read the block now; ``False`` (a ``num_worst_tokens`` call that never waits for the host):
+            its verdict is read at the next call (``transport.check_deferred``).
+
+    Returns:
+        ``(plan, L, expert_list)`` as :func:`build_host_plan` returns them (``expert_list`` empty for a
+        call that does not wait). A plan whose rows do not fit the staging has ``fused`` ``None``: it moves
+        by the host path, on every rank alike.
+    """
+    R, me, problem = transport.num_ranks, transport.rank, req.problem
+    E = req.num_experts if req.num_experts > 0 else 0
+    if problem is None:
+        mask, idx, pe = req.is_token_in_rank, req.topk_idx, req.num_tokens_per_expert
+    else:  # this rank still takes part, with no rows and its error in the header
+        mask = torch.empty((0, R), dtype=torch.bool, device=device)
+        idx = pe = None
+        E = 0
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    fl, out, _ = transport.fused_notify(header, mask, idx, pe, E, row_widths(req), wait, capturing, seq)
+    L = E // R if E > 0 else 0
+    T = mask.size(0)
+    if not wait:
+        plan = Plan(
+            rank=me,
+            num_ranks=R,
+            num_tokens=T,
+            is_token_in_rank=mask,
+            rank_prefix_matrix=fl.rpm,
+            send_counts=None,
+            recv_counts=None,
+            num_recv_tokens=-1,
+            num_out_rows=req.num_worst_tokens,
+            fused=fl,
+        )
+        return plan, L, []
+    hb = OUT_HEADERS
+    cb = hb + R * _HEADER
+    C = out[cb : cb + R * R].reshape(R, R)
+    worsts = out[hb + _H_WORST : cb : _HEADER]
+    if problem is not None or out[OUT_VERDICT] or out[OUT_VERDICT + 1] or out[OUT_VERDICT + 2]:
+        # the kernel found something (or this rank did): the checks that name it, as on the host path
+        check_rows(out[hb:cb].reshape(R, _HEADER).tolist(), _OP_DISPATCH, problem, DISPATCH_FIELDS, me)
+        if E > 0:
+            lo, hi = out[cb + R * R : cb + R * R + R], out[cb + R * R + R : cb + R * R + 2 * R]
+            check_id_ranges(list(zip(lo.tolist(), hi.tolist())), E, me)
+        check_worst(worsts, C.sum(axis=0))
+    n_recv = int(out[OUT_NRECV])
+    expert_list: Optional[List[int]] = None
+    if req.topk_idx is not None and req.num_worst_tokens == 0:
+        lb = cb + R * R + 2 * R
+        expert_list = layout.aligned_expert_counts(out[lb : lb + L].tolist(), req.expert_alignment)
+    fl.counts = C.copy()  # (the ring slot is reused: a copy, numpy for the host, a tensor for the plan)
+    plan = Plan(
+        rank=me,
+        num_ranks=R,
+        num_tokens=T,
+        is_token_in_rank=mask,
+        rank_prefix_matrix=fl.rpm,
+        send_counts=C[me].tolist(),
+        recv_counts=C[:, me].tolist(),
+        num_recv_tokens=n_recv,
+        num_out_rows=req.num_worst_tokens if req.num_worst_tokens > 0 else n_recv,
+        counts=torch.from_numpy(fl.counts),
+        fused=None if out[OUT_VERDICT + 3] else fl,  # rows that do not fit an area: the host path (every rank)
+    )
+    if any(worsts) and transport.device_layout:
+        plan.device = None  # (a fused plan moves rows its own way; the host path reads the counts)
+    return plan, L, expert_list
+
+
 def build_host_plan(
     transport, device: torch.device, req, header: List[int], payload: Sequence[torch.Tensor], merged: bool
 ) -> Tuple[Plan, int, Optional[List[int]]]:
@@ -263,13 +389,7 @@ def build_host_plan(
         check_id_ranges([row[_HEADER + R :] for row in g], E, me)
     recv_totals = [sum(col) for col in zip(*C)]
     worst = [row[_H_WORST] for row in g]
-    for d in range(R):
-        w = worst[d]
-        if w > 0 and recv_totals[d] > w:
-            raise DeepEPInputError(
-                f"deep_ep dispatch: rank {d} receives {recv_totals[d]} tokens but its num_worst_tokens is "
-                f"{w}; raise num_worst_tokens there (at most num_ranks * num_tokens). Nothing was sent."
-            )
+    check_worst(worst, recv_totals)
     expert_list: Optional[List[int]] = None
     L = E // R if E > 0 else 0
     # Expert counts are needed when any rank makes a synchronised call (num_worst_tokens may

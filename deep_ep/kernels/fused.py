@@ -32,6 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .plan import verdict
 from .protocol import (  # noqa: F401  (the protocol's words, used as globals by the kernels)
     CTL_DONE,
     CTL_EPOCH,
@@ -329,20 +330,11 @@ def _notify_plan(
         mine + rr[:, None] * MS + HDR + R + 2 + RANK * L + ll[None, :], mask=rin[:, None] & (ll < L)[None, :], other=0
     )
     per_local = tl.sum(pe_all, axis=0)
-    # the verdict
-    fm = (hh < HDR) & (((FIELDS >> hh) & 1) == 1)
-    sel = tl.load(mine + rr[:, None] * MS + hh[None, :], mask=rin[:, None] & fm[None, :], other=0)
-    me_h = tl.load(mine + RANK * MS + hh, mask=fm, other=0)
-    diff = tl.sum(tl.where(rin[:, None] & fm[None, :] & (sel != me_h[None, :]), 1, 0), axis=1)
-    err = tl.load(mine + rr * MS + H_ERR, mask=rin, other=0)
-    mismatch = tl.sum(tl.where(rin & ((diff > 0) | (err != 0)), 1, 0), axis=0) > 0
-    worst = tl.load(mine + rr * MS + H_WORST, mask=rin, other=0)
+    # the verdict (the device plan's, :func:`deep_ep.kernels.plan.verdict`), and the area's capacity
+    mismatch, over, bad = verdict(mine, MS, C, RANK, R, RP, HDR, HP, FIELDS, H_ERR, H_WORST, H_E)
     received = tl.sum(C, axis=0)  # rows each rank receives
-    over = tl.sum(tl.where(rin & (worst > 0) & (received > worst), 1, 0), axis=0) > 0
-    es = tl.load(mine + rr * MS + H_E, mask=rin, other=0)
     los = tl.load(mine + rr * MS + HDR + R, mask=rin, other=0)
     his = tl.load(mine + rr * MS + HDR + R + 1, mask=rin, other=0)
-    bad = tl.sum(tl.where(rin & (es > 0) & ((los < -1) | (his >= es)), 1, 0), axis=0) > 0
     full_area = tl.sum(tl.where(rin & (received > CAP), 1, 0), axis=0) > 0
     # the device's copy of the plan
     tl.store(dev_ptr + 0, n_recv)

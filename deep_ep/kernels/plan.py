@@ -20,6 +20,48 @@ from ..layout import DeviceLayout
 
 
 @triton.jit
+def verdict(
+    meta_ptr,
+    stride,
+    C,
+    RANK: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    HDR: tl.constexpr,
+    HP: tl.constexpr,
+    FIELDS: tl.constexpr,
+    H_ERR: tl.constexpr,
+    H_WORST: tl.constexpr,
+    H_E: tl.constexpr,
+):
+    """Every rank's metadata row (``meta_ptr + r * stride``: the header, the counts at ``HDR ..``, the least and
+    greatest expert id after them) judged alike on every rank: ``(mismatch, over, bad)``: ranks disagree on a
+    header field of ``FIELDS`` (bit ``f``: column ``f``) or one rejected its input (``H_ERR``); a rank receives
+    more rows (``C`` ``[RP, RP]``, ``C[s][d]`` rows ``s`` sends ``d``) than its ``num_worst_tokens``
+    (``H_WORST``); a rank's ids lie outside ``[-1, E)`` (``H_E``, where top-k was given). Shared by the
+    device plan and the fused notify; the host path's twin is :func:`deep_ep.agreement.check_rows`,
+    :func:`deep_ep.agreement.check_id_ranges` and :func:`deep_ep.plans.check_worst`."""
+    rr = tl.arange(0, RP)
+    rin = rr < R
+    ff = tl.arange(0, HP)
+    fm = (ff < HDR) & (((FIELDS >> ff) & 1) == 1)
+    fmask = rin[:, None] & fm[None, :]
+    sel = tl.load(meta_ptr + rr[:, None] * stride + ff[None, :], mask=fmask, other=0)
+    mine = tl.load(meta_ptr + RANK * stride + ff, mask=fm, other=0)
+    diff = tl.sum(tl.where(fmask & (sel != mine[None, :]), 1, 0), axis=1)
+    err = tl.load(meta_ptr + rr * stride + H_ERR, mask=rin, other=0)
+    mismatch = tl.sum(tl.where(rin & ((diff > 0) | (err != 0)), 1, 0), axis=0) > 0
+    worst = tl.load(meta_ptr + rr * stride + H_WORST, mask=rin, other=0)
+    received = tl.sum(C, axis=0)
+    over = tl.sum(tl.where(rin & (worst > 0) & (received > worst), 1, 0), axis=0) > 0
+    e = tl.load(meta_ptr + rr * stride + H_E, mask=rin, other=0)
+    lo = tl.load(meta_ptr + rr * stride + HDR + R, mask=rin, other=0)
+    hi = tl.load(meta_ptr + rr * stride + HDR + R + 1, mask=rin, other=0)
+    bad = tl.sum(tl.where(rin & (e > 0) & ((lo < -1) | (hi >= e)), 1, 0), axis=0) > 0
+    return mismatch, over, bad
+
+
+@triton.jit
 def _plan_kernel(
     mask_ptr,
     meta_ptr,
@@ -81,24 +123,7 @@ def _plan_kernel(
         tl.store(ret_ptr + rr * 3 + 0, before_src_me, mask=rin)
         tl.store(ret_ptr + rr * 3 + 1, col_me, mask=rin)
         tl.store(ret_ptr + rr * 3 + 2, before_dst_me, mask=rin)
-        # the verdict: ranks disagree on a header field (or one rejected its input); a rank receives more
-        # rows than its num_worst_tokens
-        ff = tl.arange(0, HP)  # header columns; FIELDS: bit f set = compare column f
-        fm = (ff < HDR) & (((FIELDS >> ff) & 1) == 1)
-        fmask = rin[:, None] & fm[None, :]
-        sel = tl.load(meta_ptr + rr[:, None] * n_meta + ff[None, :], mask=fmask, other=0)
-        mine = tl.load(meta_ptr + RANK * n_meta + ff, mask=fm, other=0)
-        diff = tl.sum(tl.where(fmask & (sel != mine[None, :]), 1, 0), axis=1)
-        err = tl.load(meta_ptr + rr * n_meta + H_ERR, mask=rin, other=0)
-        mismatch = tl.sum(tl.where(rin & ((diff > 0) | (err != 0)), 1, 0), axis=0) > 0
-        worst = tl.load(meta_ptr + rr * n_meta + H_WORST, mask=rin, other=0)
-        received = tl.sum(cnt, axis=0)  # rows each rank (column) receives
-        over = tl.sum(tl.where(rin & (worst > 0) & (received > worst), 1, 0), axis=0) > 0
-        # a rank's expert ids outside [-1, E) (its id range follows the counts; E > 0 where top-k was given)
-        e = tl.load(meta_ptr + rr * n_meta + H_E, mask=rin, other=0)
-        lo = tl.load(meta_ptr + rr * n_meta + HDR + R, mask=rin, other=0)
-        hi = tl.load(meta_ptr + rr * n_meta + HDR + R + 1, mask=rin, other=0)
-        bad = tl.sum(tl.where(rin & (e > 0) & ((lo < -1) | (hi >= e)), 1, 0), axis=0) > 0
+        mismatch, over, bad = verdict(meta_ptr, n_meta, cnt, RANK, R, RP, HDR, HP, FIELDS, H_ERR, H_WORST, H_E)
         tl.store(verdict_ptr + 0, mismatch.to(tl.int64))
         tl.store(verdict_ptr + 1, over.to(tl.int64))
         tl.store(verdict_ptr + 2, bad.to(tl.int64))

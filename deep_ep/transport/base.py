@@ -181,6 +181,16 @@ class Transport(abc.ABC):
         """The fused path's combine (transports with :attr:`fused_plans`)."""
         raise NotImplementedError(f"the {self.name} transport has no fused path")
 
+    def fused_takes_dispatch(self, num_experts: int) -> bool:
+        """Whether a fresh dispatch of ``num_experts`` experts (0: no top-k) fits the fused path (the same
+        answer on every rank for the same arguments; default: no fused path)."""
+        return False
+
+    def fused_takes_combine(self, plan: Plan, x: torch.Tensor, num_topk: int) -> bool:
+        """Whether a combine of ``x`` ``[N, H]`` (and ``num_topk`` weights per row) by a fused ``plan`` fits
+        the fused path (default: no fused path)."""
+        return False
+
     def check_deferred(self) -> None:
         """Raise the errors that calls which did not wait for the host found since (default: none)."""
         return None

@@ -38,9 +38,11 @@ from ...rows import Alloc
 
 __all__ = ["FusedPath", "FusedLayout", "MS", "fused_control_bytes"]
 
-#: int64 words of a rank's metadata row (header, counts, id range, expert counts: E <= MS - 16 - R - 2;
-#: a call with more experts takes the host path)
+#: int64 words of a rank's metadata row (header, counts, id range, expert counts: a call with more experts
+#: than fit takes the host path, :meth:`FusedPath.fused_takes_dispatch`)
 MS = 1280
+#: dtypes the fused combine reduces (float32 sums)
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ALIGN = 256
 _CTL_BYTES = 4096
 _FLAG_BYTES = 4096
@@ -586,9 +588,17 @@ class FusedPath:
         self._fence = True  # the host path's next phase passes a barrier first (a peer may still read)
         return out, out_w
 
-    def fused_fits_combine(self, plan: Any, H: int, elem: int, K: int) -> bool:
-        """Whether the rows every rank gets back in a combine of ``plan`` fit one area (host-known plans:
-        the same answer on every rank)."""
+    def fused_takes_dispatch(self, num_experts: int) -> bool:
+        """Whether a fresh dispatch of ``num_experts`` experts takes the fused path: its kernels are ready and
+        a rank's metadata row (header, counts, id range, expert counts) fits its ``MS`` words."""
+        return self.fused_ready and _HEADER + self.num_ranks + 2 + max(num_experts, 0) <= MS
+
+    def fused_takes_combine(self, plan: Any, x: torch.Tensor, num_topk: int) -> bool:
+        """Whether a combine by the fused ``plan`` takes the fused path: float32 sums of ``x``'s dtype
+        (float64 rows take the host path's float64 sums), and the rows every rank gets back fit one area
+        (host-known plans: the same answer on every rank)."""
+        if x.dtype not in _FUSED_DTYPES:
+            return False
         fl = plan.fused
         back = fl.back
         if back == -1 and fl.counts is not None:  # once per handle: the most rows a rank gets back
@@ -596,7 +606,7 @@ class FusedPath:
             back = fl.back = int((C.sum(axis=1) - C.diagonal()).max())
         if back < 0:
             return True
-        widths = [H * elem] + ([4 * K] if K else [])
+        widths = [x.size(1) * x.element_size()] + ([4 * num_topk] if num_topk else [])
         return back <= self._area_cap(widths)
 
 

@@ -97,7 +97,9 @@ def _words(t: torch.Tensor) -> torch.Tensor:
 
 
 class FusedPath:
-    """Mixin of :class:`~deep_ep.transport.nvlink.transport.NVLinkTransport`: the fused path."""
+    """Mixin of :class:`~deep_ep.transport.nvlink.transport.NVLinkTransport`: the fused path (see the module
+    docstring and docs/design.md): the notify, data and combine kernels' host side, the pinned ring the
+    host reads the notify's block from, and the eligibility checks the Buffer asks."""
 
     fused_reserve_bytes = 0
 
@@ -529,7 +531,19 @@ class FusedPath:
         alloc: Alloc,
         num_sms: int,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The combine kernel (rows and their weights back, reduced in rank order)."""
+        """The combine kernel: rows and their weights back to their sources, reduced in rank order.
+
+        Args:
+            plan: a plan with ``fused`` (its ``slot`` written by the fresh dispatch's data kernel).
+            x: ``[N, H]`` rows laid out as the received ones (bf16 / f16 / f32).
+            weights: float32 ``[N, K]`` summed like the rows, or ``None``.
+            biases: 0, 1 or 2 tensors ``[T, H]`` added to the sums.
+            alloc: the outputs' allocator.
+            num_sms: sending programs at most half of it.
+
+        Returns:
+            ``(out [T, H] x.dtype, weights float32 [T, K] or None)``.
+        """
         fl: FusedLayout = plan.fused
         R, me = self.num_ranks, self.rank
         T, H = plan.num_tokens, x.size(1)

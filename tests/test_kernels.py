@@ -591,3 +591,40 @@ def test_low_latency_send_flags_invalid_ids(idx, bit):
     assert int(err[0]) == int(werr[0]) == bit
     _same(a.u8, twin, "arena")
     assert a.i32[:4].cpu().tolist() == [int(e in idx[0]) for e in range(4)]
+
+
+def _global_names(code):
+    """Every global name a function's code (and the code nested in it) reads."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            yield from _global_names(const)
+
+
+def test_kernel_globals_are_constexpr():
+    """A number a kernel reads from its module must be a ``tl.constexpr``: the compiler refuses a plain int
+    (the interpreter takes it, so only this check stands between CI and a kernel that cannot compile)."""
+    import importlib
+    import pkgutil
+
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import deep_ep.kernels as kernels
+
+    jitted = (triton.runtime.jit.JITFunction, InterpretedFunction)  # compiled / under the interpreter
+    checked, bad = 0, []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"deep_ep.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            if not isinstance(obj, jitted) or obj.fn.__module__ != module.__name__:
+                continue
+            checked += 1
+            scope = obj.fn.__globals__
+            for word in set(_global_names(obj.fn.__code__)):
+                value = scope.get(word)
+                if isinstance(value, (bool, int, float)) and not isinstance(value, tl.constexpr):
+                    bad.append(f"{module.__name__}.{name} reads {word}={value!r}")
+    assert checked >= 20, checked
+    assert not bad, bad

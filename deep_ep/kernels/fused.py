@@ -32,22 +32,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import protocol as _protocol
 from .plan import verdict
-from .protocol import (  # noqa: F401  (the protocol's words, used as globals by the kernels)
-    CTL_DONE,
-    CTL_EPOCH,
-    CTL_ERROR,
-    CTL_GIVE_UP,
-    CTL_NOTIFY,
-    CTL_SENT,
-    OUT_DONE,
-    OUT_HEADERS,
-    OUT_MISSING,
-    OUT_NRECV,
-    OUT_STATUS,
-    OUT_VERDICT,
-    VERDICTS,
-)
+
+#: the protocol's words as compile-time constants (Triton compiles only constexpr globals into a kernel;
+#: the interpreter takes plain ints, so only a GPU compile would catch a plain one: tests/test_kernels.py checks)
+CTL_DONE = tl.constexpr(_protocol.CTL_DONE)
+CTL_EPOCH = tl.constexpr(_protocol.CTL_EPOCH)
+CTL_ERROR = tl.constexpr(_protocol.CTL_ERROR)
+CTL_GIVE_UP = tl.constexpr(_protocol.CTL_GIVE_UP)
+CTL_NOTIFY = tl.constexpr(_protocol.CTL_NOTIFY)
+CTL_SENT = tl.constexpr(_protocol.CTL_SENT)
+OUT_DONE = tl.constexpr(_protocol.OUT_DONE)
+OUT_HEADERS = tl.constexpr(_protocol.OUT_HEADERS)
+OUT_MISSING = tl.constexpr(_protocol.OUT_MISSING)
+OUT_NRECV = tl.constexpr(_protocol.OUT_NRECV)
+OUT_STATUS = tl.constexpr(_protocol.OUT_STATUS)
+OUT_VERDICT = tl.constexpr(_protocol.OUT_VERDICT)
+VERDICTS = tl.constexpr(_protocol.VERDICTS)
 
 
 @triton.jit

@@ -37,6 +37,9 @@ def _interpret_kernels_without_cuda() -> None:
 
     if _interpret.enabled():
         _interpret.install()
+        from tests import _compile
+
+        _compile.install()  # signatures for tests/test_zz_compile.py
 
 
 _interpret_kernels_without_cuda()

@@ -11,6 +11,7 @@ layers above it (MoE layer, ``SparseCollective``, ``ElasticBuffer``) use its pub
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
@@ -33,7 +34,9 @@ from .calls import (
     CallOptions,
     CombineRequest,
     DispatchRequest,
+    ParseCache,
     parse_call_options,
+    tensor_signature,
 )
 from .config import Config, EventOverlap, recommended_config
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
@@ -217,6 +220,7 @@ class Buffer:
         gname = getattr(group, "group_name", None) or str(id(group))
         counter = _buffer_counter.setdefault(gname, itertools.count())
         self._uid = next(counter)
+        self._parsed = ParseCache()  # fresh dispatches' parsed requests by signature (deep_ep.calls)
         self._waiter = Waiter(group, f"deep_ep/{gname}/buffer{self._uid}", self.timeout_s)
         self._transport: Transport = cls(group, self.device, self._waiter, self.settings, num_nvl_bytes)
         # on CPU ranks every call agrees on its arguments (gloo's collectives match up anyway), except on the
@@ -499,6 +503,34 @@ class Buffer:
             call's ``'auto'`` upgrades from the rows they send (one extra host-synced exchange).
         """
         self._check_alive()
+        key = None
+        if (
+            handle is None
+            and config is None
+            and previous_event is None
+            and async_finish is False
+            and allocate_on_comm_stream is False
+            and compress is True
+            and return_compressed is False
+        ):  # an eager call as training makes it: parsed once per signature
+            key = (
+                tensor_signature(x),
+                tensor_signature(num_tokens_per_rank),
+                tensor_signature(is_token_in_rank),
+                tensor_signature(num_tokens_per_expert),
+                tensor_signature(topk_idx),
+                tensor_signature(topk_weights),
+                type(expert_alignment),
+                expert_alignment,
+                type(num_worst_tokens),
+                num_worst_tokens,
+            )
+            parsed = self._parsed.get(key)
+            if parsed is not None:
+                req = copy.copy(parsed)
+                req.x, req.is_token_in_rank, req.num_tokens_per_expert = x, is_token_in_rank, num_tokens_per_expert
+                req.topk_idx, req.topk_weights = topk_idx, topk_weights
+                return self._run_dispatch(req)
         opts, problem = parse_call_options(config, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
         if handle is not None:
             req = self._parse_cached(
@@ -529,6 +561,8 @@ class Buffer:
             device=self.device,
             device_plans=self.device_plans,
         )
+        if key is not None and req.tolerance is None:
+            self._parsed.put(key, copy.copy(req))  # (the call below fills in some of req's fields)
         return self._run_dispatch(req)
 
     def _run_dispatch(self, req: DispatchRequest):

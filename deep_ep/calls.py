@@ -23,7 +23,54 @@ from .config import Config, EventOverlap
 from .errors import DeepEPInputError, DeepEPTypeError
 from .wire import Wire
 
-__all__ = ["DispatchRequest", "CachedDispatchRequest", "CombineRequest", "CallOptions", "parse_call_options"]
+__all__ = [
+    "DispatchRequest",
+    "CachedDispatchRequest",
+    "CombineRequest",
+    "CallOptions",
+    "parse_call_options",
+    "tensor_signature",
+    "ParseCache",
+]
+
+
+def tensor_signature(t: Any) -> Any:
+    """What parsing a call's argument depends on: ``(shape, dtype, device, contiguous)`` of a plain tensor,
+    ``None`` for ``None``, and ``False`` for anything else (never cached: see :class:`ParseCache`)."""
+    if t is None:
+        return None
+    if type(t) is torch.Tensor:
+        return (t.shape, t.dtype, t.device, t.is_contiguous())
+    return False
+
+
+class ParseCache:
+    """Parsed requests of eager calls, by their arguments' signature (:func:`tensor_signature` of each tensor,
+    the exact type and value of each other argument): a call whose signature was parsed before without a
+    problem reuses that request with its own tensors (parsing depends on nothing else: shapes, dtypes, devices,
+    contiguity; every value check is the kernels' or the agreement's), so validation costs once per
+    signature, as a kernel's compilation does. Bounded: cleared when it holds ``limit`` signatures.
+
+    Args:
+        limit: signatures kept at most.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._kept: dict = {}
+
+    def get(self, key: Any) -> Any:
+        """The request parsed for ``key``, or ``None``."""
+        return self._kept.get(key)
+
+    def put(self, key: Any, req: Any) -> None:
+        """Keep ``req`` (parsed without a problem) for ``key``; a key holding ``False`` (an argument that is not
+        a plain tensor) is not kept."""
+        if req.problem is not None or any(v is False for v in key):
+            return
+        if len(self._kept) >= self.limit:
+            self._kept.clear()
+        self._kept[key] = req
 
 
 @dataclass

@@ -277,3 +277,67 @@ def test_group_on_cuda_backend_strings(monkeypatch, be, cfg, want):
     assert tr.group_on_cuda() is want
     if not want:
         assert tr.group_device() == torch.device("cpu")
+
+
+def rank_parse_cache(rank, R):
+    """A fresh dispatch is parsed once per argument signature; a call that differs in any tensor's shape,
+    dtype, device or contiguity, or in a scalar's type or value, is parsed again (and refused if bad)."""
+    from deep_ep import calls
+
+    dev = device()
+    E, T, H, K = 4 * R, 6, 24, 2
+    bufs = [deep_ep.Buffer(None, explicitly_destroy=True, backend="collective") for _ in range(2)]
+    parsed = []
+    original = calls.DispatchRequest.parse.__func__
+
+    def counting(cls, **kw):
+        parsed.append(kw["x"].shape if isinstance(kw["x"], torch.Tensor) else None)
+        return original(cls, **kw)
+
+    calls.DispatchRequest.parse = classmethod(counting)
+    try:
+
+        def args(seed, idx_layout="c", wdtype=torch.float32):
+            g = torch.Generator().manual_seed(seed * 10 + rank)
+            x = torch.randn(T, H, generator=g).to(torch.bfloat16).to(dev)
+            idx = torch.rand(T, E, generator=g).topk(K, dim=1).indices.to(dev)
+            if idx_layout == "t":  # the same values, not contiguous
+                idx = idx.t().contiguous().t()
+            w = torch.rand(T, K, generator=g).to(wdtype).to(dev)
+            return x, idx, w
+
+        def call(buf, x, idx, w, **kw):
+            _, _, pe, in_rank, _ = buf.get_dispatch_layout(idx, E)
+            out = buf.dispatch(
+                x, is_token_in_rank=in_rank, num_tokens_per_expert=pe, topk_idx=idx, topk_weights=w, **kw
+            )
+            return out[:4]
+
+        call(bufs[0], *args(1))
+        assert len(parsed) == 1
+        for seed in (2, 3):  # same signature, new values: not parsed again, and the new values are used
+            before = len(parsed)
+            got = call(bufs[0], *args(seed))
+            assert len(parsed) == before
+            want = call(bufs[1], *args(seed))  # (a Buffer that parses its first call)
+            for a, b in zip(got[:3], want[:3]):
+                assert torch.equal(a, b)
+            assert got[3] == want[3]
+        n = len(parsed)
+        call(bufs[0], *args(4, idx_layout="t"))  # not contiguous: parsed
+        assert len(parsed) == n + 1
+        with pytest.raises(deep_ep.DeepEPTypeError, match="float32"):  # float64 weights: parsed and refused
+            call(bufs[0], *args(5, wdtype=torch.float64))
+        with pytest.raises(DeepEPInputError, match="expert_alignment"):  # True is not the int 1 cached before
+            call(bufs[0], *args(6), expert_alignment=True)
+        got = call(bufs[0], *args(7))  # the Buffer works on after refused calls
+        want = call(bufs[1], *args(7))
+        assert torch.equal(got[0], want[0])
+    finally:
+        calls.DispatchRequest.parse = classmethod(original)
+        for b in bufs:
+            b.destroy()
+
+
+def test_parse_cache(rank_pool):
+    rank_pool(2).run(rank_parse_cache)

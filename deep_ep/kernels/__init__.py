@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from ..settings import kernels_on_cpu, triton_disabled
+from ..settings import env_raw, kernels_on_cpu, triton_disabled
 
 
 @functools.cache
@@ -33,7 +33,25 @@ def available(t: torch.Tensor) -> bool:
 
 def available_on(device: torch.device) -> bool:
     """Whether Triton kernels may run on ``device``: CUDA (or CPU under Triton's interpreter with
-    ``DEEP_EP_KERNELS_ON_CPU=1``), Triton importable, not disabled (``DEEP_EP_DISABLE_TRITON``)."""
+    ``DEEP_EP_KERNELS_ON_CPU=1``), Triton importable, not disabled (``DEEP_EP_DISABLE_TRITON``). The settings
+    are read at every call (tests flip them); the answer is cached per device type and their values."""
+    key = (
+        device.type,
+        env_raw("DEEP_EP_DISABLE_TRITON"),
+        env_raw("DEEP_EP_KERNELS_ON_CPU"),
+        env_raw("TRITON_INTERPRET"),
+    )
+    got = _AVAILABLE.get(key)
+    if got is None:
+        got = _AVAILABLE[key] = _available_on(device)
+    return got
+
+
+#: available_on's answers, by (device type, the settings' raw values)
+_AVAILABLE: dict = {}
+
+
+def _available_on(device: torch.device) -> bool:
     if triton_disabled():
         return False
     if device.type != "cuda" and not (device.type == "cpu" and kernels_on_cpu()):

@@ -220,6 +220,7 @@ class Buffer:
         gname = getattr(group, "group_name", None) or str(id(group))
         counter = _buffer_counter.setdefault(gname, itertools.count())
         self._uid = next(counter)
+        self._layouts: Dict[Any, Tuple] = {}  # get_dispatch_layout's validated signatures -> kernel arguments
         self._parsed = ParseCache()  # fresh dispatches' parsed requests by signature (deep_ep.calls)
         self._waiter = Waiter(group, f"deep_ep/{gname}/buffer{self._uid}", self.timeout_s)
         self._transport: Transport = cls(group, self.device, self._waiter, self.settings, num_nvl_bytes)
@@ -422,6 +423,13 @@ class Buffer:
             num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R], event)``.
         """
         self._check_alive()
+        key = None
+        if previous_event is None and async_finish is False and allocate_on_comm_stream is False:
+            # an eager call as training makes it: validated once per signature, then the kernel at once
+            key = (tensor_signature(topk_idx), type(num_experts), num_experts)
+            lane = self._layouts.get(key)
+            if lane is not None and kernels.available(topk_idx):
+                return self._layout_call(topk_idx, num_experts, lane, CallOptions(self.num_sms))
         layout.num_local_experts(num_experts, self.num_ranks)
         opts, problem = parse_call_options(None, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
         try:
@@ -439,16 +447,30 @@ class Buffer:
             )
         except Problem as p:
             p.raise_on(self.rank)
+        nodes, rpn = layout.node_split(self.num_ranks, self._transport.ranks_per_node)
+        lane = None
+        if not on_cpu:
+            from .kernels.layout import dispatch_layout as kernel
+
+            lane = (kernel, num_experts, self.num_ranks, nodes, rpn, self._transport.fused_plans)
+            if key is not None and key[0] is not False:
+                if len(self._layouts) >= 256:
+                    self._layouts.clear()
+                self._layouts[key] = lane
+        return self._layout_call(topk_idx, num_experts, lane, opts)
+
+    def _layout_call(self, topk_idx: torch.Tensor, num_experts: int, lane: Optional[Tuple], opts: CallOptions):
+        """The layout of validated ``topk_idx`` on the comm stream: ``lane`` ``(kernel, E, R, nodes, ranks per
+        node, no memset)``, or the torch path (``lane`` ``None``)."""
         call = StreamCall(self.device, self._comm_stream, opts)
         with call:
-            per_rank, per_node, per_expert, in_rank = layout.dispatch_layout(
-                topk_idx,
-                num_experts,
-                self.num_ranks,
-                ranks_per_node=self._transport.ranks_per_node,
-                no_memset=self._transport.fused_plans,
-                use_kernel=not on_cpu,
-            )
+            if lane is None:
+                got = layout.dispatch_layout_torch(
+                    topk_idx, num_experts, self.num_ranks, self._transport.ranks_per_node
+                )
+            else:
+                got = lane[0](topk_idx, *lane[1:])
+            per_rank, per_node, per_expert, in_rank = got
             outs = [per_rank, per_expert, in_rank]
             if call.cuda and not call.on_comm:
                 for t in outs:

@@ -91,6 +91,18 @@ def check_topk_idx(
         raise DeepEPInputError(msg)
 
 
+def node_split(num_ranks: int, ranks_per_node: Optional[int]) -> Tuple[int, int]:
+    """``(nodes, ranks per node)`` of a layout: ``nodes`` 0 when the ranks share one node (``ranks_per_node``
+    ``None`` or >= ``num_ranks``); raises :class:`DeepEPInputError` for a bad ``ranks_per_node``."""
+    if ranks_per_node is not None and (not isinstance(ranks_per_node, int) or ranks_per_node < 1):
+        raise DeepEPInputError(f"ranks_per_node must be an int >= 1, got {ranks_per_node!r}")
+    if ranks_per_node is not None and ranks_per_node < num_ranks:
+        if num_ranks % ranks_per_node != 0:
+            raise DeepEPInputError(f"ranks_per_node={ranks_per_node} does not divide num_ranks={num_ranks}")
+        return num_ranks // ranks_per_node, ranks_per_node
+    return 0, ranks_per_node or num_ranks
+
+
 def dispatch_layout(
     topk_idx: torch.Tensor,
     num_experts: int,
@@ -113,21 +125,13 @@ def dispatch_layout(
     :func:`deep_ep.kernels.available` of ``topk_idx`` (``None``: asked here).
     """
     num_local_experts(num_experts, num_ranks)  # validates num_experts
-    nodes = 0
-    if ranks_per_node is not None and (not isinstance(ranks_per_node, int) or ranks_per_node < 1):
-        raise DeepEPInputError(f"ranks_per_node must be an int >= 1, got {ranks_per_node!r}")
-    if ranks_per_node is not None and ranks_per_node < num_ranks:
-        if num_ranks % ranks_per_node != 0:
-            raise DeepEPInputError(f"ranks_per_node={ranks_per_node} does not divide num_ranks={num_ranks}")
-        nodes = num_ranks // ranks_per_node
+    nodes, rpn = node_split(num_ranks, ranks_per_node)
     if use_kernel is None:
         use_kernel = kernels.available(topk_idx)
     if use_kernel:  # the same integers in one launch
         from .kernels import layout as klayout
 
-        return klayout.dispatch_layout(
-            topk_idx, num_experts, num_ranks, nodes, ranks_per_node or num_ranks, ticket=no_memset
-        )
+        return klayout.dispatch_layout(topk_idx, num_experts, num_ranks, nodes, rpn, ticket=no_memset)
     return dispatch_layout_torch(topk_idx, num_experts, num_ranks, ranks_per_node)
 
 

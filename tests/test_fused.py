@@ -248,6 +248,45 @@ def rank_budget(rank, R, path):
         del os.environ["DEEP_EP_KERNELS_ON_CPU"]
 
 
+def rank_layout_lane(rank, R):
+    """get_dispatch_layout validated once per signature: a same-signature call runs the kernel on its own
+    values; a changed signature is validated again (and refused if bad); the kernel switch is read per call."""
+    from deep_ep import DeepEPInputError, DeepEPTypeError, layout
+
+    buf = get_buffer("nvlink-fused")
+    E, T, K = 4 * R, 10, 2
+    os.environ["DEEP_EP_KERNELS_ON_CPU"] = "1"
+    try:
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed * 7 + rank)
+            idx = torch.rand(T, E, generator=g).topk(K, dim=1).indices
+            idx[seed, 0] = -1
+            got = buf.get_dispatch_layout(idx, E)
+            want = layout.dispatch_layout_torch(idx, E, R)
+            for a, b in zip([got[0], got[2], got[3]], [want[0], want[2], want[3]]):
+                assert torch.equal(a, b), (seed, a, b)
+        assert len(buf._layouts) == 1
+        with pytest.raises(DeepEPTypeError, match="int64"):
+            buf.get_dispatch_layout(idx.int(), E)
+        with pytest.raises(DeepEPInputError, match="divisible"):
+            buf.get_dispatch_layout(idx, E + 1)
+        bad = idx.clone()
+        bad[0, 0] = E  # out of range: the kernel drops it; the torch path (kernels off) refuses it
+        buf.get_dispatch_layout(bad, E)
+        os.environ["DEEP_EP_DISABLE_TRITON"] = "1"
+        with pytest.raises(DeepEPInputError, match="topk_idx"):
+            buf.get_dispatch_layout(bad, E)
+        return True
+    finally:
+        os.environ.pop("DEEP_EP_KERNELS_ON_CPU", None)
+        os.environ.pop("DEEP_EP_DISABLE_TRITON", None)
+
+
+@interpreted
+def test_layout_validated_once_per_signature(rank_pool):
+    rank_pool(2).run(rank_layout_lane)
+
+
 @interpreted
 def test_fused_path_meets_the_per_call_budget(rank_pool):
     """Fresh dispatch <= 3 launches and nothing else on the device, no blocking copy, no host read of a

@@ -291,8 +291,8 @@ def main(argv, prog: str = "deep-ep tools host-time") -> int:
     p.add_argument("--experts", type=int, default=None, help="experts (default 256 on CUDA, 16 on CPU)")
     p.add_argument("--topk", type=int, default=None, help="experts per token (default 8 on CUDA, 4 on CPU)")
     p.add_argument("--staging-mb", type=int, default=None, help="symmetric staging per rank, MiB")
-    p.add_argument("--repeats", type=int, default=5, help="timings per call, median reported (default 5)")
-    p.add_argument("--calls", type=int, default=None, help="calls per timing (default 20 on CUDA, 10 on CPU)")
+    p.add_argument("--repeats", type=int, default=7, help="timings per call, median reported (default 7)")
+    p.add_argument("--calls", type=int, default=None, help="calls per timing (default 20 on CUDA, 100 on CPU)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument(
         "--no-stub", dest="stub", action="store_false", help="on CPU, time the interpreted kernels' calls (noisy)"
@@ -309,7 +309,7 @@ def main(argv, prog: str = "deep-ep tools host-time") -> int:
         ("hidden", 7168, 64),
         ("experts", 256, 16),
         ("topk", 8, 4),
-        ("calls", 20, 10),
+        ("calls", 20, 100),
         ("staging_mb", 1024, 16),
     ):
         if getattr(a, name) is None:

@@ -628,3 +628,102 @@ def test_kernel_globals_are_constexpr():
                     bad.append(f"{module.__name__}.{name} reads {word}={value!r}")
     assert checked >= 20, checked
     assert not bad, bad
+
+
+class _FakeCompiled:
+    """What ``kernel[grid](...)`` returns on a GPU, recording the lean launches."""
+
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, "fn", "meta"
+
+    def run(self, gx, gy, gz, stream, function, meta, launch_meta, enter, exit_, *args):
+        self.log.append(("lean", (gx, gy, gz), stream, args))
+
+
+class _FakeJit:
+    """A jitted kernel's surface the launcher uses: ``params`` and ``[grid](...)`` (Triton's own launch)."""
+
+    def __init__(self, log, names):
+        import types
+
+        self.log = log
+        self.params = [types.SimpleNamespace(name=n, is_constexpr=n.isupper()) for n in names]
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, **constexprs):
+            self.log.append(("triton", grid, args, constexprs))
+            return _FakeCompiled(self.log)
+
+        return launch
+
+
+def test_lean_launch_arguments(monkeypatch):
+    """The lean launch (GPU path) with a stand-in for the compiled kernel: the first launch of a signature
+    goes through Triton, later ones call the compiled launcher with integer pointers and the constexprs in
+    the kernel's parameter order; a new dtype, a misaligned pointer, or a changed int specialisation is a
+    new signature; a launcher that refuses the arguments makes Triton's own path the path from then on."""
+    import types
+
+    from deep_ep.kernels import launch as L
+
+    log = []
+    fn = _FakeJit(log, ["x_ptr", "n", "BLOCK", "out_ptr", "m", "FLAG"])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: types.SimpleNamespace(cuda_stream=77))
+    k = L.Launcher(fn, num_warps=4)
+    k._interp = False
+    bound = k.bind(dict(BLOCK=64, FLAG=True))
+    x = torch.zeros(64, dtype=torch.float32)
+    out = torch.zeros(64, dtype=torch.int32)
+    before = L.STATS.launches
+    bound((3,), x, 5, out, 32)
+    assert log[-1][0] == "triton" and log[-1][2] == (x, 5, out, 32) and log[-1][3] == dict(BLOCK=64, FLAG=True)
+    bound((3,), x, 7, out, 48)  # the same specialisation (5 and 7: neither 1 nor /16; 32 and 48: /16)
+    assert log[-1] == ("lean", (3, 1, 1), 77, (x.data_ptr(), 7, 64, out.data_ptr(), 48, True))
+    k((2, 2), x, 9, out, 16, BLOCK=64, FLAG=True)  # the keyword form, same signature
+    assert log[-1] == ("lean", (2, 2, 1), 77, (x.data_ptr(), 9, 64, out.data_ptr(), 16, True))
+    n = len(log)
+    for args in ((x[1:], 7, out, 48), (x.double(), 7, out, 48), (x, 1, out, 48), (x, 7, out, 17)):
+        bound((1,), *args)  # misaligned, another dtype, the int 1, an int not /16: each compiled anew
+        assert log[-1][0] == "triton" and len(log) == n + 1, args
+        n += 1
+    assert L.STATS.launches - before == 7
+
+    def refuse(*a):
+        raise TypeError("other launcher")
+
+    for compiled in k._compiled.values():
+        compiled.run = refuse
+    bound((3,), x, 7, out, 48)
+    assert log[-1][0] == "triton" and not k._lean
+
+
+def test_lean_launch_yields_to_launch_hooks(monkeypatch):
+    """With a launch hook set (a profiler), every launch goes through Triton's own path, which calls it."""
+    import types
+
+    from triton import knobs
+
+    from deep_ep.kernels import launch as L
+
+    log = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: types.SimpleNamespace(cuda_stream=1))
+    k = L.Launcher(_FakeJit(log, ["x_ptr", "n"]), num_warps=4)
+    k._interp = False
+    x = torch.zeros(8)
+    hook = lambda *a: None  # noqa: E731
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        undo = lambda: chain.remove(hook)  # noqa: E731
+    else:  # an older Triton: the knob is the hook itself
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+        undo = lambda: None  # noqa: E731
+    try:
+        for _ in range(3):
+            k((1,), x, 3)
+            assert log[-1][0] == "triton"
+    finally:
+        undo()
+    k((1,), x, 3)  # unhooked: compiled once more (hooked launches keep nothing), then lean
+    k((1,), x, 3)
+    assert [e[0] for e in log[-2:]] == ["triton", "lean"]

@@ -21,7 +21,7 @@ import torch
 
 from ..settings import env_raw
 
-__all__ = ["Launcher", "STATS", "interpreting"]
+__all__ = ["Launcher", "Bound", "STATS", "interpreting"]
 
 
 class _Stats:
@@ -53,6 +53,41 @@ def _int_spec(v: int) -> Tuple[int, bool]:
     return (1 if v == 1 else (16 if v % 16 == 0 else 0)), -(2**31) <= v < 2**31
 
 
+def _hooked() -> bool:
+    """Whether Triton's launch hooks are set (a profiler): then its own launch path runs them. Triton 3.6 keeps
+    a hook chain there even when nothing is hooked (an empty one is no hook)."""
+    from triton import knobs
+
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and (getattr(hook, "calls", None) is None or hook.calls):
+            return True
+    return False
+
+
+class Bound:
+    """A :class:`Launcher` with its constexprs fixed (:meth:`Launcher.bind`, once per call shape): a launch
+    then passes the positional arguments only, and the lean path finds its compiled kernel and the order of
+    the launcher's arguments without rebuilding either from the constexprs.
+
+    Args:
+        launcher: the kernel's launcher.
+        constexprs: the kernel's constexpr parameters by name.
+    """
+
+    __slots__ = ("launcher", "constexprs", "key", "template", "arg_pos")
+
+    def __init__(self, launcher: "Launcher", constexprs: Dict[str, Any]) -> None:
+        self.launcher = launcher
+        self.constexprs = constexprs
+        self.key = tuple(constexprs.items())
+        self.template: Any = None  # the launcher's argument list with the constexprs in place (lean path)
+        self.arg_pos: Any = None  # where each positional argument goes in it
+
+    def __call__(self, grid: Tuple[int, ...], *args: Any) -> None:
+        """Launch ``fn[grid](*args, **constexprs)``."""
+        self.launcher.launch(grid, args, self)
+
+
 class Launcher:
     """One ``@triton.jit`` kernel, launched leanly (see the module docstring).
 
@@ -65,13 +100,20 @@ class Launcher:
         self.fn = fn
         self.num_warps = num_warps
         self._compiled: Dict[Tuple, Any] = {}
-        self._names = None
         self._interp: Any = None
         self._lean = True
+
+    def bind(self, constexprs: Dict[str, Any]) -> Bound:
+        """The kernel with ``constexprs`` fixed (keep it per call shape: see :class:`Bound`)."""
+        return Bound(self, constexprs)
 
     def __call__(self, grid: Tuple[int, ...], *args: Any, **constexprs: Any) -> None:
         """Launch ``fn[grid](*args, **constexprs, num_warps=...)``: positional ``args`` are the kernel's
         non-constexpr parameters in order, ``constexprs`` its constexpr ones by name."""
+        self.launch(grid, args, Bound(self, constexprs))
+
+    def launch(self, grid: Tuple[int, ...], args: Tuple, bound: Bound) -> None:
+        """Launch with ``bound``'s constexprs (every launch comes here: it counts them)."""
         STATS.launches += 1
         if self._interp is None:  # fixed for the process once Triton is imported (read once, not per launch)
             self._interp = interpreting()
@@ -83,62 +125,55 @@ class Launcher:
             STATS.interpreting_now = True
             try:
                 with _disable_current_modes():
-                    self.fn[grid](*args, **constexprs, num_warps=self.num_warps)
+                    self.fn[grid](*args, **bound.constexprs, num_warps=self.num_warps)
             finally:
                 STATS.interpreting_now = False
             STATS.device_s += time.perf_counter() - t0
             return
-        from triton import knobs
-
-        if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
-            self.fn[grid](*args, **constexprs, num_warps=self.num_warps)
+        if _hooked():
+            self.fn[grid](*args, **bound.constexprs, num_warps=self.num_warps)
             return
-        key = (tuple(constexprs.items()),) + tuple(
-            (a.dtype, a.data_ptr() % 16 == 0)
-            if isinstance(a, torch.Tensor)
-            else _int_spec(a)
-            if isinstance(a, int) and not isinstance(a, bool)
-            else a
-            for a in args
-        )
+        if bound.template is None:
+            self._order(bound)
+        # one pass: the launcher's arguments (integer pointers) and Triton's specialisation of each
+        full = bound.template[:]
+        spec = [bound.key]
+        for pos, a in zip(bound.arg_pos, args):
+            if isinstance(a, torch.Tensor):
+                p = a.data_ptr()
+                full[pos] = p
+                spec.append(a.dtype)
+                spec.append(p % 16 == 0)
+            else:
+                full[pos] = a
+                spec.append(_int_spec(a) if type(a) is int else a)
+        key = tuple(spec)
         kernel = self._compiled.get(key)
         if kernel is None:
-            kernel = self.fn[grid](*args, **constexprs, num_warps=self.num_warps)
+            kernel = self.fn[grid](*args, **bound.constexprs, num_warps=self.num_warps)
             if hasattr(kernel, "result"):
                 kernel = kernel.result()
             self._compiled[key] = kernel
-            self._order = self._param_order(constexprs)
             return
         if not self._lean:
-            self.fn[grid](*args, **constexprs, num_warps=self.num_warps)
+            self.fn[grid](*args, **bound.constexprs, num_warps=self.num_warps)
             return
-        full = self._full_args(args, constexprs)
         g = tuple(grid) + (1, 1)
         stream = torch.cuda.current_stream().cuda_stream
         try:
             kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
         except TypeError:  # a Triton whose launcher takes other arguments: its own launch path from now on
             self._lean = False
-            self.fn[grid](*args, **constexprs, num_warps=self.num_warps)
+            self.fn[grid](*args, **bound.constexprs, num_warps=self.num_warps)
 
-    def _param_order(self, constexprs: Dict[str, Any]):
-        """For each kernel parameter in order: its index among the positional args, or its constexpr name."""
-        order = []
-        i = 0
+    def _order(self, bound: Bound) -> None:
+        """``bound``'s argument template: the kernel's parameters in order, constexprs filled in."""
+        template, pos = [], []
         for p in self.fn.params:
             if p.is_constexpr:
-                order.append(("c", p.name))
+                template.append(bound.constexprs[p.name])
             else:
-                order.append(("a", i))
-                i += 1
-        return order
-
-    def _full_args(self, args, constexprs):
-        out = []
-        for kind, v in self._order:
-            if kind == "a":
-                a = args[v]
-                out.append(a.data_ptr() if isinstance(a, torch.Tensor) else a)
-            else:
-                out.append(constexprs[v])
-        return out
+                pos.append(len(template))
+                template.append(None)
+        bound.arg_pos = pos
+        bound.template = template

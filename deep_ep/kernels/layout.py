@@ -143,15 +143,15 @@ def dispatch_layout(
                 WP=_p2(W),
                 TICKET=not capturing,
             )
-            st = _STATIC[key] = (n, (n,), (T, K, E // R, max(ranks_per_node, 1), W), ce)
-        n, grid, ints, ce = st
+            st = _STATIC[key] = (n, (n,), (T, K, E // R, max(ranks_per_node, 1), W), _LAUNCH.bind(ce))
+        n, grid, ints, kernel = st
         if capturing:
             counts = torch.zeros((W,), dtype=torch.int32, device=dev)
             tick = part = counts
         else:
             counts = torch.empty((W,), dtype=torch.int32, device=dev)
             tick, part = _scratch(dev, n * W)
-        _LAUNCH(grid, idx, counts, in_rank.view(torch.int8), part, tick, *ints, **ce)
+        kernel(grid, idx, counts, in_rank.view(torch.int8), part, tick, *ints)
     else:
         counts = torch.zeros((W,), dtype=torch.int32, device=dev)
         if T > 0:

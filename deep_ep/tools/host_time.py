@@ -86,19 +86,19 @@ class _Replay:
         from deep_ep.kernels import launch
 
         self.launch = launch
-        self.original = launch.Launcher.__call__
+        self.original = launch.Launcher.launch
         self.block = None
 
     def record(self):
         replay = self
         original = self.original
 
-        def call(launcher, grid, *args, **constexprs):
-            original(launcher, grid, *args, **constexprs)
+        def call(launcher, grid, args, bound):
+            original(launcher, grid, args, bound)
             if launcher.fn.__name__ == "_notify_kernel":
                 replay.block = args[4].clone()
 
-        self.launch.Launcher.__call__ = call
+        self.launch.Launcher.launch = call
 
     def stub(self):
         from deep_ep.agreement import _HEADER
@@ -108,7 +108,7 @@ class _Replay:
         block = self.block.numpy() if self.block is not None else None  # (no notify: cached, combine)
         views = {}  # the pinned ring's slots as numpy (what a kernel's stores cost the host: nothing)
 
-        def call(launcher, grid, *args, **constexprs):
+        def call(launcher, grid, args, bound):
             replay.launch.STATS.launches += 1
             if launcher.fn.__name__ == "_notify_kernel":
                 key = (args[3].data_ptr(), args[4].data_ptr())
@@ -119,10 +119,10 @@ class _Replay:
                 out[OUT_HEADERS : OUT_HEADERS + _HEADER] = inp[:_HEADER]
                 out[OUT_DONE] = inp[_HEADER]
 
-        self.launch.Launcher.__call__ = call
+        self.launch.Launcher.launch = call
 
     def restore(self):
-        self.launch.Launcher.__call__ = self.original
+        self.launch.Launcher.launch = self.original
 
 
 def _calls(buf, x, idx, w, E, worst):

@@ -129,7 +129,8 @@ class FusedPath:
         self._interp = _interp()  # the kernels run under Triton's interpreter (fixed for the process)
         self._phases: Optional[List[Tuple]] = None  # see _launch
         self._notify_static: dict = {}  # per call shape: capacity, channels, constexprs (fused_notify)
-        self._data_static: dict = {}  # the same for fused_dispatch / fused_combine
+        self._data_static: dict = {}  # the same for fused_dispatch
+        self._combine_static: dict = {}  # and fused_combine
         self._ctl_w = self.fused_ctl_b // 8
         self._slot = 0
         self._ticket = 0
@@ -162,8 +163,9 @@ class FusedPath:
     def _limit(self) -> int:
         return self._limit_ns
 
-    def _launch(self, kernel: Any, grid: Tuple[int, ...], split: Tuple, *args: Any, **constexprs: Any) -> None:
-        """Launch one of the fused kernels. Under the interpreter (no clock in the kernel) a watchdog thread
+    def _launch(self, bound: Any, grid: Tuple[int, ...], split: Tuple, args: Tuple) -> None:
+        """Launch one of the fused kernels (``bound``: its :class:`~deep_ep.kernels.launch.Bound`, kept with the
+        call shape's statics; ``args``: its positional arguments). Under the interpreter (no clock in the kernel) a watchdog thread
         sets the control word ``CTL_GIVE_UP`` once a launch outlives ``timeout_s``, ending the kernel's
         waits as the clock does on a GPU.
 
@@ -171,16 +173,16 @@ class FusedPath:
         (ranks emulated in one process, ``tests/test_fused_kernels.py``) the launch is recorded there
         instead, for the test to run every rank's first half, then every rank's second half."""
         if self._phases is not None:
-            self._phases.append((kernel, split, args, constexprs))
+            self._phases.append((bound.launcher, split, args, bound.constexprs))
             return
         if not self._interp:
-            kernel(grid, *args, **constexprs)
+            bound.launcher.launch(grid, args, bound)
             return
         dog = self._watchdog()
         with dog.lock:
             dog.deadline = time.monotonic() + self.timeout_s
         try:
-            kernel(grid, *args, **constexprs)
+            bound.launcher.launch(grid, args, bound)
         finally:
             with dog.lock:
                 dog.deadline = None
@@ -260,9 +262,9 @@ class FusedPath:
                 INTERP=self._interp,
                 ROLE=0,
             )
-            st = (cap, nch, CW, nch * CW + 3 + R * R + L + 8, (nch + 1,), ((nch + 1,), (1,)), ce)
+            st = (cap, nch, CW, nch * CW + 3 + R * R + L + 8, (nch + 1,), ((nch + 1,), (1,)), self._k_notify.bind(ce))
             self._notify_static[key] = st
-        cap, nch, CW, n_scratch, grid, split, ce = st
+        cap, nch, CW, n_scratch, grid, split, bound = st
         # the channels' rows at the front of one scratch (the kernels index them from its start), the device
         # plan after them; rank_prefix_matrix its own tensor (the handle's element 0)
         chan = torch.empty((n_scratch,), dtype=torch.int64, device=dev)
@@ -271,31 +273,32 @@ class FusedPath:
         if self._dirty:
             self._clean()
         self._launch(
-            self._k_notify,
+            bound,
             grid,
             split,
-            mask,
-            topk_idx if topk_idx is not None else chan,
-            per_expert if per_expert is not None else chan,
-            self._ring_in[slot],
-            self._ring_out[slot],
-            self._own_words,
-            self._delta_w,
-            chan,
-            devv,
-            rpm,
-            T,
-            K,
-            E,
-            L,
-            nch,
-            cap,
-            self._ctl_w,
-            self._flag_w,
-            self._meta_w,
-            MS,
-            self._limit_ns,
-            **ce,
+            (
+                mask,
+                topk_idx if topk_idx is not None else chan,
+                per_expert if per_expert is not None else chan,
+                self._ring_in[slot],
+                self._ring_out[slot],
+                self._own_words,
+                self._delta_w,
+                chan,
+                devv,
+                rpm,
+                T,
+                K,
+                E,
+                L,
+                nch,
+                cap,
+                self._ctl_w,
+                self._flag_w,
+                self._meta_w,
+                MS,
+                self._limit_ns,
+            ),
         )
         layout = FusedLayout(chan=chan, dev=devv, slot=None, nch=nch, rpm=rpm, L=L)
         if not wait:
@@ -465,9 +468,9 @@ class FusedPath:
             # the rows as integer words: a view of the dtype _words picked (None: its byte fallback, per call)
             xdt = xw.dtype if xw.dtype != torch.uint8 else None
             sdt = (sw.dtype if sw.dtype != torch.uint8 else None) if sw is not None else None
-            st = ((fl.nch + nrecv,), ((fl.nch,), (nrecv,)), ints, ce, xdt, sdt)
+            st = ((fl.nch + nrecv,), ((fl.nch,), (nrecv,)), ints, self._k_dispatch.bind(ce), xdt, sdt)
             self._data_static[key] = st
-        grid, split, ints, ce, xdt, sdt = st
+        grid, split, ints, bound, xdt, sdt = st
         xw = x.view(xdt) if xdt is not None else _words(x)
         ox = alloc((N,) + x.shape[1:], x.dtype)
         oxw = ox.view(xdt) if xdt is not None else _words(ox)
@@ -490,27 +493,28 @@ class FusedPath:
         if self._dirty:
             self._clean()
         self._launch(
-            self._k_dispatch,
+            bound,
             grid,
             split,
-            plan.is_token_in_rank,
-            fl.chan,
-            fl.dev,
-            self._own_words,
-            self._delta_w,
-            fl.slot,
-            xw,
-            oxw,
-            sw if sw is not None else xw,
-            osw if osw is not None else oxw,
-            idx if idx is not None else fl.dev,
-            oi if oi is not None else fl.dev,
-            w if w is not None else fl.dev,
-            ow if ow is not None else fl.dev,
-            T,
-            N,
-            *ints,
-            **ce,
+            (
+                plan.is_token_in_rank,
+                fl.chan,
+                fl.dev,
+                self._own_words,
+                self._delta_w,
+                fl.slot,
+                xw,
+                oxw,
+                sw if sw is not None else xw,
+                osw if osw is not None else oxw,
+                idx if idx is not None else fl.dev,
+                oi if oi is not None else fl.dev,
+                w if w is not None else fl.dev,
+                ow if ow is not None else fl.dev,
+                T,
+                N,
+                *ints,
+            ),
         )
         self._fence = True  # the host path's next phase passes a barrier first (a peer may still read)
         return outs
@@ -541,56 +545,67 @@ class FusedPath:
         R, me = self.num_ranks, self.rank
         T, H = plan.num_tokens, x.size(1)
         K = weights.size(1) if weights is not None else 0
-        widths = [H * x.element_size()] + ([4 * K] if weights is not None else [])
-        cap = self._area_cap(widths)
-        offs = self._regions(widths, cap)
+        key = (x.dtype, x.shape, K, len(biases), T, plan.num_out_rows, num_sms)
+        st = self._combine_static.get(key)
+        if st is None:  # what depends on the call's shapes only, once per shape
+            widths = [H * x.element_size()] + ([4 * K] if weights is not None else [])
+            cap = self._area_cap(widths)
+            offs = self._regions(widths, cap)
+            nsend = max(1, min(num_sms // 2, -(-max(plan.num_out_rows, 1) // 64)))
+            nred = max(1, min(num_sms, -(-max(T, 1) // 16)))
+            ints = (
+                T,
+                H,
+                max(K, 1),
+                x.size(0),
+                cap,
+                nsend,
+                nred,
+                self.fused_ctl_b // 8,
+                self._flag_w,
+                self.halves[0] // 8,
+                self.half_bytes // 8,
+                offs[0] // x.element_size(),
+                offs[1] // 4 if weights is not None else 0,
+                self._limit(),
+            )
+            ce = dict(
+                RANK=me,
+                R=R,
+                RP=max(2, _p2(R)),
+                HAS_W=weights is not None,
+                NB=len(biases),
+                KP=max(2, _p2(K)),
+                TOK=16,
+                BLOCK=min(512, max(16, _p2(H))),
+                INTERP=self._interp,
+                ROLE=0,
+            )
+            st = self._combine_static[key] = ((nsend + nred,), ((nsend,), (nred,)), ints, self._k_combine.bind(ce))
+        grid, split, ints, bound = st
         out = alloc((T, H), x.dtype)
         out_w = alloc((T, K), torch.float32) if weights is not None else None
-        rpm = fl.rpm
         self._clean()
         b0 = biases[0] if len(biases) > 0 else out
         b1 = biases[1] if len(biases) > 1 else out
-        nsend = max(1, min(num_sms // 2, -(-max(plan.num_out_rows, 1) // 64)))
-        nred = max(1, min(num_sms, -(-max(T, 1) // 16)))
         self._launch(
-            self._k_combine,
-            (nsend + nred,),
-            ((nsend,), (nred,)),
-            x,
-            weights if weights is not None else x,
-            fl.slot,
-            rpm,
-            fl.dev,
-            self._own_words,
-            self._delta_w,
-            b0,
-            b1,
-            out,
-            out_w if out_w is not None else out,
-            T,
-            H,
-            max(K, 1),
-            x.size(0),
-            cap,
-            nsend,
-            nred,
-            self.fused_ctl_b // 8,
-            self._flag_w,
-            self.halves[0] // 8,
-            self.half_bytes // 8,
-            offs[0] // x.element_size(),
-            offs[1] // 4 if weights is not None else 0,
-            self._limit(),
-            RANK=me,
-            R=R,
-            RP=max(2, _p2(R)),
-            HAS_W=weights is not None,
-            NB=len(biases),
-            KP=max(2, _p2(K)),
-            TOK=16,
-            BLOCK=min(512, max(16, _p2(H))),
-            INTERP=self._interp,
-            ROLE=0,
+            bound,
+            grid,
+            split,
+            (
+                x,
+                weights if weights is not None else x,
+                fl.slot,
+                fl.rpm,
+                fl.dev,
+                self._own_words,
+                self._delta_w,
+                b0,
+                b1,
+                out,
+                out_w if out_w is not None else out,
+            )
+            + ints,
         )
         self._fence = True  # the host path's next phase passes a barrier first (a peer may still read)
         return out, out_w

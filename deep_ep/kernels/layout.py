@@ -143,6 +143,8 @@ def dispatch_layout(
                 WP=_p2(W),
                 TICKET=not capturing,
             )
+            if len(_STATIC) >= 256:  # (bounded: a workload whose shapes keep changing clears them)
+                _STATIC.clear()
             st = _STATIC[key] = (n, (n,), (T, K, E // R, max(ranks_per_node, 1), W), _LAUNCH.bind(ce))
         n, grid, ints, kernel = st
         if capturing:

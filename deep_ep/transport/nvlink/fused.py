@@ -84,6 +84,14 @@ class FusedLayout:
     counts: Optional[np.ndarray] = None
 
 
+def _keep(statics: dict, key: Any, st: Any) -> Any:
+    """Store one call shape's statics (bounded: a workload whose shapes keep changing clears them)."""
+    if len(statics) >= 256:
+        statics.clear()
+    statics[key] = st
+    return st
+
+
 def _words(t: torch.Tensor) -> torch.Tensor:
     """Rows of ``t`` as the widest integer words their byte width allows."""
     width = t.size(1) * t.element_size() if t.dim() == 2 else 0
@@ -263,7 +271,7 @@ class FusedPath:
                 ROLE=0,
             )
             st = (cap, nch, CW, nch * CW + 3 + R * R + L + 8, (nch + 1,), ((nch + 1,), (1,)), self._k_notify.bind(ce))
-            self._notify_static[key] = st
+            _keep(self._notify_static, key, st)
         cap, nch, CW, n_scratch, grid, split, bound = st
         # the channels' rows at the front of one scratch (the kernels index them from its start), the device
         # plan after them; rank_prefix_matrix its own tensor (the handle's element 0)
@@ -411,7 +419,19 @@ class FusedPath:
         N = plan.num_out_rows
         T = x.size(0)
         K = idx.size(1) if idx is not None else 0
-        key = (x.dtype, x.shape, s.shape if s is not None else None, K, w is not None, fresh, N, fl.nch, fl.L, num_sms)
+        nrecv = max(1, min(num_sms // 2, -(-N // 64))) if N else 1  # (N itself is an argument)
+        key = (
+            x.dtype,
+            x.shape,
+            s.shape if s is not None else None,
+            K,
+            w is not None,
+            fresh,
+            nrecv,
+            fl.nch,
+            fl.L,
+            num_sms,
+        )
         st = self._data_static.get(key)
         if st is None:  # what depends on the call's shapes only, once per shape
             xw = _words(x)
@@ -431,7 +451,6 @@ class FusedPath:
             i += 1 if sw is not None else 0
             ri = offs[i] // 8 if idx is not None else 0
             rw = offs[i + 1] // 4 if w is not None else 0
-            nrecv = max(1, min(num_sms // 2, -(-N // 64))) if N else 1
             ce = dict(
                 RANK=me,
                 R=R,
@@ -469,7 +488,7 @@ class FusedPath:
             xdt = xw.dtype if xw.dtype != torch.uint8 else None
             sdt = (sw.dtype if sw.dtype != torch.uint8 else None) if sw is not None else None
             st = ((fl.nch + nrecv,), ((fl.nch,), (nrecv,)), ints, self._k_dispatch.bind(ce), xdt, sdt)
-            self._data_static[key] = st
+            _keep(self._data_static, key, st)
         grid, split, ints, bound, xdt, sdt = st
         xw = x.view(xdt) if xdt is not None else _words(x)
         ox = alloc((N,) + x.shape[1:], x.dtype)
@@ -545,19 +564,15 @@ class FusedPath:
         R, me = self.num_ranks, self.rank
         T, H = plan.num_tokens, x.size(1)
         K = weights.size(1) if weights is not None else 0
-        key = (x.dtype, x.shape, K, len(biases), T, plan.num_out_rows, num_sms)
+        nsend = max(1, min(num_sms // 2, -(-max(plan.num_out_rows, 1) // 64)))
+        nred = max(1, min(num_sms, -(-max(T, 1) // 16)))
+        key = (x.dtype, H, K, len(biases), nsend, nred)  # (the row counts are arguments)
         st = self._combine_static.get(key)
         if st is None:  # what depends on the call's shapes only, once per shape
             widths = [H * x.element_size()] + ([4 * K] if weights is not None else [])
             cap = self._area_cap(widths)
             offs = self._regions(widths, cap)
-            nsend = max(1, min(num_sms // 2, -(-max(plan.num_out_rows, 1) // 64)))
-            nred = max(1, min(num_sms, -(-max(T, 1) // 16)))
             ints = (
-                T,
-                H,
-                max(K, 1),
-                x.size(0),
                 cap,
                 nsend,
                 nred,
@@ -581,7 +596,9 @@ class FusedPath:
                 INTERP=self._interp,
                 ROLE=0,
             )
-            st = self._combine_static[key] = ((nsend + nred,), ((nsend,), (nred,)), ints, self._k_combine.bind(ce))
+            st = _keep(
+                self._combine_static, key, ((nsend + nred,), ((nsend,), (nred,)), ints, self._k_combine.bind(ce))
+            )
         grid, split, ints, bound = st
         out = alloc((T, H), x.dtype)
         out_w = alloc((T, K), torch.float32) if weights is not None else None
@@ -604,6 +621,10 @@ class FusedPath:
                 b1,
                 out,
                 out_w if out_w is not None else out,
+                T,
+                H,
+                max(K, 1),
+                x.size(0),
             )
             + ints,
         )

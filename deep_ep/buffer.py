@@ -11,7 +11,6 @@ layers above it (MoE layer, ``SparseCollective``, ``ElasticBuffer``) use its pub
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
@@ -49,6 +48,7 @@ from .plans import (
     build_fused_plan,
     build_host_plan,
     localize_received,
+    row_widths,
 )
 from .settings import DEFAULT_TIMEOUT_S, Settings
 from .streams import StreamCall
@@ -549,7 +549,7 @@ class Buffer:
             )
             parsed = self._parsed.get(key)
             if parsed is not None:
-                req = copy.copy(parsed)
+                req = parsed.clone()
                 req.x, req.is_token_in_rank, req.num_tokens_per_expert = x, is_token_in_rank, num_tokens_per_expert
                 req.topk_idx, req.topk_weights = topk_idx, topk_weights
                 return self._run_dispatch(req)
@@ -583,8 +583,10 @@ class Buffer:
             device=self.device,
             device_plans=self.device_plans,
         )
-        if key is not None and req.tolerance is None:
-            self._parsed.put(key, copy.copy(req))  # (the call below fills in some of req's fields)
+        if key is not None and req.tolerance is None and req.problem is None:
+            kept = req.clone()  # (the call below fills in some of req's fields)
+            kept.header_base, kept.widths = kept.header(0, 0), tuple(row_widths(kept))
+            self._parsed.put(key, kept)
         return self._run_dispatch(req)
 
     def _run_dispatch(self, req: DispatchRequest):
@@ -705,12 +707,15 @@ class Buffer:
             self._uid,
             (self._uid << 40) | next(self._handles),
         )
-        made = [t for t in (recv_x, recv_idx, recv_w) if isinstance(t, torch.Tensor)]
-        # every tensor the comm stream read or made stays alive for it (the caller may drop its references
-        # at once: its memory must not return to the compute stream's pool before the comm stream's reads)
-        used = [req.x, req.scales, req.topk_idx, req.topk_weights, req.num_tokens_per_expert, plan.is_token_in_rank]
-        # the fused path allocates every output on the compute stream (nothing to record without async_finish)
-        event = call.finish(used + list(recv) + made, comm_made=[] if plan.fused is not None else None)
+        if plan.fused is not None and not call.async_finish:
+            # the fused path allocates every output on the compute stream: nothing to record or keep
+            event = call.finish((), comm_made=[])
+        else:
+            # every tensor the comm stream read or made stays alive for it (the caller may drop its references
+            # at once: its memory must not return to the compute stream's pool before the comm stream's reads)
+            made = [t for t in (recv_x, recv_idx, recv_w) if isinstance(t, torch.Tensor)]
+            used = [req.x, req.scales, req.topk_idx, req.topk_weights, req.num_tokens_per_expert, plan.is_token_in_rank]
+            event = call.finish(used + list(recv) + made, comm_made=[] if plan.fused is not None else None)
         return recv_x, recv_idx, recv_w, expert_list if expert_list is not None else [], handle_out, event
 
     def _move_rows(self, plan: Plan, rows: List[torch.Tensor], alloc, codec, return_compressed: bool, num_sms: int):

@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 
 from . import validate
-from .agreement import _OP_CACHED, _OP_COMBINE, _OP_DISPATCH, Problem, make_header
+from .agreement import _H_IDENT, _H_SEQ, _OP_CACHED, _OP_COMBINE, _OP_DISPATCH, Problem, make_header
 from .codecs import Codec
 from .config import Config, EventOverlap
 from .errors import DeepEPInputError, DeepEPTypeError
@@ -139,6 +139,9 @@ class DispatchRequest:
         options: the call's :class:`CallOptions`.
         problem: the first bad argument found, or ``None``.
         aux: settings the call's ranks must share beyond its shapes (a low-latency call's), or 0.
+        header_base: the header with call number and identity 0, kept by a request that a
+            :class:`ParseCache` holds (its copies then build their header from it), else ``None``.
+        widths: the row byte widths (:func:`deep_ep.plans.row_widths`) kept the same way, else ``None``.
     """
 
     x: Optional[torch.Tensor] = None
@@ -159,6 +162,8 @@ class DispatchRequest:
     options: CallOptions = field(default_factory=lambda: CallOptions(20))
     problem: Optional[Problem] = None
     aux: int = 0
+    header_base: Optional[List[int]] = None
+    widths: Optional[Tuple[int, ...]] = None
 
     @classmethod
     def parse(
@@ -274,8 +279,19 @@ class DispatchRequest:
             req.problem = p
         return req
 
+    def clone(self) -> "DispatchRequest":
+        """A shallow copy (``copy.copy`` costs microseconds on a dataclass; this a fraction of one)."""
+        new = object.__new__(DispatchRequest)
+        new.__dict__.update(self.__dict__)
+        return new
+
     def header(self, seq: int, call_id: int = 0) -> List[int]:
         """The call's metadata header (operation, call number, verdict on the local input, shapes)."""
+        base = self.header_base
+        if base is not None:
+            h = base[:]
+            h[_H_SEQ], h[_H_IDENT] = seq, call_id
+            return h
         return make_header(
             _OP_DISPATCH,
             seq,

@@ -263,6 +263,8 @@ def row_widths(req) -> List[int]:
     Returns:
         One width per row tensor the call moves.
     """
+    if req.widths is not None:
+        return req.widths
     w = [req.x.size(1) * req.x.element_size()] if req.x is not None else [1]
     if req.scales is not None:
         w.append(req.scales.size(1) * 4)

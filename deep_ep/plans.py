@@ -339,7 +339,9 @@ def build_fused_plan(
     expert_list: Optional[List[int]] = None
     if req.topk_idx is not None and req.num_worst_tokens == 0:
         lb = cb + R * R + 2 * R
-        expert_list = layout.aligned_expert_counts(out[lb : lb + L].tolist(), req.expert_alignment)
+        expert_list = out[lb : lb + L].tolist()  # (Python ints)
+        if req.expert_alignment > 1:
+            expert_list = layout.aligned_expert_counts(expert_list, req.expert_alignment)
     fl.counts = C.copy()  # (the ring slot is reused: a copy, numpy for the host, a tensor for the plan)
     plan = Plan(
         rank=me,

@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_EP_BUFFER_SIZE",
     "env_raw",
+    "env_bytes",
     "env_int",
     "env_float",
     "env_bool",
@@ -101,6 +102,24 @@ def env_raw(name: str) -> Optional[str]:
     else:  # pragma: no cover - another Python's os.environ
         raw = os.environ.get(name)
     return raw if raw not in (None, "") else None
+
+
+def env_bytes(name: str) -> Any:
+    """What ``name`` holds in the environment, undecoded (``bytes`` or ``None``; a ``str`` on a Python
+    whose ``os.environ`` keeps no encoded mapping): for caches keyed by settings read at every call.
+
+    Args:
+        name: the variable's name.
+
+    Returns:
+        The raw value, or ``None`` when unset.
+    """
+    if _ENV_DATA is not None:
+        key = _ENV_KEYS.get(name)
+        if key is None:
+            key = _ENV_KEYS[name] = os.environ.encodekey(name)
+        return _ENV_DATA.get(key)
+    return os.environ.get(name)  # pragma: no cover - another Python's os.environ
 
 
 #: ``os.environ``'s mapping and encoded keys: settings read at every call cost a dict lookup, not an

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from ..settings import env_raw, kernels_on_cpu, triton_disabled
+from ..settings import env_bytes, kernels_on_cpu, triton_disabled
 
 
 @functools.cache
@@ -37,9 +37,9 @@ def available_on(device: torch.device) -> bool:
     are read at every call (tests flip them); the answer is cached per device type and their values."""
     key = (
         device.type,
-        env_raw("DEEP_EP_DISABLE_TRITON"),
-        env_raw("DEEP_EP_KERNELS_ON_CPU"),
-        env_raw("TRITON_INTERPRET"),
+        env_bytes("DEEP_EP_DISABLE_TRITON"),
+        env_bytes("DEEP_EP_KERNELS_ON_CPU"),
+        env_bytes("TRITON_INTERPRET"),
     )
     got = _AVAILABLE.get(key)
     if got is None:

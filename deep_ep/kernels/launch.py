@@ -96,6 +96,10 @@ class Launcher:
         num_warps: warps per program.
     """
 
+    #: a measurement hook (``deep-ep tools host-time`` on CPU): when set, every launch calls
+    #: ``replay(launcher, grid, args, bound)`` instead of running a kernel (and is counted)
+    replay: Any = None
+
     def __init__(self, fn: Any, num_warps: int = 4) -> None:
         self.fn = fn
         self.num_warps = num_warps
@@ -115,6 +119,9 @@ class Launcher:
     def launch(self, grid: Tuple[int, ...], args: Tuple, bound: Bound) -> None:
         """Launch with ``bound``'s constexprs (every launch comes here: it counts them)."""
         STATS.launches += 1
+        if Launcher.replay is not None:
+            Launcher.replay(self, grid, args, bound)
+            return
         if self._interp is None:  # fixed for the process once Triton is imported (read once, not per launch)
             self._interp = interpreting()
         if self._interp:

@@ -16,9 +16,10 @@ median over ``--repeats`` timings of ``--calls`` calls each (the two paths timed
 On CPU the interpreter's own cost leaks into any timing of a call (allocations and caches it leaves
 behind), so by default (``--stub``, one rank) the fused path's kernels run interpreted during the warm-up
 calls and are then replaced by a replay: the notify's launch writes the block it wrote last (with this
-call's ticket and header) into the pinned memory the host spins on, the other launches do nothing. The
-host then does exactly what it does on a GPU, and costs what its Python costs; a lean launch's own few
-microseconds on a GPU are not in the figure (the launch count is). The host path runs its device work
+call's ticket and header) into the pinned memory the host spins on (timed as device work), the other
+launches do nothing, and the transport takes its GPU launch branch (no interpreter watchdog). The host
+then does what it does on a GPU, and costs what its Python costs; a lean launch's own few microseconds on
+a GPU are not in the figure (the launch count is). The host path runs its device work
 as torch ops on tiny shapes, about what its launches would cost on a GPU.
 
 Where it runs: CUDA ranks on their own GPUs (NCCL), ranks sharing fewer GPUs (a gloo group carrying CUDA
@@ -101,6 +102,8 @@ class _Replay:
         self.launch.Launcher.launch = call
 
     def stub(self):
+        """Replay from now on (:attr:`deep_ep.kernels.launch.Launcher.replay`: the transport then takes its
+        GPU launch branch, no interpreter watchdog)."""
         from deep_ep.agreement import _HEADER
         from deep_ep.kernels.protocol import OUT_DONE, OUT_HEADERS
 
@@ -108,9 +111,11 @@ class _Replay:
         block = self.block.numpy() if self.block is not None else None  # (no notify: cached, combine)
         views = {}  # the pinned ring's slots as numpy (what a kernel's stores cost the host: nothing)
 
-        def call(launcher, grid, args, bound):
-            replay.launch.STATS.launches += 1
+        stats = replay.launch.STATS
+
+        def call(launcher, grid, args, bound):  # (Launcher.launch counted it)
             if launcher.fn.__name__ == "_notify_kernel":
+                t0 = time.perf_counter()  # the kernel's stores: device work (subtracted as the interpreter's is)
                 key = (args[3].data_ptr(), args[4].data_ptr())
                 if key not in views:
                     views[key] = (args[3].numpy(), args[4].numpy())
@@ -118,11 +123,14 @@ class _Replay:
                 out[:] = block
                 out[OUT_HEADERS : OUT_HEADERS + _HEADER] = inp[:_HEADER]
                 out[OUT_DONE] = inp[_HEADER]
+                stats.device_s += time.perf_counter() - t0
 
-        self.launch.Launcher.launch = call
+        self.launch.Launcher.launch = self.original
+        self.launch.Launcher.replay = call
 
     def restore(self):
         self.launch.Launcher.launch = self.original
+        self.launch.Launcher.replay = None
 
 
 def _calls(buf, x, idx, w, E, worst):

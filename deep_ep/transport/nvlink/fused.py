@@ -183,7 +183,7 @@ class FusedPath:
         if self._phases is not None:
             self._phases.append((bound.launcher, split, args, bound.constexprs))
             return
-        if not self._interp:
+        if not self._interp or bound.launcher.replay is not None:  # (a replay runs no kernel: no watchdog)
             bound.launcher.launch(grid, args, bound)
             return
         dog = self._watchdog()
@@ -491,7 +491,7 @@ class FusedPath:
             _keep(self._data_static, key, st)
         grid, split, ints, bound, xdt, sdt = st
         xw = x.view(xdt) if xdt is not None else _words(x)
-        ox = alloc((N,) + x.shape[1:], x.dtype)
+        ox = alloc((N, x.size(1)) if x.dim() == 2 else (N,) + x.shape[1:], x.dtype)
         oxw = ox.view(xdt) if xdt is not None else _words(ox)
         outs = [ox]
         sw = osw = None

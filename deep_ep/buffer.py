@@ -47,6 +47,7 @@ from .plans import (
     build_device_plan,
     build_fused_plan,
     build_host_plan,
+    fused_plan,
     localize_received,
     row_widths,
 )
@@ -215,7 +216,8 @@ class Buffer:
         self.backend = backend
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         # "comm waits for compute" and the reverse: two events recorded anew by every call
-        self._events = (torch.cuda.Event(), torch.cuda.Event()) if self.device.type == "cuda" else None
+        self._cuda = self.device.type == "cuda"
+        self._events = (torch.cuda.Event(), torch.cuda.Event()) if self._cuda else None
 
         gname = getattr(group, "group_name", None) or str(id(group))
         counter = _buffer_counter.setdefault(gname, itertools.count())
@@ -549,6 +551,8 @@ class Buffer:
             )
             parsed = self._parsed.get(key)
             if parsed is not None:
+                if parsed.lane is not None and not (self._cuda and torch.cuda.is_current_stream_capturing()):
+                    return self._fused_fresh(parsed, x, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
                 req = parsed.clone()
                 req.x, req.is_token_in_rank, req.num_tokens_per_expert = x, is_token_in_rank, num_tokens_per_expert
                 req.topk_idx, req.topk_weights = topk_idx, topk_weights
@@ -586,6 +590,15 @@ class Buffer:
         if key is not None and req.tolerance is None and req.problem is None:
             kept = req.clone()  # (the call below fills in some of req's fields)
             kept.header_base, kept.widths = kept.header(0, 0), tuple(row_widths(kept))
+            t = self._transport
+            if (
+                kept.codec is None
+                and kept.scales is None
+                and kept.topk_idx is not None
+                and kept.is_token_in_rank is not None
+                and t.fused_takes_dispatch(kept.num_experts)
+            ):
+                kept.lane = t.fused_notify_statics(kept.num_tokens, kept.num_experts, kept.num_topk, True, kept.widths)
             self._parsed.put(key, kept)
         return self._run_dispatch(req)
 
@@ -606,6 +619,47 @@ class Buffer:
             else:
                 plan, L, expert_list = self._plan_dispatch(req)
             return self._finish_dispatch(call, plan, req, L, expert_list)
+
+    def _fused_fresh(self, req: DispatchRequest, x, mask, pe, idx, w):
+        """A fresh dispatch on the fused path whose argument signature was parsed before (``req``, with its
+        ``lane``): :meth:`_run_dispatch` -> :func:`build_fused_plan` -> :meth:`_finish_dispatch`'s steps for
+        that case, what the signature fixes computed once (tests compare the two)."""
+        self._waiter.seq += 1
+        seq = self._waiter.seq
+        t = self._transport
+        worst = req.num_worst_tokens
+        wait = not (worst > 0 and not self._check_every_call)
+        call = StreamCall(self.device, self._comm_stream, req.options, self._events)
+        with call:
+            fl, out, _ = t.fused_notify_run(req.lane, req.header(seq, self._ident()), mask, idx, pe, wait, False, seq)
+            plan, expert_list = fused_plan(t, fl, out, mask, None, req.num_experts, worst, req.expert_alignment, True)
+            if plan.fused is None:  # rows that do not fit an area: the host path moves them (every rank alike)
+                full = req.clone()
+                full.x, full.is_token_in_rank, full.num_tokens_per_expert = x, mask, pe
+                full.topk_idx, full.topk_weights = idx, w
+                return self._finish_dispatch(call, plan, full, fl.L, expert_list)
+            recv = t.fused_dispatch(
+                plan, [x, idx] if w is None else [x, idx, w], call.alloc, True, False, req.options.num_sms
+            )
+        record_dispatch(self._wire, None, x, plan, self.rank)
+        handle = DispatchHandle(
+            plan.rank_prefix_matrix,
+            mask,
+            plan.num_recv_tokens,
+            worst,
+            plan,
+            self._uid,
+            (self._uid << 40) | next(self._handles),
+        )
+        event = call.finish((), comm_made=[])  # (outputs on the compute stream, default options: no async)
+        return (
+            recv[0],
+            recv[1],
+            recv[2] if w is not None else None,
+            expert_list if expert_list is not None else [],
+            handle,
+            event,
+        )
 
     def _plan_dispatch(self, req: DispatchRequest) -> Tuple[Plan, int, Optional[List[int]]]:
         """The layout, the metadata the ranks exchange, and the plan of a fresh dispatch (inside its call)."""

@@ -142,6 +142,8 @@ class DispatchRequest:
         header_base: the header with call number and identity 0, kept by a request that a
             :class:`ParseCache` holds (its copies then build their header from it), else ``None``.
         widths: the row byte widths (:func:`deep_ep.plans.row_widths`) kept the same way, else ``None``.
+        lane: the transport's notify statics of the call shape, kept the same way when the call takes the
+            fused path (``Buffer`` then runs it without the general path's steps), else ``None``.
     """
 
     x: Optional[torch.Tensor] = None
@@ -164,6 +166,7 @@ class DispatchRequest:
     aux: int = 0
     header_base: Optional[List[int]] = None
     widths: Optional[Tuple[int, ...]] = None
+    lane: Any = None
 
     @classmethod
     def parse(

@@ -24,7 +24,7 @@ is out of range (the layout skips them; the receiver sees them as ``-1``).
 from __future__ import annotations
 
 import collections
-from typing import Deque, List, Optional, Sequence, Tuple
+from typing import Any, Deque, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,6 +46,7 @@ from .agreement import (
     _H_WORST,
     _HEADER,
     _OP_DISPATCH,
+    Problem,
     agree_rows,
     check_id_ranges,
     check_rows,
@@ -59,6 +60,7 @@ __all__ = [
     "build_fused_plan",
     "check_worst",
     "row_widths",
+    "fused_plan",
     "build_device_plan",
     "DeferredChecks",
     "valid_rows",
@@ -298,7 +300,7 @@ def build_fused_plan(
         call that does not wait). A plan whose rows do not fit the staging has ``fused`` ``None``: it moves
         by the host path, on every rank alike.
     """
-    R, me, problem = transport.num_ranks, transport.rank, req.problem
+    R, problem = transport.num_ranks, req.problem
     E = req.num_experts if req.num_experts > 0 else 0
     if problem is None:
         mask, idx, pe = req.is_token_in_rank, req.topk_idx, req.num_tokens_per_expert
@@ -308,9 +310,40 @@ def build_fused_plan(
         E = 0
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     fl, out, _ = transport.fused_notify(header, mask, idx, pe, E, row_widths(req), wait, capturing, seq)
-    L = E // R if E > 0 else 0
+    plan, expert_list = fused_plan(
+        transport, fl, out, mask, problem, E, req.num_worst_tokens, req.expert_alignment, req.topk_idx is not None
+    )
+    return plan, fl.L, expert_list
+
+
+def fused_plan(
+    transport,
+    fl,
+    out: Optional[Any],
+    mask: torch.Tensor,
+    problem: Optional[Problem],
+    E: int,
+    num_worst_tokens: int,
+    expert_alignment: int,
+    has_topk: bool,
+) -> Tuple[Plan, Optional[List[int]]]:
+    """The plan of a fused dispatch from its notify's block (:func:`build_fused_plan`'s second half; a
+    Buffer that repeats a call shape calls it after :meth:`fused_notify_run`).
+
+    Args:
+        transport: the fused transport; fl: the notify's :class:`~deep_ep.transport.nvlink.fused.FusedLayout`.
+        out: the notify's block (int64 numpy), or ``None`` for a call that does not wait (its verdict is read
+            at the next call).
+        mask: bool ``[T, R]``; problem: this rank's problem, or ``None``; E: experts (0: none, or a problem).
+        num_worst_tokens, expert_alignment: the call's; has_topk: the call has top-k ids.
+
+    Returns:
+        ``(plan, expert_list)`` (``expert_list`` ``None`` without top-k or with ``num_worst_tokens``, ``[]``
+        for a call that does not wait). Raises the host path's errors when the kernel's verdict is not clean.
+    """
+    R, me = transport.num_ranks, transport.rank
     T = mask.size(0)
-    if not wait:
+    if out is None:
         plan = Plan(
             rank=me,
             num_ranks=R,
@@ -320,10 +353,10 @@ def build_fused_plan(
             send_counts=None,
             recv_counts=None,
             num_recv_tokens=-1,
-            num_out_rows=req.num_worst_tokens,
+            num_out_rows=num_worst_tokens,
             fused=fl,
         )
-        return plan, L, []
+        return plan, []
     hb = OUT_HEADERS
     cb = hb + R * _HEADER
     C = out[cb : cb + R * R].reshape(R, R)
@@ -337,11 +370,11 @@ def build_fused_plan(
         check_worst(worsts, C.sum(axis=0))
     n_recv = int(out[OUT_NRECV])
     expert_list: Optional[List[int]] = None
-    if req.topk_idx is not None and req.num_worst_tokens == 0:
+    if has_topk and num_worst_tokens == 0:
         lb = cb + R * R + 2 * R
-        expert_list = out[lb : lb + L].tolist()  # (Python ints)
-        if req.expert_alignment > 1:
-            expert_list = layout.aligned_expert_counts(expert_list, req.expert_alignment)
+        expert_list = out[lb : lb + fl.L].tolist()  # (Python ints)
+        if expert_alignment > 1:
+            expert_list = layout.aligned_expert_counts(expert_list, expert_alignment)
     fl.counts = C.copy()  # (the ring slot is reused: a copy, numpy for the host, a tensor for the plan)
     plan = Plan(
         rank=me,
@@ -352,13 +385,13 @@ def build_fused_plan(
         send_counts=C[me].tolist(),
         recv_counts=C[:, me].tolist(),
         num_recv_tokens=n_recv,
-        num_out_rows=req.num_worst_tokens if req.num_worst_tokens > 0 else n_recv,
+        num_out_rows=num_worst_tokens if num_worst_tokens > 0 else n_recv,
         counts=torch.from_numpy(fl.counts),
         fused=None if out[OUT_VERDICT + 3] else fl,  # rows that do not fit an area: the host path (every rank)
     )
     if any(worsts) and transport.device_layout:
         plan.device = None  # (a fused plan moves rows its own way; the host path reads the counts)
-    return plan, L, expert_list
+    return plan, expert_list
 
 
 def build_host_plan(

@@ -287,6 +287,72 @@ def test_layout_validated_once_per_signature(rank_pool):
     rank_pool(2).run(rank_layout_lane)
 
 
+def rank_lane(rank, R):
+    """A fresh dispatch whose signature was parsed before runs the Buffer's fused lane: its outputs, handle
+    (combine, cached dispatch) and errors are the general path's (the same call with a ``config``, which the
+    lane does not take), for host-known and num_worst_tokens calls, and after bad input on one rank."""
+    import deep_ep
+    from deep_ep import DeepEPInputError, RemoteInputError
+
+    buf = get_buffer("nvlink-fused")
+    E, T, H, K = 4 * R, 7, 40, 2
+    cfg = deep_ep.Config(buf.num_sms)
+    lanes = []
+    original = buf._fused_fresh
+    buf._fused_fresh = lambda *a: lanes.append(1) or original(*a)
+    os.environ["DEEP_EP_KERNELS_ON_CPU"] = "1"
+    try:
+
+        def inputs(seed, bad=False):
+            g = torch.Generator().manual_seed(seed * 31 + rank)
+            x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+            idx = torch.rand(T, E, generator=g).topk(K, dim=1).indices
+            idx[seed % T, 1] = -1
+            if bad:
+                idx[0, 0] = E + 3
+            return x, idx, torch.rand(T, K, generator=g)
+
+        def fresh(x, idx, w, **kw):
+            _, _, pe, in_rank, _ = buf.get_dispatch_layout(idx, E)
+            return buf.dispatch(
+                x, is_token_in_rank=in_rank, num_tokens_per_expert=pe, topk_idx=idx, topk_weights=w, **kw
+            )
+
+        for worst in (0, R * T):
+            for seed in range(3):
+                x, idx, w = inputs(seed)
+                before = len(lanes)
+                got = fresh(x, idx, w, num_worst_tokens=worst)
+                want = fresh(x, idx, w, num_worst_tokens=worst, config=cfg)
+                assert len(lanes) == before + (seed > 0), (worst, seed)  # the first call of a signature parses
+                for a, b in zip(got[:3], want[:3]):
+                    assert torch.equal(a, b), (worst, seed)
+                assert got[3] == want[3]
+                assert torch.equal(got[4][0], want[4][0]) and got[4][2] == want[4][2]
+                y = got[0].float().mul(1.5).to(torch.bfloat16)
+                c_got = buf.combine(y, got[4], topk_weights=got[2])
+                c_want = buf.combine(y, want[4], topk_weights=want[2])
+                assert torch.equal(c_got[0], c_want[0]) and torch.equal(c_got[1], c_want[1])
+                assert torch.equal(buf.dispatch(x * 2, handle=got[4])[0], buf.dispatch(x * 2, handle=want[4])[0])
+        n = len(lanes)
+        x, idx, w = inputs(7, bad=rank == 1)  # the lane's signature, an id out of range on rank 1
+        with pytest.raises(DeepEPInputError if rank == 1 else RemoteInputError, match=f"{E + 3}" if rank else "rank 1"):
+            fresh(x, idx, w)
+        assert len(lanes) == n + 1
+        x, idx, w = inputs(8)  # and the Buffer works on
+        got, want = fresh(x, idx, w), fresh(x, idx, w, config=cfg)
+        assert torch.equal(got[0], want[0])
+        return True
+    finally:
+        os.environ.pop("DEEP_EP_KERNELS_ON_CPU", None)
+        buf._fused_fresh = original
+
+
+@interpreted
+def test_fused_lane_matches_the_general_path(rank_pool):
+    rank_pool(2).run(rank_lane, timeout=240)
+
+
 @interpreted
 def test_fused_path_meets_the_per_call_budget(rank_pool):
     """Fresh dispatch <= 3 launches and nothing else on the device, no blocking copy, no host read of a

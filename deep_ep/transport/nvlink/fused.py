@@ -133,6 +133,7 @@ class FusedPath:
         w = _IN_W + _OUT_W
         self._ring_in = [self._ring[k * w : k * w + _IN_W] for k in range(_SLOTS + 1)]
         self._ring_out = [self._ring[k * w + _IN_W : (k + 1) * w] for k in range(_SLOTS + 1)]
+        self._in_np = [self._ring_np[k * w : k * w + _IN_W] for k in range(_SLOTS + 1)]
         self._dirty = False  # the host path used the data areas: a barrier before the next fused kernel
         self._interp = _interp()  # the kernels run under Triton's interpreter (fixed for the process)
         self._phases: Optional[List[Tuple]] = None  # see _launch
@@ -229,24 +230,26 @@ class FusedPath:
         Returns:
             ``(layout, block or None, capacity rows)``.
         """
-        R, me = self.num_ranks, self.rank
         T = mask.size(0)
-        dev = mask.device
         E = max(num_experts, 0)
-        L = E // R if E > 0 else 0
-        if capturing:
-            slot = _SLOTS
-            self._in(slot)[:] = 0
-        else:
-            slot = self._slot
-            self._slot = (slot + 1) % _SLOTS
-            inp = self._in(slot)
-            inp[:_HEADER] = header
-            self._ticket += 1
-            inp[_HEADER] = self._ticket
-        self._slot_of_last = slot  # (tests read the block of a notify they launched themselves)
         K = topk_idx.size(1) if topk_idx is not None else 1
-        key = (T, E, K, topk_idx is not None, tuple(widths))
+        st = self.fused_notify_statics(T, E, K, topk_idx is not None, widths)
+        return self.fused_notify_run(st, header, mask, topk_idx, per_expert, wait, capturing, seq)
+
+    def fused_notify_statics(self, T: int, E: int, K: int, has_idx: bool, widths: Sequence[int]) -> Tuple:
+        """What a notify of one call shape needs beyond its tensors (made once per shape, kept by the caller
+        that repeats the shape: :meth:`fused_notify_run`).
+
+        Args:
+            T: tokens; E: experts (0 without top-k); K: top-k (1 without); has_idx: top-k ids are given;
+            widths: byte widths of the rows the data kernel will move.
+
+        Returns:
+            An opaque tuple.
+        """
+        R, me = self.num_ranks, self.rank
+        L = E // R if E > 0 else 0
+        key = (T, E, K, has_idx, tuple(widths))
         st = self._notify_static.get(key)
         if st is None:  # what depends on the call's shapes only, once per shape
             cap = self._area_cap(widths)
@@ -264,15 +267,43 @@ class FusedPath:
                 H_E=_H_E,
                 EP=max(2, _p2(E)),
                 LP=max(2, _p2(L)),
-                HAS_IDX=topk_idx is not None,
+                HAS_IDX=has_idx,
                 KP=max(2, _p2(K)),
                 BT=64,
                 INTERP=self._interp,
                 ROLE=0,
             )
-            st = (cap, nch, CW, nch * CW + 3 + R * R + L + 8, (nch + 1,), ((nch + 1,), (1,)), self._k_notify.bind(ce))
+            grids = (nch + 1,), ((nch + 1,), (1,))
+            st = (cap, nch, CW, nch * CW + 3 + R * R + L + 8) + grids + (self._k_notify.bind(ce), T, E, K, L)
             _keep(self._notify_static, key, st)
-        cap, nch, CW, n_scratch, grid, split, bound = st
+        return st
+
+    def fused_notify_run(
+        self,
+        st: Tuple,
+        header: List[int],
+        mask: torch.Tensor,
+        topk_idx: Optional[torch.Tensor],
+        per_expert: Optional[torch.Tensor],
+        wait: bool,
+        capturing: bool,
+        seq: int,
+    ) -> Tuple[FusedLayout, Optional[np.ndarray], int]:
+        """:meth:`fused_notify` with its statics (:meth:`fused_notify_statics` of the call's shape) given."""
+        R = self.num_ranks
+        cap, nch, CW, n_scratch, grid, split, bound, T, E, K, L = st
+        dev = mask.device
+        if capturing:
+            slot = _SLOTS
+            self._in(slot)[:] = 0
+        else:
+            slot = self._slot
+            self._slot = (slot + 1) % _SLOTS
+            inp = self._in_np[slot]
+            inp[:_HEADER] = header
+            self._ticket += 1
+            inp[_HEADER] = self._ticket
+        self._slot_of_last = slot  # (tests read the block of a notify they launched themselves)
         # the channels' rows at the front of one scratch (the kernels index them from its start), the device
         # plan after them; rank_prefix_matrix its own tensor (the handle's element 0)
         chan = torch.empty((n_scratch,), dtype=torch.int64, device=dev)

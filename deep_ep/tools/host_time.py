@@ -113,8 +113,13 @@ class _Replay:
 
         stats = replay.launch.STATS
 
+        notify = {}  # launcher -> whether it is the notify's (asked once: a name lookup costs a property call)
+
         def call(launcher, grid, args, bound):  # (Launcher.launch counted it)
-            if launcher.fn.__name__ == "_notify_kernel":
+            is_notify = notify.get(launcher)
+            if is_notify is None:
+                is_notify = notify[launcher] = launcher.fn.__name__ == "_notify_kernel"
+            if is_notify:
                 t0 = time.perf_counter()  # the kernel's stores: device work (subtracted as the interpreter's is)
                 key = (args[3].data_ptr(), args[4].data_ptr())
                 if key not in views:

@@ -48,7 +48,8 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_EP_BUFFER_SIZE",
     "env_raw",
-    "env_bytes",
+    "env_key",
+    "env_values",
     "env_int",
     "env_float",
     "env_bool",
@@ -104,22 +105,26 @@ def env_raw(name: str) -> Optional[str]:
     return raw if raw not in (None, "") else None
 
 
-def env_bytes(name: str) -> Any:
-    """What ``name`` holds in the environment, undecoded (``bytes`` or ``None``; a ``str`` on a Python
-    whose ``os.environ`` keeps no encoded mapping): for caches keyed by settings read at every call.
+def env_key(names: Any) -> Any:
+    """A key of :func:`env_values` for the variables ``names`` (a tuple of names), made once by its caller."""
+    if _ENV_DATA is not None:
+        return tuple(os.environ.encodekey(n) for n in names)
+    return tuple(names)  # pragma: no cover - another Python's os.environ
+
+
+def env_values(key: Any) -> tuple:
+    """The undecoded values (``bytes`` or ``None``) of the variables of ``key`` (:func:`env_key`), in a
+    fraction of a microsecond: for caches keyed by settings read at every call.
 
     Args:
-        name: the variable's name.
+        key: from :func:`env_key`.
 
     Returns:
-        The raw value, or ``None`` when unset.
+        One value per variable.
     """
     if _ENV_DATA is not None:
-        key = _ENV_KEYS.get(name)
-        if key is None:
-            key = _ENV_KEYS[name] = os.environ.encodekey(name)
-        return _ENV_DATA.get(key)
-    return os.environ.get(name)  # pragma: no cover - another Python's os.environ
+        return tuple(map(_ENV_DATA.get, key))
+    return tuple(map(os.environ.get, key))  # pragma: no cover - another Python's os.environ
 
 
 #: ``os.environ``'s mapping and encoded keys: settings read at every call cost a dict lookup, not an

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from ..settings import env_bytes, kernels_on_cpu, triton_disabled
+from ..settings import env_key, env_values, kernels_on_cpu, triton_disabled
 
 
 @functools.cache
@@ -35,12 +35,7 @@ def available_on(device: torch.device) -> bool:
     """Whether Triton kernels may run on ``device``: CUDA (or CPU under Triton's interpreter with
     ``DEEP_EP_KERNELS_ON_CPU=1``), Triton importable, not disabled (``DEEP_EP_DISABLE_TRITON``). The settings
     are read at every call (tests flip them); the answer is cached per device type and their values."""
-    key = (
-        device.type,
-        env_bytes("DEEP_EP_DISABLE_TRITON"),
-        env_bytes("DEEP_EP_KERNELS_ON_CPU"),
-        env_bytes("TRITON_INTERPRET"),
-    )
+    key = (device.type, env_values(_SWITCHES))
     got = _AVAILABLE.get(key)
     if got is None:
         got = _AVAILABLE[key] = _available_on(device)
@@ -49,6 +44,7 @@ def available_on(device: torch.device) -> bool:
 
 #: available_on's answers, by (device type, the settings' raw values)
 _AVAILABLE: dict = {}
+_SWITCHES = env_key(("DEEP_EP_DISABLE_TRITON", "DEEP_EP_KERNELS_ON_CPU", "TRITON_INTERPRET"))
 
 
 def _available_on(device: torch.device) -> bool:

@@ -79,6 +79,10 @@ _COMBINE_FIELDS = (
 )
 
 
+#: the options of a layout or dispatch with DeepEP's defaults (no event, no async; the SM count unused there)
+_LAYOUT_OPTIONS = CallOptions(0)
+
+
 class DispatchHandle(NamedTuple):
     """The handle ``dispatch`` returns; element 0 is ``rank_prefix_matrix`` (docs/api.md, dispatch).
 
@@ -217,6 +221,8 @@ class Buffer:
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         # "comm waits for compute" and the reverse: two events recorded anew by every call
         self._cuda = self.device.type == "cuda"
+        #: on CPU (no streams) the eager lanes share one call with the default options
+        self._plain_call = None if self._cuda else StreamCall(self.device, None, _LAYOUT_OPTIONS)
         self._events = (torch.cuda.Event(), torch.cuda.Event()) if self._cuda else None
 
         gname = getattr(group, "group_name", None) or str(id(group))
@@ -429,9 +435,19 @@ class Buffer:
         if previous_event is None and async_finish is False and allocate_on_comm_stream is False:
             # an eager call as training makes it: validated once per signature, then the kernel at once
             key = (tensor_signature(topk_idx), type(num_experts), num_experts)
-            lane = self._layouts.get(key)
-            if lane is not None and kernels.available(topk_idx):
-                return self._layout_call(topk_idx, num_experts, lane, CallOptions(self.num_sms))
+            run = self._layouts.get(key)
+            if run is not None and kernels.available(topk_idx):
+                call = (
+                    self._plain_call
+                    if self._plain_call is not None
+                    else StreamCall(self.device, self._comm_stream, _LAYOUT_OPTIONS, self._events)
+                )
+                with call:
+                    per_rank, per_node, per_expert, in_rank = run(topk_idx)
+                    if call.cuda:  # (made on the comm stream, used on the compute stream)
+                        for t in (per_rank, per_expert, in_rank):
+                            t.record_stream(call.compute)
+                return per_rank, per_node, per_expert, in_rank, call.finish((), comm_made=[])
         layout.num_local_experts(num_experts, self.num_ranks)
         opts, problem = parse_call_options(None, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
         try:
@@ -452,9 +468,11 @@ class Buffer:
         nodes, rpn = layout.node_split(self.num_ranks, self._transport.ranks_per_node)
         lane = None
         if not on_cpu:
-            from .kernels.layout import dispatch_layout as kernel
+            from .kernels.layout import prepare
 
-            lane = (kernel, num_experts, self.num_ranks, nodes, rpn, self._transport.fused_plans)
+            T, K = topk_idx.shape
+            ticket = self._transport.fused_plans
+            lane = prepare(T, K, num_experts, self.num_ranks, nodes, rpn, ticket, self.device)
             if key is not None and key[0] is not False:
                 if len(self._layouts) >= 256:
                     self._layouts.clear()
@@ -462,8 +480,8 @@ class Buffer:
         return self._layout_call(topk_idx, num_experts, lane, opts)
 
     def _layout_call(self, topk_idx: torch.Tensor, num_experts: int, lane: Optional[Tuple], opts: CallOptions):
-        """The layout of validated ``topk_idx`` on the comm stream: ``lane`` ``(kernel, E, R, nodes, ranks per
-        node, no memset)``, or the torch path (``lane`` ``None``)."""
+        """The layout of validated ``topk_idx`` on the comm stream: ``lane`` (the kernel prepared for its shape:
+        :func:`deep_ep.kernels.layout.prepare`), or the torch path (``lane`` ``None``)."""
         call = StreamCall(self.device, self._comm_stream, opts)
         with call:
             if lane is None:
@@ -471,7 +489,7 @@ class Buffer:
                     topk_idx, num_experts, self.num_ranks, self._transport.ranks_per_node
                 )
             else:
-                got = lane[0](topk_idx, *lane[1:])
+                got = lane(topk_idx.contiguous())
             per_rank, per_node, per_expert, in_rank = got
             outs = [per_rank, per_expert, in_rank]
             if call.cuda and not call.on_comm:
@@ -548,6 +566,7 @@ class Buffer:
                 expert_alignment,
                 type(num_worst_tokens),
                 num_worst_tokens,
+                self.num_sms,  # (Buffer.set_num_sms changes the parsed options)
             )
             parsed = self._parsed.get(key)
             if parsed is not None:
@@ -629,7 +648,7 @@ class Buffer:
         t = self._transport
         worst = req.num_worst_tokens
         wait = not (worst > 0 and not self._check_every_call)
-        call = StreamCall(self.device, self._comm_stream, req.options, self._events)
+        call = self._plain_call or StreamCall(self.device, self._comm_stream, req.options, self._events)
         with call:
             fl, out, _ = t.fused_notify_run(req.lane, req.header(seq, self._ident()), mask, idx, pe, wait, False, seq)
             plan, expert_list = fused_plan(t, fl, out, mask, None, req.num_experts, worst, req.expert_alignment, True)

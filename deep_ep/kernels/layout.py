@@ -13,7 +13,7 @@ Entries ``-1`` and ids outside ``[0, num_experts)`` are skipped, as in the torch
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -94,8 +94,8 @@ def _layout_kernel(
 #: (device, stream) -> (ticket int32 [1], scratch int32 [rows * W]); see the module docstring
 _SCRATCH: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 _LAUNCH = Launcher(_layout_kernel, num_warps=4)
-#: per call shape: the grid, the int arguments and the constexprs
-_STATIC: Dict[Tuple, Tuple] = {}
+#: per call shape: its prepared launch (:func:`prepare`)
+_STATIC: Dict[Tuple, Any] = {}
 
 
 def _scratch(dev: torch.device, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -117,48 +117,66 @@ def dispatch_layout(
     integer dtype, on the GPU): :func:`deep_ep.layout.dispatch_layout`'s integers, in one launch; with
     ``ticket`` (the fused path) without the zero fill of the totals (see the module docstring)."""
     T, K = topk_idx.shape
+    return prepare(T, K, num_experts, num_ranks, nodes, ranks_per_node, ticket, topk_idx.device)(topk_idx.contiguous())
+
+
+def prepare(
+    T: int, K: int, num_experts: int, num_ranks: int, nodes: int, ranks_per_node: int, ticket: bool, dev: torch.device
+):
+    """:func:`dispatch_layout` for one shape, made once: a function of a contiguous ``topk_idx`` ``[T, K]`` on
+    ``dev`` returning what :func:`dispatch_layout` returns (kept by a caller that repeats the shape)."""
+    key = (T, K, num_experts, num_ranks, nodes, ranks_per_node, ticket, dev)
+    run = _STATIC.get(key)
+    if run is not None:
+        return run
     R, E = num_ranks, num_experts
-    dev = topk_idx.device
-    idx = topk_idx.contiguous()
     W = R + E + nodes
-    in_rank = torch.empty((T, R), dtype=torch.bool, device=dev)
-    if T > 0 and K > 0:
-        # the ticket (no memset) for the fused path; atomics into zeroed totals otherwise, and under capture
-        capturing = not ticket or (dev.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        key = (T, K, R, E, nodes, ranks_per_node, capturing)
-        st = _STATIC.get(key)
-        if st is None:  # what depends on the shapes only, once per shape
-            rp = max(_p2(R), 2)
-            bt = max(16, min(128, 4096 // rp))
-            n = -(-T // bt)
-            ce = dict(
-                R=R,
-                RP=rp,
-                E=E,
-                EP=_p2(E + 1),
-                NODES=nodes,
-                NP=max(_p2(max(nodes, 1)), 2),
-                KP=max(_p2(K), 2),
-                BT=bt,
-                WP=_p2(W),
-                TICKET=not capturing,
-            )
-            if len(_STATIC) >= 256:  # (bounded: a workload whose shapes keep changing clears them)
-                _STATIC.clear()
-            st = _STATIC[key] = (n, (n,), (T, K, E // R, max(ranks_per_node, 1), W), _LAUNCH.bind(ce))
-        n, grid, ints, kernel = st
-        if capturing:
-            counts = torch.zeros((W,), dtype=torch.int32, device=dev)
-            tick = part = counts
+    cuda = dev.type == "cuda"
+
+    def statics(capturing: bool):
+        rp = max(_p2(R), 2)
+        bt = max(16, min(128, 4096 // rp))
+        n = -(-T // bt)
+        ce = dict(
+            R=R,
+            RP=rp,
+            E=E,
+            EP=_p2(E + 1),
+            NODES=nodes,
+            NP=max(_p2(max(nodes, 1)), 2),
+            KP=max(_p2(K), 2),
+            BT=bt,
+            WP=_p2(W),
+            TICKET=not capturing,
+        )
+        return n, (n,), (T, K, E // R, max(ranks_per_node, 1), W), _LAUNCH.bind(ce)
+
+    # the ticket (no memset) for the fused path; atomics into zeroed totals otherwise, and under capture
+    zeroed = statics(True)
+    fresh = statics(False) if ticket else zeroed
+
+    def run(idx: torch.Tensor):
+        in_rank = torch.empty((T, R), dtype=torch.bool, device=dev)
+        if T > 0 and K > 0:
+            if ticket and not (cuda and torch.cuda.is_current_stream_capturing()):
+                n, grid, ints, kernel = fresh
+                counts = torch.empty((W,), dtype=torch.int32, device=dev)
+                tick, part = _scratch(dev, n * W)
+            else:
+                n, grid, ints, kernel = zeroed
+                counts = torch.zeros((W,), dtype=torch.int32, device=dev)
+                tick = part = counts
+            kernel(grid, idx, counts, in_rank.view(torch.int8), part, tick, *ints)
         else:
-            counts = torch.empty((W,), dtype=torch.int32, device=dev)
-            tick, part = _scratch(dev, n * W)
-        kernel(grid, idx, counts, in_rank.view(torch.int8), part, tick, *ints)
-    else:
-        counts = torch.zeros((W,), dtype=torch.int32, device=dev)
-        if T > 0:
-            in_rank.zero_()
-    return counts[:R], (counts[R + E :] if nodes else None), counts[R : R + E], in_rank
+            counts = torch.zeros((W,), dtype=torch.int32, device=dev)
+            if T > 0:
+                in_rank.zero_()
+        return counts[:R], (counts[R + E :] if nodes else None), counts[R : R + E], in_rank
+
+    if len(_STATIC) >= 256:  # (bounded: a workload whose shapes keep changing clears them)
+        _STATIC.clear()
+    _STATIC[key] = run
+    return run
 
 
 def _p2(n: int) -> int:

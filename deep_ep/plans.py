@@ -389,7 +389,7 @@ def fused_plan(
         counts=torch.from_numpy(fl.counts),
         fused=None if out[OUT_VERDICT + 3] else fl,  # rows that do not fit an area: the host path (every rank)
     )
-    if transport.device_layout and worsts.any():
+    if transport.device_layout and any(worsts.tolist()):
         plan.device = None  # (a fused plan moves rows its own way; the host path reads the counts)
     return plan, expert_list
 

@@ -650,7 +650,7 @@ class Buffer:
         wait = not (worst > 0 and not self._check_every_call)
         call = self._plain_call or StreamCall(self.device, self._comm_stream, req.options, self._events)
         with call:
-            fl, out, _ = t.fused_notify_run(req.lane, req.header(seq, self._ident()), mask, idx, pe, wait, False, seq)
+            fl, out, _ = t.fused_notify_run(req.lane, req.header(seq, self._uid), mask, idx, pe, wait, False, seq)
             plan, expert_list = fused_plan(t, fl, out, mask, None, req.num_experts, worst, req.expert_alignment, True)
             if plan.fused is None:  # rows that do not fit an area: the host path moves them (every rank alike)
                 full = req.clone()
@@ -660,7 +660,8 @@ class Buffer:
             recv = t.fused_dispatch(
                 plan, [x, idx] if w is None else [x, idx, w], call.alloc, True, False, req.options.num_sms
             )
-        record_dispatch(self._wire, None, x, plan, self.rank)
+        if self._wire.stats:
+            record_dispatch(self._wire, None, x, plan, self.rank)
         handle = DispatchHandle(
             plan.rank_prefix_matrix,
             mask,

@@ -57,16 +57,19 @@ class StreamCall:
 
     def alloc(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Allocate an output on the compute stream, or on the comm stream if asked."""
+        if not shape:  # (a 0-d tensor: its sizes cannot go as arguments)
+            return self.alloc((1,), dtype).view(())
         if self.cuda and not self.on_comm and self._ctx:
             torch.cuda.set_stream(self.compute)
             try:
-                return torch.empty(shape, dtype=dtype, device=self.device)
+                return torch.empty(*shape, dtype=dtype, device=self.device)
             finally:
                 torch.cuda.set_stream(self.comm)
         if self.cuda and not self.on_comm:
             with torch.cuda.stream(self.compute):
-                return torch.empty(shape, dtype=dtype, device=self.device)
-        return torch.empty(shape, dtype=dtype, device=self.device)
+                return torch.empty(*shape, dtype=dtype, device=self.device)
+        # (sizes as separate arguments: torch parses them faster than a tuple)
+        return torch.empty(*shape, dtype=dtype, device=self.device)
 
     def finish(self, keep: Sequence[Any], comm_made: Optional[Sequence[Any]] = None) -> EventOverlap:
         """Close the call: an event (async) or make the compute stream wait for the comm stream.

@@ -306,9 +306,9 @@ class FusedPath:
         self._slot_of_last = slot  # (tests read the block of a notify they launched themselves)
         # the channels' rows at the front of one scratch (the kernels index them from its start), the device
         # plan after them; rank_prefix_matrix its own tensor (the handle's element 0)
-        chan = torch.empty((n_scratch,), dtype=torch.int64, device=dev)
+        chan = torch.empty(n_scratch, dtype=torch.int64, device=dev)  # (sizes as arguments: parsed faster)
         devv = chan[nch * CW :]
-        rpm = torch.empty((R, R), dtype=torch.int32, device=dev)
+        rpm = torch.empty(R, R, dtype=torch.int32, device=dev)
         if self._dirty:
             self._clean()
         self._launch(
@@ -541,7 +541,7 @@ class FusedPath:
                 ow = alloc((N, K), torch.float32)
                 outs.append(ow)
         if fresh:
-            fl.slot = torch.empty((T, R), dtype=torch.int32, device=x.device)
+            fl.slot = torch.empty(T, R, dtype=torch.int32, device=x.device)
         if self._dirty:
             self._clean()
         self._launch(

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .quant import fp8_blocks
 
 
@@ -356,6 +357,14 @@ def _items(R: int, M: int, K: int, L: int, jb: int, cap: int) -> int:
     return max(1, min(-(-R * M * min(K, L) // jb) + L, cap))
 
 
+#: the kernels' launchers (compiled kernels cached per signature, launched with integer pointers: launch.py)
+_LL_SEND = Launcher(_ll_send, num_warps=4)
+_LL_RECV = Launcher(_ll_recv, num_warps=4)
+_LL_PUT_WEIGHTS = Launcher(_ll_put_weights, num_warps=4)
+_LL_COMBINE_SEND = Launcher(_ll_combine_send, num_warps=4)
+_LL_REDUCE = Launcher(_ll_reduce, num_warps=4)
+
+
 def send(x, topk_idx, arena, area_off, lay, err, round_scale: bool, use_ue8m0: bool) -> None:
     """Launch the send kernel (see the module docstring); ``lay`` is the area's layout."""
     T, H = x.shape
@@ -364,7 +373,8 @@ def send(x, topk_idx, arena, area_off, lay, err, round_scale: bool, use_ue8m0: b
     BB, BLOCK, EPP = 8, 512, 8
     nch = -(-(H // 128) // BB) if fp8 else -(-(H // 2) // BLOCK)
     grid = T * nch + -(-lay["E"] // EPP)
-    _ll_send[(grid,)](
+    _LL_SEND(
+        (grid,),
         x,
         topk_idx,
         arena.u8,
@@ -395,7 +405,6 @@ def send(x, topk_idx, arena, area_off, lay, err, round_scale: bool, use_ue8m0: b
         UE8M0=bool(use_ue8m0),
         BB=BB,
         BLOCK=BLOCK,
-        num_warps=4,
     )
 
 
@@ -407,7 +416,8 @@ def recv(arena, area_off, lay, main, tail, count, src, inv, nsm: int) -> None:
     MW = main.size(1)
     SW = tail.size(1) if tail is not None else 0
     JB = 4
-    _ll_recv[(_items(R, M, lay["K"], L, JB, 16 * nsm),)](
+    _LL_RECV(
+        (_items(R, M, lay["K"], L, JB, 16 * nsm),),
         arena.i32,
         (area_off + lay["cnt"]) // 4,
         (area_off + lay["info"]) // 4,
@@ -430,7 +440,6 @@ def recv(arena, area_off, lay, main, tail, count, src, inv, nsm: int) -> None:
         BLOCK=512,
         TBLOCK=_p2(min(max(SW, 1), 64)),
         HAS_TAIL=tail is not None,
-        num_warps=4,
     )
 
 
@@ -440,7 +449,8 @@ def put_weights(topk_weights, arena, area_off, lay) -> None:
     w = topk_weights.view(torch.int32).reshape(-1)
     if w.numel():
         BLOCK = 1024
-        _ll_put_weights[(-(-w.numel() // BLOCK),)](
+        _LL_PUT_WEIGHTS(
+            (-(-w.numel() // BLOCK),),
             w,
             arena.i32,
             arena.dwords,
@@ -450,7 +460,6 @@ def put_weights(topk_weights, arena, area_off, lay) -> None:
             R=arena.num_ranks,
             ME=arena.rank,
             BLOCK=BLOCK,
-            num_warps=4,
         )
 
 
@@ -461,7 +470,8 @@ def combine_send(y, inv, arena, area_off, lay, nsm: int) -> None:
     M, R, H, K = lay["M"], arena.num_ranks, lay["H"], lay["K"]
     TB, BLOCK = 4, 512
     units = -(-R * M // TB) * -(-H // BLOCK)
-    _ll_combine_send[(max(1, min(units, 16 * nsm)),)](
+    _LL_COMBINE_SEND(
+        (max(1, min(units, 16 * nsm)),),
         y,
         inv,
         arena.i32,
@@ -478,7 +488,6 @@ def combine_send(y, inv, arena, area_off, lay, nsm: int) -> None:
         TB=TB,
         KP=_p2(K),
         BLOCK=BLOCK,
-        num_warps=4,
     )
 
 
@@ -488,7 +497,8 @@ def combine_reduce(arena, area_off, lay, topk_idx, out) -> None:
     H, R = lay["H"], arena.num_ranks
     BLOCK = 1024
     nch = -(-H // BLOCK)
-    _ll_reduce[(T * nch,)](
+    _LL_REDUCE(
+        (T * nch,),
         arena.bf16,
         (area_off + lay["part"]) // 2,
         topk_idx,
@@ -501,5 +511,4 @@ def combine_reduce(arena, area_off, lay, topk_idx, out) -> None:
         RP=_p2(max(R, 2)),
         KP=_p2(K),
         BLOCK=BLOCK,
-        num_warps=4,
     )

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .errors import DeepEPInputError, RankMismatchError, RemoteInputError
+from .streams import ints_to_device
 
 __all__ = ["Problem", "HEADER", "make_header", "agree", "agree_rows", "check_rows", "check_id_ranges"]
 
@@ -157,7 +158,7 @@ def agree_rows(
     ``payload``: one int tensor or several 1-D int tensors (int32 or int64; concatenated as int64
     after the header, in one ``torch.cat``). The gathered vectors are read on the host once.
     """
-    vec = torch.tensor(header, dtype=torch.int64, device=device if payload is not None else "cpu")
+    vec = ints_to_device(header, torch.int64, device if payload is not None else torch.device("cpu"))
     if payload is not None:
         parts = [payload] if isinstance(payload, torch.Tensor) else list(payload)
         for i, p in enumerate(parts):

@@ -53,6 +53,7 @@ from .agreement import (
 )
 from .errors import DeepEPInputError, RankMismatchError
 from .kernels.protocol import OUT_HEADERS, OUT_NRECV, OUT_VERDICT
+from .streams import ints_to_device
 from .transport import Plan
 
 __all__ = [
@@ -450,7 +451,7 @@ def build_host_plan(
         num_ranks=R,
         num_tokens=T,
         is_token_in_rank=is_token_in_rank,
-        rank_prefix_matrix=torch.tensor(prefix, dtype=torch.int32, device=device),
+        rank_prefix_matrix=ints_to_device(prefix, torch.int32, device),
         send_counts=C[me],
         recv_counts=[row[me] for row in C],
         num_recv_tokens=n_recv,

@@ -8,7 +8,25 @@ import torch
 
 from .config import EventOverlap
 
-__all__ = ["StreamCall"]
+__all__ = ["StreamCall", "ints_to_device"]
+
+
+def ints_to_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers (a list, or a list of lists) as a tensor on ``device`` without draining its stream: on
+    CUDA through pinned memory and a non-blocking copy on the current stream (``torch.tensor(...,
+    device=cuda)`` copies from pageable memory, which waits for every op queued before it); elsewhere a
+    plain tensor.
+
+    Args:
+        values: the numbers; dtype: the tensor's dtype; device: where it goes.
+
+    Returns:
+        A tensor of ``values``' shape on ``device``.
+    """
+    if device.type == "cuda":
+        # (the caching host allocator keeps the pinned block until the copy has run)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 class StreamCall:

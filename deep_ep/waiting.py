@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import torch.distributed as dist
 
 from .errors import DeepEPError, DeepEPTimeoutError, PeerFailureError
+from .streams import ints_to_device
 
 __all__ = ["Waiter"]
 
@@ -173,7 +174,7 @@ def agree_verdicts(group: Any, problem: Optional[BaseException], what: str, time
     R, rank = dist.get_world_size(group), dist.get_rank(group)
     be = str(dist.get_backend(group)).lower()
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in be else torch.device("cpu")
-    mine = torch.tensor([int(problem is not None)] + [int(v) for v in values], dtype=torch.int64, device=device)
+    mine = ints_to_device([int(problem is not None)] + [int(v) for v in values], torch.int64, device)
     out = torch.empty((R * mine.numel(),), dtype=torch.int64, device=device)
     n = _verdict_calls[what] = _verdict_calls.get(what, 0) + 1
     waiter = Waiter(group, f"deep_ep/verdict/{what}/{n}", timeout_s)

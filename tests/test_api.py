@@ -341,3 +341,15 @@ def rank_parse_cache(rank, R):
 
 def test_parse_cache(rank_pool):
     rank_pool(2).run(rank_parse_cache)
+
+
+def test_ints_to_device():
+    """Host numbers onto a device (pinned memory and a non-blocking copy on CUDA): values, dtype, shape."""
+    from deep_ep.streams import ints_to_device
+
+    devs = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
+    for dev in devs:
+        for values, dtype in (([3, -1, 2**40], torch.int64), ([[1, 2], [3, 4]], torch.int32), ([], torch.int64)):
+            t = ints_to_device(values, dtype, dev)
+            assert t.device.type == dev.type and t.dtype == dtype
+            assert t.cpu().tolist() == values

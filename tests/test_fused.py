@@ -376,6 +376,8 @@ def test_host_path_exceeds_the_per_call_budget(rank_pool):
     for out in got:
         work, launches, ops, syncs, reads = out["fresh"]
         assert work > 3 and (syncs or reads), out["fresh"]
+        for call in ("fresh", "combine", "cached"):  # its host numbers reach the device without a blocking copy
+            assert not [s for s in out[call][3] if s.startswith("torch.")], (call, out[call][3])
 
 
 # ---------------------------------------------------------------------------------------------- the count spin

@@ -22,6 +22,7 @@ from ..errors import DeepEPError
 from ..layout import DeviceLayout
 from ..rows import Alloc
 from ..settings import Settings
+from ..streams import ints_to_device
 from ..waiting import Waiter
 
 log = logging.getLogger("deep_ep")
@@ -304,7 +305,7 @@ def send_positions(mask: torch.Tensor, counts: Sequence[int], absent: int = -1) 
     offsets = [-1]
     for c in list(counts)[:-1]:
         offsets.append(offsets[-1] + c)
-    base = torch.tensor(offsets, dtype=torch.int64).to(mask.device)
+    base = ints_to_device(offsets, torch.int64, mask.device)
     return torch.where(mask, inclusive + base, torch.full_like(inclusive, absent)).contiguous()
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ... import layout
 from ...errors import DeepEPError, DeepEPInputError
+from ...streams import ints_to_device
 from ..base import Plan, send_token_order
 
 _ALIGN = 256
@@ -297,7 +298,7 @@ class NVLinkSchedules:
         # came back (my non-self send order), -1 where the token did not go.
         slots = layout.token_slots(plan.is_token_in_rank).to(torch.int64)
         base = [recv_first[me] if j == me else off[me][j] for j in range(R)]
-        base_t = torch.tensor(base, dtype=torch.int64).to(slots.device)
+        base_t = ints_to_device(base, torch.int64, slots.device)
         pos = torch.where(slots >= 0, slots + base_t, torch.full_like(slots, -1)).contiguous()
         sched = dict(full=full, cap=cap, offsets=offsets, steps=steps, n_back=n_back, pos=pos, ready=ready, views={})
         plan.cache[key] = sched

@@ -293,7 +293,9 @@ def rank_lane(rank, R):
     lane does not take), for host-known and num_worst_tokens calls, and after bad input on one rank."""
     import deep_ep
     from deep_ep import DeepEPInputError, RemoteInputError
+    from tests._cases import device
 
+    dev = device()
     buf = get_buffer("nvlink-fused")
     E, T, H, K = 4 * R, 7, 40, 2
     cfg = deep_ep.Config(buf.num_sms)
@@ -310,7 +312,7 @@ def rank_lane(rank, R):
             idx[seed % T, 1] = -1
             if bad:
                 idx[0, 0] = E + 3
-            return x, idx, torch.rand(T, K, generator=g)
+            return x.to(dev), idx.to(dev), torch.rand(T, K, generator=g).to(dev)
 
         def fresh(x, idx, w, **kw):
             _, _, pe, in_rank, _ = buf.get_dispatch_layout(idx, E)
@@ -351,6 +353,11 @@ def rank_lane(rank, R):
 @interpreted
 def test_fused_lane_matches_the_general_path(rank_pool):
     rank_pool(2).run(rank_lane, timeout=240)
+
+
+@pytest.mark.gpu
+def test_fused_lane_matches_the_general_path_gpu(rank_pool):
+    rank_pool(2, backend="nccl").run(rank_lane, timeout=240)
 
 
 @interpreted

@@ -606,7 +606,7 @@ class Buffer:
             device=self.device,
             device_plans=self.device_plans,
         )
-        if key is not None and req.tolerance is None and req.problem is None:
+        if key is not None and req.tolerance is None and req.problem is None and ParseCache.cacheable(key):
             kept = req.clone()  # (the call below fills in some of req's fields)
             kept.header_base, kept.widths = kept.header(0, 0), tuple(row_widths(kept))
             t = self._transport
@@ -618,6 +618,9 @@ class Buffer:
                 and t.fused_takes_dispatch(kept.num_experts)
             ):
                 kept.lane = t.fused_notify_statics(kept.num_tokens, kept.num_experts, kept.num_topk, True, kept.widths)
+            # (every call of the signature brings its own tensors: the first call's must not stay alive here)
+            kept.x = kept.scales = kept.topk_idx = kept.topk_weights = None
+            kept.is_token_in_rank = kept.num_tokens_per_expert = None
             self._parsed.put(key, kept)
         return self._run_dispatch(req)
 

@@ -35,21 +35,23 @@ __all__ = [
 
 
 def tensor_signature(t: Any) -> Any:
-    """What parsing a call's argument depends on: ``(shape, dtype, device, contiguous)`` of a plain tensor,
-    ``None`` for ``None``, and ``False`` for anything else (never cached: see :class:`ParseCache`)."""
+    """What parsing a call's argument depends on: ``(shape, dtype, device)`` of a plain contiguous tensor,
+    ``None`` for ``None``, and ``False`` for anything else, a non-contiguous tensor included (never cached:
+    see :class:`ParseCache`; parsing makes such a tensor contiguous, a cached call would not)."""
     if t is None:
         return None
-    if type(t) is torch.Tensor:
-        return (t.shape, t.dtype, t.device, t.is_contiguous())
+    if type(t) is torch.Tensor and t.is_contiguous():
+        return (t.shape, t.dtype, t.device)
     return False
 
 
 class ParseCache:
     """Parsed requests of eager calls, by their arguments' signature (:func:`tensor_signature` of each tensor,
     the exact type and value of each other argument): a call whose signature was parsed before without a
-    problem reuses that request with its own tensors (parsing depends on nothing else: shapes, dtypes, devices,
-    contiguity; every value check is the kernels' or the agreement's), so validation costs once per
-    signature, as a kernel's compilation does. Bounded: cleared when it holds ``limit`` signatures.
+    problem reuses that request with its own tensors (parsing depends on nothing else: shapes, dtypes,
+    devices; every value check is the kernels' or the agreement's), so validation costs once per
+    signature, as a kernel's compilation does. A kept request holds no tensor (the first call's would stay
+    alive). Bounded: cleared when it holds ``limit`` signatures.
 
     Args:
         limit: signatures kept at most.
@@ -63,10 +65,14 @@ class ParseCache:
         """The request parsed for ``key``, or ``None``."""
         return self._kept.get(key)
 
+    @staticmethod
+    def cacheable(key: Any) -> bool:
+        """Whether ``key`` may be kept: no argument that is not a plain contiguous tensor (``False``)."""
+        return not any(v is False for v in key)
+
     def put(self, key: Any, req: Any) -> None:
-        """Keep ``req`` (parsed without a problem) for ``key``; a key holding ``False`` (an argument that is not
-        a plain tensor) is not kept."""
-        if req.problem is not None or any(v is False for v in key):
+        """Keep ``req`` (parsed without a problem, its tensors dropped) for a :meth:`cacheable` ``key``."""
+        if req.problem is not None or not self.cacheable(key):
             return
         if len(self._kept) >= self.limit:
             self._kept.clear()

@@ -23,9 +23,12 @@ def ints_to_device(values: Sequence[Any], dtype: torch.dtype, device: torch.devi
     Returns:
         A tensor of ``values``' shape on ``device``.
     """
-    if device.type == "cuda":
-        # (the caching host allocator keeps the pinned block until the copy has run)
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        # (the caching host allocator keeps the pinned block until the copy has run; under capture the copy
+        # would replay from a reused block, so it takes the plain copy, which capture refuses loudly)
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype).to(device)
 
 

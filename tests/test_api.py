@@ -324,8 +324,21 @@ def rank_parse_cache(rank, R):
                 assert torch.equal(a, b)
             assert got[3] == want[3]
         n = len(parsed)
-        call(bufs[0], *args(4, idx_layout="t"))  # not contiguous: parsed
-        assert len(parsed) == n + 1
+        for seed in (4, 5):  # not contiguous: parsed every time (parsing makes it contiguous), right results
+            got = call(bufs[0], *args(seed, idx_layout="t"))
+            want = call(bufs[1], *args(seed))
+            assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+        assert len(parsed) == n + 2  # (bufs[1] parsed that signature before)
+        import gc
+        import weakref
+
+        x, idx, w = args(9)
+        wide = torch.cat([x, x[:, :8]], dim=1)  # a new signature (hidden H + 8): parsed and kept
+        call(bufs[0], wide, idx, w)
+        alive = weakref.ref(wide)  # nothing of the first call of a signature stays alive in the cache
+        del wide
+        gc.collect()
+        assert alive() is None
         with pytest.raises(deep_ep.DeepEPTypeError, match="float32"):  # float64 weights: parsed and refused
             call(bufs[0], *args(5, wdtype=torch.float64))
         with pytest.raises(DeepEPInputError, match="expert_alignment"):  # True is not the int 1 cached before

@@ -266,6 +266,11 @@ def rank_layout_lane(rank, R):
             for a, b in zip([got[0], got[2], got[3]], [want[0], want[2], want[3]]):
                 assert torch.equal(a, b), (seed, a, b)
         assert len(buf._layouts) == 1
+        wide = torch.cat([idx, idx], dim=1)
+        for _ in range(2):  # not contiguous: validated (and made contiguous) every time, right results
+            got = buf.get_dispatch_layout(wide[:, :K], E)
+            assert torch.equal(got[3], layout.dispatch_layout_torch(idx, E, R)[3])
+        assert len(buf._layouts) == 1
         with pytest.raises(DeepEPTypeError, match="int64"):
             buf.get_dispatch_layout(idx.int(), E)
         with pytest.raises(DeepEPInputError, match="divisible"):

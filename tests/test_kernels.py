@@ -668,7 +668,10 @@ def test_lean_launch_arguments(monkeypatch):
 
     log = []
     fn = _FakeJit(log, ["x_ptr", "n", "BLOCK", "out_ptr", "m", "FLAG"])
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: types.SimpleNamespace(cuda_stream=77))
+    streams = {"dev": 0}
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda *a: types.SimpleNamespace(cuda_stream=77, device_index=streams["dev"])
+    )
     k = L.Launcher(fn, num_warps=4)
     k._interp = False
     bound = k.bind(dict(BLOCK=64, FLAG=True))
@@ -687,6 +690,11 @@ def test_lean_launch_arguments(monkeypatch):
         assert log[-1][0] == "triton" and len(log) == n + 1, args
         n += 1
     assert L.STATS.launches - before == 7
+    streams["dev"] = 1  # another GPU: its own compiled kernel (a kernel is loaded per device)
+    bound((3,), x, 7, out, 48)
+    assert log[-1][0] == "triton"
+    bound((3,), x, 7, out, 48)
+    assert log[-1][0] == "lean"
 
     def refuse(*a):
         raise TypeError("other launcher")
@@ -706,7 +714,7 @@ def test_lean_launch_yields_to_launch_hooks(monkeypatch):
     from deep_ep.kernels import launch as L
 
     log = []
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: types.SimpleNamespace(cuda_stream=1))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: types.SimpleNamespace(cuda_stream=1, device_index=0))
     k = L.Launcher(_FakeJit(log, ["x_ptr", "n"]), num_warps=4)
     k._interp = False
     x = torch.zeros(8)

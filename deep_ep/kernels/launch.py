@@ -144,7 +144,8 @@ class Launcher:
             self._order(bound)
         # one pass: the launcher's arguments (integer pointers) and Triton's specialisation of each
         full = bound.template[:]
-        spec = [bound.key]
+        stream = torch.cuda.current_stream()
+        spec = [bound.key, stream.device_index]  # (a kernel is loaded per device)
         for pos, a in zip(bound.arg_pos, args):
             if isinstance(a, torch.Tensor):
                 p = a.data_ptr()
@@ -166,9 +167,10 @@ class Launcher:
             self.fn[grid](*args, **bound.constexprs, num_warps=self.num_warps)
             return
         g = tuple(grid) + (1, 1)
-        stream = torch.cuda.current_stream().cuda_stream
         try:
-            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
+            kernel.run(
+                g[0], g[1], g[2], stream.cuda_stream, kernel.function, kernel.packed_metadata, None, None, None, *full
+            )
         except TypeError:  # a Triton whose launcher takes other arguments: its own launch path from now on
             self._lean = False
             self.fn[grid](*args, **bound.constexprs, num_warps=self.num_warps)

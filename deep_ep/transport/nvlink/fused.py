@@ -599,7 +599,7 @@ class FusedPath:
         K = weights.size(1) if weights is not None else 0
         nsend = max(1, min(num_sms // 2, -(-max(plan.num_out_rows, 1) // 64)))
         nred = max(1, min(num_sms, -(-max(T, 1) // 16)))
-        key = (x.dtype, H, K, len(biases), nsend, nred)  # (the row counts are arguments)
+        key = (x.dtype, H, K, weights is not None, len(biases), nsend, nred)  # (the row counts are arguments)
         st = self._combine_static.get(key)
         if st is None:  # what depends on the call's shapes only, once per shape
             widths = [H * x.element_size()] + ([4 * K] if weights is not None else [])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -33,11 +33,10 @@ from .calls import (
     CallOptions,
     CombineRequest,
     DispatchRequest,
-    ParseCache,
     parse_call_options,
-    tensor_signature,
 )
 from .config import Config, EventOverlap, recommended_config
+from .eager import DEFAULT_OPTIONS, EagerLanes
 from .errors import BufferDestroyedError, DeepEPError, DeepEPInputError, DeepEPTypeError
 from .low_latency import LowLatency
 from .plans import (
@@ -47,9 +46,7 @@ from .plans import (
     build_device_plan,
     build_fused_plan,
     build_host_plan,
-    fused_plan,
     localize_received,
-    row_widths,
 )
 from .settings import DEFAULT_TIMEOUT_S, Settings
 from .streams import StreamCall
@@ -79,10 +76,6 @@ _COMBINE_FIELDS = (
 )
 
 
-#: the options of a layout or dispatch with DeepEP's defaults (no event, no async; the SM count unused there)
-_LAYOUT_OPTIONS = CallOptions(0)
-
-
 class DispatchHandle(NamedTuple):
     """The handle ``dispatch`` returns; element 0 is ``rank_prefix_matrix`` (docs/api.md, dispatch).
 
@@ -107,7 +100,7 @@ class DispatchHandle(NamedTuple):
     ident: int = 0
 
 
-class Buffer:
+class Buffer(EagerLanes):
     """The expert-parallel communication buffer (DeepEP v1 API; docs/api.md, Buffer).
 
     Arguments (DeepEP's, positional order kept): ``group`` a
@@ -221,15 +214,12 @@ class Buffer:
         self._comm_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         # "comm waits for compute" and the reverse: two events recorded anew by every call
         self._cuda = self.device.type == "cuda"
-        #: on CPU (no streams) the eager lanes share one call with the default options
-        self._plain_call = None if self._cuda else StreamCall(self.device, None, _LAYOUT_OPTIONS)
         self._events = (torch.cuda.Event(), torch.cuda.Event()) if self._cuda else None
 
         gname = getattr(group, "group_name", None) or str(id(group))
         counter = _buffer_counter.setdefault(gname, itertools.count())
         self._uid = next(counter)
-        self._layouts: Dict[Any, Tuple] = {}  # get_dispatch_layout's validated signatures -> kernel arguments
-        self._parsed = ParseCache()  # fresh dispatches' parsed requests by signature (deep_ep.calls)
+        self._init_lanes()
         self._waiter = Waiter(group, f"deep_ep/{gname}/buffer{self._uid}", self.timeout_s)
         self._transport: Transport = cls(group, self.device, self._waiter, self.settings, num_nvl_bytes)
         # on CPU ranks every call agrees on its arguments (gloo's collectives match up anyway), except on the
@@ -433,21 +423,9 @@ class Buffer:
         self._check_alive()
         key = None
         if previous_event is None and async_finish is False and allocate_on_comm_stream is False:
-            # an eager call as training makes it: validated once per signature, then the kernel at once
-            key = (tensor_signature(topk_idx), type(num_experts), num_experts)
-            run = self._layouts.get(key)
-            if run is not None and kernels.available(topk_idx):
-                call = (
-                    self._plain_call
-                    if self._plain_call is not None
-                    else StreamCall(self.device, self._comm_stream, _LAYOUT_OPTIONS, self._events)
-                )
-                with call:
-                    per_rank, per_node, per_expert, in_rank = run(topk_idx)
-                    if call.cuda:  # (made on the comm stream, used on the compute stream)
-                        for t in (per_rank, per_expert, in_rank):
-                            t.record_stream(call.compute)
-                return per_rank, per_node, per_expert, in_rank, call.finish((), comm_made=[])
+            key, got = self._eager_layout(topk_idx, num_experts)
+            if got is not None:
+                return got
         layout.num_local_experts(num_experts, self.num_ranks)
         opts, problem = parse_call_options(None, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
         try:
@@ -465,24 +443,19 @@ class Buffer:
             )
         except Problem as p:
             p.raise_on(self.rank)
-        nodes, rpn = layout.node_split(self.num_ranks, self._transport.ranks_per_node)
-        lane = None
-        if not on_cpu:
-            from .kernels.layout import prepare
-
-            T, K = topk_idx.shape
-            ticket = self._transport.fused_plans
-            lane = prepare(T, K, num_experts, self.num_ranks, nodes, rpn, ticket, self.device)
-            if key is not None and key[0] is not False:
-                if len(self._layouts) >= 256:
-                    self._layouts.clear()
-                self._layouts[key] = lane
+        lane = None if on_cpu else self._keep_layout(key, topk_idx, num_experts)
         return self._layout_call(topk_idx, num_experts, lane, opts)
 
-    def _layout_call(self, topk_idx: torch.Tensor, num_experts: int, lane: Optional[Tuple], opts: CallOptions):
+    def _layout_call(
+        self, topk_idx: torch.Tensor, num_experts: int, lane: Optional[Callable], opts: Optional[CallOptions]
+    ):
         """The layout of validated ``topk_idx`` on the comm stream: ``lane`` (the kernel prepared for its shape:
-        :func:`deep_ep.kernels.layout.prepare`), or the torch path (``lane`` ``None``)."""
-        call = StreamCall(self.device, self._comm_stream, opts)
+        :func:`deep_ep.kernels.layout.prepare`), or the torch path (``lane`` ``None``); ``opts`` ``None``:
+        DeepEP's defaults (an eager call)."""
+        if opts is None and self._plain_call is not None:
+            call = self._plain_call
+        else:
+            call = StreamCall(self.device, self._comm_stream, opts or DEFAULT_OPTIONS, self._events)
         with call:
             if lane is None:
                 got = layout.dispatch_layout_torch(
@@ -493,9 +466,10 @@ class Buffer:
             per_rank, per_node, per_expert, in_rank = got
             outs = [per_rank, per_expert, in_rank]
             if call.cuda and not call.on_comm:
-                for t in outs:
+                for t in outs:  # (made on the comm stream, used on the compute stream)
                     t.record_stream(call.compute)
-        event = call.finish([topk_idx] + outs)
+        # without async_finish the compute stream waits for the comm stream: nothing else to keep alive
+        event = call.finish([topk_idx] + outs) if call.async_finish else call.finish((), comm_made=[])
         return per_rank, per_node, per_expert, in_rank, event
 
     # ------------------------------------------------------------------ dispatch
@@ -555,27 +529,18 @@ class Buffer:
             and compress is True
             and return_compressed is False
         ):  # an eager call as training makes it: parsed once per signature
-            key = (
-                tensor_signature(x),
-                tensor_signature(num_tokens_per_rank),
-                tensor_signature(is_token_in_rank),
-                tensor_signature(num_tokens_per_expert),
-                tensor_signature(topk_idx),
-                tensor_signature(topk_weights),
-                type(expert_alignment),
+            key, got = self._eager_dispatch(
+                x,
+                num_tokens_per_rank,
+                is_token_in_rank,
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
                 expert_alignment,
-                type(num_worst_tokens),
                 num_worst_tokens,
-                self.num_sms,  # (Buffer.set_num_sms changes the parsed options)
             )
-            parsed = self._parsed.get(key)
-            if parsed is not None:
-                if parsed.lane is not None and not (self._cuda and torch.cuda.is_current_stream_capturing()):
-                    return self._fused_fresh(parsed, x, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
-                req = parsed.clone()
-                req.x, req.is_token_in_rank, req.num_tokens_per_expert = x, is_token_in_rank, num_tokens_per_expert
-                req.topk_idx, req.topk_weights = topk_idx, topk_weights
-                return self._run_dispatch(req)
+            if got is not None:
+                return got
         opts, problem = parse_call_options(config, previous_event, async_finish, allocate_on_comm_stream, self.num_sms)
         if handle is not None:
             req = self._parse_cached(
@@ -606,22 +571,8 @@ class Buffer:
             device=self.device,
             device_plans=self.device_plans,
         )
-        if key is not None and req.tolerance is None and req.problem is None and ParseCache.cacheable(key):
-            kept = req.clone()  # (the call below fills in some of req's fields)
-            kept.header_base, kept.widths = kept.header(0, 0), tuple(row_widths(kept))
-            t = self._transport
-            if (
-                kept.codec is None
-                and kept.scales is None
-                and kept.topk_idx is not None
-                and kept.is_token_in_rank is not None
-                and t.fused_takes_dispatch(kept.num_experts)
-            ):
-                kept.lane = t.fused_notify_statics(kept.num_tokens, kept.num_experts, kept.num_topk, True, kept.widths)
-            # (every call of the signature brings its own tensors: the first call's must not stay alive here)
-            kept.x = kept.scales = kept.topk_idx = kept.topk_weights = None
-            kept.is_token_in_rank = kept.num_tokens_per_expert = None
-            self._parsed.put(key, kept)
+        if key is not None:
+            self._keep_parsed(key, req)
         return self._run_dispatch(req)
 
     def _run_dispatch(self, req: DispatchRequest):
@@ -635,53 +586,23 @@ class Buffer:
                     _, _, req.num_tokens_per_expert, req.is_token_in_rank = layout.dispatch_layout(
                         req.topk_idx, req.num_experts, self.num_ranks, no_memset=True
                     )
-                wait = not (req.num_worst_tokens > 0 and req.problem is None and not self._check_every_call)
+                wait = req.problem is not None or self._fused_waits(req.num_worst_tokens)
                 header = req.header(self._waiter.seq, self._ident())
                 plan, L, expert_list = build_fused_plan(t, self.device, req, header, self._waiter.seq, wait)
             else:
                 plan, L, expert_list = self._plan_dispatch(req)
             return self._finish_dispatch(call, plan, req, L, expert_list)
 
-    def _fused_fresh(self, req: DispatchRequest, x, mask, pe, idx, w):
-        """A fresh dispatch on the fused path whose argument signature was parsed before (``req``, with its
-        ``lane``): :meth:`_run_dispatch` -> :func:`build_fused_plan` -> :meth:`_finish_dispatch`'s steps for
-        that case, what the signature fixes computed once (tests compare the two)."""
-        self._waiter.seq += 1
-        seq = self._waiter.seq
-        t = self._transport
-        worst = req.num_worst_tokens
-        wait = not (worst > 0 and not self._check_every_call)
-        call = self._plain_call or StreamCall(self.device, self._comm_stream, req.options, self._events)
-        with call:
-            fl, out, _ = t.fused_notify_run(req.lane, req.header(seq, self._uid), mask, idx, pe, wait, False, seq)
-            plan, expert_list = fused_plan(t, fl, out, mask, None, req.num_experts, worst, req.expert_alignment, True)
-            if plan.fused is None:  # rows that do not fit an area: the host path moves them (every rank alike)
-                full = req.clone()
-                full.x, full.is_token_in_rank, full.num_tokens_per_expert = x, mask, pe
-                full.topk_idx, full.topk_weights = idx, w
-                return self._finish_dispatch(call, plan, full, fl.L, expert_list)
-            recv = t.fused_dispatch(
-                plan, [x, idx] if w is None else [x, idx, w], call.alloc, True, False, req.options.num_sms
-            )
-        if self._wire.stats:
-            record_dispatch(self._wire, None, x, plan, self.rank)
-        handle = DispatchHandle(
+    def _new_handle(self, plan: Plan, num_worst_tokens: int) -> DispatchHandle:
+        """The handle of a fresh dispatch by ``plan`` (this Buffer's, with a new identity)."""
+        return DispatchHandle(
             plan.rank_prefix_matrix,
-            mask,
+            plan.is_token_in_rank,
             plan.num_recv_tokens,
-            worst,
+            num_worst_tokens,
             plan,
             self._uid,
             (self._uid << 40) | next(self._handles),
-        )
-        event = call.finish((), comm_made=[])  # (outputs on the compute stream, default options: no async)
-        return (
-            recv[0],
-            recv[1],
-            recv[2] if w is not None else None,
-            expert_list if expert_list is not None else [],
-            handle,
-            event,
         )
 
     def _plan_dispatch(self, req: DispatchRequest) -> Tuple[Plan, int, Optional[List[int]]]:
@@ -775,15 +696,7 @@ class Buffer:
                 recv_idx, recv_w = localize_received(
                     plan, recv[i], recv[i + 1] if req.topk_weights is not None else None, self.rank, L
                 )
-        handle_out = DispatchHandle(
-            plan.rank_prefix_matrix,
-            plan.is_token_in_rank,
-            plan.num_recv_tokens,
-            req.num_worst_tokens,
-            plan,
-            self._uid,
-            (self._uid << 40) | next(self._handles),
-        )
+        handle_out = self._new_handle(plan, req.num_worst_tokens)
         if plan.fused is not None and not call.async_finish:
             # the fused path allocates every output on the compute stream: nothing to record or keep
             event = call.finish((), comm_made=[])

@@ -18,6 +18,7 @@ import torch
 
 from . import validate
 from .agreement import _H_IDENT, _H_SEQ, _OP_CACHED, _OP_COMBINE, _OP_DISPATCH, Problem, make_header
+from .caches import LIMIT, keep
 from .codecs import Codec
 from .config import Config, EventOverlap
 from .errors import DeepEPInputError, DeepEPTypeError
@@ -57,7 +58,7 @@ class ParseCache:
         limit: signatures kept at most.
     """
 
-    def __init__(self, limit: int = 256) -> None:
+    def __init__(self, limit: int = LIMIT) -> None:
         self.limit = limit
         self._kept: dict = {}
 
@@ -74,9 +75,7 @@ class ParseCache:
         """Keep ``req`` (parsed without a problem, its tensors dropped) for a :meth:`cacheable` ``key``."""
         if req.problem is not None or not self.cacheable(key):
             return
-        if len(self._kept) >= self.limit:
-            self._kept.clear()
-        self._kept[key] = req
+        keep(self._kept, key, req, self.limit)
 
 
 @dataclass

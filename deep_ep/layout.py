@@ -28,6 +28,7 @@ __all__ = [
     "topk_problem",
     "dispatch_layout",
     "dispatch_layout_torch",
+    "node_split",
     "rank_prefix_matrix",
     "token_slots",
     "send_order",

@@ -19,6 +19,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from ..caches import keep
 from ..settings import env_raw
 
 __all__ = ["Launcher", "Bound", "STATS", "interpreting"]
@@ -104,6 +105,7 @@ class Launcher:
         self.fn = fn
         self.num_warps = num_warps
         self._compiled: Dict[Tuple, Any] = {}
+        self._bounds: Dict[Tuple, Bound] = {}  # the keyword form's Bounds, by constexprs
         self._interp: Any = None
         self._lean = True
 
@@ -114,7 +116,11 @@ class Launcher:
     def __call__(self, grid: Tuple[int, ...], *args: Any, **constexprs: Any) -> None:
         """Launch ``fn[grid](*args, **constexprs, num_warps=...)``: positional ``args`` are the kernel's
         non-constexpr parameters in order, ``constexprs`` its constexpr ones by name."""
-        self.launch(grid, args, Bound(self, constexprs))
+        key = tuple(constexprs.items())
+        bound = self._bounds.get(key)
+        if bound is None:  # (a Bound per constexprs: its argument template is made once)
+            bound = keep(self._bounds, key, Bound(self, constexprs))
+        self.launch(grid, args, bound)
 
     def launch(self, grid: Tuple[int, ...], args: Tuple, bound: Bound) -> None:
         """Launch with ``bound``'s constexprs (every launch comes here: it counts them)."""

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..caches import keep
 from .launch import Launcher
 
 
@@ -123,8 +124,17 @@ def dispatch_layout(
 def prepare(
     T: int, K: int, num_experts: int, num_ranks: int, nodes: int, ranks_per_node: int, ticket: bool, dev: torch.device
 ):
-    """:func:`dispatch_layout` for one shape, made once: a function of a contiguous ``topk_idx`` ``[T, K]`` on
-    ``dev`` returning what :func:`dispatch_layout` returns (kept by a caller that repeats the shape)."""
+    """:func:`dispatch_layout` for one shape, made once (kept here, bounded, and by a caller that repeats the
+    shape): the statics of both kernel forms (the ticket one, and zeroed totals under CUDA-graph capture).
+
+    Args:
+        T, K: ``topk_idx``'s shape; num_experts, num_ranks: ``E``, ``R``; nodes: nodes (0: one node);
+        ranks_per_node: ranks per node; ticket: the no-memset form where not capturing; dev: the device.
+
+    Returns:
+        A function of a contiguous integer ``topk_idx`` ``[T, K]`` on ``dev`` returning what
+        :func:`dispatch_layout` returns.
+    """
     key = (T, K, num_experts, num_ranks, nodes, ranks_per_node, ticket, dev)
     run = _STATIC.get(key)
     if run is not None:
@@ -173,10 +183,7 @@ def prepare(
                 in_rank.zero_()
         return counts[:R], (counts[R + E :] if nodes else None), counts[R : R + E], in_rank
 
-    if len(_STATIC) >= 256:  # (bounded: a workload whose shapes keep changing clears them)
-        _STATIC.clear()
-    _STATIC[key] = run
-    return run
+    return keep(_STATIC, key, run)
 
 
 def _p2(n: int) -> int:

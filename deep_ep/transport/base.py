@@ -174,6 +174,15 @@ class Transport(abc.ABC):
         """The fused path's notify (transports with :attr:`fused_plans`)."""
         raise NotImplementedError(f"the {self.name} transport has no fused path")
 
+    def fused_notify_statics(self, *args: Any, **kwargs: Any) -> Any:
+        """What a notify of one call shape needs beyond its tensors, made once (transports with
+        :attr:`fused_plans`; a Buffer keeps it for a signature it repeats)."""
+        raise NotImplementedError(f"the {self.name} transport has no fused path")
+
+    def fused_notify_run(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`fused_notify` with its statics given (transports with :attr:`fused_plans`)."""
+        raise NotImplementedError(f"the {self.name} transport has no fused path")
+
     def fused_dispatch(self, *args: Any, **kwargs: Any) -> Any:
         """The fused path's data kernel (transports with :attr:`fused_plans`)."""
         raise NotImplementedError(f"the {self.name} transport has no fused path")

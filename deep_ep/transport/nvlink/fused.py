@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ...agreement import _H_E, _H_ERR, _H_WORST, _HEADER
+from ...caches import keep
 from ...errors import DeepEPInputError, DeepEPTimeoutError, RankMismatchError
 from ...kernels.protocol import CTL_GIVE_UP
 from ...rows import Alloc
@@ -82,14 +83,6 @@ class FusedLayout:
     L: int = 0
     back: int = -1
     counts: Optional[np.ndarray] = None
-
-
-def _keep(statics: dict, key: Any, st: Any) -> Any:
-    """Store one call shape's statics (bounded: a workload whose shapes keep changing clears them)."""
-    if len(statics) >= 256:
-        statics.clear()
-    statics[key] = st
-    return st
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -162,8 +155,7 @@ class FusedPath:
 
     # ---------------------------------------------------------------- host ring
     def _in(self, slot: int) -> np.ndarray:
-        b = slot * (_IN_W + _OUT_W)
-        return self._ring_np[b : b + _IN_W]
+        return self._in_np[slot]
 
     def _out(self, slot: int) -> np.ndarray:
         b = slot * (_IN_W + _OUT_W) + _IN_W
@@ -275,7 +267,7 @@ class FusedPath:
             )
             grids = (nch + 1,), ((nch + 1,), (1,))
             st = (cap, nch, CW, nch * CW + 3 + R * R + L + 8) + grids + (self._k_notify.bind(ce), T, E, K, L)
-            _keep(self._notify_static, key, st)
+            keep(self._notify_static, key, st)
         return st
 
     def fused_notify_run(
@@ -299,7 +291,7 @@ class FusedPath:
         else:
             slot = self._slot
             self._slot = (slot + 1) % _SLOTS
-            inp = self._in_np[slot]
+            inp = self._in(slot)
             inp[:_HEADER] = header
             self._ticket += 1
             inp[_HEADER] = self._ticket
@@ -521,7 +513,7 @@ class FusedPath:
             xdt = xw.dtype if xw.dtype != torch.uint8 else None
             sdt = (sw.dtype if sw.dtype != torch.uint8 else None) if sw is not None else None
             st = ((fl.nch + nrecv,), ((fl.nch,), (nrecv,)), ints, self._k_dispatch.bind(ce), xdt, sdt)
-            _keep(self._data_static, key, st)
+            keep(self._data_static, key, st)
         grid, split, ints, bound, xdt, sdt = st
         xw = x.view(xdt) if xdt is not None else _words(x)
         ox = alloc((N, x.size(1)) if x.dim() == 2 else (N,) + x.shape[1:], x.dtype)
@@ -629,9 +621,7 @@ class FusedPath:
                 INTERP=self._interp,
                 ROLE=0,
             )
-            st = _keep(
-                self._combine_static, key, ((nsend + nred,), ((nsend,), (nred,)), ints, self._k_combine.bind(ce))
-            )
+            st = keep(self._combine_static, key, ((nsend + nred,), ((nsend,), (nred,)), ints, self._k_combine.bind(ce)))
         grid, split, ints, bound = st
         out = alloc((T, H), x.dtype)
         out_w = alloc((T, K), torch.float32) if weights is not None else None
